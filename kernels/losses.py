@@ -1,0 +1,277 @@
+"""Per-example losses, accuracy and host-side input checks.
+
+Every loss is ``fn(predictions, targets) -> jax.Array`` of shape ``(batch,)``:
+the elementwise loss is averaged over every non-batch dimension, so the
+trainer only ever reduces over the batch axis (and can weight or mask
+examples there). The elementwise formulas come from optax so that the
+numbers match what users get from optax directly.
+"""
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+__all__ = [
+  "CLASSIFICATION",
+  "LOSSES",
+  "check_labels",
+  "check_shapes",
+  "correct",
+  "hinge",
+  "huber",
+  "l1",
+  "mse",
+  "sigmoid_binary_cross_entropy",
+  "softmax_cross_entropy",
+]
+
+
+def _mean_over_non_batch(x: jax.Array) -> jax.Array:
+  """Averages over every axis but the leading batch axis.
+
+  For a 1-D input the axis tuple is empty and the values pass through
+  unchanged, so scalar-output models need no special casing.
+  """
+  return jnp.mean(x, axis=tuple(range(1, x.ndim)))
+
+
+def _is_integer(x: jax.Array) -> bool:
+  # The dtype is static under jit, so this picks a branch at trace time.
+  return jnp.issubdtype(jnp.asarray(x).dtype, jnp.integer)
+
+
+def _signed_labels(labels: jax.Array) -> jax.Array:
+  """Maps {0, 1} or {-1, +1} labels to {-1., +1.}."""
+  return jnp.where(labels > 0, 1.0, -1.0)
+
+
+def mse(predictions: jax.Array, targets: jax.Array) -> jax.Array:
+  """Squared error averaged over output dims, without a 1/2 factor.
+
+  Args:
+    predictions: model outputs of shape ``(batch, ...)``.
+    targets: regression targets of the same shape.
+
+  Returns:
+    Per-example loss of shape ``(batch,)``.
+  """
+  return _mean_over_non_batch(jnp.square(targets - predictions))
+
+
+def softmax_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Softmax cross entropy over the last axis of ``logits``.
+
+  Args:
+    logits: unnormalised log-probabilities of shape ``(batch, ..., num_classes)``.
+    labels: either integer class ids of shape ``(batch, ...)`` or one-hot /
+      probability targets of the same shape as ``logits``.
+
+  Returns:
+    Per-example loss of shape ``(batch,)``.
+  """
+  if _is_integer(labels):
+    per_position = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  else:
+    per_position = optax.softmax_cross_entropy(logits, labels)
+  return _mean_over_non_batch(per_position)
+
+
+def sigmoid_binary_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Independent binary cross entropy per output.
+
+  Args:
+    logits: log-odds of shape ``(batch, ...)``.
+    labels: targets in ``[0, 1]`` of the same shape (integers are accepted).
+
+  Returns:
+    Per-example loss of shape ``(batch,)``.
+  """
+  return _mean_over_non_batch(optax.sigmoid_binary_cross_entropy(logits, labels))
+
+
+def huber(predictions: jax.Array, targets: jax.Array) -> jax.Array:
+  """Huber loss with ``delta=1``, averaged over output dims.
+
+  Args:
+    predictions: model outputs of shape ``(batch, ...)``.
+    targets: regression targets of the same shape.
+
+  Returns:
+    Per-example loss of shape ``(batch,)``.
+  """
+  return _mean_over_non_batch(optax.huber_loss(predictions, targets, delta=1.0))
+
+
+def l1(predictions: jax.Array, targets: jax.Array) -> jax.Array:
+  """Absolute error averaged over output dims.
+
+  Args:
+    predictions: model outputs of shape ``(batch, ...)``.
+    targets: regression targets of the same shape.
+
+  Returns:
+    Per-example loss of shape ``(batch,)``.
+  """
+  return _mean_over_non_batch(jnp.abs(predictions - targets))
+
+
+def hinge(scores: jax.Array, labels: jax.Array) -> jax.Array:
+  """Binary hinge loss ``max(0, 1 - y * s)``, averaged over output dims.
+
+  Args:
+    scores: decision values of shape ``(batch, ...)``.
+    labels: labels in ``{-1, +1}`` of the same shape; ``{0, 1}`` labels are
+      accepted too, with 0 standing for the negative class, so the same data
+      can be used with ``sigmoid_binary_cross_entropy``.
+
+  Returns:
+    Per-example loss of shape ``(batch,)``.
+  """
+  signed = _signed_labels(labels).astype(scores.dtype)
+  return _mean_over_non_batch(optax.hinge_loss(scores, signed))
+
+
+LOSSES: dict[str, Callable[[jax.Array, jax.Array], jax.Array]] = {
+  "mse": mse,
+  "softmax_cross_entropy": softmax_cross_entropy,
+  "sigmoid_binary_cross_entropy": sigmoid_binary_cross_entropy,
+  "huber": huber,
+  "l1": l1,
+  "hinge": hinge,
+}
+
+CLASSIFICATION = frozenset({"softmax_cross_entropy", "sigmoid_binary_cross_entropy", "hinge"})
+
+
+def _unknown(name: str) -> str:
+  return f"unknown loss {name!r}; known losses are {', '.join(sorted(LOSSES))}"
+
+
+def correct(name: str, predictions: jax.Array, targets: jax.Array) -> jax.Array | None:
+  """Per-example accuracy for classification losses.
+
+  Args:
+    name: a key of ``LOSSES``.
+    predictions: the model outputs the loss ``name`` takes.
+    targets: the targets the loss ``name`` takes.
+
+  Returns:
+    Float 0/1 (or the fraction of correct outputs, for multi-output binary
+    tasks) of shape ``(batch,)``, or ``None`` for regression losses, where
+    accuracy has no meaning.
+
+  Raises:
+    ValueError: if ``name`` is not a known loss.
+  """
+  if name not in LOSSES:
+    raise ValueError(_unknown(name))
+  if name not in CLASSIFICATION:
+    return None
+  if name == "softmax_cross_entropy":
+    predicted = jnp.argmax(predictions, axis=-1)
+    wanted = targets if _is_integer(targets) else jnp.argmax(targets, axis=-1)
+    hits = predicted == wanted
+  elif name == "sigmoid_binary_cross_entropy":
+    hits = (predictions > 0) == (targets > 0.5)
+  else:
+    hits = jnp.sign(predictions) == jnp.sign(_signed_labels(targets))
+  return _mean_over_non_batch(hits.astype(jnp.float32))
+
+
+def _shape(shape: tuple) -> str:
+  return str(tuple(shape))
+
+
+def check_shapes(
+  name: str, pred_shape: tuple, target_shape: tuple, target_is_integer: bool
+) -> str | None:
+  """Checks that model outputs and targets fit the loss, before compiling.
+
+  Args:
+    name: a key of ``LOSSES``.
+    pred_shape: shape of the model outputs, batch dim included.
+    target_shape: shape of the targets, batch dim included.
+    target_is_integer: whether the targets have an integer dtype.
+
+  Returns:
+    ``None`` when the shapes fit, else a sentence saying which shapes the loss
+    accepts and which it got.
+  """
+  if name not in LOSSES:
+    return _unknown(name)
+  pred_shape, target_shape = tuple(pred_shape), tuple(target_shape)
+  got = f"got predictions {_shape(pred_shape)} and labels {_shape(target_shape)}"
+  if name == "softmax_cross_entropy" and target_is_integer:
+    if len(pred_shape) != 2 or target_shape != pred_shape[:1]:
+      return (
+        "softmax_cross_entropy with integer labels needs predictions of shape "
+        f"(batch, num_classes) and labels of shape (batch,); {got}"
+      )
+    return None
+  if name == "softmax_cross_entropy" and len(pred_shape) < 2:
+    # A 1-D logit vector would make the softmax run across the batch.
+    return (
+      "softmax_cross_entropy with one-hot or probability targets needs predictions "
+      f"and targets of the same shape (batch, ..., num_classes); {got}"
+    )
+  if len(pred_shape) < 1 or pred_shape != target_shape:
+    return (
+      f"{name} needs predictions and targets of the same shape (batch, ...); "
+      f"got predictions {_shape(pred_shape)} and targets {_shape(target_shape)}"
+    )
+  return None
+
+
+def _value_range(y: np.ndarray) -> str:
+  return f"got values from {np.min(y)} to {np.max(y)}"
+
+
+def check_labels(name: str, y: np.ndarray, num_outputs: int) -> str | None:
+  """Checks label values on the host, where an error can still be explained.
+
+  On device an out-of-range class id is silently clipped or gives a NaN loss,
+  so it is cheaper to catch it here once per data set.
+
+  Args:
+    name: a key of ``LOSSES``.
+    y: all targets of the data set.
+    num_outputs: the model's output width (the number of classes for softmax
+      cross entropy).
+
+  Returns:
+    ``None`` when the labels fit the loss, else a sentence saying what is
+    accepted and what was found.
+  """
+  if name not in LOSSES:
+    return _unknown(name)
+  y = np.asarray(y)
+  if y.size == 0:
+    return None
+  if name == "softmax_cross_entropy" and np.issubdtype(y.dtype, np.integer):
+    bad = (y < 0) | (y >= num_outputs)
+    if bad.any():
+      return (
+        f"softmax_cross_entropy with integer labels needs class ids in 0..{num_outputs - 1} "
+        f"(the model has {num_outputs} outputs); {int(bad.sum())} labels are outside, "
+        f"{_value_range(y)}"
+      )
+  elif name == "sigmoid_binary_cross_entropy":
+    # Written as a negated range test so that NaN labels are caught too.
+    bad = ~((y >= 0) & (y <= 1))
+    if bad.any():
+      return (
+        f"sigmoid_binary_cross_entropy needs labels in [0, 1]; {int(bad.sum())} labels are "
+        f"outside, {_value_range(y)}"
+      )
+  elif name == "hinge":
+    bad = ~np.isin(y, (-1, 0, 1))
+    if bad.any():
+      examples = np.unique(y[bad])[:5].tolist()
+      return (
+        f"hinge needs labels in {{-1, 0, 1}} (0 is read as -1); {int(bad.sum())} labels are "
+        f"not, for example {examples}"
+      )
+  return None

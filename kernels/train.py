@@ -1,0 +1,325 @@
+"""The functional core: one run's training step, lifted over runs and stepped in a scan.
+
+Layout. A compile group (one model, loss and optimizer family) holds one *batch group*
+per batch size. A batch group's runs are laid out on two axes, `(S, R)`: `S` distinct
+seeds and `R` runs per seed. Runs that share a seed share their data order, so the
+batch they read is gathered once per seed and broadcast over `R` by `jax.vmap`
+(`in_axes=None`); the first matmul of the model then sees one input and `R` weight
+matrices, which XLA lowers to one wide matmul instead of `R` small ones.
+
+Batch sizes without padding. Each batch group steps through the same per-seed data
+order at its own batch size, in its own `lax.scan` inside the one program of a segment:
+no run is padded to the largest batch and no update is masked. The group's step
+counter is a scalar shared by its runs, so the skip at the end of the budget is a
+real `lax.cond`, not a select over every run.
+
+Everything here is pure and shape-static; `Structure` is the only static input.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from kernels import losses, optimizers, schedules
+
+
+@dataclasses.dataclass(frozen=True)
+class Structure:
+  """Everything about a compile group that changes code or shapes (hashable).
+
+  Attributes:
+    init_fn: key -> params of one run.
+    apply_fn: (params, x_batch) -> predictions.
+    loss: a name in `losses.LOSSES` or a callable (predictions, targets) -> (batch,).
+    family: the optimizer family, a key of `optimizers.FAMILIES`.
+    batch_sizes: one per batch group.
+    steps_per_segment: scan length of each batch group's segment.
+    steps_per_epoch: updates per pass over the data for each batch group.
+    shuffle: whether each epoch draws a new per-seed permutation.
+    eval_batch_size: examples per evaluation chunk.
+    compute_dtype: dtype of the forward and backward pass (parameters stay float32).
+  """
+
+  init_fn: Callable[[jax.Array], Any]
+  apply_fn: Callable[[Any, jax.Array], jax.Array]
+  loss: str | Callable[[jax.Array, jax.Array], jax.Array]
+  family: str
+  batch_sizes: tuple[int, ...]
+  steps_per_segment: tuple[int, ...]
+  steps_per_epoch: tuple[int, ...]
+  shuffle: bool
+  eval_batch_size: int
+  compute_dtype: str = 'float32'
+
+  def loss_fn(self, predictions: jax.Array, targets: jax.Array) -> jax.Array:
+    fn = losses.LOSSES[self.loss] if isinstance(self.loss, str) else self.loss
+    return fn(predictions, targets)
+
+  def correct_fn(self, predictions: jax.Array, targets: jax.Array) -> jax.Array | None:
+    if not isinstance(self.loss, str):
+      return None
+    return losses.correct(self.loss, predictions, targets)
+
+  def forward(self, params: Any, x: jax.Array) -> jax.Array:
+    if self.compute_dtype == 'float32':
+      return self.apply_fn(params, x)
+    dtype = jnp.dtype(self.compute_dtype)
+    cast = lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a  # noqa: E731
+    out = self.apply_fn(jax.tree.map(cast, params), cast(x))
+    return out.astype(jnp.float32)
+
+
+class Data(NamedTuple):
+  """The datasets, on the device once per sweep."""
+
+  x_train: jax.Array
+  y_train: jax.Array
+  x_val: jax.Array  # padded to a multiple of the eval batch
+  y_val: jax.Array
+  val_weight: jax.Array  # 1 for real examples, 0 for padding
+  x_probe: jax.Array  # a fixed subset of the training set, for train metrics
+  y_probe: jax.Array
+  probe_weight: jax.Array
+
+
+class RunHparams(NamedTuple):
+  """One run's numeric hyperparameters (leaves are scalars per run)."""
+
+  schedule: schedules.ScheduleParams
+  opt: dict[str, jax.Array]
+
+
+class GroupHparams(NamedTuple):
+  """A batch group's hyperparameters: runs (S, R), seeds (S,), its budget."""
+
+  runs: RunHparams
+  seeds: jax.Array
+  total_updates: jax.Array
+
+
+class RunState(NamedTuple):
+  params: Any
+  opt_state: optax.OptState
+  alive: jax.Array  # False once the run diverged: it is frozen from then on
+  updates: jax.Array  # updates applied
+  loss0: jax.Array  # first batch loss: the reference of the blow-up test
+  loss_sum: jax.Array  # batch losses summed over the current segment
+  loss_count: jax.Array
+
+
+class GroupState(NamedTuple):
+  runs: RunState  # leaves (S, R, ...)
+  step: jax.Array  # ticks taken by the group, a scalar
+  perm: jax.Array  # (S, n) the current epoch's data order per seed
+
+
+def _keys(seed: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """A seed's init key and data key."""
+  key = jax.random.key(seed)
+  return jax.random.fold_in(key, 0), jax.random.fold_in(key, 1)
+
+
+# ---------------------------------------------------------------- one run ----
+
+
+def _run_init(structure: Structure, params: Any, hp: RunHparams) -> RunState:
+  opt = optimizers.make(structure.family, hp.opt)
+  zero = jnp.zeros((), jnp.float32)
+  return RunState(
+      params=params,
+      opt_state=opt.init(params),
+      alive=jnp.ones((), bool),
+      updates=jnp.zeros((), jnp.int32),
+      loss0=zero,
+      loss_sum=zero,
+      loss_count=jnp.zeros((), jnp.int32),
+  )
+
+
+def _run_step(
+    structure: Structure,
+    state: RunState,
+    hp: RunHparams,
+    xb: jax.Array,
+    yb: jax.Array,
+    threshold: jax.Array,
+) -> RunState:
+  """One update of one run on one batch: the plain optax step, plus the freeze."""
+
+  def batch_loss(params):
+    return jnp.mean(structure.loss_fn(structure.forward(params, xb), yb))
+
+  loss, grads = jax.value_and_grad(batch_loss)(state.params)
+  lr = schedules.learning_rate(hp.schedule, state.updates)
+  opt = optimizers.make(structure.family, hp.opt)
+  opt_state = optimizers.with_learning_rate(state.opt_state, lr)
+  updates, opt_state = opt.update(grads, opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+
+  loss0 = jnp.where(state.updates == 0, loss, state.loss0)
+  ok = state.alive & jnp.isfinite(loss) & (loss <= threshold * jnp.abs(loss0) + 1e-6)
+  keep = lambda new, old: jnp.where(ok, new, old)  # noqa: E731  fuses into the update
+  return RunState(
+      params=jax.tree.map(keep, params, state.params),
+      opt_state=jax.tree.map(keep, opt_state, state.opt_state),
+      alive=ok,
+      updates=state.updates + ok.astype(jnp.int32),
+      loss0=loss0,
+      loss_sum=state.loss_sum + jnp.where(ok, loss, 0.0),
+      loss_count=state.loss_count + ok.astype(jnp.int32),
+  )
+
+
+# ------------------------------------------------------------ run axes ----
+
+
+def _over_runs(fn, shared_in_r: tuple[bool, ...]):
+  """Lifts `fn` over (S, R): arguments marked True are per seed, shared over R."""
+  inner = jax.vmap(fn, in_axes=tuple(None if s else 0 for s in shared_in_r))
+  return jax.vmap(inner, in_axes=0)
+
+
+def init(
+    structure: Structure, hparams: tuple[GroupHparams, ...], n_train: int
+) -> tuple[GroupState, ...]:
+  """Initial state of every batch group. Runs that share a seed share their init."""
+  groups = []
+  for ghp in hparams:
+    s, r = ghp.seeds.shape[0], jax.tree.leaves(ghp.runs)[0].shape[1]
+    init_keys = jax.vmap(lambda seed: _keys(seed)[0])(ghp.seeds)
+    per_seed = jax.vmap(structure.init_fn)(init_keys)
+    params = jax.tree.map(lambda p: jnp.broadcast_to(p[:, None], (s, r) + p.shape[1:]), per_seed)
+    runs = jax.vmap(jax.vmap(lambda p, h: _run_init(structure, p, h)))(params, ghp.runs)
+    groups.append(
+        GroupState(runs=runs, step=jnp.zeros((), jnp.int32), perm=jnp.zeros((s, n_train), jnp.int32))
+    )
+  return tuple(groups)
+
+
+def _epoch_order(structure: Structure, seed: jax.Array, epoch: jax.Array, n: int) -> jax.Array:
+  if not structure.shuffle:
+    return jnp.arange(n, dtype=jnp.int32)
+  key = jax.random.fold_in(_keys(seed)[1], epoch)
+  return jax.random.permutation(key, n).astype(jnp.int32)
+
+
+def _group_segment(
+    structure: Structure,
+    index: int,
+    state: GroupState,
+    ghp: GroupHparams,
+    data: Data,
+    threshold: jax.Array,
+) -> GroupState:
+  batch = structure.batch_sizes[index]
+  per_epoch = structure.steps_per_epoch[index]
+  n = data.x_train.shape[0]
+  step_runs = _over_runs(
+      lambda st, h, xb, yb: _run_step(structure, st, h, xb, yb, threshold),
+      (False, False, True, True),
+  )
+
+  def tick(state: GroupState) -> GroupState:
+    epoch, j = state.step // per_epoch, state.step % per_epoch
+    perm = jax.lax.cond(
+        j == 0,
+        lambda: jax.vmap(lambda sd: _epoch_order(structure, sd, epoch, n))(ghp.seeds),
+        lambda: state.perm,
+    )
+    idx = jax.lax.dynamic_slice_in_dim(perm, j * batch, batch, axis=1)  # (S, B)
+    runs = step_runs(state.runs, ghp.runs, data.x_train[idx], data.y_train[idx])
+    return GroupState(runs=runs, step=state.step + 1, perm=perm)
+
+  def body(state, _):
+    # The predicate is one scalar for the group, so the skipped ticks cost nothing.
+    return jax.lax.cond(state.step < ghp.total_updates, tick, lambda s: s, state), None
+
+  state = state._replace(
+      runs=state.runs._replace(
+          loss_sum=jnp.zeros_like(state.runs.loss_sum),
+          loss_count=jnp.zeros_like(state.runs.loss_count),
+      )
+  )
+  state, _ = jax.lax.scan(body, state, None, length=structure.steps_per_segment[index])
+  return state
+
+
+def _evaluate_runs(
+    structure: Structure, params: Any, x: jax.Array, y: jax.Array, weight: jax.Array
+) -> dict[str, jax.Array]:
+  """Weighted mean loss (and accuracy) of every run in `params` (S, R, ...) on (x, y)."""
+  chunk = structure.eval_batch_size
+  xs = x.reshape((-1, chunk) + x.shape[1:])
+  ys = y.reshape((-1, chunk) + y.shape[1:])
+  ws = weight.reshape(-1, chunk)
+
+  def one_run(p, xc, yc, wc):
+    pred = structure.forward(p, xc)
+    out = {'loss': jnp.sum(structure.loss_fn(pred, yc) * wc)}
+    correct = structure.correct_fn(pred, yc)
+    if correct is not None:
+      out['accuracy'] = jnp.sum(correct * wc)
+    return out
+
+  # Every run of every seed reads the same evaluation chunk.
+  lifted = jax.vmap(jax.vmap(one_run, in_axes=(0, None, None, None)), in_axes=(0, None, None, None))
+
+  def body(total, batch):
+    return jax.tree.map(jnp.add, total, lifted(params, *batch)), None
+
+  shapes = jax.eval_shape(lifted, params, xs[0], ys[0], ws[0])
+  total = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
+  total, _ = jax.lax.scan(body, total, (xs, ys, ws))
+  count = jnp.sum(weight)
+  return jax.tree.map(lambda t: t / count, total)
+
+
+def evaluate(structure: Structure, groups: tuple[GroupState, ...], data: Data) -> tuple[dict, ...]:
+  """Validation and training-probe metrics of every run of every batch group."""
+  out = []
+  for state in groups:
+    params = state.runs.params
+    metrics = {}
+    if data.x_val.shape[0]:
+      for k, v in _evaluate_runs(structure, params, data.x_val, data.y_val, data.val_weight).items():
+        metrics['val_' + k] = v
+    for k, v in _evaluate_runs(structure, params, data.x_probe, data.y_probe, data.probe_weight).items():
+      metrics['train_' + k] = v
+    metrics['alive'] = state.runs.alive
+    metrics['updates'] = state.runs.updates
+    out.append(metrics)
+  return tuple(out)
+
+
+def segment(
+    structure: Structure,
+    groups: tuple[GroupState, ...],
+    hparams: tuple[GroupHparams, ...],
+    data: Data,
+    threshold: jax.Array,
+) -> tuple[tuple[GroupState, ...], tuple[dict, ...]]:
+  """Advances every batch group by one segment, then evaluates every run."""
+  new = tuple(
+      _group_segment(structure, i, g, h, data, threshold)
+      for i, (g, h) in enumerate(zip(groups, hparams, strict=True))
+  )
+  metrics = evaluate(structure, new, data)
+  for m, g, h in zip(metrics, new, hparams, strict=True):
+    count = jnp.maximum(g.runs.loss_count, 1)
+    m['batch_loss'] = jnp.where(g.runs.loss_count > 0, g.runs.loss_sum / count, jnp.nan)
+    m['learning_rate'] = jax.vmap(jax.vmap(schedules.learning_rate))(
+        h.runs.schedule, jnp.maximum(g.runs.updates - 1, 0)
+    )
+  return new, metrics
+
+
+# Jitted entry points; `structure` is static, the carried state is donated.
+init_jit = jax.jit(init, static_argnums=(0, 2))
+evaluate_jit = jax.jit(evaluate, static_argnums=(0,))
+segment_jit = jax.jit(segment, static_argnums=(0,), donate_argnums=(1,))

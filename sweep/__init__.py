@@ -1,0 +1,16 @@
+"""Train a whole learning-rate x batch-size grid at once.
+
+    import sweep
+    cfg = sweep.SweepConfig(model=sweep.models.mlp(), data=sweep.data.digits(),
+                            learning_rate=[1e-3, 1e-2], batch_size=[32, 128])
+    result = sweep.run(cfg)
+    result.table
+"""
+
+from sweep import data, models
+from sweep.config import SweepConfig
+from sweep.engine import check, run
+from sweep.errors import ConfigError
+from sweep.results import Result
+
+__all__ = ['ConfigError', 'Result', 'SweepConfig', 'check', 'data', 'models', 'run']

@@ -1,0 +1,247 @@
+"""The orchestration shell: validate, lay runs out on the device, step segments, collect.
+
+Python runs between segments only (progress, metrics, curves); every tick of every run
+happens inside the one compiled `kernels.train.segment` program of a compile group.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm.auto as tqdm
+from flax import nnx
+
+from kernels import losses, schedules, train
+from sweep import models
+from sweep.config import Plan, Run, SweepConfig, validate
+from sweep.errors import ConfigError, config_error
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_functions(model, x_shape, x_dtype, output_dim):
+  return models.to_functions(model, np.zeros(x_shape, x_dtype), output_dim)
+
+
+def model_functions(model, example_x: np.ndarray, output_dim: int) -> tuple[Callable, Callable]:
+  """`(init_fn, apply_fn)` for `model`; the same objects for an equal model, so that
+  a second sweep of the same model finds its programs already compiled."""
+  # An nnx instance hashes by identity yet its parameters can change in place: never cache it.
+  if isinstance(model, nnx.Module):
+    return models.to_functions(model, example_x, output_dim)
+  try:
+    hash(model)
+  except TypeError:
+    return models.to_functions(model, example_x, output_dim)
+  return _cached_functions(model, example_x.shape, str(example_x.dtype), output_dim)
+
+
+def _check_model(plan: Plan, init_fn, apply_fn) -> None:
+  """Traces (without compiling) one init and one forward pass to check shapes."""
+  data = plan.config.data
+  x, y = data.x_train[:2], data.y_train[:2]
+  try:
+    params = jax.eval_shape(init_fn, jax.random.key(0))
+  except Exception as e:  # a user's init_fn may fail in any way: report it as theirs.
+    raise config_error('model', type(plan.config.model).__name__, f'init_fn(key) failed: {e}') from e
+  try:
+    pred = jax.eval_shape(apply_fn, params, jax.ShapeDtypeStruct(x.shape, x.dtype))
+  except Exception as e:
+    raise config_error(
+        'model', type(plan.config.model).__name__,
+        f'apply_fn(params, x) failed on input of shape {x.shape}: {e}',
+    ) from e
+  if not isinstance(pred, jax.ShapeDtypeStruct):
+    raise config_error('model', type(plan.config.model).__name__, 'apply_fn must return one array')
+  is_int = np.issubdtype(y.dtype, np.integer)
+  if isinstance(plan.loss, str):
+    problem = losses.check_shapes(plan.loss, tuple(pred.shape), tuple(y.shape), is_int)
+    if problem:
+      raise config_error('model', f'outputs of shape {tuple(pred.shape)}', problem)
+    problem = losses.check_labels(plan.loss, data.y_train, int(pred.shape[-1]) if pred.ndim else 1)
+    if problem:
+      raise config_error('data.y_train', f'labels in [{data.y_train.min()}, {data.y_train.max()}]', problem)
+  else:
+    try:
+      out = jax.eval_shape(plan.loss, pred, jax.ShapeDtypeStruct(y.shape, y.dtype))
+    except Exception as e:
+      raise config_error('loss', plan.loss, f'loss(predictions, targets) failed: {e}') from e
+    if getattr(out, 'shape', None) != (2,):
+      raise config_error(
+          'loss', plan.loss,
+          f'a callable loss must return one value per example, shape (batch,); got {getattr(out, "shape", out)}',
+      )
+
+
+def _bucket(n: int) -> int:
+  """Run-axis widths are powers of two, so most changes in a count reuse the program."""
+  return 1 << max(0, math.ceil(math.log2(n)))
+
+
+@dataclasses.dataclass
+class BatchGroup:
+  """The runs of one compile group with one batch size, laid out (S, R)."""
+
+  batch_size: int
+  seeds: list[int]
+  slots: np.ndarray  # (S, R) run index at each slot, -1 for padding
+  runs: list[Run]
+
+
+@dataclasses.dataclass
+class CompileGroup:
+  family: str
+  structure: train.Structure
+  groups: list[BatchGroup]
+  hparams: tuple[train.GroupHparams, ...]
+
+
+def _layout(plan: Plan, family: str) -> list[BatchGroup]:
+  seeds = plan.axes['seed']
+  out = []
+  for b in plan.batch_sizes:
+    runs = [r for r in plan.runs if r.values['optimizer'] == family and r.values['batch_size'] == b]
+    per_seed = [[r for r in runs if r.values['seed'] == s] for s in seeds]
+    width = _bucket(len(per_seed[0]))
+    slots = np.full((_bucket(len(seeds)), width), -1, np.int64)
+    for si, rs in enumerate(per_seed):
+      slots[si, : len(rs)] = [r.index for r in rs]
+    out.append(BatchGroup(batch_size=b, seeds=list(seeds), slots=slots, runs=runs))
+  return out
+
+
+def _hparams(plan: Plan, group: BatchGroup) -> train.GroupHparams:
+  """Stacks each slot's hyperparameters into arrays (S, R); padding copies a real run."""
+  cfg = plan.config
+  filler = plan.runs[group.slots[0, 0]]
+  sched, opt = [], []
+  for row in group.slots:
+    sched_row, opt_row = [], []
+    for idx in row:
+      run = plan.runs[idx] if idx >= 0 else filler
+      v = run.values
+      sched_row.append(
+          schedules.make_params(
+              v['schedule'], v['learning_rate'], run.total_updates,
+              decay_rate=v['decay_rate'], decay_every=cfg.decay_every, warmup=v['warmup'],
+          )
+      )
+      opt_row.append({k: np.float32(v[k]) for k in ('momentum', 'b1', 'b2', 'weight_decay') if v[k] is not None})
+    sched.append(sched_row)
+    opt.append(opt_row)
+  stack = lambda rows: jax.tree.map(lambda *xs: np.stack(xs), *[jax.tree.map(lambda *ys: np.stack(ys), *r) for r in rows])  # noqa: E731
+  seeds = np.array(group.seeds + [group.seeds[0]] * (group.slots.shape[0] - len(group.seeds)), np.int32)
+  return train.GroupHparams(
+      runs=train.RunHparams(schedule=stack(sched), opt=stack(opt)),
+      seeds=seeds,
+      total_updates=np.int32(plan.total_updates[group.batch_size]),
+  )
+
+
+def _device_data(cfg: SweepConfig, chunk: int) -> train.Data:
+  data = cfg.data
+
+  def padded(x, y):
+    pad = (-len(x)) % chunk
+    w = np.concatenate([np.ones(len(x), np.float32), np.zeros(pad, np.float32)])
+    x = np.concatenate([x, np.repeat(x[:1], pad, axis=0)]) if pad else x
+    y = np.concatenate([y, np.repeat(y[:1], pad, axis=0)]) if pad else y
+    return x, y, w
+
+  n = data.n_train
+  probe = np.sort(np.random.default_rng(0).permutation(n)[: min(n, cfg.train_eval_size)])
+  xp, yp, wp = padded(data.x_train[probe], data.y_train[probe])
+  if data.x_val is not None and len(data.x_val):
+    xv, yv, wv = padded(data.x_val, data.y_val)
+  else:
+    xv, yv, wv = data.x_train[:0], data.y_train[:0], np.zeros(0, np.float32)
+  return jax.device_put(train.Data(data.x_train, data.y_train, xv, yv, wv, xp, yp, wp))
+
+
+def compile_groups(plan: Plan, init_fn, apply_fn, eval_chunk: int) -> list[CompileGroup]:
+  cfg = plan.config
+  out = []
+  for family in plan.axes['optimizer']:
+    groups = _layout(plan, family)
+    structure = train.Structure(
+        init_fn=init_fn,
+        apply_fn=apply_fn,
+        loss=plan.loss,
+        family=family,
+        batch_sizes=plan.batch_sizes,
+        steps_per_segment=tuple(math.ceil(plan.total_updates[b] / plan.num_evals) for b in plan.batch_sizes),
+        steps_per_epoch=tuple(plan.steps_per_epoch[b] for b in plan.batch_sizes),
+        shuffle=cfg.shuffle,
+        eval_batch_size=eval_chunk,
+        compute_dtype=cfg.compute_dtype,
+    )
+    hparams = tuple(_hparams(plan, g) for g in groups)
+    out.append(CompileGroup(family, structure, groups, hparams))
+  return out
+
+
+def run(cfg: SweepConfig, workdir: str | None = None, *, progress: bool = True) -> Any:
+  """Trains every run of `cfg` and returns a `sweep.Result`.
+
+  Args:
+    cfg: the sweep.
+    workdir: where to write results.csv, curves.csv and config.json; None writes nothing.
+    progress: show a progress bar.
+  """
+  from sweep import results  # a cycle: results formats what this module produces
+
+  plan = validate(cfg)
+  data = cfg.data
+  init_fn, apply_fn = model_functions(cfg.model, data.x_train[:1], plan.output_dim)
+  _check_model(plan, init_fn, apply_fn)
+
+  sizes = [min(cfg.train_eval_size, data.n_train)] + ([data.n_val] if data.n_val else [])
+  eval_chunk = min(cfg.eval_batch_size, max(sizes))
+  cgroups = compile_groups(plan, init_fn, apply_fn, eval_chunk)
+  device_data = _device_data(cfg, eval_chunk)
+  threshold = jnp.float32(cfg.divergence_threshold)
+
+  ticks = sum(
+      sum(s for s in cg.structure.steps_per_segment) * plan.num_evals for cg in cgroups
+  )
+  bar = tqdm.tqdm(
+      total=ticks, desc=f'{len(plan.runs)} runs', unit='tick', disable=not progress, leave=False
+  )
+  collected = []
+  start = time.perf_counter()
+  try:
+    for cg in cgroups:
+      t0 = time.perf_counter()
+      state = train.init_jit(cg.structure, cg.hparams, data.n_train)
+      history = [jax.device_get(train.evaluate_jit(cg.structure, state, device_data))]
+      for _ in range(plan.num_evals):
+        state, metrics = train.segment_jit(cg.structure, state, cg.hparams, device_data, threshold)
+        history.append(jax.device_get(metrics))
+        bar.update(sum(cg.structure.steps_per_segment))
+        alive = sum(int(np.sum(m['alive'])) for m in history[-1])
+        bar.set_postfix(diverged=sum(g.slots.size for g in cg.groups) - alive, refresh=False)
+      collected.append((cg, state, history, time.perf_counter() - t0))
+  finally:
+    bar.close()
+  result = results.Result.from_training(plan, collected, time.perf_counter() - start)
+  if workdir is not None:
+    result.save(workdir)
+  return result
+
+
+def check(cfg: SweepConfig) -> Plan:
+  """Validates `cfg` completely (shapes included) without compiling; returns the plan."""
+  plan = validate(cfg)
+  init_fn, apply_fn = model_functions(cfg.model, cfg.data.x_train[:1], plan.output_dim)
+  _check_model(plan, init_fn, apply_fn)
+  return plan
+
+
+__all__ = ['run', 'check', 'ConfigError']

@@ -1,0 +1,448 @@
+"""Models for sweeps, and the adapter that turns any accepted model into pure functions.
+
+The engine trains many copies of one model at once, so it needs a model as two pure,
+jittable functions: `init_fn(key) -> params` (vmapped over seeds) and
+`apply_fn(params, x) -> predictions`. `to_functions` builds them from flax.linen modules,
+flax.nnx modules, a `SizedToData` (a model whose output width follows the data), or a
+user's own `(init_fn, apply_fn)` pair.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+from flax import nnx
+
+from sweep.errors import config_error
+
+__all__ = [
+  'ACTIVATIONS',
+  'CNN',
+  'Linear',
+  'MLP',
+  'SizedToData',
+  'cnn',
+  'linear',
+  'mlp',
+  'to_functions',
+]
+
+InitFn = Callable[[jax.Array], Any]
+ApplyFn = Callable[[Any, jax.Array], jax.Array]
+
+# Activation names accepted by `MLP`; names rather than functions keep modules hashable and
+# their configs printable.
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+  'relu': nn.relu,
+  'gelu': nn.gelu,
+  'silu': nn.silu,
+  'swish': nn.swish,
+  'tanh': jnp.tanh,
+  'sigmoid': nn.sigmoid,
+  'elu': nn.elu,
+  'leaky_relu': nn.leaky_relu,
+  'softplus': nn.softplus,
+}
+
+
+def _activation(name: str) -> Callable[[jax.Array], jax.Array]:
+  if name not in ACTIVATIONS:
+    raise config_error('model.activation', name, f'one of {", ".join(ACTIVATIONS)}')
+  return ACTIVATIONS[name]
+
+
+def _flatten(x: jax.Array) -> jax.Array:
+  return x.reshape(x.shape[0], -1)
+
+
+class MLP(nn.Module):
+  """A multilayer perceptron on flattened inputs.
+
+  Dense layers of widths `hidden` with `activation` between them, then a linear Dense
+  layer of width `outputs`. The outputs are logits (no softmax: the loss applies it) or
+  regression predictions. The default on MNIST is 784 -> 10 (relu) -> 10, 7960 parameters.
+
+  Attributes:
+    hidden: widths of the hidden layers; () gives a linear model.
+    outputs: width of the output layer.
+    activation: a name in `ACTIVATIONS`.
+  """
+
+  hidden: Sequence[int] = (10,)
+  outputs: int = 10
+  activation: str = 'relu'
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    act = _activation(self.activation)
+    x = _flatten(x)
+    for width in self.hidden:
+      x = act(nn.Dense(width)(x))
+    return nn.Dense(self.outputs)(x)
+
+
+class CNN(nn.Module):
+  """A small convolutional network for 1-D signals or 2-D images.
+
+  Each entry of `channels` is a stride-2 convolution with SAME padding and relu (kernel 5
+  for signals, 3x3 for images), then the feature map is flattened into a relu Dense layer
+  of width `hidden` and a linear Dense layer of width `outputs` (logits).
+
+  Inputs are read by their rank:
+  - (batch, length): a one-channel signal, like MNIST-1D's 40 samples;
+  - (batch, H, W): a one-channel image, like 8x8 digits or 28x28 MNIST;
+  - (batch, H, W, C): an image with C channels.
+  (batch, length, channels) signals need `spatial_dims=1`, since by default a rank-3 input
+  is an image. A flat vector is never reshaped into an image: a (batch, 784) MNIST input is
+  convolved as a signal of length 784, so load images unflattened
+  (`data.mnist(path, flatten=False)`, `data.digits(flatten=False)`).
+
+  With the defaults on MNIST-1D this has about 26.5k parameters; the MNIST-1D paper's CNN
+  has about 5k, close to `channels=(16, 16), hidden=24` (about 5.5k).
+
+  Attributes:
+    channels: output channels of each convolution.
+    outputs: width of the output layer.
+    hidden: width of the hidden Dense layer; None to go straight to the output layer.
+    spatial_dims: 1 or 2 to fix how inputs are read, None to infer it from their rank.
+  """
+
+  channels: Sequence[int] = (32, 32)
+  outputs: int = 10
+  hidden: int | None = 64
+  spatial_dims: int | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    dims = self.spatial_dims
+    if dims is None:
+      dims = 1 if x.ndim == 2 else 2
+    if dims not in (1, 2):
+      raise config_error('model.spatial_dims', self.spatial_dims, '1, 2 or None')
+    if x.ndim == dims + 1:
+      # Add the channel axis convolutions expect.
+      x = x[..., None]
+    if x.ndim != dims + 2:
+      raise config_error(
+        'model',
+        f'CNN(spatial_dims={self.spatial_dims}) on inputs of shape {tuple(x.shape)}',
+        'inputs of shape (batch, length[, channels]) for signals or (batch, H, W[, C]) for images',
+      )
+    kernel = (5,) if dims == 1 else (3, 3)
+    for c in self.channels:
+      x = nn.relu(nn.Conv(c, kernel, strides=2, padding='SAME')(x))
+    x = _flatten(x)
+    if self.hidden:
+      x = nn.relu(nn.Dense(self.hidden)(x))
+    return nn.Dense(self.outputs)(x)
+
+
+class Linear(nn.Module):
+  """One Dense layer (weights and bias) on the flattened input.
+
+  Attributes:
+    outputs: width of the output.
+  """
+
+  outputs: int = 1
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return nn.Dense(self.outputs)(_flatten(x))
+
+
+@dataclasses.dataclass(frozen=True)
+class SizedToData:
+  """A model whose output width is chosen from the data when the sweep starts.
+
+  Attributes:
+    make: builds the model (anything `to_functions` accepts) for an output width: the
+      number of classes, or the number of regression target columns.
+  """
+
+  make: Callable[[int], Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class _WithOutputs:
+  """`make` for the built-in models; compares by value, so equal configs share compiles."""
+
+  cls: type[nn.Module]
+  fields: tuple[tuple[str, Any], ...]
+
+  def __call__(self, outputs: int) -> nn.Module:
+    return self.cls(outputs=outputs, **dict(self.fields))
+
+  def __repr__(self) -> str:
+    args = ', '.join(f'{k}={v!r}' for k, v in self.fields)
+    return f'{self.cls.__name__}({args}, outputs=<from data>)'
+
+
+def _check_width(field: str, value: Any, allow_none: bool = False) -> None:
+  if value is None and allow_none:
+    return
+  if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+    raise config_error(field, value, 'a positive integer' + (' or None' if allow_none else ''))
+
+
+def _check_widths(field: str, values: Any) -> tuple[int, ...]:
+  if isinstance(values, int | np.integer) and not isinstance(values, bool):
+    values = (values,)
+  if not isinstance(values, Sequence) or isinstance(values, str):
+    raise config_error(field, values, 'a sequence of positive integers')
+  for v in values:
+    _check_width(field, v)
+  # Tuples keep the module hashable.
+  return tuple(int(v) for v in values)
+
+
+def _sized(cls: type[nn.Module], outputs: int | None, **fields: Any) -> nn.Module | SizedToData:
+  if outputs is None:
+    return SizedToData(_WithOutputs(cls, tuple(fields.items())))
+  _check_width('model.outputs', outputs)
+  return cls(outputs=int(outputs), **fields)
+
+
+def mlp(
+  hidden: Sequence[int] = (10,),
+  outputs: int | None = None,
+  activation: str = 'relu',
+) -> MLP | SizedToData:
+  """An `MLP`, its output width taken from the data unless `outputs` is given.
+
+  Args:
+    hidden: widths of the hidden layers.
+    outputs: output width; None to use the number of classes or target columns.
+    activation: a name in `ACTIVATIONS`.
+
+  Returns:
+    An `MLP` when outputs is given, else a `SizedToData` that builds one.
+  """
+  hidden = _check_widths('model.hidden', hidden)
+  _activation(activation)
+  return _sized(MLP, outputs, hidden=hidden, activation=activation)
+
+
+def cnn(
+  channels: Sequence[int] = (32, 32),
+  hidden: int | None = 64,
+  outputs: int | None = None,
+  spatial_dims: int | None = None,
+) -> CNN | SizedToData:
+  """A `CNN`, its output width taken from the data unless `outputs` is given.
+
+  Args:
+    channels: output channels of each stride-2 convolution.
+    hidden: width of the hidden Dense layer; None for none.
+    outputs: output width; None to use the number of classes or target columns.
+    spatial_dims: 1 (signals) or 2 (images), or None to infer it from the input rank.
+
+  Returns:
+    A `CNN` when outputs is given, else a `SizedToData` that builds one.
+  """
+  channels = _check_widths('model.channels', channels)
+  _check_width('model.hidden', hidden, allow_none=True)
+  if spatial_dims not in (None, 1, 2):
+    raise config_error('model.spatial_dims', spatial_dims, '1, 2 or None')
+  return _sized(CNN, outputs, channels=channels, hidden=hidden, spatial_dims=spatial_dims)
+
+
+def linear(outputs: int | None = None) -> Linear | SizedToData:
+  """A `Linear` model, its output width taken from the data unless `outputs` is given.
+
+  Args:
+    outputs: output width; None to use the number of classes or target columns.
+
+  Returns:
+    A `Linear` when outputs is given, else a `SizedToData` that builds one.
+  """
+  return _sized(Linear, outputs)
+
+
+# ---------------------------------------------------------------------------------------------
+# The adapter
+
+_ACCEPTED = (
+  'an (init_fn, apply_fn) tuple of callables, a flax.linen Module instance, a flax.nnx '
+  'Module class (or functools.partial of one) that accepts rngs=, a flax.nnx Module '
+  'instance, or a SizedToData such as sweep.models.mlp()'
+)
+
+
+def _describe(model: Any) -> str:
+  """A short name for a model in error messages."""
+  if isinstance(model, type):
+    return f'class {model.__qualname__}'
+  if isinstance(model, functools.partial):
+    return f'functools.partial({_describe(model.func)}, ...)'
+  return type(model).__name__
+
+
+def to_functions(
+  model: Any, example_x: np.ndarray, output_dim: int | None
+) -> tuple[InitFn, ApplyFn]:
+  """Turns a model into pure `init_fn(key) -> params` and `apply_fn(params, x) -> preds`.
+
+  Both functions can be jitted and vmapped (the engine vmaps init_fn over seeds inside
+  jit). Params are plain nested dicts of arrays for flax models. Accepted models:
+  - an `(init_fn, apply_fn)` tuple, returned as it is;
+  - a `SizedToData`, built for `output_dim` and then converted;
+  - a flax.linen Module instance, initialized on `example_x[:1]`; only modules whose sole
+    variable collection is "params" are supported for now (no batch_stats);
+  - a flax.nnx Module class, or a functools.partial of one, constructed inside init_fn as
+    `cls(rngs=nnx.Rngs(params=key))`, so every seed initializes its own parameters;
+  - a flax.nnx Module instance: its parameters at the time of this call become the
+    initial parameters of every seed (pass the class instead to have each seed
+    initialize its own).
+  For nnx models, all state must be nnx.Param: BatchNorm statistics or stored Rngs (as in
+  Dropout) are not supported for now.
+
+  Args:
+    model: the model, in one of the forms above.
+    example_x: inputs with the data's shape beyond the first axis (at least one row).
+    output_dim: output width the data needs (the number of classes or target columns);
+      needed for a `SizedToData`.
+
+  Returns:
+    `(init_fn, apply_fn)`.
+
+  Raises:
+    ConfigError: the model is of no accepted form, a `SizedToData` has no output_dim, or
+      the model has state other than parameters.
+  """
+  if isinstance(model, tuple):
+    if len(model) != 2 or not all(callable(f) for f in model):
+      raise config_error(
+        'model', f'tuple of {len(model)}', 'a tuple of two callables, (init_fn, apply_fn)'
+      )
+    return model
+  if isinstance(model, SizedToData):
+    if output_dim is None:
+      raise config_error(
+        'model',
+        model,
+        'a model sized to the data needs output_dim (the number of classes or target columns)',
+      )
+    _check_width('output_dim', output_dim)
+    built = model.make(int(output_dim))
+    if isinstance(built, SizedToData):
+      raise config_error('model', model, 'SizedToData.make must return a model, not a SizedToData')
+    return to_functions(built, example_x, output_dim)
+  if isinstance(model, nn.Module):
+    return _linen_functions(model, example_x)
+  if _is_nnx_factory(model):
+    return _nnx_class_functions(model)
+  if isinstance(model, nnx.Module):
+    return _nnx_instance_functions(model)
+
+  accepted = _ACCEPTED
+  target = model.func if isinstance(model, functools.partial) else model
+  if isinstance(target, type) and issubclass(target, nn.Module):
+    accepted += f'; this is a linen Module class: pass an instance, e.g. {target.__name__}()'
+  elif isinstance(model, list):
+    accepted += '; pass (init_fn, apply_fn) as a tuple'
+  raise config_error('model', _describe(model), accepted)
+
+
+def _is_nnx_factory(model: Any) -> bool:
+  target = model.func if isinstance(model, functools.partial) else model
+  return isinstance(target, type) and issubclass(target, nnx.Module)
+
+
+def _linen_functions(model: nn.Module, example_x: np.ndarray) -> tuple[InitFn, ApplyFn]:
+  x1 = np.asarray(example_x)[:1]
+  try:
+    shapes = jax.eval_shape(model.init, jax.random.key(0), x1)
+  except Exception as e:  # the module is the user's: report any failure as a config problem
+    raise config_error(
+      'model', _describe(model), f'init on an input of shape {x1.shape} failed: {e}'
+    ) from e
+  others = sorted(set(shapes) - {'params'})
+  if others:
+    raise config_error(
+      'model',
+      _describe(model),
+      f'linen modules with variable collections other than "params" (found {others}) are not '
+      'supported yet; use a module without batch statistics or other mutable state',
+    )
+  if not jax.tree.leaves(shapes.get('params', {})):
+    raise config_error('model', _describe(model), 'a model with parameters to train')
+
+  def init_fn(key: jax.Array) -> Any:
+    return model.init(key, x1)['params']
+
+  def apply_fn(params: Any, x: jax.Array) -> jax.Array:
+    return model.apply({'params': params}, x)
+
+  return init_fn, apply_fn
+
+
+def _check_nnx_state(model_name: str, params: nnx.State, rest: nnx.State) -> None:
+  """Rejects nnx models with non-parameter state, which a pure apply_fn would freeze."""
+  others = [
+    f'{"/".join(str(p) for p in path)} ({type(v).__name__})' for path, v in nnx.to_flat_state(rest)
+  ]
+  if others:
+    shown = ', '.join(others[:5]) + (', ...' if len(others) > 5 else '')
+    raise config_error(
+      'model',
+      model_name,
+      f'nnx models whose state holds more than nnx.Param variables (found {shown}) are not '
+      'supported yet; use a model without BatchNorm statistics or stored Rngs (Dropout)',
+    )
+  if not jax.tree.leaves(params):
+    raise config_error('model', model_name, 'a model with nnx.Param parameters to train')
+
+
+def _nnx_class_functions(factory: Any) -> tuple[InitFn, ApplyFn]:
+  name = _describe(factory)
+
+  def construct(key: jax.Array) -> nnx.Module:
+    return factory(rngs=nnx.Rngs(params=key))
+
+  try:
+    # Abstract construction: the graph structure without allocating any parameters.
+    abstract = nnx.eval_shape(lambda: construct(jax.random.key(0)))
+  except Exception as e:  # the class is the user's: report any failure as a config problem
+    raise config_error(
+      'model',
+      name,
+      f'constructing it as cls(rngs=nnx.Rngs(params=key)) failed ({type(e).__name__}: {e}); '
+      'the class must accept a rngs keyword and draw only from the "params" stream',
+    ) from e
+  graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+  _check_nnx_state(name, params, rest)
+
+  def init_fn(key: jax.Array) -> Any:
+    _, params = nnx.split(construct(key), nnx.Param)
+    return nnx.to_pure_dict(params)
+
+  return init_fn, _nnx_apply(graphdef)
+
+
+def _nnx_instance_functions(model: nnx.Module) -> tuple[InitFn, ApplyFn]:
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  _check_nnx_state(_describe(model), params, rest)
+  # A snapshot: later changes to the instance do not change these initial parameters.
+  initial = nnx.to_pure_dict(params)
+
+  def init_fn(key: jax.Array) -> Any:
+    del key  # every seed starts from the instance's parameters
+    return initial
+
+  return init_fn, _nnx_apply(graphdef)
+
+
+def _nnx_apply(graphdef: nnx.GraphDef) -> ApplyFn:
+  def apply_fn(params: Any, x: jax.Array) -> jax.Array:
+    # merge accepts the pure dict of parameter values and rebuilds fresh Param variables.
+    return nnx.merge(graphdef, params)(x)
+
+  return apply_fn

@@ -1,0 +1,218 @@
+"""What a sweep leaves: the results table, the learning curves, each run's parameters."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import tempfile
+from importlib import metadata
+from typing import Any
+
+import jax
+import numpy as np
+import pandas as pd
+
+from sweep.config import Plan
+
+CURVE_METRICS = (
+    'batch_loss', 'train_loss', 'train_accuracy', 'val_loss', 'val_accuracy', 'learning_rate', 'updates', 'alive'
+)
+PACKAGES = ('jax', 'jaxlib', 'optax', 'flax', 'orbax-checkpoint', 'numpy', 'pandas')
+
+
+def atomic_write(path: str, text: str) -> None:
+  """Writes `text` to `path` through a temporary file and a rename: never half-written."""
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix='.' + os.path.basename(path) + '.', suffix='.tmp')
+  try:
+    with os.fdopen(fd, 'w') as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
+
+
+def environment() -> dict[str, Any]:
+  """Package versions, Python, backend and devices: what a reproduction needs to know."""
+  versions = {}
+  for p in PACKAGES:
+    try:
+      versions[p] = metadata.version(p)
+    except metadata.PackageNotFoundError:
+      versions[p] = None
+  return {
+      'python': sys.version.split()[0],
+      'platform': platform.platform(),
+      'packages': versions,
+      'backend': jax.default_backend(),
+      'devices': [f'{d.platform}:{d.device_kind}' for d in jax.devices()],
+      'process_count': jax.process_count(),
+  }
+
+
+def _jsonable(v):
+  if isinstance(v, (np.floating, np.integer)):
+    return v.item()
+  if isinstance(v, (list, tuple)):
+    return [_jsonable(x) for x in v]
+  if isinstance(v, dict):
+    return {str(k): _jsonable(x) for k, x in v.items()}
+  if callable(v):
+    return getattr(v, '__qualname__', repr(v))
+  return v
+
+
+def resolved_config(plan: Plan) -> dict[str, Any]:
+  """The config as run: every axis value, budgets, derived step counts, environment."""
+  cfg = plan.config
+  data = cfg.data
+  return {
+      'name': cfg.name,
+      'axes': _jsonable(plan.axes),
+      'num_runs': len(plan.runs),
+      'model': repr(cfg.model) if not isinstance(cfg.model, tuple) else [_jsonable(f) for f in cfg.model],
+      'loss': _jsonable(plan.loss),
+      'budget': {'epochs': cfg.epochs, 'updates': cfg.updates},
+      'updates_per_run': {str(b): t for b, t in plan.total_updates.items()},
+      'steps_per_epoch': {str(b): t for b, t in plan.steps_per_epoch.items()},
+      'num_evals': plan.num_evals,
+      'shuffle': cfg.shuffle,
+      'decay_every': cfg.decay_every,
+      'divergence_threshold': cfg.divergence_threshold,
+      'eval_batch_size': cfg.eval_batch_size,
+      'train_eval_size': cfg.train_eval_size,
+      'objectives': dict(cfg.objectives),
+      'compute_dtype': cfg.compute_dtype,
+      'data': {
+          'name': data.name,
+          'n_train': data.n_train,
+          'n_val': data.n_val,
+          'x_shape': list(data.x_train.shape[1:]),
+          'y_shape': list(data.y_train.shape[1:]),
+          'num_classes': data.num_classes,
+      },
+      'environment': environment(),
+  }
+
+
+class Result:
+  """A finished sweep.
+
+  Attributes:
+    table: one row per run (row i = run i): the swept axis values, `status`
+      ('ok' or 'diverged'), `updates`, `examples`, the final and best metrics.
+    curves: one row per run and evaluation point (point 0 is before training).
+    config: the resolved config (a dict, as written to config.json).
+    wall_time: seconds the sweep took, compiles included.
+  """
+
+  def __init__(self, table: pd.DataFrame, curves: pd.DataFrame, config: dict, wall_time: float,
+               params_fn=None):
+    self.table = table
+    self.curves = curves
+    self.config = config
+    self.wall_time = wall_time
+    self._params_fn = params_fn
+
+  @classmethod
+  def from_training(cls, plan: Plan, collected: list, wall_time: float) -> Result:
+    n = len(plan.runs)
+    where: dict[int, tuple[int, int, int, int]] = {}  # run -> (compile group, batch group, s, r)
+    for c, (cg, _, _, _) in enumerate(collected):
+      for g, bg in enumerate(cg.groups):
+        for s, r in zip(*np.nonzero(bg.slots >= 0), strict=True):
+          where[int(bg.slots[s, r])] = (c, g, int(s), int(r))
+
+    rows, curve_rows = [], []
+    for i in range(n):
+      c, g, s, r = where[i]
+      cg, _, history, seconds = collected[c]
+      run = plan.runs[i]
+      batch = run.values['batch_size']
+      per_point = []
+      for k, point in enumerate(history):
+        m = point[g]
+        rec = {'run': i, 'eval': k}
+        for name in CURVE_METRICS:
+          if name in m:
+            rec[name] = m[name][s, r].item()
+        rec['updates'] = int(m['updates'][s, r])
+        rec['examples'] = rec['updates'] * batch
+        rec['epoch'] = rec['examples'] / plan.config.data.n_train
+        per_point.append(rec)
+      curve_rows.extend(per_point)
+      last = per_point[-1]
+      row = {'run': i}
+      row.update({a: run.values[a] for a in plan.swept})
+      row['status'] = 'ok' if last['alive'] else 'diverged'
+      row['updates'] = last['updates']
+      row['examples'] = last['examples']
+      row['final_batch_loss'] = last.get('batch_loss', np.nan)
+      row['final_train_loss'] = last['train_loss']
+      if 'train_accuracy' in last:
+        row['final_train_accuracy'] = last['train_accuracy']
+      if 'val_loss' in last:
+        vals = np.array([p['val_loss'] for p in per_point], np.float64)
+        finite = np.where(np.isfinite(vals), vals, np.inf)
+        best = int(np.argmin(finite))
+        row['final_val_loss'] = last['val_loss']
+        row['best_val_loss'] = vals[best] if np.isfinite(finite[best]) else np.nan
+        row['best_eval'] = best
+        if 'val_accuracy' in last:
+          row['final_val_accuracy'] = last['val_accuracy']
+          row['best_val_accuracy'] = float(np.nanmax([p['val_accuracy'] for p in per_point]))
+      # Wall time of the compile group, shared out over its runs.
+      row['seconds'] = seconds / max(1, sum(int(np.sum(bg.slots >= 0)) for bg in cg.groups))
+      rows.append(row)
+
+    table = pd.DataFrame(rows).set_index('run', drop=False)
+    table.index.name = None
+    curves = pd.DataFrame(curve_rows)
+
+    def params_fn(i: int):
+      c, g, s, r = where[i]
+      state = collected[c][1][g]
+      return jax.tree.map(lambda a: np.asarray(a[s, r]), state.runs.params)
+
+    return cls(table, curves, resolved_config(plan), wall_time, params_fn)
+
+  def params(self, i: int) -> Any:
+    """The final parameters of run `i` (a pytree of numpy arrays)."""
+    if not 0 <= i < len(self.table):
+      raise IndexError(f'run {i} does not exist: the sweep has runs 0..{len(self.table) - 1}')
+    if self._params_fn is None:
+      raise ValueError('this result holds no parameters')
+    return self._params_fn(i)
+
+  def best(self, column: str = 'final_val_loss', mode: str = 'min') -> pd.Series:
+    """The row of the best run that did not diverge."""
+    ok = self.table[self.table.status == 'ok']
+    if ok.empty:
+      raise ValueError('every run diverged')
+    return ok.loc[ok[column].idxmin() if mode == 'min' else ok[column].idxmax()]
+
+  def summary(self, top: int = 5) -> str:
+    t = self.table
+    col = 'final_val_loss' if 'final_val_loss' in t else 'final_train_loss'
+    shown = [c for c in t.columns if c not in ('run', 'seconds', 'best_eval')]
+    ok = t[t.status == 'ok'].sort_values(col)
+    lines = [
+        f'{len(t)} runs in {self.wall_time:.1f} s; {int((t.status == "diverged").sum())} diverged.',
+        f'Best {min(top, len(ok))} by {col}:',
+        ok[shown].head(top).to_string(index=False, float_format=lambda v: f'{v:.4g}'),
+    ]
+    return '\n'.join(lines)
+
+  def save(self, workdir: str) -> None:
+    """Writes results.csv, curves.csv and config.json (each atomically)."""
+    os.makedirs(workdir, exist_ok=True)
+    atomic_write(os.path.join(workdir, 'results.csv'), self.table.to_csv(index=False))
+    atomic_write(os.path.join(workdir, 'curves.csv'), self.curves.to_csv(index=False))
+    atomic_write(os.path.join(workdir, 'config.json'), json.dumps(self.config, indent=2, default=str))
