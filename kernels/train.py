@@ -194,7 +194,7 @@ def init(
     s, r = ghp.seeds.shape[0], jax.tree.leaves(ghp.runs)[0].shape[1]
     init_keys = jax.vmap(lambda seed: _keys(seed)[0])(ghp.seeds)
     per_seed = jax.vmap(structure.init_fn)(init_keys)
-    params = jax.tree.map(lambda p: jnp.broadcast_to(p[:, None], (s, r) + p.shape[1:]), per_seed)
+    params = jax.tree.map(lambda p, s=s, r=r: jnp.broadcast_to(p[:, None], (s, r) + p.shape[1:]), per_seed)
     runs = jax.vmap(jax.vmap(lambda p, h: _run_init(structure, p, h)))(params, ghp.runs)
     groups.append(
         GroupState(runs=runs, step=jnp.zeros((), jnp.int32), perm=jnp.zeros((s, n_train), jnp.int32))

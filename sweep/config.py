@@ -60,7 +60,12 @@ class SweepConfig:
       rmsprop, adagrad, lion. Each name is a compile group.
     learning_rate: the initial (or peak) learning rate; a number or a list.
     batch_size: a number or a list.
-    seed: fixes a run's init key and its data order; a number or a list.
+    seed: fixes a run's init key and its data order; a number or a list. Seed s
+      initialises with `jax.random.fold_in(jax.random.key(s), 0)`; with shuffle, its
+      epoch e reads the training set in the order
+      `jax.random.permutation(jax.random.fold_in(jax.random.fold_in(jax.random.key(s), 1), e), n)`.
+      A run with batch size B takes consecutive slices of B of that order and drops
+      the last `n % B` examples of each epoch (different ones each epoch when shuffled).
     schedule: constant, exponential, step, cosine, warmup_cosine, linear, onecycle;
       a name or a list. Every schedule counts the run's own updates.
     warmup: warmup_cosine's warmup, as a fraction of the run's updates.
