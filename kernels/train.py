@@ -41,7 +41,6 @@ class Structure:
     batch_sizes: one per batch group.
     steps_per_segment: scan length of each batch group's segment.
     steps_per_epoch: updates per pass over the data for each batch group.
-    shuffle: whether each epoch draws a new per-seed permutation.
     eval_batch_size: examples per evaluation chunk.
     compute_dtype: dtype of the forward and backward pass (parameters stay float32).
   """
@@ -53,7 +52,6 @@ class Structure:
   batch_sizes: tuple[int, ...]
   steps_per_segment: tuple[int, ...]
   steps_per_epoch: tuple[int, ...]
-  shuffle: bool
   eval_batch_size: int
   compute_dtype: str = 'float32'
 
@@ -116,13 +114,29 @@ class RunState(NamedTuple):
 class GroupState(NamedTuple):
   runs: RunState  # leaves (S, R, ...)
   step: jax.Array  # ticks taken by the group, a scalar
-  perm: jax.Array  # (S, n) the current epoch's data order per seed
 
 
-def _keys(seed: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """A seed's init key and data key."""
-  key = jax.random.key(seed)
-  return jax.random.fold_in(key, 0), jax.random.fold_in(key, 1)
+class Orders(NamedTuple):
+  """The data order a batch group reads during one segment.
+
+  Attributes:
+    orders: (S, E, n) int32: the permutation of each seed for E consecutive epochs.
+    first_epoch: the epoch of `orders[:, 0]`, a scalar.
+  """
+
+  orders: jax.Array
+  first_epoch: jax.Array
+
+
+def init_key(seed: jax.Array) -> jax.Array:
+  """The key a seed initialises its parameters with."""
+  return jax.random.fold_in(jax.random.key(seed), 0)
+
+
+def epoch_order(seed: jax.Array, epoch: jax.Array, n: int) -> jax.Array:
+  """The order in which a seed reads the n training examples in `epoch` (shuffled)."""
+  key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), 1), epoch)
+  return jax.random.permutation(key, n).astype(jnp.int32)
 
 
 # ---------------------------------------------------------------- one run ----
@@ -186,27 +200,19 @@ def _over_runs(fn, shared_in_r: tuple[bool, ...]):
 
 
 def init(
-    structure: Structure, hparams: tuple[GroupHparams, ...], n_train: int
+    structure: Structure, per_seed_params: tuple[Any, ...], hparams: tuple[GroupHparams, ...]
 ) -> tuple[GroupState, ...]:
-  """Initial state of every batch group. Runs that share a seed share their init."""
+  """Initial state of every batch group from each seed's parameters (S, ...).
+
+  Runs that share a seed start from the same parameters (common random numbers).
+  """
   groups = []
-  for ghp in hparams:
-    s, r = ghp.seeds.shape[0], jax.tree.leaves(ghp.runs)[0].shape[1]
-    init_keys = jax.vmap(lambda seed: _keys(seed)[0])(ghp.seeds)
-    per_seed = jax.vmap(structure.init_fn)(init_keys)
-    params = jax.tree.map(lambda p, s=s, r=r: jnp.broadcast_to(p[:, None], (s, r) + p.shape[1:]), per_seed)
+  for params, ghp in zip(per_seed_params, hparams, strict=True):
+    s, r = jax.tree.leaves(ghp.runs)[0].shape[:2]
+    params = jax.tree.map(lambda p, s=s, r=r: jnp.broadcast_to(p[:, None], (s, r) + p.shape[1:]), params)
     runs = jax.vmap(jax.vmap(lambda p, h: _run_init(structure, p, h)))(params, ghp.runs)
-    groups.append(
-        GroupState(runs=runs, step=jnp.zeros((), jnp.int32), perm=jnp.zeros((s, n_train), jnp.int32))
-    )
+    groups.append(GroupState(runs=runs, step=jnp.zeros((), jnp.int32)))
   return tuple(groups)
-
-
-def _epoch_order(structure: Structure, seed: jax.Array, epoch: jax.Array, n: int) -> jax.Array:
-  if not structure.shuffle:
-    return jnp.arange(n, dtype=jnp.int32)
-  key = jax.random.fold_in(_keys(seed)[1], epoch)
-  return jax.random.permutation(key, n).astype(jnp.int32)
 
 
 def _group_segment(
@@ -214,12 +220,12 @@ def _group_segment(
     index: int,
     state: GroupState,
     ghp: GroupHparams,
+    order: Orders,
     data: Data,
     threshold: jax.Array,
 ) -> GroupState:
   batch = structure.batch_sizes[index]
   per_epoch = structure.steps_per_epoch[index]
-  n = data.x_train.shape[0]
   step_runs = _over_runs(
       lambda st, h, xb, yb: _run_step(structure, st, h, xb, yb, threshold),
       (False, False, True, True),
@@ -227,14 +233,10 @@ def _group_segment(
 
   def tick(state: GroupState) -> GroupState:
     epoch, j = state.step // per_epoch, state.step % per_epoch
-    perm = jax.lax.cond(
-        j == 0,
-        lambda: jax.vmap(lambda sd: _epoch_order(structure, sd, epoch, n))(ghp.seeds),
-        lambda: state.perm,
-    )
+    perm = jax.lax.dynamic_index_in_dim(order.orders, epoch - order.first_epoch, axis=1, keepdims=False)
     idx = jax.lax.dynamic_slice_in_dim(perm, j * batch, batch, axis=1)  # (S, B)
     runs = step_runs(state.runs, ghp.runs, data.x_train[idx], data.y_train[idx])
-    return GroupState(runs=runs, step=state.step + 1, perm=perm)
+    return GroupState(runs=runs, step=state.step + 1)
 
   def body(state, _):
     # The predicate is one scalar for the group, so the skipped ticks cost nothing.
@@ -301,13 +303,14 @@ def segment(
     structure: Structure,
     groups: tuple[GroupState, ...],
     hparams: tuple[GroupHparams, ...],
+    orders: tuple[Orders, ...],
     data: Data,
     threshold: jax.Array,
 ) -> tuple[tuple[GroupState, ...], tuple[dict, ...]]:
   """Advances every batch group by one segment, then evaluates every run."""
   new = tuple(
-      _group_segment(structure, i, g, h, data, threshold)
-      for i, (g, h) in enumerate(zip(groups, hparams, strict=True))
+      _group_segment(structure, i, g, h, o, data, threshold)
+      for i, (g, h, o) in enumerate(zip(groups, hparams, orders, strict=True))
   )
   metrics = evaluate(structure, new, data)
   for m, g, h in zip(metrics, new, hparams, strict=True):
@@ -320,6 +323,8 @@ def segment(
 
 
 # Jitted entry points; `structure` is static, the carried state is donated.
-init_jit = jax.jit(init, static_argnums=(0, 2))
+init_jit = jax.jit(init, static_argnums=(0,))
+init_key_jit = jax.jit(init_key)
+epoch_order_jit = jax.jit(epoch_order, static_argnums=(2,))
 evaluate_jit = jax.jit(evaluate, static_argnums=(0,))
 segment_jit = jax.jit(segment, static_argnums=(0,), donate_argnums=(1,))

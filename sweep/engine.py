@@ -178,13 +178,87 @@ def compile_groups(plan: Plan, init_fn, apply_fn, eval_chunk: int) -> list[Compi
         batch_sizes=plan.batch_sizes,
         steps_per_segment=tuple(math.ceil(plan.total_updates[b] / plan.num_evals) for b in plan.batch_sizes),
         steps_per_epoch=tuple(plan.steps_per_epoch[b] for b in plan.batch_sizes),
-        shuffle=cfg.shuffle,
         eval_batch_size=eval_chunk,
         compute_dtype=cfg.compute_dtype,
     )
     hparams = tuple(_hparams(plan, g) for g in groups)
     out.append(CompileGroup(family, structure, groups, hparams))
   return out
+
+
+def _diverged(cg: CompileGroup, metrics: tuple[dict, ...]) -> int:
+  return sum(int(np.sum(~m['alive'][g.slots >= 0])) for g, m in zip(cg.groups, metrics, strict=True))
+
+
+@functools.lru_cache(maxsize=64)
+def _jitted_init(init_fn):
+  return jax.jit(init_fn)
+
+
+def _per_seed_params(init_fn, cg: CompileGroup) -> tuple[Any, ...]:
+  """Each batch group's initial parameters, one per seed slot (S, ...).
+
+  Initialised seed by seed with a plain jitted init_fn: XLA compiles a vmapped
+  random-number generator several times slower, and seeds are few.
+  """
+  init = _jitted_init(init_fn)
+  cache = {}
+  out = []
+  for hp in cg.hparams:
+    per_seed = []
+    for seed in np.asarray(hp.seeds).tolist():
+      if seed not in cache:
+        cache[seed] = init(train.init_key_jit(np.int32(seed)))
+      per_seed.append(cache[seed])
+    out.append(jax.tree.map(lambda *xs: jnp.stack(xs), *per_seed))
+  return tuple(out)
+
+
+class _OrderBook:
+  """The data orders each batch group reads in each segment, made between segments.
+
+  The permutations are drawn by a small jitted function, seed by seed and epoch by
+  epoch, and handed to the segment as data: the segment program holds no random
+  number generator, which keeps its compile short.
+  """
+
+  def __init__(self, plan: Plan, cg: CompileGroup):
+    self.n = plan.config.data.n_train
+    self.shuffle = plan.config.shuffle
+    self.plan = plan
+    self.cg = cg
+    self._cache: dict[tuple[int, int], jax.Array] = {}
+    self.spans = []  # per batch group: per segment (first epoch, epochs spanned)
+    for b, length in zip(plan.batch_sizes, cg.structure.steps_per_segment, strict=True):
+      total, spe = plan.total_updates[b], plan.steps_per_epoch[b]
+      spans = []
+      for k in range(plan.num_evals):
+        lo, hi = min(k * length, total - 1), min((k + 1) * length, total) - 1
+        spans.append((lo // spe, max(hi, lo) // spe - lo // spe + 1))
+      self.spans.append(spans)
+    self.width = [max(e for _, e in spans) for spans in self.spans]
+
+  def _order(self, seed: int, epoch: int) -> jax.Array:
+    if (seed, epoch) not in self._cache:
+      if self.shuffle:
+        self._cache[seed, epoch] = train.epoch_order_jit(np.int32(seed), np.int32(epoch), self.n)
+      else:
+        self._cache[seed, epoch] = jnp.arange(self.n, dtype=jnp.int32)
+    return self._cache[seed, epoch]
+
+  def segment(self, k: int) -> tuple[train.Orders, ...]:
+    out = []
+    for g, hp in enumerate(self.cg.hparams):
+      first, _ = self.spans[g][k]
+      seeds = np.asarray(hp.seeds).tolist()
+      orders = jnp.stack([
+          jnp.stack([self._order(sd, first + e) for e in range(self.width[g])]) for sd in seeds
+      ])
+      out.append(train.Orders(orders=orders, first_epoch=np.int32(first)))
+    # Orders of epochs already passed are no longer needed.
+    low = min(self.spans[g][k][0] for g in range(len(self.spans)))
+    self._cache = {key: v for key, v in self._cache.items() if key[1] >= low}
+    return tuple(out)
 
 
 def run(cfg: SweepConfig, workdir: str | None = None, *, progress: bool = True) -> Any:
@@ -219,14 +293,16 @@ def run(cfg: SweepConfig, workdir: str | None = None, *, progress: bool = True) 
   try:
     for cg in cgroups:
       t0 = time.perf_counter()
-      state = train.init_jit(cg.structure, cg.hparams, data.n_train)
+      orders = _OrderBook(plan, cg)
+      state = train.init_jit(cg.structure, _per_seed_params(init_fn, cg), cg.hparams)
       history = [jax.device_get(train.evaluate_jit(cg.structure, state, device_data))]
-      for _ in range(plan.num_evals):
-        state, metrics = train.segment_jit(cg.structure, state, cg.hparams, device_data, threshold)
+      for k in range(plan.num_evals):
+        state, metrics = train.segment_jit(
+            cg.structure, state, cg.hparams, orders.segment(k), device_data, threshold
+        )
         history.append(jax.device_get(metrics))
         bar.update(sum(cg.structure.steps_per_segment))
-        alive = sum(int(np.sum(m['alive'])) for m in history[-1])
-        bar.set_postfix(diverged=sum(g.slots.size for g in cg.groups) - alive, refresh=False)
+        bar.set_postfix(diverged=_diverged(cg, history[-1]), refresh=False)
       collected.append((cg, state, history, time.perf_counter() - t0))
   finally:
     bar.close()
