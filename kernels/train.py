@@ -42,6 +42,8 @@ class Structure:
     steps_per_segment: scan length of each batch group's segment.
     steps_per_epoch: updates per pass over the data for each batch group.
     eval_batch_size: examples per evaluation chunk.
+    ragged: per batch group, whether the segments overrun the budget (the last
+      segment then skips its extra ticks).
     compute_dtype: dtype of the forward and backward pass (parameters stay float32).
   """
 
@@ -53,6 +55,7 @@ class Structure:
   steps_per_segment: tuple[int, ...]
   steps_per_epoch: tuple[int, ...]
   eval_batch_size: int
+  ragged: tuple[bool, ...] = ()
   compute_dtype: str = 'float32'
 
   def loss_fn(self, predictions: jax.Array, targets: jax.Array) -> jax.Array:
@@ -170,18 +173,19 @@ def _run_step(
     return jnp.mean(structure.loss_fn(structure.forward(params, xb), yb))
 
   loss, grads = jax.value_and_grad(batch_loss)(state.params)
-  lr = schedules.learning_rate(hp.schedule, state.updates)
+  loss0 = jnp.where(state.updates == 0, loss, state.loss0)
+  ok = state.alive & jnp.isfinite(loss) & (loss <= threshold * jnp.abs(loss0) + 1e-6)
+  # Freeze a diverged run with a zero gradient and a zero learning rate: its update is
+  # then exactly 0 (every optax optimizer ends in a scale by the learning rate), and
+  # one select over the gradient is far cheaper than one over parameters and state.
+  grads = jax.tree.map(lambda g: jnp.where(ok, g, 0.0), grads)
+  lr = jnp.where(ok, schedules.learning_rate(hp.schedule, state.updates), 0.0)
   opt = optimizers.make(structure.family, hp.opt)
   opt_state = optimizers.with_learning_rate(state.opt_state, lr)
   updates, opt_state = opt.update(grads, opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-
-  loss0 = jnp.where(state.updates == 0, loss, state.loss0)
-  ok = state.alive & jnp.isfinite(loss) & (loss <= threshold * jnp.abs(loss0) + 1e-6)
-  keep = lambda new, old: jnp.where(ok, new, old)  # noqa: E731  fuses into the update
   return RunState(
-      params=jax.tree.map(keep, params, state.params),
-      opt_state=jax.tree.map(keep, opt_state, state.opt_state),
+      params=optax.apply_updates(state.params, updates),
+      opt_state=opt_state,
       alive=ok,
       updates=state.updates + ok.astype(jnp.int32),
       loss0=loss0,
@@ -239,7 +243,10 @@ def _group_segment(
     return GroupState(runs=runs, step=state.step + 1)
 
   def body(state, _):
-    # The predicate is one scalar for the group, so the skipped ticks cost nothing.
+    if not structure.ragged[index]:
+      return tick(state), None
+    # The predicate is one scalar for the group, so the skipped ticks cost nothing;
+    # a cond still keeps a second copy of the carry, so it is used only where needed.
     return jax.lax.cond(state.step < ghp.total_updates, tick, lambda s: s, state), None
 
   state = state._replace(

@@ -179,6 +179,10 @@ def compile_groups(plan: Plan, init_fn, apply_fn, eval_chunk: int) -> list[Compi
         steps_per_segment=tuple(math.ceil(plan.total_updates[b] / plan.num_evals) for b in plan.batch_sizes),
         steps_per_epoch=tuple(plan.steps_per_epoch[b] for b in plan.batch_sizes),
         eval_batch_size=eval_chunk,
+        ragged=tuple(
+            math.ceil(plan.total_updates[b] / plan.num_evals) * plan.num_evals != plan.total_updates[b]
+            for b in plan.batch_sizes
+        ),
         compute_dtype=cfg.compute_dtype,
     )
     hparams = tuple(_hparams(plan, g) for g in groups)

@@ -1,0 +1,228 @@
+"""The engine against what a researcher would otherwise run, same runs, one process.
+
+  python scripts/bench.py            # full: a few minutes on a 2-core CPU
+  python scripts/bench.py --quick    # about a minute
+
+Baselines, each training the same runs (same data, model, optimizer, steps):
+  (b) sequential optax, compiled once: one run's whole training is a `lax.scan` inside
+      `jit` with the learning rate an argument, called once per run (the strongest
+      sequential JAX form);
+  (c) naive: per config, build the optimizer and jit a step, loop over batches in Python;
+  (d) PyTorch eager, one run after another (skipped where torch is missing).
+Timings are warm (compiles excluded and reported apart). Each line prints run-steps per
+second (runs x updates / seconds), the engine's ratio to each baseline, and the
+engine's achieved GFLOP/s against a float32 matmul rate measured here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import sweep  # noqa: E402
+
+
+def mnist_shaped(n: int, seed: int = 0):
+  """Synthetic MNIST-shaped data: 784 features in [0, 1], 10 classes, learnable."""
+  rng = np.random.default_rng(seed)
+  w = rng.normal(size=(784, 10)).astype(np.float32)
+  x = rng.uniform(size=(n, 784)).astype(np.float32)
+  y = np.argmax(x @ w + rng.normal(scale=2.0, size=(n, 10)), axis=1).astype(np.int32)
+  return x, y
+
+
+def mlp_functions(hidden=(10,), inputs=784, outputs=10):
+  model = sweep.models.MLP(hidden=hidden, outputs=outputs)
+  return sweep.models.to_functions(model, np.zeros((1, inputs), np.float32), outputs)
+
+
+def flops_per_example(sizes) -> float:
+  """Forward + backward of an MLP: 3 x 2 x the weights (dense layers dominate)."""
+  return 6.0 * sum(a * b for a, b in zip(sizes[:-1], sizes[1:], strict=True))
+
+
+def matmul_gflops(seconds: float = 1.0) -> float:
+  """float32 matmul rate of this machine, as XLA runs it (1024^3)."""
+  a = jnp.ones((1024, 1024), jnp.float32)
+  f = jax.jit(lambda a: a @ a)
+  f(a).block_until_ready()
+  n, t0 = 0, time.perf_counter()
+  while time.perf_counter() - t0 < seconds:
+    f(a).block_until_ready()
+    n += 1
+  return 2 * 1024**3 * n / (time.perf_counter() - t0) / 1e9
+
+
+# ------------------------------------------------------------- baselines ----
+
+
+def sequential_optax(init_fn, apply_fn, x, y, lrs, batch, steps):
+  """(b): one run = one jitted scan; compiled once, called per run."""
+
+  @jax.jit
+  def train_one(lr, key):
+    params = init_fn(key)
+    opt = optax.inject_hyperparams(optax.adam)(learning_rate=lr)
+    state = opt.init(params)
+
+    def step(carry, j):
+      params, state = carry
+      xb = jax.lax.dynamic_slice_in_dim(x, j * batch, batch)
+      yb = jax.lax.dynamic_slice_in_dim(y, j * batch, batch)
+      loss, g = jax.value_and_grad(
+          lambda p: optax.softmax_cross_entropy_with_integer_labels(apply_fn(p, xb), yb).mean()
+      )(params)
+      u, state = opt.update(g, state, params)
+      return (optax.apply_updates(params, u), state), loss
+
+    (params, _), _ = jax.lax.scan(step, (params, state), jnp.arange(steps) % (x.shape[0] // batch))
+    return params
+
+  key = jax.random.key(0)
+  t0 = time.perf_counter()
+  jax.block_until_ready(train_one(np.float32(lrs[0]), key))
+  compile_s = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  for lr in lrs:
+    jax.block_until_ready(train_one(np.float32(lr), key))
+  return time.perf_counter() - t0, compile_s
+
+
+def naive_loop(init_fn, apply_fn, x, y, lrs, batch, steps):
+  """(c): per config, a new optimizer and a new jitted step; batches from Python."""
+  t0 = time.perf_counter()
+  xd, yd = jnp.asarray(x), jnp.asarray(y)
+  per_epoch = x.shape[0] // batch
+  for lr in lrs:
+    opt = optax.adam(float(lr))
+    params = init_fn(jax.random.key(0))
+    state = opt.init(params)
+
+    @jax.jit
+    def step(params, state, xb, yb, opt=opt):
+      g = jax.grad(lambda p: optax.softmax_cross_entropy_with_integer_labels(apply_fn(p, xb), yb).mean())(params)
+      u, state = opt.update(g, state, params)
+      return optax.apply_updates(params, u), state
+
+    for j in range(steps):
+      k = j % per_epoch
+      params, state = step(params, state, xd[k * batch:(k + 1) * batch], yd[k * batch:(k + 1) * batch])
+    jax.block_until_ready(params)
+  return time.perf_counter() - t0
+
+
+def torch_eager(x, y, lrs, batch, steps, hidden=(10,)):
+  """(d): PyTorch eager, one run after another; None where torch is missing."""
+  try:
+    import torch
+  except ImportError:
+    return None
+  torch.set_num_threads(os.cpu_count() or 1)
+  xt, yt = torch.from_numpy(x), torch.from_numpy(y).long()
+  per_epoch = x.shape[0] // batch
+  t0 = time.perf_counter()
+  for lr in lrs:
+    torch.manual_seed(0)
+    sizes = (x.shape[1],) + tuple(hidden)
+    layers = []
+    for a, b in zip(sizes[:-1], sizes[1:], strict=True):
+      layers += [torch.nn.Linear(a, b), torch.nn.ReLU()]
+    model = torch.nn.Sequential(*layers, torch.nn.Linear(sizes[-1], 10))
+    opt = torch.optim.Adam(model.parameters(), lr=float(lr))
+    for j in range(steps):
+      k = j % per_epoch
+      loss = torch.nn.functional.cross_entropy(model(xt[k * batch:(k + 1) * batch]), yt[k * batch:(k + 1) * batch])
+      opt.zero_grad()
+      loss.backward()
+      opt.step()
+  return time.perf_counter() - t0
+
+
+# ---------------------------------------------------------------- engine ----
+
+
+def engine(model, x, y, lrs, batches, steps_or_epochs, hidden):
+  """(a): returns (warm seconds, compile-inclusive first seconds, result)."""
+  data = sweep.data.arrays(x, y, x[:1024], y[:1024])
+  cfg = sweep.SweepConfig(
+      model=model, data=data, loss='softmax_cross_entropy', optimizer='adam',
+      learning_rate=list(lrs), batch_size=list(batches), seed=0, shuffle=False,
+      epochs=steps_or_epochs, num_evals=1, train_eval_size=1024,
+  )
+  t0 = time.perf_counter()
+  sweep.run(cfg, progress=False)
+  first = time.perf_counter() - t0
+  # Other values, same shapes: the second run compiles nothing.
+  cfg = cfg.replace(learning_rate=[lr * 1.01 for lr in lrs])
+  t0 = time.perf_counter()
+  result = sweep.run(cfg, progress=False)
+  return time.perf_counter() - t0, first, result
+
+
+def row(name, runs_steps, seconds, ref=None):
+  rate = runs_steps / seconds
+  ratio = f'{ref / seconds:6.2f}x' if ref else ''
+  return f'  {name:<34} {seconds:8.2f} s {rate:12.0f} run-steps/s {ratio}'
+
+
+def workload(title, hidden, lrs, batches, epochs, n, quick, peak):
+  print(f'\n{title}: {len(lrs)} learning rates x batch sizes {batches}, {epochs} epoch(s) of {n} examples')
+  x, y = mnist_shaped(n)
+  model = sweep.models.MLP(hidden=hidden, outputs=10)
+  init_fn, apply_fn = mlp_functions(hidden)
+  warm, first, result = engine(model, x, y, lrs, batches, epochs, hidden)
+  run_steps = sum(len(lrs) * int(epochs * (n // b)) for b in batches)
+  examples = sum(len(lrs) * int(epochs * (n // b)) * b for b in batches)
+  flops = examples * flops_per_example((784,) + tuple(hidden) + (10,))
+  print(f'  engine: first call {first:.2f} s (compiles included), warm {warm:.2f} s, '
+        f'{flops / warm / 1e9:.1f} GFLOP/s = {flops / warm / 1e9 / peak:.0%} of matmul peak {peak:.0f}')
+  print(row('(a) engine', run_steps, warm))
+  seq_total, seq_compile = 0.0, 0.0
+  for b in batches:
+    s, c = sequential_optax(init_fn, apply_fn, jnp.asarray(x), jnp.asarray(y), lrs, b, int(epochs * (n // b)))
+    seq_total += s
+    seq_compile += c
+  print(row(f'(b) sequential optax (compile {seq_compile:.1f} s)', run_steps, seq_total) + f'  engine {seq_total / warm:.2f}x')
+  if quick:
+    return
+  sample = lrs[:4]
+  naive = sum(naive_loop(init_fn, apply_fn, x, y, sample, b, int(epochs * (n // b))) for b in batches)
+  naive *= len(lrs) / len(sample)
+  print(row('(c) naive jit per config (4 sampled)', run_steps, naive) + f'  engine {naive / warm:.2f}x')
+  t = [torch_eager(x, y, sample, b, int(epochs * (n // b)), hidden) for b in batches]
+  if any(v is None for v in t):
+    print('  (d) PyTorch eager: skipped, torch is not installed')
+  else:
+    torch_s = sum(t) * len(lrs) / len(sample)
+    print(row('(d) PyTorch eager (4 sampled)', run_steps, torch_s) + f'  engine {torch_s / warm:.2f}x')
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--quick', action='store_true', help='smaller workloads, engine and (b) only')
+  args = parser.parse_args()
+  print(f'jax {jax.__version__} on {jax.devices()[0].device_kind} ({jax.default_backend()}), '
+        f'{os.cpu_count()} CPU cores')
+  peak = matmul_gflops()
+  print(f'float32 matmul (1024^3, XLA): {peak:.1f} GFLOP/s')
+  n = 4096 if args.quick else 8192
+  lrs64 = [float(v) for v in np.logspace(-4, -1, 64)]
+  workload('Seed MLP 784-10-10, Adam, batch 32', (10,), lrs64, [32], 1, n, args.quick, peak)
+  lrs16 = [float(v) for v in np.logspace(-4, -1, 16)]
+  workload('Seed MLP mixed grid', (10,), lrs16, [32, 64, 128, 256], 1, n, args.quick, peak)
+  if not args.quick:
+    lrs256 = [float(v) for v in np.logspace(-4, -1, 256)]
+    workload('Seed MLP, 256 runs at batch 128', (10,), lrs256, [128], 1, n, True, peak)
+
+
+if __name__ == '__main__':
+  main()

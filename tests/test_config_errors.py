@@ -1,0 +1,361 @@
+"""Every config mistake is a `sweep.ConfigError`, raised before anything compiles.
+
+Each case checks that the message names the field, the value given and what is accepted,
+that the error is raised directly by the library (not from inside a traced or compiled
+function), and that no XLA program was compiled on the way to it. Caches are cleared
+before each counted call, so a compile that an earlier test happened to warm up still
+counts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import traceback
+
+import flax
+import jax
+import jax.numpy as jnp
+import jaxlib
+import numpy as np
+import pytest
+
+import sweep
+from sweep import data, engine, models
+from sweep.config import validate
+from sweep.errors import ConfigError
+
+try:
+  from jax._src.dispatch import BACKEND_COMPILE_EVENT
+except ImportError:  # the private name moved; the event itself is public monitoring API
+  BACKEND_COMPILE_EVENT = '/jax/core/compile/backend_compile_duration'
+
+_LIBRARY_DIRS = tuple(os.path.dirname(m.__file__) + os.sep for m in (jax, jaxlib, flax))
+
+
+@contextlib.contextmanager
+def counting_compiles():
+  """Yields the list of names of the XLA programs compiled inside the block."""
+  jax.clear_caches()
+  compiled: list[str] = []
+
+  def listener(event: str, duration_secs: float, **kwargs) -> None:
+    del duration_secs
+    if event == BACKEND_COMPILE_EVENT:
+      compiled.append(str(kwargs.get('fun_name', '?')))
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    yield compiled
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+
+
+class ReachedTraining(AssertionError):
+  pass
+
+
+@pytest.fixture(autouse=True)
+def no_training(monkeypatch):
+  """A mistake the checks miss fails fast here instead of compiling and training a sweep."""
+
+  def refuse(*args, **kwargs):
+    raise ReachedTraining('sweep.run went on to train: no ConfigError was raised')
+
+  # Only a shortcut: without it a missed mistake still fails, after a slow compile.
+  monkeypatch.setattr(engine, 'compile_groups', refuse, raising=False)
+
+
+def assert_raised_directly(err: BaseException) -> None:
+  """The error comes from the library's own checks, not from inside jax or flax tracing."""
+  frames = traceback.extract_tb(err.__traceback__)
+  inside = [f'{f.filename}:{f.lineno}' for f in frames if f.filename.startswith(_LIBRARY_DIRS)]
+  assert not inside, f'ConfigError raised from inside jax/flax: {inside}'
+  assert type(err).__module__.startswith('sweep')
+  assert 'Traced<' not in str(err), f'the message shows a tracer: {err}'
+  assert 'jit(' not in str(err), f'the message comes from a jitted function: {err}'
+
+
+def expect_config_error(fn, *args, **kwargs) -> ConfigError:
+  """Calls fn, expecting a ConfigError raised directly and no compile before it."""
+  with counting_compiles() as compiled:
+    with pytest.raises(ConfigError) as info:
+      fn(*args, **kwargs)
+  err = info.value
+  assert_raised_directly(err)
+  assert compiled == [], f'{len(compiled)} XLA compiles ({compiled}) before reporting: {err}'
+  return err
+
+
+def assert_message(err: ConfigError, fields, values, accepted=()) -> None:
+  """The message names one of `fields`, every one of `values`, and what is accepted."""
+  msg = str(err)
+  fields = (fields,) if isinstance(fields, str) else tuple(fields)
+  assert any(f'{f}=' in msg for f in fields), f'no field of {fields} named in: {msg}'
+  for v in (values,) if isinstance(values, str) else values:
+    assert v in msg, f'value {v!r} not named in: {msg}'
+  for a in (accepted,) if isinstance(accepted, str) else accepted:
+    assert a in msg, f'accepted values ({a!r}) not named in: {msg}'
+
+
+# ---------------------------------------------------------------------------------------------
+# A small valid config: 64 examples of 5 features, 10 classes, a tiny MLP.
+
+N_TRAIN = 64
+
+
+def classification(num_train: int = N_TRAIN, num_val: int = 20, classes: int = 10, seed: int = 0):
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(num_train + num_val, 5)).astype(np.float32)
+  y = (np.arange(num_train + num_val) % classes).astype(np.int32)
+  return data.arrays(x[:num_train], y[:num_train], x[num_train:], y[num_train:])
+
+
+def regression(targets: int = 2):
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(N_TRAIN, 5)).astype(np.float32)
+  y = rng.normal(size=(N_TRAIN, targets)).astype(np.float32)
+  return data.arrays(x[:48], y[:48], x[48:], y[48:])
+
+
+@pytest.fixture(scope='module')
+def base() -> sweep.SweepConfig:
+  return sweep.SweepConfig(
+    model=models.mlp(hidden=(8,)),
+    data=classification(),
+    learning_rate=[1e-3, 1e-2],
+    batch_size=[8, 16],
+    epochs=1,
+  )
+
+
+def run_failing(cfg: sweep.SweepConfig, workdir) -> ConfigError:
+  err = expect_config_error(sweep.run, cfg, workdir=str(workdir), progress=False)
+  assert not os.path.exists(workdir), 'a failing sweep wrote its workdir'
+  return err
+
+
+def test_base_config_is_valid(base):
+  plan = validate(base)
+  assert len(plan.runs) == 4
+
+
+def test_compile_counter_sees_compiles():
+  """The zero-compile assertions below mean something: a real compile is counted."""
+  with counting_compiles() as compiled:
+    jax.jit(lambda v: v * 2 + 1)(np.float32(3)).block_until_ready()
+  assert len(compiled) >= 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Mistakes in the sweep's fields, caught when the config is validated.
+
+NAN, INF = float('nan'), float('inf')
+
+FIELD_CASES = [
+  # id, changes, field(s), value(s) shown, what is accepted
+  ('loss-unknown', dict(loss='cross_entropy'), 'loss', "'cross_entropy'", 'softmax_cross_entropy'),
+  ('loss-not-callable', dict(loss=3), 'loss', '3', 'callable'),
+  ('optimizer-unknown', dict(optimizer='adamm'), 'optimizer', "'adamm'", ('adam', 'sgd')),
+  ('optimizer-unknown-in-list', dict(optimizer=['sgd', 'adamm']), 'optimizer', "'adamm'", 'adamw'),
+  ('schedule-unknown', dict(schedule='cosin'), 'schedule', "'cosin'", 'warmup_cosine'),
+  ('lr-zero', dict(learning_rate=0), 'learning_rate', 'learning_rate=0 ', '> 0'),
+  ('lr-zero-float', dict(learning_rate=0.0), 'learning_rate', '0.0', '> 0'),
+  ('lr-negative', dict(learning_rate=-0.1), 'learning_rate', '-0.1', '> 0'),
+  ('lr-negative-in-list', dict(learning_rate=[0.1, -1.0]), 'learning_rate', '-1.0', '> 0'),
+  ('lr-nan', dict(learning_rate=NAN), 'learning_rate', 'nan', 'finite'),
+  ('lr-inf', dict(learning_rate=INF), 'learning_rate', 'inf', 'finite'),
+  ('lr-string', dict(learning_rate='0.1'), 'learning_rate', "'0.1'", 'number'),
+  ('lr-bool', dict(learning_rate=True), 'learning_rate', 'True', 'number'),
+  ('batch-larger-than-train-set', dict(batch_size=N_TRAIN + 1), 'batch_size', str(N_TRAIN + 1),
+   str(N_TRAIN)),
+  ('batch-zero', dict(batch_size=0), 'batch_size', 'batch_size=0 ', 'positive integer'),
+  ('batch-fraction', dict(batch_size=2.5), 'batch_size', '2.5', 'positive integer'),
+  ('batch-string', dict(batch_size='8'), 'batch_size', "'8'", 'positive integer'),
+  ('lr-axis-empty', dict(learning_rate=[]), 'learning_rate', '[]', 'at least one value'),
+  ('batch-axis-empty', dict(batch_size=[]), 'batch_size', '[]', 'at least one value'),
+  ('seed-axis-empty', dict(seed=()), 'seed', '()', 'at least one value'),
+  ('lr-duplicate', dict(learning_rate=[0.1, 0.1]), 'learning_rate', '[0.1, 0.1]', 'distinct'),
+  ('batch-duplicate', dict(batch_size=[8, 16, 8]), 'batch_size', '[8, 16, 8]', 'distinct'),
+  ('seed-duplicate', dict(seed=[0, 0]), 'seed', '[0, 0]', 'distinct'),
+  ('optimizer-duplicate', dict(optimizer=['sgd', 'sgd']), 'optimizer', "'sgd'", 'distinct'),
+  ('schedule-duplicate', dict(schedule=['cosine', 'cosine']), 'schedule', "'cosine'", 'distinct'),
+  # The same number written two ways is the same run twice.
+  ('lr-duplicate-int-float', dict(learning_rate=[1, 1.0]), 'learning_rate', '1.0', 'distinct'),
+  ('lr-duplicate-numpy', dict(learning_rate=[0.1, np.float64(0.1)]), 'learning_rate', '0.1',
+   'distinct'),
+  # Every axis is a grid axis: duplicates in any of them repeat runs.
+  ('momentum-duplicate', dict(optimizer='momentum', momentum=[0.9, 0.9]), 'momentum', '0.9',
+   'distinct'),
+  ('b1-duplicate', dict(optimizer='adam', b1=[0.8, 0.8]), 'b1', '0.8', 'distinct'),
+  ('weight-decay-duplicate', dict(optimizer='adamw', weight_decay=[0.01, 0.01]), 'weight_decay',
+   '0.01', 'distinct'),
+  ('warmup-duplicate', dict(schedule='warmup_cosine', warmup=[0.2, 0.2]), 'warmup', '0.2',
+   'distinct'),
+  ('decay-rate-duplicate', dict(schedule='exponential', decay_rate=[0.5, 0.5]), 'decay_rate', '0.5',
+   'distinct'),
+  ('b1-with-sgd', dict(optimizer='sgd', b1=0.9), 'b1', '0.9', ("'sgd'", 'adam')),
+  ('momentum-with-adam', dict(optimizer='adam', momentum=0.5), 'momentum', '0.5',
+   ("'adam'", 'nesterov')),
+  ('b1-with-one-of-two', dict(optimizer=['adam', 'sgd'], b1=0.8), 'b1', '0.8', "'sgd'"),
+  ('momentum-out-of-range', dict(optimizer='momentum', momentum=1.5), 'momentum', '1.5', '1.0'),
+  ('epochs-and-updates', dict(epochs=3, updates=17), ('epochs', 'updates'), ('epochs', 'updates'),
+   'exactly one'),
+  ('no-budget', dict(epochs=None, updates=None), ('epochs', 'updates'), ('None', 'updates'),
+   'exactly one'),
+  ('epochs-zero', dict(epochs=0), 'epochs', 'epochs=0 ', '> 0'),
+  ('epochs-string', dict(epochs='1'), 'epochs', "'1'", 'number'),
+  ('updates-zero', dict(epochs=None, updates=0), 'updates', 'updates=0 ', 'positive integer'),
+  ('updates-fraction', dict(epochs=None, updates=2.5), 'updates', '2.5', 'positive integer'),
+  ('updates-bool', dict(epochs=None, updates=True), 'updates', 'True', 'positive integer'),
+  ('num-evals-zero', dict(num_evals=0), 'num_evals', 'num_evals=0 ', 'positive integer'),
+  ('divergence-threshold-one', dict(divergence_threshold=1.0), 'divergence_threshold', '1.0', '> 1'),
+  ('seed-negative', dict(seed=-1), 'seed', '-1', '2**31'),
+  ('shuffle-string', dict(shuffle='yes'), 'shuffle', "'yes'", 'True or False'),
+  ('compute-dtype-unknown', dict(compute_dtype='fp8'), 'compute_dtype', "'fp8'", 'bfloat16'),
+  ('objective-sense', dict(objectives={'final_val_loss': 'minimize'}),
+   "objectives['final_val_loss']", "'minimize'", ('"min"', '"max"')),
+  ('objectives-empty', dict(objectives={}), 'objectives', '{}', 'dict'),
+  ('objectives-list', dict(objectives=['final_val_loss']), 'objectives', "['final_val_loss']",
+   'dict'),
+  # An objective must be a column of the results table, or the Pareto front fails after training.
+  ('objective-unknown-column', dict(objectives={'final_val_los': 'min'}), 'objectives',
+   'final_val_los', ()),
+  ('data-not-a-dataset', dict(data=(np.zeros((4, 2)), np.zeros(4))), 'data', 'tuple', 'Dataset'),
+]
+
+
+@pytest.mark.parametrize(
+  'changes, fields, values, accepted', [c[1:] for c in FIELD_CASES], ids=[c[0] for c in FIELD_CASES]
+)
+def test_field_mistake_is_reported_before_compiling(base, tmp_path, changes, fields, values,
+                                                    accepted):
+  err = run_failing(base.replace(**changes), tmp_path / 'out')
+  assert_message(err, fields, values, accepted)
+  assert 'is invalid' in str(err)
+
+
+# ---------------------------------------------------------------------------------------------
+# Mistakes in the model, caught by tracing shapes (eval_shape), still before any compile.
+
+
+def _init_raises(key):
+  raise RuntimeError('boom: my init_fn is broken')
+
+
+def _init_ok(key):
+  return {'w': jnp.zeros((5, 10))}
+
+
+def _apply_ok(params, x):
+  return x @ params['w']
+
+
+def _apply_raises(params, x):
+  raise ValueError('boom: my apply_fn is broken')
+
+
+MODEL_CASES = [
+  # id, model, dataset builder, loss, field(s), value(s), accepted
+  ('not-a-model-int', 42, classification, None, 'model', "'int'", 'init_fn, apply_fn'),
+  ('not-a-model-string', 'mlp', classification, None, 'model', "'str'", 'SizedToData'),
+  ('linen-class-not-instance', models.MLP, classification, None, 'model', 'MLP', 'MLP()'),
+  ('pair-as-list', [_init_ok, _apply_ok], classification, None, 'model', "'list'", 'tuple'),
+  ('tuple-of-one', (_init_ok,), classification, None, 'model', 'tuple of 1', 'two callables'),
+  ('init-fn-raises', (_init_raises, _apply_ok), classification, None, 'model',
+   'boom: my init_fn is broken', 'init_fn'),
+  ('apply-fn-raises', (_init_ok, _apply_raises), classification, None, 'model',
+   'boom: my apply_fn is broken', 'apply_fn'),
+  ('linen-module-fails-on-input', models.cnn(spatial_dims=2), classification, None, 'model',
+   'CNN', '(1, 5)'),
+  # 3 outputs for labels 0..9: the error may name either side of the mismatch.
+  ('mlp-3-outputs-for-10-classes', models.mlp(hidden=(8,), outputs=3), classification, None,
+   ('model', 'data.y_train'), ('3 outputs', '9'), '0..2'),
+  ('labels-out-of-range', models.mlp(hidden=(8,), outputs=7), classification, None,
+   ('model', 'data.y_train'), ('7 outputs', '9'), '0..6'),
+  ('mse-wrong-output-width', models.mlp(hidden=(8,), outputs=3), regression, None, 'model',
+   '(2, 3)', 'same shape'),
+  ('mse-on-class-ids', models.mlp(hidden=(8,)), classification, 'mse', 'model', '(2, 10)',
+   'same shape'),
+  ('callable-loss-not-per-example', models.mlp(hidden=(8,)), classification,
+   lambda p, y: jnp.mean((p - y[:, None]) ** 2), 'loss', 'lambda', '(batch,)'),
+]
+
+
+@pytest.mark.parametrize(
+  'model, make_data, loss, fields, values, accepted', [c[1:] for c in MODEL_CASES],
+  ids=[c[0] for c in MODEL_CASES],
+)
+def test_model_mistake_is_reported_before_compiling(base, tmp_path, model, make_data, loss, fields,
+                                                    values, accepted):
+  cfg = base.replace(model=model, data=make_data(), loss=loss)
+  err = run_failing(cfg, tmp_path / 'out')
+  assert_message(err, fields, values, accepted)
+
+
+def test_validation_labels_out_of_range_are_reported(base, tmp_path):
+  """Validation labels beyond the model's outputs give a NaN val loss on device: catch them."""
+  rng = np.random.default_rng(2)
+  x = rng.normal(size=(N_TRAIN + 16, 5)).astype(np.float32)
+  y = (np.arange(N_TRAIN + 16) % 5).astype(np.int32)
+  y[N_TRAIN] = 7  # one validation label beyond the 5 outputs
+  ds = data.arrays(x[:N_TRAIN], y[:N_TRAIN], x[N_TRAIN:], y[N_TRAIN:])
+  cfg = base.replace(model=models.mlp(hidden=(8,), outputs=5), data=ds)
+  err = run_failing(cfg, tmp_path / 'out')
+  assert_message(err, ('model', 'data.y_val'), ('7',), '0..4')
+
+
+def test_sigmoid_labels_outside_unit_interval(base, tmp_path):
+  rng = np.random.default_rng(3)
+  x = rng.normal(size=(N_TRAIN, 5)).astype(np.float32)
+  y = rng.uniform(0, 3, size=(N_TRAIN, 1)).astype(np.float32)
+  cfg = base.replace(
+    model=models.mlp(hidden=(8,)), data=data.arrays(x, y), loss='sigmoid_binary_cross_entropy'
+  )
+  err = run_failing(cfg, tmp_path / 'out')
+  assert_message(err, 'data.y_train', (), '[0, 1]')
+
+
+# ---------------------------------------------------------------------------------------------
+# Mistakes in the data, caught when the dataset is built.
+
+
+@pytest.mark.parametrize(
+  'split, n_x, n_y, field',
+  [('train', 64, 63, 'data.y_train'), ('val', 16, 15, 'data.y_val')],
+)
+def test_x_and_y_of_different_lengths(split, n_x, n_y, field):
+  rng = np.random.default_rng(4)
+  xt, yt = rng.normal(size=(64, 5)), np.arange(64) % 10
+  xv, yv = rng.normal(size=(16, 5)), np.arange(16) % 10
+  if split == 'train':
+    xt, yt = xt[:n_x], yt[:n_y]
+  else:
+    xv, yv = xv[:n_x], yv[:n_y]
+  err = expect_config_error(data.arrays, xt, yt, xv, yv)
+  assert_message(err, field, (f'shape=({n_y},)', str(n_x), str(n_y)), 'one row per example')
+
+
+# ---------------------------------------------------------------------------------------------
+# sweep.check
+
+
+def test_check_returns_the_plan_without_compiling(base):
+  cfg = base.replace(learning_rate=[1e-3, 1e-2, 1e-1], batch_size=[8, 16], seed=[0, 1], epochs=2)
+  with counting_compiles() as compiled:
+    plan = sweep.check(cfg)
+  assert compiled == [], f'sweep.check compiled {compiled}'
+  assert len(plan.runs) == 3 * 2 * 2
+  assert plan.batch_sizes == (8, 16)
+  assert plan.total_updates == {8: 2 * (N_TRAIN // 8), 16: 2 * (N_TRAIN // 16)}
+  assert plan.output_dim == 10
+  assert plan.loss == 'softmax_cross_entropy'
+  assert sorted({r.values['learning_rate'] for r in plan.runs}) == [1e-3, 1e-2, 1e-1]
+  assert [r.index for r in plan.runs] == list(range(len(plan.runs)))
+
+
+def test_check_reports_the_same_errors_as_run(base):
+  err = expect_config_error(sweep.check, base.replace(learning_rate=-1.0))
+  assert_message(err, 'learning_rate', '-1.0', '> 0')
+  err = expect_config_error(sweep.check, base.replace(model=models.mlp(hidden=(8,), outputs=3)))
+  assert_message(err, ('model', 'data.y_train'), '3 outputs')
