@@ -8,9 +8,12 @@
 """
 
 from sweep import data, models
+from sweep.checkpoints import restore_params
 from sweep.config import SweepConfig
 from sweep.engine import check, run
 from sweep.errors import ConfigError
 from sweep.results import Result
 
-__all__ = ['ConfigError', 'Result', 'SweepConfig', 'check', 'data', 'models', 'run']
+load = Result.load
+
+__all__ = ['ConfigError', 'Result', 'SweepConfig', 'check', 'data', 'load', 'models', 'restore_params', 'run']

@@ -32,7 +32,11 @@ def _run(args) -> int:
   if not isinstance(cfg, sweep.SweepConfig):
     raise SystemExit(f'sweep: get_config() in {path} returned {type(cfg).__name__}, not a sweep.SweepConfig')
   try:
-    result = sweep.run(cfg, workdir=args.workdir, progress=not args.no_progress)
+    result = sweep.run(
+        cfg, workdir=args.workdir, progress=not args.no_progress, fresh=args.fresh,
+        checkpoint_every=args.checkpoint_every, checkpoint_seconds=args.checkpoint_seconds,
+        experiment_file=path,
+    )
   except sweep.ConfigError as e:
     print(f'sweep: bad config in {path}: {e}', file=sys.stderr)
     return 2
@@ -49,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument('experiment', nargs='?', help='a Python file defining get_config()')
   p.add_argument('--workdir', help='directory for results.csv, curves.csv, config.json')
   p.add_argument('--no-progress', action='store_true', help='hide the progress bar')
+  p.add_argument('--fresh', action='store_true', help='discard what the workdir holds and start afresh')
+  p.add_argument('--checkpoint-every', type=int, default=1, metavar='N', help='checkpoint every N segments')
+  p.add_argument('--checkpoint-seconds', type=float, default=None, metavar='S',
+                 help='also checkpoint when S seconds passed since the last checkpoint')
   p.set_defaults(fn=_run)
   args = parser.parse_args(argv)
   return args.fn(args)

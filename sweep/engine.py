@@ -9,6 +9,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
+import signal
+import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -20,7 +24,7 @@ import tqdm.auto as tqdm
 from flax import nnx
 
 from kernels import losses, schedules, train
-from sweep import models
+from sweep import checkpoints, models
 from sweep.config import Plan, Run, SweepConfig, validate
 from sweep.errors import ConfigError, config_error
 
@@ -265,13 +269,80 @@ class _OrderBook:
     return tuple(out)
 
 
-def run(cfg: SweepConfig, workdir: str | None = None, *, progress: bool = True) -> Any:
+class _Preempted(Exception):
+  pass
+
+
+class _SigtermFlag:
+  """Turns SIGTERM (how cloud machines announce preemption) into a flag read between
+  segments; installed only in the main thread, and removed afterwards."""
+
+  def __init__(self):
+    self.raised = False
+    self._previous = None
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.raised = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _history_to_json(history: list) -> list:
+  return [[{k: np.asarray(v).tolist() for k, v in m.items()} for m in point] for point in history]
+
+
+def _history_from_json(history: list) -> list:
+  return [tuple({k: np.asarray(v) for k, v in m.items()} for m in point) for point in history]
+
+
+def _abstract_state(cg: CompileGroup, init_fn) -> Any:
+  per_seed = tuple(
+      jax.tree.map(
+          lambda a, n=hp.seeds.shape[0]: jax.ShapeDtypeStruct((n,) + a.shape, a.dtype),
+          jax.eval_shape(init_fn, jax.random.key(0)),
+      )
+      for hp in cg.hparams
+  )
+  return jax.eval_shape(functools.partial(train.init, cg.structure), per_seed, cg.hparams)
+
+
+def run(
+    cfg: SweepConfig,
+    workdir: str | None = None,
+    *,
+    progress: bool = True,
+    fresh: bool = False,
+    checkpoint_every: int = 1,
+    checkpoint_seconds: float | None = None,
+    experiment_file: str | None = None,
+) -> Any:
   """Trains every run of `cfg` and returns a `sweep.Result`.
+
+  With a workdir, the whole sweep state is checkpointed with orbax at segment
+  boundaries; running the same sweep on the same workdir again resumes from the
+  latest checkpoint and ends with the same numbers as a run never interrupted. A
+  SIGTERM saves and exits. The Pareto-best runs are saved under `workdir/runs/`.
 
   Args:
     cfg: the sweep.
-    workdir: where to write results.csv, curves.csv and config.json; None writes nothing.
+    workdir: where results, checkpoints and saved runs go; None writes nothing.
     progress: show a progress bar.
+    fresh: discard what the workdir holds (even another sweep) and start afresh.
+    checkpoint_every: checkpoint every this many segments.
+    checkpoint_seconds: also checkpoint when this many seconds passed since the last.
+    experiment_file: the experiment file this config came from, copied to the workdir.
+
+  Raises:
+    ConfigError: a mistake in `cfg`, or a workdir holding another sweep.
+    SystemExit: on SIGTERM, after the state is saved (exit status 143).
   """
   from sweep import results  # a cycle: results formats what this module produces
 
@@ -279,40 +350,109 @@ def run(cfg: SweepConfig, workdir: str | None = None, *, progress: bool = True) 
   data = cfg.data
   init_fn, apply_fn = model_functions(cfg.model, data.x_train[:1], plan.output_dim)
   _check_model(plan, init_fn, apply_fn)
+  if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
+    raise config_error('checkpoint_every', checkpoint_every, 'expected a positive integer')
 
   sizes = [min(cfg.train_eval_size, data.n_train)] + ([data.n_val] if data.n_val else [])
   eval_chunk = min(cfg.eval_batch_size, max(sizes))
   cgroups = compile_groups(plan, init_fn, apply_fn, eval_chunk)
+  resolved = results.resolved_config(plan, experiment_file)
+
+  store, resume_step, restored = None, None, None
+  if workdir is not None:
+    fp = checkpoints.fingerprint(resolved)
+    checkpoints.claim(workdir, fp, fresh)
+    store = checkpoints.SweepState(workdir)
+    resume_step = store.latest_step()
+    if resume_step is not None:
+      meta = store.restore_meta(resume_step)
+      c_now = meta['group']
+      abstract = {'done': [_abstract_state(cg, init_fn) for cg in cgroups[:c_now]]}
+      if meta['segment'] > 0:
+        abstract['current'] = _abstract_state(cgroups[c_now], init_fn)
+      state_tree, meta = store.restore(resume_step, abstract)
+      restored = (meta, state_tree)
+
   device_data = _device_data(cfg, eval_chunk)
   threshold = jnp.float32(cfg.divergence_threshold)
+  ticks = sum(sum(cg.structure.steps_per_segment) * plan.num_evals for cg in cgroups)
+  bar = tqdm.tqdm(total=ticks, desc=f'{len(plan.runs)} runs', unit='tick', disable=not progress, leave=False)
 
-  ticks = sum(
-      sum(s for s in cg.structure.steps_per_segment) * plan.num_evals for cg in cgroups
-  )
-  bar = tqdm.tqdm(
-      total=ticks, desc=f'{len(plan.runs)} runs', unit='tick', disable=not progress, leave=False
-  )
-  collected = []
-  start = time.perf_counter()
+  collected = []  # (compile group, final state, history, seconds)
+  c0, k0, seconds0 = 0, 0, 0.0
+  if restored is not None:
+    meta, tree = restored
+    c0, k0, seconds0 = meta['group'], meta['segment'], meta['seconds']
+    for c, st in enumerate(tree['done']):
+      collected.append((cgroups[c], st, _history_from_json(meta['history'][c]), meta['group_seconds'][c]))
+      bar.update(sum(cgroups[c].structure.steps_per_segment) * plan.num_evals)
+    bar.update(sum(cgroups[c0].structure.steps_per_segment) * k0 if c0 < len(cgroups) else 0)
+
+  step = resume_step or 0
+  start = time.perf_counter() - seconds0
+  last_save = time.perf_counter()
   try:
-    for cg in cgroups:
-      t0 = time.perf_counter()
-      orders = _OrderBook(plan, cg)
-      state = train.init_jit(cg.structure, _per_seed_params(init_fn, cg), cg.hparams)
-      history = [jax.device_get(train.evaluate_jit(cg.structure, state, device_data))]
-      for k in range(plan.num_evals):
-        state, metrics = train.segment_jit(
-            cg.structure, state, cg.hparams, orders.segment(k), device_data, threshold
-        )
-        history.append(jax.device_get(metrics))
-        bar.update(sum(cg.structure.steps_per_segment))
-        bar.set_postfix(diverged=_diverged(cg, history[-1]), refresh=False)
-      collected.append((cg, state, history, time.perf_counter() - t0))
+    with _SigtermFlag() as sigterm:
+      for c in range(c0, len(cgroups)):
+        cg = cgroups[c]
+        t0 = time.perf_counter()
+        orders = _OrderBook(plan, cg)
+        if restored is not None and c == c0 and k0 > 0:
+          state = jax.device_put(restored[1]['current'])
+          history = _history_from_json(restored[0]['history'][c])
+          t0 -= restored[0]['group_seconds'][c]
+        else:
+          state = train.init_jit(cg.structure, _per_seed_params(init_fn, cg), cg.hparams)
+          history = [jax.device_get(train.evaluate_jit(cg.structure, state, device_data))]
+        for k in range(k0 if c == c0 else 0, plan.num_evals):
+          state, metrics = train.segment_jit(
+              cg.structure, state, cg.hparams, orders.segment(k), device_data, threshold
+          )
+          history.append(jax.device_get(metrics))
+          step += 1
+          bar.update(sum(cg.structure.steps_per_segment))
+          bar.set_postfix(diverged=_diverged(cg, history[-1]), refresh=False)
+          due = (
+              step % checkpoint_every == 0
+              or (checkpoint_seconds is not None and time.perf_counter() - last_save >= checkpoint_seconds)
+              or sigterm.raised
+          )
+          if store is not None and (due or k == plan.num_evals - 1):
+            finished = k == plan.num_evals - 1
+            done = [s for _, s, _, _ in collected] + ([state] if finished else [])
+            histories = [h for _, _, h, _ in collected] + [history]
+            group_seconds = [x for _, _, _, x in collected] + [time.perf_counter() - t0]
+            meta = {
+                'group': c + 1 if finished else c,
+                'segment': 0 if finished else k + 1,
+                'history': [_history_to_json(h) for h in histories],
+                'group_seconds': group_seconds,
+                'seconds': time.perf_counter() - start,
+            }
+            tree = {'done': done} if finished else {'done': done, 'current': state}
+            store.save(step, tree, meta)
+            last_save = time.perf_counter()
+          if sigterm.raised:
+            raise _Preempted
+        collected.append((cg, state, history, time.perf_counter() - t0))
+  except _Preempted:
+    bar.close()
+    store.close()
+    print(f'sweep: SIGTERM received; state saved at segment {step} in {workdir}. '
+          'Run the same command again to resume.', file=sys.stderr)
+    raise SystemExit(143) from None
   finally:
     bar.close()
-  result = results.Result.from_training(plan, collected, time.perf_counter() - start)
+  if store is not None:
+    store.close()
+
+  result = results.Result.from_training(plan, collected, time.perf_counter() - start, resolved)
   if workdir is not None:
     result.save(workdir)
+    result.save_front(workdir, collected)
+    if experiment_file is not None:
+      with open(experiment_file) as f:
+        results.atomic_write(os.path.join(workdir, 'experiment.py'), f.read())
   return result
 
 

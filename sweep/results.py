@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
+import shutil
+import subprocess
 import sys
 import tempfile
 from importlib import metadata
@@ -14,7 +17,8 @@ import jax
 import numpy as np
 import pandas as pd
 
-from sweep.config import Plan
+from sweep import checkpoints, pareto
+from sweep.config import DEFAULT_OBJECTIVES, Plan
 
 CURVE_METRICS = (
     'batch_loss', 'train_loss', 'train_accuracy', 'val_loss', 'val_accuracy', 'learning_rate', 'updates', 'alive'
@@ -69,11 +73,40 @@ def _jsonable(v):
   return v
 
 
-def resolved_config(plan: Plan) -> dict[str, Any]:
+def _git_commit(path: str) -> str | None:
+  """The commit of the repository holding `path`, if any (and whether it was dirty)."""
+  directory = os.path.dirname(os.path.abspath(path))
+  try:
+    commit = subprocess.run(
+        ['git', 'rev-parse', 'HEAD'], cwd=directory, capture_output=True, text=True, timeout=10
+    )
+    if commit.returncode != 0:
+      return None
+    dirty = subprocess.run(
+        ['git', 'status', '--porcelain', '--', os.path.abspath(path)],
+        cwd=directory, capture_output=True, text=True, timeout=10,
+    )
+    return commit.stdout.strip() + ('-dirty' if dirty.stdout.strip() else '')
+  except (OSError, subprocess.SubprocessError):
+    return None
+
+
+def experiment_record(path: str) -> dict[str, Any]:
+  """The experiment file's name, hash and text, and the git commit it lives at."""
+  with open(path, 'rb') as f:
+    text = f.read()
+  return {
+      'file': os.path.basename(path),
+      'sha256': hashlib.sha256(text).hexdigest(),
+      'git_commit': _git_commit(path),
+  }
+
+
+def resolved_config(plan: Plan, experiment_file: str | None = None) -> dict[str, Any]:
   """The config as run: every axis value, budgets, derived step counts, environment."""
   cfg = plan.config
   data = cfg.data
-  return {
+  out = {
       'name': cfg.name,
       'axes': _jsonable(plan.axes),
       'num_runs': len(plan.runs),
@@ -100,6 +133,17 @@ def resolved_config(plan: Plan) -> dict[str, Any]:
       },
       'environment': environment(),
   }
+  if experiment_file is not None:
+    out['experiment'] = experiment_record(experiment_file)
+  return out
+
+
+def objectives(plan: Plan, table: pd.DataFrame) -> dict[str, str]:
+  """The config's objectives; the default falls back to train loss without a val set."""
+  obj = dict(plan.config.objectives)
+  if obj == DEFAULT_OBJECTIVES and 'final_val_loss' not in table:
+    obj = {'final_train_loss': 'min', 'updates': 'min'}
+  return obj
 
 
 class Result:
@@ -114,15 +158,16 @@ class Result:
   """
 
   def __init__(self, table: pd.DataFrame, curves: pd.DataFrame, config: dict, wall_time: float,
-               params_fn=None):
+               params_fn=None, workdir: str | None = None):
     self.table = table
     self.curves = curves
     self.config = config
     self.wall_time = wall_time
     self._params_fn = params_fn
+    self.workdir = workdir
 
   @classmethod
-  def from_training(cls, plan: Plan, collected: list, wall_time: float) -> Result:
+  def from_training(cls, plan: Plan, collected: list, wall_time: float, resolved: dict) -> Result:
     n = len(plan.runs)
     where: dict[int, tuple[int, int, int, int]] = {}  # run -> (compile group, batch group, s, r)
     for c, (cg, _, _, _) in enumerate(collected):
@@ -174,6 +219,7 @@ class Result:
 
     table = pd.DataFrame(rows).set_index('run', drop=False)
     table.index.name = None
+    table = pareto.annotate(table, objectives(plan, table))
     curves = pd.DataFrame(curve_rows)
 
     def params_fn(i: int):
@@ -181,7 +227,9 @@ class Result:
       state = collected[c][1][g]
       return jax.tree.map(lambda a: np.asarray(a[s, r]), state.runs.params)
 
-    return cls(table, curves, resolved_config(plan), wall_time, params_fn)
+    result = cls(table, curves, resolved, wall_time, params_fn)
+    result._where = where
+    return result
 
   def params(self, i: int) -> Any:
     """The final parameters of run `i` (a pytree of numpy arrays)."""
@@ -210,9 +258,38 @@ class Result:
     ]
     return '\n'.join(lines)
 
+  def save_front(self, workdir: str, collected: list) -> None:
+    """Saves every Pareto run's parameters and optimizer state with orbax."""
+    wanted = set(int(i) for i in self.table.index[self.table.pareto])
+    for i in checkpoints.saved_runs(workdir):
+      if i not in wanted:  # a front of an earlier, interrupted pass over this workdir
+        shutil.rmtree(checkpoints.run_path(workdir, i), ignore_errors=True)
+    for i in sorted(wanted):
+      c, g, s, r = self._where[i]
+      runs = collected[c][1][g].runs
+      take = lambda a, s=s, r=r: np.asarray(a[s, r])  # noqa: E731
+      row = self.table.loc[i]
+      meta = {k: (v.item() if hasattr(v, 'item') else v) for k, v in row.items()}
+      checkpoints.save_run(workdir, i, jax.tree.map(take, runs.params), jax.tree.map(take, runs.opt_state), meta)
+    self.workdir = workdir
+
   def save(self, workdir: str) -> None:
     """Writes results.csv, curves.csv and config.json (each atomically)."""
     os.makedirs(workdir, exist_ok=True)
     atomic_write(os.path.join(workdir, 'results.csv'), self.table.to_csv(index=False))
     atomic_write(os.path.join(workdir, 'curves.csv'), self.curves.to_csv(index=False))
     atomic_write(os.path.join(workdir, 'config.json'), json.dumps(self.config, indent=2, default=str))
+
+  @classmethod
+  def load(cls, workdir: str) -> Result:
+    """A result from a workdir alone: table, curves, config, saved parameters."""
+    for name in ('results.csv', 'config.json'):
+      if not os.path.exists(os.path.join(workdir, name)):
+        raise FileNotFoundError(f'{workdir!r} holds no finished sweep: {name} is missing')
+    table = pd.read_csv(os.path.join(workdir, 'results.csv'))
+    table.index = table['run'].to_numpy()
+    curves_path = os.path.join(workdir, 'curves.csv')
+    curves = pd.read_csv(curves_path) if os.path.exists(curves_path) else pd.DataFrame()
+    with open(os.path.join(workdir, 'config.json')) as f:
+      config = json.load(f)
+    return cls(table, curves, config, float('nan'), lambda i: checkpoints.restore_params(workdir, i), workdir)

@@ -127,15 +127,12 @@ def make_schedule(name, lr, total):
 
 @functools.lru_cache(maxsize=None)
 def lr_table(name, lr, total):
-  """The schedule's value at each update count, padded to MAX_UPDATES.
-
-  The optimizer reads it at its own update count, so one jitted step serves every
-  schedule and learning rate.
+  """The schedule's value at update counts 0 .. MAX_UPDATES - 1 (a run reads the first
+  `total`). The optimizer reads it at its own update count, so that one jitted step
+  serves every schedule and learning rate.
   """
   assert total <= MAX_UPDATES
-  table = np.zeros(MAX_UPDATES, np.float32)
-  table[:total] = jax.vmap(make_schedule(name, lr, total))(jnp.arange(total))
-  return table
+  return np.asarray(jax.vmap(make_schedule(name, lr, total))(jnp.arange(MAX_UPDATES)), np.float32)
 
 
 def mse(predictions, targets):
@@ -160,7 +157,7 @@ def reference_step(params, opt_state, xb, yb, lrs, hp, *, family, loss, apply_fn
 
 @functools.lru_cache(maxsize=None)
 def initial_params(init_fn, seed):
-  return init_fn(jax.random.fold_in(jax.random.key(seed), 0))
+  return jax.jit(init_fn)(jax.random.fold_in(jax.random.key(seed), 0))
 
 
 @functools.lru_cache(maxsize=None)

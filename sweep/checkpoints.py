@@ -1,0 +1,158 @@
+"""Orbax checkpoints: the whole sweep state (to resume) and the Pareto-best runs (to keep).
+
+Layout of a workdir:
+  config.json, results.csv, curves.csv   the results (written atomically)
+  sweep.json                             the fingerprint of the sweep the workdir holds
+  state/<step>/                          CheckpointManager of the whole sweep state
+  runs/<i>/                              params and optimizer state of run i (Pareto runs)
+  runs/<i>.json                          its hyperparameters and metrics
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from sweep.errors import ConfigError
+
+
+def fingerprint(resolved: dict[str, Any]) -> str:
+  """A hash of what defines the numbers of a sweep (not where or when it ran)."""
+  keep = {k: v for k, v in resolved.items() if k not in ('environment', 'experiment')}
+  text = json.dumps(keep, sort_keys=True, default=str)
+  return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def host_copy(tree: Any) -> Any:
+  """A host copy of `tree`: the device buffers may be donated to the next segment."""
+  return jax.tree.map(lambda a: np.array(a, copy=True), tree)
+
+
+class SweepState:
+  """The whole sweep state at segment boundaries, with an orbax CheckpointManager.
+
+  Saves are asynchronous (training goes on while files are written) and keep the
+  latest `keep`. Orbax writes each step to a temporary directory and renames it when
+  complete, so a process killed at any moment leaves only whole checkpoints.
+  """
+
+  def __init__(self, workdir: str, keep: int = 2):
+    self.directory = os.path.abspath(os.path.join(workdir, 'state'))
+    self.manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=True),
+        item_names=('state', 'meta'),
+    )
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
+    self.manager.save(
+        step,
+        args=ocp.args.Composite(state=ocp.args.StandardSave(host_copy(state)), meta=ocp.args.JsonSave(meta)),
+        force=True,
+    )
+
+  def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
+    out = self.manager.restore(
+        step,
+        args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()),
+    )
+    return out.state, out.meta
+
+  def restore_meta(self, step: int) -> dict[str, Any]:
+    return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def claim(workdir: str, fp: str, fresh: bool) -> bool:
+  """Checks that `workdir` holds this sweep (or nothing); returns True if it holds state.
+
+  Raises:
+    ConfigError: the workdir holds another sweep and `fresh` is False. Nothing in the
+      workdir is changed.
+  """
+  path = os.path.join(workdir, 'sweep.json')
+  if os.path.exists(path):
+    with open(path) as f:
+      held = json.load(f).get('fingerprint')
+    if held != fp and not fresh:
+      raise ConfigError(
+          f'workdir={workdir!r} holds another sweep (fingerprint {held}, this config is {fp}): '
+          'use another workdir, or start afresh with fresh=True (CLI: --fresh), which deletes its checkpoints.'
+      )
+    if held != fp or fresh:
+      for sub in ('state', 'runs'):
+        shutil.rmtree(os.path.join(workdir, sub), ignore_errors=True)
+      for name in ('results.csv', 'curves.csv', 'sweep.json'):
+        if os.path.exists(os.path.join(workdir, name)):
+          os.unlink(os.path.join(workdir, name))
+  from sweep.results import atomic_write  # a cycle: results imports nothing from here
+
+  os.makedirs(workdir, exist_ok=True)
+  atomic_write(path, json.dumps({'fingerprint': fp}))
+  return os.path.isdir(os.path.join(workdir, 'state'))
+
+
+# ------------------------------------------------------------ saved runs ----
+
+
+def run_path(workdir: str, i: int) -> str:
+  return os.path.abspath(os.path.join(workdir, 'runs', f'{i:06d}'))
+
+
+def save_run(workdir: str, i: int, params: Any, opt_state: Any, meta: dict[str, Any]) -> None:
+  """Saves run i's parameters and optimizer state, with its metadata beside them."""
+  from sweep.results import atomic_write
+
+  path = run_path(workdir, i)
+  if os.path.exists(path):
+    shutil.rmtree(path)
+  with ocp.StandardCheckpointer() as ckpt:
+    ckpt.save(path, {'params': host_copy(params), 'opt_state': host_copy(opt_state)})
+    ckpt.wait_until_finished()
+  atomic_write(path + '.json', json.dumps(meta, indent=2, default=_json_default))
+
+
+def saved_runs(workdir: str) -> list[int]:
+  directory = os.path.join(workdir, 'runs')
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(n) for n in os.listdir(directory) if n.isdigit())
+
+
+def restore_params(workdir: str, i: int) -> Any:
+  """Run i's final parameters, read back from its orbax checkpoint in `workdir`.
+
+  Raises:
+    KeyError: run i was not saved; the message names the runs that were.
+  """
+  path = run_path(workdir, i)
+  if not os.path.isdir(path):
+    saved = saved_runs(workdir)
+    raise KeyError(
+        f'run {i} was not saved in {workdir!r}; saved runs (the Pareto front): {saved or "none"}'
+    )
+  with ocp.StandardCheckpointer() as ckpt:
+    tree = ckpt.restore(path)
+  return jax.tree.map(np.asarray, tree['params'])
+
+
+def _json_default(v):
+  if isinstance(v, (np.floating, np.integer, np.bool_)):
+    return v.item()
+  return str(v)
