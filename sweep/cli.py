@@ -28,10 +28,10 @@ def _run(args) -> int:
   import sweep
 
   path = args.experiment or DEFAULT_EXPERIMENT
-  cfg = load_experiment(path)
-  if not isinstance(cfg, sweep.SweepConfig):
-    raise SystemExit(f'sweep: get_config() in {path} returned {type(cfg).__name__}, not a sweep.SweepConfig')
   try:
+    cfg = load_experiment(path)
+    if not isinstance(cfg, sweep.SweepConfig):
+      raise SystemExit(f'sweep: get_config() in {path} returned {type(cfg).__name__}, not a sweep.SweepConfig')
     result = sweep.run(
         cfg, workdir=args.workdir, progress=not args.no_progress, fresh=args.fresh,
         checkpoint_every=args.checkpoint_every, checkpoint_seconds=args.checkpoint_seconds,

@@ -172,6 +172,24 @@ def _names(field: str, values: list, accepted: Sequence[str]):
       raise config_error(field, v, 'expected one of ' + ', '.join(accepted))
 
 
+# Numeric columns every results table has, and those of classification losses.
+NUMERIC_COLUMNS = (
+    'updates', 'examples', 'final_batch_loss', 'final_train_loss', 'final_val_loss', 'best_val_loss',
+    'best_eval', 'seconds', 'generalization_gap', 'best_val_epoch',
+)
+ACCURACY_COLUMNS = ('final_train_accuracy', 'final_val_accuracy', 'best_val_accuracy')
+
+
+def table_columns(cfg: SweepConfig, axes: dict[str, list]) -> list[str]:
+  """The numeric columns the results table of `cfg` will have (objectives pick from these)."""
+  numeric_axes = [a for a in AXES if a not in ('optimizer', 'schedule') and axes[a] != [None]]
+  columns = numeric_axes + list(NUMERIC_COLUMNS)
+  loss = cfg.loss if cfg.loss is not None else ('softmax_cross_entropy' if cfg.data.is_classification else 'mse')
+  if isinstance(loss, str) and loss in losses.CLASSIFICATION:
+    columns += list(ACCURACY_COLUMNS)
+  return columns
+
+
 def validate(cfg: SweepConfig) -> Plan:
   """Checks every field and expands the grid; raises `ConfigError` on any mistake.
 
@@ -216,15 +234,18 @@ def validate(cfg: SweepConfig) -> Plan:
           name, getattr(cfg, name),
           f'optimizer {refusing[0]!r} takes no {name}; it applies to ' + ', '.join(takers),
       )
-  for name in ('batch_size', 'learning_rate', 'seed', 'schedule', 'optimizer'):
-    if len(set(map(repr, axes[name]))) != len(axes[name]):
+  for name in AXES:
+    # Values compare as numbers (1 == 1.0 == np.float64(1.0)), so equal runs are caught.
+    if len(set(axes[name])) != len(axes[name]):
       raise config_error(name, getattr(cfg, name), 'axis values must be distinct')
 
   if (cfg.epochs is None) == (cfg.updates is None):
     raise config_error('epochs', cfg.epochs, 'give exactly one budget: epochs or updates')
   if cfg.epochs is not None:
     _positive_finite('epochs', [cfg.epochs])
-  if cfg.updates is not None and (not isinstance(cfg.updates, numbers.Integral) or cfg.updates <= 0):
+  if cfg.updates is not None and (
+      isinstance(cfg.updates, bool) or not isinstance(cfg.updates, numbers.Integral) or cfg.updates <= 0
+  ):
     raise config_error('updates', cfg.updates, 'expected a positive integer')
   if not isinstance(cfg.shuffle, bool):
     raise config_error('shuffle', cfg.shuffle, 'expected True or False')
@@ -239,9 +260,12 @@ def validate(cfg: SweepConfig) -> Plan:
     raise config_error('compute_dtype', cfg.compute_dtype, 'expected float32, bfloat16 or float16')
   if not isinstance(cfg.objectives, Mapping) or not cfg.objectives:
     raise config_error('objectives', cfg.objectives, 'expected a dict column -> "min" or "max"')
+  columns = table_columns(cfg, axes)
   for col, sense in cfg.objectives.items():
     if sense not in ('min', 'max'):
       raise config_error(f'objectives[{col!r}]', sense, 'expected "min" or "max"')
+    if col not in columns:
+      raise config_error('objectives', col, 'a numeric column of the results table: ' + ', '.join(columns))
 
   batch_sizes = tuple(sorted(axes['batch_size']))
   steps_per_epoch = {b: n // b for b in batch_sizes}

@@ -52,7 +52,8 @@ def _check_model(plan: Plan, init_fn, apply_fn) -> None:
   data = plan.config.data
   x, y = data.x_train[:2], data.y_train[:2]
   try:
-    params = jax.eval_shape(init_fn, jax.random.key(0))
+    # The key is made inside eval_shape: made eagerly, it would compile.
+    params = jax.eval_shape(lambda: init_fn(jax.random.key(0)))
   except Exception as e:  # a user's init_fn may fail in any way: report it as theirs.
     raise config_error('model', type(plan.config.model).__name__, f'init_fn(key) failed: {e}') from e
   try:
@@ -69,9 +70,12 @@ def _check_model(plan: Plan, init_fn, apply_fn) -> None:
     problem = losses.check_shapes(plan.loss, tuple(pred.shape), tuple(y.shape), is_int)
     if problem:
       raise config_error('model', f'outputs of shape {tuple(pred.shape)}', problem)
-    problem = losses.check_labels(plan.loss, data.y_train, int(pred.shape[-1]) if pred.ndim else 1)
-    if problem:
-      raise config_error('data.y_train', f'labels in [{data.y_train.min()}, {data.y_train.max()}]', problem)
+    for field, labels in (('data.y_train', data.y_train), ('data.y_val', data.y_val)):
+      if labels is None or not len(labels):
+        continue
+      problem = losses.check_labels(plan.loss, labels, int(pred.shape[-1]) if pred.ndim else 1)
+      if problem:
+        raise config_error(field, f'labels in [{labels.min()}, {labels.max()}]', problem)
   else:
     try:
       out = jax.eval_shape(plan.loss, pred, jax.ShapeDtypeStruct(y.shape, y.dtype))
@@ -307,7 +311,7 @@ def _abstract_state(cg: CompileGroup, init_fn) -> Any:
   per_seed = tuple(
       jax.tree.map(
           lambda a, n=hp.seeds.shape[0]: jax.ShapeDtypeStruct((n,) + a.shape, a.dtype),
-          jax.eval_shape(init_fn, jax.random.key(0)),
+          jax.eval_shape(lambda: init_fn(jax.random.key(0))),
       )
       for hp in cg.hparams
   )

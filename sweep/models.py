@@ -359,7 +359,7 @@ def _is_nnx_factory(model: Any) -> bool:
 def _linen_functions(model: nn.Module, example_x: np.ndarray) -> tuple[InitFn, ApplyFn]:
   x1 = np.asarray(example_x)[:1]
   try:
-    shapes = jax.eval_shape(model.init, jax.random.key(0), x1)
+    shapes = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x1)
   except Exception as e:  # the module is the user's: report any failure as a config problem
     raise config_error(
       'model', _describe(model), f'init on an input of shape {x1.shape} failed: {e}'

@@ -73,9 +73,9 @@ def pareto_ranks(values: np.ndarray, senses: Sequence[str], valid: np.ndarray | 
     ranks[rows] = 0
     return ranks
 
-  # Everything as minimisation; adding 0.0 turns -0.0 into 0.0 so equal values stay equal.
+  # Everything as minimisation.
   flip = np.array([-1.0 if s == 'max' else 1.0 for s in senses])
-  points = values[rows] * flip + 0.0
+  points = values[rows] * flip
 
   # Sort lexicographically (first objective first) and merge identical rows: they share a
   # rank, and among distinct rows "at least as good everywhere" already means dominating.

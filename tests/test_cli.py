@@ -190,7 +190,11 @@ def test_curves_csv_has_every_evaluation_point(ok_run):
 
 
 def test_no_temporary_files_are_left(ok_run):
-  leftovers = [p.name for p in ok_run.workdir.iterdir() if p.name.startswith('.') and p.name.endswith('.tmp')]
+  leftovers = [
+    str(p.relative_to(ok_run.workdir))
+    for p in ok_run.workdir.rglob('*')
+    if p.name.startswith('.') and p.name.endswith('.tmp')
+  ]
   assert leftovers == []
 
 
