@@ -54,12 +54,12 @@ class SweepState:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
-    self.manager.save(
-        step,
-        args=ocp.args.Composite(state=ocp.args.StandardSave(host_copy(state)), meta=ocp.args.JsonSave(meta)),
-        force=True,
-    )
+  def save(self, step: int, state: Any | None, meta: dict[str, Any]) -> None:
+    """Saves `meta` and, unless None, the state of the unit in progress."""
+    items = {'meta': ocp.args.JsonSave(meta)}
+    if state is not None:
+      items['state'] = ocp.args.StandardSave(host_copy(state))
+    self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
     out = self.manager.restore(
@@ -96,9 +96,9 @@ def claim(workdir: str, fp: str, fresh: bool) -> bool:
           'use another workdir, or start afresh with fresh=True (CLI: --fresh), which deletes its checkpoints.'
       )
     if held != fp or fresh:
-      for sub in ('state', 'runs'):
+      for sub in ('state', 'runs', 'done'):
         shutil.rmtree(os.path.join(workdir, sub), ignore_errors=True)
-      for name in ('results.csv', 'curves.csv', 'sweep.json'):
+      for name in ('results.csv', 'curves.csv', 'sweep.json', 'config.json', 'experiment.py'):
         if os.path.exists(os.path.join(workdir, name)):
           os.unlink(os.path.join(workdir, name))
   from sweep.results import atomic_write  # a cycle: results imports nothing from here
@@ -106,6 +106,47 @@ def claim(workdir: str, fp: str, fresh: bool) -> bool:
   os.makedirs(workdir, exist_ok=True)
   atomic_write(path, json.dumps({'fingerprint': fp}))
   return os.path.isdir(os.path.join(workdir, 'state'))
+
+
+# -------------------------------------------------------- finished units ----
+
+
+def done_path(workdir: str, c: int) -> str:
+  return os.path.abspath(os.path.join(workdir, 'done', f'{c:04d}'))
+
+
+def save_done(workdir: str, c: int, state: Any) -> None:
+  """Saves a finished unit's final state once; later checkpoints only point to it."""
+  path = done_path(workdir, c)
+  if os.path.exists(path):
+    shutil.rmtree(path)
+  with ocp.StandardCheckpointer() as ckpt:
+    ckpt.save(path, state)
+    ckpt.wait_until_finished()
+
+
+class Final:
+  """A finished unit's final state: in host memory, on disk, or not kept."""
+
+  def __init__(self, state: Any = None, path: str | None = None, abstract: Any = None):
+    self._state = state
+    self.path = path
+    self.abstract = abstract
+
+  @property
+  def kept(self) -> bool:
+    return self._state is not None or self.path is not None
+
+  def get(self) -> Any:
+    if self._state is not None:
+      return self._state
+    if self.path is None:
+      raise ValueError(
+          'this run\'s final state was not kept: the sweep outgrew its memory budget. '
+          'Run it with a workdir to keep every final state on disk.'
+      )
+    with ocp.StandardCheckpointer() as ckpt:
+      return jax.tree.map(np.asarray, ckpt.restore(self.path, self.abstract))
 
 
 # ------------------------------------------------------------ saved runs ----

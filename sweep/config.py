@@ -88,6 +88,9 @@ class SweepConfig:
     objectives: Pareto objectives, column -> "min" or "max".
     compute_dtype: "float32", or "bfloat16" for the forward and backward pass with
       float32 parameters and optimizer state.
+    memory_budget: bytes the runs may occupy on a device; None: 60 % of an
+      accelerator's memory, 20 % of host RAM on CPU. Runs that do not fit at once are
+      trained in chunks that reuse one compiled program.
     name: a label for the sweep.
   """
 
@@ -115,6 +118,7 @@ class SweepConfig:
   train_eval_size: int = 4096
   objectives: Mapping[str, str] = dataclasses.field(default_factory=lambda: dict(DEFAULT_OBJECTIVES))
   compute_dtype: str = 'float32'
+  memory_budget: float | None = None
   name: str = 'sweep'
 
   def replace(self, **changes) -> SweepConfig:
@@ -256,6 +260,8 @@ def validate(cfg: SweepConfig) -> Plan:
     v = getattr(cfg, name)
     if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v <= 0:
       raise config_error(name, v, 'expected a positive integer')
+  if cfg.memory_budget is not None:
+    _positive_finite('memory_budget', [cfg.memory_budget])
   if cfg.compute_dtype not in ('float32', 'bfloat16', 'float16'):
     raise config_error('compute_dtype', cfg.compute_dtype, 'expected float32, bfloat16 or float16')
   if not isinstance(cfg.objectives, Mapping) or not cfg.objectives:

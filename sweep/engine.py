@@ -23,7 +23,7 @@ import numpy as np
 import tqdm.auto as tqdm
 from flax import nnx
 
-from kernels import losses, schedules, train
+from kernels import losses, optimizers, schedules, train
 from sweep import checkpoints, models
 from sweep.config import Plan, Run, SweepConfig, validate
 from sweep.errors import ConfigError, config_error
@@ -112,17 +112,73 @@ class CompileGroup:
 
 
 def _layout(plan: Plan, family: str) -> list[BatchGroup]:
+  """Every batch group of `family`, its runs laid out (S, R) with R unpadded."""
   seeds = plan.axes['seed']
   out = []
   for b in plan.batch_sizes:
     runs = [r for r in plan.runs if r.values['optimizer'] == family and r.values['batch_size'] == b]
     per_seed = [[r for r in runs if r.values['seed'] == s] for s in seeds]
-    width = _bucket(len(per_seed[0]))
-    slots = np.full((_bucket(len(seeds)), width), -1, np.int64)
+    slots = np.full((_bucket(len(seeds)), len(per_seed[0])), -1, np.int64)
     for si, rs in enumerate(per_seed):
       slots[si, : len(rs)] = [r.index for r in rs]
     out.append(BatchGroup(batch_size=b, seeds=list(seeds), slots=slots, runs=runs))
   return out
+
+
+def _chunk(groups: list[BatchGroup], start: int, width: int) -> list[BatchGroup]:
+  """Slots [start, start + width) of the run axis of every batch group, padded with -1."""
+  out = []
+  for g in groups:
+    slots = np.full((g.slots.shape[0], width), -1, np.int64)
+    part = g.slots[:, start:start + width]
+    slots[:, : part.shape[1]] = part
+    idx = set(int(i) for i in part.ravel() if i >= 0)
+    out.append(BatchGroup(g.batch_size, g.seeds, slots, [r for r in g.runs if r.index in idx]))
+  return out
+
+
+def memory_budget(cfg: SweepConfig) -> int:
+  """Bytes the run axis may use: the config's, else a safe fraction of the device's
+  memory (of host RAM on CPU, where other processes share it)."""
+  if cfg.memory_budget is not None:
+    return int(cfg.memory_budget)
+  stats = None
+  try:
+    stats = jax.local_devices()[0].memory_stats()
+  except Exception:  # backends without memory stats
+    stats = None
+  if stats and stats.get('bytes_limit'):
+    return int(0.6 * stats['bytes_limit'])
+  try:
+    ram = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+  except (ValueError, OSError, AttributeError):
+    ram = 8 << 30
+  return int(0.2 * ram)
+
+
+def run_bytes(plan: Plan, init_fn, apply_fn, family: str, eval_chunk: int) -> int:
+  """An upper estimate of one run's memory: parameters, optimizer state, gradient and
+  update, and every intermediate of a training step at the largest batch (or of an
+  evaluation chunk, whichever is larger; XLA reuses buffers, so the truth is lower)."""
+  data = plan.config.data
+  params = jax.eval_shape(lambda: init_fn(jax.random.key(0)))
+  size = lambda tree: sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(tree))  # noqa: E731
+  hypers = {k: 0.5 for k, v in optimizers.FAMILIES[family].hypers.items() if v is not None}
+  opt_state = jax.eval_shape(lambda p: optimizers.make(family, hypers).init(p), params)
+  loss_fn = losses.LOSSES[plan.loss] if isinstance(plan.loss, str) else plan.loss
+
+  def intermediates(batch: int, grad: bool) -> int:
+    x = jax.ShapeDtypeStruct((batch,) + data.x_train.shape[1:], data.x_train.dtype)
+    y = jax.ShapeDtypeStruct((batch,) + data.y_train.shape[1:], data.y_train.dtype)
+    f = lambda p, x, y: jnp.mean(loss_fn(apply_fn(p, x), y))  # noqa: E731
+    jaxpr = jax.make_jaxpr(jax.value_and_grad(f) if grad else f)(params, x, y)
+    return sum(
+        int(np.prod(v.aval.shape)) * v.aval.dtype.itemsize
+        for eqn in jaxpr.jaxpr.eqns for v in eqn.outvars if hasattr(v.aval, 'shape')
+    )
+
+  state = 4 * size(params) + size(opt_state)  # params, gradient, update, new params; state
+  return state + max(intermediates(max(plan.batch_sizes), True), intermediates(eval_chunk, False))
 
 
 def _hparams(plan: Plan, group: BatchGroup) -> train.GroupHparams:
@@ -174,10 +230,23 @@ def _device_data(cfg: SweepConfig, chunk: int) -> train.Data:
 
 
 def compile_groups(plan: Plan, init_fn, apply_fn, eval_chunk: int) -> list[CompileGroup]:
+  """The units of work: one per optimizer family and chunk of its run axis.
+
+  The run axis of a family is cut into chunks of one width (a power of two, a multiple
+  of the local device count) that fits the memory budget; every chunk of a family
+  reuses one compiled program, the last one padded.
+  """
   cfg = plan.config
+  devices = jax.local_device_count()
+  budget = memory_budget(cfg) - sum(a.nbytes for a in (cfg.data.x_train, cfg.data.y_train))
   out = []
   for family in plan.axes['optimizer']:
     groups = _layout(plan, family)
+    total = groups[0].slots.shape[1]
+    slots_per_column = sum(g.slots.shape[0] for g in groups)
+    fits = max(1, budget // max(1, run_bytes(plan, init_fn, apply_fn, family, eval_chunk) * slots_per_column))
+    width = min(_bucket(total), 1 << int(math.floor(math.log2(fits))))
+    width = devices * math.ceil(width / devices)  # every device gets whole runs
     structure = train.Structure(
         init_fn=init_fn,
         apply_fn=apply_fn,
@@ -193,9 +262,28 @@ def compile_groups(plan: Plan, init_fn, apply_fn, eval_chunk: int) -> list[Compi
         ),
         compute_dtype=cfg.compute_dtype,
     )
-    hparams = tuple(_hparams(plan, g) for g in groups)
-    out.append(CompileGroup(family, structure, groups, hparams))
+    for start in range(0, total, width):
+      chunk = _chunk(groups, start, width)
+      out.append(CompileGroup(family, structure, chunk, tuple(_hparams(plan, g) for g in chunk)))
   return out
+
+
+def _run_sharding() -> tuple[Any, Any] | None:
+  """Shardings that split the run axis (axis 1) over the local devices, if several."""
+  devices = jax.local_devices()
+  if len(devices) == 1:
+    return None
+  mesh = jax.sharding.Mesh(np.array(devices), ('runs',))
+  P = jax.sharding.PartitionSpec  # noqa: N806
+  return jax.sharding.NamedSharding(mesh, P(None, 'runs')), jax.sharding.NamedSharding(mesh, P())
+
+
+def _shard(tree: Any, shardings) -> Any:
+  """Places leaves with a run axis (ndim >= 2) split over devices, the rest replicated."""
+  if shardings is None:
+    return tree
+  runs, replicated = shardings
+  return jax.tree.map(lambda a: jax.device_put(a, runs if np.ndim(a) >= 2 else replicated), tree)
 
 
 def _diverged(cg: CompileGroup, metrics: tuple[dict, ...]) -> int:
@@ -281,12 +369,13 @@ class _SigtermFlag:
   """Turns SIGTERM (how cloud machines announce preemption) into a flag read between
   segments; installed only in the main thread, and removed afterwards."""
 
-  def __init__(self):
+  def __init__(self, active: bool):
     self.raised = False
+    self.active = active  # without a workdir there is nowhere to save: SIGTERM stays as it was
     self._previous = None
 
   def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
+    if self.active and threading.current_thread() is threading.main_thread():
       self._previous = signal.signal(signal.SIGTERM, self._handle)
     return self
 
@@ -297,6 +386,32 @@ class _SigtermFlag:
   def __exit__(self, *exc):
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
+
+
+class _Keeper:
+  """Keeps each finished unit's final state: on the host while it fits the memory
+  budget; beyond that on disk (with a workdir) or not at all (then `params(i)` says so)."""
+
+  def __init__(self, budget: int, workdir: str | None):
+    self.budget = budget
+    self.workdir = workdir
+    self.kept = 0
+
+  def __call__(self, c: int, state: Any) -> checkpoints.Final:
+    host = checkpoints.host_copy(state)
+    if self.workdir is not None:
+      # On disk first: a resumed sweep finds every finished unit there.
+      checkpoints.save_done(self.workdir, c, host)
+    else:
+      # Without a workdir only the parameters are ever read again.
+      host = tuple(g._replace(runs=g.runs._replace(opt_state=None)) for g in host)
+    nbytes = sum(a.nbytes for a in jax.tree.leaves(host))
+    if self.kept + nbytes <= self.budget:
+      self.kept += nbytes
+      return checkpoints.Final(state=host)
+    if self.workdir is not None:
+      return checkpoints.Final(path=checkpoints.done_path(self.workdir, c), abstract=jax.eval_shape(lambda: host))
+    return checkpoints.Final()
 
 
 def _history_to_json(history: list) -> list:
@@ -370,75 +485,76 @@ def run(
     resume_step = store.latest_step()
     if resume_step is not None:
       meta = store.restore_meta(resume_step)
-      c_now = meta['group']
-      abstract = {'done': [_abstract_state(cg, init_fn) for cg in cgroups[:c_now]]}
+      current = None
       if meta['segment'] > 0:
-        abstract['current'] = _abstract_state(cgroups[c_now], init_fn)
-      state_tree, meta = store.restore(resume_step, abstract)
-      restored = (meta, state_tree)
+        current, meta = store.restore(resume_step, _abstract_state(cgroups[meta['group']], init_fn))
+      restored = (meta, current)
 
   device_data = _device_data(cfg, eval_chunk)
+  shardings = _run_sharding()
   threshold = jnp.float32(cfg.divergence_threshold)
   ticks = sum(sum(cg.structure.steps_per_segment) * plan.num_evals for cg in cgroups)
   bar = tqdm.tqdm(total=ticks, desc=f'{len(plan.runs)} runs', unit='tick', disable=not progress, leave=False)
+  keep = _Keeper(memory_budget(cfg), workdir)
 
-  collected = []  # (compile group, final state, history, seconds)
+  collected = []  # (unit, final state, history, seconds)
   c0, k0, seconds0 = 0, 0, 0.0
   if restored is not None:
-    meta, tree = restored
+    meta, current = restored
     c0, k0, seconds0 = meta['group'], meta['segment'], meta['seconds']
-    for c, st in enumerate(tree['done']):
-      collected.append((cgroups[c], st, _history_from_json(meta['history'][c]), meta['group_seconds'][c]))
+    for c in range(c0):
+      final = checkpoints.Final(path=checkpoints.done_path(workdir, c), abstract=_abstract_state(cgroups[c], init_fn))
+      collected.append((cgroups[c], final, _history_from_json(meta['history'][c]), meta['group_seconds'][c]))
       bar.update(sum(cgroups[c].structure.steps_per_segment) * plan.num_evals)
-    bar.update(sum(cgroups[c0].structure.steps_per_segment) * k0 if c0 < len(cgroups) else 0)
+    if c0 < len(cgroups):
+      bar.update(sum(cgroups[c0].structure.steps_per_segment) * k0)
 
   step = resume_step or 0
   start = time.perf_counter() - seconds0
   last_save = time.perf_counter()
   try:
-    with _SigtermFlag() as sigterm:
+    with _SigtermFlag(active=store is not None) as sigterm:
       for c in range(c0, len(cgroups)):
         cg = cgroups[c]
         t0 = time.perf_counter()
         orders = _OrderBook(plan, cg)
+        hparams = _shard(cg.hparams, shardings)
         if restored is not None and c == c0 and k0 > 0:
-          state = jax.device_put(restored[1]['current'])
+          state = _shard(restored[1], shardings)
           history = _history_from_json(restored[0]['history'][c])
           t0 -= restored[0]['group_seconds'][c]
         else:
-          state = train.init_jit(cg.structure, _per_seed_params(init_fn, cg), cg.hparams)
+          state = _shard(train.init_jit(cg.structure, _per_seed_params(init_fn, cg), hparams), shardings)
           history = [jax.device_get(train.evaluate_jit(cg.structure, state, device_data))]
         for k in range(k0 if c == c0 else 0, plan.num_evals):
-          state, metrics = train.segment_jit(
-              cg.structure, state, cg.hparams, orders.segment(k), device_data, threshold
-          )
+          state, metrics = train.segment_jit(cg.structure, state, hparams, orders.segment(k), device_data, threshold)
           history.append(jax.device_get(metrics))
           step += 1
           bar.update(sum(cg.structure.steps_per_segment))
           bar.set_postfix(diverged=_diverged(cg, history[-1]), refresh=False)
+          finished = k == plan.num_evals - 1
+          if finished:
+            final = keep(c, state)
           due = (
               step % checkpoint_every == 0
               or (checkpoint_seconds is not None and time.perf_counter() - last_save >= checkpoint_seconds)
               or sigterm.raised
+              or finished
           )
-          if store is not None and (due or k == plan.num_evals - 1):
-            finished = k == plan.num_evals - 1
-            done = [s for _, s, _, _ in collected] + ([state] if finished else [])
+          if store is not None and due:
             histories = [h for _, _, h, _ in collected] + [history]
-            group_seconds = [x for _, _, _, x in collected] + [time.perf_counter() - t0]
             meta = {
                 'group': c + 1 if finished else c,
                 'segment': 0 if finished else k + 1,
                 'history': [_history_to_json(h) for h in histories],
-                'group_seconds': group_seconds,
+                'group_seconds': [x for _, _, _, x in collected] + [time.perf_counter() - t0],
                 'seconds': time.perf_counter() - start,
             }
-            tree = {'done': done} if finished else {'done': done, 'current': state}
-            store.save(step, tree, meta)
+            store.save(step, None if finished else state, meta)
             last_save = time.perf_counter()
           if sigterm.raised:
             raise _Preempted
-        collected.append((cg, state, history, time.perf_counter() - t0))
+        collected.append((cg, final, history, time.perf_counter() - t0))
   except _Preempted:
     bar.close()
     store.close()

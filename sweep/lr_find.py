@@ -61,24 +61,20 @@ def _check_curve(lrs: Any, losses: Any) -> tuple[np.ndarray, np.ndarray]:
   return lrs, losses
 
 
-def valley(lrs: Any, losses: Any, *, position: float = 2 / 3, min_slope: float = 0.0) -> float:
+def valley(lrs: Any, losses: Any, *, position: float = 2 / 3) -> float:
   """fastai's "valley": a point well down the longest decreasing stretch of the curve.
 
-  The longest decreasing subsequence of the losses is found (O(n^2), as fastai); it ends at
-  index `end` and holds `k` points, read as the stretch [end - k + 1, end]. The suggestion
-  is the learning rate `position` of the way along that stretch. fastai's documentation
-  describes the point as about 2/3 of the way, the default here; its index arithmetic
-  (len/3 + len/6 from one before the stretch) lands nearer half way, `position=0.5`.
+  The longest strictly decreasing subsequence of the losses is found (O(n^2), as fastai);
+  it ends at index `end` and holds `k` points, read as the stretch [end - k + 1, end]. The
+  suggestion is the learning rate `position` of the way along that stretch. fastai's
+  documentation puts the point about 2/3 of the way, the default here; its index
+  arithmetic (len/3 + len/6 from one before the stretch) lands nearer half way, which is
+  `position=0.5`.
 
   Args:
     lrs: (n,) increasing learning rates.
     losses: (n,) finite losses at those rates.
     position: where along the stretch to suggest, 0 (its start) to 1 (its end).
-    min_slope: how fast the loss must fall for a step of the subsequence to count as a
-      decrease, in loss units per decade of learning rate: point j may follow point i < j
-      when `losses[j] < losses[i] - min_slope * log10(lrs[j] / lrs[i])`. 0 is fastai's strict
-      decrease; a positive value keeps a nearly flat plateau out of the stretch on a curve
-      without noise (the grid's), where any drop, however small, is a strict decrease.
 
   Returns:
     The suggested learning rate.
@@ -86,11 +82,10 @@ def valley(lrs: Any, losses: Any, *, position: float = 2 / 3, min_slope: float =
   lrs, losses = _check_curve(lrs, losses)
   if not 0.0 <= position <= 1.0:
     raise ValueError(f'position must be in [0, 1]; got {position}')
-  x = np.log10(lrs)
   n = len(losses)
   longest = np.ones(n, np.int64)
   for i in range(1, n):
-    before = losses[:i] - min_slope * (x[i] - x[:i]) > losses[i]
+    before = losses[:i] > losses[i]
     if before.any():
       longest[i] = longest[:i][before].max() + 1
   end = int(np.argmax(longest))  # the first index reaching the longest length, as fastai
@@ -212,7 +207,7 @@ class LRFinderResult:
 # -------------------------------------------------------------------- arguments ----
 
 
-def _check_arguments(method, start_lr, end_lr, num_it, suggest, budget, beta, stop_factor) -> None:
+def _check_arguments(method, start_lr, end_lr, num_it, suggest, budget, beta, stop_factor, plateau) -> None:
   if method not in METHODS:
     raise config_error('method', method, 'expected one of ' + ', '.join(METHODS))
   if suggest not in RULES:
@@ -230,6 +225,8 @@ def _check_arguments(method, start_lr, end_lr, num_it, suggest, budget, beta, st
     raise config_error('beta', beta, 'expected a number in [0, 1)')
   if isinstance(stop_factor, bool) or not isinstance(stop_factor, numbers.Real) or not stop_factor > 1:
     raise config_error('stop_factor', stop_factor, 'expected a number > 1')
+  if isinstance(plateau, bool) or not isinstance(plateau, numbers.Real) or not 0 <= plateau < 1:
+    raise config_error('plateau', plateau, 'expected a fraction in [0, 1)')
 
 
 def _suggest_all(lrs: np.ndarray, losses: np.ndarray) -> dict[str, float]:
@@ -378,7 +375,16 @@ def _grid_curve(lrs: np.ndarray, losses: np.ndarray, stop_factor: float, points_
   return 10.0 ** fine, np.exp(spline(fine))
 
 
-def _grid(cfg, start_lr, end_lr, num_it, suggest, budget, stop_factor, min_slope) -> LRFinderResult:
+def _plateau_end(log_losses: np.ndarray, plateau: float) -> int:
+  """The first index past the plateau: where log(loss) has fallen through the fraction
+  `plateau` of its drop from the first point to the minimum (searched up to the minimum)."""
+  low = int(np.argmin(log_losses))
+  level = log_losses[0] - plateau * (log_losses[0] - log_losses[low])
+  above = np.nonzero(log_losses[: low + 1] > level)[0]
+  return int(above[-1]) + 1 if len(above) else 0
+
+
+def _grid(cfg, start_lr, end_lr, num_it, suggest, budget, stop_factor, plateau) -> LRFinderResult:
   from sweep import engine
   from sweep.config import validate
 
@@ -396,16 +402,15 @@ def _grid(cfg, start_lr, end_lr, num_it, suggest, budget, stop_factor, min_slope
   lrs = table['learning_rate'].to_numpy(np.float64)
 
   curve_lrs, curve_losses = _grid_curve(lrs, losses, stop_factor, points_per_decade=20)
-  # The rules read log(loss): the grid's curve has no batch noise, so a plateau of tiny
-  # strict decreases at small rates would otherwise count as part of the valley.
-  log_curve = np.log(curve_losses)
-  if min_slope is None:
-    steepest = -np.min(np.diff(log_curve) / np.diff(np.log10(curve_lrs))) if len(log_curve) > 1 else 0.0
-    min_slope = 0.1 * max(steepest, 0.0)
   if len(curve_lrs) >= 2:
+    # Every run starts from the same parameters and reads the same batches, so the curve
+    # has no noise, and at small rates it falls by tiny amounts that are strict decreases
+    # all the same: left in, that plateau would be the longest "valley". It is cut where
+    # the curve has fallen through the first `plateau` of its drop in log(loss).
+    cut = _plateau_end(np.log(curve_losses), plateau)
     suggestions = {
-        'valley': valley(curve_lrs, log_curve, min_slope=min_slope),
-        'steep': steep(curve_lrs, curve_losses),  # the loss itself, as fastai's
+        'valley': valley(curve_lrs[cut:], curve_losses[cut:]),
+        'steep': steep(curve_lrs, curve_losses),
         'minimum': minimum(curve_lrs, curve_losses),
     }
   else:
@@ -430,7 +435,7 @@ def lr_find(
     budget: int = 50,
     beta: float = 0.98,
     stop_factor: float = 4.0,
-    min_slope: float | None = None,
+    plateau: float = 0.25,
 ) -> LRFinderResult:
   """A learning-rate range test of `cfg`'s model, loss, optimizer and data.
 
@@ -447,13 +452,19 @@ def lr_find(
     first num_it // 10 and the last 5, as fastai's.
   - 'grid': `num_it` learning rates log-spaced from `start_lr` to `end_lr`, each trained
     for `budget` updates with a constant schedule, all at once by `sweep.run`; a run's loss
-    is its final train loss (+inf when diverged). The rules read a smoothing spline of
-    log(loss) in log(lr), fitted to the points before the first divergence (a loss above
-    `stop_factor` times the best at smaller rates, or +inf). Since this curve has no batch
-    noise, the valley's decreasing stretch only counts drops of log(loss) steeper than
-    `min_slope` per decade of learning rate (default: a tenth of the curve's steepest drop),
-    so that a plateau of tiny decreases at small rates is not taken for a valley. The steep
-    rule reads the fitted loss, as fastai's.
+    is its final train loss (the engine's training-set probe; +inf when diverged). The rules
+    read a cubic smoothing spline of log(loss) in log(lr) (smoothness by generalized
+    cross-validation), fitted to the points before the first divergence (a loss above
+    `stop_factor` times the best at smaller rates, or +inf): a smooth fit rather than the
+    raw points, so that one odd run near the blow-up does not move the steepest slope or
+    the minimum. The runs share their initial parameters and batches, so the curve has no
+    noise, and at small rates it falls by amounts too small to matter that are strict
+    decreases all the same; the valley rule therefore reads the curve from where it has
+    fallen through the first `plateau` (a quarter) of its drop in log(loss) to its
+    minimum. A fixed budget puts the grid's curve at lower rates than the ramp's (a ramp
+    step at rate lr follows a few steps at similar rates, a grid run makes `budget`), so
+    its steep and minimum suggestions are lower too. When every run diverges the
+    suggestions are NaN: lower `start_lr`.
 
   Args:
     cfg: the sweep whose first run is tested.
@@ -466,7 +477,7 @@ def lr_find(
     beta: the ramp's smoothing factor.
     stop_factor: divergence: a smoothed (ramp) or final (grid) loss above this multiple of
       the best so far.
-    min_slope: the grid's valley threshold in log(loss) per decade; None for the default.
+    plateau: the fraction of the grid curve's drop in log(loss) the valley rule skips.
 
   Returns:
     An `LRFinderResult`.
@@ -474,7 +485,7 @@ def lr_find(
   Raises:
     ConfigError: a bad argument, or a mistake in `cfg`.
   """
-  _check_arguments(method, start_lr, end_lr, num_it, suggest, budget, beta, stop_factor)
+  _check_arguments(method, start_lr, end_lr, num_it, suggest, budget, beta, stop_factor, plateau)
   if method == 'ramp':
     return _ramp(cfg, float(start_lr), float(end_lr), int(num_it), suggest, beta, stop_factor)
-  return _grid(cfg, float(start_lr), float(end_lr), int(num_it), suggest, budget, stop_factor, min_slope)
+  return _grid(cfg, float(start_lr), float(end_lr), int(num_it), suggest, budget, stop_factor, float(plateau))

@@ -227,7 +227,7 @@ class Result:
 
     def params_fn(i: int):
       c, g, s, r = where[i]
-      state = collected[c][1][g]
+      state = collected[c][1].get()[g]
       return jax.tree.map(lambda a: np.asarray(a[s, r]), state.runs.params)
 
     result = cls(table, curves, resolved, wall_time, params_fn)
@@ -267,13 +267,18 @@ class Result:
     for i in checkpoints.saved_runs(workdir):
       if i not in wanted:  # a front of an earlier, interrupted pass over this workdir
         shutil.rmtree(checkpoints.run_path(workdir, i), ignore_errors=True)
+    by_unit: dict[int, list[int]] = {}
     for i in sorted(wanted):
-      c, g, s, r = self._where[i]
-      runs = collected[c][1][g].runs
-      take = lambda a, s=s, r=r: np.asarray(a[s, r])  # noqa: E731
-      row = self.table.loc[i]
-      meta = {k: (v.item() if hasattr(v, 'item') else v) for k, v in row.items()}
-      checkpoints.save_run(workdir, i, jax.tree.map(take, runs.params), jax.tree.map(take, runs.opt_state), meta)
+      by_unit.setdefault(self._where[i][0], []).append(i)
+    for c, runs_of_unit in by_unit.items():
+      state = collected[c][1].get()  # one load per unit, wherever it is kept
+      for i in runs_of_unit:
+        _, g, s, r = self._where[i]
+        take = lambda a, s=s, r=r: np.asarray(a[s, r])  # noqa: E731
+        row = self.table.loc[i]
+        meta = {k: (v.item() if hasattr(v, 'item') else v) for k, v in row.items()}
+        runs = state[g].runs
+        checkpoints.save_run(workdir, i, jax.tree.map(take, runs.params), jax.tree.map(take, runs.opt_state), meta)
     self.workdir = workdir
 
   def save(self, workdir: str) -> None:

@@ -1,0 +1,452 @@
+"""What a finished sweep says about batch size, learning-rate scaling and overfitting.
+
+Pure pandas and numpy on a `sweep.Result`'s table and curves (or tables read back from
+results.csv and curves.csv):
+
+    from sweep import analysis
+    analysis.batch_size_table(result, target=0.3)   # best learning rate per batch size
+    analysis.lr_batch_slope(result)                 # log(best lr) against log(batch size)
+    analysis.overfitting(result)                    # per run: gap, best evaluation, overfit
+    analysis.noise_scale(g_small_sq, g_big_sq, b_small, b_big)   # McCandlish et al. 2018
+"""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from sweep.config import AXES
+from sweep.errors import config_error
+
+__all__ = [
+    'annotate_overfitting',
+    'batch_size_table',
+    'lr_batch_slope',
+    'noise_scale',
+    'overfitting',
+]
+
+MODES = ('min', 'max')
+# Added by `annotate_overfitting`, in this order.
+OVERFITTING_COLUMNS = ('generalization_gap', 'best_val_eval', 'best_val_epoch', 'val_rise', 'overfit')
+
+
+# ---------------------------------------------------------------- batch size ----
+
+
+def _check_metric(table: pd.DataFrame, metric: str, mode: str) -> None:
+  if mode not in MODES:
+    raise config_error('mode', mode, "expected 'min' or 'max'")
+  if metric not in table.columns or not pd.api.types.is_numeric_dtype(table[metric]):
+    numeric = [c for c in table.columns if pd.api.types.is_numeric_dtype(table[c])]
+    raise config_error('metric', metric, f'a numeric column of the results table: {numeric}')
+  for column in ('batch_size', 'learning_rate'):
+    if column not in table.columns:
+      raise config_error('result.table', f'columns {list(table.columns)}', f'a {column!r} column')
+
+
+def _curve_column(metric: str, curves: pd.DataFrame, given: str | None) -> str:
+  """The curve that `metric` summarises: final_val_loss -> val_loss; else val_loss."""
+  if given is not None:
+    return given
+  for prefix in ('final_', 'best_'):
+    if metric.startswith(prefix) and metric[len(prefix):] in curves.columns:
+      return metric[len(prefix):]
+  return 'val_loss'
+
+
+def _config_columns(table: pd.DataFrame) -> list[str]:
+  """The axes that tell configurations apart: every axis in the table but the seed."""
+  return [a for a in AXES if a in table.columns and a != 'seed']
+
+
+def _per_config(table: pd.DataFrame, metric: str, require_all_seeds: bool) -> pd.DataFrame:
+  """One row per configuration (every axis but the seed): the metric averaged over seeds.
+
+  Returns:
+    The configuration columns, then `metric`, `updates`, `examples`, `seconds` (means over
+    the seeds kept), `seeds` (how many were averaged) and `runs` (their run ids, a tuple).
+  """
+  keys = _config_columns(table)
+  t = table.copy()
+  t['_run'] = t['run'].to_numpy() if 'run' in t.columns else t.index.to_numpy()
+  ok = (t['status'] == 'ok') if 'status' in t.columns else pd.Series(True, index=t.index)
+  t['_ok'] = ok.to_numpy() & np.isfinite(t[metric].to_numpy(np.float64))
+  rows = []
+  for values, g in t.groupby(keys, dropna=False, sort=True):
+    values = values if isinstance(values, tuple) else (values,)
+    kept = g[g['_ok']]
+    # A learning rate that diverged for some seed is no safe best, however well the others did.
+    if kept.empty or (require_all_seeds and len(kept) < len(g)):
+      continue
+    row = dict(zip(keys, values, strict=True))
+    row[metric] = float(kept[metric].mean())
+    for column in ('updates', 'examples', 'seconds'):
+      row[column] = float(kept[column].mean()) if column in kept.columns else math.nan
+    row['seeds'] = len(kept)
+    row['runs'] = tuple(int(r) for r in kept['_run'])
+    rows.append(row)
+  columns = keys + [metric, 'updates', 'examples', 'seconds', 'seeds', 'runs']
+  return pd.DataFrame(rows, columns=columns)
+
+
+def _first_reached(curves: pd.DataFrame, runs: tuple[int, ...], column: str, target: float, mode: str):
+  """(updates, examples) at the first evaluation where the seed-averaged curve reached target."""
+  if curves is None or curves.empty or column not in curves.columns:
+    return math.nan, math.nan
+  c = curves[curves['run'].isin(runs)]
+  if c.empty:
+    return math.nan, math.nan
+  mean = c.groupby('eval')[[column, 'updates', 'examples']].mean().sort_index()
+  values = mean[column].to_numpy(np.float64)
+  hit = values <= target if mode == 'min' else values >= target
+  if not hit.any():
+    return math.nan, math.nan
+  k = int(np.argmax(hit))
+  return float(mean['updates'].iloc[k]), float(mean['examples'].iloc[k])
+
+
+def batch_size_table(
+    result: Any,
+    metric: str = 'final_val_loss',
+    mode: str = 'min',
+    target: float | None = None,
+    *,
+    curve: str | None = None,
+    require_all_seeds: bool = True,
+) -> pd.DataFrame:
+  """The best learning rate of each batch size, and what it cost.
+
+  Runs are grouped into configurations (every axis but the seed); a configuration's
+  metric is the mean over its seeds. A configuration any of whose seeds diverged (or has a
+  NaN metric) is left out unless `require_all_seeds=False`, which averages the seeds that
+  did not. Each batch size's best configuration is then the one with the lowest (`mode`
+  'min') or highest ('max') mean metric; when the table holds other axes (optimizers,
+  schedules, ...) they are part of the choice and reported when they vary.
+
+  Args:
+    result: a `sweep.Result` (anything with `.table` and `.curves`).
+    metric: the results-table column to rank by.
+    mode: 'min' or 'max'.
+    target: a value of the curve `curve`; when given, the table says when the best
+      configuration's seed-averaged curve first reached it (<= for 'min', >= for 'max').
+    curve: the curve column `target` refers to; None derives it from `metric`
+      (final_val_loss -> val_loss, final_val_accuracy -> val_accuracy), else val_loss.
+    require_all_seeds: leave out configurations that diverged for any seed.
+
+  Returns:
+    A DataFrame indexed by batch size (increasing) with columns `learning_rate`, `metric`,
+    `updates`, `examples`, `seconds` (the wall time the table charges each run, averaged
+    over seeds), `seeds`, `runs` (run ids averaged), `lr_at_edge` (True when the best
+    learning rate is the smallest or largest tried at that batch size: the true best may
+    lie outside the grid), the other varying axes of the best configuration, and with a
+    target `updates_to_target` and `examples_to_target` (NaN if never reached). Batch
+    sizes without a usable configuration are left out.
+
+  Raises:
+    ConfigError: an unknown metric or mode, or a table without batch_size/learning_rate.
+  """
+  table = result.table
+  _check_metric(table, metric, mode)
+  per_config = _per_config(table, metric, require_all_seeds)
+  curves = getattr(result, 'curves', None)
+  curve_column = _curve_column(metric, curves if curves is not None else pd.DataFrame(), curve)
+  keys = _config_columns(table)
+  varying = [k for k in keys if k not in ('batch_size', 'learning_rate') and table[k].nunique(dropna=False) > 1]
+
+  rows = []
+  for b, g in per_config.groupby('batch_size', sort=True):
+    best = g.loc[g[metric].idxmin() if mode == 'min' else g[metric].idxmax()]
+    tried = table.loc[table['batch_size'] == b, 'learning_rate']
+    row = {'batch_size': b, 'learning_rate': best['learning_rate'], metric: best[metric]}
+    for column in ('updates', 'examples', 'seconds', 'seeds', 'runs'):
+      row[column] = best[column]
+    row['lr_at_edge'] = bool(best['learning_rate'] in (tried.min(), tried.max()))
+    for k in varying:
+      row[k] = best[k]
+    if target is not None:
+      row['updates_to_target'], row['examples_to_target'] = _first_reached(
+          curves, best['runs'], curve_column, float(target), mode
+      )
+    rows.append(row)
+  columns = ['batch_size', 'learning_rate', metric, 'updates', 'examples', 'seconds', 'seeds', 'runs',
+             'lr_at_edge'] + varying
+  if target is not None:
+    columns += ['updates_to_target', 'examples_to_target']
+  return pd.DataFrame(rows, columns=columns).set_index('batch_size')
+
+
+# ------------------------------------------------------------ lr scaling ----
+
+
+def _ols(x: np.ndarray, y: np.ndarray, confidence: float) -> tuple[float, float, float, float]:
+  """Slope, intercept and the two-sided t interval of the slope of y = a + b x."""
+  n = len(x)
+  xm, ym = x.mean(), y.mean()
+  sxx = float(np.sum((x - xm) ** 2))
+  if sxx == 0:
+    return math.nan, math.nan, math.nan, math.nan
+  slope = float(np.sum((x - xm) * (y - ym)) / sxx)
+  intercept = float(ym - slope * xm)
+  if n < 3:
+    # Two points fit any line exactly: no residual degrees of freedom, no interval.
+    return slope, intercept, -math.inf, math.inf
+  from scipy import stats
+
+  resid = y - intercept - slope * x
+  se = math.sqrt(float(np.sum(resid**2)) / (n - 2) / sxx)
+  t = float(stats.t.ppf(0.5 + confidence / 2, n - 2))
+  return slope, intercept, slope - t * se, slope + t * se
+
+
+def _interpret(slope: float, low: float, high: float, n: int, edge: list) -> str:
+  if n < 2 or not math.isfinite(slope):
+    return f'a slope needs the best learning rate at two batch sizes at least; found {n}.'
+  text = f'best lr ~ batch^{slope:.2f}'
+  if math.isfinite(low) and math.isfinite(high):
+    text += f' (95% interval {low:.2f} to {high:.2f}, {n} batch sizes): '
+    has_linear, has_sqrt = low <= 1.0 <= high, low <= 0.5 <= high
+    if has_linear and has_sqrt:
+      text += ('consistent with both the linear scaling rule (1, Goyal et al. 2017) and square-root '
+               'scaling (0.5); more batch sizes or seeds are needed to tell them apart.')
+    elif has_linear:
+      text += 'consistent with the linear scaling rule (1, Goyal et al. 2017), not with square-root scaling (0.5).'
+    elif has_sqrt:
+      text += 'consistent with square-root scaling (0.5), not with the linear scaling rule (1, Goyal et al. 2017).'
+    elif high < 0.5:
+      text += ('flatter than square-root scaling (0.5): the best learning rate grows little with the batch, '
+               'as past the critical batch size.')
+    elif low > 1.0:
+      text += 'steeper than the linear scaling rule (1, Goyal et al. 2017).'
+    else:
+      text += 'between square-root scaling (0.5) and the linear scaling rule (1, Goyal et al. 2017).'
+  else:
+    if slope < 0.25:
+      near = 'flatter than square-root scaling (0.5)'
+    elif slope < 0.75:
+      near = 'nearer square-root scaling (0.5) than the linear scaling rule (1)'
+    elif slope < 1.25:
+      near = 'nearer the linear scaling rule (1, Goyal et al. 2017) than square-root scaling (0.5)'
+    else:
+      near = 'steeper than the linear scaling rule (1, Goyal et al. 2017)'
+    text += f' from {n} batch sizes, too few for an interval; the estimate is {near}.'
+  if edge:
+    text += (f' The best learning rate of batch size {", ".join(str(b) for b in edge)} is at the edge of the '
+             'grid, which biases the slope: widen the learning-rate grid.')
+  return text
+
+
+def lr_batch_slope(
+    result: Any,
+    metric: str = 'final_val_loss',
+    mode: str = 'min',
+    *,
+    confidence: float = 0.95,
+    bootstrap: int = 0,
+    rng: int | np.random.Generator | None = 0,
+    require_all_seeds: bool = True,
+) -> dict[str, Any]:
+  """How the best learning rate scales with the batch size: log(best lr) on log(batch size).
+
+  The best learning rate of each batch size is `batch_size_table`'s (seed-averaged metric).
+  The slope comes from ordinary least squares with a t-distribution interval (n - 2
+  degrees of freedom). With 2 batch sizes the line is exact and has no interval:
+  `ci_low, ci_high = -inf, inf`. The best rates lie on the grid's values, so the slope
+  can only be as fine as the grid's spacing.
+
+  With several seeds, `bootstrap > 0` adds a percentile interval from resampling the seeds
+  with replacement (the best rate of every batch size recomputed from each resample's mean
+  metric), which also counts how much the choice of best rate depends on the seeds.
+
+  Args:
+    result: a `sweep.Result` (anything with `.table`).
+    metric: the results-table column to rank by.
+    mode: 'min' or 'max'.
+    confidence: the level of the intervals.
+    bootstrap: resamples of the seeds; 0 for none.
+    rng: the bootstrap's numpy Generator or seed.
+    require_all_seeds: as in `batch_size_table`.
+
+  Returns:
+    A dict: `slope`, `intercept` (of log(lr) = intercept + slope log(batch)), `ci_low`,
+    `ci_high`, `n` (batch sizes), `batch_sizes` and `best_lrs` (arrays), and with a
+    bootstrap `boot_low`, `boot_high`; `interpretation`, a sentence comparing the slope
+    with 1 (the linear scaling rule, Goyal et al. 2017) and 0.5 (square-root scaling).
+    With fewer than 2 batch sizes the numbers are NaN.
+  """
+  if not 0 < confidence < 1:
+    raise config_error('confidence', confidence, 'expected a level in (0, 1)')
+  best = batch_size_table(result, metric, mode, require_all_seeds=require_all_seeds)
+  b = best.index.to_numpy(np.float64)
+  lr = best['learning_rate'].to_numpy(np.float64)
+  n = len(b)
+  if n >= 2:
+    slope, intercept, low, high = _ols(np.log(b), np.log(lr), confidence)
+  else:
+    slope = intercept = low = high = math.nan
+  out = {
+      'slope': slope, 'intercept': intercept, 'ci_low': low, 'ci_high': high, 'n': n,
+      'batch_sizes': b, 'best_lrs': lr,
+  }
+  table = result.table
+  seeds = table['seed'].unique() if 'seed' in table.columns else []
+  if bootstrap and len(seeds) > 1 and n >= 2:
+    gen = np.random.default_rng(rng)
+    slopes = []
+    for _ in range(int(bootstrap)):
+      pick = gen.choice(seeds, size=len(seeds), replace=True)
+      # Each drawn seed's rows, as many times as it was drawn: the resampled sweep.
+      resampled = pd.concat([table[table['seed'] == s] for s in pick], ignore_index=True)
+      resampled['run'] = np.arange(len(resampled))
+      t = batch_size_table(SimpleNamespace(table=resampled, curves=None), metric, mode,
+                           require_all_seeds=require_all_seeds)
+      if len(t) >= 2:
+        slopes.append(_ols(np.log(t.index.to_numpy(np.float64)), np.log(t['learning_rate'].to_numpy(np.float64)),
+                           confidence)[0])
+    tail = 100 * (1 - confidence) / 2
+    out['boot_low'], out['boot_high'] = (
+        (float(np.nanpercentile(slopes, tail)), float(np.nanpercentile(slopes, 100 - tail))) if slopes else (math.nan,) * 2
+    )
+  edge = [int(x) if float(x).is_integer() else x for x in best.index[best['lr_at_edge']]] if n else []
+  out['interpretation'] = _interpret(slope, low, high, n, edge)
+  return out
+
+
+# ------------------------------------------------------------- overfitting ----
+
+
+def _overfitting_frame(table: pd.DataFrame, curves: pd.DataFrame | None, margin: float) -> pd.DataFrame:
+  if isinstance(margin, bool) or not isinstance(margin, int | float) or not margin >= 0:
+    raise config_error('margin', margin, 'expected a relative margin >= 0')
+  runs = table['run'].to_numpy() if 'run' in table.columns else table.index.to_numpy()
+  out = pd.DataFrame(index=pd.Index(runs, name='run'))
+  if 'final_val_loss' in table.columns and 'final_train_loss' in table.columns:
+    out['generalization_gap'] = (table['final_val_loss'].to_numpy(np.float64)
+                                 - table['final_train_loss'].to_numpy(np.float64))
+  else:
+    out['generalization_gap'] = np.nan
+  out['best_val_eval'] = np.nan
+  out['best_val_epoch'] = np.nan
+  out['val_rise'] = np.nan
+  out['overfit'] = False
+  if curves is None or curves.empty or 'val_loss' not in curves.columns:
+    return out
+
+  c = curves[curves['run'].isin(runs)].sort_values(['run', 'eval']).reset_index(drop=True)
+  val = c['val_loss'].to_numpy(np.float64)
+  c['_val'] = np.where(np.isfinite(val), val, np.inf)
+  grouped = c.groupby('run', sort=True)
+  best_row = grouped['_val'].idxmin()  # the first evaluation of the lowest validation loss
+  last_row = grouped['eval'].idxmax()
+  best = c.loc[best_row.to_numpy()].set_index('run')
+  last = c.loc[last_row.to_numpy()].set_index('run')
+  found = np.isfinite(best['_val'].to_numpy())
+  best_eval = np.where(found, best['eval'].to_numpy(np.float64), np.nan)
+  best_epoch = (np.where(found, best['epoch'].to_numpy(np.float64), np.nan)
+                if 'epoch' in c.columns else np.full(len(best), np.nan))
+  min_val = np.where(found, best['_val'].to_numpy(), np.nan)
+  final_val = last['val_loss'].to_numpy(np.float64)
+  with np.errstate(divide='ignore', invalid='ignore'):
+    rise = (final_val - min_val) / np.abs(min_val)
+  if 'train_loss' in c.columns:
+    train_kept_falling = last['train_loss'].to_numpy(np.float64) < best['train_loss'].to_numpy(np.float64)
+  else:
+    train_kept_falling = np.zeros(len(best), bool)
+  # Relative to |min| so the test reads the same for any loss scale; rise is NaN for a run
+  # without a finite validation loss, and NaN compares False.
+  overfit = (final_val - min_val > margin * np.abs(min_val)) & train_kept_falling
+  index = best.index
+  out.loc[index, 'best_val_eval'] = best_eval
+  out.loc[index, 'best_val_epoch'] = best_epoch
+  out.loc[index, 'val_rise'] = rise
+  out.loc[index, 'overfit'] = overfit
+  out['overfit'] = out['overfit'].astype(bool)
+  return out
+
+
+def overfitting(result: Any, margin: float = 0.05) -> pd.DataFrame:
+  """Per run: the generalization gap, the best validation point and whether it overfit.
+
+  A run overfits when its final validation loss lies more than `margin` (relative) above
+  its lowest validation loss, while its training loss at the end is below its training
+  loss at that lowest point: the training loss kept falling while the validation loss rose.
+
+  Args:
+    result: a `sweep.Result` (anything with `.table` and `.curves`).
+    margin: the relative rise of the validation loss that counts, 0.05 for 5 %.
+
+  Returns:
+    A DataFrame indexed by run with columns `generalization_gap` (final_val_loss -
+    final_train_loss), `best_val_eval` (the first evaluation point of the lowest validation
+    loss; 0 is before training), `best_val_epoch` (its epoch), `val_rise` ((final - lowest
+    validation loss) / |lowest|) and `overfit` (bool). Without validation curves the numbers
+    are NaN and `overfit` is False.
+  """
+  return _overfitting_frame(result.table, getattr(result, 'curves', None), margin)
+
+
+def annotate_overfitting(table: pd.DataFrame, curves: pd.DataFrame | None, margin: float = 0.05) -> pd.DataFrame:
+  """A copy of a results table with `overfitting`'s columns added (replaced if present).
+
+  Args:
+    table: one row per run, with a `run` column (or the run ids as its index).
+    curves: the runs' curves (columns run, eval, val_loss, train_loss, epoch, ...).
+    margin: as in `overfitting`.
+
+  Returns:
+    The table with columns generalization_gap, best_val_eval, best_val_epoch, val_rise and
+    overfit, in the table's row order.
+  """
+  frame = _overfitting_frame(table, curves, margin)
+  runs = table['run'].to_numpy() if 'run' in table.columns else table.index.to_numpy()
+  out = table.drop(columns=[c for c in OVERFITTING_COLUMNS if c in table.columns])
+  for column in OVERFITTING_COLUMNS:
+    out[column] = frame[column].reindex(runs).to_numpy()
+  out['overfit'] = out['overfit'].astype(bool)
+  return out
+
+
+# ------------------------------------------------------------- noise scale ----
+
+
+def noise_scale(g_small_sq: Any, g_big_sq: Any, b_small: Any, b_big: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """The simple gradient noise scale from gradient norms at two batch sizes.
+
+  McCandlish et al. 2018 ("An empirical model of large-batch training", appendix A): a
+  mean gradient over a batch of b examples has E|G_b|^2 = |G|^2 + tr(Sigma) / b, with G the
+  true gradient and Sigma the per-example gradient covariance. Two batch sizes give the
+  unbiased estimates
+    |G|^2    = (b_big |G_big|^2 - b_small |G_small|^2) / (b_big - b_small),
+    tr(Sigma) = (|G_small|^2 - |G_big|^2) / (1 / b_small - 1 / b_big),
+  and B_noise = tr(Sigma) / |G|^2, the batch size near which larger batches stop paying.
+  One measurement is noisy: average |G|^2 and tr(Sigma) (e.g. over steps) before taking
+  their ratio, as the paper does.
+
+  Args:
+    g_small_sq: squared norms |G_small|^2 of mean gradients over b_small examples; any
+      shape, broadcast against the others.
+    g_big_sq: squared norms |G_big|^2 over b_big examples.
+    b_small: the smaller batch size.
+    b_big: the larger batch size.
+
+  Returns:
+    (B_noise, tr_sigma, g_sq), float64 arrays of the broadcast shape; B_noise is NaN where
+    the |G|^2 estimate is not positive.
+
+  Raises:
+    ConfigError: batch sizes that are not positive or are equal.
+  """
+  g_small_sq, g_big_sq, b_small, b_big = (np.asarray(a, np.float64) for a in (g_small_sq, g_big_sq, b_small, b_big))
+  if np.any(b_small <= 0) or np.any(b_big <= 0):
+    raise config_error('batch sizes', (b_small.tolist(), b_big.tolist()), 'expected positive batch sizes')
+  if np.any(b_small == b_big):
+    raise config_error('batch sizes', (b_small.tolist(), b_big.tolist()), 'expected two different batch sizes')
+  g_sq = (b_big * g_big_sq - b_small * g_small_sq) / (b_big - b_small)
+  tr_sigma = (g_small_sq - g_big_sq) / (1.0 / b_small - 1.0 / b_big)
+  with np.errstate(divide='ignore', invalid='ignore'):
+    b_noise = np.where(g_sq > 0, tr_sigma / np.where(g_sq > 0, g_sq, 1.0), np.nan)
+  return b_noise, tr_sigma, g_sq
