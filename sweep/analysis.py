@@ -72,26 +72,28 @@ def _per_config(table: pd.DataFrame, metric: str, require_all_seeds: bool) -> pd
     the seeds kept), `seeds` (how many were averaged) and `runs` (their run ids, a tuple).
   """
   keys = _config_columns(table)
-  t = table.copy()
-  t['_run'] = t['run'].to_numpy() if 'run' in t.columns else t.index.to_numpy()
-  ok = (t['status'] == 'ok') if 'status' in t.columns else pd.Series(True, index=t.index)
-  t['_ok'] = ok.to_numpy() & np.isfinite(t[metric].to_numpy(np.float64))
-  rows = []
-  for values, g in t.groupby(keys, dropna=False, sort=True):
-    values = values if isinstance(values, tuple) else (values,)
-    kept = g[g['_ok']]
-    # A learning rate that diverged for some seed is no safe best, however well the others did.
-    if kept.empty or (require_all_seeds and len(kept) < len(g)):
-      continue
-    row = dict(zip(keys, values, strict=True))
-    row[metric] = float(kept[metric].mean())
-    for column in ('updates', 'examples', 'seconds'):
-      row[column] = float(kept[column].mean()) if column in kept.columns else math.nan
-    row['seeds'] = len(kept)
-    row['runs'] = tuple(int(r) for r in kept['_run'])
-    rows.append(row)
-  columns = keys + [metric, 'updates', 'examples', 'seconds', 'seeds', 'runs']
-  return pd.DataFrame(rows, columns=columns)
+  n = len(table)
+  runs = table['run'].to_numpy() if 'run' in table.columns else table.index.to_numpy()
+  ok = (table['status'] == 'ok').to_numpy() if 'status' in table.columns else np.ones(n, bool)
+  ok = ok & np.isfinite(table[metric].to_numpy(np.float64))
+  group = table.groupby(keys, dropna=False, sort=True).ngroup().to_numpy()
+  values = {'_group': group, '_ok': ok}
+  for column in (metric, 'updates', 'examples', 'seconds'):
+    v = table[column].to_numpy(np.float64) if column in table.columns else np.full(n, np.nan)
+    values[column] = np.where(ok, v, np.nan)  # means over the seeds kept
+  stats = pd.DataFrame(values).groupby('_group', sort=True).agg(
+      **{c: (c, 'mean') for c in (metric, 'updates', 'examples', 'seconds')},
+      seeds=('_ok', 'sum'), size=('_ok', 'size'),
+  )
+  # A learning rate that diverged for some seed is no safe best, however well the others did.
+  keep = (stats['seeds'] > 0) & ((stats['seeds'] == stats['size']) | (not require_all_seeds))
+  first_row = pd.Series(np.arange(n)).groupby(group).first()
+  out = table.iloc[first_row.loc[stats.index[keep]].to_numpy()][keys].reset_index(drop=True)
+  for column in (metric, 'updates', 'examples', 'seconds', 'seeds'):
+    out[column] = stats.loc[keep, column].to_numpy()
+  kept_runs = pd.Series(runs[ok]).groupby(group[ok]).agg(lambda r: tuple(int(i) for i in r))
+  out['runs'] = kept_runs.reindex(stats.index[keep]).to_list()
+  return out
 
 
 def _first_reached(curves: pd.DataFrame, runs: tuple[int, ...], column: str, target: float, mode: str):
@@ -209,7 +211,10 @@ def _interpret(slope: float, low: float, high: float, n: int, edge: list) -> str
   text = f'best lr ~ batch^{slope:.2f}'
   if math.isfinite(low) and math.isfinite(high):
     text += f' (95% interval {low:.2f} to {high:.2f}, {n} batch sizes): '
-    has_linear, has_sqrt = low <= 1.0 <= high, low <= 0.5 <= high
+    # A little slack: an exact power law has a zero-width interval, up to rounding.
+    slack = 1e-9
+    has_linear = low - slack <= 1.0 <= high + slack
+    has_sqrt = low - slack <= 0.5 <= high + slack
     if has_linear and has_sqrt:
       text += ('consistent with both the linear scaling rule (1, Goyal et al. 2017) and square-root '
                'scaling (0.5); more batch sizes or seeds are needed to tell them apart.')
@@ -235,8 +240,9 @@ def _interpret(slope: float, low: float, high: float, n: int, edge: list) -> str
       near = 'steeper than the linear scaling rule (1, Goyal et al. 2017)'
     text += f' from {n} batch sizes, too few for an interval; the estimate is {near}.'
   if edge:
-    text += (f' The best learning rate of batch size {", ".join(str(b) for b in edge)} is at the edge of the '
-             'grid, which biases the slope: widen the learning-rate grid.')
+    sizes = ('batch size ' if len(edge) == 1 else 'batch sizes ') + ', '.join(str(b) for b in edge)
+    text += (f' The best learning rate at {sizes} is at the edge of the grid, which biases the slope: '
+             'widen the learning-rate grid.')
   return text
 
 
@@ -256,7 +262,9 @@ def lr_batch_slope(
   The slope comes from ordinary least squares with a t-distribution interval (n - 2
   degrees of freedom). With 2 batch sizes the line is exact and has no interval:
   `ci_low, ci_high = -inf, inf`. The best rates lie on the grid's values, so the slope
-  can only be as fine as the grid's spacing.
+  can only be as fine as the grid's spacing. Give it a sweep of one optimizer and schedule
+  (filter the table first otherwise): the best of each batch size could come from different
+  ones, and the slope would mix them.
 
   With several seeds, `bootstrap > 0` adds a percentile interval from resampling the seeds
   with replacement (the best rate of every batch size recomputed from each resample's mean

@@ -23,6 +23,17 @@ import orbax.checkpoint as ocp
 from sweep.errors import ConfigError
 
 
+def _local() -> ocp.options.MultiprocessingOptions:
+  """Orbax options for a checkpoint this process writes or reads alone (in a sweep of
+  several processes each trains its own runs; nothing here is a collective)."""
+  me = jax.process_index()
+  return ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+
+
+def _checkpointer() -> ocp.StandardCheckpointer:
+  return ocp.StandardCheckpointer(multiprocessing_options=_local())
+
+
 def fingerprint(resolved: dict[str, Any]) -> str:
   """A hash of what defines the numbers of a sweep (not where or when it ran)."""
   keep = {k: v for k, v in resolved.items() if k not in ('environment', 'experiment')}
@@ -47,7 +58,9 @@ class SweepState:
     self.directory = os.path.abspath(os.path.join(workdir, 'state'))
     self.manager = ocp.CheckpointManager(
         self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=True),
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, enable_async_checkpointing=True, multiprocessing_options=_local()
+        ),
         item_names=('state', 'meta'),
     )
 
@@ -120,7 +133,7 @@ def save_done(workdir: str, c: int, state: Any) -> None:
   path = done_path(workdir, c)
   if os.path.exists(path):
     shutil.rmtree(path)
-  with ocp.StandardCheckpointer() as ckpt:
+  with _checkpointer() as ckpt:
     ckpt.save(path, state)
     ckpt.wait_until_finished()
 
@@ -145,7 +158,7 @@ class Final:
           'this run\'s final state was not kept: the sweep outgrew its memory budget. '
           'Run it with a workdir to keep every final state on disk.'
       )
-    with ocp.StandardCheckpointer() as ckpt:
+    with _checkpointer() as ckpt:
       return jax.tree.map(np.asarray, ckpt.restore(self.path, self.abstract))
 
 
@@ -163,7 +176,7 @@ def save_run(workdir: str, i: int, params: Any, opt_state: Any, meta: dict[str, 
   path = run_path(workdir, i)
   if os.path.exists(path):
     shutil.rmtree(path)
-  with ocp.StandardCheckpointer() as ckpt:
+  with _checkpointer() as ckpt:
     ckpt.save(path, {'params': host_copy(params), 'opt_state': host_copy(opt_state)})
     ckpt.wait_until_finished()
   atomic_write(path + '.json', json.dumps(meta, indent=2, default=_json_default))
@@ -188,7 +201,7 @@ def restore_params(workdir: str, i: int) -> Any:
     raise KeyError(
         f'run {i} was not saved in {workdir!r}; saved runs (the Pareto front): {saved or "none"}'
     )
-  with ocp.StandardCheckpointer() as ckpt:
+  with _checkpointer() as ckpt:
     tree = ckpt.restore(path)
   return jax.tree.map(np.asarray, tree['params'])
 

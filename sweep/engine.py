@@ -24,7 +24,7 @@ import tqdm.auto as tqdm
 from flax import nnx
 
 from kernels import losses, optimizers, schedules, train
-from sweep import checkpoints, models
+from sweep import checkpoints, distributed, models
 from sweep.config import Plan, Run, SweepConfig, validate
 from sweep.errors import ConfigError, config_error
 
@@ -392,9 +392,10 @@ class _Keeper:
   """Keeps each finished unit's final state: on the host while it fits the memory
   budget; beyond that on disk (with a workdir) or not at all (then `params(i)` says so)."""
 
-  def __init__(self, budget: int, workdir: str | None):
+  def __init__(self, budget: int, workdir: str | None, keep_opt_state: bool):
     self.budget = budget
     self.workdir = workdir
+    self.keep_opt_state = keep_opt_state
     self.kept = 0
 
   def __call__(self, c: int, state: Any) -> checkpoints.Final:
@@ -402,7 +403,7 @@ class _Keeper:
     if self.workdir is not None:
       # On disk first: a resumed sweep finds every finished unit there.
       checkpoints.save_done(self.workdir, c, host)
-    else:
+    if not self.keep_opt_state:
       # Without a workdir only the parameters are ever read again.
       host = tuple(g._replace(runs=g.runs._replace(opt_state=None)) for g in host)
     nbytes = sum(a.nbytes for a in jax.tree.leaves(host))
@@ -477,8 +478,14 @@ def run(
   cgroups = compile_groups(plan, init_fn, apply_fn, eval_chunk)
   resolved = results.resolved_config(plan, experiment_file)
 
+  processes, me = jax.process_count(), jax.process_index()
   store, resume_step, restored = None, None, None
-  if workdir is not None:
+  if workdir is not None and processes > 1:
+    # Several processes: each trains its own units; process 0 writes the results. The
+    # whole-sweep state checkpoints (resume) are single-process only for now.
+    if me == 0:
+      checkpoints.claim(workdir, checkpoints.fingerprint(resolved), fresh=True)
+  elif workdir is not None:
     fp = checkpoints.fingerprint(resolved)
     checkpoints.claim(workdir, fp, fresh)
     store = checkpoints.SweepState(workdir)
@@ -495,7 +502,7 @@ def run(
   threshold = jnp.float32(cfg.divergence_threshold)
   ticks = sum(sum(cg.structure.steps_per_segment) * plan.num_evals for cg in cgroups)
   bar = tqdm.tqdm(total=ticks, desc=f'{len(plan.runs)} runs', unit='tick', disable=not progress, leave=False)
-  keep = _Keeper(memory_budget(cfg), workdir)
+  keep = _Keeper(memory_budget(cfg), workdir if processes == 1 else None, keep_opt_state=workdir is not None)
 
   collected = []  # (unit, final state, history, seconds)
   c0, k0, seconds0 = 0, 0, 0.0
@@ -504,7 +511,7 @@ def run(
     c0, k0, seconds0 = meta['group'], meta['segment'], meta['seconds']
     for c in range(c0):
       final = checkpoints.Final(path=checkpoints.done_path(workdir, c), abstract=_abstract_state(cgroups[c], init_fn))
-      collected.append((cgroups[c], final, _history_from_json(meta['history'][c]), meta['group_seconds'][c]))
+      collected.append((cgroups[c], final, _history_from_json(meta['history'][c]), meta['group_seconds'][c], c))
       bar.update(sum(cgroups[c].structure.steps_per_segment) * plan.num_evals)
     if c0 < len(cgroups):
       bar.update(sum(cgroups[c0].structure.steps_per_segment) * k0)
@@ -515,6 +522,8 @@ def run(
   try:
     with _SigtermFlag(active=store is not None) as sigterm:
       for c in range(c0, len(cgroups)):
+        if distributed.owner(c) != me:
+          continue
         cg = cgroups[c]
         t0 = time.perf_counter()
         orders = _OrderBook(plan, cg)
@@ -542,19 +551,19 @@ def run(
               or finished
           )
           if store is not None and due:
-            histories = [h for _, _, h, _ in collected] + [history]
+            histories = [h for _, _, h, _, _ in collected] + [history]
             meta = {
                 'group': c + 1 if finished else c,
                 'segment': 0 if finished else k + 1,
                 'history': [_history_to_json(h) for h in histories],
-                'group_seconds': [x for _, _, _, x in collected] + [time.perf_counter() - t0],
+                'group_seconds': [x for _, _, _, x, _ in collected] + [time.perf_counter() - t0],
                 'seconds': time.perf_counter() - start,
             }
             store.save(step, None if finished else state, meta)
             last_save = time.perf_counter()
           if sigterm.raised:
             raise _Preempted
-        collected.append((cg, final, history, time.perf_counter() - t0))
+        collected.append((cg, final, history, time.perf_counter() - t0, c))
   except _Preempted:
     bar.close()
     store.close()
@@ -566,8 +575,14 @@ def run(
   if store is not None:
     store.close()
 
+  if processes > 1:
+    # Every process gets every unit's history and final state, in unit order.
+    mine = [(c, f.get(), h, sec) for _, f, h, sec, c in collected]
+    everything = sorted((x for part in distributed.allgather_objects(mine) for x in part), key=lambda x: x[0])
+    collected = [(cgroups[c], checkpoints.Final(state=st), h, sec, c) for c, st, h, sec in everything]
+  collected = [entry[:4] for entry in collected]
   result = results.Result.from_training(plan, collected, time.perf_counter() - start, resolved)
-  if workdir is not None:
+  if workdir is not None and me == 0:
     result.save(workdir)
     result.save_front(workdir, collected)
     if experiment_file is not None:

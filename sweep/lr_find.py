@@ -38,7 +38,8 @@ import optax
 
 from kernels import losses as kernel_losses
 from kernels import optimizers, train
-from sweep.config import AXES, SweepConfig
+from sweep import engine
+from sweep.config import AXES, SweepConfig, validate
 from sweep.errors import config_error
 
 __all__ = ['METHODS', 'RULES', 'LRFinderResult', 'lr_find', 'minimum', 'steep', 'valley']
@@ -195,7 +196,13 @@ class LRFinderResult:
       y = float(np.interp(np.log(lr), np.log(xs), ys)) if len(xs) else np.nan
       style = dict(marker='o', markersize=8) if name == self.suggest else dict(marker='x', markersize=6)
       ax.plot([lr], [y], linestyle='none', label=f'{name}: {lr:.3g}', **style)
-    ax.axvline(self.suggestion, color='0.5', linestyle=':', linewidth=1)
+    if math.isfinite(self.suggestion):
+      ax.axvline(self.suggestion, color='0.5', linestyle=':', linewidth=1)
+    if len(ys) and np.all(np.isfinite(ys)):
+      # Frame the curve the rules read: the blow-up after it would squash it flat.
+      low, high = float(np.min(ys)), float(np.max(ys))
+      pad = 0.1 * (high - low) or 0.1 * abs(high) or 1.0
+      ax.set_ylim(low - pad, high + pad)
     ax.set_xscale('log')
     ax.set_xlabel('learning rate')
     ax.set_ylabel('loss')
@@ -235,7 +242,7 @@ def _suggest_all(lrs: np.ndarray, losses: np.ndarray) -> dict[str, float]:
   return {name: rule(lrs, losses) for name, rule in RULES.items()}
 
 
-def _first_values(cfg: SweepConfig, plan) -> dict[str, Any]:
+def _first_values(plan) -> dict[str, Any]:
   """Every axis but the learning rate at its first value: the one run the test studies."""
   return {a: plan.axes[a][0] for a in AXES if a != 'learning_rate'}
 
@@ -313,10 +320,8 @@ def _ramp_batches(seed: int, n: int, batch: int, steps: int, shuffle: bool) -> n
 
 
 def _ramp(cfg, start_lr, end_lr, num_it, suggest, beta, stop_factor) -> LRFinderResult:
-  from sweep import engine  # the engine imports much; keep this module light to import
-
   plan = engine.check(cfg)
-  first = _first_values(cfg, plan)
+  first = _first_values(plan)
   run = plan.runs[0]  # every axis at its first value, optimizer defaults filled in
   hypers = {k: np.float32(run.values[k]) for k in optimizers.HYPERPARAMETERS if run.values[k] is not None}
   data = cfg.data
@@ -360,7 +365,7 @@ def _grid_curve(lrs: np.ndarray, losses: np.ndarray, stop_factor: float, points_
   scipy's `make_smoothing_spline` (a cubic smoothing spline, its smoothness chosen by
   generalized cross-validation), fitted to log(loss) so that it stays positive and the
   orders of magnitude a loss falls through weigh alike; it is evaluated on a fine log grid.
-  Fewer than 5 points are used as they are.
+  Fewer than 5 points (too few for the spline) are used as they are.
   """
   best = np.minimum.accumulate(np.where(np.isfinite(losses), losses, np.inf))
   bad = ~np.isfinite(losses) | (losses > stop_factor * best) | (losses <= 0)
@@ -381,16 +386,14 @@ def _plateau_end(log_losses: np.ndarray, plateau: float) -> int:
   low = int(np.argmin(log_losses))
   level = log_losses[0] - plateau * (log_losses[0] - log_losses[low])
   above = np.nonzero(log_losses[: low + 1] > level)[0]
-  return int(above[-1]) + 1 if len(above) else 0
+  # At least two points stay for the rule.
+  return min(int(above[-1]) + 1, len(log_losses) - 2) if len(above) else 0
 
 
 def _grid(cfg, start_lr, end_lr, num_it, suggest, budget, stop_factor, plateau) -> LRFinderResult:
-  from sweep import engine
-  from sweep.config import validate
-
   plan = validate(cfg)
   lrs = np.geomspace(start_lr, end_lr, num_it)
-  first = _first_values(cfg, plan)
+  first = _first_values(plan)
   first['schedule'] = 'constant'
   grid_cfg = cfg.replace(
       **first, learning_rate=[float(v) for v in lrs], updates=int(budget), epochs=None, num_evals=1
