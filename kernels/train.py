@@ -44,6 +44,9 @@ class Structure:
     eval_batch_size: examples per evaluation chunk.
     ragged: per batch group, whether the segments overrun the budget (the last
       segment then skips its extra ticks).
+    noise_scale: also measure the squared gradient norms of each half batch and of the
+      whole batch, for the gradient noise scale (the batch gradient is then the mean
+      of the two half-batch gradients: equal up to float rounding).
     compute_dtype: dtype of the forward and backward pass (parameters stay float32).
   """
 
@@ -56,6 +59,7 @@ class Structure:
   steps_per_epoch: tuple[int, ...]
   eval_batch_size: int
   ragged: tuple[bool, ...] = ()
+  noise_scale: bool = False
   compute_dtype: str = 'float32'
 
   def loss_fn(self, predictions: jax.Array, targets: jax.Array) -> jax.Array:
@@ -112,6 +116,8 @@ class RunState(NamedTuple):
   loss0: jax.Array  # first batch loss: the reference of the blow-up test
   loss_sum: jax.Array  # batch losses summed over the current segment
   loss_count: jax.Array
+  gsq_half: jax.Array  # summed over the segment: mean |g|^2 of the two half batches
+  gsq_full: jax.Array  # summed over the segment: |g|^2 of the whole batch
 
 
 class GroupState(NamedTuple):
@@ -156,6 +162,8 @@ def _run_init(structure: Structure, params: Any, hp: RunHparams) -> RunState:
       loss0=zero,
       loss_sum=zero,
       loss_count=jnp.zeros((), jnp.int32),
+      gsq_half=zero,
+      gsq_full=zero,
   )
 
 
@@ -172,7 +180,21 @@ def _run_step(
   def batch_loss(params):
     return jnp.mean(structure.loss_fn(structure.forward(params, xb), yb))
 
-  loss, grads = jax.value_and_grad(batch_loss)(state.params)
+  gsq_half, gsq_full = state.gsq_half, state.gsq_full
+  if structure.noise_scale:
+    # Two half batches give gradient norms at two batch sizes (McCandlish et al. 2018).
+    halves = lambda a: a.reshape((2, a.shape[0] // 2) + a.shape[1:])  # noqa: E731
+    half_loss = lambda p, x, y: jnp.mean(structure.loss_fn(structure.forward(p, x), y))  # noqa: E731
+    losses_h, grads_h = jax.vmap(jax.value_and_grad(half_loss), in_axes=(None, 0, 0))(
+        state.params, halves(xb), halves(yb)
+    )
+    loss = jnp.mean(losses_h)
+    grads = jax.tree.map(lambda g: jnp.mean(g, axis=0), grads_h)
+    sq = lambda t: sum(jnp.sum(jnp.square(a), axis=tuple(range(1, a.ndim))) for a in jax.tree.leaves(t))  # noqa: E731
+    gsq_half = gsq_half + jnp.mean(sq(grads_h))
+    gsq_full = gsq_full + sum(jnp.sum(jnp.square(a)) for a in jax.tree.leaves(grads))
+  else:
+    loss, grads = jax.value_and_grad(batch_loss)(state.params)
   loss0 = jnp.where(state.updates == 0, loss, state.loss0)
   ok = state.alive & jnp.isfinite(loss) & (loss <= threshold * jnp.abs(loss0) + 1e-6)
   # Freeze a diverged run with a zero gradient and a zero learning rate: its update is
@@ -191,6 +213,8 @@ def _run_step(
       loss0=loss0,
       loss_sum=state.loss_sum + jnp.where(ok, loss, 0.0),
       loss_count=state.loss_count + ok.astype(jnp.int32),
+      gsq_half=gsq_half,
+      gsq_full=gsq_full,
   )
 
 
@@ -253,6 +277,8 @@ def _group_segment(
       runs=state.runs._replace(
           loss_sum=jnp.zeros_like(state.runs.loss_sum),
           loss_count=jnp.zeros_like(state.runs.loss_count),
+          gsq_half=jnp.zeros_like(state.runs.gsq_half),
+          gsq_full=jnp.zeros_like(state.runs.gsq_full),
       )
   )
   state, _ = jax.lax.scan(body, state, None, length=structure.steps_per_segment[index])
@@ -323,6 +349,9 @@ def segment(
   for m, g, h in zip(metrics, new, hparams, strict=True):
     count = jnp.maximum(g.runs.loss_count, 1)
     m['batch_loss'] = jnp.where(g.runs.loss_count > 0, g.runs.loss_sum / count, jnp.nan)
+    if structure.noise_scale:
+      m['grad_sq_half'] = g.runs.gsq_half / count
+      m['grad_sq_full'] = g.runs.gsq_full / count
     m['learning_rate'] = jax.vmap(jax.vmap(schedules.learning_rate))(
         h.runs.schedule, jnp.maximum(g.runs.updates - 1, 0)
     )

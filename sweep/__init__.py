@@ -7,13 +7,17 @@
     result.table
 """
 
-from sweep import data, models
+from sweep import analysis, data, distributed, models
 from sweep.checkpoints import restore_params
 from sweep.config import SweepConfig
 from sweep.engine import check, run
 from sweep.errors import ConfigError
+from sweep.lr_find import LRFinderResult, lr_find
 from sweep.results import Result
 
 load = Result.load
 
-__all__ = ['ConfigError', 'Result', 'SweepConfig', 'check', 'data', 'load', 'models', 'restore_params', 'run']
+__all__ = [
+    'ConfigError', 'LRFinderResult', 'Result', 'SweepConfig', 'analysis', 'check', 'data', 'distributed',
+    'load', 'lr_find', 'models', 'restore_params', 'run',
+]

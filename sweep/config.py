@@ -91,6 +91,8 @@ class SweepConfig:
     memory_budget: bytes the runs may occupy on a device; None: 60 % of an
       accelerator's memory, 20 % of host RAM on CPU. Runs that do not fit at once are
       trained in chunks that reuse one compiled program.
+    noise_scale: measure the gradient noise scale during training (every batch size
+      must be even): each batch's gradient is taken as the mean of its two halves'.
     name: a label for the sweep.
   """
 
@@ -119,6 +121,7 @@ class SweepConfig:
   objectives: Mapping[str, str] = dataclasses.field(default_factory=lambda: dict(DEFAULT_OBJECTIVES))
   compute_dtype: str = 'float32'
   memory_budget: float | None = None
+  noise_scale: bool = False
   name: str = 'sweep'
 
   def replace(self, **changes) -> SweepConfig:
@@ -179,7 +182,7 @@ def _names(field: str, values: list, accepted: Sequence[str]):
 # Numeric columns every results table has, and those of classification losses.
 NUMERIC_COLUMNS = (
     'updates', 'examples', 'final_batch_loss', 'final_train_loss', 'final_val_loss', 'best_val_loss',
-    'best_eval', 'seconds', 'generalization_gap', 'best_val_epoch',
+    'best_eval', 'seconds', 'generalization_gap', 'best_val_epoch', 'best_val_eval', 'val_rise',
 )
 ACCURACY_COLUMNS = ('final_train_accuracy', 'final_val_accuracy', 'best_val_accuracy')
 
@@ -191,6 +194,8 @@ def table_columns(cfg: SweepConfig, axes: dict[str, list]) -> list[str]:
   loss = cfg.loss if cfg.loss is not None else ('softmax_cross_entropy' if cfg.data.is_classification else 'mse')
   if isinstance(loss, str) and loss in losses.CLASSIFICATION:
     columns += list(ACCURACY_COLUMNS)
+  if cfg.noise_scale:
+    columns += ['noise_scale']
   return columns
 
 
@@ -260,6 +265,12 @@ def validate(cfg: SweepConfig) -> Plan:
     v = getattr(cfg, name)
     if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v <= 0:
       raise config_error(name, v, 'expected a positive integer')
+  if not isinstance(cfg.noise_scale, bool):
+    raise config_error('noise_scale', cfg.noise_scale, 'expected True or False')
+  if cfg.noise_scale:
+    for b in axes['batch_size']:
+      if b % 2:
+        raise config_error('batch_size', b, 'noise_scale=True needs even batch sizes (two half batches)')
   if cfg.memory_budget is not None:
     _positive_finite('memory_budget', [cfg.memory_budget])
   if cfg.compute_dtype not in ('float32', 'bfloat16', 'float16'):

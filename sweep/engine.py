@@ -261,6 +261,7 @@ def compile_groups(plan: Plan, init_fn, apply_fn, eval_chunk: int) -> list[Compi
             for b in plan.batch_sizes
         ),
         compute_dtype=cfg.compute_dtype,
+        noise_scale=cfg.noise_scale,
     )
     for start in range(0, total, width):
       chunk = _chunk(groups, start, width)

@@ -17,11 +17,12 @@ import jax
 import numpy as np
 import pandas as pd
 
-from sweep import checkpoints, pareto
+from sweep import analysis, checkpoints, pareto
 from sweep.config import DEFAULT_OBJECTIVES, Plan
 
 CURVE_METRICS = (
-    'batch_loss', 'train_loss', 'train_accuracy', 'val_loss', 'val_accuracy', 'learning_rate', 'updates', 'alive'
+    'batch_loss', 'train_loss', 'train_accuracy', 'val_loss', 'val_accuracy', 'learning_rate', 'updates', 'alive',
+    'grad_sq_half', 'grad_sq_full',
 )
 PACKAGES = ('jax', 'jaxlib', 'optax', 'flax', 'orbax-checkpoint', 'numpy', 'pandas')
 
@@ -194,6 +195,8 @@ class Result:
         rec['updates'] = int(m['updates'][s, r])
         rec['examples'] = rec['updates'] * batch
         rec['epoch'] = rec['examples'] / plan.config.data.n_train
+        if 'grad_sq_full' in rec:
+          rec['noise_scale'] = float(analysis.noise_scale(rec['grad_sq_half'], rec['grad_sq_full'], batch // 2, batch)[0])
         per_point.append(rec)
       curve_rows.extend(per_point)
       last = per_point[-1]
@@ -216,14 +219,19 @@ class Result:
         if 'val_accuracy' in last:
           row['final_val_accuracy'] = last['val_accuracy']
           row['best_val_accuracy'] = float(np.nanmax([p['val_accuracy'] for p in per_point]))
+      if plan.config.noise_scale:
+        # Over the second half of training, where the estimate has settled.
+        late = [p['noise_scale'] for p in per_point[1:] if p['eval'] > len(per_point) // 2 and 'noise_scale' in p]
+        row['noise_scale'] = float(np.nanmedian(late)) if late and np.isfinite(late).any() else np.nan
       # Wall time of the compile group, shared out over its runs.
       row['seconds'] = seconds / max(1, sum(int(np.sum(bg.slots >= 0)) for bg in cg.groups))
       rows.append(row)
 
     table = pd.DataFrame(rows).set_index('run', drop=False)
     table.index.name = None
-    table = pareto.annotate(table, objectives(plan, table))
     curves = pd.DataFrame(curve_rows)
+    table = analysis.annotate_overfitting(table, curves)
+    table = pareto.annotate(table, objectives(plan, table))
 
     def params_fn(i: int):
       c, g, s, r = where[i]
