@@ -60,6 +60,7 @@ class Structure:
   eval_batch_size: int
   ragged: tuple[bool, ...] = ()
   noise_scale: bool = False
+  unroll: int = 1
   compute_dtype: str = 'float32'
 
   def loss_fn(self, predictions: jax.Array, targets: jax.Array) -> jax.Array:
@@ -173,9 +174,14 @@ def _run_step(
     hp: RunHparams,
     xb: jax.Array,
     yb: jax.Array,
+    lr: jax.Array,
     threshold: jax.Array,
 ) -> RunState:
-  """One update of one run on one batch: the plain optax step, plus the freeze."""
+  """One update of one run on one batch: the plain optax step, plus the freeze.
+
+  `lr` is the run's scheduled learning rate for this update (computed for a whole
+  segment at once, outside the scan: a live run's update count is its group's tick).
+  """
 
   def batch_loss(params):
     return jnp.mean(structure.loss_fn(structure.forward(params, xb), yb))
@@ -201,7 +207,7 @@ def _run_step(
   # then exactly 0 (every optax optimizer ends in a scale by the learning rate), and
   # one select over the gradient is far cheaper than one over parameters and state.
   grads = jax.tree.map(lambda g: jnp.where(ok, g, 0.0), grads)
-  lr = jnp.where(ok, schedules.learning_rate(hp.schedule, state.updates), 0.0)
+  lr = jnp.where(ok, lr, 0.0)
   opt = optimizers.make(structure.family, hp.opt)
   opt_state = optimizers.with_learning_rate(state.opt_state, lr)
   updates, opt_state = opt.update(grads, opt_state, state.params)
@@ -254,24 +260,30 @@ def _group_segment(
 ) -> GroupState:
   batch = structure.batch_sizes[index]
   per_epoch = structure.steps_per_epoch[index]
+  length = structure.steps_per_segment[index]
   step_runs = _over_runs(
-      lambda st, h, xb, yb: _run_step(structure, st, h, xb, yb, threshold),
-      (False, False, True, True),
+      lambda st, h, xb, yb, lr: _run_step(structure, st, h, xb, yb, lr, threshold),
+      (False, False, True, True, False),
   )
+  # Every learning rate of the segment in one vectorised pass, rather than a switch
+  # over the schedule families inside every tick: (length, S, R).
+  ticks = state.step + jnp.arange(length, dtype=jnp.int32)
+  per_run = jax.vmap(jax.vmap(schedules.learning_rate, in_axes=(0, None)), in_axes=(0, None))
+  lrs = jax.vmap(per_run, in_axes=(None, 0))(ghp.runs.schedule, ticks)
 
-  def tick(state: GroupState) -> GroupState:
+  def tick(state: GroupState, lr: jax.Array) -> GroupState:
     epoch, j = state.step // per_epoch, state.step % per_epoch
     perm = jax.lax.dynamic_index_in_dim(order.orders, epoch - order.first_epoch, axis=1, keepdims=False)
     idx = jax.lax.dynamic_slice_in_dim(perm, j * batch, batch, axis=1)  # (S, B)
-    runs = step_runs(state.runs, ghp.runs, data.x_train[idx], data.y_train[idx])
+    runs = step_runs(state.runs, ghp.runs, data.x_train[idx], data.y_train[idx], lr)
     return GroupState(runs=runs, step=state.step + 1)
 
-  def body(state, _):
+  def body(state, lr):
     if not structure.ragged[index]:
-      return tick(state), None
+      return tick(state, lr), None
     # The predicate is one scalar for the group, so the skipped ticks cost nothing;
     # a cond still keeps a second copy of the carry, so it is used only where needed.
-    return jax.lax.cond(state.step < ghp.total_updates, tick, lambda s: s, state), None
+    return jax.lax.cond(state.step < ghp.total_updates, tick, lambda s, _: s, state, lr), None
 
   state = state._replace(
       runs=state.runs._replace(
@@ -281,7 +293,7 @@ def _group_segment(
           gsq_full=jnp.zeros_like(state.runs.gsq_full),
       )
   )
-  state, _ = jax.lax.scan(body, state, None, length=structure.steps_per_segment[index])
+  state, _ = jax.lax.scan(body, state, lrs, unroll=structure.unroll)
   return state
 
 

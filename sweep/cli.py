@@ -59,6 +59,10 @@ def main(argv: list[str] | None = None) -> int:
                  help='also checkpoint when S seconds passed since the last checkpoint')
   p.set_defaults(fn=_run)
   args = parser.parse_args(argv)
+  if not os.environ.get('SWEEP_NO_CACHE'):
+    from sweep import engine
+
+    engine.enable_compilation_cache()
   return args.fn(args)
 
 

@@ -156,7 +156,48 @@ def memory_budget(cfg: SweepConfig) -> int:
   return int(0.2 * ram)
 
 
+def enable_compilation_cache(directory: str | None = None) -> str:
+  """Turns on JAX's persistent compilation cache, so a second process compiles nothing.
+
+  Args:
+    directory: where compiled programs are kept; default `$SWEEP_CACHE_DIR`, else
+      `~/.cache/sweep/jax`.
+
+  Returns:
+    The directory used.
+  """
+  directory = directory or os.environ.get('SWEEP_CACHE_DIR') or os.path.join(
+      os.path.expanduser('~'), '.cache', 'sweep', 'jax'
+  )
+  os.makedirs(directory, exist_ok=True)
+  jax.config.update('jax_compilation_cache_dir', directory)
+  # Every program of a sweep is worth keeping: the defaults skip fast compiles.
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+  jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+  return directory
+
+
 def run_bytes(plan: Plan, init_fn, apply_fn, family: str, eval_chunk: int) -> int:
+  """Memoised `_run_bytes` (it traces the model twice)."""
+  key = (init_fn, apply_fn, plan.loss, family, eval_chunk, max(plan.batch_sizes),
+         plan.config.data.x_train.shape[1:], str(plan.config.data.x_train.dtype),
+         plan.config.data.y_train.shape[1:], str(plan.config.data.y_train.dtype))
+  try:
+    return _run_bytes_cached(key, plan, init_fn, apply_fn, family, eval_chunk)
+  except TypeError:  # an unhashable model or loss
+    return _run_bytes(plan, init_fn, apply_fn, family, eval_chunk)
+
+
+_RUN_BYTES: dict = {}
+
+
+def _run_bytes_cached(key, plan, init_fn, apply_fn, family, eval_chunk) -> int:
+  if key not in _RUN_BYTES:
+    _RUN_BYTES[key] = _run_bytes(plan, init_fn, apply_fn, family, eval_chunk)
+  return _RUN_BYTES[key]
+
+
+def _run_bytes(plan: Plan, init_fn, apply_fn, family: str, eval_chunk: int) -> int:
   """An upper estimate of one run's memory: parameters, optimizer state, gradient and
   update, and every intermediate of a training step at the largest batch (or of an
   evaluation chunk, whichever is larger; XLA reuses buffers, so the truth is lower)."""

@@ -1,0 +1,1014 @@
+"""A report of a finished sweep: PNG figures and one self-contained HTML page.
+
+    from sweep import report
+    path = report.write_report('workdirs/seed_mlp')   # workdirs/seed_mlp/report/report.html
+
+Everything goes to the `report/` folder of the workdir (the sweep's own files stay apart):
+
+- `heatmap.png`: final validation loss over learning rate x batch size (seed mean).
+- `curves.png`: train and validation loss curves of the best runs.
+- `pareto.png`: the objectives of every run, the Pareto front as a step line.
+- `lr_find.png`: the learning-rate range test and its suggestions.
+- `noise_scale.png`: the gradient noise scale over training, per batch size.
+- `batch_size.png`: the best learning rate per batch size, its fitted slope, slopes 1 and 0.5.
+- `report.html`: the summary, tables and every figure embedded as a base64 data URI; it
+  loads nothing from elsewhere (no scripts, stylesheets or images by address).
+
+A figure whose data is absent (no validation set, one batch size, no range test, ...) is
+not drawn: the page says why, and a PNG of that name left by an earlier report is removed.
+Every file is written to a temporary name and renamed, so none is ever half-written.
+
+A learning-rate range test is read from `lr_find.csv` (columns `lr`, `loss`; a loss of
+`inf` marks a diverged rate) and `lr_find.json` (optional: `method`, `suggest`,
+`suggestion`, `suggestions` {rule: lr}, `curve_lrs`, `curve_losses`; NaN is written as
+null) in the workdir. `save_lr_find` writes both from an `LRFinderResult`.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import datetime
+import html
+import io
+import json
+import math
+import os
+import tempfile
+from importlib import metadata
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any
+
+import matplotlib
+import numpy as np
+import pandas as pd
+from matplotlib import colors as mcolors
+from matplotlib import patches, ticker
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from sweep import analysis
+from sweep.config import AXES
+from sweep.results import Result, atomic_write
+
+if TYPE_CHECKING:
+  from sweep.lr_find import LRFinderResult
+
+__all__ = ['FIGURES', 'REPORT_DIR', 'load_lr_find', 'save_lr_find', 'write_report']
+
+REPORT_DIR = 'report'
+FIGURES = ('heatmap', 'curves', 'pareto', 'lr_find', 'noise_scale', 'batch_size')
+LR_FIND_CSV = 'lr_find.csv'
+LR_FIND_JSON = 'lr_find.json'
+
+TOP_RUNS = 5  # runs drawn in curves.png
+MAX_CELL_LABELS = 120  # heatmap cells beyond which values are not written in the cells
+DPI = 110
+
+LABELS = {
+    'final_val_loss': 'final validation loss',
+    'best_val_loss': 'best validation loss',
+    'final_train_loss': 'final training loss',
+    'final_batch_loss': 'final batch loss',
+    'final_val_accuracy': 'final validation accuracy (fraction)',
+    'final_train_accuracy': 'final training accuracy (fraction)',
+    'best_val_accuracy': 'best validation accuracy (fraction)',
+    'updates': 'updates per run (optimizer steps)',
+    'examples': 'training examples seen',
+    'epoch': 'epochs (passes over the training set)',
+    'seconds': 'wall time per run (s)',
+    'learning_rate': 'learning rate',
+    'batch_size': 'batch size (examples per update)',
+}
+
+
+# --------------------------------------------------------------------- helpers ----
+
+
+def _g(v: Any, digits: int = 4) -> str:
+  """A number for people: 4 significant digits, integers as they are, '–' for missing."""
+  if v is None:
+    return '–'
+  if isinstance(v, bool | np.bool_):
+    return str(bool(v))
+  if isinstance(v, int | np.integer):
+    return str(int(v))
+  try:
+    f = float(v)
+  except (TypeError, ValueError):
+    return str(v)
+  if math.isnan(f):
+    return '–'
+  if math.isinf(f):
+    return '∞' if f > 0 else '-∞'
+  if f.is_integer() and abs(f) < 1e6:
+    return str(int(f))
+  return f'{f:.{digits}g}'
+
+
+def _tick(v: float) -> str:
+  """A short tick label for a learning rate or batch size: 0.001, 3e-05, 30, 128."""
+  text = f'{v:.2g}'
+  if 'e' in text:
+    mantissa, exponent = text.split('e')
+    text = f'{mantissa}e{int(exponent)}'
+  return text
+
+
+def _e(text: Any) -> str:
+  return html.escape(str(text), quote=True)
+
+
+def _spans_decades(values: Any) -> bool:
+  """Whether the finite positive values span at least a factor of 10 (and none is <= 0)."""
+  v = np.asarray(values, np.float64).reshape(-1)
+  v = v[np.isfinite(v)]
+  if len(v) == 0 or np.any(v <= 0):
+    return False
+  return float(v.max() / v.min()) >= 10.0
+
+
+def _ok(table: pd.DataFrame) -> pd.DataFrame:
+  if 'status' not in table.columns:
+    return table
+  return table[table['status'] == 'ok']
+
+
+def _has_values(table: pd.DataFrame, column: str) -> bool:
+  return column in table.columns and bool(np.isfinite(pd.to_numeric(table[column], errors='coerce')).any())
+
+
+def _metric(table: pd.DataFrame) -> str:
+  """The loss runs are ranked by: the final validation loss, else the final training loss."""
+  return 'final_val_loss' if _has_values(table, 'final_val_loss') else 'final_train_loss'
+
+
+def _loss_name(config: dict) -> str:
+  loss = config.get('loss')
+  return loss if isinstance(loss, str) else 'custom loss'
+
+
+def _panel_keys(table: pd.DataFrame) -> list[str]:
+  """The axes that get a panel (or a series) of their own: optimizer and schedule, when they vary."""
+  return [k for k in ('optimizer', 'schedule') if k in table.columns and table[k].nunique(dropna=False) > 1]
+
+
+def _panels(table: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+  keys = _panel_keys(table)
+  if not keys:
+    return [('', table)]
+  out = []
+  for key, sub in table.groupby(keys, sort=True, dropna=False):
+    key = key if isinstance(key, tuple) else (key,)
+    out.append((', '.join(str(k) for k in key), sub))
+  return out
+
+
+def _averaged_axes(table: pd.DataFrame) -> list[str]:
+  """Axes (other than those drawn) whose values a cell of the heatmap averages over."""
+  drawn = {'learning_rate', 'batch_size', 'optimizer', 'schedule'}
+  return [a for a in AXES if a in table.columns and a not in drawn and table[a].nunique(dropna=False) > 1]
+
+
+def _varying(table: pd.DataFrame) -> list[str]:
+  """The axes whose values differ between runs, in the sweep's order."""
+  return [a for a in AXES if a in table.columns and table[a].nunique(dropna=False) > 1]
+
+
+def _run_label(row: pd.Series, table: pd.DataFrame) -> str:
+  parts = []
+  if 'learning_rate' in row:
+    parts.append(f'lr={_g(row["learning_rate"], 3)}')
+  if 'batch_size' in row:
+    parts.append(f'B={_g(row["batch_size"])}')
+  for a in _varying(table):
+    if a in ('learning_rate', 'batch_size'):
+      continue
+    parts.append(f'{a} {row[a]}' if a in ('optimizer', 'schedule', 'seed') else f'{a}={_g(row[a], 3)}')
+  return ', '.join(parts) or f'run {int(row["run"])}'
+
+
+def _axis_label(column: str, log: bool) -> str:
+  """The label of a column's axis, '(log scale)' added (inside a closing parenthesis)."""
+  label = LABELS.get(column, column)
+  if not log:
+    return label
+  return label[:-1] + ', log scale)' if label.endswith(')') else label + ' (log scale)'
+
+
+def _label_log_axis(axis: Any, values: Any, fmt=None) -> None:
+  """Plain-number ticks on a log axis: at the values themselves when there are few of them."""
+  fmt = fmt or (lambda x: _g(x, 3))
+  v = np.asarray(values, np.float64).reshape(-1)
+  v = np.unique(v[np.isfinite(v) & (v > 0)])
+  if 0 < len(v) <= 8:
+    axis.set_major_locator(ticker.FixedLocator(v))
+  else:
+    axis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+  axis.set_minor_locator(ticker.NullLocator())
+  axis.set_major_formatter(ticker.FuncFormatter(lambda x, _: fmt(x)))
+
+
+def _new_figure(width: float, height: float) -> Figure:
+  fig = Figure(figsize=(width, height), dpi=DPI, layout='constrained')
+  FigureCanvasAgg(fig)
+  return fig
+
+
+def _png(fig: Figure) -> bytes:
+  buf = io.BytesIO()
+  fig.savefig(buf, format='png', dpi=DPI)
+  return buf.getvalue()
+
+
+def _atomic_write_bytes(path: str, data: bytes) -> None:
+  """Writes `data` to `path` through a temporary file in the same folder and a rename."""
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix='.' + os.path.basename(path) + '.', suffix='.tmp')
+  try:
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    with os.fdopen(fd, 'wb') as f:
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
+
+
+@dataclasses.dataclass
+class _Section:
+  """One figure of the report: its PNG bytes, or why it was not drawn."""
+
+  name: str
+  caption: str = ''
+  png: bytes | None = None
+  note: str = ''
+
+
+class _Skip(Exception):
+  """A figure's data is absent; the message says what is missing."""
+
+
+# ---------------------------------------------------------------- lr_find I/O ----
+
+
+def _json_number(v: Any) -> float | None:
+  f = float(v)
+  return f if math.isfinite(f) else None
+
+
+def save_lr_find(workdir: str, lr_finder: LRFinderResult) -> tuple[str, str]:
+  """Saves a range test into a workdir as lr_find.csv and lr_find.json, so a report reads it.
+
+  Args:
+    workdir: the sweep's workdir.
+    lr_finder: what `sweep.lr_find.lr_find` returned.
+
+  Returns:
+    The paths of the CSV (columns lr, loss; inf for a diverged rate) and the JSON file
+    (method, suggest, suggestion, suggestions, curve_lrs, curve_losses; NaN as null).
+  """
+  csv_path = os.path.join(workdir, LR_FIND_CSV)
+  json_path = os.path.join(workdir, LR_FIND_JSON)
+  frame = pd.DataFrame({
+      'lr': np.asarray(lr_finder.lrs, np.float64), 'loss': np.asarray(lr_finder.losses, np.float64)
+  })
+  atomic_write(csv_path, frame.to_csv(index=False))
+  meta = {
+      'method': lr_finder.method,
+      'suggest': lr_finder.suggest,
+      'suggestion': _json_number(lr_finder.suggestion),
+      'suggestions': {k: _json_number(v) for k, v in lr_finder.suggestions.items()},
+  }
+  if lr_finder.curve_lrs is not None and lr_finder.curve_losses is not None:
+    meta['curve_lrs'] = [_json_number(v) for v in lr_finder.curve_lrs]
+    meta['curve_losses'] = [_json_number(v) for v in lr_finder.curve_losses]
+  atomic_write(json_path, json.dumps(meta, indent=2))
+  return csv_path, json_path
+
+
+def load_lr_find(workdir: str) -> LRFinderResult | None:
+  """The range test saved in a workdir by `save_lr_find` (None when there is none).
+
+  Only lr_find.csv is required. Without lr_find.json (or without suggestions in it) the
+  suggestions are computed from the finite points with `sweep.lr_find.RULES`.
+  """
+  from sweep.lr_find import RULES, LRFinderResult
+
+  csv_path = os.path.join(workdir, LR_FIND_CSV)
+  if not os.path.exists(csv_path):
+    return None
+  frame = pd.read_csv(csv_path)
+  if not {'lr', 'loss'} <= set(frame.columns):
+    raise ValueError(f'{csv_path} needs the columns lr and loss; it has {list(frame.columns)}')
+  frame = frame.sort_values('lr')
+  lrs = frame['lr'].to_numpy(np.float64)
+  losses = frame['loss'].to_numpy(np.float64)
+  meta: dict[str, Any] = {}
+  json_path = os.path.join(workdir, LR_FIND_JSON)
+  if os.path.exists(json_path):
+    with open(json_path) as f:
+      meta = json.load(f)
+
+  def number(v):
+    return math.nan if v is None else float(v)
+
+  suggestions = {k: number(v) for k, v in (meta.get('suggestions') or {}).items()}
+  if not suggestions:
+    finite = np.isfinite(losses) & (lrs > 0)
+    for name, rule in RULES.items():
+      try:
+        suggestions[name] = rule(lrs[finite], losses[finite])
+      except ValueError:
+        suggestions[name] = math.nan
+  suggest = meta.get('suggest') or ('valley' if 'valley' in suggestions else next(iter(suggestions)))
+  suggestion = number(meta['suggestion']) if 'suggestion' in meta else suggestions.get(suggest, math.nan)
+  curve_lrs = curve_losses = None
+  if meta.get('curve_lrs') and meta.get('curve_losses'):
+    curve_lrs = np.array([number(v) for v in meta['curve_lrs']])
+    curve_losses = np.array([number(v) for v in meta['curve_losses']])
+  return LRFinderResult(
+      lrs=lrs, losses=losses, suggestion=suggestion, suggestions=suggestions,
+      method=meta.get('method', 'grid'), suggest=suggest, raw_losses=losses.copy(),
+      curve_lrs=curve_lrs, curve_losses=curve_losses,
+  )
+
+
+# --------------------------------------------------------------------- figures ----
+
+
+def _heatmap(result: Result) -> _Section:
+  table = result.table
+  for column in ('learning_rate', 'batch_size'):
+    if column not in table.columns:
+      raise _Skip(f'the results table has no {column} column.')
+  metric = _metric(table)
+  if metric not in table.columns:
+    raise _Skip('the results table holds no final loss.')
+  lrs = np.sort(pd.to_numeric(table['learning_rate']).unique().astype(np.float64))
+  bss = np.sort(pd.to_numeric(table['batch_size']).unique().astype(np.float64))
+  col_of = {v: j for j, v in enumerate(lrs)}
+  row_of = {v: i for i, v in enumerate(bss)}
+
+  grids = []
+  for title, sub in _panels(table):
+    values = np.full((len(bss), len(lrs)), np.nan)
+    tried = np.zeros(values.shape, int)
+    diverged = np.zeros(values.shape, int)
+    ok = (sub['status'] == 'ok').to_numpy() if 'status' in sub.columns else np.ones(len(sub), bool)
+    metric_values = pd.to_numeric(sub[metric], errors='coerce').to_numpy(np.float64)
+    for (b, lr), idx in sub.groupby(['batch_size', 'learning_rate']).indices.items():
+      i, j = row_of[float(b)], col_of[float(lr)]
+      tried[i, j] = len(idx)
+      diverged[i, j] = int(np.sum(~ok[idx]))
+      good = metric_values[idx][ok[idx] & np.isfinite(metric_values[idx])]
+      if len(good):
+        values[i, j] = float(np.mean(good))
+    grids.append((title, values, tried, diverged))
+
+  finite = np.concatenate([g[1][np.isfinite(g[1])] for g in grids])
+  if len(finite) and _spans_decades(finite):
+    norm = mcolors.LogNorm(vmin=float(finite.min()), vmax=float(finite.max()))
+  elif len(finite):
+    low, high = float(finite.min()), float(finite.max())
+    norm = mcolors.Normalize(vmin=low, vmax=high if high > low else low + 1e-12)
+  else:
+    norm = mcolors.Normalize(vmin=0.0, vmax=1.0)
+  cmap = matplotlib.colormaps['viridis']
+
+  n = len(grids)
+  ncols = min(n, 3)
+  nrows = math.ceil(n / ncols)
+  width = max(4.8, 0.62 * len(lrs) + 2.2) * ncols + 1.2
+  height = max(3.4, 0.5 * len(bss) + 2.3) * nrows + 0.9
+  fig = _new_figure(width, height)
+  axes = fig.subplots(nrows, ncols, squeeze=False)
+  mesh = None
+  label_cells = len(lrs) * len(bss) * n <= MAX_CELL_LABELS
+  any_all_diverged = any_partial = False
+  for k, (title, values, tried, diverged) in enumerate(grids):
+    ax = axes[k // ncols][k % ncols]
+    # One column per learning rate tried and one row per batch size: the grids are usually
+    # log-spaced, and equal cells keep an irregular grid readable.
+    mesh = ax.pcolormesh(np.ma.masked_invalid(values), cmap=cmap, norm=norm, edgecolors='white', linewidth=0.5)
+    for i in range(len(bss)):
+      for j in range(len(lrs)):
+        if tried[i, j] == 0:
+          continue
+        if not np.isfinite(values[i, j]):
+          any_all_diverged = any_all_diverged or diverged[i, j] > 0
+          ax.add_patch(patches.Rectangle((j, i), 1, 1, facecolor='0.85', edgecolor='0.55', hatch='///',
+                                         linewidth=0.5))
+          ax.plot([j + 0.5], [i + 0.5], marker='x', color='0.2', markersize=9, markeredgewidth=2)
+          continue
+        if label_cells:
+          text = _g(values[i, j], 3)
+          if diverged[i, j]:
+            text += f'\n{diverged[i, j]}/{tried[i, j]} div.'
+          shade = float(np.ma.filled(norm(values[i, j]), 0.0))
+          ax.text(j + 0.5, i + 0.5, text, ha='center', va='center', fontsize=7.5,
+                  color='white' if shade < 0.6 else 'black')
+        if diverged[i, j]:
+          any_partial = True
+          ax.plot([j + 0.85], [i + 0.85], marker='x', color='red', markersize=5, markeredgewidth=1.5)
+    if np.isfinite(values).any():
+      i, j = np.unravel_index(np.nanargmin(values), values.shape)
+      ax.add_patch(patches.Rectangle((j, i), 1, 1, fill=False, edgecolor='red', linewidth=2.5))
+    ax.set_xlim(0, len(lrs))
+    ax.set_ylim(0, len(bss))
+    ax.set_xticks(np.arange(len(lrs)) + 0.5, [_tick(v) for v in lrs])
+    ax.set_yticks(np.arange(len(bss)) + 0.5, [_g(v) for v in bss])
+    if len(lrs) > 6:
+      ax.tick_params(axis='x', labelrotation=45)
+    ax.set_xlabel('learning rate (one column per value tried)')
+    ax.set_ylabel('batch size (examples per update)')
+    if title:
+      ax.set_title(title)
+  for k in range(n, nrows * ncols):
+    axes[k // ncols][k % ncols].set_visible(False)
+  averaged = ['seeds' if a == 'seed' else a for a in _averaged_axes(table)]
+  over = ' and '.join(averaged) if averaged else 'seeds'
+  fig.suptitle(f'{LABELS.get(metric, metric)}: mean over {over} of the runs that did not diverge\n'
+               '(red frame: the lowest cell)', fontsize=10)
+  scale = ' (log scale)' if isinstance(norm, mcolors.LogNorm) else ''
+  fig.colorbar(mesh, ax=axes.ravel().tolist(), label=f'{LABELS.get(metric, metric)}, {_loss_name(result.config)}'
+               f'{scale}', shrink=0.9)
+  handles = []
+  if any_all_diverged:
+    handles.append(patches.Patch(facecolor='0.85', edgecolor='0.55', hatch='///', label='every run diverged (x)'))
+  if any_partial:
+    handles.append(matplotlib.lines.Line2D([], [], marker='x', color='red', linestyle='none',
+                                           label='some runs diverged (k/n div.)'))
+  if handles:
+    fig.legend(handles=handles, loc='outside lower center', ncols=len(handles), fontsize=8, frameon=False)
+  caption = (f'{LABELS.get(metric, metric).capitalize()} of every learning rate and batch size, averaged over '
+             f'{over} (runs that diverged left out of the mean). Hatched grey cells with an x: every run '
+             'diverged.')
+  if metric != 'final_val_loss':
+    caption += ' The sweep has no validation set: the training loss is shown instead.'
+  if len(grids) > 1:
+    caption += ' One panel per ' + ' and '.join(_panel_keys(table)) + '; the colour scale is shared.'
+  return _Section('heatmap', caption, _png(fig))
+
+
+def _x_column(curves: pd.DataFrame) -> str:
+  for column in ('epoch', 'examples', 'updates'):
+    if column in curves.columns:
+      return column
+  return 'eval'
+
+
+def _curves(result: Result) -> _Section:
+  curves, table = result.curves, result.table
+  if curves is None or curves.empty or 'train_loss' not in curves.columns:
+    raise _Skip('the sweep left no learning curves (curves.csv).')
+  metric = _metric(table)
+  ok = _ok(table)
+  if metric in ok.columns:
+    ok = ok[np.isfinite(pd.to_numeric(ok[metric], errors='coerce'))]
+  if ok.empty:
+    raise _Skip('every run diverged: there is no best run to draw.')
+  top = ok.sort_values(metric).head(TOP_RUNS)
+  has_val = 'val_loss' in curves.columns and curves['val_loss'].notna().any()
+  xcol = _x_column(curves)
+  fig = _new_figure(7.5, 4.6)
+  ax = fig.add_subplot()
+  palette = matplotlib.colormaps['tab10']
+  plotted, handles = [], []
+  for k, (_, row) in enumerate(top.iterrows()):
+    c = curves[curves['run'] == row['run']].sort_values('eval')
+    if c.empty:
+      continue
+    color = palette(k % 10)
+    x = c[xcol].to_numpy(np.float64)
+    train = c['train_loss'].to_numpy(np.float64)
+    (line,) = ax.plot(x, train, '-', color=color, marker='.', label=_run_label(row, table))
+    plotted.append(train)
+    if has_val:
+      val = c['val_loss'].to_numpy(np.float64)
+      ax.plot(x, val, '--', color=color, marker='.')
+      plotted.append(val)
+    handles.append(line)
+  if not handles:
+    raise _Skip('the best runs have no curves in curves.csv.')
+  values = np.concatenate(plotted)
+  if _spans_decades(values):
+    ax.set_yscale('log')
+  ax.set_xlabel(LABELS.get(xcol, xcol))
+  scale = ' (log scale)' if ax.get_yscale() == 'log' else ''
+  ax.set_ylabel(f'loss, {_loss_name(result.config)}{scale}')
+  what = 'train (solid) and validation (dashed) loss' if has_val else 'training loss'
+  ax.set_title(f'{what} of the best {len(handles)} runs by {LABELS.get(metric, metric)}', fontsize=10)
+  legend = ax.legend(handles=handles, loc='upper right', fontsize=8, title='run', title_fontsize=8)
+  if has_val:
+    ax.add_artist(legend)
+    styles = [matplotlib.lines.Line2D([], [], color='0.3', linestyle='-', label='training loss'),
+              matplotlib.lines.Line2D([], [], color='0.3', linestyle='--', label='validation loss')]
+    ax.legend(handles=styles, loc='lower left', fontsize=8)
+  ax.grid(True, which='both', alpha=0.3)
+  caption = (f'The {len(handles)} runs with the lowest {LABELS.get(metric, metric)} that did not diverge; the '
+             'training loss is measured on a fixed subset of the training set at each evaluation.')
+  if not has_val:
+    caption += ' There is no validation set.'
+  return _Section('curves', caption, _png(fig))
+
+
+def _objective_columns(result: Result) -> tuple[tuple[str, str], tuple[str, str]]:
+  """((y column, sense), (x column, sense)) of the Pareto figure."""
+  table = result.table
+  objectives = result.config.get('objectives') or {}
+  items = [(c, s) for c, s in objectives.items() if c in table.columns]
+  if len(items) == 2 and len(objectives) == 2:
+    return items[0], items[1]
+  return (_metric(table), 'min'), ('updates', 'min')
+
+
+def _pareto(result: Result) -> _Section:
+  table = result.table
+  if 'pareto' not in table.columns:
+    raise _Skip('the results table has no pareto column.')
+  (ycol, ysense), (xcol, xsense) = _objective_columns(result)
+  if ycol not in table.columns or xcol not in table.columns:
+    raise _Skip(f'the results table lacks {ycol} or {xcol}.')
+  ok = _ok(table)
+  x = pd.to_numeric(ok[xcol], errors='coerce').to_numpy(np.float64)
+  y = pd.to_numeric(ok[ycol], errors='coerce').to_numpy(np.float64)
+  finite = np.isfinite(x) & np.isfinite(y)
+  ok, x, y = ok[finite], x[finite], y[finite]
+  if ok.empty:
+    raise _Skip('no run finished without diverging.')
+  front = ok['pareto'].astype(bool).to_numpy()
+  fig = _new_figure(7.0, 4.6)
+  ax = fig.add_subplot()
+  ax.scatter(x[~front], y[~front], s=22, color='0.6', label=f'other runs ({int(np.sum(~front))})', zorder=2)
+  order = np.argsort(x[front], kind='stable')
+  fx, fy = x[front][order], y[front][order]
+  ax.step(fx, fy, where='post', color='C3', linewidth=1.5, zorder=3)
+  ax.scatter(fx, fy, s=45, color='C3', edgecolor='black', linewidth=0.6, label=f'Pareto front ({len(fx)})',
+             zorder=4)
+  log_x = bool(np.all(x > 0))
+  if len(fx) <= 12:
+    position = np.log(x) if log_x else x
+    middle = (position.min() + position.max()) / 2
+    rows = ok[front].iloc[order]
+    for k in range(len(fx)):
+      right = position[front][order][k] > middle  # labels point inwards, away from the frame
+      ax.annotate(_run_label(rows.iloc[k], table), (fx[k], fy[k]), textcoords='offset points',
+                  xytext=(-6 if right else 6, 5), ha='right' if right else 'left', fontsize=7)
+  if log_x:
+    ax.set_xscale('log')
+    _label_log_axis(ax.xaxis, x)
+  if _spans_decades(y):
+    ax.set_yscale('log')
+    _label_log_axis(ax.yaxis, y)
+  ax.set_xlabel(_axis_label(xcol, ax.get_xscale() == 'log'))
+  ax.set_ylabel(_axis_label(ycol, ax.get_yscale() == 'log'))
+  goal = ' and '.join(f'{"minimise" if sense == "min" else "maximise"} {column}'
+                      for column, sense in ((ycol, ysense), (xcol, xsense)))
+  ax.set_title(f'Pareto front of the runs that did not diverge: {goal}', fontsize=10)
+  ax.legend(fontsize=8)
+  ax.grid(True, which='both', alpha=0.3)
+  diverged = len(table) - len(_ok(table))
+  caption = (f'Every run that did not diverge; the Pareto front on ({ycol}, {xcol}) in red, joined as a step '
+             f'line. {diverged} diverged run(s) left out.')
+  return _Section('pareto', caption, _png(fig))
+
+
+def _lr_find(result: Result, lr_finder: LRFinderResult | None, workdir: str) -> _Section:
+  del result
+  found = lr_finder if lr_finder is not None else load_lr_find(workdir)
+  if found is None:
+    raise _Skip(f'no learning-rate range test: pass lr_finder= or save one to {LR_FIND_CSV} '
+                f'(with {LR_FIND_JSON}) in the workdir.')
+  if not np.isfinite(np.asarray(found.losses, np.float64)).any():
+    raise _Skip('the range test holds no finite loss.')
+  fig = _new_figure(7.0, 4.6)
+  ax = fig.add_subplot()
+  found.plot(ax)
+  ax.set_xlabel('learning rate (log scale)')
+  ax.set_ylabel('loss' if found.method == 'ramp' else 'training loss after the budget')
+  ax.title.set_fontsize(10)
+  ax.grid(True, which='both', alpha=0.3)
+  rules = ', '.join(f'{k} {_g(v, 3)}' for k, v in found.suggestions.items())
+  caption = (f'Learning-rate range test ({found.method}): suggestions {rules}; the dotted line marks the '
+             f'{found.suggest} rule.')
+  return _Section('lr_find', caption, _png(fig))
+
+
+def _noise_scale(result: Result) -> _Section:
+  curves, table = result.curves, result.table
+  if curves is None or curves.empty or 'noise_scale' not in curves.columns:
+    raise _Skip('the curves hold no gradient noise scale (a noise_scale column).')
+  c = curves.copy()
+  c['noise_scale'] = pd.to_numeric(c['noise_scale'], errors='coerce')
+  c = c[np.isfinite(c['noise_scale']) & (c['noise_scale'] > 0)]
+  if 'batch_size' not in c.columns:
+    if 'batch_size' not in table.columns:
+      raise _Skip('the results table has no batch_size column.')
+    c = c.merge(table[['run', 'batch_size']].reset_index(drop=True), on='run', how='left')
+  ok_runs = set(_ok(table)['run'].tolist())
+  c = c[c['run'].isin(ok_runs)]
+  if c.empty:
+    raise _Skip('no run that did not diverge has a positive, finite noise scale.')
+  xcol = 'examples' if 'examples' in c.columns else _x_column(c)
+  fig = _new_figure(7.0, 4.6)
+  ax = fig.add_subplot()
+  for k, (b, g) in enumerate(c.groupby('batch_size', sort=True)):
+    mean = g.groupby('eval')[[xcol, 'noise_scale']].mean().sort_index()
+    color = f'C{k % 10}'
+    ax.plot(mean[xcol], mean['noise_scale'], '-', marker='.', color=color, label=f'B={_g(b)}')
+    ax.axhline(float(b), color=color, linestyle=':', linewidth=1)
+  ax.set_yscale('log')
+  if xcol == 'examples' and (c[xcol] > 0).all() and _spans_decades(c[xcol]):
+    ax.set_xscale('log')
+  ax.set_xlabel(_axis_label(xcol, ax.get_xscale() == 'log'))
+  ax.set_ylabel('gradient noise scale B_noise (examples, log scale)')
+  ax.set_title('gradient noise scale per batch size (mean over runs; dotted: the batch size)', fontsize=10)
+  ax.legend(fontsize=8, title='batch size', title_fontsize=8)
+  ax.grid(True, which='both', alpha=0.3)
+  caption = ('The simple gradient noise scale (McCandlish et al. 2018) during training, averaged over the runs '
+             'of each batch size that did not diverge; batches well above it gain little per example.')
+  return _Section('noise_scale', caption, _png(fig))
+
+
+def _scaling(result: Result) -> list[dict[str, Any]]:
+  """Per optimizer/schedule combination: its batch-size table and learning-rate slope."""
+  table = result.table
+  metric = _metric(table)
+  out = []
+  for title, sub in _panels(table):
+    part = SimpleNamespace(table=sub, curves=result.curves)
+    entry: dict[str, Any] = {'title': title, 'metric': metric}
+    try:
+      entry['table'] = analysis.batch_size_table(part, metric)
+      entry['slope'] = analysis.lr_batch_slope(part, metric)
+    except Exception as e:  # noqa: BLE001 - a report shows what it can
+      entry['error'] = str(e)
+    out.append(entry)
+  return out
+
+
+def _batch_size(result: Result, scaling: list[dict[str, Any]]) -> _Section:
+  usable = [s for s in scaling if 'slope' in s and s['slope']['n'] >= 2]
+  if not usable:
+    sizes = result.table['batch_size'].nunique() if 'batch_size' in result.table.columns else 0
+    if sizes < 2:
+      raise _Skip(f'the sweep has {sizes} batch size{"" if sizes == 1 else "s"}: a slope needs 2 at least.')
+    raise _Skip('fewer than two batch sizes have a learning rate at which every seed finished.')
+  fig = _new_figure(7.0, 4.8)
+  ax = fig.add_subplot()
+  all_b, all_lr = [], []
+  for k, s in enumerate(usable):
+    fit = s['slope']
+    b, lr = fit['batch_sizes'], fit['best_lrs']
+    edge = s['table']['lr_at_edge'].to_numpy(bool)
+    color = f'C{k % 10}'
+    prefix = f'{s["title"]}: ' if s['title'] else ''
+    ax.scatter(b[~edge], lr[~edge], s=40, color=color, zorder=3, label=f'{prefix}best learning rate')
+    if edge.any():
+      ax.scatter(b[edge], lr[edge], s=40, facecolor='white', edgecolor=color, linewidth=1.5, zorder=3,
+                 label=f'{prefix}best at the edge of the grid')
+    bb = np.geomspace(b.min(), b.max(), 50)
+    interval = ''
+    if math.isfinite(fit['ci_low']) and math.isfinite(fit['ci_high']):
+      interval = f', 95% CI {fit["ci_low"]:.2f} to {fit["ci_high"]:.2f}'
+    ax.plot(bb, math.exp(fit['intercept']) * bb ** fit['slope'], '-', color=color,
+            label=f'{prefix}fit: slope {fit["slope"]:.2f}{interval}')
+    all_b.append(b)
+    all_lr.append(lr)
+  b, lr = np.concatenate(all_b), np.concatenate(all_lr)
+  b0, lr0 = math.exp(np.mean(np.log(b))), math.exp(np.mean(np.log(lr)))
+  bb = np.geomspace(b.min(), b.max(), 50)
+  ax.plot(bb, lr0 * (bb / b0) ** 1.0, '--', color='0.35', label='linear scaling (slope 1)')
+  ax.plot(bb, lr0 * (bb / b0) ** 0.5, ':', color='0.35', label='square-root scaling (slope 0.5)')
+  tried = np.sort(pd.to_numeric(result.table['learning_rate']).unique().astype(np.float64))
+  ax.set_xscale('log', base=2)
+  ax.set_yscale('log')
+  sizes = np.unique(b)
+  ax.xaxis.set_major_locator(ticker.FixedLocator(sizes))
+  ax.xaxis.set_major_formatter(ticker.FixedFormatter([_g(v) for v in sizes]))
+  ax.xaxis.set_minor_locator(ticker.NullLocator())
+  low, high = ax.get_ylim()
+  shown = tried[(tried >= low) & (tried <= high)]
+  for v in shown:
+    ax.axhline(v, color='0.85', linewidth=0.8, zorder=0)
+  _label_log_axis(ax.yaxis, shown if len(shown) else lr, _tick)
+  ax.set_xlabel('batch size (examples per update, log scale)')
+  ax.set_ylabel('best learning rate (log scale)')
+  ax.set_title(f'best learning rate per batch size (by seed-mean {LABELS.get(usable[0]["metric"], "loss")})\n'
+               'grey lines: the learning rates tried', fontsize=10)
+  ax.legend(fontsize=7.5, loc='best')
+  ax.grid(True, which='major', alpha=0.3)
+  caption = ('The learning rate with the lowest seed-mean loss at each batch size, the least-squares line of '
+             'log(best lr) on log(batch size), and the slopes of linear (1) and square-root (0.5) scaling '
+             'through the points\' geometric mean. Hollow points lie at the edge of the learning-rate grid.')
+  return _Section('batch_size', caption, _png(fig))
+
+
+def _draw(name: str, caption: str, fn, *args) -> _Section:
+  try:
+    return fn(*args)
+  except _Skip as e:
+    return _Section(name, caption, note=str(e))
+
+
+# ------------------------------------------------------------------------ HTML ----
+
+
+STYLE = """
+body { font-family: system-ui, -apple-system, 'Segoe UI', sans-serif; max-width: 1100px; margin: 2em auto;
+       padding: 0 1em; color: #222; line-height: 1.45; }
+h1 { font-size: 1.6em; margin-bottom: 0.2em; }
+h2 { font-size: 1.25em; border-bottom: 1px solid #ddd; padding-bottom: 0.2em; margin-top: 1.8em; }
+table { border-collapse: collapse; font-size: 0.85em; margin: 0.6em 0; }
+th, td { border: 1px solid #ccc; padding: 0.2em 0.5em; text-align: right; }
+th { background: #f2f2f2; }
+td.text, th.text { text-align: left; }
+figure { margin: 1em 0; }
+figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
+figcaption { font-size: 0.85em; color: #555; }
+p.note { color: #8a5a00; background: #fff8e6; border-left: 3px solid #e0a800; padding: 0.4em 0.8em; }
+p.meta { color: #666; font-size: 0.85em; }
+code { background: #f5f5f5; padding: 0 0.2em; }
+"""
+
+
+def _html_table(frame: pd.DataFrame, index: bool = False) -> str:
+  if frame.empty:
+    return '<p class="note">(empty)</p>'
+  frame = frame.reset_index() if index else frame
+  head = ''.join(f'<th>{_e(c)}</th>' for c in frame.columns)
+  rows = []
+  for _, row in frame.iterrows():
+    cells = []
+    for v in row.to_numpy():
+      numeric = isinstance(v, int | float | np.integer | np.floating) and not isinstance(v, bool | np.bool_)
+      cells.append(f'<td>{_e(_g(v))}</td>' if numeric else f'<td class="text">{_e(_g(v))}</td>')
+    rows.append('<tr>' + ''.join(cells) + '</tr>')
+  return f'<table><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
+
+
+def _figure_html(section: _Section, title: str) -> str:
+  if section.png is None:
+    return f'<p class="note">Figure <code>{_e(section.name)}.png</code> skipped: {_e(section.note)}</p>'
+  data = base64.b64encode(section.png).decode('ascii')
+  return (f'<figure><img src="data:image/png;base64,{data}" alt="{_e(title)}">'
+          f'<figcaption>{_e(section.caption)} (<code>{_e(section.name)}.png</code>)</figcaption></figure>')
+
+
+def _wall_time(result: Result) -> str:
+  if math.isfinite(result.wall_time):
+    return f'{result.wall_time:.1f} s'
+  if 'seconds' in result.table.columns:
+    total = float(pd.to_numeric(result.table['seconds'], errors='coerce').sum())
+    if math.isfinite(total) and total > 0:
+      return f'about {total:.1f} s (the per-run seconds of results.csv, summed)'
+  return 'not recorded'
+
+
+def _summary(result: Result) -> str:
+  table, config = result.table, result.config
+  n = len(table)
+  diverged = int((table['status'] != 'ok').sum()) if 'status' in table.columns else 0
+  metric = _metric(table)
+  seeds = table['seed'].nunique() if 'seed' in table.columns else 1
+  parts = [f'<b>{n} runs</b>']
+  if seeds > 1:
+    parts[0] += f' ({n // seeds} configurations × {seeds} seeds)'
+  parts[0] += f'; <b>{diverged} diverged</b> ({100.0 * diverged / max(n, 1):.0f} %).'
+  ok = _ok(table)
+  if metric in ok.columns:
+    ok = ok[np.isfinite(pd.to_numeric(ok[metric], errors='coerce'))]
+  if ok.empty:
+    parts.append('No run finished without diverging.')
+  else:
+    best = ok.loc[ok[metric].idxmin()]
+    hypers = [f'learning rate {_g(best["learning_rate"])}' if 'learning_rate' in best else '',
+              f'batch size {_g(best["batch_size"])}' if 'batch_size' in best else '']
+    for a in AXES:
+      if a in best.index and a not in ('learning_rate', 'batch_size') and pd.notna(best[a]):
+        hypers.append(f'{a} {_g(best[a])}')
+    text = (f'Best run: <b>run {int(best["run"])}</b> ({_e(", ".join(h for h in hypers if h))}) with '
+            f'{LABELS.get(metric, metric)} <b>{_g(best[metric])}</b>')
+    if 'final_val_accuracy' in best.index and pd.notna(best['final_val_accuracy']):
+      text += f' and validation accuracy {100 * float(best["final_val_accuracy"]):.1f} %'
+    if 'updates' in best.index:
+      text += f' after {_g(best["updates"])} updates'
+    parts.append(text + '.')
+  parts.append(f'Wall time: {_e(_wall_time(result))}.')
+  data = config.get('data') or {}
+  if data:
+    parts.append(f'Data: {_e(data.get("name", "?"))} ({_e(data.get("n_train", "?"))} training, '
+                 f'{_e(data.get("n_val", 0))} validation examples); loss {_e(_loss_name(config))}.')
+  return ' '.join(parts)
+
+
+def _config_html(result: Result) -> str:
+  config = result.config
+  rows = []
+  axes = config.get('axes') or {}
+  for a in AXES:
+    values = axes.get(a)
+    # The axes the table records: the others keep defaults that may not apply (a warmup
+    # without a warmup schedule).
+    if values and values != [None] and a in result.table.columns:
+      rows.append((a, ', '.join(_g(v) for v in values)))
+  if not axes:
+    for a in AXES:
+      if a in result.table.columns:
+        rows.append((a, ', '.join(_g(v) for v in sorted(result.table[a].dropna().unique()))))
+  budget = config.get('budget') or {}
+  if budget:
+    rows.append(('budget', ', '.join(f'{k} {_g(v)}' for k, v in budget.items() if v is not None)))
+  for key in ('model', 'loss', 'num_evals', 'divergence_threshold', 'compute_dtype', 'objectives'):
+    if key in config:
+      value = config[key]
+      rows.append((key, json.dumps(value) if isinstance(value, dict | list) else _g(value)))
+  body = ''.join(f'<tr><th class="text">{_e(k)}</th><td class="text">{_e(v)}</td></tr>' for k, v in rows)
+  return f'<table>{body}</table>' if body else '<p class="note">config.json holds no configuration.</p>'
+
+
+def _scaling_html(scaling: list[dict[str, Any]]) -> str:
+  out = []
+  for s in scaling:
+    if s['title']:
+      out.append(f'<h3>{_e(s["title"])}</h3>')
+    if 'error' in s:
+      out.append(f'<p class="note">No batch-size table: {_e(s["error"])}</p>')
+      continue
+    frame = s['table'].drop(columns=['runs'], errors='ignore')
+    out.append(f'<p>The best learning rate of each batch size by seed-mean {_e(LABELS.get(s["metric"], s["metric"]))} '
+               '(configurations that diverged for any seed left out):</p>')
+    out.append(_html_table(frame, index=True))
+    fit = s['slope']
+    if fit['n'] >= 2 and math.isfinite(fit['slope']):
+      if math.isfinite(fit['ci_low']) and math.isfinite(fit['ci_high']):
+        interval = f'95% interval {fit["ci_low"]:.2f} to {fit["ci_high"]:.2f}'
+      else:
+        interval = f'no interval: {fit["n"]} batch sizes fit a line exactly'
+      out.append(f'<p>Slope of log(best learning rate) on log(batch size): <b>{fit["slope"]:.2f}</b> '
+                 f'({_e(interval)}).</p>')
+    out.append(f'<p>{_e(fit["interpretation"])}</p>')
+  if len(scaling) > 1:
+    out.append('<p class="meta">Each optimizer/schedule combination is fitted on its own: their best learning '
+               'rates are not comparable.</p>')
+  return '\n'.join(out)
+
+
+def _overfitting_html(result: Result) -> str:
+  curves = result.curves
+  if curves is None or curves.empty or 'val_loss' not in curves.columns or not curves['val_loss'].notna().any():
+    return '<p class="note">No validation curves: overfitting cannot be judged.</p>'
+  frame = analysis.overfitting(result)
+  table = result.table
+  ok_runs = _ok(table)['run'].to_numpy()
+  frame = frame.loc[frame.index.isin(ok_runs)]
+  flagged = frame[frame['overfit']]
+  gap = frame['generalization_gap'].to_numpy(np.float64)
+  gap = gap[np.isfinite(gap)]
+  text = (f'<p><b>{len(flagged)} of {len(frame)}</b> runs that did not diverge overfit: their final validation '
+          'loss lies more than 5 % above their lowest while their training loss kept falling.')
+  if len(gap):
+    text += f' Median generalization gap (final validation − final training loss): {_g(np.median(gap))}.'
+  text += '</p>'
+  if len(flagged):
+    keys = [a for a in _varying(table)] or ['learning_rate', 'batch_size']
+    shown = table.set_index('run').loc[flagged.index, [k for k in keys if k in table.columns]]
+    shown = shown.join(flagged[['best_val_epoch', 'val_rise', 'generalization_gap']])
+    shown = shown.sort_values('val_rise', ascending=False).head(20)
+    shown.index.name = 'run'
+    text += _html_table(shown, index=True)
+    if len(flagged) > 20:
+      text += f'<p class="meta">The 20 with the largest rise of {len(flagged)} are shown.</p>'
+  return text
+
+
+def _pareto_html(result: Result) -> str:
+  table = result.table
+  if 'pareto' not in table.columns:
+    return '<p class="note">The results table has no Pareto front (no pareto column).</p>'
+  front = table[table['pareto'].astype(bool)]
+  if front.empty:
+    return '<p class="note">The Pareto front is empty: every run diverged.</p>'
+  (ycol, _), (xcol, _) = _objective_columns(result)
+  objectives = result.config.get('objectives') or {}
+  columns = ['run'] + _varying(table) + [c for c in objectives if c in table.columns]
+  for c in (ycol, xcol, 'final_val_accuracy', 'final_train_loss', 'seconds'):
+    if c in table.columns and c not in columns:
+      columns.append(c)
+  shown = front[columns].sort_values(xcol if xcol in front.columns else 'run')
+  desc = ', '.join(f'{c} ({s})' for c, s in objectives.items()) or f'{ycol}, {xcol}'
+  return (f'<p>{len(front)} run(s) on the front of {_e(desc)}: no other run is at least as good on every '
+          'objective and better on one.</p>' + _html_table(shown))
+
+
+def _environment_html(config: dict) -> str:
+  env = config.get('environment') or {}
+  rows = []
+  for key in ('python', 'platform', 'backend', 'process_count'):
+    if key in env:
+      rows.append((key, env[key]))
+  if env.get('devices'):
+    rows.append(('devices', ', '.join(str(d) for d in env['devices'])))
+  for name, version in (env.get('packages') or {}).items():
+    rows.append((name, version if version is not None else 'not installed'))
+  try:
+    rows.append(('matplotlib (report)', metadata.version('matplotlib')))
+  except metadata.PackageNotFoundError:
+    pass
+  if 'experiment' in config:
+    exp = config['experiment'] or {}
+    rows.append(('experiment file', f'{exp.get("file")} (sha256 {str(exp.get("sha256"))[:12]}…, '
+                                    f'commit {exp.get("git_commit")})'))
+  if not env:
+    rows.insert(0, ('note', 'config.json records no environment'))
+  body = ''.join(f'<tr><th class="text">{_e(k)}</th><td class="text">{_e(v)}</td></tr>' for k, v in rows)
+  return f'<table>{body}</table>'
+
+
+def _page(result: Result, sections: dict[str, _Section], scaling: list[dict[str, Any]]) -> str:
+  name = result.config.get('name') or 'sweep'
+  titles = {
+      'heatmap': 'Learning rate × batch size', 'curves': 'Learning curves of the best runs',
+      'pareto': 'Pareto front', 'lr_find': 'Learning-rate range test', 'noise_scale': 'Gradient noise scale',
+      'batch_size': 'Best learning rate per batch size',
+  }
+  body = [
+      f'<h1>Sweep report: {_e(name)}</h1>',
+      f'<p class="meta">Written {_e(datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"))} by '
+      'sweep.report.</p>',
+      f'<p id="summary">{_summary(result)}</p>',
+      '<h2>Configuration</h2>', _config_html(result),
+      f'<h2>{titles["heatmap"]}</h2>', _figure_html(sections['heatmap'], titles['heatmap']),
+      f'<h2>{titles["curves"]}</h2>', _figure_html(sections['curves'], titles['curves']),
+      '<h2>Batch size and learning-rate scaling</h2>', _scaling_html(scaling),
+      _figure_html(sections['batch_size'], titles['batch_size']),
+      '<h2>Overfitting</h2>', _overfitting_html(result),
+      f'<h2>{titles["pareto"]}</h2>', _pareto_html(result), _figure_html(sections['pareto'], titles['pareto']),
+      f'<h2>{titles["lr_find"]}</h2>', _figure_html(sections['lr_find'], titles['lr_find']),
+      f'<h2>{titles["noise_scale"]}</h2>', _figure_html(sections['noise_scale'], titles['noise_scale']),
+      '<h2>Environment</h2>', _environment_html(result.config),
+  ]
+  return ('<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+          f'<meta name="viewport" content="width=device-width, initial-scale=1">\n<title>{_e(name)}: sweep report'
+          f'</title>\n<style>{STYLE}</style>\n</head>\n<body>\n' + '\n'.join(body) + '\n</body>\n</html>\n')
+
+
+# ---------------------------------------------------------------------- report ----
+
+
+def write_report(workdir: str, result: Result | None = None, lr_finder: LRFinderResult | None = None) -> str:
+  """Writes the figures and report.html of a finished sweep into `workdir/report/`.
+
+  The figures (heatmap, curves, pareto, lr_find, noise_scale, batch_size) are PNG files;
+  report.html embeds each of them as a base64 data URI with the summary (runs, diverged
+  runs, the best run, wall time), the batch-size table and learning-rate slope, the
+  overfitting summary, the Pareto front and the environment, and needs nothing else to
+  display. A figure without data is skipped with a note on the page (and a stale PNG of
+  its name removed). Each file is written to a temporary name and renamed.
+
+  Args:
+    workdir: the sweep's workdir.
+    result: the sweep's `Result`; None loads it from the workdir (results.csv,
+      curves.csv, config.json).
+    lr_finder: a learning-rate range test to draw. It is also saved into the workdir
+      (lr_find.csv, lr_find.json) so that a later report from the workdir alone draws it;
+      without it, the range test saved there (if any) is drawn.
+
+  Returns:
+    The path of report.html.
+
+  Raises:
+    FileNotFoundError: `result` is None and the workdir holds no finished sweep.
+  """
+  if result is None:
+    result = Result.load(workdir)
+  if lr_finder is not None:
+    save_lr_find(workdir, lr_finder)
+  out_dir = os.path.join(workdir, REPORT_DIR)
+  os.makedirs(out_dir, exist_ok=True)
+
+  scaling = _scaling(result)
+  sections = {
+      'heatmap': _draw('heatmap', '', _heatmap, result),
+      'curves': _draw('curves', '', _curves, result),
+      'pareto': _draw('pareto', '', _pareto, result),
+      'lr_find': _draw('lr_find', '', _lr_find, result, lr_finder, workdir),
+      'noise_scale': _draw('noise_scale', '', _noise_scale, result),
+      'batch_size': _draw('batch_size', '', _batch_size, result, scaling),
+  }
+  for name in FIGURES:
+    path = os.path.join(out_dir, name + '.png')
+    if sections[name].png is not None:
+      _atomic_write_bytes(path, sections[name].png)
+    elif os.path.exists(path):
+      os.remove(path)  # left by an earlier report; its data is gone
+  html_path = os.path.join(out_dir, 'report.html')
+  atomic_write(html_path, _page(result, sections, scaling))
+  return html_path
