@@ -75,7 +75,8 @@ class SweepConfig:
     momentum, b1, b2, weight_decay: optimizer hyperparameters; None keeps optax's
       default of each optimizer. Setting one an optimizer does not take is an error.
     epochs: budget in passes over the training set (a run with batch size B makes
-      round(epochs * (n // B)) updates). Give either epochs or updates.
+      round(epochs * (n // B)) updates). Give either epochs or updates; with
+      neither, one epoch.
     updates: budget in updates, the same for every run.
     shuffle: a new per-seed permutation every epoch; False keeps the data order.
     num_evals: evaluation points after the start (segments); None: once per epoch
@@ -111,7 +112,7 @@ class SweepConfig:
   b1: float | Sequence[float] | None = None
   b2: float | Sequence[float] | None = None
   weight_decay: float | Sequence[float] | None = None
-  epochs: float | None = 1
+  epochs: float | None = None
   updates: int | None = None
   shuffle: bool = True
   num_evals: int | None = None
@@ -248,10 +249,11 @@ def validate(cfg: SweepConfig) -> Plan:
     if len(set(axes[name])) != len(axes[name]):
       raise config_error(name, getattr(cfg, name), 'axis values must be distinct')
 
-  if (cfg.epochs is None) == (cfg.updates is None):
-    raise config_error('epochs', cfg.epochs, 'give exactly one budget: epochs or updates')
-  if cfg.epochs is not None:
-    _positive_finite('epochs', [cfg.epochs])
+  if cfg.epochs is not None and cfg.updates is not None:
+    raise config_error('epochs', cfg.epochs, f'give one budget, epochs or updates, not both (updates={cfg.updates!r})')
+  epochs = 1 if cfg.epochs is None and cfg.updates is None else cfg.epochs
+  if epochs is not None:
+    _positive_finite('epochs', [epochs])
   if cfg.updates is not None and (
       isinstance(cfg.updates, bool) or not isinstance(cfg.updates, numbers.Integral) or cfg.updates <= 0
   ):
@@ -289,9 +291,9 @@ def validate(cfg: SweepConfig) -> Plan:
   if cfg.updates is not None:
     total = {b: int(cfg.updates) for b in batch_sizes}
   else:
-    total = {b: max(1, round(cfg.epochs * steps_per_epoch[b])) for b in batch_sizes}
+    total = {b: max(1, round(epochs * steps_per_epoch[b])) for b in batch_sizes}
   if cfg.num_evals is None:
-    num_evals = min(100, max(1, math.ceil(cfg.epochs))) if cfg.updates is None else min(10, cfg.updates)
+    num_evals = min(100, max(1, math.ceil(epochs))) if cfg.updates is None else min(10, cfg.updates)
   else:
     num_evals = cfg.num_evals
     if isinstance(num_evals, bool) or not isinstance(num_evals, numbers.Integral) or num_evals <= 0:

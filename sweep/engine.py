@@ -137,23 +137,33 @@ def _chunk(groups: list[BatchGroup], start: int, width: int) -> list[BatchGroup]
   return out
 
 
+def host_ram() -> int:
+  try:
+    return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+  except (ValueError, OSError, AttributeError):
+    return 8 << 30
+
+
 def memory_budget(cfg: SweepConfig) -> int:
-  """Bytes the run axis may use: the config's, else a safe fraction of the device's
-  memory (of host RAM on CPU, where other processes share it)."""
+  """Bytes the run axis may use on a device: the config's, else a safe fraction of the
+  device's memory (15 % of host RAM on CPU, where finished results and other processes
+  share it)."""
   if cfg.memory_budget is not None:
     return int(cfg.memory_budget)
-  stats = None
   try:
     stats = jax.local_devices()[0].memory_stats()
   except Exception:  # backends without memory stats
     stats = None
   if stats and stats.get('bytes_limit'):
     return int(0.6 * stats['bytes_limit'])
-  try:
-    ram = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
-  except (ValueError, OSError, AttributeError):
-    ram = 8 << 30
-  return int(0.2 * ram)
+  return int(0.15 * host_ram())
+
+
+def keep_budget(cfg: SweepConfig) -> int:
+  """Host bytes for finished runs' final states (10 % of RAM, or the config's budget)."""
+  if cfg.memory_budget is not None:
+    return int(cfg.memory_budget)
+  return int(0.1 * host_ram())
 
 
 def enable_compilation_cache(directory: str | None = None) -> str:
@@ -544,7 +554,7 @@ def run(
   threshold = jnp.float32(cfg.divergence_threshold)
   ticks = sum(sum(cg.structure.steps_per_segment) * plan.num_evals for cg in cgroups)
   bar = tqdm.tqdm(total=ticks, desc=f'{len(plan.runs)} runs', unit='tick', disable=not progress, leave=False)
-  keep = _Keeper(memory_budget(cfg), workdir if processes == 1 else None, keep_opt_state=workdir is not None)
+  keep = _Keeper(keep_budget(cfg), workdir if processes == 1 else None, keep_opt_state=workdir is not None)
 
   collected = []  # (unit, final state, history, seconds)
   c0, k0, seconds0 = 0, 0, 0.0

@@ -594,7 +594,7 @@ def _lr_find(result: Result, lr_finder: LRFinderResult | None, workdir: str) -> 
   ax.set_xlabel('learning rate (log scale)')
   ax.set_ylabel('loss' if found.method == 'ramp' else 'training loss after the budget')
   ax.title.set_fontsize(10)
-  ax.grid(True, which='both', alpha=0.3)
+  ax.grid(True, which='major', alpha=0.3)
   rules = ', '.join(f'{k} {_g(v, 3)}' for k, v in found.suggestions.items())
   caption = (f'Learning-rate range test ({found.method}): suggestions {rules}; the dotted line marks the '
              f'{found.suggest} rule.')

@@ -53,8 +53,8 @@ def config(**changes):
   return cfg.replace(**changes)
 
 
-def units(cfg) -> list:
-  """The units (compile groups and chunks) `sweep.run` trains for `cfg`, as it computes them."""
+def functions(cfg) -> tuple:
+  """`(plan, init_fn, apply_fn, eval_chunk)` of `cfg`, as `sweep.run` makes them."""
   from sweep import engine
   from sweep.config import validate
 
@@ -62,8 +62,14 @@ def units(cfg) -> list:
   data = cfg.data
   init_fn, apply_fn = engine.model_functions(cfg.model, data.x_train[:1], plan.output_dim)
   sizes = [min(cfg.train_eval_size, data.n_train)] + ([data.n_val] if data.n_val else [])
-  eval_chunk = min(cfg.eval_batch_size, max(sizes))
-  return engine.compile_groups(plan, init_fn, apply_fn, eval_chunk)
+  return plan, init_fn, apply_fn, min(cfg.eval_batch_size, max(sizes))
+
+
+def units(cfg) -> list:
+  """The units (compile groups and chunks) `sweep.run` trains for `cfg`, as it computes them."""
+  from sweep import engine
+
+  return engine.compile_groups(*functions(cfg))
 
 
 def flat_params(result, n: int) -> dict[str, np.ndarray]:

@@ -1,0 +1,294 @@
+"""Scaling a sweep out changes where runs train, never what they compute.
+
+One grid (`_scale_worker.config`: an MLP on the digits set, adam and sgd, 3 learning
+rates one of which diverges, 2 batch sizes, 2 seeds, 2 epochs in 2 segments) is trained
+- in one chunk per optimizer and in chunks of a tiny memory budget, in this process;
+- on 1 and on 4 (forced host) CPU devices, in subprocesses;
+- by 2 processes joined with `jax.distributed.initialize`, in subprocesses;
+- in bfloat16 and in float32.
+Where the run axis is laid out differently (chunk width, devices), XLA may round the
+wider or narrower matmuls differently, so numbers agree to a tolerance; where the layout
+is the same (one process or two, each on one device) they agree bit for bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pandas as pd
+import pytest
+
+import sweep
+from sweep import engine
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+WORKER = HERE / '_scale_worker.py'
+COMPILE_EVENT = '/jax/core/compile/backend_compile_duration'
+TIMEOUT = 240  # seconds a subprocess sweep may take (a few on an idle machine)
+
+# A different run-axis width may round differently in XLA's matmuls.
+TABLE_RTOL = 1e-5
+PARAMS_RTOL, PARAMS_ATOL = 1e-4, 1e-6
+# bfloat16 against float32, final validation loss of runs that did not diverge. Measured
+# on this grid (16 runs, CPU): median relative difference 1e-4, largest 2.2e-2 (adam at
+# the learning rate 5e-2, where training is fastest and least smooth).
+BF16_VAL_LOSS_RTOL = 7e-2
+
+
+def _load_worker():
+  spec = importlib.util.spec_from_file_location('_scale_worker', WORKER)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+worker = _load_worker()
+
+
+# --------------------------------------------------------------------- helpers ----
+
+
+def assert_tables_close(actual: pd.DataFrame, expected: pd.DataFrame, rtol: float) -> None:
+  """Same rows and columns; floats within `rtol`, everything else equal; `seconds` ignored."""
+  assert list(actual.columns) == list(expected.columns)
+  assert list(actual['run']) == list(expected['run'])
+  for column in expected.columns:
+    if column == 'seconds':
+      continue
+    a, b = actual[column].to_numpy(), expected[column].to_numpy()
+    if pd.api.types.is_float_dtype(b):
+      np.testing.assert_allclose(a, b, rtol=rtol, atol=0, equal_nan=True, err_msg=column)
+    else:
+      assert a.tolist() == b.tolist(), column
+
+
+def assert_params_close(actual: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -> None:
+  assert sorted(actual) == sorted(expected)
+  for key, b in expected.items():
+    assert actual[key].dtype == b.dtype, key
+    np.testing.assert_allclose(actual[key], b, rtol=PARAMS_RTOL, atol=PARAMS_ATOL, err_msg=key)
+
+
+def all_params(result: sweep.Result) -> dict[str, np.ndarray]:
+  return worker.flat_params(result, len(result.table))
+
+
+@contextlib.contextmanager
+def counting_compiles():
+  """Yields the names of the XLA programs compiled inside the block (caches cleared first)."""
+  jax.clear_caches()
+  names: list[str] = []
+
+  def listener(event: str, duration_secs: float, **kwargs) -> None:
+    del duration_secs
+    if event == COMPILE_EVENT:
+      names.append(str(kwargs.get('fun_name', '?')))
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    yield names
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def widths(units: list) -> list[int]:
+  return [cg.groups[0].slots.shape[1] for cg in units]
+
+
+def free_port() -> int:
+  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    s.bind(('localhost', 0))
+    return s.getsockname()[1]
+
+
+class Worker:
+  """`_scale_worker.py OUT ...` in a subprocess on `devices` forced host CPU devices."""
+
+  def __init__(self, root: Path, name: str, devices: int, *flags: str):
+    self.out = root / name
+    self.log = root / f'{name}.log'
+    env = dict(os.environ)
+    xla = [f for f in env.get('XLA_FLAGS', '').split() if 'xla_force_host_platform_device_count' not in f]
+    env['XLA_FLAGS'] = ' '.join(xla + [f'--xla_force_host_platform_device_count={devices}'])
+    env['JAX_PLATFORMS'] = 'cpu'
+    env['PYTHONPATH'] = os.pathsep.join(p for p in (str(REPO), env.get('PYTHONPATH')) if p)
+    with open(self.log, 'w') as log:
+      self.proc = subprocess.Popen(
+        [sys.executable, str(WORKER), str(self.out), *flags], cwd=root, env=env, stdout=log,
+        stderr=subprocess.STDOUT, text=True,
+      )
+
+  def output(self) -> str:
+    return self.log.read_text()
+
+  def report(self) -> dict:
+    assert self.proc.returncode == 0, f'exit code {self.proc.returncode}:\n{self.output()[-5000:]}'
+    lines = [ln for ln in self.output().splitlines() if ln.startswith('SCALE_WORKER ')]
+    assert len(lines) == 1, self.output()[-5000:]
+    return json.loads(lines[0].removeprefix('SCALE_WORKER '))
+
+  def table(self) -> pd.DataFrame:
+    return pd.read_csv(self.out / 'results.csv')
+
+  def params(self) -> dict[str, np.ndarray]:
+    with np.load(self.out / 'params.npz') as f:
+      return {k: f[k] for k in f.files}
+
+
+def wait_all(workers: list[Worker], timeout: float = TIMEOUT) -> None:
+  """Waits for every worker; once one fails or time is up, stops the others."""
+  deadline = time.monotonic() + timeout
+  try:
+    while any(w.proc.poll() is None for w in workers):
+      if any(w.proc.returncode not in (None, 0) for w in workers) or time.monotonic() > deadline:
+        break
+      time.sleep(0.05)
+  finally:
+    for w in workers:
+      if w.proc.poll() is None:
+        w.proc.kill()
+        w.proc.wait()
+
+
+# -------------------------------------------------------------------- fixtures ----
+
+
+@pytest.fixture(scope='module')
+def baseline() -> sweep.Result:
+  """The grid in this process, memory budget None: one chunk per optimizer."""
+  cfg = worker.config()
+  assert widths(worker.units(cfg)) == [4, 4]  # 3 runs per seed, padded to 4
+  return sweep.run(cfg, progress=False)
+
+
+@pytest.fixture(scope='module')
+def device_workers(tmp_path_factory) -> tuple[Worker, Worker]:
+  """The grid in two subprocesses at once: on 1 CPU device, and on 4."""
+  root = tmp_path_factory.mktemp('devices')
+  one, four = Worker(root, 'one', 1), Worker(root, 'four', 4)
+  wait_all([one, four])
+  return one, four
+
+
+# ----------------------------------------------------------------------- tests ----
+
+
+def test_chunks_match_one_chunk_and_share_one_program(baseline):
+  full = worker.config()
+  plan, init_fn, apply_fn, eval_chunk = worker.functions(full)
+  data = full.data
+  slots_per_column = sum(g.slots.shape[0] for g in worker.units(full)[0].groups)
+  per_run = max(engine.run_bytes(plan, init_fn, apply_fn, f, eval_chunk) for f in plan.axes['optimizer'])
+  # Room for 2 runs of each slot: chunks of width 2, the second of 3 runs padded.
+  budget = data.x_train.nbytes + data.y_train.nbytes + 2 * slots_per_column * per_run
+  chunked = full.replace(memory_budget=budget)
+  two = full.replace(learning_rate=worker.LEARNING_RATES[:2], memory_budget=budget)
+  assert widths(worker.units(chunked)) == [2, 2, 2, 2]
+  assert widths(worker.units(two)) == [2, 2]  # the same width, one chunk per optimizer
+
+  with counting_compiles() as compiled_two:
+    sweep.run(two, progress=False)
+  with counting_compiles() as compiled_chunked:
+    result = sweep.run(chunked, progress=False)
+  # Every chunk of an optimizer reuses its program: twice the chunks, no more compiles.
+  assert compiled_two, 'the compile listener saw nothing'
+  assert sorted(compiled_chunked) == sorted(compiled_two)
+
+  assert_tables_close(result.table, baseline.table, TABLE_RTOL)
+  assert_params_close(all_params(result), all_params(baseline))
+
+
+def test_four_devices_match_one(device_workers):
+  one, four = device_workers
+  report_one, report_four = one.report(), four.report()
+  segments = 2 * worker.config().num_evals  # 2 units, each trained segment by segment
+  assert report_one['local_device_count'] == 1
+  assert report_one['param_devices'] == [1] * segments
+  assert report_four['local_device_count'] == 4
+  # The parameters entering every segment are split over the 4 devices along the run
+  # axis: one run of the 4 slots (3 runs and a pad) on each device.
+  assert report_four['param_devices'] == [4] * segments
+  assert report_four['run_axis_shards'] == [[1, 4]] * segments
+
+  assert_tables_close(four.table(), one.table(), TABLE_RTOL)
+  assert_params_close(four.params(), one.params())
+
+
+def test_two_processes_match_one(device_workers, tmp_path):
+  one, _ = device_workers
+  one.report()
+  workdir = tmp_path / 'workdir'
+  port = free_port()
+  hosts = [
+    Worker(tmp_path, f'host{i}', 1, '--workdir', str(workdir), '--process-id', str(i),
+           '--num-processes', '2', '--port', str(port))
+    for i in range(2)
+  ]
+  wait_all(hosts)
+  reports = [h.report() for h in hosts]
+  num_evals = worker.config().num_evals
+  owners = reports[0]['owners']
+  assert len(owners) >= 2
+  for i, report in enumerate(reports):
+    assert report['process_index'] == i and report['process_count'] == 2
+    assert report['owners'] == owners
+    # Each process trained its own units, at least one, segment by segment.
+    assert owners.count(i) >= 1, owners
+    assert report['segments'] == num_evals * owners.count(i)
+
+  expected = one.table()
+  actual = pd.read_csv(workdir / 'results.csv')
+  assert_tables_close(actual.drop(columns='seconds'), expected.drop(columns='seconds'), rtol=0)
+  front = sorted(int(i) for i in expected.loc[expected.pareto, 'run'])
+  assert front and sweep.checkpoints.saved_runs(str(workdir)) == front
+  params = one.params()
+  for i in front:
+    saved = jax.tree_util.tree_leaves_with_path(sweep.restore_params(str(workdir), i))
+    assert saved
+    for path, leaf in saved:
+      reference = params[f'{i}/{jax.tree_util.keystr(path)}']
+      assert leaf.dtype == reference.dtype and np.array_equal(leaf, reference), (i, path)
+
+
+def test_bfloat16_stays_close_to_float32(baseline):
+  result = sweep.run(worker.config(compute_dtype='bfloat16'), progress=False)
+  for i in range(len(result.table)):
+    dtypes = {leaf.dtype for leaf in jax.tree.leaves(result.params(i))}
+    assert dtypes == {np.dtype(np.float32)}, (i, dtypes)
+
+  f32, bf16 = baseline.table, result.table
+  diverging = f32.learning_rate == worker.DIVERGING_LR
+  assert (f32.status[diverging] == 'diverged').all() and (bf16.status[diverging] == 'diverged').all()
+  stable = f32.status == 'ok'
+  assert stable.sum() == len(f32) - diverging.sum()
+  assert (bf16.status[stable] == 'ok').all()
+  assert (bf16.updates[stable] == f32.updates[stable]).all()
+  relative = ((bf16.final_val_loss - f32.final_val_loss) / f32.final_val_loss).abs()[stable]
+  assert relative.max() <= BF16_VAL_LOSS_RTOL, relative.sort_values().to_string()
+  assert relative.max() > 0, 'bfloat16 computed exactly as float32'
+
+
+def test_one_process_workdir_matches_in_memory_result(baseline, tmp_path):
+  """The 1-process path with a workdir: results.csv and the Pareto runs as in memory."""
+  workdir = tmp_path / 'workdir'
+  result = sweep.run(worker.config(), workdir=str(workdir), progress=False)
+  assert_tables_close(result.table, baseline.table, rtol=0)
+  written = pd.read_csv(workdir / 'results.csv')
+  expected = baseline.table.reset_index(drop=True)
+  assert_tables_close(written.drop(columns='seconds'), expected.drop(columns='seconds'), rtol=0)
+  front = sorted(int(i) for i in baseline.table.index[baseline.table.pareto])
+  assert sweep.checkpoints.saved_runs(str(workdir)) == front
+  for i in front:
+    for a, b in zip(jax.tree.leaves(sweep.restore_params(str(workdir), i)), jax.tree.leaves(baseline.params(i)), strict=True):
+      assert a.dtype == b.dtype and np.array_equal(a, b), i
