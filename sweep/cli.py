@@ -27,6 +27,9 @@ def load_experiment(path: str):
 def _run(args) -> int:
   import sweep
 
+  if args.distributed:
+    sweep.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+
   path = args.experiment or DEFAULT_EXPERIMENT
   try:
     cfg = load_experiment(path)
@@ -40,9 +43,52 @@ def _run(args) -> int:
   except sweep.ConfigError as e:
     print(f'sweep: bad config in {path}: {e}', file=sys.stderr)
     return 2
+  import jax
+
+  if jax.process_index() != 0:
+    return 0  # process 0 speaks for the sweep
   print(result.summary())
   if args.workdir:
     print(f'Wrote {os.path.join(args.workdir, "results.csv")}, curves.csv and config.json.')
+    if not args.no_report:
+      from sweep import report
+
+      print(f'Report: {report.write_report(args.workdir, result)}')
+  return 0
+
+
+def _report(args) -> int:
+  from sweep import report
+
+  if not os.path.isfile(os.path.join(args.workdir, 'results.csv')):
+    print(f'sweep: {args.workdir!r} holds no finished sweep (no results.csv)', file=sys.stderr)
+    return 2
+  print(report.write_report(args.workdir))
+  return 0
+
+
+def _lr_find(args) -> int:
+  import sweep
+
+  path = args.experiment or DEFAULT_EXPERIMENT
+  try:
+    cfg = load_experiment(path)
+    finder = sweep.lr_find(
+        cfg, method=args.method, start_lr=args.start_lr, end_lr=args.end_lr, num_it=args.num_it,
+        suggest=args.suggest,
+    )
+  except sweep.ConfigError as e:
+    print(f'sweep: bad config in {path}: {e}', file=sys.stderr)
+    return 2
+  print(f'LR range test ({args.method}) of {os.path.basename(path)}: suggestion {finder.suggestion:.3g} ({args.suggest})')
+  for rule, value in finder.suggestions.items():
+    print(f'  {rule:<8} {value:.3g}')
+  if args.workdir:
+    from sweep import report
+
+    os.makedirs(args.workdir, exist_ok=True)
+    paths = report.save_lr_find(args.workdir, finder)
+    print('Wrote ' + ', '.join(paths))
   return 0
 
 
@@ -57,7 +103,26 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument('--checkpoint-every', type=int, default=1, metavar='N', help='checkpoint every N segments')
   p.add_argument('--checkpoint-seconds', type=float, default=None, metavar='S',
                  help='also checkpoint when S seconds passed since the last checkpoint')
+  p.add_argument('--no-report', action='store_true', help='skip the figures and report.html')
+  p.add_argument('--distributed', action='store_true',
+                 help='join the other processes first (jax.distributed.initialize; auto-detected on TPU VMs, '
+                      'else set --coordinator, --num-processes and --process-id)')
+  p.add_argument('--coordinator', help='host:port of process 0 (with --distributed)')
+  p.add_argument('--num-processes', type=int)
+  p.add_argument('--process-id', type=int)
   p.set_defaults(fn=_run)
+  p = sub.add_parser('report', help='figures and report.html of a finished sweep')
+  p.add_argument('workdir', help='the workdir of a finished sweep')
+  p.set_defaults(fn=_report)
+  p = sub.add_parser('lr-find', help="LR range test of an experiment's model, optimizer and data")
+  p.add_argument('experiment', nargs='?', help='a Python file defining get_config()')
+  p.add_argument('--method', choices=('grid', 'ramp'), default='grid')
+  p.add_argument('--start-lr', type=float, default=1e-7)
+  p.add_argument('--end-lr', type=float, default=10.0)
+  p.add_argument('--num-it', type=int, default=100)
+  p.add_argument('--suggest', choices=('valley', 'steep', 'minimum'), default='valley')
+  p.add_argument('--workdir', help='save lr_find.csv and lr_find.json here (for the report)')
+  p.set_defaults(fn=_lr_find)
   args = parser.parse_args(argv)
   if not os.environ.get('SWEEP_NO_CACHE'):
     from sweep import engine

@@ -433,12 +433,16 @@ def _heatmap(result: Result) -> _Section:
   for k in range(n, nrows * ncols):
     axes[k // ncols][k % ncols].set_visible(False)
   averaged = ['seeds' if a == 'seed' else a for a in _averaged_axes(table)]
-  over = ' and '.join(averaged) if averaged else 'seeds'
-  fig.suptitle(f'{LABELS.get(metric, metric)}: mean over {over} of the runs that did not diverge\n'
-               '(red frame: the lowest cell)', fontsize=10)
-  scale = ' (log scale)' if isinstance(norm, mcolors.LogNorm) else ''
-  fig.colorbar(mesh, ax=axes.ravel().tolist(), label=f'{LABELS.get(metric, metric)}, {_loss_name(result.config)}'
-               f'{scale}', shrink=0.9)
+  over = ' and '.join(averaged) if averaged else ''
+  what = f'mean over {over} of the runs' if over else 'one run per cell, runs'
+  frame = '\n(red frame: the lowest cell)' if len(finite) else ''
+  fig.suptitle(f'{LABELS.get(metric, metric)}: {what} that did not diverge{frame}', fontsize=10)
+  if len(finite):
+    log = isinstance(norm, mcolors.LogNorm)
+    bar = fig.colorbar(mesh, ax=axes.ravel().tolist(), shrink=0.9,
+                       label=f'{LABELS.get(metric, metric)}, {_loss_name(result.config)}{" (log scale)" if log else ""}')
+    if log:
+      _label_log_axis(bar.ax.yaxis, finite)
   handles = []
   if any_all_diverged:
     handles.append(patches.Patch(facecolor='0.85', edgecolor='0.55', hatch='///', label='every run diverged (x)'))
@@ -447,9 +451,9 @@ def _heatmap(result: Result) -> _Section:
                                            label='some runs diverged (k/n div.)'))
   if handles:
     fig.legend(handles=handles, loc='outside lower center', ncols=len(handles), fontsize=8, frameon=False)
-  caption = (f'{LABELS.get(metric, metric).capitalize()} of every learning rate and batch size, averaged over '
-             f'{over} (runs that diverged left out of the mean). Hatched grey cells with an x: every run '
-             'diverged.')
+  caption = (f'{LABELS.get(metric, metric).capitalize()} of every learning rate and batch size'
+             + (f', averaged over {over} (runs that diverged left out of the mean)' if over else '')
+             + '. Hatched grey cells with an x: every run diverged.')
   if metric != 'final_val_loss':
     caption += ' The sweep has no validation set: the training loss is shown instead.'
   if len(grids) > 1:
@@ -477,7 +481,7 @@ def _curves(result: Result) -> _Section:
   top = ok.sort_values(metric).head(TOP_RUNS)
   has_val = 'val_loss' in curves.columns and curves['val_loss'].notna().any()
   xcol = _x_column(curves)
-  fig = _new_figure(7.5, 4.6)
+  fig = _new_figure(9.0, 4.6)
   ax = fig.add_subplot()
   palette = matplotlib.colormaps['tab10']
   plotted, handles = [], []
@@ -505,12 +509,14 @@ def _curves(result: Result) -> _Section:
   ax.set_ylabel(f'loss, {_loss_name(result.config)}{scale}')
   what = 'train (solid) and validation (dashed) loss' if has_val else 'training loss'
   ax.set_title(f'{what} of the best {len(handles)} runs by {LABELS.get(metric, metric)}', fontsize=10)
-  legend = ax.legend(handles=handles, loc='upper right', fontsize=8, title='run', title_fontsize=8)
+  # Outside the axes, on the right: the curves cross wherever a legend would go inside.
+  legend = ax.legend(handles=handles, loc='upper left', bbox_to_anchor=(1.02, 1.0), fontsize=8, title='run',
+                     title_fontsize=8)
   if has_val:
     ax.add_artist(legend)
     styles = [matplotlib.lines.Line2D([], [], color='0.3', linestyle='-', label='training loss'),
               matplotlib.lines.Line2D([], [], color='0.3', linestyle='--', label='validation loss')]
-    ax.legend(handles=styles, loc='lower left', fontsize=8)
+    ax.legend(handles=styles, loc='lower left', bbox_to_anchor=(1.02, 0.0), fontsize=8)
   ax.grid(True, which='both', alpha=0.3)
   caption = (f'The {len(handles)} runs with the lowest {LABELS.get(metric, metric)} that did not diverge; the '
              'training loss is measured on a fixed subset of the training set at each evaluation.')
@@ -569,9 +575,9 @@ def _pareto(result: Result) -> _Section:
     _label_log_axis(ax.yaxis, y)
   ax.set_xlabel(_axis_label(xcol, ax.get_xscale() == 'log'))
   ax.set_ylabel(_axis_label(ycol, ax.get_yscale() == 'log'))
-  goal = ' and '.join(f'{"minimise" if sense == "min" else "maximise"} {column}'
-                      for column, sense in ((ycol, ysense), (xcol, xsense)))
-  ax.set_title(f'Pareto front of the runs that did not diverge: {goal}', fontsize=10)
+  goal = ', '.join(f'{"minimise" if sense == "min" else "maximise"} {column}'
+                   for column, sense in ((ycol, ysense), (xcol, xsense)))
+  ax.set_title(f'Pareto front of the runs that did not diverge\n({goal})', fontsize=10)
   ax.legend(fontsize=8)
   ax.grid(True, which='both', alpha=0.3)
   diverged = len(table) - len(_ok(table))
@@ -625,6 +631,7 @@ def _noise_scale(result: Result) -> _Section:
     ax.plot(mean[xcol], mean['noise_scale'], '-', marker='.', color=color, label=f'B={_g(b)}')
     ax.axhline(float(b), color=color, linestyle=':', linewidth=1)
   ax.set_yscale('log')
+  _label_log_axis(ax.yaxis, c['noise_scale'])
   if xcol == 'examples' and (c[xcol] > 0).all() and _spans_decades(c[xcol]):
     ax.set_xscale('log')
   ax.set_xlabel(_axis_label(xcol, ax.get_xscale() == 'log'))
