@@ -196,15 +196,45 @@ def _axis_label(column: str, log: bool) -> str:
   return label[:-1] + ', log scale)' if label.endswith(')') else label + ' (log scale)'
 
 
-def _label_log_axis(axis: Any, values: Any, fmt=None) -> None:
-  """Plain-number ticks on a log axis: at the values themselves when there are few of them."""
+def _log_ticks(low: float, high: float) -> np.ndarray:
+  """Round ticks (1, 2, 5 x 10^k, or every digit when those are too few) within [low, high]."""
+  for subs in ((1.0,), (1.0, 2.0, 5.0), tuple(range(1, 10))):
+    decades = np.arange(math.floor(math.log10(low)) - 1, math.ceil(math.log10(high)) + 1)
+    ticks = np.array(sorted(m * 10.0**k for k in decades for m in subs))
+    ticks = ticks[(ticks >= low * (1 - 1e-9)) & (ticks <= high * (1 + 1e-9))]
+    if 3 <= len(ticks) <= 8 or (subs == tuple(range(1, 10)) and len(ticks) >= 2):
+      return ticks
+    if len(ticks) > 8:
+      return ticks[:: math.ceil(len(ticks) / 8)]
+  return np.array([low, high])
+
+
+def _label_log_axis(axis: Any, values: Any, fmt=None, at_values: bool = False) -> None:
+  """Plain-number ticks on a log axis, not 10^k notation.
+
+  Args:
+    axis: a matplotlib Axis on a log scale.
+    values: the data along it.
+    fmt: number -> label; 3 significant digits by default.
+    at_values: ticks at the values themselves when there are at most 8 of them (for
+      values that come from a grid, such as updates or learning rates).
+  """
   fmt = fmt or (lambda x: _g(x, 3))
   v = np.asarray(values, np.float64).reshape(-1)
   v = np.unique(v[np.isfinite(v) & (v > 0)])
-  if 0 < len(v) <= 8:
-    axis.set_major_locator(ticker.FixedLocator(v))
+  if len(v) == 0:
+    return
+  if at_values and len(v) <= 8:
+    ticks = v
   else:
-    axis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+    # The visible range (which lines such as reference levels may have widened), not the data's.
+    ax = axis.axes
+    low, high = ax.get_xlim() if axis is ax.xaxis else ax.get_ylim()
+    low, high = min(low, high), max(low, high)
+    if not (low > 0 and math.isfinite(high)):
+      low, high = float(v.min()), float(v.max())
+    ticks = _log_ticks(low, high)
+  axis.set_major_locator(ticker.FixedLocator(ticks))
   axis.set_minor_locator(ticker.NullLocator())
   axis.set_major_formatter(ticker.FuncFormatter(lambda x, _: fmt(x)))
 
@@ -434,9 +464,9 @@ def _heatmap(result: Result) -> _Section:
     axes[k // ncols][k % ncols].set_visible(False)
   averaged = ['seeds' if a == 'seed' else a for a in _averaged_axes(table)]
   over = ' and '.join(averaged) if averaged else ''
-  what = f'mean over {over} of the runs' if over else 'one run per cell, runs'
+  what = f': mean over {over} of the runs that did not diverge' if over else ' of each run (one per cell)'
   frame = '\n(red frame: the lowest cell)' if len(finite) else ''
-  fig.suptitle(f'{LABELS.get(metric, metric)}: {what} that did not diverge{frame}', fontsize=10)
+  fig.suptitle(f'{LABELS.get(metric, metric)}{what}{frame}', fontsize=10)
   if len(finite):
     log = isinstance(norm, mcolors.LogNorm)
     bar = fig.colorbar(mesh, ax=axes.ravel().tolist(), shrink=0.9,
@@ -510,13 +540,11 @@ def _curves(result: Result) -> _Section:
   what = 'train (solid) and validation (dashed) loss' if has_val else 'training loss'
   ax.set_title(f'{what} of the best {len(handles)} runs by {LABELS.get(metric, metric)}', fontsize=10)
   # Outside the axes, on the right: the curves cross wherever a legend would go inside.
-  legend = ax.legend(handles=handles, loc='upper left', bbox_to_anchor=(1.02, 1.0), fontsize=8, title='run',
-                     title_fontsize=8)
+  fig.legend(handles=handles, loc='outside right upper', fontsize=8, title='run', title_fontsize=8)
   if has_val:
-    ax.add_artist(legend)
     styles = [matplotlib.lines.Line2D([], [], color='0.3', linestyle='-', label='training loss'),
               matplotlib.lines.Line2D([], [], color='0.3', linestyle='--', label='validation loss')]
-    ax.legend(handles=styles, loc='lower left', bbox_to_anchor=(1.02, 0.0), fontsize=8)
+    fig.legend(handles=styles, loc='outside right lower', fontsize=8)
   ax.grid(True, which='both', alpha=0.3)
   caption = (f'The {len(handles)} runs with the lowest {LABELS.get(metric, metric)} that did not diverge; the '
              'training loss is measured on a fixed subset of the training set at each evaluation.')
@@ -569,7 +597,7 @@ def _pareto(result: Result) -> _Section:
                   xytext=(-6 if right else 6, 5), ha='right' if right else 'left', fontsize=7)
   if log_x:
     ax.set_xscale('log')
-    _label_log_axis(ax.xaxis, x)
+    _label_log_axis(ax.xaxis, x, at_values=True)
   if _spans_decades(y):
     ax.set_yscale('log')
     _label_log_axis(ax.yaxis, y)
@@ -655,7 +683,7 @@ def _scaling(result: Result) -> list[dict[str, Any]]:
     try:
       entry['table'] = analysis.batch_size_table(part, metric)
       entry['slope'] = analysis.lr_batch_slope(part, metric)
-    except Exception as e:  # noqa: BLE001 - a report shows what it can
+    except (ValueError, KeyError) as e:  # ConfigError is a ValueError; a report shows what it can
       entry['error'] = str(e)
     out.append(entry)
   return out
@@ -705,7 +733,7 @@ def _batch_size(result: Result, scaling: list[dict[str, Any]]) -> _Section:
   shown = tried[(tried >= low) & (tried <= high)]
   for v in shown:
     ax.axhline(v, color='0.85', linewidth=0.8, zorder=0)
-  _label_log_axis(ax.yaxis, shown if len(shown) else lr, _tick)
+  _label_log_axis(ax.yaxis, shown if len(shown) else lr, _tick, at_values=True)
   ax.set_xlabel('batch size (examples per update, log scale)')
   ax.set_ylabel('best learning rate (log scale)')
   ax.set_title(f'best learning rate per batch size (by seed-mean {LABELS.get(usable[0]["metric"], "loss")})\n'
