@@ -31,6 +31,8 @@ def _local() -> ocp.options.MultiprocessingOptions:
 
 
 def _checkpointer() -> ocp.StandardCheckpointer:
+  if jax.process_count() == 1:
+    return ocp.StandardCheckpointer()
   return ocp.StandardCheckpointer(multiprocessing_options=_local())
 
 
@@ -58,9 +60,8 @@ class SweepState:
     self.directory = os.path.abspath(os.path.join(workdir, 'state'))
     self.manager = ocp.CheckpointManager(
         self.directory,
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, enable_async_checkpointing=True, multiprocessing_options=_local()
-        ),
+        # Single process only (see `engine.run`): orbax's defaults fit.
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=True),
         item_names=('state', 'meta'),
     )
 

@@ -534,6 +534,7 @@ def _curves(result: Result) -> _Section:
   values = np.concatenate(plotted)
   if _spans_decades(values):
     ax.set_yscale('log')
+    _label_log_axis(ax.yaxis, values)
   ax.set_xlabel(LABELS.get(xcol, xcol))
   scale = ' (log scale)' if ax.get_yscale() == 'log' else ''
   ax.set_ylabel(f'loss, {_loss_name(result.config)}{scale}')
@@ -553,14 +554,22 @@ def _curves(result: Result) -> _Section:
   return _Section('curves', caption, _png(fig))
 
 
+def _objectives(result: Result) -> dict[str, str]:
+  """The Pareto objectives as the table was annotated: the config's, or without a validation
+  set (as `sweep.results.objectives` falls back) the final training loss and updates."""
+  table = result.table
+  objectives = dict(result.config.get('objectives') or {})
+  if objectives and all(c in table.columns for c in objectives):
+    return objectives
+  return {_metric(table): 'min', 'updates': 'min'}
+
+
 def _objective_columns(result: Result) -> tuple[tuple[str, str], tuple[str, str]]:
   """((y column, sense), (x column, sense)) of the Pareto figure."""
-  table = result.table
-  objectives = result.config.get('objectives') or {}
-  items = [(c, s) for c, s in objectives.items() if c in table.columns]
-  if len(items) == 2 and len(objectives) == 2:
+  items = list(_objectives(result).items())
+  if len(items) == 2:
     return items[0], items[1]
-  return (_metric(table), 'min'), ('updates', 'min')
+  return (_metric(result.table), 'min'), ('updates', 'min')
 
 
 def _pareto(result: Result) -> _Section:
@@ -593,8 +602,12 @@ def _pareto(result: Result) -> _Section:
     rows = ok[front].iloc[order]
     for k in range(len(fx)):
       right = position[front][order][k] > middle  # labels point inwards, away from the frame
+      # On the side of the front that no run reaches (below it when y is minimised).
+      below = ysense == 'min'
       ax.annotate(_run_label(rows.iloc[k], table), (fx[k], fy[k]), textcoords='offset points',
-                  xytext=(-6 if right else 6, 5), ha='right' if right else 'left', fontsize=7)
+                  xytext=(-6 if right else 6, -6 if below else 6), ha='right' if right else 'left',
+                  va='top' if below else 'bottom', fontsize=7)
+  ax.margins(x=0.06, y=0.12)  # room for the labels of the front's outer points
   if log_x:
     ax.set_xscale('log')
     _label_log_axis(ax.xaxis, x, at_values=True)
@@ -614,8 +627,7 @@ def _pareto(result: Result) -> _Section:
   return _Section('pareto', caption, _png(fig))
 
 
-def _lr_find(result: Result, lr_finder: LRFinderResult | None, workdir: str) -> _Section:
-  del result
+def _lr_find(lr_finder: LRFinderResult | None, workdir: str) -> _Section:
   found = lr_finder if lr_finder is not None else load_lr_find(workdir)
   if found is None:
     raise _Skip(f'no learning-rate range test: pass lr_finder= or save one to {LR_FIND_CSV} '
@@ -746,11 +758,12 @@ def _batch_size(result: Result, scaling: list[dict[str, Any]]) -> _Section:
   return _Section('batch_size', caption, _png(fig))
 
 
-def _draw(name: str, caption: str, fn, *args) -> _Section:
+def _draw(name: str, fn, *args) -> _Section:
+  """`fn(*args)`'s figure, or a section that says why there is none."""
   try:
     return fn(*args)
   except _Skip as e:
-    return _Section(name, caption, note=str(e))
+    return _Section(name, note=str(e))
 
 
 # ------------------------------------------------------------------------ HTML ----
@@ -932,7 +945,7 @@ def _pareto_html(result: Result) -> str:
   if front.empty:
     return '<p class="note">The Pareto front is empty: every run diverged.</p>'
   (ycol, _), (xcol, _) = _objective_columns(result)
-  objectives = result.config.get('objectives') or {}
+  objectives = _objectives(result)
   columns = ['run'] + _varying(table) + [c for c in objectives if c in table.columns]
   for c in (ycol, xcol, 'final_val_accuracy', 'final_train_loss', 'seconds'):
     if c in table.columns and c not in columns:
@@ -1031,12 +1044,12 @@ def write_report(workdir: str, result: Result | None = None, lr_finder: LRFinder
 
   scaling = _scaling(result)
   sections = {
-      'heatmap': _draw('heatmap', '', _heatmap, result),
-      'curves': _draw('curves', '', _curves, result),
-      'pareto': _draw('pareto', '', _pareto, result),
-      'lr_find': _draw('lr_find', '', _lr_find, result, lr_finder, workdir),
-      'noise_scale': _draw('noise_scale', '', _noise_scale, result),
-      'batch_size': _draw('batch_size', '', _batch_size, result, scaling),
+      'heatmap': _draw('heatmap', _heatmap, result),
+      'curves': _draw('curves', _curves, result),
+      'pareto': _draw('pareto', _pareto, result),
+      'lr_find': _draw('lr_find', _lr_find, lr_finder, workdir),
+      'noise_scale': _draw('noise_scale', _noise_scale, result),
+      'batch_size': _draw('batch_size', _batch_size, result, scaling),
   }
   for name in FIGURES:
     path = os.path.join(out_dir, name + '.png')

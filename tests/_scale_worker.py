@@ -7,9 +7,10 @@ checks train in subprocesses running this script:
     python _scale_worker.py OUT [--workdir DIR] [--process-id I --num-processes N --port P]
 
 It writes OUT/results.csv (with `Result.save`, as `sweep.run` writes a workdir's) and
-OUT/params.npz (every run's final parameters, key `<run>/<leaf path>`) and prints one line `SCALE_WORKER {json}` with what it saw: its
-process and device counts, the units it owns, how many segments it trained, and over
-how many devices the parameters entering each segment were spread.
+OUT/params.npz (every run's final parameters, key `<run>/<leaf path>`), and prints one
+line `SCALE_WORKER {json}` with what it saw: its process and device counts, the owner
+of every unit, how many segments it trained, and over how many devices the parameters
+entering each segment were spread.
 """
 
 from __future__ import annotations

@@ -39,6 +39,7 @@ TIMEOUT = 240  # seconds a subprocess sweep may take (a few on an idle machine)
 
 # A different run-axis width may round differently in XLA's matmuls.
 TABLE_RTOL = 1e-5
+LOSS_COLUMNS = ('final_batch_loss', 'final_train_loss', 'final_val_loss', 'best_val_loss')
 PARAMS_RTOL, PARAMS_ATOL = 1e-4, 1e-6
 # bfloat16 against float32, final validation loss of runs that did not diverge. Measured
 # on this grid (16 runs, CPU): median relative difference 1e-4, largest 2.2e-2 (adam at
@@ -59,18 +60,32 @@ worker = _load_worker()
 # --------------------------------------------------------------------- helpers ----
 
 
-def assert_tables_close(actual: pd.DataFrame, expected: pd.DataFrame, rtol: float) -> None:
-  """Same rows and columns; floats within `rtol`, everything else equal; `seconds` ignored."""
+def assert_tables_close(
+  actual: pd.DataFrame, expected: pd.DataFrame, rtol: float, example: float = 0.0
+) -> None:
+  """Same rows and columns (`seconds` aside), numbers within `rtol`.
+
+  A float agrees within `rtol` relative to the larger of itself and its run's loss (a
+  difference of two losses, like the generalization gap, keeps only their absolute
+  error). The accuracy of a diverged run may also differ by `example`, one example:
+  its huge logits leave near ties that rounding breaks either way. The rest is equal.
+  """
   assert list(actual.columns) == list(expected.columns)
   assert list(actual['run']) == list(expected['run'])
+  scale = expected[list(LOSS_COLUMNS)].abs().max(axis=1).to_numpy()
+  diverged = (expected['status'] == 'diverged').to_numpy()
   for column in expected.columns:
     if column == 'seconds':
       continue
     a, b = actual[column].to_numpy(), expected[column].to_numpy()
-    if pd.api.types.is_float_dtype(b):
-      np.testing.assert_allclose(a, b, rtol=rtol, atol=0, equal_nan=True, err_msg=column)
-    else:
+    if not pd.api.types.is_float_dtype(b):
       assert a.tolist() == b.tolist(), column
+      continue
+    tol = rtol * np.maximum(np.abs(b), scale)
+    if 'accuracy' in column:
+      tol = np.where(diverged, tol + example, tol)
+    bad = ~((np.abs(a - b) <= tol) | (np.isnan(a) & np.isnan(b)))
+    assert not bad.any(), f'{column}, runs {np.flatnonzero(bad)}: {a[bad]} against {b[bad]}'
 
 
 def assert_params_close(actual: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -> None:
@@ -86,8 +101,7 @@ def all_params(result: sweep.Result) -> dict[str, np.ndarray]:
 
 @contextlib.contextmanager
 def counting_compiles():
-  """Yields the names of the XLA programs compiled inside the block (caches cleared first)."""
-  jax.clear_caches()
+  """Yields the names of the XLA programs compiled inside the block."""
   names: list[str] = []
 
   def listener(event: str, duration_secs: float, **kwargs) -> None:
@@ -119,8 +133,9 @@ class Worker:
     self.out = root / name
     self.log = root / f'{name}.log'
     env = dict(os.environ)
-    xla = [f for f in env.get('XLA_FLAGS', '').split() if 'xla_force_host_platform_device_count' not in f]
-    env['XLA_FLAGS'] = ' '.join(xla + [f'--xla_force_host_platform_device_count={devices}'])
+    count = '--xla_force_host_platform_device_count'
+    xla = [f for f in env.get('XLA_FLAGS', '').split() if not f.startswith(count)]
+    env['XLA_FLAGS'] = ' '.join([*xla, f'{count}={devices}'])
     env['JAX_PLATFORMS'] = 'cpu'
     env['PYTHONPATH'] = os.pathsep.join(p for p in (str(REPO), env.get('PYTHONPATH')) if p)
     with open(self.log, 'w') as log:
@@ -146,39 +161,81 @@ class Worker:
       return {k: f[k] for k in f.files}
 
 
-def wait_all(workers: list[Worker], timeout: float = TIMEOUT) -> None:
-  """Waits for every worker; once one fails or time is up, stops the others."""
+def wait_all(workers: list[Worker], linked: list[Worker], timeout: float = TIMEOUT) -> None:
+  """Waits for every worker; stops the `linked` ones (a multi-process sweep) once one of
+  them failed, and every one once time is up."""
   deadline = time.monotonic() + timeout
   try:
-    while any(w.proc.poll() is None for w in workers):
-      if any(w.proc.returncode not in (None, 0) for w in workers) or time.monotonic() > deadline:
-        break
+    while any(w.proc.poll() is None for w in workers) and time.monotonic() < deadline:
+      if any(w.proc.returncode not in (None, 0) for w in linked):
+        for w in linked:
+          if w.proc.poll() is None:
+            w.proc.kill()
       time.sleep(0.05)
   finally:
     for w in workers:
       if w.proc.poll() is None:
         w.proc.kill()
-        w.proc.wait()
+      w.proc.wait()
+
+
+def one_example(cfg: sweep.SweepConfig) -> float:
+  """An accuracy step: one example of the smaller evaluation set."""
+  return 1 / min(cfg.data.n_val, cfg.train_eval_size, cfg.data.n_train)
 
 
 # -------------------------------------------------------------------- fixtures ----
 
 
+class SubprocessSweeps:
+  """The grid in subprocesses, all started at once: on 1 CPU device (the reference), on
+  4, and in 2 processes of 1 device each joined into one sweep with a workdir."""
+
+  def __init__(self, root: Path):
+    self.workdir = root / 'workdir'
+    port = free_port()
+    self.hosts = [
+      Worker(root, f'host{i}', 1, '--workdir', str(self.workdir), '--process-id', str(i),
+             '--num-processes', '2', '--port', str(port))
+      for i in range(2)
+    ]
+    self.one = Worker(root, 'one', 1)
+    self.four = Worker(root, 'four', 4)
+    self.all = [self.one, self.four, *self.hosts]
+    self._waited = False
+
+  def wait(self) -> SubprocessSweeps:
+    if not self._waited:
+      self._waited = True
+      wait_all(self.all, linked=self.hosts)
+    return self
+
+  def stop(self) -> None:
+    for w in self.all:
+      if w.proc.poll() is None:
+        w.proc.kill()
+      w.proc.wait()
+
+
 @pytest.fixture(scope='module')
-def baseline() -> sweep.Result:
-  """The grid in this process, memory budget None: one chunk per optimizer."""
+def subprocess_sweeps(tmp_path_factory):
+  sweeps = SubprocessSweeps(tmp_path_factory.mktemp('scale'))
+  try:
+    yield sweeps
+  finally:
+    sweeps.stop()
+
+
+@pytest.fixture(scope='module')
+def baseline(subprocess_sweeps) -> sweep.Result:
+  """The grid in this process, memory budget None: one chunk per optimizer.
+
+  The subprocess sweeps start first, so that they train while this process does.
+  """
+  del subprocess_sweeps
   cfg = worker.config()
   assert widths(worker.units(cfg)) == [4, 4]  # 3 runs per seed, padded to 4
   return sweep.run(cfg, progress=False)
-
-
-@pytest.fixture(scope='module')
-def device_workers(tmp_path_factory) -> tuple[Worker, Worker]:
-  """The grid in two subprocesses at once: on 1 CPU device, and on 4."""
-  root = tmp_path_factory.mktemp('devices')
-  one, four = Worker(root, 'one', 1), Worker(root, 'four', 4)
-  wait_all([one, four])
-  return one, four
 
 
 # ----------------------------------------------------------------------- tests ----
@@ -189,7 +246,9 @@ def test_chunks_match_one_chunk_and_share_one_program(baseline):
   plan, init_fn, apply_fn, eval_chunk = worker.functions(full)
   data = full.data
   slots_per_column = sum(g.slots.shape[0] for g in worker.units(full)[0].groups)
-  per_run = max(engine.run_bytes(plan, init_fn, apply_fn, f, eval_chunk) for f in plan.axes['optimizer'])
+  per_run = max(
+    engine.run_bytes(plan, init_fn, apply_fn, family, eval_chunk) for family in plan.axes['optimizer']
+  )
   # Room for 2 runs of each slot: chunks of width 2, the second of 3 runs padded.
   budget = data.x_train.nbytes + data.y_train.nbytes + 2 * slots_per_column * per_run
   chunked = full.replace(memory_budget=budget)
@@ -201,41 +260,36 @@ def test_chunks_match_one_chunk_and_share_one_program(baseline):
     sweep.run(two, progress=False)
   with counting_compiles() as compiled_chunked:
     result = sweep.run(chunked, progress=False)
-  # Every chunk of an optimizer reuses its program: twice the chunks, no more compiles.
-  assert compiled_two, 'the compile listener saw nothing'
-  assert sorted(compiled_chunked) == sorted(compiled_two)
+  # The one-chunk sweep compiled the programs of width 2 (the baseline's are of width
+  # 4); the sweep of 2 chunks per optimizer found every one of its programs among them.
+  assert any('segment' in name for name in compiled_two), compiled_two
+  assert compiled_chunked == []
 
-  assert_tables_close(result.table, baseline.table, TABLE_RTOL)
+  assert_tables_close(result.table, baseline.table, TABLE_RTOL, one_example(full))
   assert_params_close(all_params(result), all_params(baseline))
 
 
-def test_four_devices_match_one(device_workers):
-  one, four = device_workers
+def test_four_devices_match_one(subprocess_sweeps):
+  sweeps = subprocess_sweeps.wait()
+  one, four = sweeps.one, sweeps.four
   report_one, report_four = one.report(), four.report()
   segments = 2 * worker.config().num_evals  # 2 units, each trained segment by segment
   assert report_one['local_device_count'] == 1
   assert report_one['param_devices'] == [1] * segments
   assert report_four['local_device_count'] == 4
   # The parameters entering every segment are split over the 4 devices along the run
-  # axis: one run of the 4 slots (3 runs and a pad) on each device.
+  # axis: one slot of the 4 (3 runs and a pad) on each device.
   assert report_four['param_devices'] == [4] * segments
   assert report_four['run_axis_shards'] == [[1, 4]] * segments
 
-  assert_tables_close(four.table(), one.table(), TABLE_RTOL)
+  assert_tables_close(four.table(), one.table(), TABLE_RTOL, one_example(worker.config()))
   assert_params_close(four.params(), one.params())
 
 
-def test_two_processes_match_one(device_workers, tmp_path):
-  one, _ = device_workers
+def test_two_processes_match_one(subprocess_sweeps):
+  sweeps = subprocess_sweeps.wait()
+  one, hosts, workdir = sweeps.one, sweeps.hosts, sweeps.workdir
   one.report()
-  workdir = tmp_path / 'workdir'
-  port = free_port()
-  hosts = [
-    Worker(tmp_path, f'host{i}', 1, '--workdir', str(workdir), '--process-id', str(i),
-           '--num-processes', '2', '--port', str(port))
-    for i in range(2)
-  ]
-  wait_all(hosts)
   reports = [h.report() for h in hosts]
   num_evals = worker.config().num_evals
   owners = reports[0]['owners']
@@ -249,7 +303,7 @@ def test_two_processes_match_one(device_workers, tmp_path):
 
   expected = one.table()
   actual = pd.read_csv(workdir / 'results.csv')
-  assert_tables_close(actual.drop(columns='seconds'), expected.drop(columns='seconds'), rtol=0)
+  assert_tables_close(actual, expected, rtol=0)
   front = sorted(int(i) for i in expected.loc[expected.pareto, 'run'])
   assert front and sweep.checkpoints.saved_runs(str(workdir)) == front
   params = one.params()
@@ -269,12 +323,16 @@ def test_bfloat16_stays_close_to_float32(baseline):
 
   f32, bf16 = baseline.table, result.table
   diverging = f32.learning_rate == worker.DIVERGING_LR
-  assert (f32.status[diverging] == 'diverged').all() and (bf16.status[diverging] == 'diverged').all()
+  assert (f32.status[diverging] == 'diverged').all()
+  assert (bf16.status[diverging] == 'diverged').all()
   stable = f32.status == 'ok'
   assert stable.sum() == len(f32) - diverging.sum()
   assert (bf16.status[stable] == 'ok').all()
   assert (bf16.updates[stable] == f32.updates[stable]).all()
   relative = ((bf16.final_val_loss - f32.final_val_loss) / f32.final_val_loss).abs()[stable]
+  shown = f32.loc[stable, ['optimizer', 'learning_rate', 'batch_size', 'seed']].assign(relative=relative)
+  print('bfloat16 against float32, relative difference of the final val loss:')
+  print(shown.to_string())
   assert relative.max() <= BF16_VAL_LOSS_RTOL, relative.sort_values().to_string()
   assert relative.max() > 0, 'bfloat16 computed exactly as float32'
 
@@ -285,10 +343,10 @@ def test_one_process_workdir_matches_in_memory_result(baseline, tmp_path):
   result = sweep.run(worker.config(), workdir=str(workdir), progress=False)
   assert_tables_close(result.table, baseline.table, rtol=0)
   written = pd.read_csv(workdir / 'results.csv')
-  expected = baseline.table.reset_index(drop=True)
-  assert_tables_close(written.drop(columns='seconds'), expected.drop(columns='seconds'), rtol=0)
+  assert_tables_close(written, baseline.table.reset_index(drop=True), rtol=0)
   front = sorted(int(i) for i in baseline.table.index[baseline.table.pareto])
   assert sweep.checkpoints.saved_runs(str(workdir)) == front
   for i in front:
-    for a, b in zip(jax.tree.leaves(sweep.restore_params(str(workdir), i)), jax.tree.leaves(baseline.params(i)), strict=True):
+    saved = jax.tree.leaves(sweep.restore_params(str(workdir), i))
+    for a, b in zip(saved, jax.tree.leaves(baseline.params(i)), strict=True):
       assert a.dtype == b.dtype and np.array_equal(a, b), i
