@@ -34,7 +34,6 @@ import io
 import json
 import math
 import os
-import tempfile
 from importlib import metadata
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
@@ -249,26 +248,6 @@ def _png(fig: Figure) -> bytes:
   buf = io.BytesIO()
   fig.savefig(buf, format='png', dpi=DPI)
   return buf.getvalue()
-
-
-def _atomic_write_bytes(path: str, data: bytes) -> None:
-  """Writes `data` to `path` through a temporary file in the same folder and a rename."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix='.' + os.path.basename(path) + '.', suffix='.tmp')
-  try:
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    with os.fdopen(fd, 'wb') as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
 
 
 @dataclasses.dataclass
@@ -1054,7 +1033,7 @@ def write_report(workdir: str, result: Result | None = None, lr_finder: LRFinder
   for name in FIGURES:
     path = os.path.join(out_dir, name + '.png')
     if sections[name].png is not None:
-      _atomic_write_bytes(path, sections[name].png)
+      atomic_write(path, sections[name].png)
     elif os.path.exists(path):
       os.remove(path)  # left by an earlier report; its data is gone
   html_path = os.path.join(out_dir, 'report.html')

@@ -27,8 +27,8 @@ CURVE_METRICS = (
 PACKAGES = ('jax', 'jaxlib', 'optax', 'flax', 'orbax-checkpoint', 'numpy', 'pandas')
 
 
-def atomic_write(path: str, text: str) -> None:
-  """Writes `text` to `path` through a temporary file and a rename: never half-written."""
+def atomic_write(path: str, text: str | bytes) -> None:
+  """Writes `text` (or bytes) to `path` through a temporary file and a rename: never half-written."""
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=directory, prefix='.' + os.path.basename(path) + '.', suffix='.tmp')
@@ -36,7 +36,7 @@ def atomic_write(path: str, text: str) -> None:
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; results are meant to be shared
-    with os.fdopen(fd, 'w') as f:
+    with os.fdopen(fd, 'wb' if isinstance(text, bytes) else 'w') as f:
       f.write(text)
       f.flush()
       os.fsync(f.fileno())
