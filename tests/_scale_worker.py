@@ -25,7 +25,7 @@ import numpy as np
 
 # The grid every scale check trains: 2 optimizers x 3 learning rates x 2 batch sizes x
 # 2 seeds = 24 runs. A width of 3 runs per seed pads the run axis (to 4, or to 2 + 2 in
-# chunks of 2); the learning rate 1e4 makes every run with it diverge on its first update.
+# chunks of 2); every run at the learning rate 1e4 diverges right after its first update.
 LEARNING_RATES = [1e-2, 5e-2, 1e4]
 DIVERGING_LR = 1e4
 
