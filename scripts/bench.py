@@ -40,16 +40,6 @@ def mnist_shaped(n: int, seed: int = 0):
   return x, y
 
 
-def mlp_functions(hidden=(10,), inputs=784, outputs=10):
-  model = sweep.models.MLP(hidden=hidden, outputs=outputs)
-  return sweep.models.to_functions(model, np.zeros((1, inputs), np.float32), outputs)
-
-
-def flops_per_example(sizes) -> float:
-  """Forward + backward of an MLP: 3 x 2 x the weights (dense layers dominate)."""
-  return 6.0 * sum(a * b for a, b in zip(sizes[:-1], sizes[1:], strict=True))
-
-
 def matmul_gflops(seconds: float = 1.0) -> float:
   """float32 matmul rate of this machine, as XLA runs it (1024^3)."""
   a = jnp.ones((1024, 1024), jnp.float32)
@@ -172,6 +162,7 @@ def keras_fit(x, y, lrs, batch, steps):
 
 
 def engine(model, x, y, lrs, batches, steps_or_epochs, hidden):
+  del hidden
   """(a): returns (warm seconds, compile-inclusive first seconds, result)."""
   data = sweep.data.arrays(x, y, x[:1024], y[:1024])
   cfg = sweep.SweepConfig(
@@ -195,15 +186,24 @@ def row(name, runs_steps, seconds, ref=None):
   return f'  {name:<34} {seconds:8.2f} s {rate:12.0f} run-steps/s {ratio}'
 
 
-def workload(title, hidden, lrs, batches, epochs, n, quick, peak):
+def train_flops_per_example(apply_fn, params, x) -> float:
+  """Forward + backward FLOPs of one example, as XLA counts them (3x the forward)."""
+  compiled = jax.jit(apply_fn).lower(params, x[:1]).compile()
+  analysis = compiled.cost_analysis()
+  analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
+  return 3.0 * float(analysis['flops'])
+
+
+def workload(title, hidden, lrs, batches, epochs, n, quick, peak, model=None, data=None):
   print(f'\n{title}: {len(lrs)} learning rates x batch sizes {batches}, {epochs} epoch(s) of {n} examples')
-  x, y = mnist_shaped(n)
-  model = sweep.models.MLP(hidden=hidden, outputs=10)
-  init_fn, apply_fn = mlp_functions(hidden)
+  x, y = data if data is not None else mnist_shaped(n)
+  n = len(x)
+  model = model if model is not None else sweep.models.MLP(hidden=hidden, outputs=10)
+  init_fn, apply_fn = sweep.models.to_functions(model, x[:1], 10)
   warm, first, result = engine(model, x, y, lrs, batches, epochs, hidden)
   run_steps = sum(len(lrs) * int(epochs * (n // b)) for b in batches)
   examples = sum(len(lrs) * int(epochs * (n // b)) * b for b in batches)
-  flops = examples * flops_per_example((784,) + tuple(hidden) + (10,))
+  flops = examples * train_flops_per_example(apply_fn, init_fn(jax.random.key(0)), x)
   print(f'  engine: first call {first:.2f} s (compiles included), warm {warm:.2f} s, '
         f'{flops / warm / 1e9:.1f} GFLOP/s = {flops / warm / 1e9 / peak:.0%} of matmul peak {peak:.0f}')
   print(row('(a) engine', run_steps, warm))
@@ -248,9 +248,16 @@ def main():
   workload('Seed MLP 784-10-10, Adam, batch 32', (10,), lrs64, [32], 1, n, args.quick, peak)
   lrs16 = [float(v) for v in np.logspace(-4, -1, 16)]
   workload('Seed MLP mixed grid', (10,), lrs16, [32, 64, 128, 256], 1, n, args.quick, peak)
+  lrs8 = [float(v) for v in np.logspace(-4, -1, 8 if args.quick else 32)]
+  d = sweep.data.mnist1d()
+  workload('MNIST-1D CNN (channels 16, 16; hidden 24)', None, lrs8, [32], 1, d.n_train, True, peak,
+           model=sweep.models.CNN(channels=(16, 16), hidden=24, outputs=10, spatial_dims=1),
+           data=(d.x_train, d.y_train))
   if not args.quick:
     lrs256 = [float(v) for v in np.logspace(-4, -1, 256)]
     workload('Seed MLP, 256 runs at batch 128', (10,), lrs256, [128], 1, n, True, peak)
+    lrs16 = [float(v) for v in np.logspace(-5, -2, 16)]
+    workload('1M-parameter MLP 784-1024-256-10, batch 128', (1024, 256), lrs16, [128], 1, n, True, peak)
 
 
 if __name__ == '__main__':
