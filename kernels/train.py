@@ -44,6 +44,8 @@ class Structure:
     eval_batch_size: examples per evaluation chunk.
     ragged: per batch group, whether the segments overrun the budget (the last
       segment then skips its extra ticks).
+    keep_best: also keep each run's parameters at its best evaluation (the early
+      stopping point), by validation loss (training-probe loss without a val set).
     noise_scale: also measure the squared gradient norms of each half batch and of the
       whole batch, for the gradient noise scale (the batch gradient is then the mean
       of the two half-batch gradients: equal up to float rounding).
@@ -61,6 +63,7 @@ class Structure:
   ragged: tuple[bool, ...] = ()
   noise_scale: bool = False
   unroll: int = 1
+  keep_best: bool = False
   compute_dtype: str = 'float32'
 
   def loss_fn(self, predictions: jax.Array, targets: jax.Array) -> jax.Array:
@@ -119,6 +122,8 @@ class RunState(NamedTuple):
   loss_count: jax.Array
   gsq_half: jax.Array  # summed over the segment: mean |g|^2 of the two half batches
   gsq_full: jax.Array  # summed over the segment: |g|^2 of the whole batch
+  best_params: Any = None  # with Structure.keep_best: the parameters at the best evaluation
+  best_loss: Any = None  # and their validation loss (training-probe loss without a val set)
 
 
 class GroupState(NamedTuple):
@@ -165,6 +170,8 @@ def _run_init(structure: Structure, params: Any, hp: RunHparams) -> RunState:
       loss_count=jnp.zeros((), jnp.int32),
       gsq_half=zero,
       gsq_full=zero,
+      best_params=params if structure.keep_best else None,
+      best_loss=jnp.full((), jnp.inf, jnp.float32) if structure.keep_best else None,
   )
 
 
@@ -221,6 +228,8 @@ def _run_step(
       loss_count=state.loss_count + ok.astype(jnp.int32),
       gsq_half=gsq_half,
       gsq_full=gsq_full,
+      best_params=state.best_params,
+      best_loss=state.best_loss,
   )
 
 
@@ -358,6 +367,7 @@ def segment(
       for i, (g, h, o) in enumerate(zip(groups, hparams, orders, strict=True))
   )
   metrics = evaluate(structure, new, data)
+  new = note_best(structure, new, metrics)
   for m, g, h in zip(metrics, new, hparams, strict=True):
     count = jnp.maximum(g.runs.loss_count, 1)
     m['batch_loss'] = jnp.where(g.runs.loss_count > 0, g.runs.loss_sum / count, jnp.nan)
@@ -370,9 +380,30 @@ def segment(
   return new, metrics
 
 
+def note_best(structure: Structure, groups: tuple[GroupState, ...], metrics: tuple[dict, ...]):
+  """Keeps each run's parameters at its lowest evaluation loss so far (with keep_best)."""
+  if not structure.keep_best:
+    return groups
+  out = []
+  for g, m in zip(groups, metrics, strict=True):
+    loss = m['val_loss'] if 'val_loss' in m else m['train_loss']
+    better = jnp.isfinite(loss) & (loss < g.runs.best_loss)  # (S, R)
+
+    def pick(new, old, better=better):
+      return jnp.where(better.reshape(better.shape + (1,) * (new.ndim - 2)), new, old)
+
+    runs = g.runs._replace(
+        best_params=jax.tree.map(pick, g.runs.params, g.runs.best_params),
+        best_loss=jnp.where(better, loss, g.runs.best_loss),
+    )
+    out.append(g._replace(runs=runs))
+  return tuple(out)
+
+
 # Jitted entry points; `structure` is static, the carried state is donated.
 init_jit = jax.jit(init, static_argnums=(0,))
 init_key_jit = jax.jit(init_key)
 epoch_order_jit = jax.jit(epoch_order, static_argnums=(2,))
 evaluate_jit = jax.jit(evaluate, static_argnums=(0,))
+note_best_jit = jax.jit(note_best, static_argnums=(0,), donate_argnums=(1,))
 segment_jit = jax.jit(segment, static_argnums=(0,), donate_argnums=(1,))

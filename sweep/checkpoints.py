@@ -170,15 +170,21 @@ def run_path(workdir: str, i: int) -> str:
   return os.path.abspath(os.path.join(workdir, 'runs', f'{i:06d}'))
 
 
-def save_run(workdir: str, i: int, params: Any, opt_state: Any, meta: dict[str, Any]) -> None:
-  """Saves run i's parameters and optimizer state, with its metadata beside them."""
+def save_run(
+    workdir: str, i: int, params: Any, opt_state: Any, meta: dict[str, Any], best_params: Any = None
+) -> None:
+  """Saves run i's parameters and optimizer state (and its best-evaluation parameters,
+  when kept), with its metadata beside them."""
   from sweep.results import atomic_write
 
   path = run_path(workdir, i)
   if os.path.exists(path):
     shutil.rmtree(path)
   with _checkpointer() as ckpt:
-    ckpt.save(path, {'params': host_copy(params), 'opt_state': host_copy(opt_state)})
+    tree = {'params': host_copy(params), 'opt_state': host_copy(opt_state)}
+    if best_params is not None:
+      tree['best_params'] = host_copy(best_params)
+    ckpt.save(path, tree)
     ckpt.wait_until_finished()
   atomic_write(path + '.json', json.dumps(meta, indent=2, default=_json_default))
 
@@ -190,11 +196,17 @@ def saved_runs(workdir: str) -> list[int]:
   return sorted(int(n) for n in os.listdir(directory) if n.isdigit())
 
 
-def restore_params(workdir: str, i: int) -> Any:
+def restore_params(workdir: str, i: int, best: bool = False) -> Any:
   """Run i's final parameters, read back from its orbax checkpoint in `workdir`.
 
+  Args:
+    workdir: the sweep's workdir.
+    i: the run.
+    best: its parameters at its best evaluation instead (saved with keep_best=True).
+
   Raises:
-    KeyError: run i was not saved; the message names the runs that were.
+    KeyError: run i was not saved (the message names the runs that were), or its best
+      parameters were not kept.
   """
   path = run_path(workdir, i)
   if not os.path.isdir(path):
@@ -204,7 +216,10 @@ def restore_params(workdir: str, i: int) -> Any:
     )
   with _checkpointer() as ckpt:
     tree = ckpt.restore(path)
-  return jax.tree.map(np.asarray, tree['params'])
+  key = 'best_params' if best else 'params'
+  if key not in tree:
+    raise KeyError(f'run {i} in {workdir!r} has no best parameters: the sweep ran without keep_best=True')
+  return jax.tree.map(np.asarray, tree[key])
 
 
 def _json_default(v):

@@ -94,6 +94,9 @@ class SweepConfig:
       trained in chunks that reuse one compiled program.
     noise_scale: measure the gradient noise scale during training (every batch size
       must be even): each batch's gradient is taken as the mean of its two halves'.
+    keep_best: also keep each run's parameters at its best evaluation point (lowest
+      validation loss: the early-stopping point); costs one more copy of the parameters.
+      `result.params(i, best=True)`; saved beside the final ones for Pareto runs.
     name: a label for the sweep.
   """
 
@@ -123,6 +126,7 @@ class SweepConfig:
   compute_dtype: str = 'float32'
   memory_budget: float | None = None
   noise_scale: bool = False
+  keep_best: bool = False
   name: str = 'sweep'
 
   def replace(self, **changes) -> SweepConfig:
@@ -267,6 +271,8 @@ def validate(cfg: SweepConfig) -> Plan:
     v = getattr(cfg, name)
     if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v <= 0:
       raise config_error(name, v, 'expected a positive integer')
+  if not isinstance(cfg.keep_best, bool):
+    raise config_error('keep_best', cfg.keep_best, 'expected True or False')
   if not isinstance(cfg.noise_scale, bool):
     raise config_error('noise_scale', cfg.noise_scale, 'expected True or False')
   if cfg.noise_scale:

@@ -229,6 +229,8 @@ def _run_bytes(plan: Plan, init_fn, apply_fn, family: str, eval_chunk: int) -> i
     )
 
   state = 4 * size(params) + size(opt_state)  # params, gradient, update, new params; state
+  if plan.config.keep_best:
+    state += size(params)
   return state + max(intermediates(max(plan.batch_sizes), True), intermediates(eval_chunk, False))
 
 
@@ -313,6 +315,7 @@ def compile_groups(plan: Plan, init_fn, apply_fn, eval_chunk: int) -> list[Compi
         ),
         compute_dtype=cfg.compute_dtype,
         noise_scale=cfg.noise_scale,
+        keep_best=cfg.keep_best,
     )
     for start in range(0, total, width):
       chunk = _chunk(groups, start, width)
@@ -586,7 +589,9 @@ def run(
           t0 -= restored[0]['group_seconds'][c]
         else:
           state = _shard(train.init_jit(cg.structure, _per_seed_params(init_fn, cg), hparams), shardings)
-          history = [jax.device_get(train.evaluate_jit(cg.structure, state, device_data))]
+          first = train.evaluate_jit(cg.structure, state, device_data)
+          state = train.note_best_jit(cg.structure, state, first)
+          history = [jax.device_get(first)]
         for k in range(k0 if c == c0 else 0, plan.num_evals):
           state, metrics = train.segment_jit(cg.structure, state, hparams, orders.segment(k), device_data, threshold)
           history.append(jax.device_get(metrics))

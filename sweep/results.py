@@ -233,22 +233,30 @@ class Result:
     table = analysis.annotate_overfitting(table, curves)
     table = pareto.annotate(table, objectives(plan, table))
 
-    def params_fn(i: int):
+    def params_fn(i: int, best: bool = False):
       c, g, s, r = where[i]
-      state = collected[c][1].get()[g]
-      return jax.tree.map(lambda a: np.asarray(a[s, r]), state.runs.params)
+      runs = collected[c][1].get()[g].runs
+      if best and runs.best_params is None:
+        raise ValueError('best parameters were not kept: run the sweep with keep_best=True')
+      return jax.tree.map(lambda a: np.asarray(a[s, r]), runs.best_params if best else runs.params)
 
     result = cls(table, curves, resolved, wall_time, params_fn)
     result._where = where
     return result
 
-  def params(self, i: int) -> Any:
-    """The final parameters of run `i` (a pytree of numpy arrays)."""
+  def params(self, i: int, best: bool = False) -> Any:
+    """The final parameters of run `i` (a pytree of numpy arrays).
+
+    Args:
+      i: the run (row of the table).
+      best: the parameters at the run's best evaluation instead (lowest validation
+        loss; needs `keep_best=True`).
+    """
     if not 0 <= i < len(self.table):
       raise IndexError(f'run {i} does not exist: the sweep has runs 0..{len(self.table) - 1}')
     if self._params_fn is None:
       raise ValueError('this result holds no parameters')
-    return self._params_fn(i)
+    return self._params_fn(i, best) if best else self._params_fn(i)
 
   def best(self, column: str = 'final_val_loss', mode: str = 'min') -> pd.Series:
     """The row of the best run that did not diverge."""
@@ -286,7 +294,10 @@ class Result:
         row = self.table.loc[i]
         meta = {k: (v.item() if hasattr(v, 'item') else v) for k, v in row.items()}
         runs = state[g].runs
-        checkpoints.save_run(workdir, i, jax.tree.map(take, runs.params), jax.tree.map(take, runs.opt_state), meta)
+        best = None if runs.best_params is None else jax.tree.map(take, runs.best_params)
+        checkpoints.save_run(
+            workdir, i, jax.tree.map(take, runs.params), jax.tree.map(take, runs.opt_state), meta, best
+        )
     self.workdir = workdir
 
   def save(self, workdir: str) -> None:
@@ -308,4 +319,7 @@ class Result:
     curves = pd.read_csv(curves_path) if os.path.exists(curves_path) else pd.DataFrame()
     with open(os.path.join(workdir, 'config.json')) as f:
       config = json.load(f)
-    return cls(table, curves, config, float('nan'), lambda i: checkpoints.restore_params(workdir, i), workdir)
+    return cls(
+        table, curves, config, float('nan'),
+        lambda i, best=False: checkpoints.restore_params(workdir, i, best=best), workdir,
+    )
