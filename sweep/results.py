@@ -221,7 +221,7 @@ class Result:
           row['best_val_accuracy'] = float(np.nanmax([p['val_accuracy'] for p in per_point]))
       if plan.config.noise_scale:
         # Over the second half of training, where the estimate has settled.
-        late = [p['noise_scale'] for p in per_point[1:] if p['eval'] > len(per_point) // 2 and 'noise_scale' in p]
+        late = [p['noise_scale'] for p in per_point[1:] if p['eval'] >= len(per_point) // 2 and 'noise_scale' in p]
         row['noise_scale'] = float(np.nanmedian(late)) if late and np.isfinite(late).any() else np.nan
       # Wall time of the compile group, shared out over its runs.
       row['seconds'] = seconds / max(1, sum(int(np.sum(bg.slots >= 0)) for bg in cg.groups))
