@@ -93,8 +93,10 @@ class SweepState:
     self.manager.close()
 
 
-def claim(workdir: str, fp: str, fresh: bool) -> bool:
+def claim(workdir: str, fp: str, fresh: bool, write: bool = True) -> bool:
   """Checks that `workdir` holds this sweep (or nothing); returns True if it holds state.
+
+  With `write` False (processes other than 0 of a multi-process sweep) it only checks.
 
   Raises:
     ConfigError: the workdir holds another sweep and `fresh` is False. Nothing in the
@@ -109,12 +111,16 @@ def claim(workdir: str, fp: str, fresh: bool) -> bool:
           f'workdir={workdir!r} holds another sweep (fingerprint {held}, this config is {fp}): '
           'use another workdir, or start afresh with fresh=True (CLI: --fresh), which deletes its checkpoints.'
       )
+    if not write:
+      return False
     if held != fp or fresh:
       for sub in ('state', 'runs', 'done'):
         shutil.rmtree(os.path.join(workdir, sub), ignore_errors=True)
       for name in ('results.csv', 'curves.csv', 'sweep.json', 'config.json', 'experiment.py'):
         if os.path.exists(os.path.join(workdir, name)):
           os.unlink(os.path.join(workdir, name))
+  if not write:
+    return False
   from sweep.results import atomic_write  # a cycle: results imports nothing from here
 
   os.makedirs(workdir, exist_ok=True)

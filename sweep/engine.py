@@ -538,8 +538,8 @@ def run(
   if workdir is not None and processes > 1:
     # Several processes: each trains its own units; process 0 writes the results. The
     # whole-sweep state checkpoints (resume) are single-process only for now.
-    if me == 0:
-      checkpoints.claim(workdir, checkpoints.fingerprint(resolved), fresh=True)
+    # Every process checks the workdir (so all refuse another sweep alike); process 0 writes.
+    checkpoints.claim(workdir, checkpoints.fingerprint(resolved), fresh, write=me == 0)
   elif workdir is not None:
     fp = checkpoints.fingerprint(resolved)
     checkpoints.claim(workdir, fp, fresh)
