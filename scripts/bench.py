@@ -239,8 +239,11 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--quick', action='store_true', help='smaller workloads, engine and (b) only')
   args = parser.parse_args()
-  print(f'jax {jax.__version__} on {jax.devices()[0].device_kind} ({jax.default_backend()}), '
-        f'{os.cpu_count()} CPU cores')
+  # As `sweep run` does: one CPU device per core, over which the engine shards its runs.
+  # The baselines run on one device as before (their speed does not change).
+  sweep.set_cpu_devices()
+  print(f'jax {jax.__version__} on {len(jax.devices())} x {jax.devices()[0].device_kind} '
+        f'({jax.default_backend()}), {os.cpu_count()} CPU cores')
   peak = matmul_gflops()
   print(f'float32 matmul (1024^3, XLA): {peak:.1f} GFLOP/s')
   n = 4096 if args.quick else 8192

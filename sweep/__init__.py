@@ -10,7 +10,7 @@
 from sweep import analysis, data, distributed, models
 from sweep.checkpoints import restore_params
 from sweep.config import SweepConfig
-from sweep.engine import check, enable_compilation_cache, run
+from sweep.engine import check, enable_compilation_cache, run, set_cpu_devices
 from sweep.errors import ConfigError
 from sweep.lr_find import LRFinderResult, lr_find
 from sweep.results import Result
@@ -19,5 +19,5 @@ load = Result.load
 
 __all__ = [
     'ConfigError', 'LRFinderResult', 'Result', 'SweepConfig', 'analysis', 'check', 'data', 'distributed', 'enable_compilation_cache',
-    'load', 'lr_find', 'models', 'restore_params', 'run',
+    'load', 'lr_find', 'models', 'restore_params', 'run', 'set_cpu_devices',
 ]

@@ -124,9 +124,13 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument('--workdir', help='save lr_find.csv and lr_find.json here (for the report)')
   p.set_defaults(fn=_lr_find)
   args = parser.parse_args(argv)
-  if not os.environ.get('SWEEP_NO_CACHE'):
-    from sweep import engine
+  from sweep import engine
 
+  # One CPU device per core (before JAX starts), so the run axis spreads over the cores;
+  # SWEEP_CPU_DEVICES sets another count.
+  count = os.environ.get('SWEEP_CPU_DEVICES')
+  engine.set_cpu_devices(int(count) if count else None)
+  if not os.environ.get('SWEEP_NO_CACHE'):
     engine.enable_compilation_cache()
   return args.fn(args)
 

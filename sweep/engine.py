@@ -187,6 +187,41 @@ def enable_compilation_cache(directory: str | None = None) -> str:
   return directory
 
 
+def set_cpu_devices(count: int | None = None) -> bool:
+  """Splits the host CPU into `count` JAX devices (default: one per core).
+
+  XLA's CPU backend runs a program on one device, which spreads a single matrix
+  product over the cores but leaves them idle between the small kernels of a step
+  like the seed MLP's. With one device per core the engine shards its run axis over
+  them and the shards run side by side: the seed MLP, 64 learning rates at batch 32,
+  trained 1.35x faster on 2 cores than with one device (scripts/bench.py). It changes
+  nothing on GPU or TPU, whose devices the engine uses.
+
+  Like `numpyro.set_host_device_count`, it must be called before JAX runs anything
+  (`sweep run` calls it first). A device count the user set already (XLA_FLAGS'
+  `--xla_force_host_platform_device_count`, or `jax_num_cpu_devices`) is kept.
+
+  Args:
+    count: CPU devices wanted; default, the cores this process may use.
+
+  Returns:
+    Whether the count was set: False when JAX had started or the user set one.
+  """
+  if 'xla_force_host_platform_device_count' in os.environ.get('XLA_FLAGS', ''):
+    return False
+  if jax.config.jax_num_cpu_devices != -1:
+    return False
+  if count is None:
+    count = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
+  if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+    raise config_error('count', count, 'a positive integer')
+  try:
+    jax.config.update('jax_num_cpu_devices', count)
+  except RuntimeError:  # JAX's backends are up: too late to change the device count
+    return False
+  return True
+
+
 def run_bytes(plan: Plan, init_fn, apply_fn, family: str, eval_chunk: int) -> int:
   """Memoised `_run_bytes` (it traces the model twice)."""
   key = (init_fn, apply_fn, plan.loss, family, eval_chunk, max(plan.batch_sizes),
@@ -656,4 +691,4 @@ def check(cfg: SweepConfig) -> Plan:
   return plan
 
 
-__all__ = ['run', 'check', 'ConfigError']
+__all__ = ['run', 'check', 'set_cpu_devices', 'ConfigError']

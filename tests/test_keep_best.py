@@ -10,8 +10,8 @@ import sweep
 def _val_loss(params, x, y):
   """Mean softmax cross-entropy of an MLP 64 -> 32 -> 10 in float64 numpy."""
   p = params['params'] if 'params' in params else params
-  h = np.maximum(x @ np.asarray(p['Dense_0']['kernel'], np.float64) + p['Dense_0']['bias'], 0.0)
-  z = h @ np.asarray(p['Dense_1']['kernel'], np.float64) + p['Dense_1']['bias']
+  h = np.maximum(x @ np.asarray(p['Dense_0']['weight'], np.float64).T + p['Dense_0']['bias'], 0.0)
+  z = h @ np.asarray(p['Dense_1']['weight'], np.float64).T + p['Dense_1']['bias']
   z = z - z.max(axis=1, keepdims=True)
   logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
   return float(-logp[np.arange(len(y)), y].mean())

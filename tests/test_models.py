@@ -34,9 +34,9 @@ def init_and_apply(module, x):
 def test_mlp_default_is_784_10_10():
   params, out = init_and_apply(models.MLP(), jnp.zeros((2, 784)))
   assert param_shapes(params) == {
-    'Dense_0/kernel': (784, 10),
+    'Dense_0/weight': (10, 784),
     'Dense_0/bias': (10,),
-    'Dense_1/kernel': (10, 10),
+    'Dense_1/weight': (10, 10),
     'Dense_1/bias': (10,),
   }
   assert out.shape == (2, 10)
@@ -46,13 +46,13 @@ def test_mlp_flattens_and_uses_activation():
   module = models.MLP(hidden=(5, 4), outputs=3, activation='tanh')
   params, out = init_and_apply(module, jnp.ones((2, 28, 28)))
   assert out.shape == (2, 3)
-  assert param_shapes(params)['Dense_0/kernel'] == (784, 5)
+  assert param_shapes(params)['Dense_0/weight'] == (5, 784)
   # Hidden layers are squashed into (-1, 1) by tanh, the last layer is linear.
   x = jnp.ones((2, 2, 2))
   params = {
-    'Dense_0': {'kernel': jnp.full((4, 5), 10.0), 'bias': jnp.zeros(5)},
-    'Dense_1': {'kernel': jnp.eye(5, 4), 'bias': jnp.zeros(4)},
-    'Dense_2': {'kernel': jnp.full((4, 3), 10.0), 'bias': jnp.zeros(3)},
+    'Dense_0': {'weight': jnp.full((5, 4), 10.0), 'bias': jnp.zeros(5)},
+    'Dense_1': {'weight': jnp.eye(4, 5), 'bias': jnp.zeros(4)},
+    'Dense_2': {'weight': jnp.full((3, 4), 10.0), 'bias': jnp.zeros(3)},
   }
   out = jax.jit(module.apply)({'params': params}, x)
   np.testing.assert_allclose(out, 10 * 4 * np.tanh(1.0), rtol=1e-5)
@@ -73,13 +73,28 @@ def test_cnn_shapes(shape, module, kernel):
   params, out = init_and_apply(module, jnp.ones(shape))
   assert out.shape == (3, module.outputs)
   assert param_shapes(params)['Conv_0/kernel'] == kernel
-  assert param_shapes(params)['Dense_0/kernel'][1] == 64
+  assert param_shapes(params)['Dense_0/weight'][0] == 64
 
 
 def test_cnn_stride_two_same_padding():
   params, _ = init_and_apply(models.CNN(channels=(4, 6), hidden=None), jnp.ones((1, 28, 28)))
   # 28 -> 14 -> 7 with stride 2 and SAME padding, 6 channels, straight to the output layer.
-  assert param_shapes(params)['Dense_0/kernel'] == (7 * 7 * 6, 10)
+  assert param_shapes(params)['Dense_0/weight'] == (10, 7 * 7 * 6)
+
+
+def test_dense_is_nn_dense_with_its_weight_transposed():
+  x = jax.random.normal(jax.random.key(1), (3, 2, 7))
+  theirs = nn.Dense(5).init(jax.random.key(2), x)['params']
+  ours = models.Dense(5).init(jax.random.key(2), x)['params']
+  np.testing.assert_array_equal(ours['weight'], theirs['kernel'].T)
+  np.testing.assert_array_equal(ours['bias'], theirs['bias'])
+  bias = jnp.arange(5.0)
+  np.testing.assert_allclose(
+    models.Dense(5).apply({'params': {'weight': ours['weight'], 'bias': bias}}, x),
+    np.asarray(x, np.float64) @ np.asarray(theirs['kernel'], np.float64) + bias,
+    rtol=1e-5,
+    atol=1e-6,
+  )
 
 
 def test_cnn_rejects_other_ranks():
@@ -89,7 +104,7 @@ def test_cnn_rejects_other_ranks():
 
 def test_linear():
   params, out = init_and_apply(models.Linear(outputs=2), jnp.ones((4, 3, 2)))
-  assert param_shapes(params) == {'Dense_0/kernel': (6, 2), 'Dense_0/bias': (2,)}
+  assert param_shapes(params) == {'Dense_0/weight': (2, 6), 'Dense_0/bias': (2,)}
   assert out.shape == (4, 2)
 
 

@@ -16,7 +16,7 @@ def test_measured_gradient_norms_match_their_exact_expectations():
   result = sweep.run(cfg, progress=False)
   p = result.params(0)
   p = p['params'] if 'params' in p else p
-  w, b = np.asarray(p['Dense_0']['kernel'], np.float64), np.asarray(p['Dense_0']['bias'], np.float64)
+  w, b = np.asarray(p['Dense_0']['weight'], np.float64).T, np.asarray(p['Dense_0']['bias'], np.float64)
   x, y = data.x_train.astype(np.float64), data.y_train.astype(np.float64)
   r = y - (x @ w + b)  # (n, 1)
   per_example = np.concatenate([-2 * r * x, -2 * r], axis=1)  # d/d(w, b) of (y - f)^2
