@@ -355,6 +355,17 @@ def evaluate(structure: Structure, groups: tuple[GroupState, ...], data: Data) -
   return tuple(out)
 
 
+def evaluate_initial(structure: Structure, groups: tuple[GroupState, ...], data: Data) -> tuple[dict, ...]:
+  """`evaluate` before any update: the runs of a seed start from the same parameters,
+  so each seed's first run is evaluated and its metrics stand for all its runs."""
+  firsts = tuple(g._replace(runs=jax.tree.map(lambda a: a[:, :1], g.runs)) for g in groups)
+  out = []
+  for metrics, g in zip(evaluate(structure, firsts, data), groups, strict=True):
+    shape = g.runs.alive.shape
+    out.append({k: jnp.broadcast_to(v, shape) for k, v in metrics.items()})
+  return tuple(out)
+
+
 def segment(
     structure: Structure,
     groups: tuple[GroupState, ...],
@@ -406,6 +417,6 @@ def note_best(structure: Structure, groups: tuple[GroupState, ...], metrics: tup
 init_jit = jax.jit(init, static_argnums=(0,))
 init_key_jit = jax.jit(init_key)
 epoch_order_jit = jax.jit(epoch_order, static_argnums=(2,))
-evaluate_jit = jax.jit(evaluate, static_argnums=(0,))
+evaluate_initial_jit = jax.jit(evaluate_initial, static_argnums=(0,))
 note_best_jit = jax.jit(note_best, static_argnums=(0,), donate_argnums=(1,))
 segment_jit = jax.jit(segment, static_argnums=(0,), donate_argnums=(1,))

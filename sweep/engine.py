@@ -47,22 +47,37 @@ def model_functions(model, example_x: np.ndarray, output_dim: int) -> tuple[Call
   return _cached_functions(model, example_x.shape, str(example_x.dtype), output_dim)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Failure:
+  message: str
+  error: Exception
+
+
+@functools.lru_cache(maxsize=64)
+def _output_shape(init_fn, apply_fn, x_shape: tuple[int, ...], x_dtype: str) -> Any:
+  """The shape of apply_fn(init_fn(key), x), traced without compiling (memoised: flax
+  traces slowly), or the `_Failure` of the user's function."""
+  try:
+    # The key is made inside eval_shape: made eagerly, it would compile.
+    params = jax.eval_shape(lambda: init_fn(jax.random.key(0)))
+  except Exception as e:  # a user's init_fn may fail in any way: report it as theirs.
+    return _Failure(f'init_fn(key) failed: {e}', e)
+  try:
+    return jax.eval_shape(apply_fn, params, jax.ShapeDtypeStruct(x_shape, x_dtype))
+  except Exception as e:
+    return _Failure(f'apply_fn(params, x) failed on input of shape {x_shape}: {e}', e)
+
+
 def _check_model(plan: Plan, init_fn, apply_fn) -> None:
   """Traces (without compiling) one init and one forward pass to check shapes."""
   data = plan.config.data
   x, y = data.x_train[:2], data.y_train[:2]
   try:
-    # The key is made inside eval_shape: made eagerly, it would compile.
-    params = jax.eval_shape(lambda: init_fn(jax.random.key(0)))
-  except Exception as e:  # a user's init_fn may fail in any way: report it as theirs.
-    raise config_error('model', type(plan.config.model).__name__, f'init_fn(key) failed: {e}') from e
-  try:
-    pred = jax.eval_shape(apply_fn, params, jax.ShapeDtypeStruct(x.shape, x.dtype))
-  except Exception as e:
-    raise config_error(
-        'model', type(plan.config.model).__name__,
-        f'apply_fn(params, x) failed on input of shape {x.shape}: {e}',
-    ) from e
+    pred = _output_shape(init_fn, apply_fn, x.shape, str(x.dtype))
+  except TypeError:  # unhashable functions: traced every time
+    pred = _output_shape.__wrapped__(init_fn, apply_fn, x.shape, str(x.dtype))
+  if isinstance(pred, _Failure):
+    raise config_error('model', type(plan.config.model).__name__, pred.message) from pred.error
   if not isinstance(pred, jax.ShapeDtypeStruct):
     raise config_error('model', type(plan.config.model).__name__, 'apply_fn must return one array')
   is_int = np.issubdtype(y.dtype, np.integer)
@@ -297,7 +312,8 @@ def _hparams(plan: Plan, group: BatchGroup) -> train.GroupHparams:
   )
 
 
-def _device_data(cfg: SweepConfig, chunk: int) -> train.Data:
+def _device_data(cfg: SweepConfig, chunk: int, shardings) -> train.Data:
+  """The datasets on the device(s): on every device the run axis is split over."""
   data = cfg.data
 
   def padded(x, y):
@@ -314,7 +330,10 @@ def _device_data(cfg: SweepConfig, chunk: int) -> train.Data:
     xv, yv, wv = padded(data.x_val, data.y_val)
   else:
     xv, yv, wv = data.x_train[:0], data.y_train[:0], np.zeros(0, np.float32)
-  return jax.device_put(train.Data(data.x_train, data.y_train, xv, yv, wv, xp, yp, wp))
+  # Placed where the programs read it (a copy of the training set per device), rather
+  # than on one device and copied again by the first call.
+  placement = None if shardings is None else shardings[1]
+  return jax.device_put(train.Data(data.x_train, data.y_train, xv, yv, wv, xp, yp, wp), placement)
 
 
 def compile_groups(plan: Plan, init_fn, apply_fn, eval_chunk: int) -> list[CompileGroup]:
@@ -373,7 +392,8 @@ def _shard(tree: Any, shardings) -> Any:
   if shardings is None:
     return tree
   runs, replicated = shardings
-  return jax.tree.map(lambda a: jax.device_put(a, runs if np.ndim(a) >= 2 else replicated), tree)
+  placements = jax.tree.map(lambda a: runs if np.ndim(a) >= 2 else replicated, tree)
+  return jax.device_put(tree, placements)  # one call: far faster than one per leaf
 
 
 def _diverged(cg: CompileGroup, metrics: tuple[dict, ...]) -> int:
@@ -587,8 +607,8 @@ def run(
         current, meta = store.restore(resume_step, _abstract_state(cgroups[meta['group']], init_fn))
       restored = (meta, current)
 
-  device_data = _device_data(cfg, eval_chunk)
   shardings = _run_sharding()
+  device_data = _device_data(cfg, eval_chunk, shardings)
   threshold = jnp.float32(cfg.divergence_threshold)
   ticks = sum(sum(cg.structure.steps_per_segment) * plan.num_evals for cg in cgroups)
   bar = tqdm.tqdm(total=ticks, desc=f'{len(plan.runs)} runs', unit='tick', disable=not progress, leave=False)
@@ -624,7 +644,7 @@ def run(
           t0 -= restored[0]['group_seconds'][c]
         else:
           state = _shard(train.init_jit(cg.structure, _per_seed_params(init_fn, cg), hparams), shardings)
-          first = train.evaluate_jit(cg.structure, state, device_data)
+          first = train.evaluate_initial_jit(cg.structure, state, device_data)
           state = train.note_best_jit(cg.structure, state, first)
           history = [jax.device_get(first)]
         for k in range(k0 if c == c0 else 0, plan.num_evals):

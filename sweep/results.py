@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -47,14 +48,20 @@ def atomic_write(path: str, text: str | bytes) -> None:
     raise
 
 
-def environment() -> dict[str, Any]:
-  """Package versions, Python, backend and devices: what a reproduction needs to know."""
+@functools.cache
+def _package_versions() -> dict[str, str | None]:
   versions = {}
   for p in PACKAGES:
     try:
       versions[p] = metadata.version(p)
     except metadata.PackageNotFoundError:
       versions[p] = None
+  return versions
+
+
+def environment() -> dict[str, Any]:
+  """Package versions, Python, backend and devices: what a reproduction needs to know."""
+  versions = dict(_package_versions())
   return {
       'python': sys.version.split()[0],
       'platform': platform.platform(),
