@@ -222,14 +222,14 @@ def set_cpu_devices(count: int | None = None) -> bool:
   Returns:
     Whether the count was set: False when JAX had started or the user set one.
   """
-  if 'xla_force_host_platform_device_count' in os.environ.get('XLA_FLAGS', ''):
-    return False
-  if jax.config.jax_num_cpu_devices != -1:
-    return False
   if count is None:
     count = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
   if isinstance(count, bool) or not isinstance(count, int) or count < 1:
     raise config_error('count', count, 'a positive integer')
+  if 'xla_force_host_platform_device_count' in os.environ.get('XLA_FLAGS', ''):
+    return False
+  if jax.config.jax_num_cpu_devices != -1:
+    return False
   try:
     jax.config.update('jax_num_cpu_devices', count)
   except RuntimeError:  # JAX's backends are up: too late to change the device count

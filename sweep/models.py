@@ -25,6 +25,7 @@ from sweep.errors import config_error
 __all__ = [
   'ACTIVATIONS',
   'CNN',
+  'Conv',
   'Dense',
   'Linear',
   'MLP',
@@ -94,6 +95,71 @@ class Dense(nn.Module):
     bias = self.param('bias', nn.initializers.zeros_init(), (self.features,))
     # (features, *batch): the weight is the left operand, contracted on its last axis.
     y = jax.lax.dot_general(weight, x, (((1,), (x.ndim - 1,)), ((), ())))
+    return jnp.moveaxis(y, 0, -1) + bias
+
+
+def _conv_init(key: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
+  """nn.Conv's kernel initializer drawn for its (*window, in, out) shape, moved to (out, *window, in)."""
+  out, *window, cin = shape
+  kernel = nn.initializers.lecun_normal()(key, (*window, cin, out), dtype)
+  return jnp.moveaxis(kernel, -1, 0)
+
+
+def _patches(x: jax.Array, window: tuple[int, ...], stride: int, padding: str) -> jax.Array:
+  """(batch, *positions, *window, channels): each output position's input window.
+
+  Strided slices of the padded input, one per window offset: plain copies, where
+  `lax.conv_general_dilated_patches` is a grouped convolution (slow on XLA's CPU).
+  """
+  spatial = x.shape[1:-1]
+  if padding == 'SAME':
+    out = [-(-n // stride) for n in spatial]
+    total = [max((o - 1) * stride + k - n, 0) for o, k, n in zip(out, window, spatial, strict=True)]
+    x = jnp.pad(x, [(0, 0)] + [(t // 2, t - t // 2) for t in total] + [(0, 0)])
+  else:
+    out = [(n - k) // stride + 1 for n, k in zip(spatial, window, strict=True)]
+  slices = []
+  for offset in np.ndindex(*window):
+    index = tuple(slice(o, o + (m - 1) * stride + 1, stride) for o, m in zip(offset, out, strict=True))
+    slices.append(x[(slice(None),) + index])
+  stacked = jnp.stack(slices, axis=-2)  # (batch, *positions, prod(window), channels)
+  return stacked.reshape(stacked.shape[:-2] + tuple(window) + stacked.shape[-1:])
+
+
+class Conv(nn.Module):
+  """A convolution computed as input windows times a weight matrix, like `Dense`.
+
+  The weight is stored `(features, *kernel_size, in_channels)`. Under the engine's run
+  axis, a convolution with a weight per run becomes a grouped convolution (one group
+  per run), which XLA's CPU backend runs slowly. Here the windows are cut from the
+  input once (shared by the runs that read the same input) and every run's weight
+  multiplies them in one matrix product (shared input) or one batched product (inputs
+  of their own). Initialized as `nn.Conv`: the weight is the kernel `nn.Conv` draws from
+  the same key, its output axis moved first.
+
+  Attributes:
+    features: output channels.
+    kernel_size: the window, one entry per spatial dimension.
+    strides: the stride in every spatial dimension.
+    padding: 'SAME' (as XLA pads) or 'VALID'.
+  """
+
+  features: int
+  kernel_size: tuple[int, ...]
+  strides: int = 1
+  padding: str = 'SAME'
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    if self.padding not in ('SAME', 'VALID'):
+      raise config_error('model.padding', self.padding, "'SAME' or 'VALID'")
+    weight = self.param('weight', _conv_init, (self.features, *self.kernel_size, x.shape[-1]))
+    bias = self.param('bias', nn.initializers.zeros_init(), (self.features,))
+    patches = _patches(x, tuple(self.kernel_size), self.strides, self.padding)
+    k = weight.ndim - 1  # the window and channel axes, contracted
+    y = jax.lax.dot_general(
+      weight, patches, ((tuple(range(1, k + 1)), tuple(range(patches.ndim - k, patches.ndim))), ((), ()))
+    )  # (features, batch, *positions)
     return jnp.moveaxis(y, 0, -1) + bias
 
 
@@ -173,7 +239,7 @@ class CNN(nn.Module):
       )
     kernel = (5,) if dims == 1 else (3, 3)
     for c in self.channels:
-      x = nn.relu(nn.Conv(c, kernel, strides=2, padding='SAME')(x))
+      x = nn.relu(Conv(c, kernel, strides=2, padding='SAME')(x))
     x = _flatten(x)
     if self.hidden:
       x = nn.relu(Dense(self.hidden)(x))

@@ -63,16 +63,16 @@ def test_mlp_flattens_and_uses_activation():
 @pytest.mark.parametrize(
   'shape, module, kernel',
   [
-    ((3, 40), models.CNN(), (5, 1, 32)),  # MNIST-1D signals
-    ((3, 40, 2), models.CNN(spatial_dims=1), (5, 2, 32)),  # multi-channel signals
-    ((3, 8, 8), models.CNN(), (3, 3, 1, 32)),  # digits images
-    ((3, 28, 28, 1), models.CNN(outputs=4), (3, 3, 1, 32)),  # MNIST with a channel axis
+    ((3, 40), models.CNN(), (32, 5, 1)),  # MNIST-1D signals
+    ((3, 40, 2), models.CNN(spatial_dims=1), (32, 5, 2)),  # multi-channel signals
+    ((3, 8, 8), models.CNN(), (32, 3, 3, 1)),  # digits images
+    ((3, 28, 28, 1), models.CNN(outputs=4), (32, 3, 3, 1)),  # MNIST with a channel axis
   ],
 )
 def test_cnn_shapes(shape, module, kernel):
   params, out = init_and_apply(module, jnp.ones(shape))
   assert out.shape == (3, module.outputs)
-  assert param_shapes(params)['Conv_0/kernel'] == kernel
+  assert param_shapes(params)['Conv_0/weight'] == kernel
   assert param_shapes(params)['Dense_0/weight'][0] == 64
 
 
@@ -95,6 +95,29 @@ def test_dense_is_nn_dense_with_its_weight_transposed():
     rtol=1e-5,
     atol=1e-6,
   )
+
+
+@pytest.mark.parametrize(
+  'shape, window, stride, padding',
+  [
+    ((2, 40, 3), (5,), 2, 'SAME'),
+    ((2, 7, 3), (4,), 3, 'SAME'),
+    ((2, 9, 8, 3), (3, 3), 2, 'SAME'),
+    ((2, 9, 8, 3), (3, 2), 1, 'VALID'),
+  ],
+)
+def test_conv_is_nn_conv(shape, window, stride, padding):
+  x = jax.random.normal(jax.random.key(0), shape)
+  theirs = nn.Conv(4, window, strides=stride, padding=padding)
+  ours = models.Conv(4, window, strides=stride, padding=padding)
+  p_theirs = theirs.init(jax.random.key(1), x)['params']
+  p_ours = ours.init(jax.random.key(1), x)['params']
+  np.testing.assert_array_equal(p_ours['weight'], jnp.moveaxis(p_theirs['kernel'], -1, 0))
+  np.testing.assert_allclose(
+    ours.apply({'params': p_ours}, x), theirs.apply({'params': p_theirs}, x), rtol=1e-5, atol=1e-5
+  )
+  with pytest.raises(ConfigError, match='model.padding'):
+    models.Conv(4, window, padding='CIRCULAR').init(jax.random.key(1), x)
 
 
 def test_cnn_rejects_other_ranks():

@@ -321,6 +321,24 @@ def test_chunks_match_one_chunk_and_share_one_program(baseline, monkeypatch):
   assert_params_close(all_params(result), all_params(baseline))
 
 
+def test_set_cpu_devices_only_before_jax_starts():
+  code = (
+    'import jax, sweep\n'
+    'first = sweep.set_cpu_devices(3)\n'
+    'n = jax.local_device_count()\n'
+    'print(first, n, sweep.set_cpu_devices(2), jax.local_device_count())\n'
+  )
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, timeout=TIMEOUT)
+  assert out.stdout.split() == ['True', '3', 'False', '3'], out.stderr
+  # A device count the user set is kept.
+  env['XLA_FLAGS'] = '--xla_force_host_platform_device_count=2'
+  out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, timeout=TIMEOUT)
+  assert out.stdout.split() == ['False', '2', 'False', '2'], out.stderr
+  with pytest.raises(sweep.ConfigError, match='count'):
+    sweep.set_cpu_devices(0)
+
+
 def test_four_devices_match_one(subprocess_sweeps):
   sweeps = subprocess_sweeps.wait()
   one, four = sweeps.one, sweeps.four
