@@ -21,6 +21,7 @@ Everything here is pure and shape-static; `Structure` is the only static input.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -413,10 +414,35 @@ def note_best(structure: Structure, groups: tuple[GroupState, ...], metrics: tup
   return tuple(out)
 
 
+class _Jit:
+  """`jax.jit(fun, **kwargs)`, built at its first call, once the backend is known.
+
+  On CPU it compiles with XLA's backend optimization level 1 rather than the default:
+  the seed MLP's init program (threefry and truncated normals) compiles in 0.3 s rather
+  than 1.05 s, and no program measurably ran slower (the matrix products are library
+  calls, not generated code; level 0 made the training step 3x slower).
+  """
+
+  def __init__(self, fun: Callable, **kwargs):
+    self._fun, self._kwargs, self._jitted = fun, kwargs, None
+    functools.update_wrapper(self, fun)
+
+  def __call__(self, *args, **kwargs):
+    if self._jitted is None:
+      options = {'xla_backend_optimization_level': 1} if jax.default_backend() == 'cpu' else None
+      self._jitted = jax.jit(self._fun, compiler_options=options, **self._kwargs)
+    return self._jitted(*args, **kwargs)
+
+
+def jit(fun: Callable, **kwargs) -> Callable:
+  """`jax.jit` as the engine compiles its programs (see `_Jit`)."""
+  return _Jit(fun, **kwargs)
+
+
 # Jitted entry points; `structure` is static, the carried state is donated.
-init_jit = jax.jit(init, static_argnums=(0,))
-init_key_jit = jax.jit(init_key)
-epoch_order_jit = jax.jit(epoch_order, static_argnums=(2,))
-evaluate_initial_jit = jax.jit(evaluate_initial, static_argnums=(0,))
-note_best_jit = jax.jit(note_best, static_argnums=(0,), donate_argnums=(1,))
-segment_jit = jax.jit(segment, static_argnums=(0,), donate_argnums=(1,))
+init_jit = jit(init, static_argnums=(0,))
+init_key_jit = jit(init_key)
+epoch_order_jit = jit(epoch_order, static_argnums=(2,))
+evaluate_initial_jit = jit(evaluate_initial, static_argnums=(0,))
+note_best_jit = jit(note_best, static_argnums=(0,), donate_argnums=(1,))
+segment_jit = jit(segment, static_argnums=(0,), donate_argnums=(1,))

@@ -402,7 +402,7 @@ def _diverged(cg: CompileGroup, metrics: tuple[dict, ...]) -> int:
 
 @functools.lru_cache(maxsize=64)
 def _jitted_init(init_fn):
-  return jax.jit(init_fn)
+  return train.jit(init_fn)
 
 
 def _per_seed_params(init_fn, cg: CompileGroup) -> tuple[Any, ...]:

@@ -299,7 +299,7 @@ def _ramp_program(apply_fn, loss, family: str, compute_dtype: str, beta: float, 
     _, (raw, smooth, taken) = jax.lax.scan(body, carry, (lrs, batches))
     return raw, smooth, taken
 
-  return jax.jit(program)
+  return train.jit(program)
 
 
 def _ramp_batches(seed: int, n: int, batch: int, steps: int, shuffle: bool) -> np.ndarray:
@@ -331,7 +331,7 @@ def _ramp(cfg, start_lr, end_lr, num_it, suggest, beta, stop_factor) -> LRFinder
   seed, batch = int(first['seed']), int(first['batch_size'])
   lrs = start_lr * (end_lr / start_lr) ** (np.arange(num_it) / (num_it - 1))
   batches = _ramp_batches(seed, data.n_train, batch, num_it, cfg.shuffle)
-  params = jax.jit(init_fn)(train.init_key_jit(np.int32(seed)))
+  params = train.jit(init_fn)(train.init_key_jit(np.int32(seed)))
   raw, smooth, taken = jax.device_get(
       program(params, hypers, jnp.asarray(lrs, jnp.float32), jnp.asarray(batches), data.x_train, data.y_train)
   )
