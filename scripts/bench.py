@@ -6,7 +6,10 @@
 Baselines, each training the same runs (same data, model, optimizer, steps):
   (b) sequential optax, compiled once: one run's whole training is a `lax.scan` inside
       `jit` with the learning rate an argument, called once per run (the strongest
-      sequential JAX form);
+      sequential JAX form), on the engine's own model (`sweep.models`, whose weights are
+      stored (outputs, inputs): faster for one run too);
+  (b') the same loop on the MLP written with `flax.linen.Dense` ((inputs, outputs)
+      kernels), as a researcher would write it; same initial values;
   (c) naive: per config, build the optimizer and jit a step, loop over batches in Python;
   (d) PyTorch eager, one run after another, one thread (skipped where torch is missing);
   (e) the seed's Keras model with `fit` per config (skipped where keras is missing).
@@ -26,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import linen as nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import sweep  # noqa: E402
@@ -53,6 +57,21 @@ def matmul_gflops(seconds: float = 1.0) -> float:
 
 
 # ------------------------------------------------------------- baselines ----
+
+
+class FlaxMLP(nn.Module):
+  """The seed's MLP as a researcher writes it, with flax.linen.Dense ((inputs, outputs)
+  kernels); it draws the same initial values as sweep.models.MLP, transposed."""
+
+  hidden: tuple[int, ...]
+  outputs: int
+
+  @nn.compact
+  def __call__(self, x):
+    x = x.reshape(x.shape[0], -1)
+    for width in self.hidden:
+      x = nn.relu(nn.Dense(width)(x))
+    return nn.Dense(self.outputs)(x)
 
 
 def sequential_optax(init_fn, apply_fn, x, y, lrs, batch, steps):
@@ -198,6 +217,7 @@ def workload(title, hidden, lrs, batches, epochs, n, quick, peak, model=None, da
   print(f'\n{title}: {len(lrs)} learning rates x batch sizes {batches}, {epochs} epoch(s) of {n} examples')
   x, y = data if data is not None else mnist_shaped(n)
   n = len(x)
+  model_given = model
   model = model if model is not None else sweep.models.MLP(hidden=hidden, outputs=10)
   init_fn, apply_fn = sweep.models.to_functions(model, x[:1], 10)
   warm, first, result = engine(model, x, y, lrs, batches, epochs, hidden)
@@ -213,6 +233,13 @@ def workload(title, hidden, lrs, batches, epochs, n, quick, peak, model=None, da
     seq_total += s
     seq_compile += c
   print(row(f'(b) sequential optax (compile {seq_compile:.1f} s)', run_steps, seq_total) + f'  engine {seq_total / warm:.2f}x')
+  if model_given is None:
+    f_init, f_apply = sweep.models.to_functions(FlaxMLP(tuple(hidden), 10), x[:1], 10)
+    flax_total = sum(
+        sequential_optax(f_init, f_apply, jnp.asarray(x), jnp.asarray(y), lrs, b, int(epochs * (n // b)))[0]
+        for b in batches
+    )
+    print(row("(b') sequential optax, nn.Dense model", run_steps, flax_total) + f'  engine {flax_total / warm:.2f}x')
   if quick:
     return
   sample = lrs[:4]
