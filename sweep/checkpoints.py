@@ -4,6 +4,8 @@ Layout of a workdir:
   config.json, results.csv, curves.csv   the results (written atomically)
   sweep.json                             the fingerprint of the sweep the workdir holds
   state/<step>/                          CheckpointManager of the whole sweep state
+  state/process-<p>-of-<n>/<step>/       the same for process p of n (state.npz, meta.json)
+  done/<c>/                              final state of finished unit c
   runs/<i>/                              params and optimizer state of run i (Pareto runs)
   runs/<i>.json                          its hyperparameters and metrics
 """
@@ -54,13 +56,14 @@ class SweepState:
   Saves are asynchronous (training goes on while files are written) and keep the
   latest `keep`. Orbax writes each step to a temporary directory and renames it when
   complete, so a process killed at any moment leaves only whole checkpoints.
+
+  One process only; `ProcessState` is the same for each process of a multi-process sweep.
   """
 
   def __init__(self, workdir: str, keep: int = 2):
     self.directory = os.path.abspath(os.path.join(workdir, 'state'))
     self.manager = ocp.CheckpointManager(
         self.directory,
-        # Single process only (see `engine.run`): orbax's defaults fit.
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=True),
         item_names=('state', 'meta'),
     )
@@ -91,6 +94,83 @@ class SweepState:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+class ProcessState:
+  """`SweepState` for one process of a multi-process sweep, in a directory of its own.
+
+  The processes of a sweep train their own units and checkpoint them at their own
+  moments, with no collective. orbax cannot write such a process-local state: it takes
+  numpy arrays for replicated values (written by process 0 alone) and refuses jax
+  arrays that are not global. So each process writes its state as one `.npz` of the
+  tree's leaves (their structure is the sweep's, known to every process) and its meta
+  as JSON, into a temporary directory renamed when complete, keeping the latest `keep`.
+  A rerun with another process count assigns the units differently and starts afresh.
+  """
+
+  def __init__(self, workdir: str, keep: int = 2):
+    name = f'process-{jax.process_index()}-of-{jax.process_count()}'
+    self.directory = os.path.abspath(os.path.join(workdir, 'state', name))
+    self.keep = keep
+    os.makedirs(self.directory, exist_ok=True)
+
+  def _steps(self) -> list[int]:
+    return sorted(int(n) for n in os.listdir(self.directory) if n.isdigit())
+
+  def latest_step(self) -> int | None:
+    steps = self._steps()
+    return steps[-1] if steps else None
+
+  def save(self, step: int, state: Any | None, meta: dict[str, Any]) -> None:
+    final = os.path.join(self.directory, str(step))
+    tmp = final + '.tmp'
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    if state is not None:
+      save_leaves(os.path.join(tmp, 'state.npz'), state)
+    with open(os.path.join(tmp, 'meta.json'), 'w') as f:
+      json.dump(meta, f)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in self._steps()[: -self.keep]:
+      shutil.rmtree(os.path.join(self.directory, str(old)), ignore_errors=True)
+
+  def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
+    path = os.path.join(self.directory, str(step))
+    return load_leaves(os.path.join(path, 'state.npz'), abstract_state), self.restore_meta(step)
+
+  def restore_meta(self, step: int) -> dict[str, Any]:
+    with open(os.path.join(self.directory, str(step), 'meta.json')) as f:
+      return json.load(f)
+
+  def wait(self) -> None:
+    pass
+
+  def close(self) -> None:
+    pass
+
+
+def save_leaves(path: str, tree: Any) -> None:
+  """Writes the leaves of `tree` (host arrays) to the .npz file `path`."""
+  leaves = [np.asarray(a) for a in jax.tree.leaves(tree)]
+  with open(path, 'wb') as f:
+    np.savez(f, **{f'{i:06d}': a for i, a in enumerate(leaves)})
+
+
+def load_leaves(path: str, abstract: Any) -> Any:
+  """The tree `save_leaves` wrote, in the structure of `abstract` (shapes checked)."""
+  leaves, treedef = jax.tree.flatten(abstract)
+  with np.load(path) as f:
+    arrays = [f[f'{i:06d}'] for i in range(len(leaves))]
+  for a, want in zip(arrays, leaves, strict=True):
+    if a.shape != tuple(want.shape) or a.dtype != want.dtype:
+      raise ValueError(f'{path} holds an array {a.shape} {a.dtype} where {want.shape} {want.dtype} belongs')
+  return jax.tree.unflatten(treedef, arrays)
+
+
+def open_state(workdir: str) -> SweepState | ProcessState:
+  """The whole-state checkpoints of this process."""
+  return SweepState(workdir) if jax.process_count() == 1 else ProcessState(workdir)
 
 
 def claim(workdir: str, fp: str, fresh: bool, write: bool = True) -> bool:
@@ -140,6 +220,14 @@ def save_done(workdir: str, c: int, state: Any) -> None:
   path = done_path(workdir, c)
   if os.path.exists(path):
     shutil.rmtree(path)
+  if jax.process_count() > 1:
+    # A process's own unit: orbax would leave it to process 0 (see `ProcessState`).
+    tmp = path + '.tmp'
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    save_leaves(os.path.join(tmp, 'state.npz'), state)
+    os.replace(tmp, path)
+    return
   with _checkpointer() as ckpt:
     ckpt.save(path, state)
     ckpt.wait_until_finished()
@@ -165,6 +253,8 @@ class Final:
           'this run\'s final state was not kept: the sweep outgrew its memory budget. '
           'Run it with a workdir to keep every final state on disk.'
       )
+    if os.path.exists(os.path.join(self.path, 'state.npz')):
+      return load_leaves(os.path.join(self.path, 'state.npz'), self.abstract)
     with _checkpointer() as ckpt:
       return jax.tree.map(np.asarray, ckpt.restore(self.path, self.abstract))
 

@@ -90,7 +90,7 @@ class SweepConfig:
     compute_dtype: "float32", or "bfloat16" for the forward and backward pass with
       float32 parameters and optimizer state.
     memory_budget: bytes the runs may occupy on a device; None: 60 % of an
-      accelerator's memory, 20 % of host RAM on CPU. Runs that do not fit at once are
+      accelerator's memory, 15 % of host RAM on CPU. Runs that do not fit at once are
       trained in chunks that reuse one compiled program.
     noise_scale: measure the gradient noise scale during training (every batch size
       must be even): each batch's gradient is taken as the mean of its two halves'.

@@ -43,6 +43,12 @@ def owner(unit: int) -> int:
   return unit % jax.process_count()
 
 
+def barrier(name: str) -> None:
+  """Waits until every process reaches the barrier `name` (no-op with one process)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
 def allgather_objects(obj: Any) -> list[Any]:
   """Every process's `obj` (picklable), in process order, on every process."""
   payload = np.frombuffer(pickle.dumps(obj), np.uint8)

@@ -388,9 +388,11 @@ def _run_sharding() -> tuple[Any, Any] | None:
 
 
 def _shard(tree: Any, shardings) -> Any:
-  """Places leaves with a run axis (ndim >= 2) split over devices, the rest replicated."""
+  """Places leaves with a run axis (ndim >= 2) split over devices, the rest replicated
+  (with one device: on it, where host arrays, such as a restored state, would otherwise
+  be copied again at every call)."""
   if shardings is None:
-    return tree
+    return jax.device_put(tree)
   runs, replicated = shardings
   placements = jax.tree.map(lambda a: runs if np.ndim(a) >= 2 else replicated, tree)
   return jax.device_put(tree, placements)  # one call: far faster than one per leaf
@@ -590,15 +592,14 @@ def run(
 
   processes, me = jax.process_count(), jax.process_index()
   store, resume_step, restored = None, None, None
-  if workdir is not None and processes > 1:
-    # Several processes: each trains its own units; process 0 writes the results. The
-    # whole-sweep state checkpoints (resume) are single-process only for now.
-    # Every process checks the workdir (so all refuse another sweep alike); process 0 writes.
+  if workdir is not None:
+    # Every process checks the workdir (so all refuse another sweep alike); process 0
+    # clears it (fresh) and claims it, before any process writes there.
     checkpoints.claim(workdir, checkpoints.fingerprint(resolved), fresh, write=me == 0)
-  elif workdir is not None:
-    fp = checkpoints.fingerprint(resolved)
-    checkpoints.claim(workdir, fp, fresh)
-    store = checkpoints.SweepState(workdir)
+    distributed.barrier('sweep-claim')
+    # Several processes: each trains its own units and checkpoints them in a directory of
+    # its own; process 0 writes the results.
+    store = checkpoints.open_state(workdir)
     resume_step = store.latest_step()
     if resume_step is not None:
       meta = store.restore_meta(resume_step)
@@ -612,16 +613,18 @@ def run(
   threshold = jnp.float32(cfg.divergence_threshold)
   ticks = sum(sum(cg.structure.steps_per_segment) * plan.num_evals for cg in cgroups)
   bar = tqdm.tqdm(total=ticks, desc=f'{len(plan.runs)} runs', unit='tick', disable=not progress, leave=False)
-  keep = _Keeper(keep_budget(cfg), workdir if processes == 1 else None, keep_opt_state=workdir is not None)
+  keep = _Keeper(keep_budget(cfg), workdir, keep_opt_state=workdir is not None)
 
-  collected = []  # (unit, final state, history, seconds)
+  collected = []  # (unit, final state, history, seconds, unit index): this process's units
   c0, k0, seconds0 = 0, 0, 0.0
   if restored is not None:
+    # meta: the unit in progress (`group`) and its next segment; the histories and times of
+    # this process's finished units, in order, then of the unit in progress.
     meta, current = restored
     c0, k0, seconds0 = meta['group'], meta['segment'], meta['seconds']
-    for c in range(c0):
+    for j, c in enumerate(c for c in range(c0) if distributed.owner(c) == me):
       final = checkpoints.Final(path=checkpoints.done_path(workdir, c), abstract=_abstract_state(cgroups[c], init_fn))
-      collected.append((cgroups[c], final, _history_from_json(meta['history'][c]), meta['group_seconds'][c], c))
+      collected.append((cgroups[c], final, _history_from_json(meta['history'][j]), meta['group_seconds'][j], c))
       bar.update(sum(cgroups[c].structure.steps_per_segment) * plan.num_evals)
     if c0 < len(cgroups):
       bar.update(sum(cgroups[c0].structure.steps_per_segment) * k0)
@@ -640,8 +643,8 @@ def run(
         hparams = _shard(cg.hparams, shardings)
         if restored is not None and c == c0 and k0 > 0:
           state = _shard(restored[1], shardings)
-          history = _history_from_json(restored[0]['history'][c])
-          t0 -= restored[0]['group_seconds'][c]
+          history = _history_from_json(restored[0]['history'][len(collected)])
+          t0 -= restored[0]['group_seconds'][len(collected)]
         else:
           state = _shard(train.init_jit(cg.structure, _per_seed_params(init_fn, cg), hparams), shardings)
           first = train.evaluate_initial_jit(cg.structure, state, device_data)

@@ -6,6 +6,9 @@ checks train in subprocesses running this script:
 
     python _scale_worker.py OUT [--workdir DIR] [--process-id I --num-processes N --port P]
 
+With SCALE_WORKER_SIGTERM_AFTER=k in its environment, it sends itself a SIGTERM (a
+preemption notice) once it has trained k segments: the engine saves and exits with 143.
+
 It writes OUT/results.csv (with `Result.save`, as `sweep.run` writes a workdir's) and
 OUT/params.npz (every run's final parameters, key `<run>/<leaf path>`), and prints one
 line `SCALE_WORKER {json}` with what it saw: its process and device counts, the owner
@@ -19,6 +22,7 @@ import argparse
 import functools
 import json
 import os
+import signal
 import sys
 
 import numpy as np
@@ -108,6 +112,7 @@ def main(argv: list[str]) -> None:
 
   seen = {'segments': 0, 'param_devices': [], 'run_axis_shards': []}
   segment_jit = train.segment_jit
+  sigterm_after = int(os.environ.get('SCALE_WORKER_SIGTERM_AFTER', 0))
 
   def recording_segment(structure, groups, *rest):
     leaf = jax.tree.leaves(groups[0].runs.params)[0]
@@ -115,7 +120,10 @@ def main(argv: list[str]) -> None:
     seen['param_devices'].append(len(leaf.sharding.device_set))
     # Slots of the run axis (axis 1) that one device holds, against the whole axis.
     seen['run_axis_shards'].append([leaf.sharding.shard_shape(leaf.shape)[1], leaf.shape[1]])
-    return segment_jit(structure, groups, *rest)
+    out = segment_jit(structure, groups, *rest)
+    if seen['segments'] == sigterm_after:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return out
 
   train.segment_jit = recording_segment
   cfg = config()

@@ -133,10 +133,10 @@ def free_port() -> int:
 class Worker:
   """`_scale_worker.py OUT ...` in a subprocess on `devices` forced host CPU devices."""
 
-  def __init__(self, root: Path, name: str, devices: int, *flags: str):
+  def __init__(self, root: Path, name: str, devices: int, *flags: str, env: dict | None = None):
     self.out = root / name
     self.log = root / f'{name}.log'
-    env = dict(os.environ)
+    env = {**os.environ, **(env or {})}
     count = '--xla_force_host_platform_device_count'
     xla = [f for f in env.get('XLA_FLAGS', '').split() if not f.startswith(count)]
     env['XLA_FLAGS'] = ' '.join([*xla, f'{count}={devices}'])
@@ -191,18 +191,22 @@ def one_example(cfg: sweep.SweepConfig) -> float:
 # -------------------------------------------------------------------- fixtures ----
 
 
+def two_processes(root: Path, tag: str, workdir: Path, env: dict | None = None) -> list[Worker]:
+  port = free_port()
+  return [
+    Worker(root, f'{tag}{i}', 1, '--workdir', str(workdir), '--process-id', str(i), '--num-processes', '2',
+           '--port', str(port), env=env)
+    for i in range(2)
+  ]
+
+
 class SubprocessSweeps:
   """The grid in subprocesses, all started at once: on 1 CPU device (the reference), on
   4, and in 2 processes of 1 device each joined into one sweep with a workdir."""
 
   def __init__(self, root: Path):
     self.workdir = root / 'workdir'
-    port = free_port()
-    self.hosts = [
-      Worker(root, f'host{i}', 1, '--workdir', str(self.workdir), '--process-id', str(i),
-             '--num-processes', '2', '--port', str(port))
-      for i in range(2)
-    ]
+    self.hosts = two_processes(root, 'host', self.workdir)
     self.one = Worker(root, 'one', 1)
     self.four = Worker(root, 'four', 4)
     self.all = [self.one, self.four, *self.hosts]
@@ -383,3 +387,29 @@ def test_two_processes_match_one(subprocess_sweeps):
     for path, leaf in saved:
       reference = params[f'{i}/{jax.tree_util.keystr(path)}']
       assert leaf.dtype == reference.dtype and np.array_equal(leaf, reference), (i, path)
+
+
+def test_two_processes_resume_after_sigterm(subprocess_sweeps, tmp_path):
+  """Preempted after its first segment, each of 2 processes saves its own state; the
+  same two commands again resume from there and end with one process's numbers."""
+  one = subprocess_sweeps.wait().one
+  one.report()
+  workdir = tmp_path / 'workdir'
+  stopped = two_processes(tmp_path, 'stopped', workdir, env={'SCALE_WORKER_SIGTERM_AFTER': '1'})
+  wait_all(stopped, linked=[])
+  for w in stopped:
+    assert w.proc.returncode == 143, f'exit code {w.proc.returncode}:\n{w.output()[-5000:]}'
+  for p in range(2):
+    steps = [n for n in os.listdir(workdir / 'state' / f'process-{p}-of-2') if n.isdigit()]
+    assert steps, p
+  assert not (workdir / 'results.csv').exists()
+
+  resumed = two_processes(tmp_path, 'resumed', workdir)
+  wait_all(resumed, linked=resumed)
+  reports = [w.report() for w in resumed]
+  owners = reports[0]['owners']
+  num_evals = worker.config().num_evals
+  for i, report in enumerate(reports):
+    # Only what was left: each unit's segments after the first.
+    assert report['segments'] == (num_evals - 1) * owners.count(i), report
+  assert_tables_close(pd.read_csv(workdir / 'results.csv'), one.table(), rtol=0)
