@@ -18,7 +18,7 @@ Command:
 `python experiments/lr_batch_coupling.py` without a workdir runs the sweep itself and
 prints the fit; with the workdir of a finished sweep it reads results.csv instead.
 
-Wall time on a 2-core CPU: 20-26 s for `sweep run`, compiles, checkpoints and the report
+Wall time on a 2-core CPU: 24 s for `sweep run`, compiles, checkpoints and the report
 included (measured while other jobs shared the two cores); the fit from the workdir
 takes 5 s.
 

@@ -17,7 +17,7 @@ Command:
 The first runs both tests and the sweep and prints the comparison; with --workdir it
 also saves the sweep and the ramp test there, so `sweep report` draws both.
 
-Wall time on a 2-core CPU: 23-27 s for `python experiments/lr_range_test.py`, compiles
+Wall time on a 2-core CPU: 18 s for `python experiments/lr_range_test.py`, compiles
 included (measured while other jobs shared the two cores): the ramp 4.4 s, the grid
 6.5 s, the sweep 11 s.
 

@@ -15,7 +15,7 @@ the training loss kept falling).
 Command:
   sweep run experiments/overfitting.py --workdir workdirs/overfitting
 
-Wall time on a 2-core CPU: 86 s with the command above (compiles, the report and a
+Wall time on a 2-core CPU: 71 s with the command above (compiles, the report and a
 checkpoint at each of the 100 evaluations included), 55-65 s through the API without a
 workdir (measured while other jobs shared the two cores).
 

@@ -5,7 +5,7 @@
 #
 # seed_mlp_mnist reads MNIST from $SWEEP_MNIST_DIR when it is set (see its docstring) and
 # falls back to scikit-learn's digits otherwise. Each experiment's docstring gives its
-# expected wall time and results; together they took 6 minutes on a 2-core CPU.
+# expected wall time and results; together they took 3 minutes on a 2-core CPU.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
