@@ -344,30 +344,35 @@ def _overfitting_frame(table: pd.DataFrame, curves: pd.DataFrame | None, margin:
   if curves is None or curves.empty or 'val_loss' not in curves.columns:
     return out
 
-  c = curves[curves['run'].isin(runs)].sort_values(['run', 'eval']).reset_index(drop=True)
-  val = c['val_loss'].to_numpy(np.float64)
-  c['_val'] = np.where(np.isfinite(val), val, np.inf)
-  grouped = c.groupby('run', sort=True)
-  best_row = grouped['_val'].idxmin()  # the first evaluation of the lowest validation loss
-  last_row = grouped['eval'].idxmax()
-  best = c.loc[best_row.to_numpy()].set_index('run')
-  last = c.loc[last_row.to_numpy()].set_index('run')
-  found = np.isfinite(best['_val'].to_numpy())
-  best_eval = np.where(found, best['eval'].to_numpy(np.float64), np.nan)
-  best_epoch = (np.where(found, best['epoch'].to_numpy(np.float64), np.nan)
-                if 'epoch' in c.columns else np.full(len(best), np.nan))
-  min_val = np.where(found, best['_val'].to_numpy(), np.nan)
-  final_val = last['val_loss'].to_numpy(np.float64)
+  c = curves[curves['run'].isin(runs)].sort_values(['run', 'eval'], kind='stable').reset_index(drop=True)
+  if c.empty:
+    return out
+  # Every run's evaluations as one row of a (runs, evaluations) grid: the rows of a run are
+  # consecutive after the sort; a run with fewer evaluations is padded with its last one.
+  index, starts, counts = np.unique(c['run'].to_numpy(), return_index=True, return_counts=True)
+  k = int(counts.max())
+  rows = np.minimum(starts[:, None] + np.arange(k)[None, :], (starts + counts - 1)[:, None])
+  grid = lambda column: c[column].to_numpy(np.float64)[rows]  # noqa: E731
+  val = grid('val_loss')
+  pick = np.arange(len(index))
+  best_at = np.argmin(np.where(np.isfinite(val), val, np.inf), axis=1)  # first lowest evaluation
+  last_at = np.argmax(grid('eval'), axis=1)
+  min_val = val[pick, best_at]
+  found = np.isfinite(min_val)
+  best_eval = np.where(found, grid('eval')[pick, best_at], np.nan)
+  best_epoch = np.where(found, grid('epoch')[pick, best_at], np.nan) if 'epoch' in c.columns else np.full(len(index), np.nan)
+  min_val = np.where(found, min_val, np.nan)
+  final_val = val[pick, last_at]
   with np.errstate(divide='ignore', invalid='ignore'):
     rise = (final_val - min_val) / np.abs(min_val)
   if 'train_loss' in c.columns:
-    train_kept_falling = last['train_loss'].to_numpy(np.float64) < best['train_loss'].to_numpy(np.float64)
+    train = grid('train_loss')
+    train_kept_falling = train[pick, last_at] < train[pick, best_at]
   else:
-    train_kept_falling = np.zeros(len(best), bool)
+    train_kept_falling = np.zeros(len(index), bool)
   # Relative to |min| so the test reads the same for any loss scale; rise is NaN for a run
   # without a finite validation loss, and NaN compares False.
   overfit = (final_val - min_val > margin * np.abs(min_val)) & train_kept_falling
-  index = best.index
   out.loc[index, 'best_val_eval'] = best_eval
   out.loc[index, 'best_val_epoch'] = best_epoch
   out.loc[index, 'val_rise'] = rise
