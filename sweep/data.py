@@ -20,6 +20,7 @@ import numpy as np
 from sweep.errors import config_error
 
 __all__ = [
+  'aligned',
   'Dataset',
   'arrays',
   'diabetes',
@@ -30,6 +31,27 @@ __all__ = [
   'read_idx',
   'synthetic_regression',
 ]
+
+
+_ALIGNMENT = 64  # bytes
+
+
+def aligned(a: np.ndarray) -> np.ndarray:
+  """`a` as a C-contiguous array whose data starts on a 64-byte boundary (copied only if
+  it is not one already).
+
+  JAX's CPU backend takes such a host array as it is, without copying it, when the
+  engine puts the data on its devices (0.07 ms against 16-20 ms for 8192 MNIST-shaped
+  examples, on one device or replicated on two); other arrays are copied at every sweep.
+  """
+  a = np.asarray(a)
+  if a.flags.c_contiguous and a.ctypes.data % _ALIGNMENT == 0:
+    return a
+  buffer = np.empty(a.nbytes + _ALIGNMENT, np.uint8)
+  start = (-buffer.ctypes.data) % _ALIGNMENT
+  out = buffer[start : start + a.nbytes].view(a.dtype).reshape(a.shape)
+  out[...] = a
+  return out
 
 
 # eq=False: the generated __eq__/__hash__ would compare numpy arrays elementwise and fail,
@@ -267,7 +289,8 @@ def arrays(
     num_classes = int(num_classes)
   elif num_classes is not None:
     raise config_error('data.num_classes', num_classes, 'None for float (regression) targets')
-  return Dataset(xt, yt, xv, yv, name=name, num_classes=num_classes)
+  xv, yv = (None, None) if xv is None else (aligned(xv), aligned(yv))
+  return Dataset(aligned(xt), aligned(yt), xv, yv, name=name, num_classes=num_classes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,10 +314,10 @@ def _mnist1d_arrays(num_samples: int, seed: int) -> tuple[np.ndarray, ...]:
     np.random.set_state(np_state)
     random.setstate(py_state)
   out = (
-    raw['x'].astype(np.float32),
-    raw['y'].astype(np.int32),
-    raw['x_test'].astype(np.float32),
-    raw['y_test'].astype(np.int32),
+    aligned(raw['x'].astype(np.float32)),
+    aligned(raw['y'].astype(np.int32)),
+    aligned(raw['x_test'].astype(np.float32)),
+    aligned(raw['y_test'].astype(np.int32)),
   )
   for a in out:
     # The arrays are shared by every caller through the cache.

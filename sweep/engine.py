@@ -26,6 +26,7 @@ from flax import nnx
 from kernels import losses, optimizers, schedules, train
 from sweep import checkpoints, distributed, models
 from sweep.config import Plan, Run, SweepConfig, validate
+from sweep.data import aligned
 from sweep.errors import ConfigError, config_error
 
 
@@ -332,8 +333,11 @@ def _device_data(cfg: SweepConfig, chunk: int, shardings) -> train.Data:
     xv, yv, wv = data.x_train[:0], data.y_train[:0], np.zeros(0, np.float32)
   # Placed where the programs read it (a copy of the training set per device), rather
   # than on one device and copied again by the first call.
+  # Aligned host arrays go in without a copy on CPU (see `sweep.data.aligned`); the
+  # datasets of `sweep.data` are aligned when built.
   placement = None if shardings is None else shardings[1]
-  return jax.device_put(train.Data(data.x_train, data.y_train, xv, yv, wv, xp, yp, wp), placement)
+  arrays = train.Data(data.x_train, data.y_train, xv, yv, wv, xp, yp, wp)
+  return jax.device_put(jax.tree.map(aligned, arrays), placement)
 
 
 def compile_groups(plan: Plan, init_fn, apply_fn, eval_chunk: int) -> list[CompileGroup]:

@@ -5,6 +5,7 @@ import os
 import random
 import struct
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -396,3 +397,18 @@ def test_lstsq_max_stable_lr_separates_convergence_from_divergence():
   optimum = float(np.mean((a @ theta - y) ** 2))
   assert _final_loss(x, y, 0.9 * lr, steps=2000) == pytest.approx(optimum, rel=1e-6)
   assert _final_loss(x, y, 1.1 * lr) > 1e6
+
+
+def test_datasets_are_aligned_so_the_cpu_takes_them_without_a_copy():
+  x = np.arange(3 * 7, dtype=np.float32).reshape(3, 7)[:, 1:]  # not contiguous
+  d = data.arrays(x, np.array([0, 1, 2]), x[:2], np.array([0, 1]))
+  for a in (d.x_train, d.y_train, d.x_val, d.y_val):
+    assert a.flags.c_contiguous and a.ctypes.data % 64 == 0
+  np.testing.assert_array_equal(d.x_train, x)
+  already = data.aligned(d.x_train)
+  assert already is d.x_train  # no second copy
+  empty = data.aligned(np.zeros((0, 5), np.float32))
+  assert empty.shape == (0, 5)
+  if jax.default_backend() == 'cpu':
+    on_device = jax.device_put(d.x_train)
+    assert on_device.unsafe_buffer_pointer() == d.x_train.ctypes.data
