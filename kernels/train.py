@@ -367,6 +367,14 @@ def evaluate_initial(structure: Structure, groups: tuple[GroupState, ...], data:
   return tuple(out)
 
 
+def start(
+    structure: Structure, per_seed_params: tuple[Any, ...], hparams: tuple[GroupHparams, ...], data: Data
+) -> tuple[tuple[GroupState, ...], tuple[dict, ...]]:
+  """`init`, then `evaluate_initial`: one program, so one compile."""
+  groups = init(structure, per_seed_params, hparams)
+  return groups, evaluate_initial(structure, groups, data)
+
+
 def segment(
     structure: Structure,
     groups: tuple[GroupState, ...],
@@ -440,9 +448,8 @@ def jit(fun: Callable, **kwargs) -> Callable:
 
 
 # Jitted entry points; `structure` is static, the carried state is donated.
-init_jit = jit(init, static_argnums=(0,))
+start_jit = jit(start, static_argnums=(0,))
 init_key_jit = jit(init_key)
 epoch_order_jit = jit(epoch_order, static_argnums=(2,))
-evaluate_initial_jit = jit(evaluate_initial, static_argnums=(0,))
 note_best_jit = jit(note_best, static_argnums=(0,), donate_argnums=(1,))
 segment_jit = jit(segment, static_argnums=(0,), donate_argnums=(1,))

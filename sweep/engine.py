@@ -651,8 +651,8 @@ def run(
           history = _history_from_json(restored[0]['history'][len(collected)])
           t0 -= restored[0]['group_seconds'][len(collected)]
         else:
-          state = _shard(train.init_jit(cg.structure, _per_seed_params(init_fn, cg), hparams), shardings)
-          first = train.evaluate_initial_jit(cg.structure, state, device_data)
+          state, first = train.start_jit(cg.structure, _per_seed_params(init_fn, cg), hparams, device_data)
+          state = _shard(state, shardings)
           if cg.structure.keep_best:
             state = train.note_best_jit(cg.structure, state, first)
           history = [jax.device_get(first)]
