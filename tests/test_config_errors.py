@@ -9,7 +9,6 @@ counts.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import traceback
 
@@ -19,36 +18,14 @@ import jax.numpy as jnp
 import jaxlib
 import numpy as np
 import pytest
+from compiles import counting_compiles
 
 import sweep
 from sweep import data, engine, models
 from sweep.config import validate
 from sweep.errors import ConfigError
 
-try:
-  from jax._src.dispatch import BACKEND_COMPILE_EVENT
-except ImportError:  # the private name moved; the event itself is public monitoring API
-  BACKEND_COMPILE_EVENT = '/jax/core/compile/backend_compile_duration'
-
 _LIBRARY_DIRS = tuple(os.path.dirname(m.__file__) + os.sep for m in (jax, jaxlib, flax))
-
-
-@contextlib.contextmanager
-def counting_compiles():
-  """Yields the list of names of the XLA programs compiled inside the block."""
-  jax.clear_caches()
-  compiled: list[str] = []
-
-  def listener(event: str, duration_secs: float, **kwargs) -> None:
-    del duration_secs
-    if event == BACKEND_COMPILE_EVENT:
-      compiled.append(str(kwargs.get('fun_name', '?')))
-
-  jax.monitoring.register_event_duration_secs_listener(listener)
-  try:
-    yield compiled
-  finally:
-    jax.monitoring.unregister_event_duration_listener(listener)
 
 
 class ReachedTraining(AssertionError):

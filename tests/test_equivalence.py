@@ -18,6 +18,7 @@ import numpy as np
 import optax
 import pandas as pd
 import pytest
+from compiles import COMPILE_EVENT
 
 import sweep
 
@@ -37,7 +38,6 @@ DEFAULTS = {
   'adagrad': {},
   'lion': {'b1': 0.9, 'b2': 0.99, 'weight_decay': 1e-3},
 }
-COMPILE_EVENT = '/jax/core/compile/backend_compile_duration'
 MAX_UPDATES = 64  # length of the reference's learning-rate table
 MAX_BATCH = 64  # rows of the reference's padded batches
 

@@ -14,7 +14,6 @@ agree bit for bit.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import os
@@ -28,6 +27,7 @@ import jax
 import numpy as np
 import pandas as pd
 import pytest
+from compiles import counting_compiles
 
 import sweep
 from sweep import engine
@@ -35,7 +35,6 @@ from sweep import engine
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 WORKER = HERE / '_scale_worker.py'
-COMPILE_EVENT = '/jax/core/compile/backend_compile_duration'
 TIMEOUT = 240  # seconds a subprocess sweep may take (a few on an idle machine)
 
 # A different run-axis width may round differently in XLA's matmuls.
@@ -99,25 +98,6 @@ def assert_params_close(actual: dict[str, np.ndarray], expected: dict[str, np.nd
 
 def all_params(result: sweep.Result) -> dict[str, np.ndarray]:
   return worker.flat_params(result, len(result.table))
-
-
-@contextlib.contextmanager
-def counting_compiles():
-  """Yields the names of the XLA programs compiled inside the block, every cache cleared
-  first (an earlier test may have compiled the same programs)."""
-  jax.clear_caches()
-  names: list[str] = []
-
-  def listener(event: str, duration_secs: float, **kwargs) -> None:
-    del duration_secs
-    if event == COMPILE_EVENT:
-      names.append(str(kwargs.get('fun_name', '?')))
-
-  jax.monitoring.register_event_duration_secs_listener(listener)
-  try:
-    yield names
-  finally:
-    jax.monitoring.unregister_event_duration_listener(listener)
 
 
 def widths(units: list) -> list[int]:
