@@ -122,16 +122,7 @@ class ProcessState:
     return steps[-1] if steps else None
 
   def save(self, step: int, state: Any | None, meta: dict[str, Any]) -> None:
-    final = os.path.join(self.directory, str(step))
-    tmp = final + '.tmp'
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    if state is not None:
-      save_leaves(os.path.join(tmp, 'state.npz'), state)
-    with open(os.path.join(tmp, 'meta.json'), 'w') as f:
-      json.dump(meta, f)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    write_dir(os.path.join(self.directory, str(step)), state, meta)
     for old in self._steps()[: -self.keep]:
       shutil.rmtree(os.path.join(self.directory, str(old)), ignore_errors=True)
 
@@ -148,6 +139,21 @@ class ProcessState:
 
   def close(self) -> None:
     pass
+
+
+def write_dir(path: str, state: Any | None, meta: dict[str, Any] | None = None) -> None:
+  """Writes `state` (state.npz) and `meta` (meta.json) as directory `path`: into a
+  temporary directory first, renamed when whole, so a killed process leaves no half."""
+  tmp = path + '.tmp'
+  shutil.rmtree(tmp, ignore_errors=True)
+  os.makedirs(tmp)
+  if state is not None:
+    save_leaves(os.path.join(tmp, 'state.npz'), state)
+  if meta is not None:
+    with open(os.path.join(tmp, 'meta.json'), 'w') as f:
+      json.dump(meta, f)
+  shutil.rmtree(path, ignore_errors=True)
+  os.replace(tmp, path)
 
 
 def save_leaves(path: str, tree: Any) -> None:
@@ -222,11 +228,7 @@ def save_done(workdir: str, c: int, state: Any) -> None:
     shutil.rmtree(path)
   if jax.process_count() > 1:
     # A process's own unit: orbax would leave it to process 0 (see `ProcessState`).
-    tmp = path + '.tmp'
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    save_leaves(os.path.join(tmp, 'state.npz'), state)
-    os.replace(tmp, path)
+    write_dir(path, state)
     return
   with _checkpointer() as ckpt:
     ckpt.save(path, state)
