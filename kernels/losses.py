@@ -21,6 +21,7 @@ __all__ = [
   "check_shapes",
   "correct",
   "hinge",
+  "per_example",
   "huber",
   "l1",
   "mse",
@@ -150,13 +151,45 @@ def _unknown(name: str) -> str:
   return f"unknown loss {name!r}; known losses are {', '.join(sorted(LOSSES))}"
 
 
-def correct(name: str, predictions: jax.Array, targets: jax.Array) -> jax.Array | None:
+def _token_mask(targets: jax.Array, ignore_label: int | None) -> jax.Array | None:
+  """1.0 where an integer target counts, 0.0 where it is ``ignore_label`` (padding)."""
+  if ignore_label is None or not _is_integer(targets):
+    return None
+  return (targets != ignore_label).astype(jnp.float32)
+
+
+def _masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
+  """The mean of ``values`` over the non-batch axes where ``mask`` is 1 (0 where none is)."""
+  axes = tuple(range(1, values.ndim))
+  return jnp.sum(values * mask, axis=axes) / jnp.maximum(jnp.sum(mask, axis=axes), 1.0)
+
+
+def per_example(
+  name: str, predictions: jax.Array, targets: jax.Array, ignore_label: int | None = None
+) -> jax.Array:
+  """The loss ``name`` per example, (batch,); with integer targets, positions whose
+  target is ``ignore_label`` are left out of each example's mean (an example with none
+  left has loss 0).
+  """
+  mask = _token_mask(targets, ignore_label)
+  if mask is None or name != "softmax_cross_entropy":
+    return LOSSES[name](predictions, targets)
+  safe = jnp.where(mask > 0, targets, 0)
+  per_position = optax.softmax_cross_entropy_with_integer_labels(predictions, safe)
+  return _masked_mean(per_position, mask)
+
+
+def correct(
+  name: str, predictions: jax.Array, targets: jax.Array, ignore_label: int | None = None
+) -> jax.Array | None:
   """Per-example accuracy for classification losses.
 
   Args:
     name: a key of ``LOSSES``.
     predictions: the model outputs the loss ``name`` takes.
     targets: the targets the loss ``name`` takes.
+    ignore_label: an integer target left out (padding tokens); with sequences of ids,
+      the accuracy of an example is the fraction of its other positions predicted right.
 
   Returns:
     Float 0/1 (or the fraction of correct outputs, for multi-output binary
@@ -174,6 +207,9 @@ def correct(name: str, predictions: jax.Array, targets: jax.Array) -> jax.Array 
     predicted = jnp.argmax(predictions, axis=-1)
     wanted = targets if _is_integer(targets) else jnp.argmax(targets, axis=-1)
     hits = predicted == wanted
+    mask = _token_mask(targets, ignore_label)
+    if mask is not None:
+      return _masked_mean(hits.astype(jnp.float32), mask)
   elif name == "sigmoid_binary_cross_entropy":
     hits = (predictions > 0) == (targets > 0.5)
   else:
@@ -205,10 +241,11 @@ def check_shapes(
   pred_shape, target_shape = tuple(pred_shape), tuple(target_shape)
   got = f"got predictions {_shape(pred_shape)} and labels {_shape(target_shape)}"
   if name == "softmax_cross_entropy" and target_is_integer:
-    if len(pred_shape) != 2 or target_shape != pred_shape[:1]:
+    if len(pred_shape) < 2 or target_shape != pred_shape[:-1]:
       return (
         "softmax_cross_entropy with integer labels needs predictions of shape "
-        f"(batch, num_classes) and labels of shape (batch,); {got}"
+        "(batch, num_classes) for labels (batch,), or (batch, T, num_classes) for "
+        f"sequences of ids (batch, T); {got}"
       )
     return None
   if name == "softmax_cross_entropy" and len(pred_shape) < 2:

@@ -37,9 +37,11 @@ class Structure:
   """Everything about a compile group that changes code or shapes (hashable).
 
   Attributes:
-    init_fn: key -> params of one run.
-    apply_fn: (params, x_batch) -> predictions.
-    loss: a name in `losses.LOSSES` or a callable (predictions, targets) -> (batch,).
+    model: the model as `sweep.adapters.Model` gives it: `init(key) -> (params, state)`,
+      `apply(params, state, x, train, key) -> (predictions, state)`, and `random`
+      (whether training draws from the key).
+    loss: a name in `losses.LOSSES` or a callable (predictions, targets) returning the
+      per-example loss (batch,), or a pair (loss, accuracy) of per-example values.
     family: the optimizer family, a key of `optimizers.FAMILIES`.
     batch_sizes: one per batch group.
     steps_per_segment: scan length of each batch group's segment.
@@ -53,10 +55,13 @@ class Structure:
       whole batch, for the gradient noise scale (the batch gradient is then the mean
       of the two half-batch gradients: equal up to float rounding).
     compute_dtype: dtype of the forward and backward pass (parameters stay float32).
+    augment: `augment(key, x_batch) -> x_batch`, applied to every training batch, or None.
+    ignore_label: an integer target id left out of the loss and the accuracy (padding).
+    accuracy: how a callable loss's accuracy is measured when it returns none: 'ids'
+      (argmax against integer ids), 'onehot' (argmax against one-hot rows) or None.
   """
 
-  init_fn: Callable[[jax.Array], Any]
-  apply_fn: Callable[[Any, jax.Array], jax.Array]
+  model: Any
   loss: str | Callable[[jax.Array, jax.Array], jax.Array]
   family: str
   batch_sizes: tuple[int, ...]
@@ -68,23 +73,39 @@ class Structure:
   unroll: int = 1
   keep_best: bool = False
   compute_dtype: str = 'float32'
+  augment: Callable[[jax.Array, jax.Array], jax.Array] | None = None
+  ignore_label: int | None = None
+  accuracy: str | None = None
 
-  def loss_fn(self, predictions: jax.Array, targets: jax.Array) -> jax.Array:
-    fn = losses.LOSSES[self.loss] if isinstance(self.loss, str) else self.loss
-    return fn(predictions, targets)
+  def metrics(self, predictions: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+    """Per-example loss and accuracy (None where accuracy has no meaning), both (batch,)."""
+    if isinstance(self.loss, str):
+      return (
+          losses.per_example(self.loss, predictions, targets, self.ignore_label),
+          losses.correct(self.loss, predictions, targets, self.ignore_label),
+      )
+    out = self.loss(predictions, targets)
+    if isinstance(out, tuple | list):
+      return out[0], out[1]
+    if self.accuracy == 'ids':
+      return out, losses.correct('softmax_cross_entropy', predictions, targets, self.ignore_label)
+    if self.accuracy == 'onehot':
+      return out, losses.correct('softmax_cross_entropy', predictions, targets)
+    return out, None
 
-  def correct_fn(self, predictions: jax.Array, targets: jax.Array) -> jax.Array | None:
-    if not isinstance(self.loss, str):
-      return None
-    return losses.correct(self.loss, predictions, targets)
-
-  def forward(self, params: Any, x: jax.Array) -> jax.Array:
+  def forward(
+      self, params: Any, state: Any, x: jax.Array, train: bool, key: jax.Array | None
+  ) -> tuple[jax.Array, Any]:
+    """The model on a batch: (predictions in float32, the model state after it)."""
+    if not self.model.random:
+      key = None
     if self.compute_dtype == 'float32':
-      return self.apply_fn(params, x)
+      return self.model.apply(params, state, x, train, key)
     dtype = jnp.dtype(self.compute_dtype)
     cast = lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a  # noqa: E731
-    out = self.apply_fn(jax.tree.map(cast, params), cast(x))
-    return out.astype(jnp.float32)
+    out, new = self.model.apply(jax.tree.map(cast, params), state, cast(x), train, key)
+    new = jax.tree.map(lambda n, o: n.astype(o.dtype), new, state)
+    return out.astype(jnp.float32), new
 
 
 class Data(NamedTuple):
@@ -117,6 +138,7 @@ class GroupHparams(NamedTuple):
 
 class RunState(NamedTuple):
   params: Any
+  model_state: Any  # the model's variables other than parameters (batch statistics), or {}
   opt_state: optax.OptState
   alive: jax.Array  # False once the run diverged: it is frozen from then on
   updates: jax.Array  # updates applied
@@ -127,6 +149,7 @@ class RunState(NamedTuple):
   gsq_full: jax.Array  # summed over the segment: |g|^2 of the whole batch
   best_params: Any = None  # with Structure.keep_best: the parameters at the best evaluation
   best_loss: Any = None  # and their validation loss (training-probe loss without a val set)
+  best_model_state: Any = None  # and the model state beside them
 
 
 class GroupState(NamedTuple):
@@ -151,6 +174,21 @@ def init_key(seed: jax.Array) -> jax.Array:
   return jax.random.fold_in(jax.random.key(seed), 0)
 
 
+# Streams of a seed's key: 0 initialises the parameters, 1 orders the data, 2 is the
+# model's randomness while training (dropout), 3 the augmentation of the batches.
+MODEL_STREAM, AUGMENT_STREAM = 2, 3
+
+
+def update_key(seed: jax.Array, update: jax.Array, stream: int) -> jax.Array:
+  """The key of `stream` for a seed's `update`-th update (counted from 0).
+
+  `fold_in(fold_in(key(seed), stream), update)`: runs that share a seed draw the same
+  dropout masks and augmentations (common random numbers), whatever their other
+  hyperparameters, and a resumed sweep draws the same keys as an uninterrupted one.
+  """
+  return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), stream), update)
+
+
 def epoch_order(seed: jax.Array, epoch: jax.Array, n: int) -> jax.Array:
   """The order in which a seed reads the n training examples in `epoch` (shuffled)."""
   key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), 1), epoch)
@@ -160,11 +198,12 @@ def epoch_order(seed: jax.Array, epoch: jax.Array, n: int) -> jax.Array:
 # ---------------------------------------------------------------- one run ----
 
 
-def _run_init(structure: Structure, params: Any, hp: RunHparams) -> RunState:
+def _run_init(structure: Structure, params: Any, model_state: Any, hp: RunHparams) -> RunState:
   opt = optimizers.make(structure.family, hp.opt)
   zero = jnp.zeros((), jnp.float32)
   return RunState(
       params=params,
+      model_state=model_state,
       opt_state=opt.init(params),
       alive=jnp.ones((), bool),
       updates=jnp.zeros((), jnp.int32),
@@ -175,6 +214,7 @@ def _run_init(structure: Structure, params: Any, hp: RunHparams) -> RunState:
       gsq_full=zero,
       best_params=params if structure.keep_best else None,
       best_loss=jnp.full((), jnp.inf, jnp.float32) if structure.keep_best else None,
+      best_model_state=model_state if structure.keep_best else None,
   )
 
 
@@ -185,22 +225,28 @@ def _run_step(
     xb: jax.Array,
     yb: jax.Array,
     lr: jax.Array,
+    key: jax.Array | None,
     threshold: jax.Array,
 ) -> RunState:
   """One update of one run on one batch: the plain optax step, plus the freeze.
 
   `lr` is the run's scheduled learning rate for this update (computed for a whole
   segment at once, outside the scan: a live run's update count is its group's tick).
+  `key` is the model's randomness for this update (see `update_key`). The model runs
+  in training mode; its new state (batch statistics) is kept unless the run froze.
   """
 
-  def batch_loss(params):
-    return jnp.mean(structure.loss_fn(structure.forward(params, xb), yb))
+  def batch_loss(params, x, y):
+    pred, new_state = structure.forward(params, state.model_state, x, True, key)
+    return jnp.mean(structure.metrics(pred, y)[0]), new_state
 
   gsq_half, gsq_full = state.gsq_half, state.gsq_full
+  new_state = state.model_state
   if structure.noise_scale:
     # Two half batches give gradient norms at two batch sizes (McCandlish et al. 2018).
+    # (Models with state are refused with noise_scale: their statistics would be per half.)
     halves = lambda a: a.reshape((2, a.shape[0] // 2) + a.shape[1:])  # noqa: E731
-    half_loss = lambda p, x, y: jnp.mean(structure.loss_fn(structure.forward(p, x), y))  # noqa: E731
+    half_loss = lambda p, x, y: batch_loss(p, x, y)[0]  # noqa: E731
     losses_h, grads_h = jax.vmap(jax.value_and_grad(half_loss), in_axes=(None, 0, 0))(
         state.params, halves(xb), halves(yb)
     )
@@ -210,7 +256,7 @@ def _run_step(
     gsq_half = gsq_half + jnp.mean(sq(grads_h))
     gsq_full = gsq_full + sum(jnp.sum(jnp.square(a)) for a in jax.tree.leaves(grads))
   else:
-    loss, grads = jax.value_and_grad(batch_loss)(state.params)
+    (loss, new_state), grads = jax.value_and_grad(batch_loss, has_aux=True)(state.params, xb, yb)
   loss0 = jnp.where(state.updates == 0, loss, state.loss0)
   ok = state.alive & jnp.isfinite(loss) & (loss <= threshold * jnp.abs(loss0) + 1e-6)
   # Freeze a diverged run with a zero gradient and a zero learning rate: its update is
@@ -223,6 +269,7 @@ def _run_step(
   updates, opt_state = opt.update(grads, opt_state, state.params)
   return RunState(
       params=optax.apply_updates(state.params, updates),
+      model_state=jax.tree.map(lambda n, o: jnp.where(ok, n, o), new_state, state.model_state),
       opt_state=opt_state,
       alive=ok,
       updates=state.updates + ok.astype(jnp.int32),
@@ -233,6 +280,7 @@ def _run_step(
       gsq_full=gsq_full,
       best_params=state.best_params,
       best_loss=state.best_loss,
+      best_model_state=state.best_model_state,
   )
 
 
@@ -248,15 +296,17 @@ def _over_runs(fn, shared_in_r: tuple[bool, ...]):
 def init(
     structure: Structure, per_seed_params: tuple[Any, ...], hparams: tuple[GroupHparams, ...]
 ) -> tuple[GroupState, ...]:
-  """Initial state of every batch group from each seed's parameters (S, ...).
+  """Initial state of every batch group from each seed's (parameters, model state) (S, ...).
 
   Runs that share a seed start from the same parameters (common random numbers).
   """
   groups = []
-  for params, ghp in zip(per_seed_params, hparams, strict=True):
+  for variables, ghp in zip(per_seed_params, hparams, strict=True):
     s, r = jax.tree.leaves(ghp.runs)[0].shape[:2]
-    params = jax.tree.map(lambda p, s=s, r=r: jnp.broadcast_to(p[:, None], (s, r) + p.shape[1:]), params)
-    runs = jax.vmap(jax.vmap(lambda p, h: _run_init(structure, p, h)))(params, ghp.runs)
+    params, model_state = jax.tree.map(
+        lambda p, s=s, r=r: jnp.broadcast_to(p[:, None], (s, r) + p.shape[1:]), variables
+    )
+    runs = jax.vmap(jax.vmap(lambda p, m, h: _run_init(structure, p, m, h)))(params, model_state, ghp.runs)
     groups.append(GroupState(runs=runs, step=jnp.zeros((), jnp.int32)))
   return tuple(groups)
 
@@ -274,9 +324,10 @@ def _group_segment(
   per_epoch = structure.steps_per_epoch[index]
   length = structure.steps_per_segment[index]
   step_runs = _over_runs(
-      lambda st, h, xb, yb, lr: _run_step(structure, st, h, xb, yb, lr, threshold),
-      (False, False, True, True, False),
+      lambda st, h, xb, yb, lr, key: _run_step(structure, st, h, xb, yb, lr, key, threshold),
+      (False, False, True, True, False, True),
   )
+  per_seed_keys = lambda seeds, step, stream: jax.vmap(lambda s: update_key(s, step, stream))(seeds)  # noqa: E731
   # Every learning rate of the segment in one vectorised pass, rather than a switch
   # over the schedule families inside every tick: (length, S, R).
   ticks = state.step + jnp.arange(length, dtype=jnp.int32)
@@ -287,7 +338,12 @@ def _group_segment(
     epoch, j = state.step // per_epoch, state.step % per_epoch
     perm = jax.lax.dynamic_index_in_dim(order.orders, epoch - order.first_epoch, axis=1, keepdims=False)
     idx = jax.lax.dynamic_slice_in_dim(perm, j * batch, batch, axis=1)  # (S, B)
-    runs = step_runs(state.runs, ghp.runs, data.x_train[idx], data.y_train[idx], lr)
+    xb = data.x_train[idx]
+    if structure.augment is not None:
+      # One augmentation per seed and update, shared by the seed's runs.
+      xb = jax.vmap(structure.augment)(per_seed_keys(ghp.seeds, state.step, AUGMENT_STREAM), xb)
+    keys = per_seed_keys(ghp.seeds, state.step, MODEL_STREAM) if structure.model.random else None
+    runs = step_runs(state.runs, ghp.runs, xb, data.y_train[idx], lr, keys)
     return GroupState(runs=runs, step=state.step + 1)
 
   def body(state, lr):
@@ -310,29 +366,31 @@ def _group_segment(
 
 
 def _evaluate_runs(
-    structure: Structure, params: Any, x: jax.Array, y: jax.Array, weight: jax.Array
+    structure: Structure, params: Any, model_state: Any, x: jax.Array, y: jax.Array, weight: jax.Array
 ) -> dict[str, jax.Array]:
-  """Weighted mean loss (and accuracy) of every run in `params` (S, R, ...) on (x, y)."""
+  """Weighted mean loss (and accuracy) of every run in `params` (S, R, ...) on (x, y),
+  the model in evaluation mode."""
   chunk = structure.eval_batch_size
   xs = x.reshape((-1, chunk) + x.shape[1:])
   ys = y.reshape((-1, chunk) + y.shape[1:])
   ws = weight.reshape(-1, chunk)
 
-  def one_run(p, xc, yc, wc):
-    pred = structure.forward(p, xc)
-    out = {'loss': jnp.sum(structure.loss_fn(pred, yc) * wc)}
-    correct = structure.correct_fn(pred, yc)
+  def one_run(p, st, xc, yc, wc):
+    pred, _ = structure.forward(p, st, xc, False, None)
+    loss, correct = structure.metrics(pred, yc)
+    out = {'loss': jnp.sum(loss * wc)}
     if correct is not None:
       out['accuracy'] = jnp.sum(correct * wc)
     return out
 
   # Every run of every seed reads the same evaluation chunk.
-  lifted = jax.vmap(jax.vmap(one_run, in_axes=(0, None, None, None)), in_axes=(0, None, None, None))
+  shared = (0, 0, None, None, None)
+  lifted = jax.vmap(jax.vmap(one_run, in_axes=shared), in_axes=shared)
 
   def body(total, batch):
-    return jax.tree.map(jnp.add, total, lifted(params, *batch)), None
+    return jax.tree.map(jnp.add, total, lifted(params, model_state, *batch)), None
 
-  shapes = jax.eval_shape(lifted, params, xs[0], ys[0], ws[0])
+  shapes = jax.eval_shape(lifted, params, model_state, xs[0], ys[0], ws[0])
   total = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
   total, _ = jax.lax.scan(body, total, (xs, ys, ws))
   count = jnp.sum(weight)
@@ -343,12 +401,13 @@ def evaluate(structure: Structure, groups: tuple[GroupState, ...], data: Data) -
   """Validation and training-probe metrics of every run of every batch group."""
   out = []
   for state in groups:
-    params = state.runs.params
+    params, model_state = state.runs.params, state.runs.model_state
     metrics = {}
     if data.x_val.shape[0]:
-      for k, v in _evaluate_runs(structure, params, data.x_val, data.y_val, data.val_weight).items():
+      for k, v in _evaluate_runs(structure, params, model_state, data.x_val, data.y_val, data.val_weight).items():
         metrics['val_' + k] = v
-    for k, v in _evaluate_runs(structure, params, data.x_probe, data.y_probe, data.probe_weight).items():
+    probe = (data.x_probe, data.y_probe, data.probe_weight)
+    for k, v in _evaluate_runs(structure, params, model_state, *probe).items():
       metrics['train_' + k] = v
     metrics['alive'] = state.runs.alive
     metrics['updates'] = state.runs.updates
@@ -417,6 +476,7 @@ def note_best(structure: Structure, groups: tuple[GroupState, ...], metrics: tup
     runs = g.runs._replace(
         best_params=jax.tree.map(pick, g.runs.params, g.runs.best_params),
         best_loss=jnp.where(better, loss, g.runs.best_loss),
+        best_model_state=jax.tree.map(pick, g.runs.model_state, g.runs.best_model_state),
     )
     out.append(g._replace(runs=runs))
   return tuple(out)

@@ -7,8 +7,8 @@
     result.table
 """
 
-from sweep import analysis, data, distributed, models
-from sweep.checkpoints import restore_params
+from sweep import adapters, analysis, data, distributed, models
+from sweep.checkpoints import restore_params, restore_variables
 from sweep.config import SweepConfig
 from sweep.engine import check, enable_compilation_cache, run, set_cpu_devices
 from sweep.errors import ConfigError
@@ -18,6 +18,6 @@ from sweep.results import Result
 load = Result.load
 
 __all__ = [
-    'ConfigError', 'LRFinderResult', 'Result', 'SweepConfig', 'analysis', 'check', 'data', 'distributed', 'enable_compilation_cache',
-    'load', 'lr_find', 'models', 'restore_params', 'run', 'set_cpu_devices',
+    'ConfigError', 'LRFinderResult', 'Result', 'SweepConfig', 'adapters', 'analysis', 'check', 'data', 'distributed', 'enable_compilation_cache',
+    'load', 'lr_find', 'models', 'restore_params', 'restore_variables', 'run', 'set_cpu_devices',
 ]

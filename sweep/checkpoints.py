@@ -269,10 +269,12 @@ def run_path(workdir: str, i: int) -> str:
 
 
 def save_run(
-    workdir: str, i: int, params: Any, opt_state: Any, meta: dict[str, Any], best_params: Any = None
+    workdir: str, i: int, params: Any, opt_state: Any, meta: dict[str, Any], best_params: Any = None,
+    model_state: Any = None, best_model_state: Any = None,
 ) -> None:
-  """Saves run i's parameters and optimizer state (and its best-evaluation parameters,
-  when kept), with its metadata beside them."""
+  """Saves run i's parameters, model state (batch statistics) and optimizer state (and
+  its best-evaluation parameters and model state, when kept), with its metadata beside
+  them."""
   from sweep.results import atomic_write
 
   path = run_path(workdir, i)
@@ -282,6 +284,10 @@ def save_run(
     tree = {'params': host_copy(params), 'opt_state': host_copy(opt_state)}
     if best_params is not None:
       tree['best_params'] = host_copy(best_params)
+    if jax.tree.leaves(model_state):
+      tree['model_state'] = host_copy(model_state)
+    if jax.tree.leaves(best_model_state):
+      tree['best_model_state'] = host_copy(best_model_state)
     ckpt.save(path, tree)
     ckpt.wait_until_finished()
   atomic_write(path + '.json', json.dumps(meta, indent=2, default=_json_default))
@@ -292,6 +298,34 @@ def saved_runs(workdir: str) -> list[int]:
   if not os.path.isdir(directory):
     return []
   return sorted(int(n) for n in os.listdir(directory) if n.isdigit())
+
+
+def _restore_run(workdir: str, i: int) -> dict[str, Any]:
+  path = run_path(workdir, i)
+  if not os.path.isdir(path):
+    saved = saved_runs(workdir)
+    raise KeyError(
+        f'run {i} was not saved in {workdir!r}; saved runs (the Pareto front): {saved or "none"}'
+    )
+  with _checkpointer() as ckpt:
+    return ckpt.restore(path)
+
+
+def restore_variables(workdir: str, i: int, best: bool = False) -> dict[str, Any]:
+  """Run i's final variables: `{'params': ..., **model_state}` (for flax linen, the dict
+  `module.apply` takes: batch statistics under 'batch_stats'), read back from `workdir`.
+
+  Args:
+    workdir: the sweep's workdir.
+    i: the run.
+    best: its variables at its best evaluation instead (saved with keep_best=True).
+  """
+  tree = _restore_run(workdir, i)
+  prefix = 'best_' if best else ''
+  if prefix + 'params' not in tree:
+    raise KeyError(f'run {i} in {workdir!r} has no best parameters: the sweep ran without keep_best=True')
+  state = tree.get(prefix + 'model_state') or {}
+  return jax.tree.map(np.asarray, {'params': tree[prefix + 'params'], **state})
 
 
 def restore_params(workdir: str, i: int, best: bool = False) -> Any:
@@ -306,14 +340,7 @@ def restore_params(workdir: str, i: int, best: bool = False) -> Any:
     KeyError: run i was not saved (the message names the runs that were), or its best
       parameters were not kept.
   """
-  path = run_path(workdir, i)
-  if not os.path.isdir(path):
-    saved = saved_runs(workdir)
-    raise KeyError(
-        f'run {i} was not saved in {workdir!r}; saved runs (the Pareto front): {saved or "none"}'
-    )
-  with _checkpointer() as ckpt:
-    tree = ckpt.restore(path)
+  tree = _restore_run(workdir, i)
   key = 'best_params' if best else 'params'
   if key not in tree:
     raise KeyError(f'run {i} in {workdir!r} has no best parameters: the sweep ran without keep_best=True')

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from kernels import losses, optimizers, schedules
+from sweep import adapters
 from sweep.data import Dataset
 from sweep.errors import config_error
 
@@ -97,6 +98,18 @@ class SweepConfig:
     keep_best: also keep each run's parameters at its best evaluation point (lowest
       validation loss: the early-stopping point); costs one more copy of the parameters.
       `result.params(i, best=True)`; saved beside the final ones for Pareto runs.
+    train_argument: the name of the argument of a linen module's `__call__` that switches
+      training on (`train`, found by itself, is the flax examples' convention; e.g.
+      'training', or 'deterministic', which is passed the opposite). The engine passes it
+      True while training (dropout on, batch statistics updated) and False at every
+      evaluation. A module whose call takes a switch-like argument other than `train`
+      is refused until it is named here.
+    augment: `augment(key, x_batch) -> x_batch`, pure and jittable, applied to every
+      training batch (never at evaluation), e.g. random crops and flips. Its key for
+      a seed's update t (counted from 0) is
+      `jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), 3), t)`, so the runs
+      of a seed see the same augmented batches. The model's own randomness (dropout)
+      uses stream 2 the same way: `fold_in(fold_in(key(seed), 2), t)`.
     name: a label for the sweep.
   """
 
@@ -127,6 +140,8 @@ class SweepConfig:
   memory_budget: float | None = None
   noise_scale: bool = False
   keep_best: bool = False
+  train_argument: str | None = None
+  augment: Callable | None = None
   name: str = 'sweep'
 
   def replace(self, **changes) -> SweepConfig:
@@ -221,6 +236,7 @@ def validate(cfg: SweepConfig) -> Plan:
     _names('loss', [loss], sorted(losses.LOSSES))
   elif not callable(loss):
     raise config_error('loss', loss, 'expected a name (' + ', '.join(sorted(losses.LOSSES)) + ') or a callable')
+  loss = adapters.keras_loss(loss)
 
   axes = {name: _as_list(name, getattr(cfg, name)) for name in AXES}
   _names('optimizer', axes['optimizer'], list(optimizers.FAMILIES))
@@ -271,6 +287,10 @@ def validate(cfg: SweepConfig) -> Plan:
     v = getattr(cfg, name)
     if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v <= 0:
       raise config_error(name, v, 'expected a positive integer')
+  if cfg.train_argument is not None and (not isinstance(cfg.train_argument, str) or not cfg.train_argument.isidentifier()):
+    raise config_error('train_argument', cfg.train_argument, 'the name of an argument of the model, or None')
+  if cfg.augment is not None and not callable(cfg.augment):
+    raise config_error('augment', cfg.augment, 'a function augment(key, x_batch) -> x_batch, or None')
   if not isinstance(cfg.keep_best, bool):
     raise config_error('keep_best', cfg.keep_best, 'expected True or False')
   if not isinstance(cfg.noise_scale, bool):

@@ -64,14 +64,17 @@ class Dataset:
   constructor itself checks nothing.
 
   Attributes:
-    x_train: float32 inputs, shape (n, ...features).
-    y_train: int32 class ids of shape (n,) for classification, or float32 targets of shape
-      (n, d) for regression.
+    x_train: inputs, shape (n, ...features): float32, or int32 for integer inputs (token
+      ids, which stay integer so that an embedding can look them up).
+    y_train: int32 class ids of shape (n,) (or (n, T) for sequences, such as next-token
+      targets) for classification, or float32 targets of shape (n, d) for regression.
     x_val: validation inputs shaped like x_train beyond the first axis, or None.
     y_val: validation labels or targets shaped like y_train beyond the first axis, or None.
     name: a short name used in logs and results.
     num_classes: for integer labels, the number of classes (max label + 1 unless given);
       None for regression.
+    ignore_label: an integer label left out of the loss and the accuracy (padding
+      tokens), or None.
   """
 
   x_train: np.ndarray
@@ -80,6 +83,7 @@ class Dataset:
   y_val: np.ndarray | None
   name: str = 'arrays'
   num_classes: int | None = None
+  ignore_label: int | None = None
 
   @property
   def n_train(self) -> int:
@@ -126,9 +130,16 @@ class _Summary:
 
 
 def _to_x(field: str, x: Any) -> np.ndarray:
-  """Converts inputs to a float32 array with a leading example axis."""
+  """Converts inputs to a float32 (or, for integer inputs, int32) array with a leading
+  example axis."""
   try:
-    a = np.asarray(x, dtype=np.float32)
+    a = np.asarray(x)
+    if a.dtype.kind in 'iu':
+      if a.size and (a.min() < -(2**31) or a.max() >= 2**31):
+        raise ValueError('integer inputs outside the int32 range')
+      a = a.astype(np.int32)
+    else:
+      a = np.asarray(x, dtype=np.float32)
   except (TypeError, ValueError) as e:
     raise config_error(
       field, type(x).__name__, f'inputs must convert to a float32 array ({e})'
@@ -142,8 +153,8 @@ def _to_x(field: str, x: Any) -> np.ndarray:
   return a
 
 
-def _to_y(field: str, y: Any) -> np.ndarray:
-  """Converts labels to int32 (n,) or targets to float32 (n, d)."""
+def _to_y(field: str, y: Any, ignore_label: int | None = None) -> np.ndarray:
+  """Converts labels to int32 (n,) or (n, T), or targets to float32 (n, d)."""
   try:
     a = np.asarray(y)
   except (TypeError, ValueError) as e:
@@ -154,14 +165,20 @@ def _to_y(field: str, y: Any) -> np.ndarray:
     if a.ndim == 2 and a.shape[1] == 1:
       # A column of class ids, as pandas or loadmat often give them.
       a = a[:, 0]
-    if a.ndim != 1:
+    if a.ndim not in (1, 2):
       raise config_error(
         field,
         _Summary(a),
-        'integer labels are class ids of shape (n,); for regression targets pass floats',
+        'integer labels are class ids of shape (n,), or (n, T) for sequences; for '
+        'regression targets pass floats',
       )
-    if a.size and a.min() < 0:
-      raise config_error(field, _Summary(a), f'class ids must be >= 0 (found {int(a.min())})')
+    real = a if ignore_label is None else a[a != ignore_label]
+    if real.size and real.min() < 0:
+      raise config_error(
+        field,
+        _Summary(a),
+        f'class ids must be >= 0 (found {int(real.min())}); mark padding with ignore_label',
+      )
     return a.astype(np.int32)
   if a.dtype.kind == 'f':
     a = a.astype(np.float32)
@@ -208,12 +225,15 @@ def arrays(
   *,
   name: str = 'arrays',
   num_classes: int | None = None,
+  ignore_label: int | None = None,
 ) -> Dataset:
   """Builds a validated `Dataset` from in-memory arrays.
 
-  Inputs may be numpy arrays, jax arrays or nested lists. Inputs become float32 (a 1-D x
-  becomes (n, 1): one feature per example). Integer (or bool) labels mean classification
-  and become int32 class ids of shape (n,) (an (n, 1) column is accepted). Float labels
+  Inputs may be numpy arrays, jax arrays or nested lists. Float (and bool) inputs become
+  float32, integer inputs int32 (token ids stay integer); a 1-D x becomes (n, 1): one
+  feature per example. Integer (or bool) labels mean classification and become int32
+  class ids of shape (n,) (an (n, 1) column is accepted), or (n, T) for sequences
+  (one id per position, e.g. the next token). Float labels
   mean regression and become float32 (n, d); a float y of shape (n,) becomes (n, 1), so a
   model with one output matches it without broadcasting.
 
@@ -225,6 +245,9 @@ def arrays(
     name: a short name used in logs and results.
     num_classes: for integer labels, the number of classes; defaults to the largest label
       over train and validation plus one. Give it when some class may be absent.
+    ignore_label: for integer labels, a value (e.g. -1 or a padding id) whose positions
+      are left out of the loss and the accuracy: each example's loss is the mean over
+      its other positions.
 
   Returns:
     The dataset.
@@ -236,8 +259,12 @@ def arrays(
   """
   if not isinstance(name, str) or not name:
     raise config_error('data.name', name, 'a non-empty string')
+  if ignore_label is not None and (
+    isinstance(ignore_label, bool) or not isinstance(ignore_label, int | np.integer)
+  ):
+    raise config_error('data.ignore_label', ignore_label, 'an integer label, or None')
   xt = _to_x('data.x_train', x_train)
-  yt = _to_y('data.y_train', y_train)
+  yt = _to_y('data.y_train', y_train, ignore_label)
   _check_lengths('data.x_train', xt, 'data.y_train', yt)
   if xt.shape[0] == 0:
     raise config_error('data.x_train', _Summary(xt), 'the training set needs at least one example')
@@ -248,7 +275,7 @@ def arrays(
   xv = yv = None
   if x_val is not None:
     xv = _to_x('data.x_val', x_val)
-    yv = _to_y('data.y_val', y_val)
+    yv = _to_y('data.y_val', y_val, ignore_label)
     _check_lengths('data.x_val', xv, 'data.y_val', yv)
     if xv.shape[1:] != xt.shape[1:]:
       raise config_error(
@@ -273,9 +300,10 @@ def arrays(
       xv = yv = None
 
   if np.issubdtype(yt.dtype, np.integer):
-    seen = int(yt.max()) + 1
+    real = lambda y: y if ignore_label is None else y[y != ignore_label]  # noqa: E731
+    seen = int(real(yt).max(initial=-1)) + 1
     if yv is not None:
-      seen = max(seen, int(yv.max()) + 1)
+      seen = max(seen, int(real(yv).max(initial=-1)) + 1)
     if num_classes is None:
       num_classes = seen
     elif (
@@ -289,8 +317,13 @@ def arrays(
     num_classes = int(num_classes)
   elif num_classes is not None:
     raise config_error('data.num_classes', num_classes, 'None for float (regression) targets')
+  elif ignore_label is not None:
+    raise config_error('data.ignore_label', ignore_label, 'None for float (regression) targets')
   xv, yv = (None, None) if xv is None else (aligned(xv), aligned(yv))
-  return Dataset(aligned(xt), aligned(yt), xv, yv, name=name, num_classes=num_classes)
+  ignore = None if ignore_label is None else int(ignore_label)
+  return Dataset(
+    aligned(xt), aligned(yt), xv, yv, name=name, num_classes=num_classes, ignore_label=ignore
+  )
 
 
 # ---------------------------------------------------------------------------------------------

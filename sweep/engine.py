@@ -24,28 +24,35 @@ import tqdm.auto as tqdm
 from flax import nnx
 
 from kernels import losses, optimizers, schedules, train
-from sweep import checkpoints, distributed, models
+from sweep import adapters, checkpoints, distributed, models
 from sweep.config import Plan, Run, SweepConfig, validate
 from sweep.data import aligned
 from sweep.errors import ConfigError, config_error
 
 
 @functools.lru_cache(maxsize=64)
-def _cached_functions(model, x_shape, x_dtype, output_dim):
-  return models.to_functions(model, np.zeros(x_shape, x_dtype), output_dim)
+def _cached_model(model, x_shape, x_dtype, output_dim, train_argument):
+  return adapters.adapt(model, np.zeros(x_shape, x_dtype), output_dim, train_argument)
 
 
-def model_functions(model, example_x: np.ndarray, output_dim: int) -> tuple[Callable, Callable]:
-  """`(init_fn, apply_fn)` for `model`; the same objects for an equal model, so that
-  a second sweep of the same model finds its programs already compiled."""
-  # An nnx instance hashes by identity yet its parameters can change in place: never cache it.
-  if isinstance(model, nnx.Module):
-    return models.to_functions(model, example_x, output_dim)
+def model_of(cfg: SweepConfig, output_dim: int) -> adapters.Model:
+  """The `adapters.Model` of `cfg.model`; the same object for an equal model, so that a
+  second sweep of the same model finds its programs already compiled."""
+  model, example_x = cfg.model, cfg.data.x_train[:1]
+  # An nnx instance or a Keras model hashes by identity yet its values can change in
+  # place: never cache them.
+  if isinstance(model, nnx.Module) or type(model).__module__.startswith('keras'):
+    return adapters.adapt(model, example_x, output_dim, cfg.train_argument)
   try:
     hash(model)
   except TypeError:
-    return models.to_functions(model, example_x, output_dim)
-  return _cached_functions(model, example_x.shape, str(example_x.dtype), output_dim)
+    return adapters.adapt(model, example_x, output_dim, cfg.train_argument)
+  return _cached_model(model, example_x.shape, str(example_x.dtype), output_dim, cfg.train_argument)
+
+
+def model_functions(model, example_x: np.ndarray, output_dim: int) -> tuple[Callable, Callable]:
+  """`(init_fn, apply_fn)` of a model without state other than its parameters."""
+  return models.to_functions(model, example_x, output_dim)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,38 +62,69 @@ class _Failure:
 
 
 @functools.lru_cache(maxsize=64)
-def _output_shape(init_fn, apply_fn, x_shape: tuple[int, ...], x_dtype: str) -> Any:
-  """The shape of apply_fn(init_fn(key), x), traced without compiling (memoised: flax
-  traces slowly), or the `_Failure` of the user's function."""
+def _output_shape(model: adapters.Model, x_shape: tuple[int, ...], x_dtype: str) -> Any:
+  """The shape of the model's predictions in training and evaluation mode, traced without
+  compiling (memoised: flax traces slowly), or the `_Failure` of the user's model."""
   try:
     # The key is made inside eval_shape: made eagerly, it would compile.
-    params = jax.eval_shape(lambda: init_fn(jax.random.key(0)))
+    params, state = model.initial_shapes()
   except Exception as e:  # a user's init_fn may fail in any way: report it as theirs.
     return _Failure(f'init_fn(key) failed: {e}', e)
+  x = jax.ShapeDtypeStruct(x_shape, x_dtype)
   try:
-    return jax.eval_shape(apply_fn, params, jax.ShapeDtypeStruct(x_shape, x_dtype))
+    pred, new_state = jax.eval_shape(
+        lambda p, s, x: model.apply(p, s, x, True, jax.random.key(0)), params, state, x
+    )
   except Exception as e:
-    return _Failure(f'apply_fn(params, x) failed on input of shape {x_shape}: {e}', e)
-
-
-def _check_model(plan: Plan, init_fn, apply_fn) -> None:
-  """Traces (without compiling) one init and one forward pass to check shapes."""
-  data = plan.config.data
-  x, y = data.x_train[:2], data.y_train[:2]
+    return _Failure(f'apply_fn(params, x) failed in training mode on input of shape {x_shape}: {e}', e)
+  same = jax.tree.structure(new_state) == jax.tree.structure(state) and all(
+      (a.shape, a.dtype) == (b.shape, b.dtype)
+      for a, b in zip(jax.tree.leaves(new_state), jax.tree.leaves(state), strict=True)
+  )
+  if not same:
+    return _Failure('training changes the structure or shapes of the model state (variables other than params)', None)
   try:
-    pred = _output_shape(init_fn, apply_fn, x.shape, str(x.dtype))
-  except TypeError:  # unhashable functions: traced every time
-    pred = _output_shape.__wrapped__(init_fn, apply_fn, x.shape, str(x.dtype))
+    evaluated, _ = jax.eval_shape(lambda p, s, x: model.apply(p, s, x, False, None), params, state, x)
+  except Exception as e:
+    return _Failure(f'apply_fn(params, x) failed in evaluation mode on input of shape {x_shape}: {e}', e)
+  if not isinstance(pred, jax.ShapeDtypeStruct) or not isinstance(evaluated, jax.ShapeDtypeStruct):
+    return _Failure('the model must return one array', None)
+  if pred.shape != evaluated.shape:
+    return _Failure(
+        f'the model returns {pred.shape} in training mode but {evaluated.shape} in evaluation mode', None
+    )
+  return pred
+
+
+def _check_model(plan: Plan, model: adapters.Model) -> None:
+  """Traces (without compiling) one init and one forward pass to check shapes."""
+  cfg = plan.config
+  data = cfg.data
+  x, y = data.x_train[:2], data.y_train[:2]
+  pred = _output_shape(model, x.shape, str(x.dtype))
   if isinstance(pred, _Failure):
-    raise config_error('model', type(plan.config.model).__name__, pred.message) from pred.error
-  if not isinstance(pred, jax.ShapeDtypeStruct):
-    raise config_error('model', type(plan.config.model).__name__, 'apply_fn must return one array')
+    raise config_error('model', model.name, pred.message) from pred.error
+  if cfg.noise_scale and model.stateful:
+    raise config_error(
+        'noise_scale', True,
+        'models with state other than parameters (batch statistics) are not supported: the '
+        'noise scale splits each batch in two halves, which would each have statistics of their own',
+    )
+  if isinstance(plan.loss, str) and plan.loss == 'softmax_cross_entropy' and adapters.keras_ends_in_softmax(cfg.model):
+    raise config_error(
+        'loss', plan.loss,
+        "the Keras model's last layer applies a softmax, and softmax_cross_entropy applies "
+        'another; remove the last activation (logits), or pass the Keras loss itself, e.g. '
+        'loss=keras.losses.CategoricalCrossentropy()',
+    )
   is_int = np.issubdtype(y.dtype, np.integer)
   if isinstance(plan.loss, str):
     problem = losses.check_shapes(plan.loss, tuple(pred.shape), tuple(y.shape), is_int)
     if problem:
       raise config_error('model', f'outputs of shape {tuple(pred.shape)}', problem)
     for field, labels in (('data.y_train', data.y_train), ('data.y_val', data.y_val)):
+      if labels is not None and data.ignore_label is not None:
+        labels = labels[labels != data.ignore_label]
       if labels is None or not len(labels):
         continue
       problem = losses.check_labels(plan.loss, labels, int(pred.shape[-1]) if pred.ndim else 1)
@@ -97,6 +135,14 @@ def _check_model(plan: Plan, init_fn, apply_fn) -> None:
       out = jax.eval_shape(plan.loss, pred, jax.ShapeDtypeStruct(y.shape, y.dtype))
     except Exception as e:
       raise config_error('loss', plan.loss, f'loss(predictions, targets) failed: {e}') from e
+    if isinstance(out, tuple | list) and len(out) == 2:
+      if getattr(out[1], 'shape', None) != (2,):
+        raise config_error(
+            'loss', plan.loss,
+            'a callable loss returning (loss, accuracy) must give one accuracy per example, '
+            f'shape (batch,); got {getattr(out[1], "shape", out[1])}',
+        )
+      out = out[0]
     if getattr(out, 'shape', None) != (2,):
       raise config_error(
           'loss', plan.loss,
@@ -238,50 +284,58 @@ def set_cpu_devices(count: int | None = None) -> bool:
   return True
 
 
-def run_bytes(plan: Plan, init_fn, apply_fn, family: str, eval_chunk: int) -> int:
+def run_bytes(plan: Plan, model: adapters.Model, family: str, eval_chunk: int) -> int:
   """Memoised `_run_bytes` (it traces the model twice)."""
-  key = (init_fn, apply_fn, plan.loss, family, eval_chunk, max(plan.batch_sizes),
+  key = (model, plan.loss, family, eval_chunk, max(plan.batch_sizes), plan.config.keep_best,
          plan.config.data.x_train.shape[1:], str(plan.config.data.x_train.dtype),
          plan.config.data.y_train.shape[1:], str(plan.config.data.y_train.dtype))
   try:
-    return _run_bytes_cached(key, plan, init_fn, apply_fn, family, eval_chunk)
+    return _run_bytes_cached(key, plan, model, family, eval_chunk)
   except TypeError:  # an unhashable model or loss
-    return _run_bytes(plan, init_fn, apply_fn, family, eval_chunk)
+    return _run_bytes(plan, model, family, eval_chunk)
 
 
 _RUN_BYTES: dict = {}
 
 
-def _run_bytes_cached(key, plan, init_fn, apply_fn, family, eval_chunk) -> int:
+def _run_bytes_cached(key, plan, model, family, eval_chunk) -> int:
   if key not in _RUN_BYTES:
-    _RUN_BYTES[key] = _run_bytes(plan, init_fn, apply_fn, family, eval_chunk)
+    _RUN_BYTES[key] = _run_bytes(plan, model, family, eval_chunk)
   return _RUN_BYTES[key]
 
 
-def _run_bytes(plan: Plan, init_fn, apply_fn, family: str, eval_chunk: int) -> int:
+def _run_bytes(plan: Plan, model: adapters.Model, family: str, eval_chunk: int) -> int:
   """An upper estimate of one run's memory: parameters, optimizer state, gradient and
   update, and every intermediate of a training step at the largest batch (or of an
   evaluation chunk, whichever is larger; XLA reuses buffers, so the truth is lower)."""
   data = plan.config.data
-  params = jax.eval_shape(lambda: init_fn(jax.random.key(0)))
+  params, model_state = model.initial_shapes()
   size = lambda tree: sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(tree))  # noqa: E731
   hypers = {k: 0.5 for k, v in optimizers.FAMILIES[family].hypers.items() if v is not None}
   opt_state = jax.eval_shape(lambda p: optimizers.make(family, hypers).init(p), params)
-  loss_fn = losses.LOSSES[plan.loss] if isinstance(plan.loss, str) else plan.loss
+  structure = train.Structure(
+      model=model, loss=plan.loss, family=family, batch_sizes=(), steps_per_segment=(),
+      steps_per_epoch=(), eval_batch_size=eval_chunk, ignore_label=data.ignore_label,
+  )
 
   def intermediates(batch: int, grad: bool) -> int:
     x = jax.ShapeDtypeStruct((batch,) + data.x_train.shape[1:], data.x_train.dtype)
     y = jax.ShapeDtypeStruct((batch,) + data.y_train.shape[1:], data.y_train.dtype)
-    f = lambda p, x, y: jnp.mean(loss_fn(apply_fn(p, x), y))  # noqa: E731
-    jaxpr = jax.make_jaxpr(jax.value_and_grad(f) if grad else f)(params, x, y)
+
+    def f(p, s, x, y):
+      pred, new_state = structure.forward(p, s, x, grad, jax.random.key(0) if grad else None)
+      return jnp.mean(structure.metrics(pred, y)[0]), new_state
+
+    jaxpr = jax.make_jaxpr(jax.value_and_grad(f, has_aux=True) if grad else f)(params, model_state, x, y)
     return sum(
         int(np.prod(v.aval.shape)) * v.aval.dtype.itemsize
         for eqn in jaxpr.jaxpr.eqns for v in eqn.outvars if hasattr(v.aval, 'shape')
     )
 
-  state = 4 * size(params) + size(opt_state)  # params, gradient, update, new params; state
+  # params, gradient, update, new params; optimizer and model state
+  state = 4 * size(params) + size(opt_state) + 2 * size(model_state)
   if plan.config.keep_best:
-    state += size(params)
+    state += size(params) + size(model_state)
   return state + max(intermediates(max(plan.batch_sizes), True), intermediates(eval_chunk, False))
 
 
@@ -340,7 +394,7 @@ def _device_data(cfg: SweepConfig, chunk: int, shardings) -> train.Data:
   return jax.device_put(jax.tree.map(aligned, arrays), placement)
 
 
-def compile_groups(plan: Plan, init_fn, apply_fn, eval_chunk: int) -> list[CompileGroup]:
+def compile_groups(plan: Plan, model: adapters.Model, eval_chunk: int) -> list[CompileGroup]:
   """The units of work: one per optimizer family and chunk of its run axis.
 
   The run axis of a family is cut into chunks of one width (a power of two, a multiple
@@ -355,12 +409,11 @@ def compile_groups(plan: Plan, init_fn, apply_fn, eval_chunk: int) -> list[Compi
     groups = _layout(plan, family)
     total = groups[0].slots.shape[1]
     slots_per_column = sum(g.slots.shape[0] for g in groups)
-    fits = max(1, budget // max(1, run_bytes(plan, init_fn, apply_fn, family, eval_chunk) * slots_per_column))
+    fits = max(1, budget // max(1, run_bytes(plan, model, family, eval_chunk) * slots_per_column))
     width = min(_bucket(total), 1 << int(math.floor(math.log2(fits))))
     width = devices * math.ceil(width / devices)  # every device gets whole runs
     structure = train.Structure(
-        init_fn=init_fn,
-        apply_fn=apply_fn,
+        model=model,
         loss=plan.loss,
         family=family,
         batch_sizes=plan.batch_sizes,
@@ -374,11 +427,27 @@ def compile_groups(plan: Plan, init_fn, apply_fn, eval_chunk: int) -> list[Compi
         compute_dtype=cfg.compute_dtype,
         noise_scale=cfg.noise_scale,
         keep_best=cfg.keep_best,
+        augment=cfg.augment,
+        ignore_label=cfg.data.ignore_label,
+        accuracy=_callable_accuracy(plan),
     )
     for start in range(0, total, width):
       chunk = _chunk(groups, start, width)
       out.append(CompileGroup(family, structure, chunk, tuple(_hparams(plan, g) for g in chunk)))
   return out
+
+
+def _callable_accuracy(plan: Plan) -> str | None:
+  """How to measure the accuracy of a callable loss's runs, from the targets: against
+  integer class ids, against one-hot (or probability) rows, or not at all."""
+  if isinstance(plan.loss, str):
+    return None
+  y = plan.config.data.y_train
+  if np.issubdtype(y.dtype, np.integer):
+    return 'ids'
+  if y.ndim == 2 and y.shape[1] > 1 and np.all(y >= 0) and np.allclose(y.sum(axis=1), 1.0, atol=1e-4):
+    return 'onehot'
+  return None
 
 
 def _run_sharding() -> tuple[Any, Any] | None:
@@ -411,13 +480,13 @@ def _jitted_init(init_fn):
   return train.jit(init_fn)
 
 
-def _per_seed_params(init_fn, cg: CompileGroup) -> tuple[Any, ...]:
-  """Each batch group's initial parameters, one per seed slot (S, ...).
+def _per_seed_params(model: adapters.Model, cg: CompileGroup) -> tuple[Any, ...]:
+  """Each batch group's initial (parameters, model state), one per seed slot (S, ...).
 
   Initialised seed by seed with a plain jitted init_fn: XLA compiles a vmapped
   random-number generator several times slower, and seeds are few.
   """
-  init = _jitted_init(init_fn)
+  init = _jitted_init(model.init)
   cache = {}
   out = []
   for hp in cg.hparams:
@@ -540,11 +609,11 @@ def _history_from_json(history: list) -> list:
   return [tuple({k: np.asarray(v) for k, v in m.items()} for m in point) for point in history]
 
 
-def _abstract_state(cg: CompileGroup, init_fn) -> Any:
+def _abstract_state(cg: CompileGroup, model: adapters.Model) -> Any:
   per_seed = tuple(
       jax.tree.map(
           lambda a, n=hp.seeds.shape[0]: jax.ShapeDtypeStruct((n,) + a.shape, a.dtype),
-          jax.eval_shape(lambda: init_fn(jax.random.key(0))),
+          model.initial_shapes(),
       )
       for hp in cg.hparams
   )
@@ -585,14 +654,14 @@ def run(
 
   plan = validate(cfg)
   data = cfg.data
-  init_fn, apply_fn = model_functions(cfg.model, data.x_train[:1], plan.output_dim)
-  _check_model(plan, init_fn, apply_fn)
+  model = model_of(cfg, plan.output_dim)
+  _check_model(plan, model)
   if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
     raise config_error('checkpoint_every', checkpoint_every, 'expected a positive integer')
 
   sizes = [min(cfg.train_eval_size, data.n_train)] + ([data.n_val] if data.n_val else [])
   eval_chunk = min(cfg.eval_batch_size, max(sizes))
-  cgroups = compile_groups(plan, init_fn, apply_fn, eval_chunk)
+  cgroups = compile_groups(plan, model, eval_chunk)
   resolved = results.resolved_config(plan, experiment_file)
 
   processes, me = jax.process_count(), jax.process_index()
@@ -610,7 +679,7 @@ def run(
       meta = store.restore_meta(resume_step)
       current = None
       if meta['segment'] > 0:
-        current, meta = store.restore(resume_step, _abstract_state(cgroups[meta['group']], init_fn))
+        current, meta = store.restore(resume_step, _abstract_state(cgroups[meta['group']], model))
       restored = (meta, current)
 
   shardings = _run_sharding()
@@ -628,7 +697,7 @@ def run(
     meta, current = restored
     c0, k0, seconds0 = meta['group'], meta['segment'], meta['seconds']
     for j, c in enumerate(c for c in range(c0) if distributed.owner(c) == me):
-      final = checkpoints.Final(path=checkpoints.done_path(workdir, c), abstract=_abstract_state(cgroups[c], init_fn))
+      final = checkpoints.Final(path=checkpoints.done_path(workdir, c), abstract=_abstract_state(cgroups[c], model))
       collected.append((cgroups[c], final, _history_from_json(meta['history'][j]), meta['group_seconds'][j], c))
       bar.update(sum(cgroups[c].structure.steps_per_segment) * plan.num_evals)
     if c0 < len(cgroups):
@@ -651,7 +720,7 @@ def run(
           history = _history_from_json(restored[0]['history'][len(collected)])
           t0 -= restored[0]['group_seconds'][len(collected)]
         else:
-          state, first = train.start_jit(cg.structure, _per_seed_params(init_fn, cg), hparams, device_data)
+          state, first = train.start_jit(cg.structure, _per_seed_params(model, cg), hparams, device_data)
           state = _shard(state, shardings)
           if cg.structure.keep_best:
             state = train.note_best_jit(cg.structure, state, first)
@@ -702,7 +771,7 @@ def run(
     everything = sorted((x for part in distributed.allgather_objects(mine) for x in part), key=lambda x: x[0])
     collected = [(cgroups[c], checkpoints.Final(state=st), h, sec, c) for c, st, h, sec in everything]
   collected = [entry[:4] for entry in collected]
-  result = results.Result.from_training(plan, collected, time.perf_counter() - start, resolved)
+  result = results.Result.from_training(plan, collected, time.perf_counter() - start, resolved, model)
   if workdir is not None and me == 0:
     result.save(workdir)
     result.save_front(workdir, collected)
@@ -715,8 +784,7 @@ def run(
 def check(cfg: SweepConfig) -> Plan:
   """Validates `cfg` completely (shapes included) without compiling; returns the plan."""
   plan = validate(cfg)
-  init_fn, apply_fn = model_functions(cfg.model, cfg.data.x_train[:1], plan.output_dim)
-  _check_model(plan, init_fn, apply_fn)
+  _check_model(plan, model_of(cfg, plan.output_dim))
   return plan
 
 

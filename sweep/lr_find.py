@@ -36,7 +36,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from kernels import losses as kernel_losses
 from kernels import optimizers, train
 from sweep import engine
 from sweep.config import AXES, SweepConfig, validate
@@ -251,26 +250,28 @@ def _first_values(plan) -> dict[str, Any]:
 
 
 @functools.lru_cache(maxsize=16)
-def _ramp_program(apply_fn, loss, family: str, compute_dtype: str, beta: float, stop_factor: float):
-  """The jitted ramp for one model, loss and optimizer: every other input is data."""
-  loss_fn = kernel_losses.LOSSES[loss] if isinstance(loss, str) else loss
+def _ramp_program(structure: train.Structure, beta: float, stop_factor: float):
+  """The jitted ramp for one model, loss and optimizer: every other input is data.
 
-  def forward(params, x):
-    if compute_dtype == 'float32':
-      return apply_fn(params, x)
-    dtype = jnp.dtype(compute_dtype)
-    cast = lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a  # noqa: E731
-    return apply_fn(jax.tree.map(cast, params), cast(x)).astype(jnp.float32)
+  Each step is the engine's: the model in training mode with its state and the seed's
+  keys for that update (`train.update_key`), the batch augmented as in a sweep.
+  """
+  family = structure.family
 
-  def program(params, hypers, lrs, batches, x, y):
+  def program(params, model_state, seed, hypers, lrs, batches, x, y):
     opt = optimizers.make(family, hypers)
 
-    def batch_loss(p, xb, yb):
-      return jnp.mean(loss_fn(forward(p, xb), yb))
+    def batch_loss(p, state, xb, yb, key):
+      pred, new_state = structure.forward(p, state, xb, True, key)
+      return jnp.mean(structure.metrics(pred, yb)[0]), new_state
 
     def live(carry, lr, idx):
-      params, opt_state, avg, best, _, count = carry
-      loss, grads = jax.value_and_grad(batch_loss)(params, x[idx], y[idx])
+      params, state, opt_state, avg, best, _, count = carry
+      xb = x[idx]
+      if structure.augment is not None:
+        xb = structure.augment(train.update_key(seed, count, train.AUGMENT_STREAM), xb)
+      key = train.update_key(seed, count, train.MODEL_STREAM)
+      (loss, state), grads = jax.value_and_grad(batch_loss, has_aux=True)(params, state, xb, y[idx], key)
       opt_state = optimizers.with_learning_rate(opt_state, lr)
       updates, opt_state = opt.update(grads, opt_state, params)
       # fastai's AvgSmoothLoss: an exponential moving average divided by 1 - beta^t, so the
@@ -280,7 +281,7 @@ def _ramp_program(apply_fn, loss, family: str, compute_dtype: str, beta: float, 
       smooth = avg / (1.0 - beta ** count.astype(jnp.float32))
       best = jnp.minimum(best, smooth)
       stop = ~jnp.isfinite(smooth) | (smooth > stop_factor * best)
-      carry = (optax.apply_updates(params, updates), opt_state, avg, best, stop, count)
+      carry = (optax.apply_updates(params, updates), state, opt_state, avg, best, stop, count)
       return carry, (loss, smooth, jnp.ones((), bool))
 
     def skipped(carry, lr, idx):
@@ -291,11 +292,11 @@ def _ramp_program(apply_fn, loss, family: str, compute_dtype: str, beta: float, 
     def body(carry, xs):
       lr, idx = xs
       # A scalar predicate: once stopped the remaining steps cost nothing.
-      return jax.lax.cond(carry[4], skipped, live, carry, lr, idx)
+      return jax.lax.cond(carry[5], skipped, live, carry, lr, idx)
 
     zero = jnp.zeros((), jnp.float32)
-    carry = (params, opt.init(params), zero, jnp.full((), jnp.inf, jnp.float32), jnp.zeros((), bool),
-             jnp.zeros((), jnp.int32))
+    carry = (params, model_state, opt.init(params), zero, jnp.full((), jnp.inf, jnp.float32),
+             jnp.zeros((), bool), jnp.zeros((), jnp.int32))
     _, (raw, smooth, taken) = jax.lax.scan(body, carry, (lrs, batches))
     return raw, smooth, taken
 
@@ -325,15 +326,21 @@ def _ramp(cfg, start_lr, end_lr, num_it, suggest, beta, stop_factor) -> LRFinder
   run = plan.runs[0]  # every axis at its first value, optimizer defaults filled in
   hypers = {k: np.float32(run.values[k]) for k in optimizers.HYPERPARAMETERS if run.values[k] is not None}
   data = cfg.data
-  init_fn, apply_fn = engine.model_functions(cfg.model, data.x_train[:1], plan.output_dim)
-  program = _ramp_program(apply_fn, plan.loss, first['optimizer'], cfg.compute_dtype, float(beta), float(stop_factor))
+  model = engine.model_of(cfg, plan.output_dim)
+  structure = train.Structure(
+      model=model, loss=plan.loss, family=first['optimizer'], batch_sizes=(), steps_per_segment=(),
+      steps_per_epoch=(), eval_batch_size=1, compute_dtype=cfg.compute_dtype, augment=cfg.augment,
+      ignore_label=data.ignore_label, accuracy=None,
+  )
+  program = _ramp_program(structure, float(beta), float(stop_factor))
 
   seed, batch = int(first['seed']), int(first['batch_size'])
   lrs = start_lr * (end_lr / start_lr) ** (np.arange(num_it) / (num_it - 1))
   batches = _ramp_batches(seed, data.n_train, batch, num_it, cfg.shuffle)
-  params = train.jit(init_fn)(train.init_key_jit(np.int32(seed)))
+  params, model_state = train.jit(model.init)(train.init_key_jit(np.int32(seed)))
   raw, smooth, taken = jax.device_get(
-      program(params, hypers, jnp.asarray(lrs, jnp.float32), jnp.asarray(batches), data.x_train, data.y_train)
+      program(params, model_state, np.int32(seed), hypers, jnp.asarray(lrs, jnp.float32), jnp.asarray(batches),
+              data.x_train, data.y_train)
   )
   k = int(np.sum(taken))
   lrs, raw, smooth = lrs[:k], np.asarray(raw[:k], np.float64), np.asarray(smooth[:k], np.float64)

@@ -1,16 +1,12 @@
-"""Models for sweeps, and the adapter that turns any accepted model into pure functions.
+"""Models for sweeps: layers laid out for the run axis, and small networks built from them.
 
-The engine trains many copies of one model at once, so it needs a model as two pure,
-jittable functions: `init_fn(key) -> params` (vmapped over seeds) and
-`apply_fn(params, x) -> predictions`. `to_functions` builds them from flax.linen modules,
-flax.nnx modules, a `SizedToData` (a model whose output width follows the data), or a
-user's own `(init_fn, apply_fn)` pair.
+Any other model (flax linen or nnx, equinox, Keras, plain functions) is turned into the
+functions the engine trains by `sweep.adapters`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -18,7 +14,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
-from flax import nnx
 
 from sweep.errors import config_error
 
@@ -369,182 +364,53 @@ def linear(outputs: int | None = None) -> Linear | SizedToData:
 
 
 # ---------------------------------------------------------------------------------------------
-# The adapter
-
-_ACCEPTED = (
-  'an (init_fn, apply_fn) tuple of callables, a flax.linen Module instance, a flax.nnx '
-  'Module class (or functools.partial of one) that accepts rngs=, a flax.nnx Module '
-  'instance, or a SizedToData such as sweep.models.mlp()'
-)
-
-
-def _describe(model: Any) -> str:
-  """A short name for a model in error messages."""
-  if isinstance(model, type):
-    return f'class {model.__qualname__}'
-  if isinstance(model, functools.partial):
-    return f'functools.partial({_describe(model.func)}, ...)'
-  return type(model).__name__
+# The adapter (sweep.adapters) for stateless models, as pure functions
 
 
 def to_functions(
   model: Any, example_x: np.ndarray, output_dim: int | None
 ) -> tuple[InitFn, ApplyFn]:
-  """Turns a model into pure `init_fn(key) -> params` and `apply_fn(params, x) -> preds`.
-
-  Both functions can be jitted and vmapped (the engine vmaps init_fn over seeds inside
-  jit). Params are plain nested dicts of arrays for flax models. Accepted models:
-  - an `(init_fn, apply_fn)` tuple, returned as it is;
-  - a `SizedToData`, built for `output_dim` and then converted;
-  - a flax.linen Module instance, initialized on `example_x[:1]`; only modules whose sole
-    variable collection is "params" are supported for now (no batch_stats);
-  - a flax.nnx Module class, or a functools.partial of one, constructed inside init_fn as
-    `cls(rngs=nnx.Rngs(params=key))`, so every seed initializes its own parameters;
-  - a flax.nnx Module instance: its parameters at the time of this call become the
-    initial parameters of every seed (pass the class instead to have each seed
-    initialize its own).
-  For nnx models, all state must be nnx.Param: BatchNorm statistics or stored Rngs (as in
-  Dropout) are not supported for now.
-
-  Args:
-    model: the model, in one of the forms above.
-    example_x: inputs with the data's shape beyond the first axis (at least one row).
-    output_dim: output width the data needs (the number of classes or target columns);
-      needed for a `SizedToData`.
-
-  Returns:
-    `(init_fn, apply_fn)`.
+  """`(init_fn(key) -> params, apply_fn(params, x) -> predictions)` for a model without
+  state other than its parameters (see `sweep.adapters.adapt` for every model).
 
   Raises:
-    ConfigError: the model is of no accepted form, a `SizedToData` has no output_dim, or
-      the model has state other than parameters.
+    ConfigError: the model is of no accepted form, or carries state (batch statistics).
   """
-  if isinstance(model, tuple):
-    if len(model) != 2 or not all(callable(f) for f in model):
-      raise config_error(
-        'model', f'tuple of {len(model)}', 'a tuple of two callables, (init_fn, apply_fn)'
-      )
+  from sweep import adapters
+
+  if isinstance(model, tuple) and len(model) == 2 and all(callable(f) for f in model):
     return model
-  if isinstance(model, SizedToData):
-    if output_dim is None:
-      raise config_error(
-        'model',
-        model,
-        'a model sized to the data needs output_dim (the number of classes or target columns)',
-      )
-    _check_width('output_dim', output_dim)
-    built = model.make(int(output_dim))
-    if isinstance(built, SizedToData):
-      raise config_error('model', model, 'SizedToData.make must return a model, not a SizedToData')
-    return to_functions(built, example_x, output_dim)
-  if isinstance(model, nn.Module):
-    return _linen_functions(model, example_x)
-  if _is_nnx_factory(model):
-    return _nnx_class_functions(model)
-  if isinstance(model, nnx.Module):
-    return _nnx_instance_functions(model)
-
-  accepted = _ACCEPTED
-  target = model.func if isinstance(model, functools.partial) else model
-  if isinstance(target, type) and issubclass(target, nn.Module):
-    accepted += f'; this is a linen Module class: pass an instance, e.g. {target.__name__}()'
-  elif isinstance(model, list):
-    accepted += '; pass (init_fn, apply_fn) as a tuple'
-  raise config_error('model', _describe(model), accepted)
-
-
-def _is_nnx_factory(model: Any) -> bool:
-  target = model.func if isinstance(model, functools.partial) else model
-  return isinstance(target, type) and issubclass(target, nnx.Module)
-
-
-def _linen_functions(model: nn.Module, example_x: np.ndarray) -> tuple[InitFn, ApplyFn]:
-  x1 = np.asarray(example_x)[:1]
-  try:
-    shapes = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x1)
-  except Exception as e:  # the module is the user's: report any failure as a config problem
-    raise config_error(
-      'model', _describe(model), f'init on an input of shape {x1.shape} failed: {e}'
-    ) from e
-  others = sorted(set(shapes) - {'params'})
-  if others:
+  adapted = adapters.adapt(model, example_x, output_dim)
+  if adapted.stateful:
+    state = adapted.initial_shapes()[1]
+    kinds = sorted({type(v).__name__ for v in _nnx_variables(model)} or set(state))
     raise config_error(
       'model',
-      _describe(model),
-      f'linen modules with variable collections other than "params" (found {others}) are not '
-      'supported yet; use a module without batch statistics or other mutable state',
+      adapters.describe(model),
+      f'pure functions of a model without state other than its parameters (found {kinds}); '
+      'the engine trains such models through sweep.adapters.adapt',
     )
-  if not jax.tree.leaves(shapes.get('params', {})):
-    raise config_error('model', _describe(model), 'a model with parameters to train')
 
   def init_fn(key: jax.Array) -> Any:
-    return model.init(key, x1)['params']
+    return adapted.init(key)[0]
 
   def apply_fn(params: Any, x: jax.Array) -> jax.Array:
-    return model.apply({'params': params}, x)
+    return adapted.apply(params, {}, x, False, None)[0]
 
   return init_fn, apply_fn
 
 
-def _check_nnx_state(model_name: str, params: nnx.State, rest: nnx.State) -> None:
-  """Rejects nnx models with non-parameter state, which a pure apply_fn would freeze."""
-  others = [
-    f'{"/".join(str(p) for p in path)} ({type(v).__name__})' for path, v in nnx.to_flat_state(rest)
-  ]
-  if others:
-    shown = ', '.join(others[:5]) + (', ...' if len(others) > 5 else '')
-    raise config_error(
-      'model',
-      model_name,
-      f'nnx models whose state holds more than nnx.Param variables (found {shown}) are not '
-      'supported yet; use a model without BatchNorm statistics or stored Rngs (Dropout)',
-    )
-  if not jax.tree.leaves(params):
-    raise config_error('model', model_name, 'a model with nnx.Param parameters to train')
+check_width = _check_width
 
 
-def _nnx_class_functions(factory: Any) -> tuple[InitFn, ApplyFn]:
-  name = _describe(factory)
+def _nnx_variables(model: Any) -> list:
+  """The non-parameter variables of an nnx model (class or instance), for messages."""
+  from flax import nnx
 
-  def construct(key: jax.Array) -> nnx.Module:
-    return factory(rngs=nnx.Rngs(params=key))
+  from sweep import adapters
 
-  try:
-    # Abstract construction: the graph structure without allocating any parameters.
-    abstract = nnx.eval_shape(lambda: construct(jax.random.key(0)))
-  except Exception as e:  # the class is the user's: report any failure as a config problem
-    raise config_error(
-      'model',
-      name,
-      f'constructing it as cls(rngs=nnx.Rngs(params=key)) failed ({type(e).__name__}: {e}); '
-      'the class must accept a rngs keyword and draw only from the "params" stream',
-    ) from e
-  graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
-  _check_nnx_state(name, params, rest)
-
-  def init_fn(key: jax.Array) -> Any:
-    _, params = nnx.split(construct(key), nnx.Param)
-    return nnx.to_pure_dict(params)
-
-  return init_fn, _nnx_apply(graphdef)
-
-
-def _nnx_instance_functions(model: nnx.Module) -> tuple[InitFn, ApplyFn]:
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  _check_nnx_state(_describe(model), params, rest)
-  # A snapshot: later changes to the instance do not change these initial parameters.
-  initial = nnx.to_pure_dict(params)
-
-  def init_fn(key: jax.Array) -> Any:
-    del key  # every seed starts from the instance's parameters
-    return initial
-
-  return init_fn, _nnx_apply(graphdef)
-
-
-def _nnx_apply(graphdef: nnx.GraphDef) -> ApplyFn:
-  def apply_fn(params: Any, x: jax.Array) -> jax.Array:
-    # merge accepts the pure dict of parameter values and rebuilds fresh Param variables.
-    return nnx.merge(graphdef, params)(x)
-
-  return apply_fn
+  if not (adapters._is_nnx_factory(model) or isinstance(model, nnx.Module)):
+    return []
+  module = model if isinstance(model, nnx.Module) else nnx.eval_shape(lambda: model(rngs=nnx.Rngs(0)))
+  rest = nnx.split(module, nnx.Param, nnx.RngState, ...)[3]
+  return [v for _, v in nnx.to_flat_state(rest)]

@@ -169,16 +169,20 @@ class Result:
   """
 
   def __init__(self, table: pd.DataFrame, curves: pd.DataFrame, config: dict, wall_time: float,
-               params_fn=None, workdir: str | None = None):
+               params_fn=None, workdir: str | None = None, state_fn=None, model=None):
     self.table = table
     self.curves = curves
     self.config = config
     self.wall_time = wall_time
     self._params_fn = params_fn
+    self._state_fn = state_fn  # (i, best) -> run i's model state
+    self._model = model  # the sweep.adapters.Model, for variables() and model()
     self.workdir = workdir
 
   @classmethod
-  def from_training(cls, plan: Plan, collected: list, wall_time: float, resolved: dict) -> Result:
+  def from_training(
+      cls, plan: Plan, collected: list, wall_time: float, resolved: dict, model: Any = None
+  ) -> Result:
     n = len(plan.runs)
     where: dict[int, tuple[int, int, int, int]] = {}  # run -> (compile group, batch group, s, r)
     for c, (cg, _, _, _) in enumerate(collected):
@@ -247,7 +251,12 @@ class Result:
         raise ValueError('best parameters were not kept: run the sweep with keep_best=True')
       return jax.tree.map(lambda a: np.asarray(a[s, r]), runs.best_params if best else runs.params)
 
-    result = cls(table, curves, resolved, wall_time, params_fn)
+    def state_fn(i: int, best: bool = False):
+      c, g, s, r = where[i]
+      runs = collected[c][1].get()[g].runs
+      return jax.tree.map(lambda a: np.asarray(a[s, r]), runs.best_model_state if best else runs.model_state)
+
+    result = cls(table, curves, resolved, wall_time, params_fn, state_fn=state_fn, model=model)
     result._where = where
     return result
 
@@ -264,6 +273,38 @@ class Result:
     if self._params_fn is None:
       raise ValueError('this result holds no parameters')
     return self._params_fn(i, best) if best else self._params_fn(i)
+
+  def variables(self, i: int, best: bool = False) -> dict[str, Any]:
+    """Run `i`'s whole variables: `{'params': ..., **model_state}`.
+
+    For a flax linen model this is the dict `module.apply(variables, x, train=False)`
+    takes (batch statistics under 'batch_stats'); for an nnx model, the parameters and
+    the other state as pure dicts (`result.model(i)` gives the module itself).
+
+    Args:
+      i: the run (row of the table).
+      best: the variables at the run's best evaluation (needs `keep_best=True`).
+    """
+    params = self.params(i, best)
+    if self._state_fn is None:
+      if self.workdir is not None:
+        return checkpoints.restore_variables(self.workdir, i, best=best)
+      return {'params': params}
+    state = self._state_fn(i, best)
+    if self._model is not None and self._model.variables is not None:
+      return self._model.variables(params, state)
+    return {'params': params, **(state or {})}
+
+  def model(self, i: int, best: bool = False) -> Any:
+    """Run `i` as a model of the user's kind: an nnx module holding its state (in
+    evaluation mode), an equinox module or a Keras model."""
+    if self._model is None or self._model.rebuild is None:
+      raise ValueError(
+          'result.model(i) rebuilds nnx, equinox and Keras models of a sweep run in this '
+          'process; for other models use result.variables(i) or result.params(i)'
+      )
+    params = self.params(i, best)
+    return self._model.rebuild(params, self._state_fn(i, best))
 
   def best(self, column: str = 'final_val_loss', mode: str = 'min') -> pd.Series:
     """The row of the best run that did not diverge."""
@@ -302,8 +343,10 @@ class Result:
         meta = {k: (v.item() if hasattr(v, 'item') else v) for k, v in row.items()}
         runs = state[g].runs
         best = None if runs.best_params is None else jax.tree.map(take, runs.best_params)
+        best_state = None if runs.best_model_state is None else jax.tree.map(take, runs.best_model_state)
         checkpoints.save_run(
-            workdir, i, jax.tree.map(take, runs.params), jax.tree.map(take, runs.opt_state), meta, best
+            workdir, i, jax.tree.map(take, runs.params), jax.tree.map(take, runs.opt_state), meta, best,
+            model_state=jax.tree.map(take, runs.model_state), best_model_state=best_state,
         )
     self.workdir = workdir
 

@@ -59,15 +59,15 @@ def config(**changes):
 
 
 def functions(cfg) -> tuple:
-  """`(plan, init_fn, apply_fn, eval_chunk)` of `cfg`, as `sweep.run` makes them."""
+  """`(plan, model, eval_chunk)` of `cfg`, as `sweep.run` makes them."""
   from sweep import engine
   from sweep.config import validate
 
   plan = validate(cfg)
   data = cfg.data
-  init_fn, apply_fn = engine.model_functions(cfg.model, data.x_train[:1], plan.output_dim)
+  model = engine.model_of(cfg, plan.output_dim)
   sizes = [min(cfg.train_eval_size, data.n_train)] + ([data.n_val] if data.n_val else [])
-  return plan, init_fn, apply_fn, min(cfg.eval_batch_size, max(sizes))
+  return plan, model, min(cfg.eval_batch_size, max(sizes))
 
 
 def units(cfg) -> list:

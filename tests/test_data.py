@@ -206,8 +206,11 @@ def test_mnist_real_files():
 
 
 def test_arrays_converts_types_and_shapes():
-  ds = data.arrays([[1, 2], [3, 4], [5, 6]], jnp.array([0, 2, 1]))
+  ds = data.arrays([[1.0, 2], [3, 4], [5, 6]], jnp.array([0, 2, 1]))
   assert ds.x_train.dtype == np.float32 and ds.y_train.dtype == np.int32
+  # Integer inputs (token ids) stay integer; bool inputs become floats.
+  assert data.arrays(np.array([[1, 2], [3, 4]], np.int64), [0, 1]).x_train.dtype == np.int32
+  assert data.arrays(np.array([[True], [False]]), [0, 1]).x_train.dtype == np.float32
   assert ds.is_classification and ds.num_classes == 3 and ds.output_dim == 3
   assert ds.n_train == 3 and ds.n_val == 0 and ds.x_val is None
 
@@ -252,7 +255,7 @@ def test_arrays_length_mismatch_names_field_and_lengths():
     ((np.zeros((2, 3)), [0, 1], np.zeros((1, 3)), [-2]), 'data.y_val'),
     ((np.zeros((2, 3)), [0, 1], np.zeros((1, 3)), [0.5]), 'data.y_val'),
     ((np.zeros((2, 3)), ['a', 'b']), 'data.y_train'),
-    ((np.zeros((2, 3)), np.zeros((2, 2), np.int32)), 'data.y_train'),
+    ((np.zeros((2, 3)), np.zeros((2, 2, 2), np.int32)), 'data.y_train'),
     ((np.zeros((2, 3)), np.zeros((2, 2, 2))), 'data.y_train'),
     ((5.0, [1]), 'data.x_train'),
   ],

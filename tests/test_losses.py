@@ -190,8 +190,11 @@ def test_correct_rejects_unknown_loss():
 def test_check_shapes_message_for_integer_labels():
   assert check_shapes("softmax_cross_entropy", (32, 10, 1), (32,), True) == (
     "softmax_cross_entropy with integer labels needs predictions of shape (batch, num_classes) "
-    "and labels of shape (batch,); got predictions (32, 10, 1) and labels (32,)"
+    "for labels (batch,), or (batch, T, num_classes) for sequences of ids (batch, T); "
+    "got predictions (32, 10, 1) and labels (32,)"
   )
+  # Sequences of ids: one class axis more than the labels.
+  assert check_shapes("softmax_cross_entropy", (32, 7, 10), (32, 7), True) is None
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ import pytest
 from flax import linen as nn
 from flax import nnx
 
-from sweep import models
+from sweep import adapters, models
 from sweep.errors import ConfigError
 
 
@@ -212,8 +212,11 @@ def test_linen_with_other_collections_is_rejected():
     def __call__(self, x):
       return nn.BatchNorm(use_running_average=False)(nn.Dense(2)(x))
 
+  # Pure (init_fn, apply_fn) functions cannot carry batch statistics; the engine's own
+  # adapter (sweep.adapters) does.
   with pytest.raises(ConfigError, match='batch_stats'):
     models.to_functions(WithBatchNorm(), X, 2)
+  assert adapters.adapt(WithBatchNorm(), X, 2).stateful
 
 
 def test_sized_to_data():
@@ -280,8 +283,9 @@ def test_nnx_state_other_than_params_is_rejected():
     models.to_functions(NnxWithBatchNorm, X, 2)
   with pytest.raises(ConfigError, match='BatchStat'):
     models.to_functions(NnxWithBatchNorm(rngs=nnx.Rngs(0)), X, 2)
-  with pytest.raises(ConfigError, match='params'):
-    models.to_functions(NnxNeedsDropoutStream, X, 2)
+  # A Dropout stream is given by the engine: such a model is accepted, and known to draw keys.
+  assert adapters.adapt(NnxNeedsDropoutStream, X, 2).random
+  assert adapters.adapt(NnxWithBatchNorm, X, 2).stateful
 
 
 @pytest.mark.parametrize(

@@ -270,11 +270,11 @@ def test_bfloat16_stays_close_to_float32(baseline):
 
 def test_chunks_match_one_chunk_and_share_one_program(baseline, monkeypatch):
   full = worker.config()
-  plan, init_fn, apply_fn, eval_chunk = worker.functions(full)
+  plan, model, eval_chunk = worker.functions(full)
   data = full.data
   slots_per_column = sum(g.slots.shape[0] for g in worker.units(full)[0].groups)
   per_run = max(
-    engine.run_bytes(plan, init_fn, apply_fn, family, eval_chunk) for family in plan.axes['optimizer']
+    engine.run_bytes(plan, model, family, eval_chunk) for family in plan.axes['optimizer']
   )
   # Room for 2 runs of each slot: chunks of width 2, the second of 3 runs padded.
   budget = data.x_train.nbytes + data.y_train.nbytes + 2 * slots_per_column * per_run

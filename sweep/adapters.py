@@ -1,0 +1,501 @@
+"""The adapter: any accepted model as the pure functions the engine trains.
+
+The engine trains many copies of one model at once, so it needs a model as pure,
+jittable functions over explicit values (`Model`):
+
+- `init(key) -> (params, state)`: one run's trainable parameters and its other
+  variables (BatchNorm statistics and the like; `{}` for most models);
+- `apply(params, state, x, train, key) -> (predictions, new_state)`: with
+  `train=True` the model runs in training mode (dropout on, batch statistics
+  computed from the batch and updated), drawing its randomness from `key`; with
+  `train=False` it runs in evaluation mode, with no key, and `new_state is state`.
+
+Accepted models: a flax.linen Module instance; a flax.nnx Module class (or a
+functools.partial of one) or instance; an equinox Module instance; a Keras 3 model on
+the JAX backend; a `sweep.models.SizedToData`; or an `(init_fn, apply_fn)` pair of plain
+functions (`init_fn(key) -> params`, `apply_fn(params, x) -> predictions`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+from flax import nnx
+
+from sweep.errors import config_error
+
+__all__ = ['KerasLoss', 'Model', 'NEGATED_SWITCHES', 'adapt', 'keras_loss']
+
+# Names of a train/eval switch that mean "evaluation" when True: the engine passes
+# `not train` to them.
+NEGATED_SWITCHES = ('deterministic', 'use_running_average', 'inference', 'eval')
+# Names that look like a train/eval switch; found in a module's call signature without
+# `train_argument`, they are refused rather than left at their default (dropout off).
+_SWITCH_NAMES = ('training', 'is_training', 'train_mode', *NEGATED_SWITCHES)
+
+_ACCEPTED = (
+  'an (init_fn, apply_fn) tuple of callables, a flax.linen Module instance, a flax.nnx '
+  'Module class (or functools.partial of one) that accepts rngs=, a flax.nnx Module '
+  'instance, an equinox Module instance, a Keras 3 model (JAX backend), or a SizedToData '
+  'such as sweep.models.mlp()'
+)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Model:
+  """A model as the engine trains it (compared and hashed by identity).
+
+  Attributes:
+    init: `key -> (params, state)`.
+    apply: `(params, state, x, train, key) -> (predictions, new_state)`; `train` is a
+      Python bool, `key` a JAX key while training and None at evaluation.
+    name: a short description for messages.
+    random: whether `apply` draws from its key while training (dropout, say); a model
+      that does not is given no key.
+    variables: `(params, state) -> ` what `Result.variables` returns (for flax linen,
+      the variables dict `module.apply` takes).
+    rebuild: `(params, state) -> ` the user's kind of model holding those values (an nnx
+      or equinox module, a Keras model), or None.
+  """
+
+  init: Callable[[jax.Array], tuple[Any, Any]]
+  apply: Callable[..., tuple[jax.Array, Any]]
+  name: str
+  random: bool = False
+  variables: Callable[[Any, Any], Any] | None = None
+  rebuild: Callable[[Any, Any], Any] | None = None
+
+  def initial_shapes(self) -> tuple[Any, Any]:
+    """`init`'s output as shapes, traced without compiling."""
+    return jax.eval_shape(lambda: self.init(jax.random.key(0)))
+
+  @property
+  def stateful(self) -> bool:
+    return bool(jax.tree.leaves(self.initial_shapes()[1]))
+
+
+def describe(model: Any) -> str:
+  """A short name for a model in error messages."""
+  if isinstance(model, type):
+    return f'class {model.__qualname__}'
+  if isinstance(model, functools.partial):
+    return f'functools.partial({describe(model.func)}, ...)'
+  return type(model).__name__
+
+
+def adapt(
+  model: Any, example_x: np.ndarray, output_dim: int | None, train_argument: str | None = None
+) -> Model:
+  """Turns any accepted model into a `Model`.
+
+  Args:
+    model: the model (see the module docstring for the accepted forms).
+    example_x: inputs with the data's shape beyond the first axis (at least one row).
+    output_dim: the output width the data needs (classes or target columns), for a
+      `SizedToData`.
+    train_argument: the name of the argument of a linen module's `__call__` that
+      switches training on; None finds `train` by itself (the flax examples'
+      convention) and refuses other switch-like names.
+
+  Raises:
+    ConfigError: the model is of no accepted form, or cannot be adapted.
+  """
+  from sweep.models import SizedToData, check_width  # models builds on this module
+
+  if isinstance(model, tuple):
+    if len(model) != 2 or not all(callable(f) for f in model):
+      raise config_error(
+        'model', f'tuple of {len(model)}', 'a tuple of two callables, (init_fn, apply_fn)'
+      )
+    return _pure_functions(*model)
+  if isinstance(model, SizedToData):
+    if output_dim is None:
+      raise config_error(
+        'model',
+        model,
+        'a model sized to the data needs output_dim (the number of classes or target columns)',
+      )
+    check_width('output_dim', output_dim)
+    built = model.make(int(output_dim))
+    if isinstance(built, SizedToData):
+      raise config_error('model', model, 'SizedToData.make must return a model, not a SizedToData')
+    return adapt(built, example_x, output_dim, train_argument)
+  if isinstance(model, nn.Module):
+    return _linen(model, example_x, train_argument)
+  if _is_nnx_factory(model):
+    return _nnx(model, None)
+  if isinstance(model, nnx.Module):
+    return _nnx(None, model)
+  eqx = sys.modules.get('equinox')
+  if eqx is not None and isinstance(model, eqx.Module):
+    return _equinox(model, example_x)
+  keras = sys.modules.get('keras')
+  if keras is not None and isinstance(model, keras.Model):
+    return _keras(model, example_x)
+
+  accepted = _ACCEPTED
+  target = model.func if isinstance(model, functools.partial) else model
+  if isinstance(target, type) and issubclass(target, nn.Module):
+    accepted += f'; this is a linen Module class: pass an instance, e.g. {target.__name__}()'
+  elif isinstance(model, list):
+    accepted += '; pass (init_fn, apply_fn) as a tuple'
+  raise config_error('model', describe(model), accepted)
+
+
+def train_argument_error(model: Any, train_argument: str | None) -> str | None:
+  """Why `train_argument` does not fit a linen module's `__call__`, or None."""
+  try:
+    _switch(model, train_argument)
+  except Exception as e:  # noqa: BLE001 - the message is what is wanted
+    return str(e)
+  return None
+
+
+# ------------------------------------------------------------------------ functions ----
+
+
+def _pure_functions(init_fn: Callable, apply_fn: Callable) -> Model:
+  def init(key):
+    return init_fn(key), {}
+
+  def apply(params, state, x, train, key):
+    del train, key
+    return apply_fn(params, x), state
+
+  return Model(init, apply, name=getattr(apply_fn, '__qualname__', 'apply_fn'))
+
+
+# ---------------------------------------------------------------------------- linen ----
+
+
+def _switch(module: nn.Module, train_argument: str | None) -> str | None:
+  """The name of the train/eval argument of `module.__call__` to pass, or None."""
+  try:
+    signature = inspect.signature(module.__call__)
+  except (TypeError, ValueError):
+    return train_argument
+  names = list(signature.parameters)
+  takes_any = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
+  if train_argument is not None:
+    if train_argument not in names and not takes_any:
+      raise config_error(
+        'train_argument',
+        train_argument,
+        f'an argument of {type(module).__name__}.__call__, which takes {names}',
+      )
+    return train_argument
+  if 'train' in names:
+    return 'train'
+  found = [n for n in names if n in _SWITCH_NAMES]
+  if found:
+    name = found[0]
+    meaning = (
+      f'it is passed {name}=False while training and {name}=True at evaluation'
+      if name in NEGATED_SWITCHES
+      else f'it is passed {name}=True while training and {name}=False at evaluation'
+    )
+    raise config_error(
+      'model',
+      describe(module),
+      f'{type(module).__name__}.__call__ takes {name!r}, which looks like a train/eval switch; '
+      f"name it with SweepConfig(train_argument={name!r}) ({meaning}), so that dropout and "
+      "batch statistics are not left in one mode",
+    )
+  return None
+
+
+def _switch_kwargs(name: str | None, train: bool) -> dict[str, bool]:
+  if name is None:
+    return {}
+  return {name: (not train) if name in NEGATED_SWITCHES else train}
+
+
+# Collections flax writes for inspection, not state to carry.
+_TRANSIENT = ('intermediates', 'perturbations')
+
+
+def _linen(module: nn.Module, example_x: np.ndarray, train_argument: str | None) -> Model:
+  switch = _switch(module, train_argument)
+  x1 = np.asarray(example_x)[:1]
+  evaluation = _switch_kwargs(switch, False)
+  training = _switch_kwargs(switch, True)
+  try:
+    shapes = jax.eval_shape(lambda x: module.init(jax.random.key(0), x, **evaluation), x1)
+  except Exception as e:  # the module is the user's: report any failure as a config problem
+    raise config_error(
+      'model', describe(module), f'init on an input of shape {x1.shape} failed: {e}'
+    ) from e
+  if not jax.tree.leaves(shapes.get('params', {})):
+    raise config_error('model', describe(module), 'a model with parameters to train')
+  collections = sorted(set(shapes) - {'params', *_TRANSIENT})
+
+  def init(key):
+    variables = module.init(key, x1, **evaluation)
+    return variables['params'], {c: variables[c] for c in collections}
+
+  def apply(params, state, x, train, key):
+    variables = {'params': params, **state}
+    if not train:
+      return module.apply(variables, x, **evaluation), state
+    rngs = None if key is None else {'dropout': key}
+    if not collections:
+      return module.apply(variables, x, rngs=rngs, **training), state
+    out, new = module.apply(variables, x, rngs=rngs, mutable=collections, **training)
+    return out, {c: new[c] for c in collections}
+
+  # Does training draw randomness? Traced once with a key: a module that never calls
+  # make_rng('dropout') gives a jaxpr with no use of it.
+  random = _uses_key(lambda p, s, x, k: apply(p, s, x, True, k)[0], init, x1)
+
+  def variables(params, state):
+    return {'params': params, **state}
+
+  return Model(init, apply, name=describe(module), random=random, variables=variables)
+
+
+def _uses_key(fn: Callable, init: Callable, x1: np.ndarray) -> bool:
+  """Whether `fn(params, state, x, key)`'s output depends on the key (traced only)."""
+  params, state = jax.eval_shape(lambda: init(jax.random.key(0)))
+  key = jax.eval_shape(lambda: jax.random.key(0))  # made eagerly, a key would compile
+  try:
+    jaxpr = jax.jit(fn).trace(params, state, jax.ShapeDtypeStruct(x1.shape, x1.dtype), key).jaxpr
+  except Exception:  # noqa: BLE001 - the shape check reports a failing model properly
+    return True
+  key_var = jaxpr.jaxpr.invars[-1]
+  return _var_used(jaxpr.jaxpr, key_var)
+
+
+def _var_used(jaxpr, var) -> bool:
+  for eqn in jaxpr.eqns:
+    if any(v is var for v in eqn.invars):
+      return True
+  return False
+
+
+# ------------------------------------------------------------------------------ nnx ----
+
+
+def _is_nnx_factory(model: Any) -> bool:
+  target = model.func if isinstance(model, functools.partial) else model
+  return isinstance(target, type) and issubclass(target, nnx.Module)
+
+
+def _rngs(key: jax.Array) -> nnx.Rngs:
+  # `params` draws the initial parameters (as nnx.Rngs(params=key) always did); the other
+  # streams are only placeholders: the engine sets every stream's key before each update.
+  return nnx.Rngs(params=key, dropout=jax.random.fold_in(key, 1), default=jax.random.fold_in(key, 2))
+
+
+def _nnx(factory: Any, instance: nnx.Module | None) -> Model:
+  name = describe(factory if instance is None else instance)
+  if instance is None:
+
+    def construct(key):
+      return factory(rngs=_rngs(key))
+
+    try:
+      # Abstract construction: the graph structure without allocating any parameters.
+      abstract = nnx.eval_shape(lambda: construct(jax.random.key(0)))
+    except Exception as e:  # the class is the user's: report any failure as a config problem
+      raise config_error(
+        'model',
+        name,
+        f'constructing it as cls(rngs=nnx.Rngs(params=key, dropout=...)) failed '
+        f'({type(e).__name__}: {e}); the class must accept a rngs keyword',
+      ) from e
+  else:
+    abstract = instance
+  # Modes are static attributes (deterministic, use_running_average), so each mode has a
+  # graph definition of its own. `train()`/`eval()` change the module in place: done on a
+  # copy, the user's instance is left as it was.
+  template = nnx.clone(abstract) if instance is not None else abstract
+  template.train()
+  graph_train, params_s, rngs_s, state_s = nnx.split(template, nnx.Param, nnx.RngState, ...)
+  template.eval()
+  graph_eval = nnx.split(template, nnx.Param, nnx.RngState, ...)[0]
+  if not jax.tree.leaves(params_s):
+    raise config_error('model', name, 'a model with nnx.Param parameters to train')
+  rng_paths = [path for path, _ in nnx.to_flat_state(rngs_s)]
+  random = bool(rng_paths)
+
+  if instance is None:
+
+    def init(key):
+      _, params, _, state = nnx.split(construct(key), nnx.Param, nnx.RngState, ...)
+      return nnx.to_pure_dict(params), nnx.to_pure_dict(state)
+
+  else:
+    # A snapshot: later changes to the instance do not change these initial values.
+    initial = (nnx.to_pure_dict(params_s), nnx.to_pure_dict(state_s))
+
+    def init(key):
+      del key  # every seed starts from the instance's values
+      return initial
+
+  def rng_values(key):
+    """Every Rngs stream of the module keyed from `key` (stream j: fold_in(key, j))."""
+    out: dict = {}
+    for j, path in enumerate(p for p in rng_paths if p[-1] == 'key'):
+      _put(out, path, jax.random.fold_in(key, j))
+      _put(out, path[:-1] + ('count',), jnp.zeros((), jnp.uint32))
+    return out
+
+  def apply(params, state, x, train, key):
+    if not train:
+      return nnx.merge(graph_eval, params, rng_values(jax.random.key(0)), state)(x), state
+    module = nnx.merge(graph_train, params, rng_values(key if key is not None else jax.random.key(0)), state)
+    out = module(x)
+    new_state = nnx.to_pure_dict(nnx.split(module, nnx.Param, nnx.RngState, ...)[3])
+    return out, new_state
+
+  def rebuild(params, state):
+    return nnx.merge(graph_eval, params, rng_values(jax.random.key(0)), state)
+
+  def variables(params, state):
+    return {'params': params, **({'state': state} if jax.tree.leaves(state) else {})}
+
+  return Model(init, apply, name=name, random=random, variables=variables, rebuild=rebuild)
+
+
+def _put(tree: dict, path: tuple, value: Any) -> None:
+  for p in path[:-1]:
+    tree = tree.setdefault(p, {})
+  tree[path[-1]] = value
+
+
+# ------------------------------------------------------------------------- equinox ----
+
+
+def _equinox(model: Any, example_x: np.ndarray) -> Model:
+  """An equinox module, called on one example at a time (equinox's convention) and
+  vmapped over the batch; its Dropout layers follow `eqx.nn.inference_mode`."""
+  import equinox as eqx
+
+  name = describe(model)
+  if any(isinstance(m, eqx.nn.StateIndex) for m in jax.tree.leaves(model, is_leaf=lambda m: isinstance(m, eqx.nn.StateIndex))):
+    raise config_error(
+      'model',
+      name,
+      'equinox modules with eqx.nn.State (BatchNorm, stateful layers) are not supported; '
+      'use a flax model for batch statistics',
+    )
+  params, static = eqx.partition(model, eqx.is_inexact_array)
+  if not jax.tree.leaves(params):
+    raise config_error('model', name, 'a model with floating-point arrays to train')
+  try:
+    takes_key = 'key' in inspect.signature(type(model).__call__).parameters
+  except (TypeError, ValueError):
+    takes_key = False
+  training = eqx.nn.inference_mode(model, value=False)
+  evaluation = eqx.nn.inference_mode(model, value=True)
+  static_train = eqx.partition(training, eqx.is_inexact_array)[1]
+  static_eval = eqx.partition(evaluation, eqx.is_inexact_array)[1]
+
+  def init(key):
+    del key  # every seed starts from the instance's values
+    return params, {}
+
+  def apply(p, state, x, train, key):
+    if not train:
+      return jax.vmap(eqx.combine(p, static_eval))(x), state
+    module = eqx.combine(p, static_train)
+    if takes_key and key is not None:
+      keys = jax.random.split(key, x.shape[0])
+      return jax.vmap(lambda xi, k: module(xi, key=k))(x, keys), state
+    return jax.vmap(module)(x), state
+
+  def rebuild(p, state):
+    del state
+    return eqx.combine(jax.tree.map(jnp.asarray, p), static_eval)
+
+  del static, example_x
+  return Model(init, apply, name=name, random=takes_key, rebuild=rebuild)
+
+
+# --------------------------------------------------------------------------- keras ----
+
+
+def keras_ends_in_softmax(model: Any) -> bool:
+  """Whether a Keras model's last layer applies a softmax (its outputs are probabilities)."""
+  keras = sys.modules.get('keras')
+  if keras is None or not isinstance(model, keras.Model) or not getattr(model, 'layers', None):
+    return False
+  activation = getattr(model.layers[-1], 'activation', None)
+  return activation is keras.activations.softmax or getattr(activation, '__name__', '') == 'softmax'
+
+
+def _keras(model: Any, example_x: np.ndarray) -> Model:
+  """A Keras 3 model on the JAX backend, through `stateless_call` (training=True while
+  training). Every seed starts from the model's current weights; Keras' own random
+  seed state is replaced by the engine's key before each update."""
+  import keras
+
+  name = describe(model)
+  if keras.backend.backend() != 'jax':
+    raise config_error(
+      'model', name, f'a Keras model on the JAX backend (KERAS_BACKEND=jax); this one runs on {keras.backend.backend()}'
+    )
+  if not model.built:
+    model(np.asarray(example_x)[:1])
+  trainable = [np.asarray(v.value) for v in model.trainable_variables]
+  others = list(model.non_trainable_variables)
+  seeds = [i for i, v in enumerate(others) if 'seed_generator' in v.path]
+  initial_state = [np.asarray(v.value) for v in others]
+  if not trainable:
+    raise config_error('model', name, 'a model with trainable weights')
+
+  def init(key):
+    del key
+    return trainable, initial_state
+
+  def apply(params, state, x, train, key):
+    state = list(state)
+    if train and key is not None:
+      for j, i in enumerate(seeds):
+        state[i] = jax.random.key_data(jax.random.fold_in(key, j)).astype(state[i].dtype).reshape(state[i].shape)
+    out, new = model.stateless_call(params, state, x, training=train)
+    return out, (list(new) if train else state)
+
+  def rebuild(params, state):
+    clone = keras.models.clone_model(model)
+    clone.build(model.input_shape) if not clone.built else None
+    for v, a in zip(clone.trainable_variables, params, strict=True):
+      v.assign(np.asarray(a))
+    for v, a in zip(clone.non_trainable_variables, state, strict=True):
+      v.assign(np.asarray(a))
+    return clone
+
+  return Model(init, apply, name=name, random=bool(seeds), rebuild=rebuild)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class KerasLoss:
+  """A Keras loss object as the engine's per-example loss `loss(predictions, targets)`
+  (Keras takes `(y_true, y_pred)` and averages over the batch)."""
+
+  loss: Any
+
+  def __call__(self, predictions: jax.Array, targets: jax.Array) -> jax.Array:
+    out = self.loss.call(targets, predictions)
+    return jnp.mean(out, axis=tuple(range(1, out.ndim))) if out.ndim > 1 else out
+
+  @property
+  def __name__(self) -> str:
+    return type(self.loss).__name__
+
+
+def keras_loss(loss: Any) -> Any:
+  """`loss` as the engine calls it: a Keras loss object wrapped in `KerasLoss`."""
+  keras = sys.modules.get('keras')
+  if keras is not None and isinstance(loss, keras.losses.Loss):
+    return KerasLoss(loss)
+  return loss
