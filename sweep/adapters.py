@@ -62,7 +62,7 @@ class Model:
     random: whether `apply` draws from its key while training (dropout, say); a model
       that does not is given no key.
     variables: `(params, state) -> ` what `Result.variables` returns (for flax linen,
-      the variables dict `module.apply` takes).
+      the variables dict `module.apply` takes; else `{'params': ..., 'state': ...}`).
     rebuild: `(params, state) -> ` the user's kind of model holding those values (an nnx
       or equinox module, a Keras model), or None.
   """
@@ -73,6 +73,7 @@ class Model:
   random: bool = False
   variables: Callable[[Any, Any], Any] | None = None
   rebuild: Callable[[Any, Any], Any] | None = None
+  state_layout: str = 'state'  # 'collections': the state's keys sit beside 'params' (linen)
 
   def initial_shapes(self) -> tuple[Any, Any]:
     """`init`'s output as shapes, traced without compiling."""
@@ -259,7 +260,9 @@ def _linen(module: nn.Module, example_x: np.ndarray, train_argument: str | None)
   def variables(params, state):
     return {'params': params, **state}
 
-  return Model(init, apply, name=describe(module), random=random, variables=variables)
+  return Model(
+    init, apply, name=describe(module), random=random, variables=variables, state_layout='collections'
+  )
 
 
 def _uses_key(fn: Callable, init: Callable, x1: np.ndarray) -> bool:

@@ -270,7 +270,7 @@ def run_path(workdir: str, i: int) -> str:
 
 def save_run(
     workdir: str, i: int, params: Any, opt_state: Any, meta: dict[str, Any], best_params: Any = None,
-    model_state: Any = None, best_model_state: Any = None,
+    model_state: Any = None, best_model_state: Any = None, state_layout: str = 'collections',
 ) -> None:
   """Saves run i's parameters, model state (batch statistics) and optimizer state (and
   its best-evaluation parameters and model state, when kept), with its metadata beside
@@ -284,10 +284,13 @@ def save_run(
     tree = {'params': host_copy(params), 'opt_state': host_copy(opt_state)}
     if best_params is not None:
       tree['best_params'] = host_copy(best_params)
+    # Flax linen keeps its collections beside 'params' ({'params', 'batch_stats'}); other
+    # models' state is nested under 'state' (see `restore_variables`).
+    kind = 'collections' if state_layout == 'collections' else 'state'
     if jax.tree.leaves(model_state):
-      tree['model_state'] = host_copy(model_state)
+      tree[f'model_{kind}'] = host_copy(model_state)
     if jax.tree.leaves(best_model_state):
-      tree['best_model_state'] = host_copy(best_model_state)
+      tree[f'best_model_{kind}'] = host_copy(best_model_state)
     ckpt.save(path, tree)
     ckpt.wait_until_finished()
   atomic_write(path + '.json', json.dumps(meta, indent=2, default=_json_default))
@@ -312,8 +315,9 @@ def _restore_run(workdir: str, i: int) -> dict[str, Any]:
 
 
 def restore_variables(workdir: str, i: int, best: bool = False) -> dict[str, Any]:
-  """Run i's final variables: `{'params': ..., **model_state}` (for flax linen, the dict
-  `module.apply` takes: batch statistics under 'batch_stats'), read back from `workdir`.
+  """Run i's final variables, read back from `workdir`, as `Result.variables` gives them:
+  for flax linen the dict `module.apply` takes (`{'params', 'batch_stats', ...}`), for other
+  models `{'params': ..., 'state': ...}` (the state only when there is one).
 
   Args:
     workdir: the sweep's workdir.
@@ -324,8 +328,11 @@ def restore_variables(workdir: str, i: int, best: bool = False) -> dict[str, Any
   prefix = 'best_' if best else ''
   if prefix + 'params' not in tree:
     raise KeyError(f'run {i} in {workdir!r} has no best parameters: the sweep ran without keep_best=True')
-  state = tree.get(prefix + 'model_state') or {}
-  return jax.tree.map(np.asarray, {'params': tree[prefix + 'params'], **state})
+  variables = {'params': tree[prefix + 'params']}
+  variables.update(tree.get(prefix + 'model_collections') or {})
+  if tree.get(prefix + 'model_state'):
+    variables['state'] = tree[prefix + 'model_state']
+  return jax.tree.map(np.asarray, variables)
 
 
 def restore_params(workdir: str, i: int, best: bool = False) -> Any:

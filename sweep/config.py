@@ -50,9 +50,12 @@ class SweepConfig:
 
   Attributes:
     model: `(init_fn, apply_fn)` with `init_fn(key) -> params` and
-      `apply_fn(params, x_batch) -> predictions`; or a `flax.linen.Module`; or a
-      `flax.nnx.Module` class (each seed initialises it) or instance (its parameters
-      are every seed's start); or a model of `sweep.models` sized to the data.
+      `apply_fn(params, x_batch) -> predictions`; or a `flax.linen.Module` (with a
+      `train` argument: trained with train=True, batch statistics carried, dropout
+      keyed; see `train_argument`); or a `flax.nnx.Module` class (each seed initialises
+      it) or instance (its values are every seed's start); or an equinox Module or a
+      Keras 3 model (JAX backend); or a model of `sweep.models` sized to the data.
+      See `sweep.adapters`.
     data: a `sweep.data.Dataset`, e.g. `sweep.data.arrays(x, y, x_val, y_val)`.
     loss: a name in `kernels.losses.LOSSES` or `callable(predictions, targets)`
       returning the per-example loss. None picks softmax_cross_entropy for integer

@@ -293,7 +293,7 @@ class Result:
     state = self._state_fn(i, best)
     if self._model is not None and self._model.variables is not None:
       return self._model.variables(params, state)
-    return {'params': params, **(state or {})}
+    return {'params': params, **({'state': state} if jax.tree.leaves(state) else {})}
 
   def model(self, i: int, best: bool = False) -> Any:
     """Run `i` as a model of the user's kind: an nnx module holding its state (in
@@ -347,6 +347,7 @@ class Result:
         checkpoints.save_run(
             workdir, i, jax.tree.map(take, runs.params), jax.tree.map(take, runs.opt_state), meta, best,
             model_state=jax.tree.map(take, runs.model_state), best_model_state=best_state,
+            state_layout=getattr(self._model, 'state_layout', 'collections'),
         )
     self.workdir = workdir
 
