@@ -40,7 +40,8 @@ class Structure:
     init_fn: key -> params of one run.
     apply_fn: (params, x_batch) -> predictions.
     loss: a name in `losses.LOSSES` or a callable (predictions, targets) -> (batch,).
-    family: the optimizer family, a key of `optimizers.FAMILIES`.
+    family: the optimizer family, a key of `optimizers.FAMILIES`, or an
+      `optimizers.Factory`.
     batch_sizes: one per batch group.
     steps_per_segment: scan length of each batch group's segment.
     steps_per_epoch: updates per pass over the data for each batch group.
@@ -53,6 +54,9 @@ class Structure:
       whole batch, for the gradient noise scale (the batch gradient is then the mean
       of the two half-batch gradients: equal up to float rounding).
     compute_dtype: dtype of the forward and backward pass (parameters stay float32).
+    schedules: the schedule callables the runs may select (see `schedules.learning_rate`).
+    total_updates: with `schedules`, each batch group's number of updates (a Python int
+      for the callables).
   """
 
   init_fn: Callable[[jax.Array], Any]
@@ -68,6 +72,14 @@ class Structure:
   unroll: int = 1
   keep_best: bool = False
   compute_dtype: str = 'float32'
+  schedules: tuple[Callable, ...] = ()
+  total_updates: tuple[int, ...] = ()
+
+  def learning_rate_fn(self, index: int) -> Callable[[Any, jax.Array], jax.Array]:
+    """`(schedule params, count) -> learning rate` of one run of batch group `index`."""
+    if not self.schedules:
+      return schedules.learning_rate
+    return functools.partial(schedules.learning_rate, custom=self.schedules, total_steps=self.total_updates[index])
 
   def loss_fn(self, predictions: jax.Array, targets: jax.Array) -> jax.Array:
     fn = losses.LOSSES[self.loss] if isinstance(self.loss, str) else self.loss
@@ -221,6 +233,10 @@ def _run_step(
   opt = optimizers.make(structure.family, hp.opt)
   opt_state = optimizers.with_learning_rate(state.opt_state, lr)
   updates, opt_state = opt.update(grads, opt_state, state.params)
+  if isinstance(structure.family, optimizers.Factory):
+    # A researcher's chain may move parameters without gradient or learning rate
+    # (add_decayed_weights after the scale, noise): a frozen run's update is masked.
+    updates = jax.tree.map(lambda u: jnp.where(ok, u, jnp.zeros_like(u)), updates)
   return RunState(
       params=optax.apply_updates(state.params, updates),
       opt_state=opt_state,
@@ -280,7 +296,7 @@ def _group_segment(
   # Every learning rate of the segment in one vectorised pass, rather than a switch
   # over the schedule families inside every tick: (length, S, R).
   ticks = state.step + jnp.arange(length, dtype=jnp.int32)
-  per_run = jax.vmap(jax.vmap(schedules.learning_rate, in_axes=(0, None)), in_axes=(0, None))
+  per_run = jax.vmap(jax.vmap(structure.learning_rate_fn(index), in_axes=(0, None)), in_axes=(0, None))
   lrs = jax.vmap(per_run, in_axes=(None, 0))(ghp.runs.schedule, ticks)
 
   def tick(state: GroupState, lr: jax.Array) -> GroupState:
@@ -390,13 +406,13 @@ def segment(
   )
   metrics = evaluate(structure, new, data)
   new = note_best(structure, new, metrics)
-  for m, g, h in zip(metrics, new, hparams, strict=True):
+  for i, (m, g, h) in enumerate(zip(metrics, new, hparams, strict=True)):
     count = jnp.maximum(g.runs.loss_count, 1)
     m['batch_loss'] = jnp.where(g.runs.loss_count > 0, g.runs.loss_sum / count, jnp.nan)
     if structure.noise_scale:
       m['grad_sq_half'] = g.runs.gsq_half / count
       m['grad_sq_full'] = g.runs.gsq_full / count
-    m['learning_rate'] = jax.vmap(jax.vmap(schedules.learning_rate))(
+    m['learning_rate'] = jax.vmap(jax.vmap(structure.learning_rate_fn(i)))(
         h.runs.schedule, jnp.maximum(g.runs.updates - 1, 0)
     )
   return new, metrics

@@ -39,7 +39,7 @@ import optax
 from kernels import losses as kernel_losses
 from kernels import optimizers, train
 from sweep import engine
-from sweep.config import AXES, SweepConfig, validate
+from sweep.config import SweepConfig, run_fields, validate
 from sweep.errors import config_error
 
 __all__ = ['METHODS', 'RULES', 'LRFinderResult', 'lr_find', 'minimum', 'steep', 'valley']
@@ -243,8 +243,10 @@ def _suggest_all(lrs: np.ndarray, losses: np.ndarray) -> dict[str, float]:
 
 
 def _first_values(plan) -> dict[str, Any]:
-  """Every axis but the learning rate at its first value: the one run the test studies."""
-  return {a: plan.axes[a][0] for a in AXES if a != 'learning_rate'}
+  """Every field but the learning rate as the first run has it: the one run the test studies."""
+  fields = run_fields(plan, plan.runs[0])
+  del fields['learning_rate']
+  return fields
 
 
 # ------------------------------------------------------------------------- ramp ----
@@ -323,10 +325,10 @@ def _ramp(cfg, start_lr, end_lr, num_it, suggest, beta, stop_factor) -> LRFinder
   plan = engine.check(cfg)
   first = _first_values(plan)
   run = plan.runs[0]  # every axis at its first value, optimizer defaults filled in
-  hypers = {k: np.float32(run.values[k]) for k in optimizers.HYPERPARAMETERS if run.values[k] is not None}
+  hypers = {k: np.float32(v) for k, v in run.hypers.items()}
   data = cfg.data
   init_fn, apply_fn = engine.model_functions(cfg.model, data.x_train[:1], plan.output_dim)
-  program = _ramp_program(apply_fn, plan.loss, first['optimizer'], cfg.compute_dtype, float(beta), float(stop_factor))
+  program = _ramp_program(apply_fn, plan.loss, run.family, cfg.compute_dtype, float(beta), float(stop_factor))
 
   seed, batch = int(first['seed']), int(first['batch_size'])
   lrs = start_lr * (end_lr / start_lr) ** (np.arange(num_it) / (num_it - 1))

@@ -144,6 +144,8 @@ def resolved_config(plan: Plan, experiment_file: str | None = None) -> dict[str,
       },
       'environment': environment(),
   }
+  if plan.search:  # runs that are no grid: how they were chosen (explicit, or sampled)
+    out['search'] = _jsonable(plan.search)
   if experiment_file is not None:
     out['experiment'] = experiment_record(experiment_file)
   return out
