@@ -299,7 +299,9 @@ _TRANSFORMATION_HINT = (
 
 
 def _label(v) -> str:
-  return v if isinstance(v, str) else optimizers.label(v)
+  if isinstance(v, str):
+    return v
+  return optimizers.label(v) if callable(v) else repr(v)
 
 
 def _refuse_transformation(field: str, v) -> None:
@@ -391,7 +393,7 @@ def _check_space(cfg: SweepConfig, field: str, sp: spaces.Space) -> None:
       _check_value(cfg, field, c)
     except ConfigError as e:
       accepted = str(e).split(' is invalid: ', 1)[-1].rstrip('.')
-      raise config_error(field, _Shown(_space_repr(sp)), f'it can take {_label(c)!r}, which is refused: {accepted}') from None
+      raise config_error(field, _Shown(_space_repr(sp)), f'it can take {_label(c)}, which is refused: {accepted}') from None
 
 
 def _space_repr(sp: spaces.Space) -> str:
