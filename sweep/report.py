@@ -737,6 +737,8 @@ def _batch_size(result: Result, scaling: list[dict[str, Any]]) -> _Section:
     raise _Skip('fewer than two batch sizes have a learning rate at which every seed finished.')
   fig = _new_figure(7.0, 4.8)
   ax = fig.add_subplot()
+  # Learning rates drawn from a range are no grid: round ticks, not one per value.
+  sampled = 'learning_rate' in ((result.config.get('search') or {}).get('spaces') or {})
   all_b, all_lr = [], []
   for k, s in enumerate(usable):
     fit = s['slope']
@@ -747,7 +749,7 @@ def _batch_size(result: Result, scaling: list[dict[str, Any]]) -> _Section:
     ax.scatter(b[~edge], lr[~edge], s=40, color=color, zorder=3, label=f'{prefix}best learning rate')
     if edge.any():
       ax.scatter(b[edge], lr[edge], s=40, facecolor='white', edgecolor=color, linewidth=1.5, zorder=3,
-                 label=f'{prefix}best at the edge of the grid')
+                 label=f'{prefix}best at the edge of the {"range" if sampled else "grid"}')
     bb = np.geomspace(b.min(), b.max(), 50)
     interval = ''
     if math.isfinite(fit['ci_low']) and math.isfinite(fit['ci_high']):
@@ -772,7 +774,7 @@ def _batch_size(result: Result, scaling: list[dict[str, Any]]) -> _Section:
   shown = tried[(tried >= low) & (tried <= high)]
   for v in shown:
     ax.axhline(v, color='0.85', linewidth=0.8, zorder=0)
-  _label_log_axis(ax.yaxis, shown if len(shown) else lr, _tick, at_values=True)
+  _label_log_axis(ax.yaxis, shown if len(shown) else lr, _tick, at_values=not sampled)
   ax.set_xlabel('batch size (examples per update, log scale)')
   ax.set_ylabel('best learning rate (log scale)')
   ax.set_title(f'best learning rate per batch size (by seed-mean {LABELS.get(usable[0]["metric"], "loss")})\n'
