@@ -75,7 +75,7 @@ class Factory:
 
   fn: Callable[..., optax.GradientTransformation]
   names: tuple[str, ...]
-  label: str
+  label: str = dataclasses.field(default='', compare=False)  # not part of the program
 
   def __str__(self) -> str:
     return self.label

@@ -7,7 +7,7 @@
     result.table
 """
 
-from sweep import analysis, data, distributed, models
+from sweep import analysis, data, distributed, models, space
 from sweep.checkpoints import restore_params
 from sweep.config import SweepConfig
 from sweep.engine import check, enable_compilation_cache, run, set_cpu_devices
@@ -19,5 +19,5 @@ load = Result.load
 
 __all__ = [
     'ConfigError', 'LRFinderResult', 'Result', 'SweepConfig', 'analysis', 'check', 'data', 'distributed', 'enable_compilation_cache',
-    'load', 'lr_find', 'models', 'restore_params', 'run', 'set_cpu_devices',
+    'load', 'lr_find', 'models', 'restore_params', 'run', 'set_cpu_devices', 'space',
 ]
