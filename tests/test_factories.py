@@ -218,7 +218,8 @@ def test_factory_and_schedule_callables_equal_an_optax_loop():
 def test_factories_and_names_in_one_list_are_compile_groups():
   lion = functools.partial(optax.lion, b1=0.95)
   cfg = sweep.SweepConfig(
-    **BASE, optimizer=[nesterov_sgd, 'adam', lion], learning_rate=[1e-3, 1e-2], schedule=warmup_cosine, seed=0,
+    **{**BASE, 'batch_size': 16}, optimizer=[nesterov_sgd, 'adam', lion], learning_rate=[1e-3, 1e-2],
+    schedule=warmup_cosine, seed=[0, 1],
   )
   plan = validate(cfg)
   assert len(plan.groups) == 3
