@@ -6,12 +6,20 @@ betas, weight decay) are arrays in the optimizer state through
 `optax.inject_hyperparams`: each run of a vmapped sweep carries its own values and
 new values never recompile. The learning rate held there is overwritten before
 every update with the value of the run's schedule (see `kernels.schedules`).
+
+A researcher's own optimizer is a `Factory`: `callable(learning_rate, **hyperparameters)
+-> optax.GradientTransformation`, injected the same way, so that its learning rate and
+the keyword arguments the sweep fills are traced arrays too.
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import functools
+import inspect
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax.numpy as jnp
 import optax
@@ -53,11 +61,154 @@ def families_accepting(name: str) -> list[str]:
   return [f for f, fam in FAMILIES.items() if name in fam.hypers]
 
 
-def make(family: str, hypers: Mapping[str, jnp.ndarray]) -> optax.GradientTransformation:
+@dataclasses.dataclass(frozen=True)
+class Factory:
+  """A researcher's optimizer: `fn(learning_rate, **hyperparameters)`, with `names` the
+  keyword arguments the sweep fills (and injects, traced). Equal factories (the same `fn`
+  and names) share their compiled programs.
+
+  Attributes:
+    fn: the factory, returning an `optax.GradientTransformation`.
+    names: the keyword arguments given to `fn`, in a stable order.
+    label: how the results table names it.
+  """
+
+  fn: Callable[..., optax.GradientTransformation]
+  names: tuple[str, ...]
+  label: str = dataclasses.field(default='', compare=False)  # not part of the program
+
+  def __str__(self) -> str:
+    return self.label
+
+
+REQUIRED = inspect.Parameter.empty
+
+
+@dataclasses.dataclass(frozen=True)
+class Signature:
+  """What a factory takes: its learning-rate argument and its keyword arguments.
+
+  Attributes:
+    learning_rate: the name of the first parameter (the learning rate).
+    keywords: every other parameter that may be given by keyword, with its default
+      (`REQUIRED` when it has none).
+    any_keyword: the factory takes `**kwargs`, so any name is accepted.
+  """
+
+  learning_rate: str
+  keywords: Mapping[str, Any]
+  any_keyword: bool
+
+  def accepts(self, name: str) -> bool:
+    return name in self.keywords or self.any_keyword
+
+  def required(self) -> list[str]:
+    return [k for k, d in self.keywords.items() if d is REQUIRED]
+
+
+def signature(fn: Callable) -> Signature:
+  """The parameters of factory `fn`; raises ValueError when it takes no learning rate."""
+  try:
+    sig = inspect.signature(fn)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f'its signature cannot be read ({e})') from None
+  params = list(sig.parameters.values())
+  positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+  if not params or params[0].kind not in positional:
+    raise ValueError('a factory takes the learning rate as its first positional argument')
+  keywords = {}
+  for p in params[1:]:
+    if p.kind == inspect.Parameter.POSITIONAL_ONLY:
+      if p.default is REQUIRED:
+        raise ValueError(f'argument {p.name!r} is positional-only: the sweep passes hyperparameters by keyword')
+      continue
+    if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY):
+      keywords[p.name] = p.default
+  any_keyword = any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params)
+  return Signature(params[0].name, keywords, any_keyword)
+
+
+def _injectable(fn: Callable, names: tuple[str, ...]) -> Callable[..., optax.GradientTransformation]:
+  """`fn` with the signature `(learning_rate, *, <names>)` that `optax.inject_hyperparams`
+  reads, whatever `fn` calls its learning rate."""
+
+  def build(**kwargs):
+    learning_rate = kwargs.pop('learning_rate')
+    return fn(learning_rate, **kwargs)
+
+  kw = inspect.Parameter.KEYWORD_ONLY
+  build.__signature__ = inspect.Signature(
+      [inspect.Parameter('learning_rate', inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+      + [inspect.Parameter(n, kw) for n in names]
+  )
+  return build
+
+
+def label(fn: Callable, limit: int = 100) -> str:
+  """A readable name for a factory or schedule: its `__name__`; a partial as
+  `name(arguments)`; a lambda as the source of its body (`optax.` dropped).
+
+  Args:
+    fn: the callable.
+    limit: longer labels are cut to this many characters.
+  """
+  if isinstance(fn, functools.partial):
+    args = [repr(a) for a in fn.args] + [f'{k}={v!r}' for k, v in fn.keywords.items()]
+    text = f'{label(fn.func, limit)}({", ".join(args)})'
+  else:
+    name = getattr(fn, '__name__', None)
+    if name == '<lambda>':
+      text = _lambda_source(fn) or f'lambda {", ".join(inspect.signature(fn).parameters)}'
+    elif isinstance(name, str):
+      text = name
+    else:
+      text = type(fn).__name__
+  text = ' '.join(text.replace('optax.', '').split()).replace('( ', '(').replace(' )', ')')
+  return text if len(text) <= limit else text[: limit - 1] + '…'
+
+
+def _lambda_source(fn: Callable) -> str | None:
+  """The body of lambda `fn` as written, or None when its source cannot be found."""
+  try:
+    lines, _ = inspect.findsource(fn)
+  except (OSError, TypeError):
+    return None
+  text = ''.join(lines)
+  tree = _parse(text)
+  if tree is None:
+    return None
+  code = fn.__code__
+  # The first position of the body's instructions (RESUME and the like carry none).
+  starts = [(line, col) for line, _, col, end in code.co_positions()
+            if line is not None and col is not None and (col, end) != (0, 0)]
+  args = [a for a in code.co_varnames[: code.co_argcount + code.co_kwonlyargcount]]
+  lambdas = [n for n in ast.walk(tree) if isinstance(n, ast.Lambda) and n.lineno == code.co_firstlineno]
+  exact = [n for n in lambdas if starts and (n.body.lineno, n.body.col_offset) == min(starts)]
+  named = [n for n in lambdas if [a.arg for a in n.args.posonlyargs + n.args.args + n.args.kwonlyargs] == args]
+  found = exact or (named if len(named) == 1 else [])
+  return ast.get_source_segment(text, found[0].body) if found else None
+
+
+@functools.lru_cache(maxsize=16)
+def _parse(text: str) -> ast.Module | None:
+  try:
+    return ast.parse(text)
+  except SyntaxError:
+    return None
+
+
+def example_hypers(family: str | Factory) -> dict[str, float]:
+  """Stand-in values for the hyperparameters of `family` (for shape-only traces)."""
+  if isinstance(family, Factory):
+    return {k: 0.5 for k in family.names}
+  return {k: 0.5 for k, v in FAMILIES[family].hypers.items() if v is not None}
+
+
+def make(family: str | Factory, hypers: Mapping[str, jnp.ndarray]) -> optax.GradientTransformation:
   """The optimizer of `family` with injected (traceable) hyperparameters.
 
   Args:
-    family: a key of `FAMILIES`.
+    family: a key of `FAMILIES`, or a `Factory`.
     hypers: values for the numeric hyperparameters the run uses; scalars or traced
       arrays. Hyperparameters of the family missing here keep optax's defaults.
 
@@ -65,8 +216,10 @@ def make(family: str, hypers: Mapping[str, jnp.ndarray]) -> optax.GradientTransf
     An `optax.inject_hyperparams` transformation whose state holds
     `hyperparams['learning_rate']` and every entry of `hypers`.
   """
-  fam = FAMILIES[family]
   # learning_rate starts at 0; the engine writes the scheduled value before each update.
+  if isinstance(family, Factory):
+    return optax.inject_hyperparams(_injectable(family.fn, family.names))(learning_rate=0.0, **hypers)
+  fam = FAMILIES[family]
   return optax.inject_hyperparams(fam.factory)(learning_rate=0.0, **hypers, **fam.static)
 
 

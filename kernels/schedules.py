@@ -8,10 +8,19 @@ each run its own schedule. The functions here restate optax's formulas on
 For concrete values they agree with the optax schedule ``optax_schedule``
 builds, up to float32 rounding; the Python-side branches of optax become
 ``jnp.where`` selections.
+
+A researcher's own schedule, ``callable(learning_rate, total_updates) ->
+optax schedule``, joins the built-in ones as one more branch of the same
+``lax.switch`` (``learning_rate(..., custom=...)``): it is called with the
+run's learning rate traced and the run's number of updates as a Python int
+(see ``custom_value``), so its code is part of the compiled program and its
+learning rates are data.
 """
 
 import math
-from typing import NamedTuple
+import operator
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -22,18 +31,22 @@ from jax import lax
 __all__ = [
   "SCHEDULES",
   "ScheduleParams",
+  "custom_params",
+  "custom_value",
   "learning_rate",
   "make_params",
   "optax_schedule",
 ]
 
-SCHEDULES = ("constant", "exponential", "step", "cosine", "warmup_cosine", "linear", "onecycle")
+SCHEDULES = (
+  "constant", "exponential", "step", "cosine", "warmup_cosine", "linear", "onecycle", "warmup_linear",
+)
 
 
 class ScheduleParams(NamedTuple):
   """Every field is a float32 scalar array (int32 for kind); under vmap each run has its own."""
 
-  kind: jax.Array  # int32 index into SCHEDULES
+  kind: jax.Array  # int32 index into SCHEDULES, then into the custom schedules
   learning_rate: jax.Array  # initial / peak value
   total_steps: jax.Array  # the run's total number of updates
   decay_rate: jax.Array  # exponential and step
@@ -107,8 +120,9 @@ def make_params(
       decays; the transition is ``max(1, round(decay_every * total_steps))``
       steps. ``exponential`` always uses ``total_steps``, so that the rate
       decays to ``decay_rate * learning_rate`` at the end.
-    warmup: for ``warmup_cosine``, the fraction of ``total_steps`` spent in
-      linear warmup: ``round(warmup * total_steps)`` steps.
+    warmup: for ``warmup_cosine`` and ``warmup_linear``, the fraction of
+      ``total_steps`` spent in linear warmup: ``round(warmup * total_steps)``
+      steps.
     pct_start: for ``onecycle``, fraction of the run spent increasing, in
       ``[0, 1)``.
     div_factor: for ``onecycle``, the initial value is
@@ -130,9 +144,9 @@ def make_params(
   if total_steps < 1:
     raise ValueError(f"a schedule needs total_steps >= 1; got {total_steps}")
   warmup_steps = round(warmup * total_steps)
-  if name == "warmup_cosine" and not 0 <= warmup_steps < total_steps:
+  if name in ("warmup_cosine", "warmup_linear") and not 0 <= warmup_steps < total_steps:
     raise ValueError(
-      f"warmup_cosine needs 0 <= round(warmup * total_steps) < total_steps so that some steps "
+      f"{name} needs 0 <= round(warmup * total_steps) < total_steps so that some steps "
       f"are left for the decay; got warmup={warmup} and total_steps={total_steps}, "
       f"which gives {warmup_steps} warmup steps"
     )
@@ -158,6 +172,16 @@ def make_params(
     div_factor=f32(div_factor),
     final_div_factor=f32(final_div_factor),
   )
+
+
+def custom_params(index: int, learning_rate: float, total_steps: int) -> ScheduleParams:
+  """The parameters of a run whose schedule is the ``index``-th custom callable.
+
+  Only ``learning_rate`` (traced, handed to the callable) and ``kind`` matter; the
+  other fields hold harmless values so that such runs stack with any other.
+  """
+  params = make_params("constant", learning_rate, max(1, int(total_steps)))
+  return params._replace(kind=np.int32(len(SCHEDULES) + int(index)))
 
 
 # Each branch below restates one optax schedule with the same operation order,
@@ -253,6 +277,13 @@ def _linear_decay(p: ScheduleParams, count: jax.Array) -> jax.Array:
   return _linear(p.learning_rate, 0.0, count, p.total_steps)
 
 
+def _warmup_linear(p: ScheduleParams, count: jax.Array) -> jax.Array:
+  # optax.join_schedules([linear_schedule(0, lr, W), linear_schedule(lr, 0, total - W)], [W]).
+  warm = _linear(0.0, p.learning_rate, count, p.warmup_steps)
+  decay = _linear(p.learning_rate, 0.0, count - p.warmup_steps, p.total_steps - p.warmup_steps)
+  return jnp.where(count < p.warmup_steps, warm, decay)
+
+
 # In the order of SCHEDULES.
 _BRANCHES = (
   _constant,
@@ -262,15 +293,122 @@ _BRANCHES = (
   _warmup_cosine,
   _linear_decay,
   _onecycle,
+  _warmup_linear,
 )
 
 
-def learning_rate(params: ScheduleParams, count: jax.Array) -> jax.Array:
+class _PositiveLearningRate:
+  """A traced learning rate that answers Python comparisons with numbers <= 0.
+
+  optax's schedule constructors check some arguments in Python:
+  ``warmup_cosine_decay_schedule`` computes ``0.0 if peak_value == 0.0 else ...``,
+  which a traced value cannot answer. Every learning rate of a sweep is > 0
+  (validated), so a comparison with a number <= 0 has the same answer for every
+  run, and the trace holds for all of them. Any other comparison depends on the
+  value and raises. Arithmetic returns plain traced arrays.
+  """
+
+  def __init__(self, value: jax.Array):
+    self._value = value
+
+  def _decide(self, other: Any, op: Callable[[float, float], bool]) -> bool:
+    if isinstance(other, (int, float, np.integer, np.floating)) and not isinstance(other, bool) and other <= 0:
+      return op(1.0, float(other))  # any positive value answers alike
+    raise TypeError(
+      f"the schedule compares the traced learning rate with {other!r} in Python; one program serves "
+      "every learning rate, so write the comparison with jnp.where"
+    )
+
+  def __eq__(self, other):
+    return self._decide(other, operator.eq)
+
+  def __ne__(self, other):
+    return self._decide(other, operator.ne)
+
+  def __lt__(self, other):
+    return self._decide(other, operator.lt)
+
+  def __le__(self, other):
+    return self._decide(other, operator.le)
+
+  def __gt__(self, other):
+    return self._decide(other, operator.gt)
+
+  def __ge__(self, other):
+    return self._decide(other, operator.ge)
+
+  __hash__ = None
+
+  def __bool__(self):
+    raise TypeError("the schedule uses the traced learning rate as a Python bool")
+
+  def __float__(self):
+    raise TypeError("the schedule converts the traced learning rate to a Python float")
+
+  def __neg__(self):
+    return -self._value
+
+  def __pos__(self):
+    return self._value
+
+  def __abs__(self):
+    return jnp.abs(self._value)
+
+
+def _unwrap(x: Any) -> Any:
+  return x._value if isinstance(x, _PositiveLearningRate) else x
+
+
+for _name in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow"):
+  _op = getattr(operator, _name)
+  setattr(_PositiveLearningRate, f"__{_name}__", lambda self, other, op=_op: op(self._value, _unwrap(other)))
+  setattr(_PositiveLearningRate, f"__r{_name}__", lambda self, other, op=_op: op(_unwrap(other), self._value))
+
+
+def custom_value(fn: Callable, learning_rate: jax.Array, total_steps: int, count: jax.Array) -> jax.Array:
+  """The value at ``count`` of the schedule ``fn(learning_rate, total_steps)``.
+
+  ``fn`` may return an optax schedule (a callable of the count) or a number.
+  It is called with the learning rate as a traced array; when that trips a
+  Python check of optax's (``peak_value == 0.0``), it is called again with the
+  learning rate wrapped so that comparisons with numbers <= 0 are answered
+  (every learning rate of a sweep is positive).
+
+  Args:
+    fn: ``callable(learning_rate, total_updates) -> schedule``.
+    learning_rate: the run's learning rate, a float32 scalar (traced).
+    total_steps: the run's number of updates, a Python int.
+    count: the 0-based update index (int32), as optax counts.
+
+  Returns:
+    A float32 scalar.
+  """
+  def value(lr):
+    schedule = fn(lr, int(total_steps))
+    return schedule(count) if callable(schedule) else schedule
+
+  try:
+    out = value(learning_rate)
+  except jax.errors.ConcretizationTypeError:
+    out = value(_PositiveLearningRate(learning_rate))
+  return jnp.asarray(out, jnp.float32)
+
+
+def learning_rate(
+  params: ScheduleParams,
+  count: jax.Array,
+  custom: tuple[Callable, ...] = (),
+  total_steps: int | None = None,
+) -> jax.Array:
   """The learning rate of update ``count``.
 
   Args:
     params: one run's parameters (vmap over it for a batch of runs).
     count: 0-based update index, as optax counts: 0 is the first update.
+    custom: the researcher's own schedules, ``callable(learning_rate,
+      total_updates)``; kind ``len(SCHEDULES) + j`` selects ``custom[j]``.
+    total_steps: the runs' number of updates, a Python int (needed with
+      ``custom``: every run of a batch group has the same).
 
   Returns:
     A float32 scalar.
@@ -279,12 +417,18 @@ def learning_rate(params: ScheduleParams, count: jax.Array) -> jax.Array:
   floats = params._replace(
     **{field: jnp.asarray(getattr(params, field), jnp.float32) for field in params._fields[1:]}
   )
+  counts = jnp.asarray(count, jnp.int32)
   # Step counts are exact in float32 up to 2**24 updates.
   count = jnp.asarray(count, jnp.float32)
   # lax.switch needs every branch to return the same dtype, and a branch that
   # only combines Python floats would return a weakly typed value.
-  branches = [lambda p, c, f=f: jnp.asarray(f(p, c), jnp.float32) for f in _BRANCHES]
-  return lax.switch(kind, branches, floats, count)
+  branches = [lambda p, c, ci, f=f: jnp.asarray(f(p, c), jnp.float32) for f in _BRANCHES]
+  if custom and total_steps is None:
+    raise ValueError("custom schedules need the runs' total_steps")
+  branches += [
+    lambda p, c, ci, fn=fn: custom_value(fn, p.learning_rate, total_steps, ci) for fn in custom
+  ]
+  return lax.switch(kind, branches, floats, count, counts)
 
 
 def optax_schedule(params_for_one_run: ScheduleParams) -> optax.Schedule:
@@ -297,6 +441,8 @@ def optax_schedule(params_for_one_run: ScheduleParams) -> optax.Schedule:
     The optax schedule, mapping a step count to a learning rate.
   """
   p = params_for_one_run
+  if int(p.kind) >= len(SCHEDULES):
+    raise ValueError("a custom schedule is its own optax schedule: call it with the run's values")
   name = SCHEDULES[int(p.kind)]
   lr = float(p.learning_rate)
   total = int(p.total_steps)
@@ -321,6 +467,11 @@ def optax_schedule(params_for_one_run: ScheduleParams) -> optax.Schedule:
     )
   if name == "linear":
     return optax.linear_schedule(init_value=lr, end_value=0.0, transition_steps=total)
+  if name == "warmup_linear":
+    warmup = int(p.warmup_steps)
+    return optax.join_schedules(
+      [optax.linear_schedule(0.0, lr, warmup), optax.linear_schedule(lr, 0.0, total - warmup)], [warmup]
+    )
   return optax.cosine_onecycle_schedule(
     transition_steps=total,
     peak_value=lr,

@@ -42,7 +42,8 @@ class Structure:
       (whether training draws from the key).
     loss: a name in `losses.LOSSES` or a callable (predictions, targets) returning the
       per-example loss (batch,), or a pair (loss, accuracy) of per-example values.
-    family: the optimizer family, a key of `optimizers.FAMILIES`.
+    family: the optimizer family, a key of `optimizers.FAMILIES`, or an
+      `optimizers.Factory`.
     batch_sizes: one per batch group.
     steps_per_segment: scan length of each batch group's segment.
     steps_per_epoch: updates per pass over the data for each batch group.
@@ -59,6 +60,9 @@ class Structure:
     ignore_label: an integer target id left out of the loss and the accuracy (padding).
     accuracy: how a callable loss's accuracy is measured when it returns none: 'ids'
       (argmax against integer ids), 'onehot' (argmax against one-hot rows) or None.
+    schedules: the schedule callables the runs may select (see `schedules.learning_rate`).
+    total_updates: with `schedules`, each batch group's number of updates (a Python int
+      for the callables).
   """
 
   model: Any
@@ -76,6 +80,14 @@ class Structure:
   augment: Callable[[jax.Array, jax.Array], jax.Array] | None = None
   ignore_label: int | None = None
   accuracy: str | None = None
+  schedules: tuple[Callable, ...] = ()
+  total_updates: tuple[int, ...] = ()
+
+  def learning_rate_fn(self, index: int) -> Callable[[Any, jax.Array], jax.Array]:
+    """`(schedule params, count) -> learning rate` of one run of batch group `index`."""
+    if not self.schedules:
+      return schedules.learning_rate
+    return functools.partial(schedules.learning_rate, custom=self.schedules, total_steps=self.total_updates[index])
 
   def metrics(self, predictions: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array | None]:
     """Per-example loss and accuracy (None where accuracy has no meaning), both (batch,)."""
@@ -267,6 +279,10 @@ def _run_step(
   opt = optimizers.make(structure.family, hp.opt)
   opt_state = optimizers.with_learning_rate(state.opt_state, lr)
   updates, opt_state = opt.update(grads, opt_state, state.params)
+  if isinstance(structure.family, optimizers.Factory):
+    # A researcher's chain may move parameters without gradient or learning rate
+    # (add_decayed_weights after the scale, noise): a frozen run's update is masked.
+    updates = jax.tree.map(lambda u: jnp.where(ok, u, jnp.zeros_like(u)), updates)
   return RunState(
       params=optax.apply_updates(state.params, updates),
       model_state=jax.tree.map(lambda n, o: jnp.where(ok, n, o), new_state, state.model_state),
@@ -331,7 +347,7 @@ def _group_segment(
   # Every learning rate of the segment in one vectorised pass, rather than a switch
   # over the schedule families inside every tick: (length, S, R).
   ticks = state.step + jnp.arange(length, dtype=jnp.int32)
-  per_run = jax.vmap(jax.vmap(schedules.learning_rate, in_axes=(0, None)), in_axes=(0, None))
+  per_run = jax.vmap(jax.vmap(structure.learning_rate_fn(index), in_axes=(0, None)), in_axes=(0, None))
   lrs = jax.vmap(per_run, in_axes=(None, 0))(ghp.runs.schedule, ticks)
 
   def tick(state: GroupState, lr: jax.Array) -> GroupState:
@@ -449,13 +465,13 @@ def segment(
   )
   metrics = evaluate(structure, new, data)
   new = note_best(structure, new, metrics)
-  for m, g, h in zip(metrics, new, hparams, strict=True):
+  for i, (m, g, h) in enumerate(zip(metrics, new, hparams, strict=True)):
     count = jnp.maximum(g.runs.loss_count, 1)
     m['batch_loss'] = jnp.where(g.runs.loss_count > 0, g.runs.loss_sum / count, jnp.nan)
     if structure.noise_scale:
       m['grad_sq_half'] = g.runs.gsq_half / count
       m['grad_sq_full'] = g.runs.gsq_full / count
-    m['learning_rate'] = jax.vmap(jax.vmap(schedules.learning_rate))(
+    m['learning_rate'] = jax.vmap(jax.vmap(structure.learning_rate_fn(i)))(
         h.runs.schedule, jnp.maximum(g.runs.updates - 1, 0)
     )
   return new, metrics

@@ -7,7 +7,7 @@
     result.table
 """
 
-from sweep import adapters, analysis, data, distributed, models
+from sweep import adapters, analysis, data, distributed, models, space
 from sweep.checkpoints import restore_params, restore_variables
 from sweep.config import SweepConfig
 from sweep.engine import check, enable_compilation_cache, run, set_cpu_devices
@@ -19,5 +19,5 @@ load = Result.load
 
 __all__ = [
     'ConfigError', 'LRFinderResult', 'Result', 'SweepConfig', 'adapters', 'analysis', 'check', 'data', 'distributed', 'enable_compilation_cache',
-    'load', 'lr_find', 'models', 'restore_params', 'restore_variables', 'run', 'set_cpu_devices',
+    'load', 'lr_find', 'models', 'restore_params', 'restore_variables', 'run', 'set_cpu_devices', 'space',
 ]

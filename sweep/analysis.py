@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from sweep.config import AXES
+from sweep.config import axis_columns
 from sweep.errors import config_error
 
 __all__ = [
@@ -59,19 +59,20 @@ def _curve_column(metric: str, curves: pd.DataFrame, given: str | None) -> str:
   return 'val_loss'
 
 
-def _config_columns(table: pd.DataFrame) -> list[str]:
-  """The axes that tell configurations apart: every axis in the table but the seed."""
-  return [a for a in AXES if a in table.columns and a != 'seed']
+def _config_columns(table: pd.DataFrame, config: dict | None = None) -> list[str]:
+  """The axes that tell configurations apart: every axis in the table but the seed (with
+  the sweep's config, the hyperparameters of its optimizer factories too)."""
+  return [a for a in axis_columns(list(table.columns), config) if a != 'seed']
 
 
-def _per_config(table: pd.DataFrame, metric: str, require_all_seeds: bool) -> pd.DataFrame:
+def _per_config(table: pd.DataFrame, metric: str, require_all_seeds: bool, config: dict | None = None) -> pd.DataFrame:
   """One row per configuration (every axis but the seed): the metric averaged over seeds.
 
   Returns:
     The configuration columns, then `metric`, `updates`, `examples`, `seconds` (means over
     the seeds kept), `seeds` (how many were averaged) and `runs` (their run ids, a tuple).
   """
-  keys = _config_columns(table)
+  keys = _config_columns(table, config)
   n = len(table)
   runs = table['run'].to_numpy() if 'run' in table.columns else table.index.to_numpy()
   ok = (table['status'] == 'ok').to_numpy() if 'status' in table.columns else np.ones(n, bool)
@@ -153,11 +154,12 @@ def batch_size_table(
     ConfigError: an unknown metric or mode, or a table without batch_size/learning_rate.
   """
   table = result.table
+  config = getattr(result, 'config', None)
   _check_metric(table, metric, mode)
-  per_config = _per_config(table, metric, require_all_seeds)
+  per_config = _per_config(table, metric, require_all_seeds, config)
   curves = getattr(result, 'curves', None)
   curve_column = _curve_column(metric, curves if curves is not None else pd.DataFrame(), curve)
-  keys = _config_columns(table)
+  keys = _config_columns(table, config)
   varying = [k for k in keys if k not in ('batch_size', 'learning_rate') and table[k].nunique(dropna=False) > 1]
 
   rows = []
@@ -310,8 +312,8 @@ def lr_batch_slope(
       # Each drawn seed's rows, as many times as it was drawn: the resampled sweep.
       resampled = pd.concat([table[table['seed'] == s] for s in pick], ignore_index=True)
       resampled['run'] = np.arange(len(resampled))
-      t = batch_size_table(SimpleNamespace(table=resampled, curves=None), metric, mode,
-                           require_all_seeds=require_all_seeds)
+      t = batch_size_table(SimpleNamespace(table=resampled, curves=None, config=getattr(result, 'config', None)),
+                           metric, mode, require_all_seeds=require_all_seeds)
       if len(t) >= 2:
         slopes.append(_ols(np.log(t.index.to_numpy(np.float64)), np.log(t['learning_rate'].to_numpy(np.float64)),
                            confidence)[0])

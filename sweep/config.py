@@ -1,11 +1,17 @@
 """The sweep configuration, its validation, and its expansion into runs.
 
 Which settings compile and which are data:
-- *data* (any values, no new compile): learning_rate, seed, schedule, warmup,
-  decay_rate, momentum, b1, b2, weight_decay, divergence_threshold.
+- *data* (any values, no new compile): learning_rate, seed, schedule (between the
+  built-in names), warmup, decay_rate, momentum, b1, b2, weight_decay, the
+  `hyperparameters` of an optimizer factory, divergence_threshold.
 - *structure* (a new program per distinct combination): the model, the loss, the
-  optimizer family (each family is its own compile group), the set of batch sizes,
-  the budget in updates per segment, the dataset's shapes, and the run-axis width.
+  optimizer family or factory (each is its own compile group), the schedule callables,
+  the set of batch sizes, the budget in updates per segment, the dataset's shapes, and
+  the run-axis width.
+
+The runs are the product of every field given as a list (a grid); or the explicit list
+`runs=[{...}, ...]`; or `samples=N` configurations drawn from the fields given as
+`sweep.space` distributions, each trained at every point of the remaining lists.
   The run-axis width is rounded up to a power of two, so most changes in the number
   of values (3 -> 4 learning rates, say) reuse the program too.
 """
@@ -13,6 +19,7 @@ Which settings compile and which are data:
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import itertools
 import math
 import numbers
@@ -20,11 +27,13 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import optax
 
 from kernels import losses, optimizers, schedules
 from sweep import adapters
+from sweep import space as spaces
 from sweep.data import Dataset
-from sweep.errors import config_error
+from sweep.errors import ConfigError, config_error
 
 # The axes of a sweep, in the order runs are enumerated (the last varies fastest).
 AXES = (
@@ -46,7 +55,8 @@ DEFAULT_OBJECTIVES = {'final_val_loss': 'min', 'updates': 'min'}
 
 @dataclasses.dataclass(frozen=True)
 class SweepConfig:
-  """A grid of training runs: the product of every axis given as a list.
+  """A sweep of training runs: the product of every axis given as a list, an explicit
+  list of runs (`runs=`), or configurations sampled from `sweep.space` distributions.
 
   Attributes:
     model: `(init_fn, apply_fn)` with `init_fn(key) -> params` and
@@ -60,8 +70,20 @@ class SweepConfig:
     loss: a name in `kernels.losses.LOSSES` or `callable(predictions, targets)`
       returning the per-example loss. None picks softmax_cross_entropy for integer
       labels and mse otherwise.
-    optimizer: a name or list of names: sgd, momentum, nesterov, adam, adamw,
-      rmsprop, adagrad, lion. Each name is a compile group.
+    optimizer: a name: sgd, momentum, nesterov, adam, adamw, rmsprop, adagrad, lion;
+      or a factory `callable(learning_rate, **hyperparameters) ->
+      optax.GradientTransformation`, e.g. `lambda learning_rate, weight_decay:
+      optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(learning_rate,
+      weight_decay=weight_decay))`; or a list of names and factories. Each is a
+      compile group. A factory's keyword arguments are filled from the fields of the
+      same name (momentum, b1, b2, weight_decay) and from `hyperparameters`; its
+      learning rate (the run's scheduled value at each update) and those arguments
+      are injected with `optax.inject_hyperparams`, so they are traced: new values
+      compile nothing, and the factory must compute with them in jnp (no Python `if`
+      on them). Arguments with defaults that no field fills keep their defaults. The
+      table names a factory by its `__name__` (a lambda by its body, a partial as
+      `name(arguments)`). A ready-made `optax.GradientTransformation` is refused: its
+      learning rate is fixed inside it, so the sweep could not set it.
     learning_rate: the initial (or peak) learning rate; a number or a list.
     batch_size: a number or a list.
     seed: fixes a run's init key and its data order; a number or a list. Seed s
@@ -70,14 +92,23 @@ class SweepConfig:
       `jax.random.permutation(jax.random.fold_in(jax.random.fold_in(jax.random.key(s), 1), e), n)`.
       A run with batch size B takes consecutive slices of B of that order and drops
       the last `n % B` examples of each epoch (different ones each epoch when shuffled).
-    schedule: constant, exponential, step, cosine, warmup_cosine, linear, onecycle;
-      a name or a list. Every schedule counts the run's own updates.
-    warmup: warmup_cosine's warmup, as a fraction of the run's updates.
+    schedule: constant, exponential, step, cosine, warmup_cosine, linear, onecycle,
+      warmup_linear (linear warmup to the learning rate, then linear decay to 0); or
+      `callable(learning_rate, total_updates) -> optax schedule` (or a number), e.g.
+      `lambda lr, total: optax.warmup_cosine_decay_schedule(0.0, lr, total // 10,
+      total)`, called with the run's learning rate traced and the run's number of
+      updates as a Python int; a name, a callable or a list. Every schedule counts
+      the run's own updates. Each callable is part of the compiled program.
+    warmup: warmup_cosine's and warmup_linear's warmup, as a fraction of the run's
+      updates.
     decay_rate: exponential decays to `decay_rate * lr` at the end of the run; step
       multiplies the rate by `decay_rate` every `decay_every` of the run's updates.
     decay_every: step's period as a fraction of the run's updates.
     momentum, b1, b2, weight_decay: optimizer hyperparameters; None keeps optax's
       default of each optimizer. Setting one an optimizer does not take is an error.
+    hyperparameters: other keyword arguments of optimizer factories, name -> a number,
+      a list (an axis) or a space, e.g. `{'clip_norm': [0.5, 1.0]}`. Each name is a
+      column of the table.
     epochs: budget in passes over the training set (a run with batch size B makes
       round(epochs * (n // B)) updates). Give either epochs or updates; with
       neither, one epoch.
@@ -101,6 +132,14 @@ class SweepConfig:
     keep_best: also keep each run's parameters at its best evaluation point (lowest
       validation loss: the early-stopping point); costs one more copy of the parameters.
       `result.params(i, best=True)`; saved beside the final ones for Pareto runs.
+    runs: an explicit list of runs, each a dict of fields, e.g.
+      `[{'learning_rate': 1e-3, 'batch_size': 32}, ...]`: the table has exactly these
+      rows, in this order. A field a run does not name takes the config's value, which
+      must then be a single value.
+    samples: with fields given as `sweep.space` distributions (`loguniform`,
+      `uniform`, `randint`, `choice`), the number of configurations drawn; each is
+      trained at every point of the fields given as lists (seeds, say).
+    sample_seed: the seed of the draws: the same seed gives the same runs.
     train_argument: the name of the argument of a linen module's `__call__` that switches
       training on (`train`, found by itself, is the flax examples' convention; e.g.
       'training', or 'deterministic', which is passed the opposite). The engine passes it
@@ -119,11 +158,11 @@ class SweepConfig:
   model: Any
   data: Dataset
   loss: str | Callable | None = None
-  optimizer: str | Sequence[str] = 'adam'
+  optimizer: str | Callable | Sequence[str | Callable] = 'adam'
   learning_rate: float | Sequence[float] = 1e-3
   batch_size: int | Sequence[int] = 32
   seed: int | Sequence[int] = 0
-  schedule: str | Sequence[str] = 'constant'
+  schedule: str | Callable | Sequence[str | Callable] = 'constant'
   warmup: float | Sequence[float] = 0.1
   decay_rate: float | Sequence[float] = 0.1
   decay_every: float = 1 / 3
@@ -131,6 +170,7 @@ class SweepConfig:
   b1: float | Sequence[float] | None = None
   b2: float | Sequence[float] | None = None
   weight_decay: float | Sequence[float] | None = None
+  hyperparameters: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   epochs: float | None = None
   updates: int | None = None
   shuffle: bool = True
@@ -143,6 +183,9 @@ class SweepConfig:
   memory_budget: float | None = None
   noise_scale: bool = False
   keep_best: bool = False
+  runs: Sequence[Mapping[str, Any]] | None = None
+  samples: int | None = None
+  sample_seed: int = 0
   train_argument: str | None = None
   augment: Callable | None = None
   name: str = 'sweep'
@@ -153,11 +196,32 @@ class SweepConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-  """One run: its index in the table and its resolved hyperparameters."""
+  """One run: its index in the table and its resolved hyperparameters.
+
+  Attributes:
+    index: its row in the table.
+    values: every field as the table shows it (optimizer defaults filled in; factories
+      and schedule callables by their labels).
+    total_updates: the run's number of updates.
+    family: what its optimizer is built from: a name of `optimizers.FAMILIES` or an
+      `optimizers.Factory`.
+    schedule: a name of `schedules.SCHEDULES` or the schedule callable.
+    hypers: the optimizer hyperparameters injected (traced), name -> value.
+    spec: every field as given (callables themselves, not their labels).
+  """
 
   index: int
-  values: dict[str, Any]  # every axis, resolved (optimizer defaults filled in)
+  values: dict[str, Any]
   total_updates: int
+  family: str | optimizers.Factory = 'adam'
+  schedule: str | Callable = 'constant'
+  hypers: dict[str, float] = dataclasses.field(default_factory=dict)
+  spec: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+  @property
+  def group(self) -> tuple[str | optimizers.Factory, tuple[str, ...]]:
+    """The compile group: the optimizer and the names of its injected hyperparameters."""
+    return self.family, tuple(self.hypers)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,13 +231,17 @@ class Plan:
   config: SweepConfig
   runs: tuple[Run, ...]
   loss: str | Callable
-  axes: dict[str, list]  # the axis values as given, normalised to lists
+  axes: dict[str, list]  # each field's distinct values in order (callables by their labels)
   swept: tuple[str, ...]  # axes with more than one value or set by the user
   batch_sizes: tuple[int, ...]
   steps_per_epoch: dict[int, int]
   total_updates: dict[int, int]
   num_evals: int
   output_dim: int
+  fields: tuple[str, ...] = AXES  # the axes, the factories' hyperparameters after weight_decay
+  groups: tuple = ()  # compile groups: (optimizer, hyperparameter names), in order
+  custom_schedules: tuple[Callable, ...] = ()  # schedule callables; kind len(SCHEDULES) + j
+  search: dict[str, Any] = dataclasses.field(default_factory=dict)  # how the runs were chosen
 
 
 def _as_list(field: str, value) -> list:
@@ -212,7 +280,7 @@ ACCURACY_COLUMNS = ('final_train_accuracy', 'final_val_accuracy', 'best_val_accu
 
 def table_columns(cfg: SweepConfig, axes: dict[str, list]) -> list[str]:
   """The numeric columns the results table of `cfg` will have (objectives pick from these)."""
-  numeric_axes = [a for a in AXES if a not in ('optimizer', 'schedule') and axes[a] != [None]]
+  numeric_axes = [a for a in axes if a not in ('optimizer', 'schedule') and axes[a] != [None]]
   columns = numeric_axes + list(NUMERIC_COLUMNS)
   loss = cfg.loss if cfg.loss is not None else ('softmax_cross_entropy' if cfg.data.is_classification else 'mse')
   if isinstance(loss, str) and loss in losses.CLASSIFICATION:
@@ -222,10 +290,201 @@ def table_columns(cfg: SweepConfig, axes: dict[str, list]) -> list[str]:
   return columns
 
 
-def validate(cfg: SweepConfig) -> Plan:
-  """Checks every field and expands the grid; raises `ConfigError` on any mistake.
+# ------------------------------------------------------------- field values ----
 
-  Runs in Python on host values only: nothing is traced or compiled.
+
+class _Shown(str):
+  """A value shown as written in an error message (no quotes)."""
+
+  def __repr__(self) -> str:
+    return str(self)
+
+
+OPTIMIZER_HYPERPARAMETERS = optimizers.HYPERPARAMETERS
+# Names a factory hyperparameter cannot take: the table's other columns and the config's fields.
+RESERVED = frozenset(
+    set(AXES) | set(NUMERIC_COLUMNS) | set(ACCURACY_COLUMNS)
+    | {'run', 'status', 'pareto', 'pareto_rank', 'overfit', 'noise_scale', 'hyperparameters', 'runs',
+       'samples', 'sample_seed', 'epochs', 'updates', 'name', 'model', 'data', 'loss'}
+)
+_FACTORY = 'a factory callable(learning_rate, **hyperparameters) -> optax.GradientTransformation'
+_TRANSFORMATION_HINT = (
+    'a ready-made transformation has its learning rate fixed inside it, so the sweep cannot set it; '
+    'pass a factory that builds it from the learning rate, e.g. optimizer=lambda learning_rate: '
+    'optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(learning_rate)) (its other keyword '
+    'arguments are filled from the fields of the same name and from hyperparameters=)'
+)
+
+
+def _label(v) -> str:
+  if isinstance(v, str):
+    return v
+  return optimizers.label(v) if callable(v) else repr(v)
+
+
+def _refuse_transformation(field: str, v) -> None:
+  if isinstance(v, optax.GradientTransformation):
+    raise config_error(field, _Shown('<an optax.GradientTransformation>'), _TRANSFORMATION_HINT)
+
+
+def _takes_two(fn) -> bool:
+  try:
+    inspect.signature(fn).bind(0.1, 10)
+  except TypeError:
+    return False
+  except ValueError:  # no signature to read (a builtin): let the trace tell
+    return True
+  return True
+
+
+def _check_value(cfg: SweepConfig, field: str, v, where: str | None = None) -> None:
+  """Raises `ConfigError` unless `v` is a valid single value of `field`."""
+  where = where or field
+  n = cfg.data.n_train
+  if field == 'optimizer':
+    _refuse_transformation(where, v)
+    if isinstance(v, str):
+      if v not in optimizers.FAMILIES:
+        raise config_error(where, v, 'expected one of ' + ', '.join(optimizers.FAMILIES) + ', or ' + _FACTORY)
+    elif callable(v):
+      try:
+        optimizers.signature(v)
+      except ValueError as e:
+        raise config_error(where, _Shown(_label(v)), f'expected {_FACTORY}: {e}') from None
+    else:
+      raise config_error(where, v, 'expected one of ' + ', '.join(optimizers.FAMILIES) + ', or ' + _FACTORY)
+  elif field == 'schedule':
+    if isinstance(v, str):
+      _names(where, [v], list(schedules.SCHEDULES))
+    elif callable(v):
+      if not _takes_two(v):
+        raise config_error(
+            where, _Shown(_label(v)),
+            'expected callable(learning_rate, total_updates) returning an optax schedule; a schedule of the '
+            'update count alone fixes the learning rate: write it as lambda lr, total: '
+            'optax.cosine_decay_schedule(lr, total)',
+        )
+    else:
+      raise config_error(
+          where, v, 'expected one of ' + ', '.join(schedules.SCHEDULES)
+          + ', or callable(learning_rate, total_updates) returning an optax schedule',
+      )
+  elif field == 'learning_rate':
+    if callable(v):
+      raise config_error(
+          where, _Shown(_label(v)),
+          'expected a number; a schedule goes in schedule=, as callable(learning_rate, total_updates), '
+          'e.g. schedule=lambda lr, total: optax.warmup_cosine_decay_schedule(0.0, lr, total // 10, total)',
+      )
+    _positive_finite(where, [v])
+  elif field == 'batch_size':
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v <= 0:
+      raise config_error(where, v, 'expected a positive integer')
+    if v > n:
+      raise config_error(where, v, f'a batch cannot be larger than the training set ({n} examples)')
+    if cfg.noise_scale is True and v % 2:
+      raise config_error(where, v, 'noise_scale=True needs even batch sizes (two half batches)')
+  elif field == 'seed':
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or not 0 <= v < 2**31:
+      raise config_error(where, v, 'expected an integer in [0, 2**31)')
+  elif field == 'warmup':
+    _positive_finite(where, [v], allow_zero=True, upper=1.0)
+  elif field == 'decay_rate':
+    _positive_finite(where, [v], upper=1.0)
+  elif field in OPTIMIZER_HYPERPARAMETERS:
+    if v is not None:
+      _positive_finite(where, [v], allow_zero=True, upper=None if field == 'weight_decay' else 1.0)
+  elif v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v)):
+    raise config_error(where, v, 'expected a finite number (a hyperparameter of an optimizer factory)')
+
+
+def _check_space(cfg: SweepConfig, field: str, sp: spaces.Space) -> None:
+  sp.check(field)
+  if field in ('optimizer', 'schedule') and not isinstance(sp, spaces.Choice):
+    raise config_error(field, sp, f'{field} takes a list or sweep.space.choice([...])')
+  if field in ('batch_size', 'seed') and not sp.integer:
+    raise config_error(field, sp, f'{field} takes integers: sweep.space.choice([...]) or sweep.space.randint(low, high)')
+  if field == 'batch_size' and cfg.noise_scale is True and isinstance(sp, spaces.RandInt):
+    raise config_error(field, sp, 'noise_scale=True needs even batch sizes: use sweep.space.choice of even sizes')
+  for c in sp.candidates():
+    try:
+      _check_value(cfg, field, c)
+    except ConfigError as e:
+      accepted = str(e).split(' is invalid: ', 1)[-1].rstrip('.')
+      raise config_error(field, _Shown(_space_repr(sp)), f'it can take {_label(c)}, which is refused: {accepted}') from None
+
+
+def _space_repr(sp: spaces.Space) -> str:
+  """A space as config.json records it (callables by their labels, so the text is stable)."""
+  if isinstance(sp, spaces.Choice):
+    return 'choice([' + ', '.join(repr(_label(o)) if callable(o) else repr(o) for o in sp.options) + '])'
+  return repr(sp)
+
+
+def _normalise(cfg: SweepConfig, field: str, value) -> list | spaces.Space:
+  """A field's value as a list of valid values, or its space."""
+  if isinstance(value, spaces.Space):
+    _check_space(cfg, field, value)
+    return value
+  if field == 'optimizer':
+    _refuse_transformation(field, value)  # a NamedTuple: it would read as a list of two values
+  values = _as_list(field, value)
+  for v in values:
+    if isinstance(v, spaces.Space):
+      raise config_error(field, value, f'a space is the whole field: {field}=sweep.space.{type(v).__name__.lower()}(...)')
+    _check_value(cfg, field, v)
+  # Values compare as numbers (1 == 1.0 == np.float64(1.0)), so equal runs are caught.
+  try:
+    distinct = len(set(values)) == len(values)
+  except TypeError:
+    distinct = len({id(v) for v in values}) == len(values)
+  if not distinct:
+    raise config_error(field, value, 'axis values must be distinct')
+  return values
+
+
+def _hyperparameter_names(cfg: SweepConfig) -> list[str]:
+  hp = cfg.hyperparameters
+  if not isinstance(hp, Mapping):
+    raise config_error('hyperparameters', hp, "expected a dict name -> values, e.g. {'clip_norm': [0.5, 1.0]}")
+  for name in hp:
+    _check_hyperparameter_name('hyperparameters', name)
+  return list(hp)
+
+
+def _check_hyperparameter_name(where: str, name) -> None:
+  if not isinstance(name, str) or not name.isidentifier():
+    raise config_error(where, name, 'a hyperparameter is named by a keyword argument of the optimizer factory')
+  if name in OPTIMIZER_HYPERPARAMETERS:
+    raise config_error(where, name, f'{name} is a field of its own: set {name}=... instead')
+  if name in RESERVED:
+    raise config_error(where, name, f'{name!r} names a field or a column of the results table already; '
+                       'rename the keyword argument of the factory')
+
+
+def _runs_entries(cfg: SweepConfig) -> list[dict]:
+  entries = cfg.runs
+  if isinstance(entries, (str, bytes, Mapping)) or not isinstance(entries, Sequence):
+    raise config_error('runs', entries, "expected a list of dicts, e.g. [{'learning_rate': 1e-3, 'batch_size': 32}]")
+  if not entries:
+    raise config_error('runs', entries, 'expected at least one run')
+  out = []
+  for i, entry in enumerate(entries):
+    if not isinstance(entry, Mapping):
+      raise config_error(f'runs[{i}]', entry, "expected a dict of fields, e.g. {'learning_rate': 1e-3}")
+    out.append(dict(entry))
+  return out
+
+
+def _draw(field: str, sp: spaces.Space, seed: int, n: int) -> list:
+  return sp.draw(spaces.stream(seed, field), n)
+
+
+def validate(cfg: SweepConfig) -> Plan:
+  """Checks every field and expands the runs; raises `ConfigError` on any mistake.
+
+  Runs in Python on host values only: nothing is traced or compiled (`check_callables`
+  traces the factories and schedule callables, without compiling, once the model is known).
   """
   if not isinstance(cfg.data, Dataset):
     raise config_error('data', type(cfg.data).__name__, 'expected a sweep.data.Dataset, e.g. sweep.data.arrays(x, y)')
@@ -240,38 +499,109 @@ def validate(cfg: SweepConfig) -> Plan:
   elif not callable(loss):
     raise config_error('loss', loss, 'expected a name (' + ', '.join(sorted(losses.LOSSES)) + ') or a callable')
   loss = adapters.keras_loss(loss)
-
-  axes = {name: _as_list(name, getattr(cfg, name)) for name in AXES}
-  _names('optimizer', axes['optimizer'], list(optimizers.FAMILIES))
-  _names('schedule', axes['schedule'], list(schedules.SCHEDULES))
-  _positive_finite('learning_rate', axes['learning_rate'])
-  _positive_finite('warmup', axes['warmup'], allow_zero=True, upper=1.0)
-  _positive_finite('decay_rate', axes['decay_rate'], upper=1.0)
+  if not isinstance(cfg.noise_scale, bool):
+    raise config_error('noise_scale', cfg.noise_scale, 'expected True or False')
   _positive_finite('decay_every', [cfg.decay_every], upper=1.0)
-  for v in axes['batch_size']:
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v <= 0:
-      raise config_error('batch_size', v, 'expected a positive integer')
-    if v > n:
-      raise config_error('batch_size', v, f'a batch cannot be larger than the training set ({n} examples)')
-  for v in axes['seed']:
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or not 0 <= v < 2**31:
-      raise config_error('seed', v, 'expected an integer in [0, 2**31)')
-  for name in optimizers.HYPERPARAMETERS:
-    if axes[name] == [None]:
-      continue
-    _positive_finite(name, axes[name], allow_zero=True, upper=None if name == 'weight_decay' else 1.0)
-    refusing = [o for o in axes['optimizer'] if name not in optimizers.FAMILIES[o].hypers]
-    if refusing:
-      takers = optimizers.families_accepting(name)
-      raise config_error(
-          name, getattr(cfg, name),
-          f'optimizer {refusing[0]!r} takes no {name}; it applies to ' + ', '.join(takers),
-      )
-  for name in AXES:
-    # Values compare as numbers (1 == 1.0 == np.float64(1.0)), so equal runs are caught.
-    if len(set(axes[name])) != len(axes[name]):
-      raise config_error(name, getattr(cfg, name), 'axis values must be distinct')
 
+  # ---- the fields, each a list of values or a space
+  hyper_names = _hyperparameter_names(cfg)
+  entries = _runs_entries(cfg) if cfg.runs is not None else None
+  if entries is not None:
+    # A run may name keyword arguments of its own factory that no other field fills.
+    default_opt = cfg.optimizer
+    for i, entry in enumerate(entries):
+      opt = entry.get('optimizer', default_opt)
+      if 'optimizer' in entry:
+        _check_value(cfg, 'optimizer', opt, f'runs[{i}][{"optimizer"!r}]')
+      for key in entry:
+        if key in AXES or key in hyper_names:
+          continue
+        if isinstance(key, str) and callable(opt) and not isinstance(opt, optax.GradientTransformation):
+          try:
+            accepted = optimizers.signature(opt).accepts(key)
+          except ValueError:
+            accepted = False
+          if accepted:
+            _check_hyperparameter_name(f'runs[{i}]', key)
+            hyper_names.append(key)
+            continue
+        known = list(AXES) + hyper_names
+        raise config_error(
+            f'runs[{i}]', _Shown(repr(key)),
+            'a run names fields of the sweep: ' + ', '.join(known)
+            + ', or keyword arguments of its optimizer factory',
+        )
+  position = AXES.index('weight_decay') + 1
+  fields = AXES[:position] + tuple(hyper_names) + AXES[position:]
+  raw_field = {f: getattr(cfg, f) if f in AXES else cfg.hyperparameters.get(f) for f in fields}
+  norm = {f: _normalise(cfg, f, raw_field[f]) for f in fields}
+  sampled = [f for f in fields if isinstance(norm[f], spaces.Space)]
+
+  if isinstance(cfg.sample_seed, bool) or not isinstance(cfg.sample_seed, numbers.Integral) or cfg.sample_seed < 0:
+    raise config_error('sample_seed', cfg.sample_seed, 'expected an integer >= 0')
+  if cfg.samples is not None and (
+      isinstance(cfg.samples, bool) or not isinstance(cfg.samples, numbers.Integral) or cfg.samples <= 0
+  ):
+    raise config_error('samples', cfg.samples, 'expected a positive integer: how many configurations to draw')
+
+  # ---- the runs, as given (callables themselves)
+  search: dict[str, Any] = {}
+  if entries is not None:
+    if sampled:
+      raise config_error(sampled[0], _Shown(_space_repr(norm[sampled[0]])),
+                         'runs= lists every run: give each run its own value instead of a space')
+    if cfg.samples is not None:
+      raise config_error('samples', cfg.samples, 'runs= lists every run: samples= draws runs from spaces instead')
+    for f in fields:
+      if len(norm[f]) > 1:
+        raise config_error(f, raw_field[f], 'with runs=, a field a run does not name takes one value: '
+                           'name it in each run instead')
+    raw_runs = []
+    for i, entry in enumerate(entries):
+      raw = {f: norm[f][0] for f in fields}
+      for key, v in entry.items():
+        where = f'runs[{i}][{key!r}]'
+        if key == 'optimizer':
+          _refuse_transformation(where, v)
+        if isinstance(v, spaces.Space) or isinstance(v, (list, tuple, np.ndarray)):
+          raise config_error(where, v, 'a run takes one value per field (a list of values is a list of runs)')
+        _check_value(cfg, key, v, where)
+        raw[key] = v
+      raw_runs.append(raw)
+    seen: dict[tuple, int] = {}
+    for i, raw in enumerate(raw_runs):
+      key = tuple((f, id(v) if callable(v) else v) for f, v in raw.items())
+      if key in seen:
+        raise config_error(f'runs[{i}]', entries[i], f'it repeats runs[{seen[key]}]: the same configuration twice')
+      seen[key] = i
+    search = {'mode': 'runs'}
+  elif sampled:
+    if cfg.samples is None:
+      raise config_error(sampled[0], _Shown(_space_repr(norm[sampled[0]])),
+                         'a sampled field needs samples=N: how many configurations to draw')
+    count = int(cfg.samples)
+    draws = {f: _draw(f, norm[f], int(cfg.sample_seed), count) for f in sampled}
+    # The sampled configurations form one axis, at the place of the first sampled field.
+    listed = [f for f in fields if f not in sampled]
+    k = sum(1 for f in fields[: fields.index(sampled[0])] if f not in sampled)
+    raw_runs = []
+    for combo in itertools.product(*(norm[f] for f in listed[:k]), range(count), *(norm[f] for f in listed[k:])):
+      j = combo[k]
+      raw = dict(zip(listed[:k], combo[:k], strict=True))
+      raw.update({f: draws[f][j] for f in sampled})
+      raw.update(zip(listed[k:], combo[k + 1:], strict=True))
+      raw_runs.append({f: raw[f] for f in fields})
+    search = {
+        'mode': 'sampled', 'samples': count, 'sample_seed': int(cfg.sample_seed),
+        'spaces': {f: _space_repr(norm[f]) for f in sampled},
+    }
+  else:
+    if cfg.samples is not None:
+      raise config_error('samples', cfg.samples, 'samples=N draws from sampled fields, and none is given: '
+                         'e.g. learning_rate=sweep.space.loguniform(1e-4, 1e-1)')
+    raw_runs = [dict(zip(fields, combo, strict=True)) for combo in itertools.product(*(norm[f] for f in fields))]
+
+  # ---- budgets
   if cfg.epochs is not None and cfg.updates is not None:
     raise config_error('epochs', cfg.epochs, f'give one budget, epochs or updates, not both (updates={cfg.updates!r})')
   epochs = 1 if cfg.epochs is None and cfg.updates is None else cfg.epochs
@@ -296,26 +626,12 @@ def validate(cfg: SweepConfig) -> Plan:
     raise config_error('augment', cfg.augment, 'a function augment(key, x_batch) -> x_batch, or None')
   if not isinstance(cfg.keep_best, bool):
     raise config_error('keep_best', cfg.keep_best, 'expected True or False')
-  if not isinstance(cfg.noise_scale, bool):
-    raise config_error('noise_scale', cfg.noise_scale, 'expected True or False')
-  if cfg.noise_scale:
-    for b in axes['batch_size']:
-      if b % 2:
-        raise config_error('batch_size', b, 'noise_scale=True needs even batch sizes (two half batches)')
   if cfg.memory_budget is not None:
     _positive_finite('memory_budget', [cfg.memory_budget])
   if cfg.compute_dtype not in ('float32', 'bfloat16', 'float16'):
     raise config_error('compute_dtype', cfg.compute_dtype, 'expected float32, bfloat16 or float16')
-  if not isinstance(cfg.objectives, Mapping) or not cfg.objectives:
-    raise config_error('objectives', cfg.objectives, 'expected a dict column -> "min" or "max"')
-  columns = table_columns(cfg, axes)
-  for col, sense in cfg.objectives.items():
-    if sense not in ('min', 'max'):
-      raise config_error(f'objectives[{col!r}]', sense, 'expected "min" or "max"')
-    if col not in columns:
-      raise config_error('objectives', col, 'a numeric column of the results table: ' + ', '.join(columns))
 
-  batch_sizes = tuple(sorted(axes['batch_size']))
+  batch_sizes = tuple(sorted({int(r['batch_size']) for r in raw_runs}))
   steps_per_epoch = {b: n // b for b in batch_sizes}
   if cfg.updates is not None:
     total = {b: int(cfg.updates) for b in batch_sizes}
@@ -334,22 +650,32 @@ def validate(cfg: SweepConfig) -> Plan:
   else:
     output_dim = int(np.prod(data.y_train.shape[1:]))
 
-  runs = []
-  for i, combo in enumerate(itertools.product(*(axes[a] for a in AXES))):
-    values = dict(zip(AXES, combo, strict=True))
-    defaults = optimizers.FAMILIES[values['optimizer']].hypers
-    for name in optimizers.HYPERPARAMETERS:
-      if name not in defaults:
-        values[name] = None
-      elif values[name] is None:
-        values[name] = defaults[name]
-    runs.append(Run(index=i, values=values, total_updates=total[values['batch_size']]))
+  runs = _resolve(cfg, fields, hyper_names, raw_runs, total, explicit=entries is not None)
+  custom = tuple(_distinct(r.schedule for r in runs if not isinstance(r.schedule, str)))
 
+  # ---- what the table and config.json show
+  axes = {f: _distinct(_display(r.spec[f], r.values, f) for r in runs) for f in fields}
+  always = ('learning_rate', 'batch_size', 'seed', 'optimizer', 'schedule')
   swept = tuple(
-      a for a in AXES
-      if len(axes[a]) > 1 or a in ('learning_rate', 'batch_size', 'seed', 'optimizer', 'schedule')
-      or (a in optimizers.HYPERPARAMETERS and axes[a] != [None])
+      f for f in fields
+      if f in always or f in hyper_names or len(axes[f]) > 1
+      or (f in OPTIMIZER_HYPERPARAMETERS and axes[f] != [None])
   )
+  if entries is not None:
+    search['runs'] = [
+        {k: (r.values[k] if k in ('optimizer', 'schedule') else v) for k, v in entry.items()}
+        for r, entry in zip(runs, entries, strict=True)
+    ]
+
+  if not isinstance(cfg.objectives, Mapping) or not cfg.objectives:
+    raise config_error('objectives', cfg.objectives, 'expected a dict column -> "min" or "max"')
+  columns = table_columns(cfg, axes)
+  for col, sense in cfg.objectives.items():
+    if sense not in ('min', 'max'):
+      raise config_error(f'objectives[{col!r}]', sense, 'expected "min" or "max"')
+    if col not in columns:
+      raise config_error('objectives', col, 'a numeric column of the results table: ' + ', '.join(columns))
+
   return Plan(
       config=cfg,
       runs=tuple(runs),
@@ -361,4 +687,223 @@ def validate(cfg: SweepConfig) -> Plan:
       total_updates=total,
       num_evals=num_evals,
       output_dim=output_dim,
+      fields=fields,
+      groups=tuple(_distinct(r.group for r in runs)),
+      custom_schedules=custom,
+      search=search,
   )
+
+
+def _distinct(items) -> list:
+  """The distinct items in order of first appearance (callables by identity)."""
+  out, seen = [], set()
+  for x in items:
+    key = _identity(x)
+    if key not in seen:
+      seen.add(key)
+      out.append(x)
+  return out
+
+
+def _identity(x):
+  if isinstance(x, tuple):
+    return tuple(_identity(v) for v in x)
+  if isinstance(x, optimizers.Factory):
+    return ('factory', id(x.fn), x.names)
+  if callable(x) and not isinstance(x, str):
+    return ('callable', id(x))
+  return x
+
+
+def _display(spec_value, values: dict, field: str):
+  return values[field] if field in ('optimizer', 'schedule') else spec_value
+
+
+def _labels(callables: list, taken: set[str]) -> dict[int, str]:
+  """A distinct readable label for each callable (by id), none equal to a name in `taken`."""
+  out, used = {}, set(taken)
+  for fn in callables:
+    base = optimizers.label(fn)
+    name, k = base, 2
+    while name in used:
+      name, k = f'{base} #{k}', k + 1
+    used.add(name)
+    out[id(fn)] = name
+  return out
+
+
+def _resolve(cfg, fields, hyper_names, raw_runs, total, *, explicit: bool) -> list[Run]:
+  """Each raw run as a `Run`: the optimizer and its injected hyperparameters, the schedule,
+  the values the table shows."""
+  factories = _distinct(r['optimizer'] for r in raw_runs if not isinstance(r['optimizer'], str))
+  scheds = _distinct(r['schedule'] for r in raw_runs if not isinstance(r['schedule'], str))
+  opt_labels = _labels(factories, {r['optimizer'] for r in raw_runs if isinstance(r['optimizer'], str)})
+  sched_labels = _labels(scheds, {r['schedule'] for r in raw_runs if isinstance(r['schedule'], str)})
+  signatures = {id(fn): optimizers.signature(fn) for fn in factories}
+  names_of = {id(fn): [] for fn in factories}  # per factory: every name any of its runs fills
+  for r in raw_runs:
+    if not isinstance(r['optimizer'], str):
+      names = names_of[id(r['optimizer'])]
+      names.extend(h for h in fields if _fills(h, hyper_names) and r[h] is not None and h not in names)
+  ordered = {k: [h for h in fields if h in v] for k, v in names_of.items()}
+
+  runs = []
+  for i, raw in enumerate(raw_runs):
+    field = (lambda f, i=i: f'runs[{i}][{f!r}]') if explicit else (lambda f: f)
+    opt = raw['optimizer']
+    values = dict(raw)
+    if isinstance(opt, str):
+      fam = optimizers.FAMILIES[opt]
+      for name in OPTIMIZER_HYPERPARAMETERS:
+        if raw[name] is not None and name not in fam.hypers:
+          takers = optimizers.families_accepting(name)
+          shown = raw[name] if explicit else getattr(cfg, name)
+          raise config_error(field(name), shown,
+                             f'optimizer {opt!r} takes no {name}; it applies to ' + ', '.join(takers)
+                             + ', and to optimizer factories that take it')
+      for name in hyper_names:
+        if raw[name] is not None:
+          shown = raw[name] if explicit else cfg.hyperparameters.get(name)
+          raise config_error(field(name) if explicit else f'hyperparameters[{name!r}]', shown,
+                             f'optimizer {opt!r} takes no {name}: hyperparameters= fills keyword arguments '
+                             'of optimizer factories')
+      for name in OPTIMIZER_HYPERPARAMETERS:
+        if name not in fam.hypers:
+          values[name] = None
+        elif values[name] is None:
+          values[name] = fam.hypers[name]
+      hypers = {k: float(values[k]) for k in OPTIMIZER_HYPERPARAMETERS if values[k] is not None}
+      family = opt
+    else:
+      sig = signatures[id(opt)]
+      label = opt_labels[id(opt)]
+      for name in fields:
+        if _fills(name, hyper_names) and raw[name] is not None and not sig.accepts(name):
+          shown = raw[name] if explicit else (getattr(cfg, name) if name in AXES else cfg.hyperparameters.get(name))
+          where = field(name) if explicit or name in AXES else f'hyperparameters[{name!r}]'
+          raise config_error(
+              where, shown,
+              f'the optimizer factory {label!r} takes no {name}; its keyword arguments are '
+              + (', '.join(sig.keywords) or 'none'),
+          )
+      hypers = {}
+      for name in ordered[id(opt)]:
+        v = raw[name]
+        if v is None:
+          default = sig.keywords.get(name, optimizers.REQUIRED)
+          if isinstance(default, numbers.Real) and not isinstance(default, bool):
+            v = values[name] = float(default)
+          else:
+            continue  # a default that is no number (None) stays the factory's own
+        hypers[name] = float(v)
+      for name in sig.required():
+        if name not in hypers:
+          how = f'set {name}=...' if name in AXES else f"give hyperparameters={{{name!r}: [...]}}"
+          raise config_error(field('optimizer'), _Shown(label),
+                             f'the factory takes {name} and nothing fills it: {how}')
+      for name in OPTIMIZER_HYPERPARAMETERS:
+        if name not in hypers:
+          values[name] = None
+      family = optimizers.Factory(opt, tuple(hypers), label)
+      values['optimizer'] = label
+    sched = raw['schedule']
+    b = int(raw['batch_size'])
+    if isinstance(sched, str):
+      try:
+        schedules.make_params(sched, float(raw['learning_rate']), total[b], decay_rate=raw['decay_rate'],
+                              decay_every=cfg.decay_every, warmup=raw['warmup'])
+      except ValueError as e:
+        raise config_error(field('warmup'), raw['warmup'], str(e)) from None
+    else:
+      values['schedule'] = sched_labels[id(sched)]
+    for h in hyper_names:
+      values.setdefault(h, None)
+    runs.append(Run(index=i, values=values, total_updates=total[b], family=family, schedule=sched,
+                    hypers=hypers, spec=dict(raw)))
+  return runs
+
+
+def _fills(name: str, hyper_names: list[str]) -> bool:
+  """Whether field `name` fills a keyword argument of an optimizer."""
+  return name in OPTIMIZER_HYPERPARAMETERS or name in hyper_names
+
+
+def run_fields(plan: Plan, run: Run) -> dict[str, Any]:
+  """The fields that make `run` a sweep of its own: `plan.config.replace(**run_fields(plan, run))`."""
+  out = {f: run.spec[f] for f in AXES}
+  out['hyperparameters'] = {h: run.spec[h] for h in plan.fields if h not in AXES and run.spec[h] is not None}
+  out.update(runs=None, samples=None)
+  return out
+
+
+def axis_columns(table_columns_: Sequence[str], config: Mapping | None = None) -> list[str]:
+  """The columns of a results table that hold hyperparameters: the axes, and the factories'
+  hyperparameters recorded in `config['axes']` (config.json), in the sweep's order."""
+  recorded = list((config or {}).get('axes') or {})
+  extra = [a for a in recorded if a not in AXES]
+  position = AXES.index('weight_decay') + 1
+  order = list(AXES[:position]) + extra + list(AXES[position:])
+  return [a for a in order if a in table_columns_]
+
+
+def check_callables(plan: Plan, model: Any) -> None:
+  """Traces every optimizer factory and schedule callable of `plan` (with `jax.eval_shape`,
+  compiling nothing) and raises `ConfigError` for one that fails or returns the wrong thing."""
+  import jax
+  import jax.numpy as jnp
+
+  f32 = jax.ShapeDtypeStruct((), jnp.float32)
+  factories = [g for g in plan.groups if isinstance(g[0], optimizers.Factory)]
+  params = model.initial_shapes()[0] if factories else None
+  for family, names in factories:
+    run = next(r for r in plan.runs if r.group == (family, names))
+    lr = float(run.values['learning_rate'])
+    shown = ', '.join([repr(lr)] + [f'{k}={v!r}' for k, v in run.hypers.items()])
+    try:
+      made = family.fn(lr, **run.hypers)
+    except Exception as e:  # the researcher's code: report it as theirs
+      raise config_error('optimizer', _Shown(family.label), f'factory({shown}) failed: {type(e).__name__}: {e}') from e
+    if not isinstance(made, optax.GradientTransformation):
+      raise config_error('optimizer', _Shown(family.label),
+                         f'a factory must return an optax.GradientTransformation; factory({shown}) returned '
+                         f'{type(made).__name__}')
+
+    def step(p, hp, lr, family=family):
+      opt = optimizers.make(family, hp)
+      state = optimizers.with_learning_rate(opt.init(p), lr)
+      updates, _ = opt.update(p, state, p)
+      return updates
+
+    try:
+      out = jax.eval_shape(step, params, {k: f32 for k in names}, f32)
+    except Exception as e:
+      raise config_error(
+          'optimizer', _Shown(family.label),
+          f'it fails with its learning rate and hyperparameters traced ({type(e).__name__}: '
+          f'{str(e).splitlines()[0] if str(e) else ""}); they are traced arrays so that one program serves every '
+          'value: compute with them in jnp, not in a Python if or float()',
+      ) from e
+    if jax.tree.structure(out) != jax.tree.structure(params):
+      raise config_error('optimizer', _Shown(family.label), 'its updates must have the structure of the parameters')
+
+  for fn in plan.custom_schedules:
+    users = [r for r in plan.runs if r.schedule is fn]
+    label = users[0].values['schedule']
+    for total in sorted({r.total_updates for r in users}):
+      try:
+        out = jax.eval_shape(
+            lambda lr, c, fn=fn, total=total: schedules.custom_value(fn, lr, total, c),
+            f32, jax.ShapeDtypeStruct((), jnp.int32),
+        )
+      except Exception as e:
+        raise config_error(
+            'schedule', _Shown(label),
+            f'schedule(learning_rate, total_updates={total}) failed with the learning rate traced '
+            f'({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}); expected an optax schedule '
+            '(a function of the update count) or a number, computed with jnp',
+        ) from e
+      if out.shape != ():
+        raise config_error(
+            'schedule', _Shown(label),
+            f'schedule(learning_rate, total_updates={total})(count) must be a scalar; it has shape {out.shape}',
+        )

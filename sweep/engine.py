@@ -25,7 +25,7 @@ from flax import nnx
 
 from kernels import losses, optimizers, schedules, train
 from sweep import adapters, checkpoints, distributed, models
-from sweep.config import Plan, Run, SweepConfig, validate
+from sweep.config import Plan, Run, SweepConfig, check_callables, validate
 from sweep.data import aligned
 from sweep.errors import ConfigError, config_error
 
@@ -167,30 +167,39 @@ class BatchGroup:
 
 @dataclasses.dataclass
 class CompileGroup:
-  family: str
+  family: str | optimizers.Factory
   structure: train.Structure
   groups: list[BatchGroup]
   hparams: tuple[train.GroupHparams, ...]
 
 
-def _layout(plan: Plan, family: str) -> list[BatchGroup]:
-  """Every batch group of `family`, its runs laid out (S, R) with R unpadded."""
-  seeds = plan.axes['seed']
+def _layout(plan: Plan, key) -> list[BatchGroup]:
+  """Every batch group of compile group `key`, its runs laid out (S, R) with R unpadded.
+
+  The seeds of a batch group are those its runs use; a seed with fewer runs than another
+  (runs that are no product of the axes) leaves padding slots (-1) in its row.
+  """
+  mine = [r for r in plan.runs if r.group == key]
   out = []
-  for b in plan.batch_sizes:
-    runs = [r for r in plan.runs if r.values['optimizer'] == family and r.values['batch_size'] == b]
+  for b in sorted({r.values['batch_size'] for r in mine}):
+    runs = [r for r in mine if r.values['batch_size'] == b]
+    seeds = list(dict.fromkeys(r.values['seed'] for r in runs))
     per_seed = [[r for r in runs if r.values['seed'] == s] for s in seeds]
-    slots = np.full((_bucket(len(seeds)), len(per_seed[0])), -1, np.int64)
+    slots = np.full((_bucket(len(seeds)), max(len(rs) for rs in per_seed)), -1, np.int64)
     for si, rs in enumerate(per_seed):
       slots[si, : len(rs)] = [r.index for r in rs]
-    out.append(BatchGroup(batch_size=b, seeds=list(seeds), slots=slots, runs=runs))
+    out.append(BatchGroup(batch_size=b, seeds=seeds, slots=slots, runs=runs))
   return out
 
 
-def _chunk(groups: list[BatchGroup], start: int, width: int) -> list[BatchGroup]:
-  """Slots [start, start + width) of the run axis of every batch group, padded with -1."""
+def _chunk(groups: list[BatchGroup], start: int, widths: list[int]) -> list[BatchGroup]:
+  """Slots [start, start + width) of the run axis of every batch group, padded with -1.
+
+  A batch group narrower than the chunk (`widths` holds each group's width) lies whole in
+  the first chunk and is padding in the others.
+  """
   out = []
-  for g in groups:
+  for g, width in zip(groups, widths, strict=True):
     slots = np.full((g.slots.shape[0], width), -1, np.int64)
     part = g.slots[:, start:start + width]
     slots[:, : part.shape[1]] = part
@@ -311,7 +320,7 @@ def _run_bytes(plan: Plan, model: adapters.Model, family: str, eval_chunk: int) 
   data = plan.config.data
   params, model_state = model.initial_shapes()
   size = lambda tree: sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(tree))  # noqa: E731
-  hypers = {k: 0.5 for k, v in optimizers.FAMILIES[family].hypers.items() if v is not None}
+  hypers = optimizers.example_hypers(family)
   opt_state = jax.eval_shape(lambda p: optimizers.make(family, hypers).init(p), params)
   structure = train.Structure(
       model=model, loss=plan.loss, family=family, batch_sizes=(), steps_per_segment=(),
@@ -339,23 +348,27 @@ def _run_bytes(plan: Plan, model: adapters.Model, family: str, eval_chunk: int) 
   return state + max(intermediates(max(plan.batch_sizes), True), intermediates(eval_chunk, False))
 
 
-def _hparams(plan: Plan, group: BatchGroup) -> train.GroupHparams:
-  """Stacks each slot's hyperparameters into arrays (S, R); padding copies a real run."""
+def _hparams(plan: Plan, group: BatchGroup, filler: Run) -> train.GroupHparams:
+  """Stacks each slot's hyperparameters into arrays (S, R); padding copies `filler`, a real
+  run of the compile group."""
   cfg = plan.config
-  filler = plan.runs[group.slots[0, 0]]
+  custom = {id(fn): j for j, fn in enumerate(plan.custom_schedules)}
   sched, opt = [], []
   for row in group.slots:
     sched_row, opt_row = [], []
     for idx in row:
       run = plan.runs[idx] if idx >= 0 else filler
       v = run.values
-      sched_row.append(
-          schedules.make_params(
-              v['schedule'], v['learning_rate'], run.total_updates,
-              decay_rate=v['decay_rate'], decay_every=cfg.decay_every, warmup=v['warmup'],
-          )
-      )
-      opt_row.append({k: np.float32(v[k]) for k in ('momentum', 'b1', 'b2', 'weight_decay') if v[k] is not None})
+      if isinstance(run.schedule, str):
+        sched_row.append(
+            schedules.make_params(
+                run.schedule, v['learning_rate'], run.total_updates,
+                decay_rate=v['decay_rate'], decay_every=cfg.decay_every, warmup=v['warmup'],
+            )
+        )
+      else:
+        sched_row.append(schedules.custom_params(custom[id(run.schedule)], v['learning_rate'], run.total_updates))
+      opt_row.append({k: np.float32(x) for k, x in run.hypers.items()})
     sched.append(sched_row)
     opt.append(opt_row)
   stack = lambda rows: jax.tree.map(lambda *xs: np.stack(xs), *[jax.tree.map(lambda *ys: np.stack(ys), *r) for r in rows])  # noqa: E731
@@ -405,24 +418,28 @@ def compile_groups(plan: Plan, model: adapters.Model, eval_chunk: int) -> list[C
   devices = jax.local_device_count()
   budget = memory_budget(cfg) - sum(a.nbytes for a in (cfg.data.x_train, cfg.data.y_train))
   out = []
-  for family in plan.axes['optimizer']:
-    groups = _layout(plan, family)
-    total = groups[0].slots.shape[1]
+  for key in plan.groups:
+    family = key[0]
+    groups = _layout(plan, key)
+    batch_sizes = tuple(g.batch_size for g in groups)
+    total = max(g.slots.shape[1] for g in groups)
     slots_per_column = sum(g.slots.shape[0] for g in groups)
     fits = max(1, budget // max(1, run_bytes(plan, model, family, eval_chunk) * slots_per_column))
     width = min(_bucket(total), 1 << int(math.floor(math.log2(fits))))
     width = devices * math.ceil(width / devices)  # every device gets whole runs
+    # A batch group with fewer runs than the widest is laid out no wider than it needs.
+    widths = [min(width, devices * math.ceil(_bucket(g.slots.shape[1]) / devices)) for g in groups]
     structure = train.Structure(
         model=model,
         loss=plan.loss,
         family=family,
-        batch_sizes=plan.batch_sizes,
-        steps_per_segment=tuple(math.ceil(plan.total_updates[b] / plan.num_evals) for b in plan.batch_sizes),
-        steps_per_epoch=tuple(plan.steps_per_epoch[b] for b in plan.batch_sizes),
+        batch_sizes=batch_sizes,
+        steps_per_segment=tuple(math.ceil(plan.total_updates[b] / plan.num_evals) for b in batch_sizes),
+        steps_per_epoch=tuple(plan.steps_per_epoch[b] for b in batch_sizes),
         eval_batch_size=eval_chunk,
         ragged=tuple(
             math.ceil(plan.total_updates[b] / plan.num_evals) * plan.num_evals != plan.total_updates[b]
-            for b in plan.batch_sizes
+            for b in batch_sizes
         ),
         compute_dtype=cfg.compute_dtype,
         noise_scale=cfg.noise_scale,
@@ -430,10 +447,13 @@ def compile_groups(plan: Plan, model: adapters.Model, eval_chunk: int) -> list[C
         augment=cfg.augment,
         ignore_label=cfg.data.ignore_label,
         accuracy=_callable_accuracy(plan),
+        schedules=plan.custom_schedules,
+        total_updates=tuple(plan.total_updates[b] for b in batch_sizes) if plan.custom_schedules else (),
     )
+    filler = groups[0].runs[0]
     for start in range(0, total, width):
-      chunk = _chunk(groups, start, width)
-      out.append(CompileGroup(family, structure, chunk, tuple(_hparams(plan, g) for g in chunk)))
+      chunk = _chunk(groups, start, widths)
+      out.append(CompileGroup(family, structure, chunk, tuple(_hparams(plan, g, filler) for g in chunk)))
   return out
 
 
@@ -514,7 +534,7 @@ class _OrderBook:
     self.cg = cg
     self._cache: dict[tuple[int, int], jax.Array] = {}
     self.spans = []  # per batch group: per segment (first epoch, epochs spanned)
-    for b, length in zip(plan.batch_sizes, cg.structure.steps_per_segment, strict=True):
+    for b, length in zip(cg.structure.batch_sizes, cg.structure.steps_per_segment, strict=True):
       total, spe = plan.total_updates[b], plan.steps_per_epoch[b]
       spans = []
       for k in range(plan.num_evals):
@@ -656,6 +676,7 @@ def run(
   data = cfg.data
   model = model_of(cfg, plan.output_dim)
   _check_model(plan, model)
+  check_callables(plan, model)
   if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
     raise config_error('checkpoint_every', checkpoint_every, 'expected a positive integer')
 
@@ -784,7 +805,9 @@ def run(
 def check(cfg: SweepConfig) -> Plan:
   """Validates `cfg` completely (shapes included) without compiling; returns the plan."""
   plan = validate(cfg)
-  _check_model(plan, model_of(cfg, plan.output_dim))
+  model = model_of(cfg, plan.output_dim)
+  _check_model(plan, model)
+  check_callables(plan, model)
   return plan
 
 

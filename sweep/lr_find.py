@@ -38,7 +38,7 @@ import optax
 
 from kernels import optimizers, train
 from sweep import engine
-from sweep.config import AXES, SweepConfig, validate
+from sweep.config import SweepConfig, run_fields, validate
 from sweep.errors import config_error
 
 __all__ = ['METHODS', 'RULES', 'LRFinderResult', 'lr_find', 'minimum', 'steep', 'valley']
@@ -242,8 +242,10 @@ def _suggest_all(lrs: np.ndarray, losses: np.ndarray) -> dict[str, float]:
 
 
 def _first_values(plan) -> dict[str, Any]:
-  """Every axis but the learning rate at its first value: the one run the test studies."""
-  return {a: plan.axes[a][0] for a in AXES if a != 'learning_rate'}
+  """Every field but the learning rate as the first run has it: the one run the test studies."""
+  fields = run_fields(plan, plan.runs[0])
+  del fields['learning_rate']
+  return fields
 
 
 # ------------------------------------------------------------------------- ramp ----
@@ -324,11 +326,11 @@ def _ramp(cfg, start_lr, end_lr, num_it, suggest, beta, stop_factor) -> LRFinder
   plan = engine.check(cfg)
   first = _first_values(plan)
   run = plan.runs[0]  # every axis at its first value, optimizer defaults filled in
-  hypers = {k: np.float32(run.values[k]) for k in optimizers.HYPERPARAMETERS if run.values[k] is not None}
+  hypers = {k: np.float32(v) for k, v in run.hypers.items()}
   data = cfg.data
   model = engine.model_of(cfg, plan.output_dim)
   structure = train.Structure(
-      model=model, loss=plan.loss, family=first['optimizer'], batch_sizes=(), steps_per_segment=(),
+      model=model, loss=plan.loss, family=run.family, batch_sizes=(), steps_per_segment=(),
       steps_per_epoch=(), eval_batch_size=1, compute_dtype=cfg.compute_dtype, augment=cfg.augment,
       ignore_label=data.ignore_label, accuracy=None,
   )

@@ -47,7 +47,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from sweep import analysis
-from sweep.config import AXES
+from sweep.config import axis_columns
 from sweep.results import Result, atomic_write
 
 if TYPE_CHECKING:
@@ -163,24 +163,30 @@ def _panels(table: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
   return out
 
 
-def _averaged_axes(table: pd.DataFrame) -> list[str]:
+def _axes(table: pd.DataFrame, config: dict | None) -> list[str]:
+  """The hyperparameter columns of the table, in the sweep's order (with the config, the
+  hyperparameters of optimizer factories too)."""
+  return axis_columns(list(table.columns), config)
+
+
+def _averaged_axes(table: pd.DataFrame, config: dict | None = None) -> list[str]:
   """Axes (other than those drawn) whose values a cell of the heatmap averages over."""
   drawn = {'learning_rate', 'batch_size', 'optimizer', 'schedule'}
-  return [a for a in AXES if a in table.columns and a not in drawn and table[a].nunique(dropna=False) > 1]
+  return [a for a in _axes(table, config) if a not in drawn and table[a].nunique(dropna=False) > 1]
 
 
-def _varying(table: pd.DataFrame) -> list[str]:
+def _varying(table: pd.DataFrame, config: dict | None = None) -> list[str]:
   """The axes whose values differ between runs, in the sweep's order."""
-  return [a for a in AXES if a in table.columns and table[a].nunique(dropna=False) > 1]
+  return [a for a in _axes(table, config) if table[a].nunique(dropna=False) > 1]
 
 
-def _run_label(row: pd.Series, table: pd.DataFrame) -> str:
+def _run_label(row: pd.Series, table: pd.DataFrame, config: dict | None = None) -> str:
   parts = []
   if 'learning_rate' in row:
     parts.append(f'lr={_g(row["learning_rate"], 3)}')
   if 'batch_size' in row:
     parts.append(f'B={_g(row["batch_size"])}')
-  for a in _varying(table):
+  for a in _varying(table, config):
     if a in ('learning_rate', 'batch_size'):
       continue
     parts.append(f'{a} {row[a]}' if a in ('optimizer', 'schedule', 'seed') else f'{a}={_g(row[a], 3)}')
@@ -352,6 +358,41 @@ def load_lr_find(workdir: str) -> LRFinderResult | None:
 # --------------------------------------------------------------------- figures ----
 
 
+MAX_GRID_VALUES = 24  # distinct values of an axis beyond which the heatmap bins them
+
+
+@dataclasses.dataclass
+class _Cells:
+  """How one axis of the heatmap is cut: a cell per value tried, or bins of a range."""
+
+  labels: list[str]
+  binned: bool
+  edges: np.ndarray | None = None
+  values: np.ndarray | None = None
+
+  def index(self, v: float) -> int:
+    if not self.binned:
+      return int(np.searchsorted(self.values, v))
+    return int(np.clip(np.searchsorted(self.edges, v, side='right') - 1, 0, len(self.labels) - 1))
+
+
+def _cells(values: pd.Series, config: dict, field: str, fmt) -> _Cells:
+  """One cell per distinct value, or (for values sampled from a range, or too many to show)
+  bins: log-spaced where the values are positive and span a factor of 10, else even."""
+  v = np.sort(pd.to_numeric(values).unique().astype(np.float64))
+  space = str(((config.get('search') or {}).get('spaces') or {}).get(field, ''))
+  continuous = space.startswith(('loguniform', 'uniform', 'randint'))
+  if not (continuous or len(v) > MAX_GRID_VALUES) or len(v) < 4:
+    return _Cells([fmt(x) for x in v], False, values=v)
+  k = int(np.clip(round(1.5 * math.sqrt(len(v))), 3, 12))
+  if _spans_decades(v):
+    edges = np.geomspace(v[0], v[-1], k + 1)
+  else:
+    edges = np.linspace(v[0], v[-1], k + 1)
+  labels = [f'{fmt(lo)}–{fmt(hi)}' for lo, hi in zip(edges[:-1], edges[1:], strict=True)]
+  return _Cells(labels, True, edges=edges)
+
+
 def _heatmap(result: Result) -> _Section:
   table = result.table
   for column in ('learning_rate', 'batch_size'):
@@ -360,10 +401,9 @@ def _heatmap(result: Result) -> _Section:
   metric = _metric(table)
   if metric not in table.columns:
     raise _Skip('the results table holds no final loss.')
-  lrs = np.sort(pd.to_numeric(table['learning_rate']).unique().astype(np.float64))
-  bss = np.sort(pd.to_numeric(table['batch_size']).unique().astype(np.float64))
-  col_of = {v: j for j, v in enumerate(lrs)}
-  row_of = {v: i for i, v in enumerate(bss)}
+  columns = _cells(table['learning_rate'], result.config, 'learning_rate', _tick)
+  rows = _cells(table['batch_size'], result.config, 'batch_size', lambda x: _g(round(x) if x > 10 else x, 3))
+  lrs, bss = columns.labels, rows.labels
 
   grids = []
   for title, sub in _panels(table):
@@ -372,8 +412,9 @@ def _heatmap(result: Result) -> _Section:
     diverged = np.zeros(values.shape, int)
     ok = (sub['status'] == 'ok').to_numpy() if 'status' in sub.columns else np.ones(len(sub), bool)
     metric_values = pd.to_numeric(sub[metric], errors='coerce').to_numpy(np.float64)
-    for (b, lr), idx in sub.groupby(['batch_size', 'learning_rate']).indices.items():
-      i, j = row_of[float(b)], col_of[float(lr)]
+    cell = np.array([(rows.index(float(b)), columns.index(float(lr)))
+                     for b, lr in zip(sub['batch_size'], sub['learning_rate'], strict=True)]).reshape(-1, 2)
+    for (i, j), idx in pd.DataFrame(cell, columns=['i', 'j']).groupby(['i', 'j']).indices.items():
       tried[i, j] = len(idx)
       diverged[i, j] = int(np.sum(~ok[idx]))
       good = metric_values[idx][ok[idx] & np.isfinite(metric_values[idx])]
@@ -431,17 +472,18 @@ def _heatmap(result: Result) -> _Section:
       ax.add_patch(patches.Rectangle((j, i), 1, 1, fill=False, edgecolor='red', linewidth=2.5))
     ax.set_xlim(0, len(lrs))
     ax.set_ylim(0, len(bss))
-    ax.set_xticks(np.arange(len(lrs)) + 0.5, [_tick(v) for v in lrs])
-    ax.set_yticks(np.arange(len(bss)) + 0.5, [_g(v) for v in bss])
-    if len(lrs) > 6:
+    ax.set_xticks(np.arange(len(lrs)) + 0.5, lrs)
+    ax.set_yticks(np.arange(len(bss)) + 0.5, bss)
+    if len(lrs) > 6 or columns.binned:
       ax.tick_params(axis='x', labelrotation=45)
-    ax.set_xlabel('learning rate (one column per value tried)')
-    ax.set_ylabel('batch size (examples per update)')
+    ax.set_xlabel('learning rate (bins of the range sampled)' if columns.binned
+                  else 'learning rate (one column per value tried)')
+    ax.set_ylabel('batch size (bins of the range sampled)' if rows.binned else 'batch size (examples per update)')
     if title:
       ax.set_title(title)
   for k in range(n, nrows * ncols):
     axes[k // ncols][k % ncols].set_visible(False)
-  averaged = ['seeds' if a == 'seed' else a for a in _averaged_axes(table)]
+  averaged = ['seeds' if a == 'seed' else a for a in _averaged_axes(table, result.config)]
   over = ' and '.join(averaged) if averaged else ''
   what = f': mean over {over} of the runs that did not diverge' if over else ' of each run (one per cell)'
   frame = '\n(red frame: the lowest cell)' if len(finite) else ''
@@ -463,6 +505,12 @@ def _heatmap(result: Result) -> _Section:
   caption = (f'{LABELS.get(metric, metric).capitalize()} of every learning rate and batch size'
              + (f', averaged over {over} (runs that diverged left out of the mean)' if over else '')
              + '. Hatched grey cells with an x: every run diverged.')
+  if columns.binned or rows.binned:
+    cut = ' and '.join(n for n, c in (('learning rates', columns), ('batch sizes', rows)) if c.binned)
+    caption += (f' The {cut} come from a continuous range (or are too many to show one by one): each is cut '
+                'into bins, and a cell averages the runs that fall in it (empty cells: no run).')
+    what = ': mean of the runs in each cell that did not diverge'
+    fig.suptitle(f'{LABELS.get(metric, metric)}{what}{frame}', fontsize=10)
   if metric != 'final_val_loss':
     caption += ' The sweep has no validation set: the training loss is shown instead.'
   if len(grids) > 1:
@@ -501,7 +549,7 @@ def _curves(result: Result) -> _Section:
     color = palette(k % 10)
     x = c[xcol].to_numpy(np.float64)
     train = c['train_loss'].to_numpy(np.float64)
-    (line,) = ax.plot(x, train, '-', color=color, marker='.', label=_run_label(row, table))
+    (line,) = ax.plot(x, train, '-', color=color, marker='.', label=_run_label(row, table, result.config))
     plotted.append(train)
     if has_val:
       val = c['val_loss'].to_numpy(np.float64)
@@ -583,7 +631,7 @@ def _pareto(result: Result) -> _Section:
       right = position[front][order][k] > middle  # labels point inwards, away from the frame
       # On the side of the front that no run reaches (below it when y is minimised).
       below = ysense == 'min'
-      ax.annotate(_run_label(rows.iloc[k], table), (fx[k], fy[k]), textcoords='offset points',
+      ax.annotate(_run_label(rows.iloc[k], table, result.config), (fx[k], fy[k]), textcoords='offset points',
                   xytext=(-6 if right else 6, -6 if below else 6), ha='right' if right else 'left',
                   va='top' if below else 'bottom', fontsize=7)
   ax.margins(x=0.06, y=0.12)  # room for the labels of the front's outer points
@@ -669,7 +717,7 @@ def _scaling(result: Result) -> list[dict[str, Any]]:
   metric = _metric(table)
   out = []
   for title, sub in _panels(table):
-    part = SimpleNamespace(table=sub, curves=result.curves)
+    part = SimpleNamespace(table=sub, curves=result.curves, config=result.config)
     entry: dict[str, Any] = {'title': title, 'metric': metric}
     try:
       entry['table'] = analysis.batch_size_table(part, metric)
@@ -689,6 +737,8 @@ def _batch_size(result: Result, scaling: list[dict[str, Any]]) -> _Section:
     raise _Skip('fewer than two batch sizes have a learning rate at which every seed finished.')
   fig = _new_figure(7.0, 4.8)
   ax = fig.add_subplot()
+  # Learning rates drawn from a range are no grid: round ticks, not one per value.
+  sampled = 'learning_rate' in ((result.config.get('search') or {}).get('spaces') or {})
   all_b, all_lr = [], []
   for k, s in enumerate(usable):
     fit = s['slope']
@@ -699,7 +749,7 @@ def _batch_size(result: Result, scaling: list[dict[str, Any]]) -> _Section:
     ax.scatter(b[~edge], lr[~edge], s=40, color=color, zorder=3, label=f'{prefix}best learning rate')
     if edge.any():
       ax.scatter(b[edge], lr[edge], s=40, facecolor='white', edgecolor=color, linewidth=1.5, zorder=3,
-                 label=f'{prefix}best at the edge of the grid')
+                 label=f'{prefix}best at the edge of the {"range" if sampled else "grid"}')
     bb = np.geomspace(b.min(), b.max(), 50)
     interval = ''
     if math.isfinite(fit['ci_low']) and math.isfinite(fit['ci_high']):
@@ -724,7 +774,7 @@ def _batch_size(result: Result, scaling: list[dict[str, Any]]) -> _Section:
   shown = tried[(tried >= low) & (tried <= high)]
   for v in shown:
     ax.axhline(v, color='0.85', linewidth=0.8, zorder=0)
-  _label_log_axis(ax.yaxis, shown if len(shown) else lr, _tick, at_values=True)
+  _label_log_axis(ax.yaxis, shown if len(shown) else lr, _tick, at_values=not sampled)
   ax.set_xlabel('batch size (examples per update, log scale)')
   ax.set_ylabel('best learning rate (log scale)')
   ax.set_title(f'best learning rate per batch size (by seed-mean {LABELS.get(usable[0]["metric"], "loss")})\n'
@@ -805,8 +855,14 @@ def _summary(result: Result) -> str:
   diverged = int((table['status'] != 'ok').sum()) if 'status' in table.columns else 0
   metric = _metric(table)
   seeds = table['seed'].nunique() if 'seed' in table.columns else 1
+  search = config.get('search') or {}
   parts = [f'<b>{n} runs</b>']
-  if seeds > 1:
+  if search.get('mode') == 'sampled':
+    parts[0] += f' ({search.get("samples")} configurations sampled with sample_seed {search.get("sample_seed")}'
+    parts[0] += f', × {n // max(1, int(search.get("samples") or 1))} grid points)' if n != search.get('samples') else ')'
+  elif search.get('mode') == 'runs':
+    parts[0] += ' (an explicit list)'
+  elif seeds > 1:
     parts[0] += f' ({n // seeds} configurations × {seeds} seeds)'
   parts[0] += f'; <b>{diverged} diverged</b> ({100.0 * diverged / max(n, 1):.0f} %).'
   ok = _ok(table)
@@ -818,7 +874,7 @@ def _summary(result: Result) -> str:
     best = ok.loc[ok[metric].idxmin()]
     hypers = [f'learning rate {_g(best["learning_rate"])}' if 'learning_rate' in best else '',
               f'batch size {_g(best["batch_size"])}' if 'batch_size' in best else '']
-    for a in AXES:
+    for a in _axes(table, config):
       if a in best.index and a not in ('learning_rate', 'batch_size') and pd.notna(best[a]):
         hypers.append(f'{a} {_g(best[a])}')
     text = (f'Best run: <b>run {int(best["run"])}</b> ({_e(", ".join(h for h in hypers if h))}) with '
@@ -840,16 +896,27 @@ def _config_html(result: Result) -> str:
   config = result.config
   rows = []
   axes = config.get('axes') or {}
-  for a in AXES:
+  search = config.get('search') or {}
+  sampled = search.get('spaces') or {}
+  if search.get('mode') == 'sampled':
+    rows.append(('search', f'{search.get("samples")} configurations sampled (sample_seed {search.get("sample_seed")})'))
+  elif search.get('mode') == 'runs':
+    rows.append(('search', f'an explicit list of {len(search.get("runs") or [])} runs'))
+  for a in _axes(result.table, config):
     values = axes.get(a)
+    if a in sampled:
+      rows.append((a, f'{sampled[a]} ({len(values or [])} distinct values drawn)'))
     # The axes the table records: the others keep defaults that may not apply (a warmup
     # without a warmup schedule).
-    if values and values != [None] and a in result.table.columns:
-      rows.append((a, ', '.join(_g(v) for v in values)))
+    elif values and values != [None]:
+      numeric = [v for v in values if isinstance(v, int | float) and not isinstance(v, bool)]
+      if len(values) > 12 and len(numeric) == len(values):
+        rows.append((a, f'{len(values)} values from {_g(min(numeric))} to {_g(max(numeric))}'))
+      else:
+        rows.append((a, ', '.join(_g(v) for v in values)))
   if not axes:
-    for a in AXES:
-      if a in result.table.columns:
-        rows.append((a, ', '.join(_g(v) for v in sorted(result.table[a].dropna().unique()))))
+    for a in _axes(result.table, config):
+      rows.append((a, ', '.join(_g(v) for v in sorted(result.table[a].dropna().unique()))))
   budget = config.get('budget') or {}
   if budget:
     rows.append(('budget', ', '.join(f'{k} {_g(v)}' for k, v in budget.items() if v is not None)))
@@ -905,7 +972,7 @@ def _overfitting_html(result: Result) -> str:
     text += f' Median generalization gap (final validation − final training loss): {_g(np.median(gap))}.'
   text += '</p>'
   if len(flagged):
-    keys = [a for a in _varying(table)] or ['learning_rate', 'batch_size']
+    keys = [a for a in _varying(table, result.config)] or ['learning_rate', 'batch_size']
     shown = table.set_index('run').loc[flagged.index, [k for k in keys if k in table.columns]]
     shown = shown.join(flagged[['best_val_epoch', 'val_rise', 'generalization_gap']])
     shown = shown.sort_values('val_rise', ascending=False).head(20)
@@ -925,7 +992,7 @@ def _pareto_html(result: Result) -> str:
     return '<p class="note">The Pareto front is empty: every run diverged.</p>'
   (ycol, _), (xcol, _) = _objective_columns(result)
   objectives = _objectives(result)
-  columns = ['run'] + _varying(table) + [c for c in objectives if c in table.columns]
+  columns = ['run'] + _varying(table, result.config) + [c for c in objectives if c in table.columns]
   for c in (ycol, xcol, 'final_val_accuracy', 'final_train_loss', 'seconds'):
     if c in table.columns and c not in columns:
       columns.append(c)

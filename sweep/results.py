@@ -144,6 +144,8 @@ def resolved_config(plan: Plan, experiment_file: str | None = None) -> dict[str,
       },
       'environment': environment(),
   }
+  if plan.search:  # runs that are no grid: how they were chosen (explicit, or sampled)
+    out['search'] = _jsonable(plan.search)
   if experiment_file is not None:
     out['experiment'] = experiment_record(experiment_file)
   return out
@@ -316,10 +318,13 @@ class Result:
   def summary(self, top: int = 5) -> str:
     t = self.table
     col = 'final_val_loss' if 'final_val_loss' in t else 'final_train_loss'
-    shown = [c for c in t.columns if c not in ('run', 'seconds', 'best_eval')]
+    # An optimizer or schedule shared by every run is said once (a factory's label can be long).
+    same = [c for c in ('optimizer', 'schedule') if c in t.columns and t[c].nunique(dropna=False) == 1]
+    shown = [c for c in t.columns if c not in ('run', 'seconds', 'best_eval') and c not in same]
     ok = t[t.status == 'ok'].sort_values(col)
     lines = [
         f'{len(t)} runs in {self.wall_time:.1f} s; {int((t.status == "diverged").sum())} diverged.',
+        *(['Every run: ' + '; '.join(f'{c} {t[c].iloc[0]}' for c in same) + '.'] if same else []),
         f'Best {min(top, len(ok))} by {col}:',
         ok[shown].head(top).to_string(index=False, float_format=lambda v: f'{v:.4g}'),
     ]

@@ -52,6 +52,11 @@ def optax_reference(name: str, lr: float, total: int, kwargs: dict) -> optax.Sch
     )
   if name == "linear":
     return optax.linear_schedule(init_value=lr, end_value=0.0, transition_steps=total)
+  if name == "warmup_linear":
+    warmup = round(kwargs.get("warmup", 0.1) * total)
+    return optax.join_schedules(
+      [optax.linear_schedule(0.0, lr, warmup), optax.linear_schedule(lr, 0.0, total - warmup)], [warmup]
+    )
   assert name == "onecycle"
   return optax.cosine_onecycle_schedule(
     transition_steps=total,
