@@ -84,9 +84,11 @@ def _output_shape(model: adapters.Model, x_shape: tuple[int, ...], x_dtype: str)
   if not same:
     return _Failure('training changes the structure or shapes of the model state (variables other than params)', None)
   try:
-    evaluated, _ = jax.eval_shape(lambda p, s, x: model.apply(p, s, x, False, None), params, state, x)
+    traced = jax.jit(lambda p, s, x: model.apply(p, s, x, False, None)[0]).trace(params, state, x)
   except Exception as e:
     return _Failure(f'apply_fn(params, x) failed in evaluation mode on input of shape {x_shape}: {e}', e)
+  evaluated = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), traced.out_info)
+  _PROBABILITIES[(model, x_shape, x_dtype)] = _ends_in_softmax(traced.jaxpr.jaxpr)
   if not isinstance(pred, jax.ShapeDtypeStruct) or not isinstance(evaluated, jax.ShapeDtypeStruct):
     return _Failure('the model must return one array', None)
   if pred.shape != evaluated.shape:
@@ -94,6 +96,27 @@ def _output_shape(model: adapters.Model, x_shape: tuple[int, ...], x_dtype: str)
         f'the model returns {pred.shape} in training mode but {evaluated.shape} in evaluation mode', None
     )
   return pred
+
+
+_PROBABILITIES: dict = {}  # (model, x shape, x dtype) -> whether its outputs end in a softmax
+
+
+def _ends_in_softmax(jaxpr) -> bool:
+  """Whether a jaxpr's one output is `exp(z) / sum(exp(z))` (its outputs are probabilities),
+  read off the equations that make it: a div of an exp by a broadcast sum of that exp."""
+  producer = {id(v): eqn for eqn in jaxpr.eqns for v in eqn.outvars}
+  if len(jaxpr.outvars) != 1 or id(jaxpr.outvars[0]) not in producer:
+    return False
+  last = producer[id(jaxpr.outvars[0])]
+  if last.primitive.name != 'div':
+    return False
+  numerator, denominator = last.invars
+  if getattr(producer.get(id(numerator)), 'primitive', None) is None or producer[id(numerator)].primitive.name != 'exp':
+    return False
+  eqn = producer.get(id(denominator))
+  while eqn is not None and eqn.primitive.name in ('broadcast_in_dim', 'reshape', 'expand_dims', 'convert_element_type'):
+    eqn = producer.get(id(eqn.invars[0]))
+  return eqn is not None and eqn.primitive.name == 'reduce_sum' and eqn.invars[0] is numerator
 
 
 def _check_model(plan: Plan, model: adapters.Model) -> None:
@@ -110,12 +133,14 @@ def _check_model(plan: Plan, model: adapters.Model) -> None:
         'models with state other than parameters (batch statistics) are not supported: the '
         'noise scale splits each batch in two halves, which would each have statistics of their own',
     )
-  if isinstance(plan.loss, str) and plan.loss == 'softmax_cross_entropy' and adapters.keras_ends_in_softmax(cfg.model):
+  probabilities = adapters.keras_ends_in_softmax(cfg.model) or _PROBABILITIES.get((model, x.shape, str(x.dtype)))
+  if isinstance(plan.loss, str) and plan.loss == 'softmax_cross_entropy' and probabilities:
     raise config_error(
         'loss', plan.loss,
-        "the Keras model's last layer applies a softmax, and softmax_cross_entropy applies "
-        'another; remove the last activation (logits), or pass the Keras loss itself, e.g. '
-        'loss=keras.losses.CategoricalCrossentropy()',
+        "the model's outputs are probabilities (its last operation is a softmax), and "
+        'softmax_cross_entropy applies another softmax to them; return logits (drop the last '
+        'softmax), or pass a loss on probabilities (for Keras, the Keras loss itself, e.g. '
+        'loss=keras.losses.CategoricalCrossentropy())',
     )
   is_int = np.issubdtype(y.dtype, np.integer)
   if isinstance(plan.loss, str):

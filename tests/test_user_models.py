@@ -473,3 +473,62 @@ def test_the_seed_keras_model_with_its_own_loss():
     np.testing.assert_allclose(row.final_val_loss, float(loss(onehot[YV], probs)), rtol=RTOL)
     acc = float(np.mean(np.argmax(probs, -1) == YV))
     np.testing.assert_allclose(row.final_val_accuracy, acc, rtol=1e-6)
+
+
+class SoftmaxNet(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return nn.softmax(nn.Dense(10)(x.reshape((x.shape[0], -1))))
+
+
+def test_probabilities_with_softmax_cross_entropy_are_refused():
+  """A softmax at the end, then the loss's own softmax: refused, not trained silently."""
+  with pytest.raises(ConfigError, match='probabilities'):
+    sweep.check(sweep.SweepConfig(model=SoftmaxNet(), data=DIGITS, loss='softmax_cross_entropy'))
+  # log_softmax outputs (log-probabilities) are fine: log_softmax is idempotent.
+  class LogSoftmaxNet(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.log_softmax(nn.Dense(10)(x.reshape((x.shape[0], -1))))
+
+  sweep.check(sweep.SweepConfig(model=LogSoftmaxNet(), data=DIGITS))
+
+
+def test_the_char_lm_experiment_through_the_cli(tmp_path):
+  """experiments/char_lm.py's own model and data, through `sweep run` and `sweep report`
+  (a smaller transformer and budget, so that the test stays short)."""
+  import json
+  import os
+  import subprocess
+  import sys
+  from pathlib import Path
+
+  import pandas as pd
+
+  repo = Path(__file__).resolve().parents[1]
+  experiment = tmp_path / 'char_lm_small.py'
+  experiment.write_text(
+    'import importlib.util\n'
+    f'spec = importlib.util.spec_from_file_location("char_lm", {str(repo / "experiments" / "char_lm.py")!r})\n'
+    'char_lm = importlib.util.module_from_spec(spec)\n'
+    'spec.loader.exec_module(char_lm)\n\n'
+    'def get_config():\n'
+    '  cfg = char_lm.get_config()\n'
+    '  model = char_lm.CharTransformer(vocab=cfg.data.num_classes, width=16, heads=2, layers=1)\n'
+    '  return cfg.replace(model=model, learning_rate=[3e-3, 1e-2], batch_size=[32], epochs=None, updates=6,\n'
+    '                     num_evals=2, train_eval_size=64)\n'
+  )
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(repo), os.environ.get('PYTHONPATH')) if p))
+  env['SWEEP_NO_CACHE'] = '1'
+  workdir = tmp_path / 'w'
+  argv = [sys.executable, '-m', 'sweep', 'run', str(experiment), '--workdir', str(workdir), '--no-progress']
+  proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  table = pd.read_csv(workdir / 'results.csv')
+  assert len(table) == 2 and (table.status == 'ok').all()
+  assert {'final_val_accuracy', 'final_train_accuracy'} <= set(table.columns)
+  curves = pd.read_csv(workdir / 'curves.csv')
+  for _, run in curves.groupby('run'):
+    assert run.val_loss.iloc[-1] < run.val_loss.iloc[0]  # it learns
+  assert json.loads((workdir / 'config.json').read_text())
+  assert (workdir / 'report' / 'report.html').exists()
