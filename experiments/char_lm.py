@@ -8,7 +8,7 @@ model is written with flax's own layers as a researcher writes one (token and po
 `nn.Embed`, pre-norm blocks of `nn.MultiHeadDotProductAttention` with a causal mask and
 a `nn.Dense` MLP, `nn.Dropout` switched by a `train` argument): integer inputs, integer
 targets of shape (n, 64), a per-token loss and accuracy. AdamW with warmup + cosine,
-4 learning rates x 2 batch sizes = 8 runs, 4 epochs.
+4 learning rates x 2 batch sizes = 8 runs, 6 epochs.
 
 Command:
   sweep run experiments/char_lm.py --workdir workdirs/char_lm
@@ -70,8 +70,8 @@ class Block(nn.Module):
 
 class CharTransformer(nn.Module):
   vocab: int
-  width: int = 64
-  heads: int = 4
+  width: int = 32
+  heads: int = 2
   layers: int = 2
   dropout: float = 0.1
 
@@ -95,8 +95,8 @@ def get_config() -> sweep.SweepConfig:
     weight_decay=0.01,
     schedule='warmup_cosine',
     warmup=0.1,
-    learning_rate=[3e-4, 1e-3, 3e-3, 1e-2],
+    learning_rate=[1e-3, 3e-3, 1e-2, 3e-2],
     batch_size=[16, 32],
-    epochs=4,
-    num_evals=4,
+    epochs=6,
+    num_evals=6,
   )

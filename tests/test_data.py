@@ -415,3 +415,17 @@ def test_datasets_are_aligned_so_the_cpu_takes_them_without_a_copy():
   if jax.default_backend() == 'cpu':
     on_device = jax.device_put(d.x_train)
     assert on_device.unsafe_buffer_pointer() == d.x_train.ctypes.data
+
+
+def test_sequence_labels_and_ignore_label():
+  x = np.arange(12, dtype=np.int64).reshape(3, 4)
+  y = np.array([[1, 2, -1, -1], [3, 4, 5, -1], [0, 1, 2, 3]])
+  ds = data.arrays(x, y, ignore_label=-1)
+  assert ds.x_train.dtype == np.int32 and ds.y_train.shape == (3, 4)
+  assert ds.num_classes == 6 and ds.ignore_label == -1
+  with pytest.raises(ConfigError, match='ignore_label'):
+    data.arrays(x, y)  # -1 is no class id without ignore_label
+  with pytest.raises(ConfigError, match='data.ignore_label'):
+    data.arrays(x, y, ignore_label='pad')
+  with pytest.raises(ConfigError, match='data.ignore_label'):
+    data.arrays(np.zeros((2, 1)), [0.5, 1.5], ignore_label=-1)

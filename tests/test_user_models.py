@@ -532,3 +532,17 @@ def test_the_char_lm_experiment_through_the_cli(tmp_path):
     assert run.val_loss.iloc[-1] < run.val_loss.iloc[0]  # it learns
   assert json.loads((workdir / 'config.json').read_text())
   assert (workdir / 'report' / 'report.html').exists()
+
+
+def test_the_lr_range_test_takes_a_model_with_state_and_dropout():
+  """The ramp steps the model as the engine does: training mode, batch statistics carried,
+  the seed's dropout keys; its first loss is the reference's first batch loss."""
+  cfg = sweep.SweepConfig(model=ExampleNet(), data=DIGITS, batch_size=16)
+  found = sweep.lr_find(cfg, method='ramp', start_lr=1e-4, end_lr=1.0, num_it=30)
+  module = ExampleNet()
+  variables = module.init(init_key(0), XT[:1], train=False)
+  _, idx = next(batches(0, 16, 1))
+  logits, _ = module.apply(variables, XT[idx], train=True, rngs={'dropout': update_key(0, 0, 2)},
+                           mutable=['batch_stats'])
+  np.testing.assert_allclose(found.raw_losses[0], float(ce(logits, YT[idx])), rtol=1e-5)
+  assert np.isfinite(found.suggestion) and 1e-4 <= found.suggestion <= 1.0
