@@ -328,7 +328,12 @@ def _nnx(factory: Any, instance: nnx.Module | None) -> Model:
   if not jax.tree.leaves(params_s):
     raise config_error('model', name, 'a model with nnx.Param parameters to train')
   rng_paths = [path for path, _ in nnx.to_flat_state(rngs_s)]
-  random = bool(rng_paths)
+  try:
+    # The tutorials' other way: Dropout without stored Rngs, `__call__(self, x, rngs=None)`.
+    takes_rngs = 'rngs' in inspect.signature(type(template).__call__).parameters
+  except (TypeError, ValueError):
+    takes_rngs = False
+  random = bool(rng_paths) or takes_rngs
 
   if instance is None:
 
@@ -355,8 +360,9 @@ def _nnx(factory: Any, instance: nnx.Module | None) -> Model:
   def apply(params, state, x, train, key):
     if not train:
       return nnx.merge(graph_eval, params, rng_values(jax.random.key(0)), state)(x), state
-    module = nnx.merge(graph_train, params, rng_values(key if key is not None else jax.random.key(0)), state)
-    out = module(x)
+    key = key if key is not None else jax.random.key(0)
+    module = nnx.merge(graph_train, params, rng_values(key), state)
+    out = module(x, rngs=nnx.Rngs(dropout=key)) if takes_rngs else module(x)
     new_state = nnx.to_pure_dict(nnx.split(module, nnx.Param, nnx.RngState, ...)[3])
     return out, new_state
 

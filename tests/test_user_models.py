@@ -546,3 +546,31 @@ def test_the_lr_range_test_takes_a_model_with_state_and_dropout():
                            mutable=['batch_stats'])
   np.testing.assert_allclose(found.raw_losses[0], float(ce(logits, YT[idx])), rtol=1e-5)
   assert np.isfinite(found.suggestion) and 1e-4 <= found.suggestion <= 1.0
+
+
+class NNXCallRngs(nnx.Module):
+  """The nnx tutorial's other form: Dropout without stored Rngs, keys given at the call."""
+
+  def __init__(self, *, rngs: nnx.Rngs):
+    self.linear1 = nnx.Linear(64, 16, rngs=rngs)
+    self.dropout = nnx.Dropout(rate=0.3)
+    self.linear2 = nnx.Linear(16, 10, rngs=rngs)
+
+  def __call__(self, x, rngs: nnx.Rngs | None = None):
+    x = nnx.relu(self.linear1(x.reshape((x.shape[0], -1))))
+    return self.linear2(self.dropout(x, rngs=rngs))
+
+
+def test_an_nnx_model_given_its_rngs_at_the_call():
+  cfg = sweep.SweepConfig(model=NNXCallRngs, data=DIGITS, optimizer='sgd', learning_rate=0.1, batch_size=32,
+                          updates=5, num_evals=1)
+  result = sweep.run(cfg, progress=False)
+  model = NNXCallRngs(rngs=nnx.Rngs(params=init_key(0)))
+  model.train()
+  graph, params = nnx.split(model, nnx.Param)
+  for t, idx in batches(0, 32, 1):
+    if t == 5:
+      break
+    loss = lambda p: ce(nnx.merge(graph, p)(XT[idx], rngs=nnx.Rngs(dropout=update_key(0, t, 2))), YT[idx])  # noqa: B023, E731
+    params = jax.tree.map(lambda p, g: p - 0.1 * g, params, jax.grad(loss)(params))
+  assert_close(result.params(0), nnx.to_pure_dict(params), 'call-time rngs')
