@@ -233,7 +233,13 @@ def check_labels(name: str, y: np.ndarray, num_outputs: int) -> str | None:
   """Checks label values on the host, where an error can still be explained.
 
   On device an out-of-range class id is silently clipped or gives a NaN loss,
-  so it is cheaper to catch it here once per data set.
+  and targets that contradict the loss train without complaint (float class ids
+  under a softmax give a loss of exactly 0), so it is cheaper to catch them here
+  once per data set. Softmax cross entropy takes integer class ids in range, or
+  one-hot / probability rows (non-negative, summing to 1 within
+  ``SOFT_TARGET_TOLERANCE``); float targets that are all whole numbers but not
+  one-hot get a message suggesting integer labels. Sigmoid cross entropy takes
+  labels in [0, 1]; hinge takes labels in {-1, 0, 1}.
 
   Args:
     name: a key of ``LOSSES``.
@@ -250,13 +256,15 @@ def check_labels(name: str, y: np.ndarray, num_outputs: int) -> str | None:
   y = np.asarray(y)
   if y.size == 0:
     return None
+  if name == "softmax_cross_entropy" and not np.issubdtype(y.dtype, np.integer):
+    problem = _check_soft_targets(y)
+    if problem:
+      return problem
   if name == "softmax_cross_entropy" and num_outputs < 2:
     return (
       f"softmax_cross_entropy needs at least 2 outputs (classes); the model has {num_outputs}, "
       "and a softmax over one output is always 1 (the loss is always 0)"
     )
-  if name == "softmax_cross_entropy" and not np.issubdtype(y.dtype, np.integer):
-    return _check_soft_targets(y)
   if name == "softmax_cross_entropy" and np.issubdtype(y.dtype, np.integer):
     bad = (y < 0) | (y >= num_outputs)
     if bad.any():

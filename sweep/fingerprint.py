@@ -365,11 +365,16 @@ def of_sweep(plan: Any, units: list, init_fn, environment: dict[str, Any]) -> Fi
 # ----------------------------------------------------------------- differences ----
 
 
+def _short(v: Any) -> bool:
+  """A list of these reads as one value (an axis); other lists are compared item by item."""
+  return v is None or isinstance(v, (int, float, bool)) or (isinstance(v, str) and len(v) <= 30)
+
+
 def _flatten(value: Any, prefix: str, out: dict[str, Any]) -> None:
   if isinstance(value, dict) and value:
     for k, v in value.items():
       _flatten(v, f'{prefix}.{k}' if prefix else str(k), out)
-  elif isinstance(value, list) and value and not all(isinstance(v, (int, float, str, bool)) or v is None for v in value):
+  elif isinstance(value, list) and value and not all(_short(v) for v in value):
     for i, v in enumerate(value):
       _flatten(v, f'{prefix}[{i}]', out)
   else:
