@@ -92,7 +92,7 @@ def _check_model(plan: Plan, init_fn, apply_fn) -> None:
         continue
       problem = losses.check_labels(plan.loss, labels, int(pred.shape[-1]) if pred.ndim else 1)
       if problem:
-        raise config_error(field, f'labels in [{labels.min()}, {labels.max()}]', problem)
+        raise config_error(field, f'labels in [{float(labels.min()):g}, {float(labels.max()):g}]', problem)
   else:
     try:
       out = jax.eval_shape(plan.loss, pred, jax.ShapeDtypeStruct(y.shape, y.dtype))
