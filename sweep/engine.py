@@ -627,7 +627,6 @@ def _run(cfg, workdir, progress, fresh, checkpoint_every, checkpoint_seconds, ex
   resolved = results.resolved_config(plan, experiment_file)
 
   processes, me = jax.process_count(), jax.process_index()
-  mine = [c for c in range(len(cgroups)) if distributed.owner(c) == me]
   store, point, digest = None, checkpoints.Resume(), None
   if workdir is not None:
     # Every process checks the workdir (so all refuse another sweep alike); process 0
@@ -639,6 +638,7 @@ def _run(cfg, workdir, progress, fresh, checkpoint_every, checkpoint_seconds, ex
     # Several processes: each trains its own units and checkpoints them in a directory of
     # its own; process 0 writes the results. Only intact checkpoints are used.
     store = checkpoints.open_state(workdir, keep_checkpoints)
+    mine = [c for c in range(len(cgroups)) if distributed.owner(c) == me]
     point = checkpoints.resume(store, workdir, mine, digest, lambda c: _abstract_state(cgroups[c], init_fn))
 
   shardings = _run_sharding()
@@ -654,7 +654,7 @@ def _run(cfg, workdir, progress, fresh, checkpoint_every, checkpoint_seconds, ex
     collected.append((cgroups[c], final, _history_from_json(meta['history']), meta['seconds'], c))
     bar.update(sum(cgroups[c].structure.steps_per_segment) * plan.num_evals)
   # The unit in progress first, then the others in order (a damaged finished unit among them).
-  todo = [c for c in mine if c not in point.finished and c != point.unit]
+  todo = [c for c in range(len(cgroups)) if c not in point.finished and c != point.unit]
   if point.unit is not None:
     todo.insert(0, point.unit)
     bar.update(sum(cgroups[point.unit].structure.steps_per_segment) * point.segment)
@@ -665,6 +665,8 @@ def _run(cfg, workdir, progress, fresh, checkpoint_every, checkpoint_seconds, ex
   try:
     with _SigtermFlag(active=store is not None) as sigterm:
       for c in todo:
+        if distributed.owner(c) != me:
+          continue
         cg = cgroups[c]
         t0 = time.perf_counter()
         orders = _OrderBook(plan, cg)
