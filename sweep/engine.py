@@ -624,14 +624,16 @@ def _run(cfg, workdir, progress, fresh, checkpoint_every, checkpoint_seconds, ex
   sizes = [min(cfg.train_eval_size, data.n_train)] + ([data.n_val] if data.n_val else [])
   eval_chunk = min(cfg.eval_batch_size, max(sizes))
   cgroups = compile_groups(plan, init_fn, apply_fn, eval_chunk)
-  resolved = results.resolved_config(plan, experiment_file)
+  # Every field; with a workdir the data's content is hashed too (once), for the fingerprint.
+  fields = fingerprint.config_fields(cfg, content=workdir is not None)
+  resolved = results.resolved_config(plan, experiment_file, fields)
 
   processes, me = jax.process_count(), jax.process_index()
   store, point, digest = None, checkpoints.Resume(), None
   if workdir is not None:
     # Every process checks the workdir (so all refuse another sweep alike); process 0
     # clears it (fresh) and claims it, before any process writes there.
-    fp = fingerprint.of_sweep(plan, cgroups, init_fn, resolved['environment'])
+    fp = fingerprint.of_sweep(plan, cgroups, init_fn, resolved['environment'], fields)
     digest = resolved['fingerprint'] = fp.digest
     checkpoints.claim(workdir, fp, fresh, write=me == 0)
     distributed.barrier('sweep-claim')

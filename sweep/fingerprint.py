@@ -60,9 +60,13 @@ _MAX_DEPTH = 12
 # --------------------------------------------------------------------- values ----
 
 
-def array_digest(a: Any) -> str:
-  """'float32[100,8] sha256:0123456789abcdef' for an array (numpy or jax)."""
-  a = np.ascontiguousarray(np.asarray(a))
+def array_digest(a: Any, content: bool = True) -> str:
+  """'float32[100,8] sha256:0123456789abcdef' for an array (numpy or jax); without
+  `content`, only 'float32[100,8]'."""
+  a = np.asarray(a)
+  if not content:
+    return f'{a.dtype.name}[{",".join(str(d) for d in a.shape)}]'
+  a = np.ascontiguousarray(a)
   h = hashlib.sha256()
   h.update(str((a.dtype.str, a.shape)).encode())
   h.update(memoryview(a.reshape(-1)).cast('B') if a.size else b'')
@@ -107,7 +111,8 @@ def _name(obj: Any) -> str:
 class _Hasher:
   """Hashes user code: bytecode, constants, defaults, closures and referenced globals."""
 
-  def __init__(self):
+  def __init__(self, content: bool = True):
+    self.content = content  # hash the bytes of arrays (else: shapes and dtypes only)
     self.done: dict[int, str] = {}  # digests of the functions and classes hashed so far
     self.active: set[int] = set()  # those being hashed (a function that calls itself)
 
@@ -204,14 +209,14 @@ def describe(value: Any, depth: int = 0, hasher: _Hasher | None = None) -> Any:
   if isinstance(value, np.generic):
     return _scalar(value.item())
   if isinstance(value, (np.ndarray, jax.Array)):
-    return array_digest(value)
+    return array_digest(value, hasher.content)
   from sweep.data import Dataset  # sweep.data imports nothing of this module
 
   if isinstance(value, Dataset):
     out = {'name': value.name, 'num_classes': value.num_classes}
     for f in ('x_train', 'y_train', 'x_val', 'y_val'):
       a = getattr(value, f)
-      out[f] = None if a is None else array_digest(a)
+      out[f] = None if a is None else array_digest(a, hasher.content)
     return out
   if isinstance(value, dict) or (hasattr(value, 'keys') and hasattr(value, '__getitem__') and not isinstance(value, type)):
     try:
@@ -271,7 +276,7 @@ def _describe_object(value: Any, depth: int, hasher: _Hasher) -> Any:
     if isinstance(value, nnx.Module):
       state = nnx.state(value)
       leaves = jax.tree_util.tree_leaves_with_path(state)
-      out['state'] = {jax.tree_util.keystr(p): array_digest(a) for p, a in leaves}
+      out['state'] = {jax.tree_util.keystr(p): array_digest(a, hasher.content) for p, a in leaves}
       return out
   except ImportError:  # pragma: no cover - flax is a dependency
     pass
@@ -295,9 +300,10 @@ def _describe_object(value: Any, depth: int, hasher: _Hasher) -> Any:
 # ------------------------------------------------------------------- the sweep ----
 
 
-def config_fields(cfg: Any) -> dict[str, Any]:
-  """Every field of the config, described (all of `dataclasses.fields`)."""
-  hasher = _Hasher()
+def config_fields(cfg: Any, content: bool = True) -> dict[str, Any]:
+  """Every field of the config, described (all of `dataclasses.fields`); without
+  `content`, arrays by shape and dtype only (a sweep without a workdir skips hashing)."""
+  hasher = _Hasher(content)
   return {f.name: describe(getattr(cfg, f.name), 0, hasher) for f in dataclasses.fields(cfg)}
 
 
@@ -342,10 +348,12 @@ class Fingerprint:
     return {'format': FORMAT, 'fingerprint': self.digest, 'strict': self.strict, 'soft': self.soft}
 
 
-def of_sweep(plan: Any, units: list, init_fn, environment: dict[str, Any]) -> Fingerprint:
+def of_sweep(plan: Any, units: list, init_fn, environment: dict[str, Any],
+             fields: dict[str, Any] | None = None) -> Fingerprint:
   """The fingerprint of a planned sweep: `plan` (validated config), its `units`
-  (`engine.compile_groups`), one run's `init_fn`, and the environment record."""
-  fields = config_fields(plan.config)
+  (`engine.compile_groups`), one run's `init_fn`, the environment record, and the
+  config's `config_fields` if already described (the data is then hashed once)."""
+  fields = config_fields(plan.config) if fields is None else fields
   strict = {
       'config': {k: v for k, v in fields.items() if k not in SOFT_FIELDS},
       'model': {'parameters': _parameters(init_fn)},

@@ -93,14 +93,17 @@ def experiment_record(path: str) -> dict[str, Any]:
   }
 
 
-def resolved_config(plan: Plan, experiment_file: str | None = None) -> dict[str, Any]:
+def resolved_config(
+    plan: Plan, experiment_file: str | None = None, fields: dict[str, Any] | None = None
+) -> dict[str, Any]:
   """The config as run: every field of `SweepConfig` (taken from the dataclass, so none is
   missed), what the plan derived from them (axes, runs, step counts), the environment.
 
   A field is written as `fingerprint.describe` gives it (an array or dataset by shape
   and content hash, code by name and bytecode hash), except where a derived entry of the
   same name says more for a reader: `model` (its repr), `loss` (the loss in use), `data`
-  (name, sizes, shapes), `num_evals` (the count in use) and `name`.
+  (name, sizes, shapes), `num_evals` (the count in use) and `name`. `fields`: the
+  config's `fingerprint.config_fields`, if described already.
   """
   cfg = plan.config
   data = cfg.data
@@ -123,7 +126,7 @@ def resolved_config(plan: Plan, experiment_file: str | None = None) -> dict[str,
           'num_classes': data.num_classes,
       },
   }
-  for name, value in fingerprint.config_fields(cfg).items():
+  for name, value in (fingerprint.config_fields(cfg) if fields is None else fields).items():
     out.setdefault(name, value)
   out['environment'] = environment()
   if experiment_file is not None:
