@@ -80,7 +80,7 @@ def _npz_writer(tree: Any) -> Callable[[Any], None]:
 
 
 def load_leaves(path: str, abstract: Any) -> Any:
-  """The tree `save_leaves` wrote, in the structure of `abstract` (shapes checked)."""
+  """The tree of an .npz of leaves (`write_dir`), in the structure of `abstract` (shapes checked)."""
   leaves, treedef = jax.tree.flatten(abstract)
   with np.load(path, allow_pickle=False) as f:
     if len(f.files) != len(leaves):
@@ -195,7 +195,7 @@ class StateStore:
     meta = read_meta(path)
     if meta.get('unit') is None:
       return None, meta
-    if files.verify(path, (META, STATE)) is not None:
+    if STATE not in files.listed(path):
       raise Damaged(f'{STATE} is missing')
     return read_state(path, abstract(meta)), meta
 
@@ -355,11 +355,13 @@ def claim(workdir: str, fp: Any, fresh: bool, write: bool = True) -> None:
   check_workdir(workdir)
   path = os.path.join(workdir, 'sweep.json')
   held, problem = _read_record(path)
-  if problem is not None and not fresh:
+  if held is None and not fresh and os.path.isdir(workdir):
+    # No record to compare with: the checkpoints and finished units say whose they are.
     others = _digests_on_disk(workdir) - {fp.digest}
     if others:
-      raise _refuse(workdir, f'its sweep.json is damaged ({problem}) and its checkpoints are of another sweep')
-    if write:
+      what = f'its sweep.json is damaged ({problem})' if problem else 'it has no sweep.json'
+      raise _refuse(workdir, f'{what} and its checkpoints are of another sweep')
+    if problem is not None and write:
       say(f'{path} is damaged ({problem}); the checkpoints there are this sweep\'s: writing it again')
   elif held is not None and not fresh:
     if held.get('format') != fingerprint.FORMAT:

@@ -261,6 +261,15 @@ def write_checksums(directory: str, files: Iterable[str] | None = None) -> None:
   atomic_write(os.path.join(directory, CHECKSUMS), json.dumps({'files': table}, indent=1, sort_keys=True))
 
 
+def listed(directory: str) -> set[str]:
+  """The files `directory/checksums.json` lists (none if it does not read)."""
+  try:
+    with open(os.path.join(directory, CHECKSUMS), 'rb') as f:
+      return set(json.loads(f.read())['files'])
+  except (OSError, ValueError, KeyError, TypeError):
+    return set()
+
+
 def verify(directory: str, required: Iterable[str] = ()) -> str | None:
   """Checks a directory written with its checksums; returns None when it is whole, else
   what is wrong with it (a few words: the file and how it fails)."""

@@ -316,12 +316,21 @@ def test_a_damaged_finished_unit_is_trained_again(finished, tmp_path, reference,
   assert checkpoints.files.verify(str(workdir / 'done' / '0000')) is None
 
 
-def test_a_damaged_sweep_json_is_rewritten_from_the_checkpoints(interrupted, tmp_path, reference, capsys):
+@pytest.mark.parametrize('damage', ['truncated', 'deleted'])
+def test_a_lost_sweep_json_is_written_again_from_the_checkpoints(interrupted, tmp_path, reference, capsys, damage):
   workdir = tmp_path / 'w'
   shutil.copytree(interrupted, workdir)
-  truncate(workdir / 'sweep.json')
+  if damage == 'truncated':
+    truncate(workdir / 'sweep.json')
+  else:
+    (workdir / 'sweep.json').unlink()
+  # Another sweep cannot take the workdir over for want of its record.
+  before = snapshot(workdir)
+  with pytest.raises(sweep.ConfigError, match='checkpoints are of another sweep'):
+    sweep.run(config(learning_rate=[0.01, 0.02]), workdir=str(workdir), progress=False)
+  assert snapshot(workdir) == before
   resumed = sweep.run(config(), workdir=str(workdir), progress=False)
-  assert 'sweep.json is damaged' in capsys.readouterr().err
+  assert ('sweep.json is damaged' in capsys.readouterr().err) == (damage == 'truncated')
   assert_same_result(resumed, reference)
   assert json.loads((workdir / 'sweep.json').read_text())['fingerprint'] == resumed.config['fingerprint']
 
