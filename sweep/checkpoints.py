@@ -372,8 +372,13 @@ def claim(workdir: str, fp: Any, fresh: bool, write: bool = True) -> None:
       raise _refuse(workdir, shown)
     notes = fingerprint.differences(held.get('soft', {}), fp.soft)
     if notes and write:
-      shown = '; '.join(notes[:4]) + (f'; and {len(notes) - 4} more' if len(notes) > 4 else '')
-      say(f'{shown} (this changes no number: resuming)')
+      fields = [n for n in notes if not n.startswith('environment.')]
+      versions = [n for n in notes if n.startswith('environment.')]
+      if fields:
+        say('; '.join(fields) + ' (this changes no number: resuming)')
+      if versions:
+        shown = '; '.join(versions[:4]) + (f'; and {len(versions) - 4} more' if len(versions) > 4 else '')
+        say(f'{shown} since the last run (float rounding may differ in the last bits: resuming)')
   if not write:
     return
   if fresh and os.path.isdir(workdir):
