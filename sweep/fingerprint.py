@@ -116,11 +116,16 @@ class _Hasher:
     self.done: dict[int, str] = {}  # digests of the functions and classes hashed so far
     self.active: set[int] = set()  # those being hashed (a function that calls itself)
 
-  def code(self, h, code: types.CodeType) -> None:
+  def code(self, h, code: types.CodeType, function: bool = False) -> None:
+    """Bytecode, names and constants (not line numbers, nor a function's docstring)."""
     h.update(code.co_code)
     h.update(repr(code.co_names).encode())
     h.update(repr((code.co_argcount, code.co_kwonlyargcount, code.co_flags)).encode())
-    for const in code.co_consts:
+    consts = code.co_consts
+    if function and consts and (consts[0] is None or isinstance(consts[0], str)):
+      # A function's first constant is its docstring, or None without one.
+      consts = consts[1:]
+    for const in consts:
       if isinstance(const, types.CodeType):
         self.code(h, const)
       elif isinstance(const, frozenset):
@@ -156,7 +161,7 @@ class _Hasher:
 
   def _function(self, fn: types.FunctionType, depth: int) -> str:
     h = hashlib.sha256()
-    self.code(h, fn.__code__)
+    self.code(h, fn.__code__, function=fn.__code__.co_consts[:1] == (fn.__doc__,))
     h.update(json.dumps(describe(fn.__defaults__, depth + 1, self), sort_keys=True, default=str).encode())
     h.update(json.dumps(describe(fn.__kwdefaults__, depth + 1, self), sort_keys=True, default=str).encode())
     for cell in fn.__closure__ or ():
