@@ -38,7 +38,6 @@ import orbax.checkpoint as ocp
 
 from sweep import files
 from sweep.errors import ConfigError, config_error
-from sweep.files import atomic_write  # noqa: F401 - the name other modules import from here
 
 STATE, META = 'state.npz', 'meta.json'
 
@@ -553,6 +552,3 @@ def restore_params(workdir: str, i: int, best: bool = False) -> Any:
     raise KeyError(f'run {i} in {workdir!r} has no best parameters: the sweep ran without keep_best=True')
   return tree[key]
 
-
-def _json_default(v):
-  return files.json_default(v)
