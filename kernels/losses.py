@@ -270,7 +270,13 @@ def check_labels(name: str, y: np.ndarray, num_outputs: int) -> str | None:
   """Checks label values on the host, where an error can still be explained.
 
   On device an out-of-range class id is silently clipped or gives a NaN loss,
-  so it is cheaper to catch it here once per data set.
+  and targets that contradict the loss train without complaint (float class ids
+  under a softmax give a loss of exactly 0), so it is cheaper to catch them here
+  once per data set. Softmax cross entropy takes integer class ids in range, or
+  one-hot / probability rows (non-negative, summing to 1 within
+  ``SOFT_TARGET_TOLERANCE``); float targets that are all whole numbers but not
+  one-hot get a message suggesting integer labels. Sigmoid cross entropy takes
+  labels in [0, 1]; hinge takes labels in {-1, 0, 1}.
 
   Args:
     name: a key of ``LOSSES``.
@@ -287,6 +293,15 @@ def check_labels(name: str, y: np.ndarray, num_outputs: int) -> str | None:
   y = np.asarray(y)
   if y.size == 0:
     return None
+  if name == "softmax_cross_entropy" and not np.issubdtype(y.dtype, np.integer):
+    problem = _check_soft_targets(y)
+    if problem:
+      return problem
+  if name == "softmax_cross_entropy" and num_outputs < 2:
+    return (
+      f"softmax_cross_entropy needs at least 2 outputs (classes); the model has {num_outputs}, "
+      "and a softmax over one output is always 1 (the loss is always 0)"
+    )
   if name == "softmax_cross_entropy" and np.issubdtype(y.dtype, np.integer):
     bad = (y < 0) | (y >= num_outputs)
     if bad.any():
@@ -312,3 +327,42 @@ def check_labels(name: str, y: np.ndarray, num_outputs: int) -> str | None:
         f"not, for example {examples}"
       )
   return None
+
+
+SOFT_TARGET_TOLERANCE = 1e-3  # how far from 1 a row of soft targets may sum
+
+
+def _check_soft_targets(y: np.ndarray) -> str | None:
+  """One-hot or probability targets for softmax cross entropy: rows (the last axis) of
+  non-negative values summing to 1. Float class ids (every value a whole number, rows
+  not one-hot) are the likeliest mistake, and get their own message."""
+  y = np.asarray(y, np.float64)
+  if y.ndim < 2:
+    return None  # check_shapes refuses these
+  bad = ~np.isfinite(y)
+  if bad.any():
+    return f"softmax_cross_entropy needs finite targets; {int(bad.sum())} are NaN or inf"
+  rows = y.reshape(-1, y.shape[-1])
+  sums = rows.sum(axis=1)
+  negative = (rows < 0).any(axis=1)
+  off = np.abs(sums - 1) > SOFT_TARGET_TOLERANCE
+  if not (negative.any() or off.any()):
+    return None
+  if np.all(rows == np.round(rows)):
+    examples = np.unique(rows)[:5].tolist()
+    return (
+      f"softmax_cross_entropy got float targets whose values are all whole numbers "
+      f"(for example {examples}) but whose rows are not one-hot: class ids must be integers "
+      "(e.g. y.astype(np.int32), shape (n,)); one-hot or probability targets need "
+      "non-negative rows summing to 1"
+    )
+  if negative.any():
+    return (
+      f"softmax_cross_entropy with probability targets needs non-negative values; "
+      f"{int(negative.sum())} rows have negative ones (the smallest is {rows.min():.4g})"
+    )
+  return (
+    f"softmax_cross_entropy with probability targets needs rows summing to 1 (within "
+    f"{SOFT_TARGET_TOLERANCE}); {int(off.sum())} rows do not (sums from {sums.min():.4g} to "
+    f"{sums.max():.4g}): normalise them, y / y.sum(-1, keepdims=True)"
+  )

@@ -1,28 +1,54 @@
-"""Orbax checkpoints: the whole sweep state (to resume) and the Pareto-best runs (to keep).
+"""Checkpoints: the sweep state (to resume, verified, with fallback) and the Pareto runs (orbax).
 
 Layout of a workdir:
   config.json, results.csv, curves.csv   the results (written atomically)
   sweep.json                             the fingerprint of the sweep the workdir holds
-  state/<step>/                          CheckpointManager of the whole sweep state
-  state/process-<p>-of-<n>/<step>/       the same for process p of n (state.npz, meta.json)
-  done/<c>/                              final state of finished unit c
-  runs/<i>/                              params and optimizer state of run i (Pareto runs)
+  state/<step>/                          a checkpoint of this process's sweep state
+  state/process-<p>-of-<n>/<step>/       the same for process p of n
+  done/<c>/                              final state and history of finished unit c
+  runs/<i>/                              params and optimizer state of run i (orbax; Pareto runs)
   runs/<i>.json                          its hyperparameters and metrics
+
+A checkpoint (and a finished unit) is a directory of `state.npz` (the leaves of the
+state tree, whose structure every rerun of the sweep knows), `meta.json` (where the
+sweep stands, the curves so far) and `checksums.json` (size and sha256 of each, written
+after them, from what is on disk). It is written into a temporary directory, flushed,
+and renamed into place, so a process killed at any moment leaves only whole ones. On
+resume each is checked before use: one that is missing a file, truncated, fails its
+checksum or does not restore is reported in one line and skipped for the newest intact
+earlier one; without any, the unit in progress starts from scratch (and says so). A
+damaged finished unit is trained again. Nothing damaged is used.
 """
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
+import dataclasses
 import json
 import os
 import shutil
+import sys
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from sweep.errors import ConfigError
+from sweep import files
+from sweep.errors import ConfigError, config_error
+
+STATE, META = 'state.npz', 'meta.json'
+
+
+def say(message: str) -> None:
+  """One line on stderr about the workdir (a damaged checkpoint, a fallback)."""
+  print(f'sweep: {message}', file=sys.stderr, flush=True)
+
+
+class WorkdirConflict(ConfigError):
+  """The workdir holds another sweep (or cannot be used); nothing in it was changed."""
 
 
 def _local() -> ocp.options.MultiprocessingOptions:
@@ -38,135 +64,26 @@ def _checkpointer() -> ocp.StandardCheckpointer:
   return ocp.StandardCheckpointer(multiprocessing_options=_local())
 
 
-def fingerprint(resolved: dict[str, Any]) -> str:
-  """A hash of what defines the numbers of a sweep (not where or when it ran)."""
-  keep = {k: v for k, v in resolved.items() if k not in ('environment', 'experiment')}
-  text = json.dumps(keep, sort_keys=True, default=str)
-  return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
 def host_copy(tree: Any) -> Any:
   """A host copy of `tree`: the device buffers may be donated to the next segment."""
   return jax.tree.map(lambda a: np.array(a, copy=True), tree)
 
 
-class SweepState:
-  """The whole sweep state at segment boundaries, with an orbax CheckpointManager.
-
-  Saves are asynchronous (training goes on while files are written) and keep the
-  latest `keep`. Orbax writes each step to a temporary directory and renames it when
-  complete, so a process killed at any moment leaves only whole checkpoints.
-
-  One process only; `ProcessState` is the same for each process of a multi-process sweep.
-  """
-
-  def __init__(self, workdir: str, keep: int = 2):
-    self.directory = os.path.abspath(os.path.join(workdir, 'state'))
-    self.manager = ocp.CheckpointManager(
-        self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=True),
-        item_names=('state', 'meta'),
-    )
-
-  def latest_step(self) -> int | None:
-    return self.manager.latest_step()
-
-  def save(self, step: int, state: Any | None, meta: dict[str, Any]) -> None:
-    """Saves `meta` and, unless None, the state of the unit in progress."""
-    items = {'meta': ocp.args.JsonSave(meta)}
-    if state is not None:
-      items['state'] = ocp.args.StandardSave(host_copy(state))
-    self.manager.save(step, args=ocp.args.Composite(**items), force=True)
-
-  def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
-    out = self.manager.restore(
-        step,
-        args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()),
-    )
-    return out.state, out.meta
-
-  def restore_meta(self, step: int) -> dict[str, Any]:
-    return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-
-  def wait(self) -> None:
-    self.manager.wait_until_finished()
-
-  def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+# ------------------------------------------------------------ state files ----
 
 
-class ProcessState:
-  """`SweepState` for one process of a multi-process sweep, in a directory of its own.
-
-  The processes of a sweep train their own units and checkpoint them at their own
-  moments, with no collective. orbax cannot write such a process-local state: it takes
-  numpy arrays for replicated values (written by process 0 alone) and refuses jax
-  arrays that are not global. So each process writes its state as one `.npz` of the
-  tree's leaves (their structure is the sweep's, known to every process) and its meta
-  as JSON, into a temporary directory renamed when complete, keeping the latest `keep`.
-  A rerun with another process count assigns the units differently and starts afresh.
-  """
-
-  def __init__(self, workdir: str, keep: int = 2):
-    name = f'process-{jax.process_index()}-of-{jax.process_count()}'
-    self.directory = os.path.abspath(os.path.join(workdir, 'state', name))
-    self.keep = keep
-    os.makedirs(self.directory, exist_ok=True)
-
-  def _steps(self) -> list[int]:
-    return sorted(int(n) for n in os.listdir(self.directory) if n.isdigit())
-
-  def latest_step(self) -> int | None:
-    steps = self._steps()
-    return steps[-1] if steps else None
-
-  def save(self, step: int, state: Any | None, meta: dict[str, Any]) -> None:
-    write_dir(os.path.join(self.directory, str(step)), state, meta)
-    for old in self._steps()[: -self.keep]:
-      shutil.rmtree(os.path.join(self.directory, str(old)), ignore_errors=True)
-
-  def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
-    path = os.path.join(self.directory, str(step))
-    return load_leaves(os.path.join(path, 'state.npz'), abstract_state), self.restore_meta(step)
-
-  def restore_meta(self, step: int) -> dict[str, Any]:
-    with open(os.path.join(self.directory, str(step), 'meta.json')) as f:
-      return json.load(f)
-
-  def wait(self) -> None:
-    pass
-
-  def close(self) -> None:
-    pass
-
-
-def write_dir(path: str, state: Any | None, meta: dict[str, Any] | None = None) -> None:
-  """Writes `state` (state.npz) and `meta` (meta.json) as directory `path`: into a
-  temporary directory first, renamed when whole, so a killed process leaves no half."""
-  tmp = path + '.tmp'
-  shutil.rmtree(tmp, ignore_errors=True)
-  os.makedirs(tmp)
-  if state is not None:
-    save_leaves(os.path.join(tmp, 'state.npz'), state)
-  if meta is not None:
-    with open(os.path.join(tmp, 'meta.json'), 'w') as f:
-      json.dump(meta, f)
-  shutil.rmtree(path, ignore_errors=True)
-  os.replace(tmp, path)
-
-
-def save_leaves(path: str, tree: Any) -> None:
-  """Writes the leaves of `tree` (host arrays) to the .npz file `path`."""
+def _npz_writer(tree: Any) -> Callable[[Any], None]:
+  """Writes the leaves of `tree` (host arrays) as an .npz to the file object it is given."""
   leaves = [np.asarray(a) for a in jax.tree.leaves(tree)]
-  with open(path, 'wb') as f:
-    np.savez(f, **{f'{i:06d}': a for i, a in enumerate(leaves)})
+  return lambda f: np.savez(f, **{f'{i:06d}': a for i, a in enumerate(leaves)})
 
 
 def load_leaves(path: str, abstract: Any) -> Any:
-  """The tree `save_leaves` wrote, in the structure of `abstract` (shapes checked)."""
+  """The tree of an .npz of leaves (`write_dir`), in the structure of `abstract` (shapes checked)."""
   leaves, treedef = jax.tree.flatten(abstract)
-  with np.load(path) as f:
+  with np.load(path, allow_pickle=False) as f:
+    if len(f.files) != len(leaves):
+      raise ValueError(f'{path} holds {len(f.files)} arrays where the state has {len(leaves)}')
     arrays = [f[f'{i:06d}'] for i in range(len(leaves))]
   for a, want in zip(arrays, leaves, strict=True):
     if a.shape != tuple(want.shape) or a.dtype != want.dtype:
@@ -174,65 +91,156 @@ def load_leaves(path: str, abstract: Any) -> Any:
   return jax.tree.unflatten(treedef, arrays)
 
 
-def open_state(workdir: str) -> SweepState | ProcessState:
-  """The whole-state checkpoints of this process."""
-  return SweepState(workdir) if jax.process_count() == 1 else ProcessState(workdir)
+def write_dir(path: str, state: Any | None, meta: dict[str, Any] | None = None) -> None:
+  """Writes `state` (state.npz), `meta` (meta.json) and their checksums as directory
+  `path`: into a temporary directory first, renamed when whole."""
+  contents = {}
+  if state is not None:
+    contents[STATE] = _npz_writer(state)
+  if meta is not None:
+    contents[META] = json.dumps(meta, default=files.json_default).encode()
+  files.write_directory(path, contents)
 
 
-def claim(workdir: str, fp: str, fresh: bool, write: bool = True) -> bool:
-  """Checks that `workdir` holds this sweep (or nothing); returns True if it holds state.
+class Damaged(Exception):
+  """A checkpoint or finished unit that cannot be used; the message says why."""
 
-  With `write` False (processes other than 0 of a multi-process sweep) it only checks.
 
-  Raises:
-    ConfigError: the workdir holds another sweep and `fresh` is False. Nothing in the
-      workdir is changed.
+def read_meta(path: str, required: tuple[str, ...] = (META,)) -> dict[str, Any]:
+  """The meta.json of a checksummed directory, after checking the whole directory."""
+  problem = files.verify(path, required)
+  if problem is not None:
+    raise Damaged(problem)
+  try:
+    with open(os.path.join(path, META)) as f:
+      meta = json.load(f)
+  except (OSError, ValueError) as e:
+    raise Damaged(f'{META} does not read ({type(e).__name__})') from e
+  if not isinstance(meta, dict):
+    raise Damaged(f'{META} holds no record')
+  return meta
+
+
+def read_state(path: str, abstract: Any) -> Any:
+  """The state.npz of a verified directory, in the structure of `abstract`."""
+  try:
+    return load_leaves(os.path.join(path, STATE), abstract)
+  except Exception as e:  # a zip error, a missing key, a shape: all mean the same here
+    raise Damaged(f'{STATE} does not restore ({e})') from e
+
+
+# ------------------------------------------------------------ the sweep state ----
+
+
+class StateStore:
+  """Checkpoints of one process's sweep state: `directory/<step>/`, the latest `keep`.
+
+  Saves are asynchronous: the state is copied to the host at once (the device buffers
+  are donated to the next segment), then written by a background thread while training
+  goes on; a save waits for the one before. An error of the writer (a full disk) is
+  raised by the next save, `wait` or `close`.
   """
-  path = os.path.join(workdir, 'sweep.json')
-  if os.path.exists(path):
-    with open(path) as f:
-      held = json.load(f).get('fingerprint')
-    if held != fp and not fresh:
-      raise ConfigError(
-          f'workdir={workdir!r} holds another sweep (fingerprint {held}, this config is {fp}): '
-          'use another workdir, or start afresh with fresh=True (CLI: --fresh), which deletes its checkpoints.'
-      )
-    if not write:
-      return False
-    if held != fp or fresh:
-      for sub in ('state', 'runs', 'done'):
-        shutil.rmtree(os.path.join(workdir, sub), ignore_errors=True)
-      for name in ('results.csv', 'curves.csv', 'sweep.json', 'config.json', 'experiment.py'):
-        if os.path.exists(os.path.join(workdir, name)):
-          os.unlink(os.path.join(workdir, name))
-  if not write:
-    return False
-  from sweep.results import atomic_write  # a cycle: results imports nothing from here
 
-  os.makedirs(workdir, exist_ok=True)
-  atomic_write(path, json.dumps({'fingerprint': fp}))
-  return os.path.isdir(os.path.join(workdir, 'state'))
+  def __init__(self, directory: str, keep: int = 2):
+    self.directory = os.path.abspath(directory)
+    self.keep = keep
+    self._thread: threading.Thread | None = None
+    self._error: BaseException | None = None
+
+  def steps(self) -> list[int]:
+    """The checkpoints on disk (whole or not), oldest first."""
+    if not os.path.isdir(self.directory):
+      return []
+    return sorted(int(n) for n in os.listdir(self.directory) if n.isdigit())
+
+  def latest_step(self) -> int | None:
+    steps = self.steps()
+    return steps[-1] if steps else None
+
+  def path(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
+
+  def _write(self, step: int, contents: dict[str, Any]) -> None:
+    files.write_directory(self.path(step), contents)
+    for old in self.steps()[: -self.keep]:
+      shutil.rmtree(self.path(old), ignore_errors=True)
+
+  def _run(self, step: int, contents: dict[str, Any]) -> None:
+    try:
+      self._write(step, contents)
+    except BaseException as e:  # handed to the main thread at its next call
+      self._error = e
+
+  def save(self, step: int, state: Any | None, meta: dict[str, Any]) -> None:
+    """Saves `meta` and, unless None, the state of the unit in progress."""
+    contents = {META: json.dumps(meta, default=files.json_default).encode()}
+    if state is not None:
+      contents[STATE] = _npz_writer(host_copy(state))
+    self.wait()
+    self._thread = threading.Thread(target=self._run, args=(step, contents), daemon=True)
+    self._thread.start()
+
+  def load(self, step: int, abstract: Callable[[dict], Any]) -> tuple[Any | None, dict[str, Any]]:
+    """The state (None if the checkpoint holds none) and meta of checkpoint `step`.
+
+    Args:
+      step: the checkpoint.
+      abstract: meta -> the abstract state tree the checkpoint must hold.
+
+    Raises:
+      Damaged: the checkpoint cannot be used.
+    """
+    path = self.path(step)
+    meta = read_meta(path)
+    if meta.get('unit') is None:
+      return None, meta
+    if STATE not in files.listed(path):
+      raise Damaged(f'{STATE} is missing')
+    return read_state(path, abstract(meta)), meta
+
+  def remove(self, step: int) -> None:
+    shutil.rmtree(self.path(step), ignore_errors=True)
+
+  def wait(self) -> None:
+    if self._thread is not None:
+      self._thread.join()
+      self._thread = None
+    if self._error is not None:
+      error, self._error = self._error, None
+      raise error
+
+  def close(self) -> None:
+    self.wait()
+
+  def abandon(self) -> None:
+    """Waits for a write in flight and forgets its error (another error is on its way)."""
+    if self._thread is not None:
+      self._thread.join()
+      self._thread = None
+    self._error = None
 
 
-# -------------------------------------------------------- finished units ----
+def open_state(workdir: str, keep: int = 2) -> StateStore:
+  """The checkpoints of this process: `state/` alone, `state/process-<p>-of-<n>/` in a
+  sweep of several processes (each trains its own units and checkpoints them at its own
+  moments, with no collective)."""
+  directory = os.path.join(workdir, 'state')
+  if jax.process_count() > 1:
+    directory = os.path.join(directory, f'process-{jax.process_index()}-of-{jax.process_count()}')
+  return StateStore(directory, keep)
+
+
+# ------------------------------------------------------------ finished units ----
 
 
 def done_path(workdir: str, c: int) -> str:
   return os.path.abspath(os.path.join(workdir, 'done', f'{c:04d}'))
 
 
-def save_done(workdir: str, c: int, state: Any) -> None:
-  """Saves a finished unit's final state once; later checkpoints only point to it."""
-  path = done_path(workdir, c)
-  if os.path.exists(path):
-    shutil.rmtree(path)
-  if jax.process_count() > 1:
-    # A process's own unit: orbax would leave it to process 0 (see `ProcessState`).
-    write_dir(path, state)
-    return
-  with _checkpointer() as ckpt:
-    ckpt.save(path, state)
-    ckpt.wait_until_finished()
+def save_done(workdir: str, c: int, state: Any, meta: dict[str, Any] | None = None) -> None:
+  """Saves a finished unit's final state (and its history, in `meta`) once; later
+  checkpoints only point to it."""
+  write_dir(done_path(workdir, c), state, meta)
 
 
 class Final:
@@ -255,10 +263,210 @@ class Final:
           'this run\'s final state was not kept: the sweep outgrew its memory budget. '
           'Run it with a workdir to keep every final state on disk.'
       )
-    if os.path.exists(os.path.join(self.path, 'state.npz')):
-      return load_leaves(os.path.join(self.path, 'state.npz'), self.abstract)
-    with _checkpointer() as ckpt:
-      return jax.tree.map(np.asarray, ckpt.restore(self.path, self.abstract))
+    problem = files.verify(self.path, (STATE,))
+    if problem is not None:
+      raise ValueError(f'{self.path} is damaged ({problem}): run the same sweep again to train this unit again')
+    return load_leaves(os.path.join(self.path, STATE), self.abstract)
+
+
+# ------------------------------------------------------------ the workdir ----
+
+
+def _read_record(path: str) -> tuple[dict[str, Any] | None, str | None]:
+  """(record, None), (None, None) when absent, or (None, what is wrong)."""
+  try:
+    with open(path, 'rb') as f:
+      record = json.loads(f.read())
+  except FileNotFoundError:
+    return None, None
+  except (OSError, ValueError) as e:
+    return None, f'unreadable ({type(e).__name__})'
+  if not isinstance(record, dict) or 'fingerprint' not in record:
+    return None, 'holds no fingerprint'
+  if record.get('format') == 2:
+    from sweep.fingerprint import Fingerprint
+
+    try:
+      digest = Fingerprint(record['strict'], record['soft']).digest
+    except (KeyError, TypeError):
+      return None, 'incomplete'
+    if digest != record['fingerprint']:
+      return None, 'fails its checksum'
+  return record, None
+
+
+def _digests_on_disk(workdir: str) -> set[str]:
+  """The fingerprints recorded in the intact checkpoints and finished units of a workdir."""
+  found = set()
+  dirs = [os.path.join(workdir, 'done')]
+  state = os.path.join(workdir, 'state')
+  dirs.append(state)
+  if os.path.isdir(state):
+    dirs += [os.path.join(state, n) for n in os.listdir(state) if n.startswith('process-')]
+  for d in dirs:
+    if not os.path.isdir(d):
+      continue
+    for name in os.listdir(d):
+      if name.isdigit():
+        try:
+          found.add(read_meta(os.path.join(d, name)).get('fingerprint'))
+        except Damaged:
+          pass
+  return found
+
+
+def _clear(workdir: str) -> None:
+  for sub in ('state', 'runs', 'done'):
+    shutil.rmtree(os.path.join(workdir, sub), ignore_errors=True)
+  for name in ('results.csv', 'curves.csv', 'sweep.json', 'config.json', 'experiment.py'):
+    if os.path.exists(os.path.join(workdir, name)):
+      os.unlink(os.path.join(workdir, name))
+
+
+def _refuse(workdir: str, what: str) -> WorkdirConflict:
+  return WorkdirConflict(
+      f'workdir={workdir!r} holds another sweep: {what}. Use another workdir, or start afresh '
+      'with fresh=True (CLI: --fresh), which deletes its checkpoints.'
+  )
+
+
+def check_workdir(workdir: str) -> None:
+  """Refuses a workdir path that is not a directory (before anything is computed)."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise config_error('workdir', workdir, 'a directory; this path is a file')
+
+
+def claim(workdir: str, fp: Any, fresh: bool, write: bool = True) -> None:
+  """Checks that `workdir` holds this sweep (or nothing), and records it there.
+
+  Args:
+    workdir: the workdir.
+    fp: the sweep's `fingerprint.Fingerprint`.
+    fresh: discard what the workdir holds, even another sweep.
+    write: False on the processes other than 0 of a multi-process sweep: they only check.
+
+  Raises:
+    WorkdirConflict: the workdir holds another sweep and `fresh` is False; the message
+      names each difference (old -> new). Nothing in the workdir is changed.
+  """
+  from sweep import fingerprint
+
+  check_workdir(workdir)
+  path = os.path.join(workdir, 'sweep.json')
+  held, problem = _read_record(path)
+  if held is None and not fresh and os.path.isdir(workdir):
+    # No record to compare with: the checkpoints and finished units say whose they are.
+    others = _digests_on_disk(workdir) - {fp.digest}
+    if others:
+      what = f'its sweep.json is damaged ({problem})' if problem else 'it has no sweep.json'
+      raise _refuse(workdir, f'{what} and its checkpoints are of another sweep')
+    if problem is not None and write:
+      say(f'{path} is damaged ({problem}); the checkpoints there are this sweep\'s: writing it again')
+  elif held is not None and not fresh:
+    if held.get('format') != fingerprint.FORMAT:
+      raise _refuse(workdir, 'it was written by an earlier version of sweep, whose fingerprint lists no fields')
+    changed = fingerprint.differences(held['strict'], fp.strict)
+    if changed:
+      shown = '; '.join(changed[:6]) + (f'; and {len(changed) - 6} more' if len(changed) > 6 else '')
+      raise _refuse(workdir, shown)
+    notes = fingerprint.differences(held.get('soft', {}), fp.soft)
+    if notes and write:
+      fields = [n for n in notes if not n.startswith('environment.')]
+      versions = [n for n in notes if n.startswith('environment.')]
+      if fields:
+        say('; '.join(fields) + ' (this changes no number: resuming)')
+      if versions:
+        shown = '; '.join(versions[:4]) + (f'; and {len(versions) - 4} more' if len(versions) > 4 else '')
+        say(f'{shown} since the last run (float rounding may differ in the last bits: resuming)')
+  if not write:
+    return
+  if fresh and os.path.isdir(workdir):
+    _clear(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  files.remove_partial(workdir)  # what a killed process was writing
+  files.write_if_changed(path, json.dumps(fp.record(), indent=1, sort_keys=True))
+
+
+@dataclasses.dataclass
+class Resume:
+  """Where this process's part of a sweep stands on disk."""
+
+  step: int = 0  # segments trained (the number of the next checkpoint minus one)
+  finished: dict[int, dict[str, Any]] = dataclasses.field(default_factory=dict)  # unit -> done meta
+  unit: int | None = None  # the unit in progress
+  segment: int = 0  # its next segment
+  state: Any = None  # its state
+  history: list | None = None  # its curves so far
+  seconds: float = 0.0  # its training time so far
+
+
+def resume(
+    store: StateStore, workdir: str, mine: list[int], digest: str, abstract: Callable[[int], Any]
+) -> Resume:
+  """Reads back where this process stands, using only intact checkpoints.
+
+  Args:
+    store: this process's checkpoints.
+    workdir: the workdir.
+    mine: the units this process trains.
+    digest: the sweep's fingerprint digest (a checkpoint of another is not used).
+    abstract: unit -> the abstract state tree of that unit.
+  """
+  out = Resume()
+  for c in mine:
+    path = done_path(workdir, c)
+    if not os.path.isdir(path):
+      continue
+    try:
+      meta = read_meta(path, (META, STATE))
+      if meta.get('fingerprint') != digest:
+        raise Damaged('it is of another sweep')
+    except Damaged as e:
+      say(f'finished unit {path} is damaged ({e}): training unit {c} again')
+      continue
+    out.finished[c] = meta
+    out.step = max(out.step, int(meta.get('step', 0)))
+
+  steps = store.steps()
+  skipped = []
+  for step in reversed(steps):
+    try:
+      state, meta = store.load(step, lambda m: abstract(int(m['unit'])))
+      if meta.get('fingerprint') != digest:
+        raise Damaged('it is of another sweep')
+    except Damaged as e:
+      later = [s for s in steps if s < step]
+      where = f'trying checkpoint {later[-1]}' if later else 'no earlier checkpoint'
+      say(f'checkpoint {store.path(step)} is damaged ({e}): skipped; {where}')
+      skipped.append(step)
+      continue
+    out.step = max(out.step, step)
+    unit = meta.get('unit')
+    if unit is not None and unit not in out.finished and unit in mine:
+      out.unit, out.segment, out.state = int(unit), int(meta['segment']), state
+      out.history, out.seconds = meta['history'], float(meta.get('unit_seconds', 0.0))
+    break
+  else:
+    if steps:
+      say(f'no intact checkpoint in {store.directory}: the unit in progress starts from scratch')
+  for step in skipped:
+    store.remove(step)  # unusable; and not to be kept in place of whole ones
+  return out
+
+
+@contextlib.contextmanager
+def disk_full_guard(workdir: str | None) -> Iterator[None]:
+  """Turns a full disk while writing `workdir` into `files.DiskFull`, after removing the
+  partial files (the whole checkpoints stay: a rerun resumes from them)."""
+  try:
+    yield
+  except files.DiskFull:
+    raise
+  except Exception as e:
+    if workdir is None or not files.is_disk_full(e):
+      raise
+    freed = files.remove_partial(workdir)
+    raise files.DiskFull(os.path.abspath(workdir), freed) from e
 
 
 # ------------------------------------------------------------ saved runs ----
@@ -268,15 +476,23 @@ def run_path(workdir: str, i: int) -> str:
   return os.path.abspath(os.path.join(workdir, 'runs', f'{i:06d}'))
 
 
+def _run_meta_text(meta: dict[str, Any]) -> str:
+  return json.dumps(meta, indent=2, default=files.json_default)
+
+
+def run_is_saved(workdir: str, i: int, meta: dict[str, Any]) -> bool:
+  """Whether run i is on disk, whole, with this metadata (a rerun then leaves it)."""
+  path = run_path(workdir, i)
+  return files.verify(path) is None and files.same_content(path + '.json', _run_meta_text(meta).encode())
+
+
 def save_run(
     workdir: str, i: int, params: Any, opt_state: Any, meta: dict[str, Any], best_params: Any = None,
     model_state: Any = None, best_model_state: Any = None, state_layout: str = 'collections',
 ) -> None:
   """Saves run i's parameters, model state (batch statistics) and optimizer state (and
-  its best-evaluation parameters and model state, when kept), with its metadata beside
-  them."""
-  from sweep.results import atomic_write
-
+  its best-evaluation parameters and model state, when kept) with orbax, their checksums,
+  and its metadata beside them."""
   path = run_path(workdir, i)
   if os.path.exists(path):
     shutil.rmtree(path)
@@ -293,7 +509,8 @@ def save_run(
       tree[f'best_model_{kind}'] = host_copy(best_model_state)
     ckpt.save(path, tree)
     ckpt.wait_until_finished()
-  atomic_write(path + '.json', json.dumps(meta, indent=2, default=_json_default))
+  files.write_checksums(path)
+  files.atomic_write(path + '.json', _run_meta_text(meta))
 
 
 def saved_runs(workdir: str) -> list[int]:
@@ -303,15 +520,27 @@ def saved_runs(workdir: str) -> list[int]:
   return sorted(int(n) for n in os.listdir(directory) if n.isdigit())
 
 
-def _restore_run(workdir: str, i: int) -> dict[str, Any]:
+def restore_run(workdir: str, i: int) -> dict[str, Any]:
+  """Everything saved of run i: `params`, `opt_state` (the optimizer state after its last
+  update, as nested dicts and lists of arrays) and, with keep_best, `best_params`; the model state under `model_collections`
+  (flax linen) or `model_state`, when the model has one.
+
+  Raises:
+    KeyError: run i was not saved (the message names the runs that were).
+    ValueError: its files are damaged (a rerun of the sweep saves them again).
+  """
   path = run_path(workdir, i)
   if not os.path.isdir(path):
     saved = saved_runs(workdir)
     raise KeyError(
         f'run {i} was not saved in {workdir!r}; saved runs (the Pareto front): {saved or "none"}'
     )
+  problem = files.verify(path)
+  if problem is not None:
+    raise ValueError(f'run {i} in {workdir!r} is damaged ({problem}): run the same sweep again to save it again')
   with _checkpointer() as ckpt:
-    return ckpt.restore(path)
+    tree = ckpt.restore(path)
+  return jax.tree.map(np.asarray, tree)
 
 
 def restore_variables(workdir: str, i: int, best: bool = False) -> dict[str, Any]:
@@ -324,7 +553,7 @@ def restore_variables(workdir: str, i: int, best: bool = False) -> dict[str, Any
     i: the run.
     best: its variables at its best evaluation instead (saved with keep_best=True).
   """
-  tree = _restore_run(workdir, i)
+  tree = restore_run(workdir, i)
   prefix = 'best_' if best else ''
   if prefix + 'params' not in tree:
     raise KeyError(f'run {i} in {workdir!r} has no best parameters: the sweep ran without keep_best=True')
@@ -332,7 +561,7 @@ def restore_variables(workdir: str, i: int, best: bool = False) -> dict[str, Any
   variables.update(tree.get(prefix + 'model_collections') or {})
   if tree.get(prefix + 'model_state'):
     variables['state'] = tree[prefix + 'model_state']
-  return jax.tree.map(np.asarray, variables)
+  return variables
 
 
 def restore_params(workdir: str, i: int, best: bool = False) -> Any:
@@ -346,15 +575,11 @@ def restore_params(workdir: str, i: int, best: bool = False) -> Any:
   Raises:
     KeyError: run i was not saved (the message names the runs that were), or its best
       parameters were not kept.
+    ValueError: its files are damaged.
   """
-  tree = _restore_run(workdir, i)
+  tree = restore_run(workdir, i)
   key = 'best_params' if best else 'params'
   if key not in tree:
     raise KeyError(f'run {i} in {workdir!r} has no best parameters: the sweep ran without keep_best=True')
-  return jax.tree.map(np.asarray, tree[key])
+  return tree[key]
 
-
-def _json_default(v):
-  if isinstance(v, (np.floating, np.integer, np.bool_)):
-    return v.item()
-  return str(v)

@@ -3,34 +3,95 @@
 from __future__ import annotations
 
 import argparse
+import difflib
+import errno
 import importlib.util
 import os
+import re
 import sys
+import traceback
 
 DEFAULT_EXPERIMENT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                   'experiments', 'seed_mlp.py')
 
 
+class _Failure(Exception):
+  """A failure the CLI reports in one line (and exits with `code`)."""
+
+  def __init__(self, message: str, code: int = 1):
+    super().__init__(message)
+    self.code = code
+
+
+def _config_fields() -> list[str]:
+  import dataclasses
+
+  from sweep.config import SweepConfig
+
+  return [f.name for f in dataclasses.fields(SweepConfig)]
+
+
+def _explain_type_error(e: TypeError) -> str | None:
+  """A sentence for a SweepConfig built with an unknown or a missing keyword."""
+  text = str(e)
+  if 'SweepConfig' not in text and 'replace()' not in text:
+    return None
+  fields = _config_fields()
+  unknown = re.search(r"unexpected keyword argument '(\w+)'", text)
+  if unknown:
+    name = unknown.group(1)
+    close = difflib.get_close_matches(name, fields, n=1, cutoff=0.6)
+    hint = f" (did you mean '{close[0]}'?)" if close else ''
+    return f"SweepConfig has no field '{name}'{hint}; its fields are: {', '.join(fields)}"
+  missing = re.search(r'missing \d+ required (?:positional |keyword-only )?arguments?: (.*)$', text)
+  if missing:
+    return f'SweepConfig needs {missing.group(1)}; its fields are: {", ".join(fields)}'
+  return None
+
+
+def _where(e: BaseException, path: str) -> str:
+  """'file.py line N' of the innermost frame of the experiment file in `e`'s traceback."""
+  frames = [f for f in traceback.extract_tb(e.__traceback__) if os.path.abspath(f.filename) == os.path.abspath(path)]
+  name = os.path.basename(path)
+  return f'{name} line {frames[-1].lineno}' if frames else name
+
+
 def load_experiment(path: str):
   """Imports the experiment file at `path` and returns its `get_config()`."""
+  from sweep.errors import ConfigError
+
   if not os.path.isfile(path):
     raise SystemExit(f'sweep: experiment file {path!r} does not exist')
   spec = importlib.util.spec_from_file_location('experiment', path)
   module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  get_config = getattr(module, 'get_config', None)
-  if get_config is None:
-    raise SystemExit(f'sweep: {path} defines no get_config() -> sweep.SweepConfig')
-  return get_config()
+  try:
+    spec.loader.exec_module(module)
+    get_config = getattr(module, 'get_config', None)
+    if get_config is None:
+      raise SystemExit(f'sweep: {path} defines no get_config() -> sweep.SweepConfig')
+    return get_config()
+  except (SystemExit, KeyboardInterrupt, ConfigError):
+    raise
+  except TypeError as e:
+    explained = _explain_type_error(e)
+    if explained is not None:
+      raise ConfigError(explained) from None
+    raise _Failure(f'{_where(e, path)}: {type(e).__name__}: {e}', 2) from None
+  except Exception as e:  # the experiment's own code: where it failed, in one line
+    raise _Failure(f'{_where(e, path)}: {type(e).__name__}: {e}', 2) from None
 
 
 def _run(args) -> int:
   import sweep
+  from sweep import checkpoints, files
 
   if args.distributed:
     sweep.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
 
   path = args.experiment or DEFAULT_EXPERIMENT
+  if args.workdir and os.path.exists(args.workdir) and not os.path.isdir(args.workdir):
+    raise _Failure(f'--workdir {args.workdir!r} is a file, not a directory', 2)
+  writes = files.write_count()
   try:
     cfg = load_experiment(path)
     if not isinstance(cfg, sweep.SweepConfig):
@@ -38,8 +99,11 @@ def _run(args) -> int:
     result = sweep.run(
         cfg, workdir=args.workdir, progress=not args.no_progress, fresh=args.fresh,
         checkpoint_every=args.checkpoint_every, checkpoint_seconds=args.checkpoint_seconds,
-        experiment_file=path,
+        experiment_file=path, keep_checkpoints=args.keep_checkpoints,
     )
+  except checkpoints.WorkdirConflict as e:
+    print(f'sweep: {e}', file=sys.stderr)
+    return 2
   except sweep.ConfigError as e:
     print(f'sweep: bad config in {path}: {e}', file=sys.stderr)
     return 2
@@ -53,7 +117,16 @@ def _run(args) -> int:
     if not args.no_report:
       from sweep import report
 
-      print(f'Report: {report.write_report(args.workdir, result)}')
+      html = os.path.join(args.workdir, 'report', 'report.html')
+      if files.write_count() == writes and os.path.isfile(html):
+        print(f'Report: {html} (unchanged)')  # a finished sweep read again: nothing to rewrite
+      else:
+        try:
+          print(f'Report: {report.write_report(args.workdir, result)}')
+        except OSError as e:
+          if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise
+          print(f'sweep: no report written: {_os_message(e)}', file=sys.stderr)
   return 0
 
 
@@ -103,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument('--checkpoint-every', type=int, default=1, metavar='N', help='checkpoint every N segments')
   p.add_argument('--checkpoint-seconds', type=float, default=None, metavar='S',
                  help='also checkpoint when S seconds passed since the last checkpoint')
+  p.add_argument('--keep-checkpoints', type=int, default=2, metavar='K',
+                 help='keep the latest K checkpoints (a damaged one is skipped for the one before; default 2)')
   p.add_argument('--no-report', action='store_true', help='skip the figures and report.html')
   p.add_argument('--distributed', action='store_true',
                  help='join the other processes first (jax.distributed.initialize; auto-detected on TPU VMs, '
@@ -124,15 +199,47 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument('--workdir', help='save lr_find.csv and lr_find.json here (for the report)')
   p.set_defaults(fn=_lr_find)
   args = parser.parse_args(argv)
+  try:
+    _start()
+    return args.fn(args)
+  except _Failure as e:
+    print(f'sweep: {e}', file=sys.stderr)
+    return e.code
+  except KeyboardInterrupt:
+    kept = f'; the checkpoints in {args.workdir} are kept: run the same command again to resume' if getattr(
+        args, 'workdir', None) else ''
+    print(f'sweep: interrupted (SIGINT){kept}', file=sys.stderr)
+    return 130
+  except OSError as e:  # a full disk (sweep.files.DiskFull), a read-only workdir, ...
+    print(f'sweep: {_os_message(e)}', file=sys.stderr)
+    return 1
+
+
+def _start() -> None:
   from sweep import engine
 
   # One CPU device per core (before JAX starts), so the run axis spreads over the cores;
   # SWEEP_CPU_DEVICES sets another count.
   count = os.environ.get('SWEEP_CPU_DEVICES')
+  if count and not (count.isdigit() and int(count) > 0):
+    raise _Failure(f'SWEEP_CPU_DEVICES={count!r} is invalid: expected a positive integer', 2)
   engine.set_cpu_devices(int(count) if count else None)
   if not os.environ.get('SWEEP_NO_CACHE'):
-    engine.enable_compilation_cache()
-  return args.fn(args)
+    try:
+      engine.enable_compilation_cache()
+    except OSError as e:  # a read-only home: compile in every process instead
+      print(f'sweep: no compilation cache ({_os_message(e)})', file=sys.stderr)
+
+
+def _os_message(e: OSError) -> str:
+  from sweep import files
+
+  if isinstance(e, files.DiskFull):
+    return str(e)
+  reason = e.strerror or str(e) or type(e).__name__
+  if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM) and e.filename:
+    return f'cannot write {e.filename}: {reason}'
+  return f'{e.filename}: {reason}' if e.filename else reason
 
 
 if __name__ == '__main__':

@@ -813,7 +813,10 @@ def _resolve(cfg, fields, hyper_names, raw_runs, total, *, explicit: bool) -> li
         schedules.make_params(sched, float(raw['learning_rate']), total[b], decay_rate=raw['decay_rate'],
                               decay_every=cfg.decay_every, warmup=raw['warmup'])
       except ValueError as e:
-        raise config_error(field('warmup'), raw['warmup'], str(e)) from None
+        where, value = (field('warmup'), raw['warmup']) if sched == 'warmup_cosine' else (field('schedule'), sched)
+        raise config_error(
+            where, value, f'{e} (schedule {sched!r} at batch size {b}, whose runs make {total[b]} updates)'
+        ) from None
     else:
       values['schedule'] = sched_labels[id(sched)]
     for h in hyper_names:

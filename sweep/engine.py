@@ -24,7 +24,7 @@ import tqdm.auto as tqdm
 from flax import nnx
 
 from kernels import losses, optimizers, schedules, train
-from sweep import adapters, checkpoints, distributed, models
+from sweep import adapters, checkpoints, distributed, models, preflight
 from sweep.config import Plan, Run, SweepConfig, check_callables, validate
 from sweep.data import aligned
 from sweep.errors import ConfigError, config_error
@@ -154,21 +154,21 @@ def _check_model(plan: Plan, model: adapters.Model) -> None:
         continue
       problem = losses.check_labels(plan.loss, labels, int(pred.shape[-1]) if pred.ndim else 1)
       if problem:
-        raise config_error(field, f'labels in [{labels.min()}, {labels.max()}]', problem)
+        raise config_error(field, f'labels in [{float(labels.min()):g}, {float(labels.max()):g}]', problem)
   else:
     try:
       out = jax.eval_shape(plan.loss, pred, jax.ShapeDtypeStruct(y.shape, y.dtype))
     except Exception as e:
       raise config_error('loss', plan.loss, f'loss(predictions, targets) failed: {e}') from e
     if isinstance(out, tuple | list) and len(out) == 2:
-      if getattr(out[1], 'shape', None) != (2,):
+      if getattr(out[1], 'shape', None) != (len(y),):
         raise config_error(
             'loss', plan.loss,
             'a callable loss returning (loss, accuracy) must give one accuracy per example, '
             f'shape (batch,); got {getattr(out[1], "shape", out[1])}',
         )
       out = out[0]
-    if getattr(out, 'shape', None) != (2,):
+    if getattr(out, 'shape', None) != (len(y),):
       raise config_error(
           'loss', plan.loss,
           f'a callable loss must return one value per example, shape (batch,); got {getattr(out, "shape", out)}',
@@ -596,26 +596,39 @@ class _Preempted(Exception):
 
 
 class _SigtermFlag:
-  """Turns SIGTERM (how cloud machines announce preemption) into a flag read between
-  segments; installed only in the main thread, and removed afterwards."""
+  """Turns SIGTERM (how cloud machines announce preemption) and a first SIGINT (Ctrl-C)
+  into a flag read between segments, where the state is saved; a second SIGINT stops at
+  once. Installed only in the main thread, and removed afterwards."""
 
   def __init__(self, active: bool):
     self.raised = False
-    self.active = active  # without a workdir there is nowhere to save: SIGTERM stays as it was
-    self._previous = None
+    self.name = 'SIGTERM'
+    self.active = active  # without a workdir there is nowhere to save: the signals stay as they were
+    self._previous = {}
 
   def __enter__(self):
     if self.active and threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+      for signum in (signal.SIGTERM, signal.SIGINT):
+        self._previous[signum] = signal.signal(signum, self._handle)
     return self
 
   def _handle(self, signum, frame):
-    del signum, frame
+    del frame
+    if signum == signal.SIGINT:
+      if self.raised:
+        raise KeyboardInterrupt
+      print('sweep: SIGINT received; saving at the end of this segment (Ctrl-C again stops at once)',
+            file=sys.stderr, flush=True)
     self.raised = True
+    self.name = signal.Signals(signum).name
+
+  @property
+  def exit_code(self) -> int:
+    return 130 if self.name == 'SIGINT' else 143
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
 
 
 class _Keeper:
@@ -628,7 +641,7 @@ class _Keeper:
     self.keep_opt_state = keep_opt_state
     self.kept = 0
 
-  def __call__(self, c: int, state: Any) -> checkpoints.Final:
+  def __call__(self, c: int, state: Any, meta: dict | None = None) -> checkpoints.Final:
     if not self.keep_opt_state:
       # Without a workdir only the parameters are ever read again: the optimizer state
       # (two thirds of Adam's bytes) is not even copied.
@@ -636,7 +649,7 @@ class _Keeper:
     host = checkpoints.host_copy(state)
     if self.workdir is not None:
       # On disk first: a resumed sweep finds every finished unit there.
-      checkpoints.save_done(self.workdir, c, host)
+      checkpoints.save_done(self.workdir, c, host, meta)
     nbytes = sum(a.nbytes for a in jax.tree.leaves(host))
     if self.kept + nbytes <= self.budget:
       self.kept += nbytes
@@ -674,13 +687,14 @@ def run(
     checkpoint_every: int = 1,
     checkpoint_seconds: float | None = None,
     experiment_file: str | None = None,
+    keep_checkpoints: int = 2,
 ) -> Any:
   """Trains every run of `cfg` and returns a `sweep.Result`.
 
-  With a workdir, the whole sweep state is checkpointed with orbax at segment
-  boundaries; running the same sweep on the same workdir again resumes from the
-  latest checkpoint and ends with the same numbers as a run never interrupted. A
-  SIGTERM saves and exits. The Pareto-best runs are saved under `workdir/runs/`.
+  With a workdir, the whole sweep state is checkpointed at segment boundaries;
+  running the same sweep on the same workdir again resumes from the latest intact
+  checkpoint and ends with the same numbers as a run never interrupted. A SIGTERM, or
+  a first SIGINT, saves and exits. The Pareto-best runs are saved under `workdir/runs/`.
 
   Args:
     cfg: the sweep.
@@ -690,43 +704,58 @@ def run(
     checkpoint_every: checkpoint every this many segments.
     checkpoint_seconds: also checkpoint when this many seconds passed since the last.
     experiment_file: the experiment file this config came from, copied to the workdir.
+    keep_checkpoints: how many checkpoints to keep (the latest); a damaged one is
+      skipped for the one before, so keep at least 2.
 
   Raises:
-    ConfigError: a mistake in `cfg`, or a workdir holding another sweep.
-    SystemExit: on SIGTERM, after the state is saved (exit status 143).
+    ConfigError: a mistake in `cfg`, or a workdir holding another sweep (the message
+      names what differs).
+    sweep.files.DiskFull: the workdir's disk is full (partial files removed; a rerun
+      resumes).
+    SystemExit: on SIGTERM or SIGINT, after the state is saved (exit status 143 or 130).
   """
-  from sweep import results  # a cycle: results formats what this module produces
+  with checkpoints.disk_full_guard(workdir):
+    return _run(cfg, workdir, progress, fresh, checkpoint_every, checkpoint_seconds, experiment_file,
+                keep_checkpoints)
 
+
+def _run(cfg, workdir, progress, fresh, checkpoint_every, checkpoint_seconds, experiment_file, keep_checkpoints):
+  from sweep import fingerprint, results  # a cycle: results formats what this module produces
+
+  if workdir is not None:
+    checkpoints.check_workdir(workdir)
   plan = validate(cfg)
   data = cfg.data
   model = model_of(cfg, plan.output_dim)
   _check_model(plan, model)
   check_callables(plan, model)
+  preflight.check(plan)
   if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
     raise config_error('checkpoint_every', checkpoint_every, 'expected a positive integer')
+  if isinstance(keep_checkpoints, bool) or not isinstance(keep_checkpoints, int) or keep_checkpoints < 1:
+    raise config_error('keep_checkpoints', keep_checkpoints, 'expected a positive integer (2 or more to fall back)')
 
   sizes = [min(cfg.train_eval_size, data.n_train)] + ([data.n_val] if data.n_val else [])
   eval_chunk = min(cfg.eval_batch_size, max(sizes))
   cgroups = compile_groups(plan, model, eval_chunk)
-  resolved = results.resolved_config(plan, experiment_file)
+  # Every field; with a workdir the data's content is hashed too (once), for the fingerprint.
+  fields = fingerprint.config_fields(cfg, content=workdir is not None)
+  resolved = results.resolved_config(plan, experiment_file, fields)
 
   processes, me = jax.process_count(), jax.process_index()
-  store, resume_step, restored = None, None, None
+  store, point, digest = None, checkpoints.Resume(), None
   if workdir is not None:
     # Every process checks the workdir (so all refuse another sweep alike); process 0
     # clears it (fresh) and claims it, before any process writes there.
-    checkpoints.claim(workdir, checkpoints.fingerprint(resolved), fresh, write=me == 0)
+    fp = fingerprint.of_sweep(plan, cgroups, lambda key: model.init(key)[0], resolved['environment'], fields)
+    digest = resolved['fingerprint'] = fp.digest
+    checkpoints.claim(workdir, fp, fresh, write=me == 0)
     distributed.barrier('sweep-claim')
     # Several processes: each trains its own units and checkpoints them in a directory of
-    # its own; process 0 writes the results.
-    store = checkpoints.open_state(workdir)
-    resume_step = store.latest_step()
-    if resume_step is not None:
-      meta = store.restore_meta(resume_step)
-      current = None
-      if meta['segment'] > 0:
-        current, meta = store.restore(resume_step, _abstract_state(cgroups[meta['group']], model))
-      restored = (meta, current)
+    # its own; process 0 writes the results. Only intact checkpoints are used.
+    store = checkpoints.open_state(workdir, keep_checkpoints)
+    mine = [c for c in range(len(cgroups)) if distributed.owner(c) == me]
+    point = checkpoints.resume(store, workdir, mine, digest, lambda c: _abstract_state(cgroups[c], model))
 
   shardings = _run_sharding()
   device_data = _device_data(cfg, eval_chunk, shardings)
@@ -736,42 +765,41 @@ def run(
   keep = _Keeper(keep_budget(cfg), workdir, keep_opt_state=workdir is not None)
 
   collected = []  # (unit, final state, history, seconds, unit index): this process's units
-  c0, k0, seconds0 = 0, 0, 0.0
-  if restored is not None:
-    # meta: the unit in progress (`group`) and its next segment; the histories and times of
-    # this process's finished units, in order, then of the unit in progress.
-    meta, current = restored
-    c0, k0, seconds0 = meta['group'], meta['segment'], meta['seconds']
-    for j, c in enumerate(c for c in range(c0) if distributed.owner(c) == me):
-      final = checkpoints.Final(path=checkpoints.done_path(workdir, c), abstract=_abstract_state(cgroups[c], model))
-      collected.append((cgroups[c], final, _history_from_json(meta['history'][j]), meta['group_seconds'][j], c))
-      bar.update(sum(cgroups[c].structure.steps_per_segment) * plan.num_evals)
-    if c0 < len(cgroups):
-      bar.update(sum(cgroups[c0].structure.steps_per_segment) * k0)
+  for c, meta in sorted(point.finished.items()):
+    final = checkpoints.Final(path=checkpoints.done_path(workdir, c), abstract=_abstract_state(cgroups[c], model))
+    collected.append((cgroups[c], final, _history_from_json(meta['history']), meta['seconds'], c))
+    bar.update(sum(cgroups[c].structure.steps_per_segment) * plan.num_evals)
+  # The unit in progress first, then the others in order (a damaged finished unit among them).
+  todo = [c for c in range(len(cgroups)) if c not in point.finished and c != point.unit]
+  if point.unit is not None:
+    todo.insert(0, point.unit)
+    bar.update(sum(cgroups[point.unit].structure.steps_per_segment) * point.segment)
 
-  step = resume_step or 0
-  start = time.perf_counter() - seconds0
+  step = point.step
+  start = time.perf_counter() - point.seconds - sum(m['seconds'] for m in point.finished.values())
   last_save = time.perf_counter()
   try:
     with _SigtermFlag(active=store is not None) as sigterm:
-      for c in range(c0, len(cgroups)):
+      for c in todo:
         if distributed.owner(c) != me:
           continue
         cg = cgroups[c]
         t0 = time.perf_counter()
         orders = _OrderBook(plan, cg)
         hparams = _shard(cg.hparams, shardings)
-        if restored is not None and c == c0 and k0 > 0:
-          state = _shard(restored[1], shardings)
-          history = _history_from_json(restored[0]['history'][len(collected)])
-          t0 -= restored[0]['group_seconds'][len(collected)]
+        k0 = point.segment if c == point.unit else 0
+        if c == point.unit and k0 > 0:
+          state = _shard(point.state, shardings)
+          history = _history_from_json(point.history)
+          t0 -= point.seconds
         else:
+          k0 = 0
           state, first = train.start_jit(cg.structure, _per_seed_params(model, cg), hparams, device_data)
           state = _shard(state, shardings)
           if cg.structure.keep_best:
             state = train.note_best_jit(cg.structure, state, first)
           history = [jax.device_get(first)]
-        for k in range(k0 if c == c0 else 0, plan.num_evals):
+        for k in range(k0, plan.num_evals):
           state, metrics = train.segment_jit(cg.structure, state, hparams, orders.segment(k), device_data, threshold)
           history.append(jax.device_get(metrics))
           step += 1
@@ -779,7 +807,9 @@ def run(
           bar.set_postfix(diverged=_diverged(cg, history[-1]), refresh=False)
           finished = k == plan.num_evals - 1
           if finished:
-            final = keep(c, state)
+            done = {'fingerprint': digest, 'unit': c, 'step': step, 'history': _history_to_json(history),
+                    'seconds': time.perf_counter() - t0}
+            final = keep(c, state, done)
           due = (
               step % checkpoint_every == 0
               or (checkpoint_seconds is not None and time.perf_counter() - last_save >= checkpoint_seconds)
@@ -787,25 +817,29 @@ def run(
               or finished
           )
           if store is not None and due:
-            histories = [h for _, _, h, _, _ in collected] + [history]
+            # The unit in progress and where it stands; finished units are in done/.
             meta = {
-                'group': c + 1 if finished else c,
+                'fingerprint': digest,
+                'unit': None if finished else c,
                 'segment': 0 if finished else k + 1,
-                'history': [_history_to_json(h) for h in histories],
-                'group_seconds': [x for _, _, _, x, _ in collected] + [time.perf_counter() - t0],
-                'seconds': time.perf_counter() - start,
+                'history': None if finished else _history_to_json(history),
+                'unit_seconds': time.perf_counter() - t0,
             }
             store.save(step, None if finished else state, meta)
             last_save = time.perf_counter()
           if sigterm.raised:
             raise _Preempted
-        collected.append((cg, final, history, time.perf_counter() - t0, c))
+        collected.append((cg, final, history, done['seconds'], c))
   except _Preempted:
     bar.close()
     store.close()
-    print(f'sweep: SIGTERM received; state saved at segment {step} in {workdir}. '
+    print(f'sweep: {sigterm.name} received; state saved at segment {step} in {workdir}. '
           'Run the same command again to resume.', file=sys.stderr)
-    raise SystemExit(143) from None
+    raise SystemExit(sigterm.exit_code) from None
+  except BaseException:
+    if store is not None:
+      store.abandon()  # a write in flight ends (or fails) before the error is handled
+    raise
   finally:
     bar.close()
   if store is not None:
@@ -816,14 +850,14 @@ def run(
     mine = [(c, f.get(), h, sec) for _, f, h, sec, c in collected]
     everything = sorted((x for part in distributed.allgather_objects(mine) for x in part), key=lambda x: x[0])
     collected = [(cgroups[c], checkpoints.Final(state=st), h, sec, c) for c, st, h, sec in everything]
-  collected = [entry[:4] for entry in collected]
+  collected = [entry[:4] for entry in sorted(collected, key=lambda entry: entry[4])]
   result = results.Result.from_training(plan, collected, time.perf_counter() - start, resolved, model)
   if workdir is not None and me == 0:
     result.save(workdir)
     result.save_front(workdir, collected)
     if experiment_file is not None:
-      with open(experiment_file) as f:
-        results.atomic_write(os.path.join(workdir, 'experiment.py'), f.read())
+      with open(experiment_file, 'rb') as f:
+        results.write_if_changed(os.path.join(workdir, 'experiment.py'), f.read())
   return result
 
 
@@ -833,6 +867,7 @@ def check(cfg: SweepConfig) -> Plan:
   model = model_of(cfg, plan.output_dim)
   _check_model(plan, model)
   check_callables(plan, model)
+  preflight.check(plan)
   return plan
 
 

@@ -10,7 +10,6 @@ import platform
 import shutil
 import subprocess
 import sys
-import tempfile
 from importlib import metadata
 from typing import Any
 
@@ -18,34 +17,15 @@ import jax
 import numpy as np
 import pandas as pd
 
-from sweep import analysis, checkpoints, pareto
+from sweep import analysis, checkpoints, fingerprint, pareto
 from sweep.config import DEFAULT_OBJECTIVES, Plan
+from sweep.files import atomic_write, write_if_changed  # noqa: F401 - re-exported
 
 CURVE_METRICS = (
     'batch_loss', 'train_loss', 'train_accuracy', 'val_loss', 'val_accuracy', 'learning_rate', 'updates', 'alive',
     'grad_sq_half', 'grad_sq_full',
 )
-PACKAGES = ('jax', 'jaxlib', 'optax', 'flax', 'orbax-checkpoint', 'numpy', 'pandas')
-
-
-def atomic_write(path: str, text: str | bytes) -> None:
-  """Writes `text` (or bytes) to `path` through a temporary file and a rename: never half-written."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix='.' + os.path.basename(path) + '.', suffix='.tmp')
-  try:
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; results are meant to be shared
-    with os.fdopen(fd, 'wb' if isinstance(text, bytes) else 'w') as f:
-      f.write(text)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
+PACKAGES = ('lrbs-sweep', 'jax', 'jaxlib', 'optax', 'flax', 'orbax-checkpoint', 'numpy', 'pandas')
 
 
 @functools.cache
@@ -113,8 +93,18 @@ def experiment_record(path: str) -> dict[str, Any]:
   }
 
 
-def resolved_config(plan: Plan, experiment_file: str | None = None) -> dict[str, Any]:
-  """The config as run: every axis value, budgets, derived step counts, environment."""
+def resolved_config(
+    plan: Plan, experiment_file: str | None = None, fields: dict[str, Any] | None = None
+) -> dict[str, Any]:
+  """The config as run: every field of `SweepConfig` (taken from the dataclass, so none is
+  missed), what the plan derived from them (axes, runs, step counts), the environment.
+
+  A field is written as `fingerprint.describe` gives it (an array or dataset by shape
+  and content hash, code by name and bytecode hash), except where a derived entry of the
+  same name says more for a reader: `model` (its repr), `loss` (the loss in use), `data`
+  (name, sizes, shapes), `num_evals` (the count in use) and `name`. `fields`: the
+  config's `fingerprint.config_fields`, if described already.
+  """
   cfg = plan.config
   data = cfg.data
   out = {
@@ -127,13 +117,6 @@ def resolved_config(plan: Plan, experiment_file: str | None = None) -> dict[str,
       'updates_per_run': {str(b): t for b, t in plan.total_updates.items()},
       'steps_per_epoch': {str(b): t for b, t in plan.steps_per_epoch.items()},
       'num_evals': plan.num_evals,
-      'shuffle': cfg.shuffle,
-      'decay_every': cfg.decay_every,
-      'divergence_threshold': cfg.divergence_threshold,
-      'eval_batch_size': cfg.eval_batch_size,
-      'train_eval_size': cfg.train_eval_size,
-      'objectives': dict(cfg.objectives),
-      'compute_dtype': cfg.compute_dtype,
       'data': {
           'name': data.name,
           'n_train': data.n_train,
@@ -142,10 +125,12 @@ def resolved_config(plan: Plan, experiment_file: str | None = None) -> dict[str,
           'y_shape': list(data.y_train.shape[1:]),
           'num_classes': data.num_classes,
       },
-      'environment': environment(),
   }
   if plan.search:  # runs that are no grid: how they were chosen (explicit, or sampled)
     out['search'] = _jsonable(plan.search)
+  for name, value in (fingerprint.config_fields(cfg) if fields is None else fields).items():
+    out.setdefault(name, value)
+  out['environment'] = environment()
   if experiment_file is not None:
     out['experiment'] = experiment_record(experiment_file)
   return out
@@ -331,21 +316,26 @@ class Result:
     return '\n'.join(lines)
 
   def save_front(self, workdir: str, collected: list) -> None:
-    """Saves every Pareto run's parameters and optimizer state with orbax."""
+    """Saves every Pareto run's parameters and optimizer state with orbax (a run already
+    saved whole with the same metadata is left as it is)."""
     wanted = set(int(i) for i in self.table.index[self.table.pareto])
     for i in checkpoints.saved_runs(workdir):
       if i not in wanted:  # a front of an earlier, interrupted pass over this workdir
         shutil.rmtree(checkpoints.run_path(workdir, i), ignore_errors=True)
+    metas = {}
+    for i in wanted:
+      row = self.table.loc[i]
+      metas[i] = {k: (v.item() if hasattr(v, 'item') else v) for k, v in row.items()}
     by_unit: dict[int, list[int]] = {}
     for i in sorted(wanted):
-      by_unit.setdefault(self._where[i][0], []).append(i)
+      if not checkpoints.run_is_saved(workdir, i, metas[i]):
+        by_unit.setdefault(self._where[i][0], []).append(i)
     for c, runs_of_unit in by_unit.items():
       state = collected[c][1].get()  # one load per unit, wherever it is kept
       for i in runs_of_unit:
         _, g, s, r = self._where[i]
         take = lambda a, s=s, r=r: np.asarray(a[s, r])  # noqa: E731
-        row = self.table.loc[i]
-        meta = {k: (v.item() if hasattr(v, 'item') else v) for k, v in row.items()}
+        meta = metas[i]
         runs = state[g].runs
         best = None if runs.best_params is None else jax.tree.map(take, runs.best_params)
         best_state = None if runs.best_model_state is None else jax.tree.map(take, runs.best_model_state)
@@ -357,11 +347,12 @@ class Result:
     self.workdir = workdir
 
   def save(self, workdir: str) -> None:
-    """Writes results.csv, curves.csv and config.json (each atomically)."""
+    """Writes results.csv, curves.csv and config.json (each atomically; a file that
+    already holds the same text is not rewritten)."""
     os.makedirs(workdir, exist_ok=True)
-    atomic_write(os.path.join(workdir, 'results.csv'), self.table.to_csv(index=False))
-    atomic_write(os.path.join(workdir, 'curves.csv'), self.curves.to_csv(index=False))
-    atomic_write(os.path.join(workdir, 'config.json'), json.dumps(self.config, indent=2, default=str))
+    write_if_changed(os.path.join(workdir, 'results.csv'), self.table.to_csv(index=False))
+    write_if_changed(os.path.join(workdir, 'curves.csv'), self.curves.to_csv(index=False))
+    write_if_changed(os.path.join(workdir, 'config.json'), json.dumps(self.config, indent=2, default=str))
 
   @classmethod
   def load(cls, workdir: str) -> Result:

@@ -132,8 +132,7 @@ def test_runs_equal_the_same_configurations_run_alone(listed):
 def test_unequal_runs_per_seed_leave_padding_slots(listed):
   cfg, _ = listed
   plan = validate(cfg)
-  init_fn, apply_fn = engine.model_functions(cfg.model, cfg.data.x_train[:1], plan.output_dim)
-  units = engine.compile_groups(plan, init_fn, apply_fn, 64)
+  units = engine.compile_groups(plan, engine.model_of(cfg, plan.output_dim), 64)
   adam = [u for u in units if u.family == 'adam']
   assert len(adam) == 1
   by_batch = {g.batch_size: g for g in adam[0].groups}
