@@ -11,7 +11,14 @@ batches), never at evaluation. 4 learning rates x 2 batch sizes, Adam, 15 epochs
 Command:
   sweep run experiments/augment_digits.py --workdir workdirs/augment_digits
 
-Result: see the closing lines of this docstring once measured (`sweep report`).
+Wall time: 231 s in the sweep on a 2-core CPU shared with other work (load average about
+7; 100 s of CPU time), compiles included.
+
+Result: the best run ends at 97.5 % validation accuracy (validation loss 0.089) at
+learning rate 1e-2 and batch 32; at batch 128 the best is 1e-2 too (96.7 %, 0.123). The
+training loss measured on unaugmented images stays close to the validation loss
+(generalization gap 0.02), and only learning rate 3e-2 at batch 128 rises off its best
+validation loss before the end.
 """
 
 import jax

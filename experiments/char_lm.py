@@ -13,7 +13,15 @@ targets of shape (n, 64), a per-token loss and accuracy. AdamW with warmup + cos
 Command:
   sweep run experiments/char_lm.py --workdir workdirs/char_lm
 
-Wall time and result: see docs/experiments.md (`char_lm`).
+Wall time: 234 s in the sweep (265 s for the command) on a 2-core CPU shared with other
+work (load average about 7; 69 s of CPU time), compiles included.
+
+Result: the best run ends at validation loss 2.735 nats per character (29.0 % of the
+next characters right) at learning rate 1e-2 and batch 16, against 3.378 for the text's
+character frequencies alone (and ln 92 = 4.52 for uniform guesses); 3e-2 is as good at
+batch 16 (2.741) and the best at batch 32 (2.835). At this budget batch 16 (222 updates)
+beats batch 32 (108 updates) at every learning rate, and 1e-3 is far behind. No run
+diverges or overfits in 6 epochs.
 """
 
 import glob

@@ -19,6 +19,8 @@ The runs are the product of every field given as a list (a grid); or the explici
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
 import inspect
 import itertools
 import math
@@ -192,6 +194,29 @@ class SweepConfig:
 
   def replace(self, **changes) -> SweepConfig:
     return dataclasses.replace(self, **changes)
+
+
+class UnknownFieldError(ConfigError, TypeError):
+  """A `SweepConfig` keyword that is no field (a TypeError too, as Python would raise)."""
+
+
+def _checked_init(init):
+  names = [f.name for f in dataclasses.fields(SweepConfig)]
+
+  @functools.wraps(init)
+  def __init__(self, *args, **kwargs):  # noqa: N807
+    for key in kwargs:
+      if key not in names:
+        close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+        hint = f" (did you mean '{close[0]}'?)" if close else ''
+        raise UnknownFieldError(f"SweepConfig has no field '{key}'{hint}; its fields are: {', '.join(names)}")
+    init(self, *args, **kwargs)
+
+  return __init__
+
+
+# Unknown keywords get the list of fields and a suggestion, not a bare TypeError.
+SweepConfig.__init__ = _checked_init(SweepConfig.__init__)
 
 
 @dataclasses.dataclass(frozen=True)

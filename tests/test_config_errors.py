@@ -334,3 +334,13 @@ def test_check_reports_the_same_errors_as_run(base):
   assert_message(err, 'learning_rate', '-1.0', '> 0')
   err = expect_config_error(sweep.check, base.replace(model=models.mlp(hidden=(8,), outputs=3)))
   assert_message(err, ('model', 'data.y_train'), '3 outputs')
+
+
+def test_an_unknown_keyword_names_the_fields_and_a_close_match():
+  with pytest.raises(ConfigError, match=r"no field 'lerning_rate' \(did you mean 'learning_rate'\?\)") as info:
+    sweep.SweepConfig(model=sweep.models.mlp(), data=sweep.data.digits(), lerning_rate=1e-3)
+  assert isinstance(info.value, TypeError)  # what Python itself would raise, still
+  assert 'batch_size' in str(info.value)
+  cfg = sweep.SweepConfig(model=sweep.models.mlp(), data=sweep.data.digits())
+  with pytest.raises(ConfigError, match="no field 'batchsize'"):
+    cfg.replace(batchsize=64)
