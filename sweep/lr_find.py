@@ -49,6 +49,15 @@ METHODS = ('grid', 'ramp')
 # ------------------------------------------------------------------------ rules ----
 
 
+LR_FIND_CSV = 'lr_find.csv'
+LR_FIND_JSON = 'lr_find.json'
+
+
+def _json_number(v: Any) -> float | None:
+  f = float(v)
+  return f if math.isfinite(f) else None
+
+
 def _check_curve(lrs: Any, losses: Any) -> tuple[np.ndarray, np.ndarray]:
   lrs = np.asarray(lrs, np.float64).reshape(-1)
   losses = np.asarray(losses, np.float64).reshape(-1)
@@ -161,6 +170,87 @@ class LRFinderResult:
   curve_lrs: np.ndarray | None = None
   curve_losses: np.ndarray | None = None
   result: Any = None
+
+  def save(self, workdir: str) -> tuple[str, str]:
+    """Saves this range test into a workdir as lr_find.csv and lr_find.json, for
+    `sweep report` (and `LRFinderResult.load`) to read.
+
+    Returns:
+      The paths of the CSV (columns lr, loss; inf for a diverged rate) and the JSON file
+      (method, suggest, suggestion, suggestions, curve_lrs, curve_losses; NaN as null).
+    """
+    import json
+    import os
+
+    import pandas as pd
+
+    from sweep.files import atomic_write
+
+    csv_path = os.path.join(workdir, LR_FIND_CSV)
+    json_path = os.path.join(workdir, LR_FIND_JSON)
+    frame = pd.DataFrame({'lr': np.asarray(self.lrs, np.float64), 'loss': np.asarray(self.losses, np.float64)})
+    atomic_write(csv_path, frame.to_csv(index=False))
+    meta = {
+        'method': self.method,
+        'suggest': self.suggest,
+        'suggestion': _json_number(self.suggestion),
+        'suggestions': {k: _json_number(v) for k, v in self.suggestions.items()},
+    }
+    if self.curve_lrs is not None and self.curve_losses is not None:
+      meta['curve_lrs'] = [_json_number(v) for v in self.curve_lrs]
+      meta['curve_losses'] = [_json_number(v) for v in self.curve_losses]
+    atomic_write(json_path, json.dumps(meta, indent=2))
+    return csv_path, json_path
+
+  @classmethod
+  def load(cls, workdir: str) -> LRFinderResult | None:
+    """The range test saved in a workdir by `save` (None when there is none).
+
+    Only lr_find.csv is required. Without lr_find.json (or without suggestions in it) the
+    suggestions are computed from the finite points with `RULES`.
+    """
+    import json
+    import os
+
+    import pandas as pd
+
+    csv_path = os.path.join(workdir, LR_FIND_CSV)
+    if not os.path.exists(csv_path):
+      return None
+    frame = pd.read_csv(csv_path)
+    if not {'lr', 'loss'} <= set(frame.columns):
+      raise ValueError(f'{csv_path} needs the columns lr and loss; it has {list(frame.columns)}')
+    frame = frame.sort_values('lr')
+    lrs = frame['lr'].to_numpy(np.float64)
+    losses = frame['loss'].to_numpy(np.float64)
+    meta: dict[str, Any] = {}
+    json_path = os.path.join(workdir, LR_FIND_JSON)
+    if os.path.exists(json_path):
+      with open(json_path) as f:
+        meta = json.load(f)
+
+    def number(v):
+      return math.nan if v is None else float(v)
+
+    suggestions = {k: number(v) for k, v in (meta.get('suggestions') or {}).items()}
+    if not suggestions:
+      finite = np.isfinite(losses) & (lrs > 0)
+      for name, rule in RULES.items():
+        try:
+          suggestions[name] = rule(lrs[finite], losses[finite])
+        except ValueError:
+          suggestions[name] = math.nan
+    suggest = meta.get('suggest') or ('valley' if 'valley' in suggestions else next(iter(suggestions)))
+    suggestion = number(meta['suggestion']) if 'suggestion' in meta else suggestions.get(suggest, math.nan)
+    curve_lrs = curve_losses = None
+    if meta.get('curve_lrs') and meta.get('curve_losses'):
+      curve_lrs = np.array([number(v) for v in meta['curve_lrs']])
+      curve_losses = np.array([number(v) for v in meta['curve_losses']])
+    return cls(
+        lrs=lrs, losses=losses, suggestion=suggestion, suggestions=suggestions,
+        method=meta.get('method', 'grid'), suggest=suggest, raw_losses=losses.copy(),
+        curve_lrs=curve_lrs, curve_losses=curve_losses,
+    )
 
   def plot(self, ax: Any = None) -> Any:
     """Plots loss against learning rate (log x axis) and marks the suggestion.
