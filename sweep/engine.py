@@ -411,7 +411,13 @@ def _device_data(cfg: SweepConfig, chunk: int, shardings) -> train.Data:
 
   def padded(x, y):
     pad = (-len(x)) % chunk
-    w = np.concatenate([np.ones(len(x), np.float32), np.zeros(pad, np.float32)])
+    if data.ignore_label is not None and y.ndim >= 2:
+      # Sequences with padding: each example weighs its real tokens, so that the evaluation
+      # losses and accuracies are per token (an example of padding only does not count).
+      real = (y != data.ignore_label).reshape(len(y), -1).sum(axis=1).astype(np.float32)
+    else:
+      real = np.ones(len(x), np.float32)
+    w = np.concatenate([real, np.zeros(pad, np.float32)])
     x = np.concatenate([x, np.repeat(x[:1], pad, axis=0)]) if pad else x
     y = np.concatenate([y, np.repeat(y[:1], pad, axis=0)]) if pad else y
     return x, y, w
