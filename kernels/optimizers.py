@@ -209,8 +209,9 @@ def make(family: str | Factory, hypers: Mapping[str, jnp.ndarray]) -> optax.Grad
 
   Args:
     family: a key of `FAMILIES`, or a `Factory`.
-    hypers: values for the numeric hyperparameters the run uses; scalars or traced
-      arrays. Hyperparameters of the family missing here keep optax's defaults.
+    hypers: values for the numeric hyperparameters the sweep sets; scalars or traced
+      arrays. Hyperparameters of the family missing here take the family's default as a
+      Python float, fixed (not injected): `adam` without b1/b2 is exactly `optax.adam(lr)`.
 
   Returns:
     An `optax.inject_hyperparams` transformation whose state holds
@@ -220,7 +221,10 @@ def make(family: str | Factory, hypers: Mapping[str, jnp.ndarray]) -> optax.Grad
   if isinstance(family, Factory):
     return optax.inject_hyperparams(_injectable(family.fn, family.names))(learning_rate=0.0, **hypers)
   fam = FAMILIES[family]
-  return optax.inject_hyperparams(fam.factory)(learning_rate=0.0, **hypers, **fam.static)
+  fixed = {k: v for k, v in fam.hypers.items() if v is not None and k not in hypers}
+  return optax.inject_hyperparams(fam.factory, static_args=tuple(fixed))(
+      learning_rate=0.0, **hypers, **fixed, **fam.static
+  )
 
 
 def with_learning_rate(opt_state: optax.OptState, learning_rate: jnp.ndarray) -> optax.OptState:

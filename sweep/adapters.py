@@ -133,9 +133,9 @@ def adapt(
   if isinstance(model, nn.Module):
     return _linen(model, example_x, train_argument)
   if _is_nnx_factory(model):
-    return _nnx(model, None)
+    return _nnx(model, None, train_argument)
   if isinstance(model, nnx.Module):
-    return _nnx(None, model)
+    return _nnx(None, model, train_argument)
   eqx = sys.modules.get('equinox')
   if eqx is not None and isinstance(model, eqx.Module):
     return _equinox(model, example_x)
@@ -298,7 +298,7 @@ def _rngs(key: jax.Array) -> nnx.Rngs:
   return nnx.Rngs(params=key, dropout=jax.random.fold_in(key, 1), default=jax.random.fold_in(key, 2))
 
 
-def _nnx(factory: Any, instance: nnx.Module | None) -> Model:
+def _nnx(factory: Any, instance: nnx.Module | None, train_argument: str | None = None) -> Model:
   name = describe(factory if instance is None else instance)
   if instance is None:
 
@@ -328,6 +328,9 @@ def _nnx(factory: Any, instance: nnx.Module | None) -> Model:
   if not jax.tree.leaves(params_s):
     raise config_error('model', name, 'a model with nnx.Param parameters to train')
   rng_paths = [path for path, _ in nnx.to_flat_state(rngs_s)]
+  # A `train` argument of `__call__` (or the one named by train_argument) is passed as in
+  # linen, beside the modes train()/eval() set; other switch-like names are refused.
+  switch = _switch(template, train_argument)
   try:
     # The tutorials' other way: Dropout without stored Rngs, `__call__(self, x, rngs=None)`.
     takes_rngs = 'rngs' in inspect.signature(type(template).__call__).parameters
@@ -359,10 +362,12 @@ def _nnx(factory: Any, instance: nnx.Module | None) -> Model:
 
   def apply(params, state, x, train, key):
     if not train:
-      return nnx.merge(graph_eval, params, rng_values(jax.random.key(0)), state)(x), state
+      module = nnx.merge(graph_eval, params, rng_values(jax.random.key(0)), state)
+      return module(x, **_switch_kwargs(switch, False)), state
     key = key if key is not None else jax.random.key(0)
     module = nnx.merge(graph_train, params, rng_values(key), state)
-    out = module(x, rngs=nnx.Rngs(dropout=key)) if takes_rngs else module(x)
+    extra = {'rngs': nnx.Rngs(dropout=key)} if takes_rngs else {}
+    out = module(x, **extra, **_switch_kwargs(switch, True))
     new_state = nnx.to_pure_dict(nnx.split(module, nnx.Param, nnx.RngState, ...)[3])
     return out, new_state
 
@@ -494,17 +499,21 @@ class KerasLoss:
   loss: Any
 
   def __call__(self, predictions: jax.Array, targets: jax.Array) -> jax.Array:
-    out = self.loss.call(targets, predictions)
+    fn = self.loss.call if hasattr(self.loss, 'call') else self.loss  # an object, or a function
+    out = fn(targets, predictions)
     return jnp.mean(out, axis=tuple(range(1, out.ndim))) if out.ndim > 1 else out
 
   @property
   def __name__(self) -> str:
-    return type(self.loss).__name__
+    return getattr(self.loss, '__name__', type(self.loss).__name__)
 
 
 def keras_loss(loss: Any) -> Any:
   """`loss` as the engine calls it: a Keras loss object wrapped in `KerasLoss`."""
   keras = sys.modules.get('keras')
   if keras is not None and isinstance(loss, keras.losses.Loss):
+    return KerasLoss(loss)
+  # keras.losses.categorical_crossentropy and the like take (y_true, y_pred) too.
+  if keras is not None and callable(loss) and getattr(loss, '__module__', '').startswith('keras'):
     return KerasLoss(loss)
   return loss

@@ -772,6 +772,12 @@ def _resolve(cfg, fields, hyper_names, raw_runs, total, *, explicit: bool) -> li
       names.extend(h for h in fields if _fills(h, hyper_names) and r[h] is not None and h not in names)
   ordered = {k: [h for h in fields if h in v] for k, v in names_of.items()}
 
+  # Per named optimizer, the hyperparameters some run sets: those are injected (in every
+  # run of that optimizer, so that its runs share one program); the others stay fixed.
+  injected: dict[str, set[str]] = {}
+  for raw in raw_runs:
+    if isinstance(raw['optimizer'], str):
+      injected.setdefault(raw['optimizer'], set()).update(k for k in OPTIMIZER_HYPERPARAMETERS if raw[k] is not None)
   runs = []
   for i, raw in enumerate(raw_runs):
     field = (lambda f, i=i: f'runs[{i}][{f!r}]') if explicit else (lambda f: f)
@@ -797,7 +803,10 @@ def _resolve(cfg, fields, hyper_names, raw_runs, total, *, explicit: bool) -> li
           values[name] = None
         elif values[name] is None:
           values[name] = fam.hypers[name]
-      hypers = {k: float(values[k]) for k in OPTIMIZER_HYPERPARAMETERS if values[k] is not None}
+      # Only what the sweep sets is injected (traced, float32); the defaults stay Python
+      # floats inside optax, so that `adam` is exactly `optax.adam(lr)` (1 - float32(0.999)
+      # is 0.99998713e-3: a learning rate 6.4e-6 larger in effect).
+      hypers = {k: float(values[k]) for k in OPTIMIZER_HYPERPARAMETERS if k in injected[opt] and values[k] is not None}
       family = opt
     else:
       sig = signatures[id(opt)]

@@ -133,6 +133,8 @@ def _check_model(plan: Plan, model: adapters.Model) -> None:
         'models with state other than parameters (batch statistics) are not supported: the '
         'noise scale splits each batch in two halves, which would each have statistics of their own',
     )
+  if cfg.augment is not None:
+    _check_augment(cfg.augment, min(plan.batch_sizes), x)
   probabilities = adapters.keras_ends_in_softmax(cfg.model) or _PROBABILITIES.get((model, x.shape, str(x.dtype)))
   if isinstance(plan.loss, str) and plan.loss == 'softmax_cross_entropy' and probabilities:
     raise config_error(
@@ -145,6 +147,9 @@ def _check_model(plan: Plan, model: adapters.Model) -> None:
   is_int = np.issubdtype(y.dtype, np.integer)
   if isinstance(plan.loss, str):
     problem = losses.check_shapes(plan.loss, tuple(pred.shape), tuple(y.shape), is_int)
+    if problem and plan.loss == 'softmax_cross_entropy' and not is_int and np.all(np.mod(data.y_train, 1) == 0):
+      problem += ('; the targets are whole numbers: class ids are given as integers, e.g. '
+                  'sweep.data.arrays(x, y.astype(np.int32))')
     if problem:
       raise config_error('model', f'outputs of shape {tuple(pred.shape)}', problem)
     for field, labels in (('data.y_train', data.y_train), ('data.y_val', data.y_val)):
@@ -173,6 +178,26 @@ def _check_model(plan: Plan, model: adapters.Model) -> None:
           'loss', plan.loss,
           f'a callable loss must return one value per example, shape (batch,); got {getattr(out, "shape", out)}',
       )
+
+
+def _check_augment(augment: Callable, batch: int, x: np.ndarray) -> None:
+  """Traces `augment(key, x_batch)` (compiling nothing): it must return one array of the
+  batch's shape and dtype."""
+  key = jax.eval_shape(lambda: jax.random.key(0))
+  xb = jax.ShapeDtypeStruct((batch,) + x.shape[1:], x.dtype)
+  name = getattr(augment, '__qualname__', type(augment).__name__)
+  try:
+    out = jax.eval_shape(augment, key, xb)
+  except Exception as e:  # the researcher's function: report it as theirs
+    raise config_error(
+        'augment', name, f'augment(key, x_batch) failed on a key and a batch of shape {xb.shape} ({type(e).__name__}: {e})'
+    ) from e
+  if not isinstance(out, jax.ShapeDtypeStruct) or (out.shape, out.dtype) != (xb.shape, xb.dtype):
+    got = (out.shape, str(out.dtype)) if isinstance(out, jax.ShapeDtypeStruct) else type(out).__name__
+    raise config_error(
+        'augment', name, f'augment(key, x_batch) must return one array of the batch\'s shape and dtype '
+        f'{(xb.shape, str(xb.dtype))}; got {got}',
+    )
 
 
 def _bucket(n: int) -> int:
@@ -411,9 +436,9 @@ def _device_data(cfg: SweepConfig, chunk: int, shardings) -> train.Data:
 
   def padded(x, y):
     pad = (-len(x)) % chunk
-    if data.ignore_label is not None and y.ndim >= 2:
-      # Sequences with padding: each example weighs its real tokens, so that the evaluation
-      # losses and accuracies are per token (an example of padding only does not count).
+    if data.ignore_label is not None:
+      # Labels to ignore: each example weighs its real labels (tokens), so that evaluation
+      # losses and accuracies are per label, and an example with none does not count.
       real = (y != data.ignore_label).reshape(len(y), -1).sum(axis=1).astype(np.float32)
     else:
       real = np.ones(len(x), np.float32)

@@ -464,6 +464,9 @@ def test_the_seed_keras_model_with_its_own_loss():
   cfg = sweep.SweepConfig(model=model, data=data, loss=loss, optimizer='adam', learning_rate=[1e-2, 3e-2],
                           batch_size=32, epochs=2)
   result = sweep.run(cfg, progress=False)
+  # The function form takes (y_true, y_pred) too: the same numbers.
+  functional = sweep.run(cfg.replace(loss=keras.losses.categorical_crossentropy), progress=False)
+  np.testing.assert_allclose(functional.table.final_val_loss, result.table.final_val_loss, rtol=1e-6)
   weights = [np.asarray(v.value) for v in model.trainable_variables]
   for _i, row in result.table.iterrows():
     params = [jnp.asarray(w) for w in weights]
@@ -579,3 +582,87 @@ def test_an_nnx_model_given_its_rngs_at_the_call():
     loss = lambda p: ce(nnx.merge(graph, p)(XT[idx], rngs=nnx.Rngs(dropout=update_key(0, t, 2))), YT[idx])  # noqa: B023, E731
     params = jax.tree.map(lambda p, g: p - 0.1 * g, params, jax.grad(loss)(params))
   assert_close(result.params(0), nnx.to_pure_dict(params), 'call-time rngs')
+
+
+@pytest.mark.parametrize('family, plain', [('adam', optax.adam), ('momentum', lambda lr: optax.sgd(lr, momentum=0.9)),
+                                           ('adamw', optax.adamw)])
+def test_a_named_optimizer_without_set_hyperparameters_is_exactly_optax(family, plain):
+  """Defaults stay Python floats inside optax (1 - float32(0.999) is not 1e-3): five updates
+  of the engine's optimizer equal optax's own, bit for bit."""
+  from kernels import optimizers
+
+  params = {'w': jnp.asarray(np.random.default_rng(0).normal(size=(5, 3)), jnp.float32)}
+  mine, theirs = optimizers.make(family, {}), plain(0.01)
+  s1, s2 = mine.init(params), theirs.init(params)
+  p1 = p2 = params
+  for k in range(5):
+    g = {'w': jnp.asarray(np.random.default_rng(k + 1).normal(size=(5, 3)), jnp.float32)}
+    u1, s1 = mine.update(g, optimizers.with_learning_rate(s1, jnp.float32(0.01)), p1)
+    u2, s2 = theirs.update(g, s2, p2)
+    p1, p2 = optax.apply_updates(p1, u1), optax.apply_updates(p2, u2)
+  np.testing.assert_array_equal(np.asarray(p1['w']), np.asarray(p2['w']))
+
+
+def test_mistakes_in_augment_are_refused_before_compiling():
+  from compiles import counting_compiles
+
+  base = sweep.SweepConfig(model=(mlp_init, mlp_apply), data=DIGITS)
+  bad = {
+    'one argument': lambda x: x,
+    'arguments swapped': lambda x, key: jnp.where(jax.random.bernoulli(key), x, -x),
+    'drops an example': lambda key, x: x[1:],
+    'returns a tuple': lambda key, x: (x, key),
+  }
+  with counting_compiles() as compiled:
+    for what, fn in bad.items():
+      with pytest.raises(ConfigError, match='augment') as info:
+        sweep.check(base.replace(augment=fn))
+      assert 'augment(key, x_batch)' in str(info.value), what
+  assert compiled == []
+
+
+class NNXTrainArg(nnx.Module):
+  """An nnx module switched by a `train` argument of its call, as linen modules are."""
+
+  def __init__(self, *, rngs: nnx.Rngs):
+    self.linear = nnx.Linear(64, 16, use_bias=False, rngs=rngs)
+    self.batch_norm = nnx.BatchNorm(16, momentum=0.9, rngs=rngs)
+    self.out = nnx.Linear(16, 10, rngs=rngs)
+
+  def __call__(self, x, train: bool = False):
+    h = self.batch_norm(self.linear(x.reshape((x.shape[0], -1))), use_running_average=not train)
+    return self.out(nnx.relu(h))
+
+
+def test_an_nnx_train_argument_is_passed():
+  result = sweep.run(sweep.SweepConfig(model=NNXTrainArg, data=DIGITS, updates=3, num_evals=1), progress=False)
+  stats = result.variables(0)['state']['batch_norm']
+  assert np.abs(stats['mean']).max() > 0  # batch statistics were updated while training
+
+  class NNXTraining(NNXTrainArg):
+    def __call__(self, x, training: bool = False):
+      return super().__call__(x, train=training)
+
+  with pytest.raises(ConfigError, match="train_argument='training'"):
+    sweep.check(sweep.SweepConfig(model=NNXTraining, data=DIGITS))
+
+
+def test_ignored_labels_leave_the_evaluation_averages():
+  """Examples whose label is ignore_label count nowhere: the validation metrics are those of
+  the labelled examples."""
+  yv = YV.copy()
+  yv[::2] = -1
+  data = sweep.data.arrays(XT, YT, XV, yv, ignore_label=-1, num_classes=10)
+  cfg = sweep.SweepConfig(model=(mlp_init, mlp_apply), data=data, optimizer='sgd', learning_rate=0.1, updates=5,
+                          num_evals=1)
+  result = sweep.run(cfg, progress=False)
+  logits = mlp_apply(result.params(0), XV[1::2])
+  np.testing.assert_allclose(result.table.final_val_loss[0], float(ce(logits, YV[1::2])), rtol=1e-5)
+  np.testing.assert_allclose(result.table.final_val_accuracy[0], float(np.mean(np.argmax(logits, -1) == YV[1::2])),
+                             rtol=1e-6)
+
+
+def test_whole_number_float_labels_get_a_hint():
+  data = sweep.data.arrays(XT, YT.astype(np.float32))
+  with pytest.raises(ConfigError, match='integers'):
+    sweep.check(sweep.SweepConfig(model=sweep.models.mlp(outputs=10), data=data, loss='softmax_cross_entropy'))
