@@ -53,6 +53,8 @@ class Structure:
       whole batch, for the gradient noise scale (the batch gradient is then the mean
       of the two half-batch gradients: equal up to float rounding).
     compute_dtype: dtype of the forward and backward pass (parameters stay float32).
+    layout: a `sweep.layers.Layout` (dense kernels held in the layout their products
+      want while a segment runs, and for evaluation), or None.
   """
 
   init_fn: Callable[[jax.Array], Any]
@@ -68,6 +70,7 @@ class Structure:
   unroll: int = 1
   keep_best: bool = False
   compute_dtype: str = 'float32'
+  layout: Any = None
 
   def loss_fn(self, predictions: jax.Array, targets: jax.Array) -> jax.Array:
     fn = losses.LOSSES[self.loss] if isinstance(self.loss, str) else self.loss
@@ -305,7 +308,12 @@ def _group_segment(
           gsq_full=jnp.zeros_like(state.runs.gsq_full),
       )
   )
+  if structure.layout is not None:
+    opt = optimizers.make(structure.family, ghp.runs.opt)  # for the state's structure only
+    state = state._replace(runs=structure.layout.enter(state.runs, opt))
   state, _ = jax.lax.scan(body, state, lrs, unroll=structure.unroll)
+  if structure.layout is not None:
+    state = state._replace(runs=structure.layout.leave(state.runs, opt))
   return state
 
 
@@ -314,6 +322,8 @@ def _evaluate_runs(
 ) -> dict[str, jax.Array]:
   """Weighted mean loss (and accuracy) of every run in `params` (S, R, ...) on (x, y)."""
   chunk = structure.eval_batch_size
+  if structure.layout is not None:
+    params = structure.layout.to_fast(params)
   xs = x.reshape((-1, chunk) + x.shape[1:])
   ys = y.reshape((-1, chunk) + y.shape[1:])
   ws = weight.reshape(-1, chunk)

@@ -24,7 +24,7 @@ import tqdm.auto as tqdm
 from flax import nnx
 
 from kernels import losses, optimizers, schedules, train
-from sweep import checkpoints, distributed, models
+from sweep import checkpoints, distributed, layers, models
 from sweep.config import Plan, Run, SweepConfig, validate
 from sweep.data import aligned
 from sweep.errors import ConfigError, config_error
@@ -340,6 +340,28 @@ def _device_data(cfg: SweepConfig, chunk: int, shardings) -> train.Data:
   return jax.device_put(jax.tree.map(aligned, arrays), placement)
 
 
+# Optimizers whose update of each parameter entry depends on that entry alone (or on
+# global norms): transposing a weight commutes with them, so their state may be held
+# in the fast layout of `sweep.layers`.
+_ENTRYWISE = frozenset({'sgd', 'momentum', 'nesterov', 'adam', 'adamw', 'rmsprop', 'adagrad', 'lion'})
+
+
+def fast_layout(init_fn, apply_fn, family: str, x: np.ndarray) -> layers.Layout | None:
+  """The `sweep.layers.Layout` of a model's dense kernels under `family`, or None."""
+  if family not in _ENTRYWISE:
+    return None
+  try:
+    return _fast_layout(init_fn, apply_fn, tuple(x.shape), str(x.dtype))
+  except TypeError:  # unhashable functions
+    return _fast_layout.__wrapped__(init_fn, apply_fn, tuple(x.shape), str(x.dtype))
+
+
+@functools.lru_cache(maxsize=64)
+def _fast_layout(init_fn, apply_fn, x_shape, x_dtype) -> layers.Layout | None:
+  params = jax.eval_shape(lambda: init_fn(jax.random.key(0)))
+  return layers.plan_layout(apply_fn, params, jax.ShapeDtypeStruct(x_shape, x_dtype))
+
+
 def compile_groups(plan: Plan, init_fn, apply_fn, eval_chunk: int) -> list[CompileGroup]:
   """The units of work: one per optimizer family and chunk of its run axis.
 
@@ -374,6 +396,7 @@ def compile_groups(plan: Plan, init_fn, apply_fn, eval_chunk: int) -> list[Compi
         compute_dtype=cfg.compute_dtype,
         noise_scale=cfg.noise_scale,
         keep_best=cfg.keep_best,
+        layout=fast_layout(init_fn, apply_fn, family, cfg.data.x_train[:2]),
     )
     for start in range(0, total, width):
       chunk = _chunk(groups, start, width)

@@ -20,6 +20,7 @@ import numpy as np
 from flax import linen as nn
 from flax import nnx
 
+from sweep import layers
 from sweep.errors import config_error
 
 __all__ = [
@@ -481,7 +482,8 @@ def _linen_functions(model: nn.Module, example_x: np.ndarray) -> tuple[InitFn, A
     return model.init(key, x1)['params']
 
   def apply_fn(params: Any, x: jax.Array) -> jax.Array:
-    return model.apply({'params': params}, x)
+    with layers.fast_layers():  # flax's layers at full speed under the run axis
+      return model.apply({'params': params}, x)
 
   return init_fn, apply_fn
 
@@ -545,6 +547,7 @@ def _nnx_instance_functions(model: nnx.Module) -> tuple[InitFn, ApplyFn]:
 def _nnx_apply(graphdef: nnx.GraphDef) -> ApplyFn:
   def apply_fn(params: Any, x: jax.Array) -> jax.Array:
     # merge accepts the pure dict of parameter values and rebuilds fresh Param variables.
-    return nnx.merge(graphdef, params)(x)
+    with layers.fast_layers():  # flax's layers at full speed under the run axis
+      return nnx.merge(graphdef, params)(x)
 
   return apply_fn

@@ -1,0 +1,335 @@
+"""Flax's own layers under `sweep.layers.fast_layers` equal flax's code, forward and backward.
+
+The reference is the unmodified module applied outside the context. Every case also
+checks that the fast code really ran (no convolution left in the traced program, the
+fast layout really read), so that a silent fallback to flax cannot pass for a match.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+from flax import nnx
+
+from sweep import layers, models
+
+RTOL, ATOL = 2e-5, 2e-5
+RNG = np.random.default_rng(0)
+
+
+def normal(*shape):
+  return jnp.asarray(RNG.normal(size=shape), jnp.float32)
+
+
+def close(a, b):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=RTOL, atol=ATOL)
+
+
+def loss(f):
+  """A scalar of a model's output whose gradient differs per output entry."""
+  return lambda p, x: jnp.sum(jnp.sin(f(p, x)))
+
+
+def fast(f):
+  def g(*args):
+    with layers.fast_layers():
+      return f(*args)
+
+  return g
+
+
+def count(f, *args, primitive='conv_general_dilated'):
+  return str(jax.make_jaxpr(f)(*args)).count(primitive)
+
+
+def outputs_and_grads(f):
+  """f's outputs and the gradients of `loss(f)` wrt both arguments, in one program."""
+
+  def both(p, x):
+    (_, y), g = jax.value_and_grad(lambda p, x: (loss(f)(p, x), f(p, x)), argnums=(0, 1), has_aux=True)(p, x)
+    return y, g
+
+  return jax.jit(both)
+
+
+def check_linen(module, x, *, convs_left=0):
+  variables = module.init(jax.random.key(1), x)
+  close(outputs_and_grads(fast(module.apply))(variables, x), outputs_and_grads(module.apply)(variables, x))
+  assert count(fast(module.apply), variables, x) == convs_left
+
+
+# ------------------------------------------------------------ convolutions ----
+
+CONVS = [
+  # (input shape, features, kernel, options)
+  ((3, 9, 7, 4), 6, (3, 2), {}),
+  ((3, 9, 7, 4), 6, (3, 3), {'strides': 2}),
+  ((3, 9, 7, 4), 6, (3, 2), {'strides': (2, 1), 'padding': 'VALID'}),
+  ((3, 9, 7, 4), 6, (3, 2), {'padding': ((1, 2), (0, 3))}),
+  ((3, 9, 7, 4), 6, (3, 2), {'padding': ((-1, 1), (2, 0))}),
+  ((3, 9, 7, 4), 6, (2, 2), {'padding': 1}),
+  ((3, 9, 7, 4), 6, (3, 2), {'padding': 'CIRCULAR'}),
+  ((3, 9, 7, 4), 6, (3, 3), {'padding': 'REFLECT', 'strides': 2}),
+  ((3, 9, 7, 4), 6, (3, 2), {'kernel_dilation': 2}),
+  ((3, 9, 7, 4), 6, (3, 2), {'kernel_dilation': (1, 2), 'strides': 2, 'padding': 'CIRCULAR'}),
+  ((3, 9, 7, 4), 6, (3, 2), {'feature_group_count': 2}),
+  ((3, 9, 7, 4), 8, (3, 3), {'feature_group_count': 4, 'strides': 2}),
+  ((3, 9, 7, 4), 6, (3, 2), {'use_bias': False}),
+  ((2, 3, 9, 7, 4), 6, (3, 2), {}),  # two batch axes
+  ((9, 7, 4), 6, (3, 3), {}),  # no batch axis
+  ((2, 11, 3), 5, (3,), {'padding': 'CAUSAL', 'kernel_dilation': 2}),
+  ((2, 11, 3), 5, (4,), {'strides': 3}),
+  ((2, 5, 6, 5, 2), 3, (2, 3, 2), {'strides': (1, 2, 1)}),
+]
+
+
+@pytest.mark.parametrize('shape, features, kernel, options', CONVS)
+def test_linen_conv_equals_flax(shape, features, kernel, options):
+  check_linen(nn.Conv(features, kernel, **options), normal(*shape))
+
+
+def test_linen_conv_with_a_mask_and_dtype():
+  mask = jnp.asarray(RNG.integers(0, 2, size=(3, 3, 4, 6)), jnp.float32)
+  check_linen(nn.Conv(6, (3, 3), mask=mask), normal(2, 7, 7, 4))
+  x = normal(2, 7, 7, 4)
+  module = nn.Conv(6, (3, 3), dtype=jnp.bfloat16)
+  variables = module.init(jax.random.key(1), x)
+  out = jax.jit(fast(module.apply))(variables, x)
+  assert out.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(module.apply(variables, x), np.float32),
+                             rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize(
+  'module',
+  [
+    nn.Conv(4, (3, 3), input_dilation=2, padding=((1, 1), (1, 1))),  # a transposed convolution
+    nn.Conv(4, (3, 3), conv_general_dilated=jax.lax.conv_general_dilated),  # the user's own
+    nn.ConvLocal(4, (3, 3)),  # not a convolution with shared weights
+  ],
+)
+def test_linen_conv_options_not_handled_run_flax(module):
+  check_linen(module, normal(2, 6, 6, 3), convs_left=1)
+
+
+class ConvSubclass(nn.Conv):
+  """Subclasses may change what the layer does: they run flax's (their own) code."""
+
+
+def test_linen_subclass_runs_its_own_code():
+  check_linen(ConvSubclass(4, (3, 3)), normal(2, 6, 6, 3), convs_left=1)
+
+
+def nnx_conv(shape, features, kernel, options):
+  return nnx.Conv(shape[-1], features, kernel, rngs=nnx.Rngs(1), **options)
+
+
+def check_nnx(make, x, *, convs_left=0):
+  graphdef, params = nnx.split(make(), nnx.Param)
+  params = nnx.to_pure_dict(params)
+  plain = lambda p, x: nnx.merge(graphdef, p)(x)  # noqa: E731
+  close(outputs_and_grads(fast(plain))(params, x), outputs_and_grads(plain)(params, x))
+  assert count(fast(plain), params, x) == convs_left
+  # Outside the context nothing changed.
+  assert count(plain, params, x) >= convs_left
+
+
+# nnx's Conv shares the code above: the cases that differ in how the options are read.
+@pytest.mark.parametrize('shape, features, kernel, options', [CONVS[i] for i in (2, 6, 9, 11, 12, 15)])
+def test_nnx_conv_equals_flax(shape, features, kernel, options):
+  check_nnx(functools.partial(nnx_conv, shape, features, kernel, options), normal(*shape))
+
+
+def test_nnx_conv_options_not_handled_run_flax():
+  make = lambda: nnx.Conv(3, 4, (3, 3), input_dilation=2, padding=((1, 1), (1, 1)), rngs=nnx.Rngs(0))  # noqa: E731
+  check_nnx(make, normal(2, 6, 6, 3), convs_left=1)
+
+
+# ------------------------------------------------------------ dense layers ----
+
+
+def fast_params(apply_fn, params, x):
+  """The parameters in the layout the engine holds them in during a segment."""
+  layout = layers.plan_layout(apply_fn, params, x)
+  assert layout is not None
+  return layout, layout.to_fast(params)
+
+
+def check_fast_layout(apply_fn, params, x, kernels):
+  """apply_fn reads its kernels in the fast layout and gives the module's outputs and
+  gradients; `kernels` is the number of kernels the plan should hold transposed."""
+  layout, fast_p = fast_params(apply_fn, params, x)
+  assert len(layout.kernels) == kernels
+  y_fast, (gp_fast, gx_fast) = outputs_and_grads(apply_fn)(fast_p, x)
+  y, g = outputs_and_grads(apply_fn)(params, x)
+  close((y_fast, layout.to_module(gp_fast), gx_fast), (y, g))
+  # The same under the run axis: three runs reading the same input.
+  stack = lambda p: jax.tree.map(lambda a: jnp.stack([a, 0.5 * a, -a]), p)  # noqa: E731
+  runs = jax.jit(jax.vmap(apply_fn, in_axes=(0, None)))
+  close(runs(stack(fast_p), x), runs(stack(params), x))
+  # And the fast layout really is what the products read: shapes differ from flax's.
+  for i, _, _ in layout.kernels:
+    assert jax.tree.leaves(fast_p)[i].shape[0] == 1
+    assert jax.tree.leaves(fast_p)[i].ndim == jax.tree.leaves(params)[i].ndim + 1
+
+
+class TwoDense(nn.Module):
+  features: tuple = (5, 3)
+  use_bias: bool = True
+
+  @nn.compact
+  def __call__(self, x):
+    for f in self.features[:-1]:
+      x = nn.relu(nn.Dense(f, use_bias=self.use_bias)(x))
+    return nn.Dense(self.features[-1], use_bias=self.use_bias)(x)
+
+
+@pytest.mark.parametrize('shape', [(4, 7), (2, 3, 7)])
+@pytest.mark.parametrize('use_bias', [True, False])
+def test_linen_dense_in_the_fast_layout_equals_flax(shape, use_bias):
+  x = normal(*shape)
+  init_fn, apply_fn = models.to_functions(TwoDense(use_bias=use_bias), np.asarray(x), None)
+  # Only the first layer reads the data: the second one's input is each run's own.
+  check_fast_layout(apply_fn, init_fn(jax.random.key(0)), x, kernels=1)
+
+
+class General(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    y = nn.DenseGeneral((3, 2), axis=(-2, -1))(x)  # (batch, 3, 2)
+    z = nn.DenseGeneral(4, axis=(1, -1), use_bias=False)(x)  # non-trailing axes
+    return jnp.concatenate([y.reshape(y.shape[0], -1), z.reshape(z.shape[0], -1)], axis=-1)
+
+
+def test_linen_dense_general_in_the_fast_layout_equals_flax():
+  x = normal(3, 4, 5)
+  init_fn, apply_fn = models.to_functions(General(), np.asarray(x), None)
+  params = init_fn(jax.random.key(0))
+  check_fast_layout(apply_fn, params, x, kernels=2)
+  layout = layers.plan_layout(apply_fn, params, x)
+  assert sorted((n_in, n_out) for _, n_in, n_out in layout.kernels) == [(2, 1), (2, 2)]
+
+
+class Attention(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=8)(x).reshape(x.shape[0], -1)
+
+
+def test_attention_projections_of_the_data_are_planned():
+  x = normal(2, 5, 6)
+  init_fn, apply_fn = models.to_functions(Attention(), np.asarray(x), None)
+  # query, key and value read the data; the output projection reads the attention.
+  check_fast_layout(apply_fn, init_fn(jax.random.key(0)), x, kernels=3)
+
+
+class Tied(nn.Module):
+  """The first kernel is also read outside its layer: it must keep its layout."""
+
+  @nn.compact
+  def __call__(self, x):
+    dense = nn.Dense(3)
+    y = dense(x)
+    return y + jnp.sum(dense.variables['params']['kernel'])
+
+
+class Reused(nn.Module):
+  """One layer applied to the data and to its own output (same kernel, square)."""
+
+  @nn.compact
+  def __call__(self, x):
+    dense = nn.Dense(x.shape[-1])
+    return dense(nn.tanh(dense(x)))
+
+
+@pytest.mark.parametrize('module', [Tied(), Reused()])
+def test_kernels_read_otherwise_keep_their_layout(module):
+  x = normal(4, 3)
+  init_fn, apply_fn = models.to_functions(module, np.asarray(x), None)
+  assert layers.plan_layout(apply_fn, init_fn(jax.random.key(0)), x) is None
+
+
+class Scanned(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    body = nn.scan(lambda mdl, c, _: (nn.tanh(mdl(c)), None), variable_axes={'params': 0},
+                   split_rngs={'params': True}, length=2)
+    return body(nn.Dense(x.shape[-1]), x, None)[0]
+
+
+def test_layers_inside_lifted_transforms_keep_their_layout():
+  x = normal(4, 3)
+  init_fn, apply_fn = models.to_functions(Scanned(), np.asarray(x), None)
+  params = init_fn(jax.random.key(0))
+  assert layers.plan_layout(apply_fn, params, x) is None
+  close(jax.jit(apply_fn)(params, x), Scanned().apply({'params': params}, x))
+
+
+class NnxDense(nnx.Module):
+  def __init__(self, *, rngs):
+    self.first = nnx.Linear(6, 5, rngs=rngs)
+    self.general = nnx.LinearGeneral((2, 3), (2, 2), axis=(-2, -1), rngs=rngs)
+    self.last = nnx.Linear(9, 3, use_bias=False, rngs=rngs)
+
+  def __call__(self, x):
+    h = nnx.relu(self.first(x.reshape(x.shape[0], -1)))
+    g = self.general(x).reshape(x.shape[0], -1)
+    return self.last(jnp.concatenate([h, g], axis=-1))
+
+
+def test_nnx_linear_in_the_fast_layout_equals_flax():
+  x = normal(4, 2, 3)
+  init_fn, apply_fn = models.to_functions(NnxDense, np.asarray(x), None)
+  params = init_fn(jax.random.key(0))
+  check_fast_layout(apply_fn, params, x, kernels=2)
+  # The reference: the module built eagerly, outside the context.
+  eager = NnxDense(rngs=nnx.Rngs(params=jax.random.key(0)))
+  close(apply_fn(layers.plan_layout(apply_fn, params, x).to_fast(params), x), eager(x))
+
+
+class WithEmbed(nn.Module):
+  """Embed (lookup and attend) is flax's own code; around it the rest is fast."""
+
+  @nn.compact
+  def __call__(self, tokens):
+    embed = nn.Embed(11, 6)
+    h = nn.tanh(nn.Dense(6)(embed(tokens)))
+    return embed.attend(h).reshape(tokens.shape[0], -1)
+
+
+def test_embed_lookup_and_attend_equal_flax():
+  tokens = jnp.asarray(RNG.integers(0, 11, size=(3, 4)), jnp.int32)
+  module = WithEmbed()
+  params = module.init(jax.random.key(0), tokens)['params']
+  init_fn, apply_fn = models.to_functions(module, np.asarray(tokens), None)
+  close(jax.jit(apply_fn)(params, tokens), module.apply({'params': params}, tokens))
+  g = lambda f: jax.jit(jax.grad(lambda p: jnp.sum(jnp.sin(f(p)))))(params)  # noqa: E731
+  close(g(lambda p: apply_fn(p, tokens)), g(lambda p: module.apply({'params': p}, tokens)))
+
+
+def test_layout_round_trip_with_run_axes():
+  x = normal(4, 3, 5)
+  init_fn, apply_fn = models.to_functions(General(), np.asarray(x), None)
+  params = init_fn(jax.random.key(0))
+  layout = layers.plan_layout(apply_fn, params, x)
+  runs = jax.tree.map(lambda a: jnp.stack([jnp.stack([a, 2 * a])] * 3), params)  # (3, 2, ...)
+  there = layout.to_fast(runs)
+  assert jax.tree.structure(there) == jax.tree.structure(runs)
+  for i, _, _ in layout.kernels:
+    assert jax.tree.leaves(there)[i].shape[:3] == (3, 2, 1)
+  jax.tree.map(np.testing.assert_array_equal, layout.to_module(there), runs)
+
+
+def test_outside_the_context_nothing_changes():
+  # Patching nnx happens inside the context only, and is undone after it.
+  original = nnx.Linear.__call__
+  with layers.fast_layers():
+    assert nnx.Linear.__call__ is not original
+    with layers.fast_layers():
+      pass
+    assert nnx.Linear.__call__ is not original
+  assert nnx.Linear.__call__ is original
