@@ -362,6 +362,10 @@ def _fast_layout(init_fn, apply_fn, x_shape, x_dtype) -> layers.Layout | None:
   return layers.plan_layout(apply_fn, params, jax.ShapeDtypeStruct(x_shape, x_dtype))
 
 
+def _choose_width(plan, family, init_fn, apply_fn, widest: int, devices: int) -> int:
+  return widest
+
+
 def compile_groups(plan: Plan, init_fn, apply_fn, eval_chunk: int) -> list[CompileGroup]:
   """The units of work: one per optimizer family and chunk of its run axis.
 
@@ -380,6 +384,7 @@ def compile_groups(plan: Plan, init_fn, apply_fn, eval_chunk: int) -> list[Compi
     fits = max(1, budget // max(1, run_bytes(plan, init_fn, apply_fn, family, eval_chunk) * slots_per_column))
     width = min(_bucket(total), 1 << int(math.floor(math.log2(fits))))
     width = devices * math.ceil(width / devices)  # every device gets whole runs
+    width = _choose_width(plan, family, init_fn, apply_fn, width, devices)
     structure = train.Structure(
         init_fn=init_fn,
         apply_fn=apply_fn,

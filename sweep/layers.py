@@ -508,7 +508,9 @@ def plan_layout(apply_fn: Callable, params: Any, x: Any) -> Layout | None:
   leaves, treedef = jax.tree.flatten(params)
   token = _RECORDING.set(True)
   try:
-    closed = jax.make_jaxpr(apply_fn)(params, x)
+    # A new function: JAX caches traces by function and shapes, and a trace made outside
+    # the recording (the engine's shape check) would come back without the tags.
+    closed = jax.make_jaxpr(lambda p, x: apply_fn(p, x))(params, x)
   except Exception:  # a model the plan cannot trace keeps its layout; the engine reports errors
     return None
   finally:

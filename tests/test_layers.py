@@ -311,6 +311,17 @@ def test_embed_lookup_and_attend_equal_flax():
   close(g(lambda p: apply_fn(p, tokens)), g(lambda p: module.apply({'params': p}, tokens)))
 
 
+def test_a_trace_made_before_the_plan_does_not_hide_the_layers():
+  # JAX caches traces by function and shapes: the engine's shape check traces the model
+  # before the plan does, and the plan must still see the tagged products.
+  x = normal(4, 7)
+  init_fn, apply_fn = models.to_functions(TwoDense(), np.asarray(x), None)
+  params = jax.eval_shape(init_fn, jax.random.key(0))
+  jax.eval_shape(apply_fn, params, x)
+  jax.make_jaxpr(apply_fn)(params, x)
+  assert layers.plan_layout(apply_fn, params, x) is not None
+
+
 def test_layout_round_trip_with_run_axes():
   x = normal(4, 3, 5)
   init_fn, apply_fn = models.to_functions(General(), np.asarray(x), None)
