@@ -14,10 +14,12 @@ the products a vmapped step makes (measurements in docs/performance.md):
   store their kernel `(inputs, outputs)`. The runs that read the same input (every run
   of a seed reads the same batch) would make one matrix product if their kernels were
   stored `(outputs, inputs)`: `(runs, outputs, inputs)` is then the matrix
-  `(runs * outputs, inputs)`, forward and for the weight gradient, with no copy. A
-  `Layout` holds such kernels that way while a training segment runs, marked by a
-  leading axis of length 1, `(1, *outputs, *inputs)`, and `fast_layers()` computes the
-  layers from it. Outside a segment every parameter is in the module's own layout.
+  `(runs * outputs, inputs)`, forward and for the weight gradient, with no copy. Under
+  vmap, an `(inputs, outputs)` kernel's gradient also comes out transposed, and the
+  optimizer then reads it with strides. A `Layout` holds the kernels `(1, *outputs,
+  *inputs)` while a training segment runs (the leading axis of length 1 marks the
+  layout) and `fast_layers()` computes the layers from it. Outside a segment every
+  parameter is in the module's own layout.
 
 Every other layer, option or input (custom `dot_general`, input dilation, `batch_dims`,
 boxed parameters, subclasses of these layers, ...) runs flax's own code, unchanged.
@@ -44,7 +46,7 @@ from flax import nnx
 from flax.linen.linear import canonicalize_padding
 from jax import lax
 
-__all__ = ['Layout', 'SlowLayer', 'fast_layers', 'plan_layout', 'slow_layers']
+__all__ = ['Layout', 'SlowLayer', 'SlowLayerWarning', 'fast_layers', 'plan_layout', 'slow_layers']
 
 # A sentinel returned by the implementations below where flax's own code must run.
 _FALLBACK = object()
@@ -496,9 +498,8 @@ def plan_layout(apply_fn: Callable, params: Any, x: Any) -> Layout | None:
 
   A kernel qualifies when every use of it in one forward pass is the product of a
   dense layer that `fast_layers` handles (the model's apply must trace inside it, as
-  `sweep.models` adapters do), reading an input that does not depend on the
-  parameters: the data, shared by every run of a seed. (Layers reading a run's own
-  activations gain nothing from the layout: their products are batched either way.)
+  the `sweep.models` adapters do). Kernels read otherwise (tied weights, a layer
+  inside `nn.scan`, a custom `dot_general`, ...) keep the module's layout.
 
   Args:
     apply_fn: `(params, x) -> predictions` for one run.
@@ -516,27 +517,16 @@ def plan_layout(apply_fn: Callable, params: Any, x: Any) -> Layout | None:
   finally:
     _RECORDING.reset(token)
   jaxpr = closed.jaxpr
-  param_vars = jaxpr.invars[: len(leaves)]
-  depends = set(param_vars)
   uses: dict[Any, list[tuple[Any, int]]] = {}
   for eqn in jaxpr.eqns:
-    invars = [v for v in eqn.invars if not isinstance(v, jax.extend.core.Literal)]
     for pos, v in enumerate(eqn.invars):
       if not isinstance(v, jax.extend.core.Literal):
         uses.setdefault(v, []).append((eqn, pos))
-    if any(v in depends for v in invars):
-      depends.update(eqn.outvars)
   outputs = {v for v in jaxpr.outvars if not isinstance(v, jax.extend.core.Literal)}
   kernels = []
-  for i, v in enumerate(param_vars):
-    tags = set()
-    for eqn, pos in uses.get(v, ()):
-      tag = _eqn_tag(eqn)
-      if tag is None or pos != 1 or eqn.invars[0] in depends:
-        tags = None
-        break
-      tags.add(tag)
-    if tags and len(tags) == 1 and v not in outputs:
+  for i, v in enumerate(jaxpr.invars[: len(leaves)]):
+    tags = {_eqn_tag(eqn) if pos == 1 else None for eqn, pos in uses.get(v, ())}
+    if len(tags) == 1 and None not in tags and v not in outputs:
       (n_in,) = tags
       kernels.append((i, n_in, len(leaves[i].shape) - n_in))
   return Layout(treedef, tuple(kernels)) if kernels else None
@@ -545,14 +535,19 @@ def plan_layout(apply_fn: Callable, params: Any, x: Any) -> Layout | None:
 # ------------------------------------------------------------- slow layers ----
 
 
+class SlowLayerWarning(UserWarning):
+  """A layer of the model stays slow under the engine's run axis (see `slow_layers`)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class SlowLayer:
   """A product in a model that stays slow under the run axis.
 
   Attributes:
-    where: the layer's flax scope and the source line of the operation.
+    where: the operation's flax scope and source line.
     what: what the operation becomes under the run axis.
-    slowdown: the estimated factor on that operation's time.
+    slowdown: the estimated factor on that operation's time under the run axis,
+      against the engine's own layers.
     advice: what to do.
   """
 
@@ -561,21 +556,20 @@ class SlowLayer:
   slowdown: float
   advice: str
 
+  def message(self) -> str:
+    return (f'{self.where}: {self.what}, about {self.slowdown:g}x slower than the engine\'s own '
+            f'layers. {self.advice}.')
+
 
 def _where(eqn) -> str:
-  from jax._src import source_info_util  # the only way to a jaxpr equation's user frame
+  from jax._src import source_info_util  # the one way to a jaxpr equation's user frame
 
   scope = str(eqn.source_info.name_stack)
   line = source_info_util.summarize(eqn.source_info)
-  return f'{scope} at {line}' if scope else line
+  return f'{scope} ({line})' if scope else line
 
 
-# Measured on a 2-core CPU (docs/performance.md): a vmapped nn.Conv of the flax MNIST
-# example (a grouped convolution) against windows and one product, forward and backward.
-_GROUPED_CONV_SLOWDOWN = 15.0
-
-
-def _subjaxprs(params: dict) -> Iterator[Any]:
+def subjaxprs(params: dict) -> Iterator[Any]:
   """The jaxprs nested in an equation's parameters (jit, scan, cond, custom_vjp ...)."""
   for value in params.values():
     for v in value if isinstance(value, tuple | list) else (value,):
@@ -585,34 +579,86 @@ def _subjaxprs(params: dict) -> Iterator[Any]:
         yield v
 
 
+# Estimates measured on a 2-core CPU (docs/performance.md), the step of a whole model:
+# the flax MNIST CNN vmapped over 16 runs (its second convolution grouped) and alone
+# (XLA's convolution) against the same convolutions as windows and one product; the
+# seed MLP with an (inputs, outputs) weight in the user's own code against the same
+# weight held (outputs, inputs). The engine reports these on a CPU only.
+_GROUPED_CONV_SLOWDOWN = 15.0
+_CONV_SLOWDOWN = 8.0
+_DENSE_SLOWDOWN = 1.75
+
+
+def _raw_products(jaxpr, params: set) -> Iterator[Any]:
+  """dot_generals reading a parameter as it is passed in, contracted on a leading axis
+  (an `x @ W` with W stored (inputs, outputs)); through jit calls too."""
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == 'dot_general':
+      (contract_l, contract_r), _ = eqn.params['dimension_numbers']
+      for operand, contract in zip(eqn.invars, (contract_l, contract_r), strict=True):
+        ndim = len(operand.aval.shape)
+        if operand in params and ndim >= 2 and tuple(contract) != tuple(range(ndim - len(contract), ndim)):
+          yield eqn
+          break
+    elif eqn.primitive.name in ('jit', 'pjit') and 'jaxpr' in eqn.params:
+      inner = eqn.params['jaxpr'].jaxpr
+      yield from _raw_products(inner, {b for a, b in zip(eqn.invars, inner.invars, strict=False) if a in params})
+
+
 def slow_layers(apply_fn: Callable, params: Any, x: Any) -> list[SlowLayer]:
-  """The convolutions of `apply_fn` that vmap turns into grouped convolutions (a kernel
-  per run), traced as the engine runs the model: two runs reading the same input."""
-  pair = jax.tree.map(lambda a: jax.ShapeDtypeStruct((2,) + tuple(a.shape), a.dtype), params)
+  """The products of `apply_fn` that remain slow when the engine runs it over runs.
+
+  Two kinds are found: a convolution left to XLA (a raw `lax.conv`, `nn.ConvTranspose`,
+  input dilation: whatever `fast_layers` does not compute), which vmap makes a grouped
+  convolution where its input differs per run, and which XLA's CPU backend runs slowly
+  in any case; and a matrix product reading a weight stored `(inputs, outputs)` in the
+  user's own code (`x @ W`), whose runs cannot share one product.
+
+  Args:
+    apply_fn: `(params, x) -> predictions` for one run, as the engine calls it.
+    params: one run's parameters as the engine holds them in a segment (its `Layout`
+      applied), arrays or `jax.ShapeDtypeStruct`s.
+    x: a batch of inputs.
+  """
   try:
-    one = jax.make_jaxpr(apply_fn)(params, x).jaxpr
-    two = jax.make_jaxpr(jax.vmap(apply_fn, in_axes=(0, None)))(pair, x).jaxpr
-  except Exception:
+    one = jax.make_jaxpr(lambda p, x: apply_fn(p, x))(params, x).jaxpr
+  except Exception:  # the engine reports a model that does not trace
     return []
+  found = []
+  for eqn in _raw_products(one, set(one.invars[: len(jax.tree.leaves(params))])):
+    found.append(SlowLayer(
+        where=_where(eqn),
+        what='a matrix product with a weight stored (inputs, outputs), whose runs cannot share one product',
+        slowdown=_DENSE_SLOWDOWN,
+        advice='Use flax.linen.Dense / flax.nnx.Linear (the engine holds their kernels transposed) '
+        'or sweep.models.Dense, or store the weight (outputs, inputs) and write x @ W.T',
+    ))
 
   def convs(jaxpr) -> list:
     out = []
     for eqn in jaxpr.eqns:
       if eqn.primitive.name == 'conv_general_dilated':
         out.append(eqn)
-      for sub in _subjaxprs(eqn.params):
+      for sub in subjaxprs(eqn.params):
         out.extend(convs(sub))
     return out
 
-  found = []
+  if not convs(one):
+    return found
+  pair = jax.tree.map(lambda a: jax.ShapeDtypeStruct((2,) + tuple(a.shape), a.dtype), params)
+  try:
+    two = jax.make_jaxpr(jax.vmap(lambda p, x: apply_fn(p, x), in_axes=(0, None)))(pair, x).jaxpr
+  except Exception:
+    return found
+  groups = lambda e: e.params['feature_group_count'] * e.params['batch_group_count']  # noqa: E731
   for a, b in zip(convs(one), convs(two), strict=False):
-    groups = lambda e: e.params['feature_group_count'] * e.params['batch_group_count']  # noqa: E731
-    if groups(b) != groups(a):
-      found.append(SlowLayer(
-          where=_where(a),
-          what='a convolution with a kernel per run, which vmap makes a grouped convolution',
-          slowdown=_GROUPED_CONV_SLOWDOWN,
-          advice='use flax.linen.Conv / flax.nnx.Conv (computed by windows and one product under '
-          'the run axis) or sweep.models.Conv',
-      ))
+    grouped = groups(b) != groups(a)  # its kernel and its input differ per run
+    found.append(SlowLayer(
+        where=_where(a),
+        what=('a convolution with a kernel per run on an input per run, which vmap makes a grouped '
+              'convolution' if grouped else 'an XLA convolution, slow on a CPU at these sizes'),
+        slowdown=_GROUPED_CONV_SLOWDOWN if grouped else _CONV_SLOWDOWN,
+        advice='Use flax.linen.Conv / flax.nnx.Conv (computed by windows and one product under the '
+        'run axis, except with input dilation) or sweep.models.Conv',
+    ))
   return found
