@@ -592,17 +592,19 @@ _DENSE_SLOWDOWN = 1.75
 def _raw_products(jaxpr, params: set) -> Iterator[Any]:
   """dot_generals reading a parameter as it is passed in, contracted on a leading axis
   (an `x @ W` with W stored (inputs, outputs)); through jit calls too."""
+  params = {v for v in params if not isinstance(v, jax.extend.core.Literal)}
+  is_param = lambda v: not isinstance(v, jax.extend.core.Literal) and v in params  # noqa: E731
   for eqn in jaxpr.eqns:
     if eqn.primitive.name == 'dot_general':
       (contract_l, contract_r), _ = eqn.params['dimension_numbers']
       for operand, contract in zip(eqn.invars, (contract_l, contract_r), strict=True):
         ndim = len(operand.aval.shape)
-        if operand in params and ndim >= 2 and tuple(contract) != tuple(range(ndim - len(contract), ndim)):
+        if is_param(operand) and ndim >= 2 and tuple(contract) != tuple(range(ndim - len(contract), ndim)):
           yield eqn
           break
     elif eqn.primitive.name in ('jit', 'pjit') and 'jaxpr' in eqn.params:
       inner = eqn.params['jaxpr'].jaxpr
-      yield from _raw_products(inner, {b for a, b in zip(eqn.invars, inner.invars, strict=False) if a in params})
+      yield from _raw_products(inner, {b for a, b in zip(eqn.invars, inner.invars, strict=False) if is_param(a)})
 
 
 def slow_layers(apply_fn: Callable, params: Any, x: Any) -> list[SlowLayer]:

@@ -14,7 +14,8 @@ import pytest
 from flax import linen as nn
 from flax import nnx
 
-from sweep import layers, models
+import sweep
+from sweep import engine, layers, models
 
 RTOL, ATOL = 2e-5, 2e-5
 RNG = np.random.default_rng(0)
@@ -351,3 +352,201 @@ def test_outside_the_context_nothing_changes():
       pass
     assert nnx.Linear.__call__ is not original
   assert nnx.Linear.__call__ is original
+
+
+# ------------------------------------------------------------- engine runs ----
+# An engine run of a model built from flax's layers equals the same training done
+# plainly: the unmodified module, one run at a time, in an optax loop written here from
+# the documented semantics (init key, data order), outside `fast_layers`.
+
+N_TRAIN = 96
+
+
+def images(n, shape, classes, seed):
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(n,) + shape).astype(np.float32)
+  return x, rng.integers(0, classes, size=n).astype(np.int32)
+
+
+def sequential(apply, params, opt, x, y, batch, epochs, seed, shuffle):
+  """One run: the documented data order of `seed`, an optax step per batch."""
+  import optax
+
+  state = opt.init(params)
+
+  @jax.jit
+  def step(params, state, xb, yb):
+    loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(apply(p, xb), yb).mean()  # noqa: E731
+    updates, state = opt.update(jax.grad(loss)(params), state, params)
+    return optax.apply_updates(params, updates), state
+
+  n = len(x)
+  for epoch in range(epochs):
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), 1), epoch)
+    order = np.asarray(jax.random.permutation(key, n)) if shuffle else np.arange(n)
+    for j in range(n // batch):
+      idx = order[j * batch:(j + 1) * batch]
+      params, state = step(params, state, x[idx], y[idx])
+  return params
+
+
+def init_key(seed):
+  return jax.random.fold_in(jax.random.key(seed), 0)
+
+
+class MnistCNN(nn.Module):
+  """The flax examples/mnist CNN's layers, smaller: Conv, relu, avg_pool, Conv, Dense, Dense."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Conv(features=4, kernel_size=(3, 3))(x))
+    x = nn.avg_pool(x, window_shape=(2, 2), strides=(2, 2))
+    x = nn.relu(nn.Conv(features=6, kernel_size=(3, 3), strides=2, padding='CIRCULAR')(x))
+    x = x.reshape((x.shape[0], -1))
+    x = nn.relu(nn.Dense(features=8)(x))
+    return nn.Dense(features=3)(x)
+
+
+def test_engine_trains_a_flax_cnn_as_a_sequential_loop():
+  import optax
+
+  x, y = images(N_TRAIN, (8, 8, 1), 3, seed=0)
+  cfg = sweep.SweepConfig(
+    model=MnistCNN(), data=sweep.data.arrays(x, y), optimizer='momentum', learning_rate=[0.01, 0.05],
+    seed=[0, 1], batch_size=16, epochs=2, num_evals=2,
+  )
+  result = sweep.run(cfg, progress=False)
+  module = MnistCNN()
+  for i, row in result.table.iterrows():
+    seed, lr = int(row.seed), float(row.learning_rate)
+    params = module.init(init_key(seed), x[:1])['params']
+    ref = sequential(lambda p, xb: module.apply({'params': p}, xb), params, optax.sgd(lr, momentum=0.9),
+                     x, y, 16, 2, seed, shuffle=True)
+    got = result.params(i)
+    assert jax.tree.map(jnp.shape, got) == jax.tree.map(jnp.shape, ref)  # the module's own layout
+    close(got, ref)
+
+
+class NnxNet(nnx.Module):
+  def __init__(self, *, rngs):
+    self.first = nnx.Linear(12, 8, rngs=rngs)
+    self.second = nnx.LinearGeneral(8, (2, 3), rngs=rngs)
+    self.out = nnx.Linear(6, 3, use_bias=False, rngs=rngs)
+
+  def __call__(self, x):
+    h = jnp.tanh(self.first(x.reshape(x.shape[0], -1)))
+    return self.out(jnp.tanh(self.second(h)).reshape(x.shape[0], -1))
+
+
+def test_engine_trains_an_nnx_model_as_a_sequential_loop():
+  import optax
+
+  x, y = images(N_TRAIN, (3, 4), 3, seed=1)
+  cfg = sweep.SweepConfig(
+    model=NnxNet, data=sweep.data.arrays(x, y, x[:32], y[:32]), optimizer='adam',
+    learning_rate=[1e-3, 1e-2], batch_size=32, epochs=3, num_evals=3, keep_best=True, shuffle=False,
+  )
+  result = sweep.run(cfg, progress=False)
+  # Every kernel was held transposed during the segments ...
+  assert result.config['run_axis']['adam']['fast_layout_kernels'] == 3
+  graphdef, _ = nnx.split(nnx.eval_shape(lambda: NnxNet(rngs=nnx.Rngs(0))), nnx.Param)
+  apply = lambda p, xb: nnx.merge(graphdef, p)(xb)  # noqa: E731
+  for i, lr in enumerate(cfg.learning_rate):
+    params = nnx.to_pure_dict(nnx.state(NnxNet(rngs=nnx.Rngs(params=init_key(0))), nnx.Param))
+    ref = sequential(apply, params, optax.adam(lr), x, y, 32, 3, 0, shuffle=False)
+    # ... and comes back in the module's layout, the best parameters too.
+    close(result.params(i), ref)
+    assert jax.tree.map(jnp.shape, result.params(i, best=True)) == jax.tree.map(jnp.shape, ref)
+
+
+class DenseNet(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(3)(jnp.tanh(nn.Dense(16)(x)))
+
+
+def test_any_run_axis_width_gives_the_same_numbers():
+  x, y = images(N_TRAIN, (10,), 3, seed=2)
+  data = sweep.data.arrays(x, y, x[:32], y[:32])
+  cfg = sweep.SweepConfig(model=DenseNet(), data=data, learning_rate=list(np.geomspace(1e-3, 1e-1, 8)),
+                          batch_size=16, epochs=1, num_evals=2)
+  plan = sweep.config.validate(cfg)
+  init_fn, apply_fn = engine.model_functions(cfg.model, x[:1], plan.output_dim)
+  eval_chunk = min(cfg.eval_batch_size, N_TRAIN)  # as sweep.run picks it
+  per_run = engine.run_bytes(plan, init_fn, apply_fn, 'adam', eval_chunk)
+  widths = {}
+  for budget in (None, data.x_train.nbytes + data.y_train.nbytes + 2 * per_run):
+    result = sweep.run(cfg.replace(memory_budget=budget), progress=False)
+    widths[result.config['run_axis']['adam']['width']] = result
+  assert sorted(widths) == [2, 8]
+  wide, narrow = widths[8], widths[2]
+  columns = ['final_val_loss', 'final_train_loss', 'best_val_loss', 'updates']
+  np.testing.assert_allclose(narrow.table[columns], wide.table[columns], rtol=1e-6)
+  for i in range(8):
+    close(narrow.params(i), wide.params(i))
+
+
+@pytest.mark.parametrize(
+  'flops, widest, devices, backend, expected',
+  [
+    (1e6, 64, 2, 'cpu', (64, 'memory')),  # the seed MLP: the widest that fits
+    (7e7, 16, 2, 'cpu', (16, 'memory')),  # the flax MNIST CNN on 8x8 digits
+    (6e8, 16, 2, 'cpu', (2, 'step FLOPs')),  # the 1M-parameter MLP: one run per device
+    (1.5e8, 64, 2, 'cpu', (8, 'step FLOPs')),
+    (1.5e8, 64, 1, 'cpu', (4, 'step FLOPs')),
+    (1e10, 64, 4, 'cpu', (4, 'step FLOPs')),  # never less than one run per device
+    (6e8, 16, 2, 'gpu', (16, 'memory')),  # accelerators: the widest that fits
+  ],
+)
+def test_run_axis_width_rule(flops, widest, devices, backend, expected):
+  assert engine.run_axis_width(flops, widest, devices, backend) == expected
+
+
+def test_the_step_flops_count_products_forward_and_backward():
+  x, y = images(64, (10,), 3, seed=3)
+  cfg = sweep.SweepConfig(model=DenseNet(), data=sweep.data.arrays(x, y), batch_size=8, epochs=1)
+  plan = sweep.config.validate(cfg)
+  init_fn, apply_fn = engine.model_functions(cfg.model, x[:1], plan.output_dim)
+  # Forward 2*8*(10*16 + 16*3); backward: both weight gradients, and one input gradient.
+  expected = 2 * 8 * (10 * 16 + 16 * 3) + 2 * 8 * (10 * 16 + 16 * 3) + 2 * 8 * 16 * 3
+  assert engine.step_flops(plan, init_fn, apply_fn) == expected
+
+
+def raw_init(key):
+  k1, k2 = jax.random.split(key)
+  return {'k': jax.random.normal(k1, (3, 3, 1, 4)) * 0.3, 'w': jax.random.normal(k2, (144, 3)) * 0.1}
+
+
+def raw_apply(p, x):
+  h = jax.lax.conv_general_dilated(x, p['k'], (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  return jnp.tanh(h).reshape(x.shape[0], -1) @ p['w']
+
+
+class FlaxCNN(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(3)(nn.relu(nn.Conv(4, (3, 3))(x)).reshape(x.shape[0], -1))
+
+
+def slow_warnings(model, data):
+  import warnings
+
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter('always')
+    sweep.run(sweep.SweepConfig(model=model, data=data, learning_rate=[1e-3, 1e-2], batch_size=16,
+                                updates=2), progress=False)
+  return [str(w.message) for w in caught if issubclass(w.category, layers.SlowLayerWarning)]
+
+
+@pytest.mark.skipif(jax.default_backend() != 'cpu', reason='the estimates are for a CPU')
+def test_layers_that_stay_slow_are_named_once():
+  x, y = images(64, (6, 6, 1), 3, seed=4)
+  data = sweep.data.arrays(x, y)
+  model = (raw_init, raw_apply)
+  first = slow_warnings(model, data)
+  assert len(first) == 2, first
+  conv, dense = sorted(first)
+  assert 'raw_apply' in conv and 'convolution' in conv and 'flax.linen.Conv' in conv and 'x slower' in conv
+  assert 'raw_apply' in dense and '(inputs, outputs)' in dense and 'flax.linen.Dense' in dense
+  assert slow_warnings(model, data) == []  # once
+  assert slow_warnings(FlaxCNN(), data) == []  # flax's own layers are fast
