@@ -63,6 +63,8 @@ class Structure:
     schedules: the schedule callables the runs may select (see `schedules.learning_rate`).
     total_updates: with `schedules`, each batch group's number of updates (a Python int
       for the callables).
+    layout: a `sweep.layers.Layout` (dense kernels held in the layout their products
+      want while a segment runs, and for evaluation), or None.
   """
 
   model: Any
@@ -82,6 +84,7 @@ class Structure:
   accuracy: str | None = None
   schedules: tuple[Callable, ...] = ()
   total_updates: tuple[int, ...] = ()
+  layout: Any = None
 
   def learning_rate_fn(self, index: int) -> Callable[[Any, jax.Array], jax.Array]:
     """`(schedule params, count) -> learning rate` of one run of batch group `index`."""
@@ -377,7 +380,12 @@ def _group_segment(
           gsq_full=jnp.zeros_like(state.runs.gsq_full),
       )
   )
+  if structure.layout is not None:
+    opt = optimizers.make(structure.family, ghp.runs.opt)  # for the state's structure only
+    state = state._replace(runs=structure.layout.enter(state.runs, opt))
   state, _ = jax.lax.scan(body, state, lrs, unroll=structure.unroll)
+  if structure.layout is not None:
+    state = state._replace(runs=structure.layout.leave(state.runs, opt))
   return state
 
 
@@ -387,6 +395,8 @@ def _evaluate_runs(
   """Weighted mean loss (and accuracy) of every run in `params` (S, R, ...) on (x, y),
   the model in evaluation mode."""
   chunk = structure.eval_batch_size
+  if structure.layout is not None:
+    params = structure.layout.to_fast(params)
   xs = x.reshape((-1, chunk) + x.shape[1:])
   ys = y.reshape((-1, chunk) + y.shape[1:])
   ws = weight.reshape(-1, chunk)

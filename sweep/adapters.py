@@ -31,6 +31,7 @@ import numpy as np
 from flax import linen as nn
 from flax import nnx
 
+from sweep import layers
 from sweep.errors import config_error
 
 __all__ = ['KerasLoss', 'Model', 'NEGATED_SWITCHES', 'adapt', 'keras_loss']
@@ -78,6 +79,30 @@ class Model:
   def initial_shapes(self) -> tuple[Any, Any]:
     """`init`'s output as shapes, traced without compiling."""
     return jax.eval_shape(lambda: self.init(jax.random.key(0)))
+
+  @functools.cached_property
+  def _pure(self) -> tuple[Callable, Callable]:
+    init = self.init
+    apply = self.apply
+
+    def init_fn(key):
+      return init(key)[0]
+
+    shapes = self.initial_shapes()[1]
+
+    def apply_fn(params, x):
+      # Evaluation mode, on a model state of the right shapes (its values do not matter to
+      # the traces this serves).
+      state = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+      return apply(params, state, x, False, None)[0]
+
+    return init_fn, apply_fn
+
+  def pure_functions(self) -> tuple[Callable, Callable]:
+    """`(init_fn(key) -> params, apply_fn(params, x) -> predictions)`, the model in
+    evaluation mode: for the traces that read the model's products (the same objects
+    every call, so that what is memoised on them stays)."""
+    return self._pure
 
   @property
   def stateful(self) -> bool:
@@ -182,7 +207,7 @@ def _switch(module: nn.Module, train_argument: str | None) -> str | None:
   """The name of the train/eval argument of `module.__call__` to pass, or None."""
   try:
     signature = inspect.signature(module.__call__)
-  except (TypeError, ValueError):
+  except (TypeError, ValueError, AttributeError):  # no __call__ (an nnx module called otherwise)
     return train_argument
   names = list(signature.parameters)
   takes_any = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
@@ -244,14 +269,15 @@ def _linen(module: nn.Module, example_x: np.ndarray, train_argument: str | None)
     return variables['params'], {c: variables[c] for c in collections}
 
   def apply(params, state, x, train, key):
-    variables = {'params': params, **state}
-    if not train:
-      return module.apply(variables, x, **evaluation), state
-    rngs = None if key is None else {'dropout': key}
-    if not collections:
-      return module.apply(variables, x, rngs=rngs, **training), state
-    out, new = module.apply(variables, x, rngs=rngs, mutable=collections, **training)
-    return out, {c: new[c] for c in collections}
+    with layers.fast_layers():  # flax's own layers at full speed under the run axis
+      variables = {'params': params, **state}
+      if not train:
+        return module.apply(variables, x, **evaluation), state
+      rngs = None if key is None else {'dropout': key}
+      if not collections:
+        return module.apply(variables, x, rngs=rngs, **training), state
+      out, new = module.apply(variables, x, rngs=rngs, mutable=collections, **training)
+      return out, {c: new[c] for c in collections}
 
   # Does training draw randomness? Traced once with a key: a module that never calls
   # make_rng('dropout') gives a jaxpr with no use of it.
@@ -363,11 +389,13 @@ def _nnx(factory: Any, instance: nnx.Module | None, train_argument: str | None =
   def apply(params, state, x, train, key):
     if not train:
       module = nnx.merge(graph_eval, params, rng_values(jax.random.key(0)), state)
-      return module(x, **_switch_kwargs(switch, False)), state
+      with layers.fast_layers():
+        return module(x, **_switch_kwargs(switch, False)), state
     key = key if key is not None else jax.random.key(0)
     module = nnx.merge(graph_train, params, rng_values(key), state)
     extra = {'rngs': nnx.Rngs(dropout=key)} if takes_rngs else {}
-    out = module(x, **extra, **_switch_kwargs(switch, True))
+    with layers.fast_layers():  # flax's own layers at full speed under the run axis
+      out = module(x, **extra, **_switch_kwargs(switch, True))
     new_state = nnx.to_pure_dict(nnx.split(module, nnx.Param, nnx.RngState, ...)[3])
     return out, new_state
 

@@ -14,6 +14,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -24,7 +25,7 @@ import tqdm.auto as tqdm
 from flax import nnx
 
 from kernels import losses, optimizers, schedules, train
-from sweep import adapters, checkpoints, distributed, models, preflight
+from sweep import adapters, checkpoints, distributed, layers, models, preflight
 from sweep.config import Plan, Run, SweepConfig, check_callables, validate
 from sweep.data import aligned
 from sweep.errors import ConfigError, config_error
@@ -221,6 +222,8 @@ class CompileGroup:
   structure: train.Structure
   groups: list[BatchGroup]
   hparams: tuple[train.GroupHparams, ...]
+  width_reason: str = 'memory'  # what chose the run-axis width: 'memory' or 'step FLOPs'
+  flops_per_run: float = 0.0  # FLOPs of one run's step (`step_flops`)
 
 
 def _layout(plan: Plan, key) -> list[BatchGroup]:
@@ -463,12 +466,146 @@ def _device_data(cfg: SweepConfig, chunk: int, shardings) -> train.Data:
   return jax.device_put(jax.tree.map(aligned, arrays), placement)
 
 
+# Optimizers whose update of each parameter entry depends on that entry alone (or on
+# global norms): transposing a weight commutes with them, so their state may be held
+# in the fast layout of `sweep.layers`.
+_ENTRYWISE = frozenset({'sgd', 'momentum', 'nesterov', 'adam', 'adamw', 'rmsprop', 'adagrad', 'lion'})
+
+
+def fast_layout(init_fn, apply_fn, family: str, x: np.ndarray) -> layers.Layout | None:
+  """The `sweep.layers.Layout` of a model's dense kernels under `family`, or None."""
+  if family not in _ENTRYWISE:
+    return None
+  try:
+    return _fast_layout(init_fn, apply_fn, tuple(x.shape), str(x.dtype))
+  except TypeError:  # unhashable functions
+    return _fast_layout.__wrapped__(init_fn, apply_fn, tuple(x.shape), str(x.dtype))
+
+
+@functools.lru_cache(maxsize=64)
+def _fast_layout(init_fn, apply_fn, x_shape, x_dtype) -> layers.Layout | None:
+  params = jax.eval_shape(lambda: init_fn(jax.random.key(0)))
+  return layers.plan_layout(apply_fn, params, jax.ShapeDtypeStruct(x_shape, x_dtype))
+
+
+def step_flops(plan: Plan, model: adapters.Model) -> float:
+  """FLOPs of one run's training step at the largest batch size (its matrix products and
+  convolutions, forward and backward), counted in its jaxpr; memoised."""
+  data = plan.config.data
+  key = (model, plan.loss, max(plan.batch_sizes), data.x_train.shape[1:],
+         str(data.x_train.dtype), data.y_train.shape[1:], str(data.y_train.dtype))
+  try:
+    if key not in _STEP_FLOPS:
+      _STEP_FLOPS[key] = _step_flops(plan, model)
+    return _STEP_FLOPS[key]
+  except TypeError:  # an unhashable loss
+    return _step_flops(plan, model)
+
+
+_STEP_FLOPS: dict = {}
+
+
+def _step_flops(plan: Plan, model: adapters.Model) -> float:
+  data = plan.config.data
+  params, model_state = model.initial_shapes()
+  structure = train.Structure(
+      model=model, loss=plan.loss, family='sgd', batch_sizes=(), steps_per_segment=(), steps_per_epoch=(),
+      eval_batch_size=1, ignore_label=data.ignore_label,
+  )
+  batch = max(plan.batch_sizes)
+  x = jax.ShapeDtypeStruct((batch,) + data.x_train.shape[1:], data.x_train.dtype)
+  y = jax.ShapeDtypeStruct((batch,) + data.y_train.shape[1:], data.y_train.dtype)
+
+  def f(p, s, x, y):
+    pred, _ = structure.forward(p, s, x, True, jax.random.key(0))
+    return jnp.mean(structure.metrics(pred, y)[0])
+
+  return _jaxpr_flops(jax.make_jaxpr(jax.grad(f))(params, model_state, x, y).jaxpr)
+
+
+def _jaxpr_flops(jaxpr) -> float:
+  """Multiply-adds x 2 of the dot_generals and convolutions in `jaxpr`, nested ones
+  included (a scan's body counted `length` times, a loop's body once)."""
+  total = 0.0
+  for eqn in jaxpr.eqns:
+    name = eqn.primitive.name
+    if name == 'dot_general':
+      (contract, _), _ = eqn.params['dimension_numbers']
+      lhs = eqn.invars[0].aval.shape
+      total += 2.0 * np.prod(eqn.outvars[0].aval.shape) * np.prod([lhs[d] for d in contract])
+    elif name == 'conv_general_dilated':
+      rhs = eqn.invars[1].aval.shape
+      out_features = rhs[eqn.params['dimension_numbers'].rhs_spec[0]]
+      total += 2.0 * np.prod(eqn.outvars[0].aval.shape) * np.prod(rhs) / out_features
+    repeat = eqn.params.get('length', 1) if name == 'scan' else 1
+    for sub in layers.subjaxprs(eqn.params):
+      total += repeat * _jaxpr_flops(sub)
+  return total
+
+
+# On a CPU, runs are batched into one step until the step holds about this many FLOPs per
+# device. Below it, a step is a chain of small kernels whose fixed costs batching shares;
+# beyond it the products fill the device and each further run only adds cache misses
+# (docs/performance.md: the seed MLP, 1 MFLOP a run-step, gains up to 64 runs; the flax
+# MNIST CNN on 8x8 digits, 73 MFLOP, up to 16; the 1M-parameter MLP, 615 MFLOP, none).
+FILL_FLOPS = 1e9
+
+
+def run_axis_width(flops_per_run: float, widest: int, devices: int, backend: str) -> tuple[int, str]:
+  """The run-axis width of a compile group, and why.
+
+  Args:
+    flops_per_run: FLOPs of one run's training step (`step_flops`).
+    widest: the widest the memory budget allows (a power of two, a multiple of `devices`).
+    devices: local devices the run axis is split over.
+    backend: `jax.default_backend()`; the FLOPs rule applies on CPU only (an accelerator
+      is filled by the widest run axis that fits its memory).
+
+  Returns:
+    `(width, reason)`: reason 'memory' (the widest that fits) or 'step FLOPs'.
+  """
+  if backend != 'cpu':
+    return widest, 'memory'
+  enough = max(1.0, devices * FILL_FLOPS / max(flops_per_run, 1.0))
+  fills = devices * math.ceil((1 << int(math.floor(math.log2(enough)))) / devices)
+  if fills >= widest:
+    return widest, 'memory'
+  return fills, 'step FLOPs'
+
+
+_WARNED: set = set()
+
+
+def warn_slow_layers(init_fn, apply_fn, layout: layers.Layout | None, x: np.ndarray) -> list[layers.SlowLayer]:
+  """Warns (once per model and layout) about the layers that stay slow under the run axis.
+
+  The estimates were measured on a CPU, so only a CPU backend warns.
+  """
+  if jax.default_backend() != 'cpu':
+    return []
+  key = (init_fn, apply_fn, layout, x.shape[1:], str(x.dtype))
+  try:
+    if key in _WARNED:
+      return []
+    _WARNED.add(key)
+  except TypeError:  # unhashable functions: warn every time
+    pass
+  params = jax.eval_shape(lambda: init_fn(jax.random.key(0)))
+  if layout is not None:
+    params = jax.eval_shape(layout.to_fast, params)
+  found = layers.slow_layers(apply_fn, params, jax.ShapeDtypeStruct(x.shape, x.dtype))
+  for slow in found:
+    warnings.warn(layers.SlowLayerWarning(f'sweep: under the run axis, {slow.message()}'), stacklevel=3)
+  return found
+
+
 def compile_groups(plan: Plan, model: adapters.Model, eval_chunk: int) -> list[CompileGroup]:
   """The units of work: one per optimizer family and chunk of its run axis.
 
   The run axis of a family is cut into chunks of one width (a power of two, a multiple
-  of the local device count) that fits the memory budget; every chunk of a family
-  reuses one compiled program, the last one padded.
+  of the local device count) that fits the memory budget and, on a CPU, no wider than
+  a step needs to fill the devices (`run_axis_width`); every chunk of a family reuses
+  one compiled program, the last one padded.
   """
   cfg = plan.config
   devices = jax.local_device_count()
@@ -483,8 +620,13 @@ def compile_groups(plan: Plan, model: adapters.Model, eval_chunk: int) -> list[C
     fits = max(1, budget // max(1, run_bytes(plan, model, family, eval_chunk) * slots_per_column))
     width = min(_bucket(total), 1 << int(math.floor(math.log2(fits))))
     width = devices * math.ceil(width / devices)  # every device gets whole runs
+    init_fn, apply_fn = model.pure_functions()
+    flops = step_flops(plan, model)
+    width, reason = run_axis_width(flops, width, devices, jax.default_backend())
     # A batch group with fewer runs than the widest is laid out no wider than it needs.
     widths = [min(width, devices * math.ceil(_bucket(g.slots.shape[1]) / devices)) for g in groups]
+    layout = fast_layout(init_fn, apply_fn, family, cfg.data.x_train[:2])
+    warn_slow_layers(init_fn, apply_fn, layout, cfg.data.x_train[:2])
     structure = train.Structure(
         model=model,
         loss=plan.loss,
@@ -505,11 +647,30 @@ def compile_groups(plan: Plan, model: adapters.Model, eval_chunk: int) -> list[C
         accuracy=_callable_accuracy(plan),
         schedules=plan.custom_schedules,
         total_updates=tuple(plan.total_updates[b] for b in batch_sizes) if plan.custom_schedules else (),
+        layout=layout,
     )
     filler = groups[0].runs[0]
     for start in range(0, total, width):
       chunk = _chunk(groups, start, widths)
-      out.append(CompileGroup(family, structure, chunk, tuple(_hparams(plan, g, filler) for g in chunk)))
+      out.append(CompileGroup(family, structure, chunk, tuple(_hparams(plan, g, filler) for g in chunk),
+                              width_reason=reason, flops_per_run=flops))
+  return out
+
+
+def run_axis_report(cgroups: list[CompileGroup]) -> dict[str, Any]:
+  """Per optimizer family: the run-axis width, the chunks, why, and the cost estimate."""
+  out = {}
+  for cg in cgroups:
+    name = str(cg.family)
+    if name not in out:
+      out[name] = {
+          'width': int(cg.groups[0].slots.shape[1]),
+          'chunks': 0,
+          'chosen_by': cg.width_reason,
+          'step_gflop_per_run': float(round(cg.flops_per_run / 1e9, 6)),
+          'fast_layout_kernels': len(cg.structure.layout.kernels) if cg.structure.layout else 0,
+      }
+    out[name]['chunks'] += 1
   return out
 
 
@@ -772,6 +933,7 @@ def _run(cfg, workdir, progress, fresh, checkpoint_every, checkpoint_seconds, ex
   # Every field; with a workdir the data's content is hashed too (once), for the fingerprint.
   fields = fingerprint.config_fields(cfg, content=workdir is not None)
   resolved = results.resolved_config(plan, experiment_file, fields)
+  resolved['run_axis'] = run_axis_report(cgroups)
 
   processes, me = jax.process_count(), jax.process_index()
   store, point, digest = None, checkpoints.Resume(), None
