@@ -182,7 +182,7 @@ def _switch(module: nn.Module, train_argument: str | None) -> str | None:
   """The name of the train/eval argument of `module.__call__` to pass, or None."""
   try:
     signature = inspect.signature(module.__call__)
-  except (TypeError, ValueError):
+  except (TypeError, ValueError, AttributeError):  # no __call__ (an nnx module called otherwise)
     return train_argument
   names = list(signature.parameters)
   takes_any = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
