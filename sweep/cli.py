@@ -165,7 +165,25 @@ def _lr_find(args) -> int:
   return 0
 
 
+def _one_line_warnings() -> None:
+  """The engine's own warnings as one line each (`sweep: ...`), not Python's two."""
+  import warnings
+
+  from sweep import layers
+
+  shown = warnings.showwarning
+
+  def show(message, category, filename, lineno, file=None, line=None):
+    if issubclass(category, layers.SlowLayerWarning):
+      print(str(message), file=file or sys.stderr)
+    else:
+      shown(message, category, filename, lineno, file, line)
+
+  warnings.showwarning = show
+
+
 def main(argv: list[str] | None = None) -> int:
+  _one_line_warnings()
   parser = argparse.ArgumentParser(prog='sweep', description=__doc__)
   sub = parser.add_subparsers(dest='command', required=True)
   p = sub.add_parser('run', help='run an experiment file (default: the seed MLP grid on digits)')

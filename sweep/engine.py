@@ -599,7 +599,7 @@ def warn_slow_layers(init_fn, apply_fn, layout: layers.Layout | None, x: np.ndar
   return found
 
 
-def compile_groups(plan: Plan, model: adapters.Model, eval_chunk: int) -> list[CompileGroup]:
+def compile_groups(plan: Plan, model: adapters.Model, eval_chunk: int, warn: bool = True) -> list[CompileGroup]:
   """The units of work: one per optimizer family and chunk of its run axis.
 
   The run axis of a family is cut into chunks of one width (a power of two, a multiple
@@ -626,7 +626,8 @@ def compile_groups(plan: Plan, model: adapters.Model, eval_chunk: int) -> list[C
     # A batch group with fewer runs than the widest is laid out no wider than it needs.
     widths = [min(width, devices * math.ceil(_bucket(g.slots.shape[1]) / devices)) for g in groups]
     layout = fast_layout(init_fn, apply_fn, family, cfg.data.x_train[:2])
-    warn_slow_layers(init_fn, apply_fn, layout, cfg.data.x_train[:2])
+    if warn:
+      warn_slow_layers(init_fn, apply_fn, layout, cfg.data.x_train[:2])
     structure = train.Structure(
         model=model,
         loss=plan.loss,
@@ -929,7 +930,8 @@ def _run(cfg, workdir, progress, fresh, checkpoint_every, checkpoint_seconds, ex
 
   sizes = [min(cfg.train_eval_size, data.n_train)] + ([data.n_val] if data.n_val else [])
   eval_chunk = min(cfg.eval_batch_size, max(sizes))
-  cgroups = compile_groups(plan, model, eval_chunk)
+  # Slow-layer warnings come after the workdir check: a refused rerun says one thing.
+  cgroups = compile_groups(plan, model, eval_chunk, warn=False)
   # Every field; with a workdir the data's content is hashed too (once), for the fingerprint.
   fields = fingerprint.config_fields(cfg, content=workdir is not None)
   resolved = results.resolved_config(plan, experiment_file, fields)
@@ -950,6 +952,9 @@ def _run(cfg, workdir, progress, fresh, checkpoint_every, checkpoint_seconds, ex
     mine = [c for c in range(len(cgroups)) if distributed.owner(c) == me]
     point = checkpoints.resume(store, workdir, mine, digest, lambda c: _abstract_state(cgroups[c], model))
 
+  init_fn, apply_fn = model.pure_functions()
+  for layout in dict.fromkeys(cg.structure.layout for cg in cgroups):
+    warn_slow_layers(init_fn, apply_fn, layout, data.x_train[:2])
   shardings = _run_sharding()
   device_data = _device_data(cfg, eval_chunk, shardings)
   threshold = jnp.float32(cfg.divergence_threshold)
