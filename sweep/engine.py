@@ -446,14 +446,15 @@ def run_axis_width(flops_per_run: float, widest: int, devices: int, backend: str
 _WARNED: set = set()
 
 
-def warn_slow_layers(init_fn, apply_fn, layout: layers.Layout | None, x: np.ndarray) -> list[layers.SlowLayer]:
+def warn_slow_layers(init_fn, apply_fn, family: str, layout: layers.Layout | None,
+                     x: np.ndarray) -> list[layers.SlowLayer]:
   """Warns (once per model and layout) about the layers that stay slow under the run axis.
 
   The estimates were measured on a CPU, so only a CPU backend warns.
   """
   if jax.default_backend() != 'cpu':
     return []
-  key = (init_fn, apply_fn, layout, x.shape[1:], str(x.dtype))
+  key = (init_fn, apply_fn, family in _ENTRYWISE, layout, x.shape[1:], str(x.dtype))
   try:
     if key in _WARNED:
       return []
@@ -463,7 +464,9 @@ def warn_slow_layers(init_fn, apply_fn, layout: layers.Layout | None, x: np.ndar
   params = jax.eval_shape(lambda: init_fn(jax.random.key(0)))
   if layout is not None:
     params = jax.eval_shape(layout.to_fast, params)
-  found = layers.slow_layers(apply_fn, params, jax.ShapeDtypeStruct(x.shape, x.dtype))
+  # Matrix products only where the fast layout could serve them: with another optimizer
+  # flax's own dense layers would be reported too.
+  found = layers.slow_layers(apply_fn, params, jax.ShapeDtypeStruct(x.shape, x.dtype), dense=family in _ENTRYWISE)
   for slow in found:
     warnings.warn(layers.SlowLayerWarning(f'sweep: under the run axis, {slow.message()}'), stacklevel=3)
   return found
@@ -491,7 +494,7 @@ def compile_groups(plan: Plan, init_fn, apply_fn, eval_chunk: int) -> list[Compi
     flops = step_flops(plan, init_fn, apply_fn)
     width, reason = run_axis_width(flops, width, devices, jax.default_backend())
     layout = fast_layout(init_fn, apply_fn, family, cfg.data.x_train[:2])
-    warn_slow_layers(init_fn, apply_fn, layout, cfg.data.x_train[:2])
+    warn_slow_layers(init_fn, apply_fn, family, layout, cfg.data.x_train[:2])
     structure = train.Structure(
         init_fn=init_fn,
         apply_fn=apply_fn,
@@ -560,7 +563,9 @@ def _diverged(cg: CompileGroup, metrics: tuple[dict, ...]) -> int:
 
 @functools.lru_cache(maxsize=64)
 def _jitted_init(init_fn):
-  return train.jit(init_fn)
+  # With a leading seed axis: one seed (the common case) needs no stacking op, which
+  # would compile a program of its own for every parameter shape.
+  return train.jit(lambda key: jax.tree.map(lambda a: a[None], init_fn(key)))
 
 
 def _per_seed_params(init_fn, cg: CompileGroup) -> tuple[Any, ...]:
@@ -578,7 +583,10 @@ def _per_seed_params(init_fn, cg: CompileGroup) -> tuple[Any, ...]:
       if seed not in cache:
         cache[seed] = init(train.init_key_jit(np.int32(seed)))
       per_seed.append(cache[seed])
-    out.append(jax.tree.map(lambda *xs: jnp.stack(xs), *per_seed))
+    if len(per_seed) == 1:
+      out.append(per_seed[0])
+    else:  # on the host: a device concatenate compiles per parameter shape
+      out.append(jax.tree.map(lambda *xs: np.concatenate([np.asarray(a) for a in xs]), *per_seed))
   return tuple(out)
 
 
@@ -606,12 +614,13 @@ class _OrderBook:
       self.spans.append(spans)
     self.width = [max(e for _, e in spans) for spans in self.spans]
 
-  def _order(self, seed: int, epoch: int) -> jax.Array:
+  def _order(self, seed: int, epoch: int) -> np.ndarray:
+    # Orders are stacked on the host: stacking on the device compiles a program per shape.
     if (seed, epoch) not in self._cache:
       if self.shuffle:
-        self._cache[seed, epoch] = train.epoch_order_jit(np.int32(seed), np.int32(epoch), self.n)
+        self._cache[seed, epoch] = np.asarray(train.epoch_order_jit(np.int32(seed), np.int32(epoch), self.n))
       else:
-        self._cache[seed, epoch] = jnp.arange(self.n, dtype=jnp.int32)
+        self._cache[seed, epoch] = np.arange(self.n, dtype=np.int32)
     return self._cache[seed, epoch]
 
   def segment(self, k: int) -> tuple[train.Orders, ...]:
@@ -619,8 +628,8 @@ class _OrderBook:
     for g, hp in enumerate(self.cg.hparams):
       first, _ = self.spans[g][k]
       seeds = np.asarray(hp.seeds).tolist()
-      orders = jnp.stack([
-          jnp.stack([self._order(sd, first + e) for e in range(self.width[g])]) for sd in seeds
+      orders = np.stack([
+          np.stack([self._order(sd, first + e) for e in range(self.width[g])]) for sd in seeds
       ])
       out.append(train.Orders(orders=orders, first_epoch=np.int32(first)))
     # Orders of epochs already passed are no longer needed.
