@@ -535,6 +535,7 @@ def jit(fun: Callable, **kwargs) -> Callable:
 
 # Jitted entry points; `structure` is static, the carried state is donated.
 start_jit = jit(start, static_argnums=(0,))
+init_jit = jit(init, static_argnums=(0,))
 init_key_jit = jit(init_key)
 epoch_order_jit = jit(epoch_order, static_argnums=(2,))
 note_best_jit = jit(note_best, static_argnums=(0,), donate_argnums=(1,))

@@ -1,7 +1,8 @@
 """The engine against what a researcher would otherwise run, same runs, one process.
 
-  python scripts/bench.py            # full: a few minutes on a 2-core CPU
-  python scripts/bench.py --quick    # about a minute
+  python scripts/bench.py            # full: about 15 minutes on a 2-core CPU
+  python scripts/bench.py --quick    # a few minutes
+  python scripts/bench.py --only user --mnist DIR   # the user-module rows, on MNIST IDX files
 
 Baselines, each training the same runs (same data, model, optimizer, steps):
   (b) sequential optax, compiled once: one run's whole training is a `lax.scan` inside
@@ -16,6 +17,14 @@ Baselines, each training the same runs (same data, model, optimizer, steps):
 Timings are warm (compiles excluded and reported apart). Each line prints run-steps per
 second (runs x updates / seconds), the engine's ratio to each baseline, and the
 engine's achieved GFLOP/s against a float32 matmul rate measured here.
+
+The user-module rows train one unmodified flax module (the flax examples/mnist CNN, the
+seed MLP and the 1M-parameter MLP written with `nn.Dense`) through the engine, through
+(b) the sequential optax loop compiled once, and through (f) the hand-written
+`jax.jit(jax.vmap(train))(learning_rates)`, PureJaxRL's form, `train` a `lax.scan` over
+one run's optax steps. The three are timed warm, interleaved and repeated in one process
+(the machine is shared): medians, and the range of the ratios over the repetitions. The
+first calls (compiles included) are reported too.
 """
 
 from __future__ import annotations
@@ -262,9 +271,147 @@ def workload(title, hidden, lrs, batches, epochs, n, quick, peak, model=None, da
     print(row('(e) Keras fit (4 sampled)', run_steps, keras_s) + f'  engine {keras_s / warm:.2f}x')
 
 
+# -------------------------------------------------- the user's own module ----
+
+
+class MnistCNN(nn.Module):
+  """A simple CNN model: flax examples/mnist/train.py (its last linen version), as it is."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Conv(features=32, kernel_size=(3, 3))(x)
+    x = nn.relu(x)
+    x = nn.avg_pool(x, window_shape=(2, 2), strides=(2, 2))
+    x = nn.Conv(features=64, kernel_size=(3, 3))(x)
+    x = nn.relu(x)
+    x = nn.avg_pool(x, window_shape=(2, 2), strides=(2, 2))
+    x = x.reshape((x.shape[0], -1))  # flatten
+    x = nn.Dense(features=256)(x)
+    x = nn.relu(x)
+    x = nn.Dense(features=10)(x)
+    return x
+
+
+OPTIMIZERS = {
+    'adam': optax.adam,
+    'momentum': lambda learning_rate: optax.sgd(learning_rate, momentum=0.9),  # the example's
+}
+
+
+def one_run(module, x, y, batch, steps, optimizer):
+  """`train(lr)`: one run of the unmodified module, a `lax.scan` over its optax steps."""
+  params0 = module.init(jax.random.key(0), x[:1])['params']
+
+  def train(lr):
+    opt = optax.inject_hyperparams(OPTIMIZERS[optimizer])(learning_rate=lr)
+    state = opt.init(params0)
+
+    def step(carry, j):
+      params, state = carry
+      xb = jax.lax.dynamic_slice_in_dim(x, j * batch, batch)
+      yb = jax.lax.dynamic_slice_in_dim(y, j * batch, batch)
+      loss, g = jax.value_and_grad(
+          lambda p: optax.softmax_cross_entropy_with_integer_labels(module.apply({'params': p}, xb), yb).mean()
+      )(params)
+      u, state = opt.update(g, state, params)
+      return (optax.apply_updates(params, u), state), loss
+
+    (params, _), losses = jax.lax.scan(step, (params0, state), jnp.arange(steps) % (x.shape[0] // batch))
+    return params, losses
+
+  return train
+
+
+def timed(f, *args) -> float:
+  t0 = time.perf_counter()
+  jax.block_until_ready(f(*args))
+  return time.perf_counter() - t0
+
+
+def user_module(title, module, x, y, lrs, batch, optimizer, repeats, peak):
+  """The same unmodified module through the engine, (b) and (f); see the docstring."""
+  n = len(x)
+  steps = n // batch
+  print(f'\n{title}: {len(lrs)} learning rates, batch {batch}, {optimizer}, 1 epoch of {n} examples '
+        f'{tuple(x.shape[1:])}')
+  data = sweep.data.arrays(x, y, x[:1024], y[:1024])
+  cfg = sweep.SweepConfig(
+      model=module, data=data, loss='softmax_cross_entropy', optimizer=optimizer, learning_rate=list(lrs),
+      batch_size=batch, seed=0, shuffle=False, epochs=1, num_evals=1, train_eval_size=1024,
+  )
+  t0 = time.perf_counter()
+  result = sweep.run(cfg, progress=False)
+  engine_first = time.perf_counter() - t0
+  xs, ys = jnp.asarray(x), jnp.asarray(y)
+  train = one_run(module, xs, ys, batch, steps, optimizer)
+  seq = jax.jit(train)
+  seq_compile = timed(seq, np.float32(lrs[0]))
+  hand = jax.jit(jax.vmap(train))
+  hand_first = timed(hand, jnp.asarray(lrs, jnp.float32))
+  times = {'engine': [], 'seq': [], 'hand': []}
+  for r in range(repeats):
+    # Other values each time, same shapes: nothing compiles again.
+    scaled = [lr * (1.01 + 0.01 * r) for lr in lrs]
+    t0 = time.perf_counter()
+    sweep.run(cfg.replace(learning_rate=scaled), progress=False)
+    times['engine'].append(time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    for lr in scaled:
+      jax.block_until_ready(seq(np.float32(lr)))
+    times['seq'].append(time.perf_counter() - t0)
+    times['hand'].append(timed(hand, jnp.asarray(scaled, jnp.float32)))
+  med = {k: float(np.median(v)) for k, v in times.items()}
+  vs = {k: np.array(times[k]) / np.array(times['engine']) for k in ('seq', 'hand')}
+  run_steps = len(lrs) * steps
+  init_fn, apply_fn = sweep.models.to_functions(module, x[:1], 10)
+  flops = n // batch * batch * len(lrs) * train_flops_per_example(apply_fn, init_fn(jax.random.key(0)), x)
+  axis = result.config['run_axis'][optimizer]
+  print(f'  engine: run axis {axis["width"]} wide x {axis["chunks"]} chunks (by {axis["chosen_by"]}), '
+        f'{axis["fast_layout_kernels"]} kernels in the fast layout; '
+        f'{flops / med["engine"] / 1e9:.1f} GFLOP/s = {flops / med["engine"] / 1e9 / peak:.0%} of matmul peak')
+  print(row('(a) engine', run_steps, med['engine']))
+  print(row(f'(b) sequential optax (compile {seq_compile:.1f} s)', run_steps, med['seq'])
+        + f'  engine {np.median(vs["seq"]):.2f}x (range {vs["seq"].min():.2f}-{vs["seq"].max():.2f})')
+  print(row('(f) hand-written jit(vmap(train))', run_steps, med['hand'])
+        + f'  engine {np.median(vs["hand"]):.2f}x (range {vs["hand"].min():.2f}-{vs["hand"].max():.2f})')
+  print(f'  first call, compiles included: engine {engine_first:.2f} s, (f) {hand_first:.2f} s: '
+        f'{engine_first / hand_first:.2f}x')
+
+
+def mnist_images(n: int, mnist_dir: str | None, seed: int = 0):
+  """28x28x1 images: MNIST's t10k digits where a directory of its IDX files is given,
+  else synthetic MNIST-shaped images (learnable, values in [0, 1])."""
+  if mnist_dir:
+    d = sweep.data.mnist(mnist_dir, flatten=False, train_fraction=1.0)
+    return d.x_train[:n, ..., None], d.y_train[:n]
+  x, y = mnist_shaped(n, seed)
+  return x.reshape(n, 28, 28, 1), y
+
+
+def user_rows(quick: bool, peak: float, mnist_dir: str | None) -> None:
+  repeats = 1 if quick else 3
+  digits = sweep.data.digits(flatten=False)
+  lrs16 = [float(v) for v in np.logspace(-3, -1, 16)]
+  user_module('flax MNIST CNN on 8x8 digits', MnistCNN(), digits.x_train[..., None], digits.y_train,
+              lrs16[::4] if quick else lrs16, 32, 'momentum', repeats, peak)
+  x, y = mnist_images(512 if quick else 1024, mnist_dir)
+  lrs8 = [float(v) for v in np.logspace(-3, -1, 8)]
+  user_module('flax MNIST CNN on 28x28 images' + (' (MNIST t10k)' if mnist_dir else ' (MNIST-shaped)'),
+              MnistCNN(), x, y, lrs8[::2] if quick else lrs8, 32, 'momentum', repeats, peak)
+  x, y = mnist_shaped(4096 if quick else 8192)
+  lrs64 = [float(v) for v in np.logspace(-4, -1, 64)]
+  user_module('seed MLP 784-10-10 with nn.Dense', FlaxMLP((10,), 10), x, y, lrs64, 32, 'adam', repeats, peak)
+  if not quick:
+    lrs16 = [float(v) for v in np.logspace(-5, -2, 16)]
+    user_module('1M-parameter MLP 784-1024-256-10 with nn.Dense', FlaxMLP((1024, 256), 10), x, y, lrs16,
+                128, 'adam', repeats, peak)
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--quick', action='store_true', help='smaller workloads, engine and (b) only')
+  parser.add_argument('--only', choices=['engine', 'user'], help="only the engine's own models, or the user-module rows")
+  parser.add_argument('--mnist', metavar='DIR', help='MNIST IDX files for the 28x28 row (default: synthetic images)')
   args = parser.parse_args()
   # As `sweep run` does: one CPU device per core, over which the engine shards its runs.
   # The baselines run on one device as before (their speed does not change).
@@ -273,6 +420,10 @@ def main():
         f'({jax.default_backend()}), {os.cpu_count()} CPU cores')
   peak = matmul_gflops()
   print(f'float32 matmul (1024^3, XLA): {peak:.1f} GFLOP/s')
+  if args.only != 'engine':
+    user_rows(args.quick, peak, args.mnist)
+  if args.only == 'user':
+    return
   n = 4096 if args.quick else 8192
   lrs64 = [float(v) for v in np.logspace(-4, -1, 64)]
   workload('Seed MLP 784-10-10, Adam, batch 32', (10,), lrs64, [32], 1, n, args.quick, peak)

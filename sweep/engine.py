@@ -224,6 +224,8 @@ class CompileGroup:
   hparams: tuple[train.GroupHparams, ...]
   width_reason: str = 'memory'  # what chose the run-axis width: 'memory' or 'step FLOPs'
   flops_per_run: float = 0.0  # FLOPs of one run's step (`step_flops`)
+  # Shared by the chunks of one family: their seeds' initial parameters and metrics.
+  shared: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
 
 def _layout(plan: Plan, key) -> list[BatchGroup]:
@@ -543,6 +545,56 @@ def _jaxpr_flops(jaxpr) -> float:
   return total
 
 
+def eval_bytes_per_example(plan: Plan, init_fn, apply_fn, chunk: int) -> float:
+  """Bytes of every intermediate of one run's forward pass, per example (an upper
+  estimate, as in `run_bytes`); memoised."""
+  data = plan.config.data
+  key = (init_fn, apply_fn, chunk, data.x_train.shape[1:], str(data.x_train.dtype))
+  try:
+    if key not in _EVAL_BYTES:
+      _EVAL_BYTES[key] = _eval_bytes_per_example(plan, init_fn, apply_fn, chunk)
+    return _EVAL_BYTES[key]
+  except TypeError:
+    return _eval_bytes_per_example(plan, init_fn, apply_fn, chunk)
+
+
+_EVAL_BYTES: dict = {}
+
+
+def _eval_bytes_per_example(plan: Plan, init_fn, apply_fn, chunk: int) -> float:
+  data = plan.config.data
+  params = jax.eval_shape(lambda: init_fn(jax.random.key(0)))
+  x = jax.ShapeDtypeStruct((chunk,) + data.x_train.shape[1:], data.x_train.dtype)
+  jaxpr = jax.make_jaxpr(lambda p, x: apply_fn(p, x))(params, x).jaxpr
+  # Only what depends on the parameters is made once per run: the rest (the input, its
+  # windows for a first convolution) is shared by the runs reading the same chunk.
+  per_run = set(jaxpr.invars[: len(jax.tree.leaves(params))])
+  total = 0
+  for eqn in jaxpr.eqns:
+    if any(not isinstance(v, jax.extend.core.Literal) and v in per_run for v in eqn.invars):
+      per_run.update(eqn.outvars)
+      total += sum(int(np.prod(v.aval.shape)) * v.aval.dtype.itemsize for v in eqn.outvars if hasattr(v.aval, 'shape'))
+  return total / chunk
+
+
+# On a CPU, an evaluation chunk is cut so that its intermediates, over the runs of a
+# device, stay about this size: the flax MNIST CNN evaluated 1024 examples at a time for
+# 8 runs a device made 300 MB of input windows, and ran at a third of its training rate.
+EVAL_CHUNK_BYTES = 16 << 20
+
+
+def eval_chunk_width(chunk: int, bytes_per_example: float, runs_per_device: int, backend: str) -> int:
+  """Examples per evaluation step: the largest divisor of `chunk` (the data are padded
+  to multiples of it) whose intermediates over `runs_per_device` runs fit
+  `EVAL_CHUNK_BYTES`, at least 32 examples; on accelerators `chunk` itself."""
+  if backend != 'cpu':
+    return chunk
+  fits = EVAL_CHUNK_BYTES / max(1.0, bytes_per_example * runs_per_device)
+  divisors = [d for d in range(1, chunk + 1) if chunk % d == 0]
+  small = [d for d in divisors if d <= fits and d >= min(32, chunk)]
+  return max(small) if small else min(d for d in divisors if d >= min(32, chunk))
+
+
 # On a CPU, runs are batched into one step until the step holds about this many FLOPs per
 # device. Below it, a step is a chain of small kernels whose fixed costs batching shares;
 # beyond it the products fill the device and each further run only adds cache misses
@@ -576,14 +628,15 @@ def run_axis_width(flops_per_run: float, widest: int, devices: int, backend: str
 _WARNED: set = set()
 
 
-def warn_slow_layers(init_fn, apply_fn, layout: layers.Layout | None, x: np.ndarray) -> list[layers.SlowLayer]:
+def warn_slow_layers(init_fn, apply_fn, family: str, layout: layers.Layout | None,
+                     x: np.ndarray) -> list[layers.SlowLayer]:
   """Warns (once per model and layout) about the layers that stay slow under the run axis.
 
   The estimates were measured on a CPU, so only a CPU backend warns.
   """
   if jax.default_backend() != 'cpu':
     return []
-  key = (init_fn, apply_fn, layout, x.shape[1:], str(x.dtype))
+  key = (init_fn, apply_fn, family in _ENTRYWISE, layout, x.shape[1:], str(x.dtype))
   try:
     if key in _WARNED:
       return []
@@ -593,7 +646,9 @@ def warn_slow_layers(init_fn, apply_fn, layout: layers.Layout | None, x: np.ndar
   params = jax.eval_shape(lambda: init_fn(jax.random.key(0)))
   if layout is not None:
     params = jax.eval_shape(layout.to_fast, params)
-  found = layers.slow_layers(apply_fn, params, jax.ShapeDtypeStruct(x.shape, x.dtype))
+  # Matrix products only where the fast layout could serve them: with another optimizer
+  # flax's own dense layers would be reported too.
+  found = layers.slow_layers(apply_fn, params, jax.ShapeDtypeStruct(x.shape, x.dtype), dense=family in _ENTRYWISE)
   for slow in found:
     warnings.warn(layers.SlowLayerWarning(f'sweep: under the run axis, {slow.message()}'), stacklevel=3)
   return found
@@ -627,7 +682,11 @@ def compile_groups(plan: Plan, model: adapters.Model, eval_chunk: int, warn: boo
     widths = [min(width, devices * math.ceil(_bucket(g.slots.shape[1]) / devices)) for g in groups]
     layout = fast_layout(init_fn, apply_fn, family, cfg.data.x_train[:2])
     if warn:
-      warn_slow_layers(init_fn, apply_fn, layout, cfg.data.x_train[:2])
+      warn_slow_layers(init_fn, apply_fn, family, layout, cfg.data.x_train[:2])
+    per_device = max(1, width // devices) * max(g.slots.shape[0] for g in groups)
+    eval_width = eval_chunk_width(
+        eval_chunk, eval_bytes_per_example(plan, init_fn, apply_fn, eval_chunk), per_device, jax.default_backend()
+    )
     structure = train.Structure(
         model=model,
         loss=plan.loss,
@@ -635,7 +694,7 @@ def compile_groups(plan: Plan, model: adapters.Model, eval_chunk: int, warn: boo
         batch_sizes=batch_sizes,
         steps_per_segment=tuple(math.ceil(plan.total_updates[b] / plan.num_evals) for b in batch_sizes),
         steps_per_epoch=tuple(plan.steps_per_epoch[b] for b in batch_sizes),
-        eval_batch_size=eval_chunk,
+        eval_batch_size=eval_width,
         ragged=tuple(
             math.ceil(plan.total_updates[b] / plan.num_evals) * plan.num_evals != plan.total_updates[b]
             for b in batch_sizes
@@ -651,10 +710,11 @@ def compile_groups(plan: Plan, model: adapters.Model, eval_chunk: int, warn: boo
         layout=layout,
     )
     filler = groups[0].runs[0]
+    shared = {'chunks': math.ceil(total / width)}
     for start in range(0, total, width):
       chunk = _chunk(groups, start, widths)
       out.append(CompileGroup(family, structure, chunk, tuple(_hparams(plan, g, filler) for g in chunk),
-                              width_reason=reason, flops_per_run=flops))
+                              width_reason=reason, flops_per_run=flops, shared=shared))
   return out
 
 
@@ -715,7 +775,9 @@ def _diverged(cg: CompileGroup, metrics: tuple[dict, ...]) -> int:
 
 @functools.lru_cache(maxsize=64)
 def _jitted_init(init_fn):
-  return train.jit(init_fn)
+  # With a leading seed axis: one seed (the common case) needs no stacking op, which
+  # would compile a program of its own for every parameter shape.
+  return train.jit(lambda key: jax.tree.map(lambda a: a[None], init_fn(key)))
 
 
 def _per_seed_params(model: adapters.Model, cg: CompileGroup) -> tuple[Any, ...]:
@@ -725,7 +787,7 @@ def _per_seed_params(model: adapters.Model, cg: CompileGroup) -> tuple[Any, ...]
   random-number generator several times slower, and seeds are few.
   """
   init = _jitted_init(model.init)
-  cache = {}
+  cache = cg.shared.setdefault('params', {})  # every chunk of a family starts from the same seeds
   out = []
   for hp in cg.hparams:
     per_seed = []
@@ -733,8 +795,29 @@ def _per_seed_params(model: adapters.Model, cg: CompileGroup) -> tuple[Any, ...]
       if seed not in cache:
         cache[seed] = init(train.init_key_jit(np.int32(seed)))
       per_seed.append(cache[seed])
-    out.append(jax.tree.map(lambda *xs: jnp.stack(xs), *per_seed))
+    if len(per_seed) == 1:
+      out.append(per_seed[0])
+    else:  # on the host: a device concatenate compiles per parameter shape
+      out.append(jax.tree.map(lambda *xs: np.concatenate([np.asarray(a) for a in xs]), *per_seed))
   return tuple(out)
+
+
+def _start(model: adapters.Model, cg: CompileGroup, hparams, data: train.Data):
+  """`train.start` of a unit: its initial state and metrics.
+
+  The chunks of a family share their seed slots, so their initial metrics (each seed's
+  initial parameters evaluated) are equal: with three chunks or more, the first chunk
+  evaluates and the others only initialise, a program of its own that two evaluations
+  saved repay (for the 1M-parameter MLP in 8 chunks, the initial evaluations were 10 %
+  of the sweep).
+  """
+  params = _per_seed_params(model, cg)
+  seeds = tuple(tuple(np.asarray(hp.seeds).tolist()) for hp in cg.hparams)
+  if cg.shared.get('chunks', 0) >= 3 and cg.shared.get('first', (None,))[0] == seeds:
+    return train.init_jit(cg.structure, params, hparams), cg.shared['first'][1]
+  state, first = train.start_jit(cg.structure, params, hparams, data)
+  cg.shared['first'] = (seeds, first)
+  return state, first
 
 
 class _OrderBook:
@@ -761,12 +844,13 @@ class _OrderBook:
       self.spans.append(spans)
     self.width = [max(e for _, e in spans) for spans in self.spans]
 
-  def _order(self, seed: int, epoch: int) -> jax.Array:
+  def _order(self, seed: int, epoch: int) -> np.ndarray:
+    # Orders are stacked on the host: stacking on the device compiles a program per shape.
     if (seed, epoch) not in self._cache:
       if self.shuffle:
-        self._cache[seed, epoch] = train.epoch_order_jit(np.int32(seed), np.int32(epoch), self.n)
+        self._cache[seed, epoch] = np.asarray(train.epoch_order_jit(np.int32(seed), np.int32(epoch), self.n))
       else:
-        self._cache[seed, epoch] = jnp.arange(self.n, dtype=jnp.int32)
+        self._cache[seed, epoch] = np.arange(self.n, dtype=np.int32)
     return self._cache[seed, epoch]
 
   def segment(self, k: int) -> tuple[train.Orders, ...]:
@@ -774,8 +858,8 @@ class _OrderBook:
     for g, hp in enumerate(self.cg.hparams):
       first, _ = self.spans[g][k]
       seeds = np.asarray(hp.seeds).tolist()
-      orders = jnp.stack([
-          jnp.stack([self._order(sd, first + e) for e in range(self.width[g])]) for sd in seeds
+      orders = np.stack([
+          np.stack([self._order(sd, first + e) for e in range(self.width[g])]) for sd in seeds
       ])
       out.append(train.Orders(orders=orders, first_epoch=np.int32(first)))
     # Orders of epochs already passed are no longer needed.
@@ -953,8 +1037,10 @@ def _run(cfg, workdir, progress, fresh, checkpoint_every, checkpoint_seconds, ex
     point = checkpoints.resume(store, workdir, mine, digest, lambda c: _abstract_state(cgroups[c], model))
 
   init_fn, apply_fn = model.pure_functions()
-  for layout in dict.fromkeys(cg.structure.layout for cg in cgroups):
-    warn_slow_layers(init_fn, apply_fn, layout, data.x_train[:2])
+  # The layers that stay slow, for the units left to train (a finished sweep read again says nothing).
+  left = [cg for c, cg in enumerate(cgroups) if c not in point.finished and distributed.owner(c) == me]
+  for family, layout in dict.fromkeys((cg.family, cg.structure.layout) for cg in left):
+    warn_slow_layers(init_fn, apply_fn, family, layout, data.x_train[:2])
   shardings = _run_sharding()
   device_data = _device_data(cfg, eval_chunk, shardings)
   threshold = jnp.float32(cfg.divergence_threshold)
@@ -992,7 +1078,7 @@ def _run(cfg, workdir, progress, fresh, checkpoint_every, checkpoint_seconds, ex
           t0 -= point.seconds
         else:
           k0 = 0
-          state, first = train.start_jit(cg.structure, _per_seed_params(model, cg), hparams, device_data)
+          state, first = _start(model, cg, hparams, device_data)
           state = _shard(state, shardings)
           if cg.structure.keep_best:
             state = train.note_best_jit(cg.structure, state, first)

@@ -607,7 +607,7 @@ def _raw_products(jaxpr, params: set) -> Iterator[Any]:
       yield from _raw_products(inner, {b for a, b in zip(eqn.invars, inner.invars, strict=False) if is_param(a)})
 
 
-def slow_layers(apply_fn: Callable, params: Any, x: Any) -> list[SlowLayer]:
+def slow_layers(apply_fn: Callable, params: Any, x: Any, *, dense: bool = True) -> list[SlowLayer]:
   """The products of `apply_fn` that remain slow when the engine runs it over runs.
 
   Two kinds are found: a convolution left to XLA (a raw `lax.conv`, `nn.ConvTranspose`,
@@ -621,13 +621,15 @@ def slow_layers(apply_fn: Callable, params: Any, x: Any) -> list[SlowLayer]:
     params: one run's parameters as the engine holds them in a segment (its `Layout`
       applied), arrays or `jax.ShapeDtypeStruct`s.
     x: a batch of inputs.
+    dense: also report matrix products (False where no layout could be used, as with
+      an optimizer that the fast layout does not commute with).
   """
   try:
     one = jax.make_jaxpr(lambda p, x: apply_fn(p, x))(params, x).jaxpr
   except Exception:  # the engine reports a model that does not trace
     return []
   found = []
-  for eqn in _raw_products(one, set(one.invars[: len(jax.tree.leaves(params))])):
+  for eqn in _raw_products(one, set(one.invars[: len(jax.tree.leaves(params))]) if dense else set()):
     found.append(SlowLayer(
         where=_where(eqn),
         what='a matrix product with a weight stored (inputs, outputs), whose runs cannot share one product',

@@ -297,7 +297,11 @@ def test_the_rerun_resumes_and_a_read_only_rerun_writes_nothing(scenario, refere
   for name in ('resumed', 'readonly'):
     code, out, err = scenario['steps'][name]
     assert code == 0, f'{name}: {err}'
-    assert 'Traceback' not in err and 'sweep:' not in err, f'{name}: {err}'
+    # Only the warnings about the experiment's slow layers, and those only while training.
+    failures = [line for line in err.splitlines() if line.startswith('sweep:') and 'under the run axis' not in line]
+    assert 'Traceback' not in err and not failures, f'{name}: {err}'
+    if name == 'readonly':
+      assert 'sweep:' not in err, err
     assert '6 runs in' in out, out
   final = scenario['final']
   expected = pd.read_csv(pd.io.common.StringIO(reference.table.to_csv(index=False)))

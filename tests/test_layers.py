@@ -480,8 +480,11 @@ def test_any_run_axis_width_gives_the_same_numbers():
     widths[result.config['run_axis']['adam']['width']] = result
   assert sorted(widths) == [2, 8]
   wide, narrow = widths[8], widths[2]
+  assert narrow.config['run_axis']['adam']['chunks'] == 4  # the later ones reuse the initial metrics
   columns = ['final_val_loss', 'final_train_loss', 'best_val_loss', 'updates']
   np.testing.assert_allclose(narrow.table[columns], wide.table[columns], rtol=1e-6)
+  numeric = [c for c in wide.curves.columns if np.issubdtype(wide.curves[c].dtype, np.number)]
+  np.testing.assert_allclose(narrow.curves[numeric], wide.curves[numeric], rtol=1e-6)
   for i in range(8):
     close(narrow.params(i), wide.params(i))
 
@@ -550,3 +553,18 @@ def test_layers_that_stay_slow_are_named_once():
   assert 'raw_apply' in dense and '(inputs, outputs)' in dense and 'flax.linen.Dense' in dense
   assert slow_warnings(model, data) == []  # once
   assert slow_warnings(FlaxCNN(), data) == []  # flax's own layers are fast
+
+
+@pytest.mark.parametrize(
+  'chunk, per_example, runs, backend, expected',
+  [
+    (1024, 200.0, 32, 'cpu', 1024),  # the seed MLP: small intermediates, one chunk
+    (1024, 120e3, 8, 'cpu', 32),  # the flax MNIST CNN: its windows, at least 32 examples
+    (1024, 16e3, 8, 'cpu', 128),
+    (360, 16e3, 8, 'cpu', 120),  # a divisor of the padded chunk
+    (1024, 120e3, 8, 'gpu', 1024),  # accelerators: as configured
+    (20, 1e9, 8, 'cpu', 20),
+  ],
+)
+def test_eval_chunk_rule(chunk, per_example, runs, backend, expected):
+  assert engine.eval_chunk_width(chunk, per_example, runs, backend) == expected
