@@ -540,3 +540,40 @@ init_key_jit = jit(init_key)
 epoch_order_jit = jit(epoch_order, static_argnums=(2,))
 note_best_jit = jit(note_best, static_argnums=(0,), donate_argnums=(1,))
 segment_jit = jit(segment, static_argnums=(0,), donate_argnums=(1,))
+
+
+@dataclasses.dataclass(frozen=True)
+class Program:
+  """The programs of one `Structure`, with the structure bound: what the engine calls.
+
+  Every unit of a compile group has the same structure, so the same programs (compiled
+  once, at their first call). The state is donated to `segment` and `note_best`.
+  """
+
+  structure: Structure
+
+  def start(self, per_seed_params, hparams, data: Data):
+    """(initial state, initial metrics): see `start`."""
+    return start_jit(self.structure, per_seed_params, hparams, data)
+
+  def init(self, per_seed_params, hparams):
+    """The initial state alone: see `init`."""
+    return init_jit(self.structure, per_seed_params, hparams)
+
+  def segment(self, groups, hparams, orders, data: Data, threshold):
+    """(state, metrics) one segment later: see `segment`."""
+    return segment_jit(self.structure, groups, hparams, orders, data, threshold)
+
+  def note_best(self, groups, metrics):
+    """The state with each run's best-so-far updated: see `note_best`."""
+    return note_best_jit(self.structure, groups, metrics)
+
+  def abstract_state(self, per_seed_shapes, hparams):
+    """The state's shapes and dtypes, from each seed's (parameters, model state) shapes."""
+    return jax.eval_shape(functools.partial(init, self.structure), per_seed_shapes, hparams)
+
+
+def make_program(structure: Structure) -> Program:
+  """The programs of `structure` (cheap: they compile at their first call, once per
+  structure, in the jitted entry points above)."""
+  return Program(structure)

@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 def one(runs: int, budget: float | None, out: str) -> None:
   import sweep
-  from sweep import config, engine
+  from sweep import config, engine, units
 
   rng = np.random.default_rng(0)
   x = rng.uniform(size=(2048, 784)).astype(np.float32)
@@ -41,16 +41,16 @@ def one(runs: int, budget: float | None, out: str) -> None:
       batch_size=32, seed=0, updates=4, num_evals=1, train_eval_size=256, memory_budget=budget,
   )
   plan = config.validate(cfg)
-  init_fn, apply_fn = engine.model_functions(cfg.model, x[:1], 10)
-  units = engine.compile_groups(plan, init_fn, apply_fn, 256)
+  model = engine.model_of(cfg, plan.output_dim)
+  planned = units.plan_units(plan, model, 256)
   t0 = time.perf_counter()
   result = sweep.run(cfg, progress=False)
   seconds = time.perf_counter() - t0
   peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
   result.table.to_csv(out)
-  per_run = engine.run_bytes(plan, init_fn, apply_fn, 'adam', 256)
+  per_run = units.run_bytes(plan, model, 'adam', 256)
   print(json.dumps({
-      'runs': runs, 'chunks': len(units), 'chunk_width': units[0].groups[0].slots.shape[1],
+      'runs': runs, 'chunks': len(planned), 'chunk_width': planned[0].groups[0].slots.shape[1],
       'estimated_bytes_per_run': per_run, 'estimated_total_gb': per_run * runs / 1e9,
       'peak_rss_gb': peak / 1e9, 'seconds': seconds,
   }))

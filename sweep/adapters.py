@@ -23,7 +23,7 @@ import functools
 import inspect
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +33,9 @@ from flax import nnx
 
 from sweep import layers
 from sweep.errors import config_error
+
+if TYPE_CHECKING:
+  from sweep.config import SweepConfig
 
 __all__ = ['KerasLoss', 'Model', 'NEGATED_SWITCHES', 'adapt', 'keras_loss']
 
@@ -116,6 +119,27 @@ def describe(model: Any) -> str:
   if isinstance(model, functools.partial):
     return f'functools.partial({describe(model.func)}, ...)'
   return type(model).__name__
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_model(model, x_shape, x_dtype, output_dim, train_argument):
+  return adapt(model, np.zeros(x_shape, x_dtype), output_dim, train_argument)
+
+
+def model_of(cfg: SweepConfig, output_dim: int) -> Model:
+  """The `Model` of `cfg.model`; the same object for an equal model, so that a
+  second sweep of the same model finds its programs already compiled."""
+  model, example_x = cfg.model, cfg.data.x_train[:1]
+  # An nnx instance or a Keras model hashes by identity yet its values can change in
+  # place: never cache them.
+  if isinstance(model, nnx.Module) or type(model).__module__.startswith('keras'):
+    return adapt(model, example_x, output_dim, cfg.train_argument)
+  try:
+    hash(model)
+  except TypeError:
+    return adapt(model, example_x, output_dim, cfg.train_argument)
+  return _cached_model(model, example_x.shape, str(example_x.dtype), output_dim, cfg.train_argument)
+
 
 
 def adapt(

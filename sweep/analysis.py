@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from sweep import columns
 from sweep.config import axis_columns
 from sweep.errors import config_error
 
@@ -32,7 +33,7 @@ __all__ = [
 
 MODES = ('min', 'max')
 # Added by `annotate_overfitting`, in this order.
-OVERFITTING_COLUMNS = ('generalization_gap', 'best_val_eval', 'best_val_epoch', 'val_rise', 'overfit')
+OVERFITTING_COLUMNS = columns.OVERFITTING
 
 
 # ---------------------------------------------------------------- batch size ----

@@ -388,16 +388,54 @@ def claim(workdir: str, fp: Any, fresh: bool, write: bool = True) -> None:
 
 
 @dataclasses.dataclass
+class ResumePoint:
+  """Where a checkpoint says this process stood (its `meta.json`): the unit in progress,
+  its next segment and its curves so far; `unit` None when no unit was in progress."""
+
+  fingerprint: str | None
+  unit: int | None = None
+  segment: int = 0
+  history: list | None = None  # per evaluation so far: per batch group, metrics as lists
+  seconds: float = 0.0  # the unit's training time so far
+
+  def to_json(self) -> dict[str, Any]:
+    return {'fingerprint': self.fingerprint, 'unit': self.unit, 'segment': self.segment,
+            'history': self.history, 'unit_seconds': self.seconds}
+
+  @classmethod
+  def from_json(cls, meta: dict[str, Any]) -> ResumePoint:
+    unit = meta.get('unit')
+    return cls(meta.get('fingerprint'), None if unit is None else int(unit), int(meta.get('segment', 0)),
+               meta.get('history'), float(meta.get('unit_seconds', 0.0)))
+
+
+@dataclasses.dataclass
+class FinishedUnit:
+  """What a finished unit's `done/<c>/meta.json` says: its curves and training time."""
+
+  fingerprint: str | None
+  unit: int
+  step: int  # the sweep's segments trained when it finished
+  history: list  # per evaluation: per batch group, metrics as lists
+  seconds: float
+
+  def to_json(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_json(cls, meta: dict[str, Any]) -> FinishedUnit:
+    return cls(meta.get('fingerprint'), int(meta['unit']), int(meta.get('step', 0)), meta['history'],
+               float(meta['seconds']))
+
+
+@dataclasses.dataclass
 class Resume:
   """Where this process's part of a sweep stands on disk."""
 
   step: int = 0  # segments trained (the number of the next checkpoint minus one)
-  finished: dict[int, dict[str, Any]] = dataclasses.field(default_factory=dict)  # unit -> done meta
-  unit: int | None = None  # the unit in progress
-  segment: int = 0  # its next segment
+  finished: dict[int, FinishedUnit] = dataclasses.field(default_factory=dict)
+  point: ResumePoint = dataclasses.field(default_factory=lambda: ResumePoint(None))  # the unit in progress
   state: Any = None  # its state
-  history: list | None = None  # its curves so far
-  seconds: float = 0.0  # its training time so far
 
 
 def resume(
@@ -418,33 +456,32 @@ def resume(
     if not os.path.isdir(path):
       continue
     try:
-      meta = read_meta(path, (META, STATE))
-      if meta.get('fingerprint') != digest:
+      done = FinishedUnit.from_json(read_meta(path, (META, STATE)))
+      if done.fingerprint != digest:
         raise Damaged('it is of another sweep')
-    except Damaged as e:
+    except (Damaged, KeyError, TypeError, ValueError) as e:
       say(f'finished unit {path} is damaged ({e}): training unit {c} again')
       continue
-    out.finished[c] = meta
-    out.step = max(out.step, int(meta.get('step', 0)))
+    out.finished[c] = done
+    out.step = max(out.step, done.step)
 
   steps = store.steps()
   skipped = []
   for step in reversed(steps):
     try:
       state, meta = store.load(step, lambda m: abstract(int(m['unit'])))
-      if meta.get('fingerprint') != digest:
+      point = ResumePoint.from_json(meta)
+      if point.fingerprint != digest:
         raise Damaged('it is of another sweep')
-    except Damaged as e:
+    except (Damaged, KeyError, TypeError, ValueError) as e:
       later = [s for s in steps if s < step]
       where = f'trying checkpoint {later[-1]}' if later else 'no earlier checkpoint'
       say(f'checkpoint {store.path(step)} is damaged ({e}): skipped; {where}')
       skipped.append(step)
       continue
     out.step = max(out.step, step)
-    unit = meta.get('unit')
-    if unit is not None and unit not in out.finished and unit in mine:
-      out.unit, out.segment, out.state = int(unit), int(meta['segment']), state
-      out.history, out.seconds = meta['history'], float(meta.get('unit_seconds', 0.0))
+    if point.unit is not None and point.unit not in out.finished and point.unit in mine:
+      out.point, out.state = point, state
     break
   else:
     if steps:

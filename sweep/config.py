@@ -32,7 +32,7 @@ import numpy as np
 import optax
 
 from kernels import losses, optimizers, schedules
-from sweep import adapters
+from sweep import adapters, columns
 from sweep import space as spaces
 from sweep.data import Dataset
 from sweep.errors import ConfigError, config_error
@@ -52,7 +52,7 @@ AXES = (
     'seed',
 )
 
-DEFAULT_OBJECTIVES = {'final_val_loss': 'min', 'updates': 'min'}
+DEFAULT_OBJECTIVES = columns.DEFAULT_OBJECTIVES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -295,24 +295,13 @@ def _names(field: str, values: list, accepted: Sequence[str]):
       raise config_error(field, v, 'expected one of ' + ', '.join(accepted))
 
 
-# Numeric columns every results table has, and those of classification losses.
-NUMERIC_COLUMNS = (
-    'updates', 'examples', 'final_batch_loss', 'final_train_loss', 'final_val_loss', 'best_val_loss',
-    'best_eval', 'seconds', 'generalization_gap', 'best_val_epoch', 'best_val_eval', 'val_rise',
-)
-ACCURACY_COLUMNS = ('final_train_accuracy', 'final_val_accuracy', 'best_val_accuracy')
-
-
 def table_columns(cfg: SweepConfig, axes: dict[str, list]) -> list[str]:
-  """The numeric columns the results table of `cfg` will have (objectives pick from these)."""
+  """The numeric columns the results table of `cfg` may have (objectives pick from these;
+  `preflight` checks them again against the validation set)."""
   numeric_axes = [a for a in axes if a not in ('optimizer', 'schedule') and axes[a] != [None]]
-  columns = numeric_axes + list(NUMERIC_COLUMNS)
   loss = cfg.loss if cfg.loss is not None else ('softmax_cross_entropy' if cfg.data.is_classification else 'mse')
-  if isinstance(loss, str) and loss in losses.CLASSIFICATION:
-    columns += list(ACCURACY_COLUMNS)
-  if cfg.noise_scale:
-    columns += ['noise_scale']
-  return columns
+  accuracy = isinstance(loss, str) and loss in losses.CLASSIFICATION
+  return columns.numeric(numeric_axes, accuracy, bool(cfg.noise_scale), validation=True)
 
 
 # ------------------------------------------------------------- field values ----
@@ -328,8 +317,8 @@ class _Shown(str):
 OPTIMIZER_HYPERPARAMETERS = optimizers.HYPERPARAMETERS
 # Names a factory hyperparameter cannot take: the table's other columns and the config's fields.
 RESERVED = frozenset(
-    set(AXES) | set(NUMERIC_COLUMNS) | set(ACCURACY_COLUMNS)
-    | {'run', 'status', 'pareto', 'pareto_rank', 'overfit', 'noise_scale', 'hyperparameters', 'runs',
+    set(AXES) | set(columns.NUMERIC) | set(columns.ACCURACY) | set(columns.OTHER) | {columns.NOISE_SCALE}
+    | {'hyperparameters', 'runs',
        'samples', 'sample_seed', 'epochs', 'updates', 'name', 'model', 'data', 'loss'}
 )
 _FACTORY = 'a factory callable(learning_rate, **hyperparameters) -> optax.GradientTransformation'
@@ -694,12 +683,12 @@ def validate(cfg: SweepConfig) -> Plan:
 
   if not isinstance(cfg.objectives, Mapping) or not cfg.objectives:
     raise config_error('objectives', cfg.objectives, 'expected a dict column -> "min" or "max"')
-  columns = table_columns(cfg, axes)
+  numeric = table_columns(cfg, axes)
   for col, sense in cfg.objectives.items():
     if sense not in ('min', 'max'):
       raise config_error(f'objectives[{col!r}]', sense, 'expected "min" or "max"')
-    if col not in columns:
-      raise config_error('objectives', col, 'a numeric column of the results table: ' + ', '.join(columns))
+    if col not in numeric:
+      raise config_error('objectives', col, 'a numeric column of the results table: ' + ', '.join(numeric))
 
   return Plan(
       config=cfg,

@@ -1,7 +1,7 @@
 """Several hosts, one sweep, through JAX's own distributed runtime.
 
 Each process trains its own share of the sweep's units (chunks of the run axis, see
-`sweep.engine.compile_groups`) on its local devices: runs are independent, so no
+`sweep.units`) on its local devices: runs are independent, so no
 collective runs during training. At the end the processes exchange what they found
 (metrics, and the parameters of the runs process 0 must save) with
 `jax.experimental.multihost_utils.process_allgather`, and process 0 writes the results.
@@ -57,3 +57,11 @@ def allgather_objects(obj: Any) -> list[Any]:
   padded[: payload.size] = payload
   gathered = multihost_utils.process_allgather(padded)
   return [pickle.loads(gathered[p, : int(sizes[p][0])].tobytes()) for p in range(jax.process_count())]
+
+
+def gather(items: list[Any]) -> list[Any]:
+  """The items of every process's list (picklable), in process order, on every process;
+  with one process, `items` itself."""
+  if jax.process_count() == 1:
+    return list(items)
+  return [item for part in allgather_objects(list(items)) for item in part]

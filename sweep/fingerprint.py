@@ -356,7 +356,7 @@ class Fingerprint:
 def of_sweep(plan: Any, units: list, init_fn, environment: dict[str, Any],
              fields: dict[str, Any] | None = None) -> Fingerprint:
   """The fingerprint of a planned sweep: `plan` (validated config), its `units`
-  (`engine.compile_groups`), one run's `init_fn`, the environment record, and the
+  (`sweep.units.plan_units`), one run's `init_fn`, the environment record, and the
   config's `config_fields` if already described (the data is then hashed once)."""
   fields = config_fields(plan.config) if fields is None else fields
   strict = {

@@ -1,26 +1,38 @@
-"""Checks of a planned sweep that need its runs, made before anything compiles.
+"""Checks of a planned sweep that need its runs and its model, made before anything compiles.
 
-`sweep.config.validate` checks each field alone; these check what only the expanded
-plan shows: each run's schedule against its own number of updates, and the objectives
-against the columns this sweep's table will really have.
+`sweep.config.validate` checks each field alone and expands the axes into runs; these
+check what only the plan and the model show: the model's output shapes against the loss
+and the targets (traced, not compiled), the augmentation, the optimizer factories and
+schedule callables, each run's schedule against its own number of updates, and the
+objectives against the columns this sweep's table will really have.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+
 from kernels import losses, schedules
-from sweep.config import ACCURACY_COLUMNS, DEFAULT_OBJECTIVES, NUMERIC_COLUMNS, Plan
+from sweep import adapters, columns
+from sweep.config import (
+  DEFAULT_OBJECTIVES,
+  Plan,
+  check_callables,
+)
 from sweep.errors import config_error
 
-# Columns of the results table that need a validation set.
-VALIDATION_COLUMNS = (
-    'final_val_loss', 'best_val_loss', 'best_eval', 'final_val_accuracy', 'best_val_accuracy',
-    'generalization_gap', 'best_val_eval', 'best_val_epoch', 'val_rise',
-)
 
-
-def check(plan: Plan) -> None:
-  """Raises `ConfigError` for a schedule a run cannot follow or an objective its table
-  will not have."""
+def check(plan: Plan, model: adapters.Model) -> None:
+  """Raises `ConfigError` for a model whose outputs do not fit the loss and targets, a
+  callable that fails, a schedule a run cannot follow or an objective its table will
+  not have."""
+  check_model(plan, model)
+  check_callables(plan, model)
   check_schedules(plan)
   check_objectives(plan)
 
@@ -55,14 +67,9 @@ def check_schedules(plan: Plan) -> None:
 def table_columns(plan: Plan) -> list[str]:
   """The numeric columns the results table of `plan` will have."""
   cfg = plan.config
-  columns = [a for a in plan.swept if a not in ('optimizer', 'schedule')] + list(NUMERIC_COLUMNS)
-  if isinstance(plan.loss, str) and plan.loss in losses.CLASSIFICATION:
-    columns += list(ACCURACY_COLUMNS)
-  if cfg.noise_scale:
-    columns.append('noise_scale')
-  if not cfg.data.n_val:
-    columns = [c for c in columns if c not in VALIDATION_COLUMNS]
-  return columns
+  axes = [a for a in plan.swept if a not in ('optimizer', 'schedule')]
+  accuracy = isinstance(plan.loss, str) and plan.loss in losses.CLASSIFICATION
+  return columns.numeric(axes, accuracy, bool(cfg.noise_scale), validation=bool(cfg.data.n_val))
 
 
 def check_objectives(plan: Plan) -> None:
@@ -71,12 +78,158 @@ def check_objectives(plan: Plan) -> None:
   cfg = plan.config
   if dict(cfg.objectives) == DEFAULT_OBJECTIVES and not cfg.data.n_val:
     return
-  columns = table_columns(plan)
+  numeric = table_columns(plan)
   for column in cfg.objectives:
-    if column in columns:
+    if column in numeric:
       continue
-    if column in VALIDATION_COLUMNS and not cfg.data.n_val:
+    if column in columns.VALIDATION and not cfg.data.n_val:
       reason = 'this sweep has no validation set (data.x_val is None), so its table has no such column'
     else:
       reason = 'this sweep\'s table will have no such column'
-    raise config_error('objectives', column, f'{reason}; its numeric columns are ' + ', '.join(columns))
+    raise config_error('objectives', column, f'{reason}; its numeric columns are ' + ', '.join(numeric))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Failure:
+  message: str
+  error: Exception
+
+
+@functools.lru_cache(maxsize=64)
+def _output_shape(model: adapters.Model, x_shape: tuple[int, ...], x_dtype: str) -> Any:
+  """The shape of the model's predictions in training and evaluation mode, traced without
+  compiling (memoised: flax traces slowly), or the `_Failure` of the user's model."""
+  try:
+    # The key is made inside eval_shape: made eagerly, it would compile.
+    params, state = model.initial_shapes()
+  except Exception as e:  # a user's init_fn may fail in any way: report it as theirs.
+    return _Failure(f'init_fn(key) failed: {e}', e)
+  x = jax.ShapeDtypeStruct(x_shape, x_dtype)
+  try:
+    pred, new_state = jax.eval_shape(
+        lambda p, s, x: model.apply(p, s, x, True, jax.random.key(0)), params, state, x
+    )
+  except Exception as e:
+    return _Failure(f'apply_fn(params, x) failed in training mode on input of shape {x_shape}: {e}', e)
+  same = jax.tree.structure(new_state) == jax.tree.structure(state) and all(
+      (a.shape, a.dtype) == (b.shape, b.dtype)
+      for a, b in zip(jax.tree.leaves(new_state), jax.tree.leaves(state), strict=True)
+  )
+  if not same:
+    return _Failure('training changes the structure or shapes of the model state (variables other than params)', None)
+  try:
+    traced = jax.jit(lambda p, s, x: model.apply(p, s, x, False, None)[0]).trace(params, state, x)
+  except Exception as e:
+    return _Failure(f'apply_fn(params, x) failed in evaluation mode on input of shape {x_shape}: {e}', e)
+  evaluated = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), traced.out_info)
+  _PROBABILITIES[(model, x_shape, x_dtype)] = _ends_in_softmax(traced.jaxpr.jaxpr)
+  if not isinstance(pred, jax.ShapeDtypeStruct) or not isinstance(evaluated, jax.ShapeDtypeStruct):
+    return _Failure('the model must return one array', None)
+  if pred.shape != evaluated.shape:
+    return _Failure(
+        f'the model returns {pred.shape} in training mode but {evaluated.shape} in evaluation mode', None
+    )
+  return pred
+
+
+_PROBABILITIES: dict = {}  # (model, x shape, x dtype) -> whether its outputs end in a softmax
+
+
+def _ends_in_softmax(jaxpr) -> bool:
+  """Whether a jaxpr's one output is `exp(z) / sum(exp(z))` (its outputs are probabilities),
+  read off the equations that make it: a div of an exp by a broadcast sum of that exp."""
+  producer = {id(v): eqn for eqn in jaxpr.eqns for v in eqn.outvars}
+  if len(jaxpr.outvars) != 1 or id(jaxpr.outvars[0]) not in producer:
+    return False
+  last = producer[id(jaxpr.outvars[0])]
+  if last.primitive.name != 'div':
+    return False
+  numerator, denominator = last.invars
+  if getattr(producer.get(id(numerator)), 'primitive', None) is None or producer[id(numerator)].primitive.name != 'exp':
+    return False
+  eqn = producer.get(id(denominator))
+  while eqn is not None and eqn.primitive.name in ('broadcast_in_dim', 'reshape', 'expand_dims', 'convert_element_type'):
+    eqn = producer.get(id(eqn.invars[0]))
+  return eqn is not None and eqn.primitive.name == 'reduce_sum' and eqn.invars[0] is numerator
+
+
+def check_model(plan: Plan, model: adapters.Model) -> None:
+  """Traces (without compiling) one init and one forward pass to check shapes."""
+  cfg = plan.config
+  data = cfg.data
+  x, y = data.x_train[:2], data.y_train[:2]
+  pred = _output_shape(model, x.shape, str(x.dtype))
+  if isinstance(pred, _Failure):
+    raise config_error('model', model.name, pred.message) from pred.error
+  if cfg.noise_scale and model.stateful:
+    raise config_error(
+        'noise_scale', True,
+        'models with state other than parameters (batch statistics) are not supported: the '
+        'noise scale splits each batch in two halves, which would each have statistics of their own',
+    )
+  if cfg.augment is not None:
+    check_augment(cfg.augment, min(plan.batch_sizes), x)
+  probabilities = adapters.keras_ends_in_softmax(cfg.model) or _PROBABILITIES.get((model, x.shape, str(x.dtype)))
+  if isinstance(plan.loss, str) and plan.loss == 'softmax_cross_entropy' and probabilities:
+    raise config_error(
+        'loss', plan.loss,
+        "the model's outputs are probabilities (its last operation is a softmax), and "
+        'softmax_cross_entropy applies another softmax to them; return logits (drop the last '
+        'softmax), or pass a loss on probabilities (for Keras, the Keras loss itself, e.g. '
+        'loss=keras.losses.CategoricalCrossentropy())',
+    )
+  is_int = np.issubdtype(y.dtype, np.integer)
+  if isinstance(plan.loss, str):
+    problem = losses.check_shapes(plan.loss, tuple(pred.shape), tuple(y.shape), is_int)
+    if problem and plan.loss == 'softmax_cross_entropy' and not is_int and np.all(np.mod(data.y_train, 1) == 0):
+      problem += ('; the targets are whole numbers: class ids are given as integers, e.g. '
+                  'sweep.data.arrays(x, y.astype(np.int32))')
+    if problem:
+      raise config_error('model', f'outputs of shape {tuple(pred.shape)}', problem)
+    for field, labels in (('data.y_train', data.y_train), ('data.y_val', data.y_val)):
+      if labels is not None and data.ignore_label is not None:
+        labels = labels[labels != data.ignore_label]
+      if labels is None or not len(labels):
+        continue
+      problem = losses.check_labels(plan.loss, labels, int(pred.shape[-1]) if pred.ndim else 1)
+      if problem:
+        raise config_error(field, f'labels in [{float(labels.min()):g}, {float(labels.max()):g}]', problem)
+  else:
+    try:
+      out = jax.eval_shape(plan.loss, pred, jax.ShapeDtypeStruct(y.shape, y.dtype))
+    except Exception as e:
+      raise config_error('loss', plan.loss, f'loss(predictions, targets) failed: {e}') from e
+    if isinstance(out, tuple | list) and len(out) == 2:
+      if getattr(out[1], 'shape', None) != (len(y),):
+        raise config_error(
+            'loss', plan.loss,
+            'a callable loss returning (loss, accuracy) must give one accuracy per example, '
+            f'shape (batch,); got {getattr(out[1], "shape", out[1])}',
+        )
+      out = out[0]
+    if getattr(out, 'shape', None) != (len(y),):
+      raise config_error(
+          'loss', plan.loss,
+          f'a callable loss must return one value per example, shape (batch,); got {getattr(out, "shape", out)}',
+      )
+
+
+def check_augment(augment: Callable, batch: int, x: np.ndarray) -> None:
+  """Traces `augment(key, x_batch)` (compiling nothing): it must return one array of the
+  batch's shape and dtype."""
+  key = jax.eval_shape(lambda: jax.random.key(0))
+  xb = jax.ShapeDtypeStruct((batch,) + x.shape[1:], x.dtype)
+  name = getattr(augment, '__qualname__', type(augment).__name__)
+  try:
+    out = jax.eval_shape(augment, key, xb)
+  except Exception as e:  # the researcher's function: report it as theirs
+    raise config_error(
+        'augment', name, f'augment(key, x_batch) failed on a key and a batch of shape {xb.shape} ({type(e).__name__}: {e})'
+    ) from e
+  if not isinstance(out, jax.ShapeDtypeStruct) or (out.shape, out.dtype) != (xb.shape, xb.dtype):
+    got = (out.shape, str(out.dtype)) if isinstance(out, jax.ShapeDtypeStruct) else type(out).__name__
+    raise config_error(
+        'augment', name, f'augment(key, x_batch) must return one array of the batch\'s shape and dtype '
+        f'{(xb.shape, str(xb.dtype))}; got {got}',
+    )
+

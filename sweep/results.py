@@ -17,14 +17,11 @@ import jax
 import numpy as np
 import pandas as pd
 
-from sweep import analysis, checkpoints, fingerprint, pareto
+from sweep import analysis, checkpoints, columns, fingerprint, pareto
 from sweep.config import DEFAULT_OBJECTIVES, Plan
 from sweep.files import atomic_write, write_if_changed  # noqa: F401 - re-exported
 
-CURVE_METRICS = (
-    'batch_loss', 'train_loss', 'train_accuracy', 'val_loss', 'val_accuracy', 'learning_rate', 'updates', 'alive',
-    'grad_sq_half', 'grad_sq_full',
-)
+CURVE_METRICS = columns.CURVES
 PACKAGES = ('lrbs-sweep', 'jax', 'jaxlib', 'optax', 'flax', 'orbax-checkpoint', 'numpy', 'pandas')
 
 
@@ -168,19 +165,20 @@ class Result:
 
   @classmethod
   def from_training(
-      cls, plan: Plan, collected: list, wall_time: float, resolved: dict, model: Any = None
+      cls, plan: Plan, trained: list, wall_time: float, resolved: dict, model: Any = None
   ) -> Result:
+    """The result of a sweep from its trained units (`sweep.units.UnitResult`, in unit order)."""
     n = len(plan.runs)
-    where: dict[int, tuple[int, int, int, int]] = {}  # run -> (compile group, batch group, s, r)
-    for c, (cg, _, _, _) in enumerate(collected):
-      for g, bg in enumerate(cg.groups):
+    where: dict[int, tuple[int, int, int, int]] = {}  # run -> (unit, batch group, s, r)
+    for c, t in enumerate(trained):
+      for g, bg in enumerate(t.unit.groups):
         for s, r in zip(*np.nonzero(bg.slots >= 0), strict=True):
           where[int(bg.slots[s, r])] = (c, g, int(s), int(r))
 
     rows, curve_rows = [], []
     for i in range(n):
       c, g, s, r = where[i]
-      cg, _, history, seconds = collected[c]
+      unit, history, seconds = trained[c].unit, trained[c].history, trained[c].seconds
       run = plan.runs[i]
       batch = run.values['batch_size']
       per_point = []
@@ -221,8 +219,8 @@ class Result:
         # Over the second half of training, where the estimate has settled.
         late = [p['noise_scale'] for p in per_point[1:] if p['eval'] >= len(per_point) // 2 and 'noise_scale' in p]
         row['noise_scale'] = float(np.nanmedian(late)) if late and np.isfinite(late).any() else np.nan
-      # Wall time of the compile group, shared out over its runs.
-      row['seconds'] = seconds / max(1, sum(int(np.sum(bg.slots >= 0)) for bg in cg.groups))
+      # Wall time of the unit, shared out over its runs.
+      row['seconds'] = seconds / max(1, sum(int(np.sum(bg.slots >= 0)) for bg in unit.groups))
       rows.append(row)
 
     table = pd.DataFrame(rows).set_index('run', drop=False)
@@ -233,14 +231,14 @@ class Result:
 
     def params_fn(i: int, best: bool = False):
       c, g, s, r = where[i]
-      runs = collected[c][1].get()[g].runs
+      runs = trained[c].final.get()[g].runs
       if best and runs.best_params is None:
         raise ValueError('best parameters were not kept: run the sweep with keep_best=True')
       return jax.tree.map(lambda a: np.asarray(a[s, r]), runs.best_params if best else runs.params)
 
     def state_fn(i: int, best: bool = False):
       c, g, s, r = where[i]
-      runs = collected[c][1].get()[g].runs
+      runs = trained[c].final.get()[g].runs
       return jax.tree.map(lambda a: np.asarray(a[s, r]), runs.best_model_state if best else runs.model_state)
 
     result = cls(table, curves, resolved, wall_time, params_fn, state_fn=state_fn, model=model)
@@ -315,7 +313,7 @@ class Result:
     ]
     return '\n'.join(lines)
 
-  def save_front(self, workdir: str, collected: list) -> None:
+  def save_front(self, workdir: str, trained: list) -> None:
     """Saves every Pareto run's parameters and optimizer state with orbax (a run already
     saved whole with the same metadata is left as it is)."""
     wanted = set(int(i) for i in self.table.index[self.table.pareto])
@@ -331,7 +329,7 @@ class Result:
       if not checkpoints.run_is_saved(workdir, i, metas[i]):
         by_unit.setdefault(self._where[i][0], []).append(i)
     for c, runs_of_unit in by_unit.items():
-      state = collected[c][1].get()  # one load per unit, wherever it is kept
+      state = trained[c].final.get()  # one load per unit, wherever it is kept
       for i in runs_of_unit:
         _, g, s, r = self._where[i]
         take = lambda a, s=s, r=r: np.asarray(a[s, r])  # noqa: E731

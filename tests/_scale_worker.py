@@ -72,9 +72,9 @@ def functions(cfg) -> tuple:
 
 def units(cfg) -> list:
   """The units (compile groups and chunks) `sweep.run` trains for `cfg`, as it computes them."""
-  from sweep import engine
+  from sweep import units as planning
 
-  return engine.compile_groups(*functions(cfg))
+  return planning.plan_units(*functions(cfg))
 
 
 def flat_params(result, n: int) -> dict[str, np.ndarray]:

@@ -21,7 +21,7 @@ import pytest
 from compiles import counting_compiles
 
 import sweep
-from sweep import data, engine, models
+from sweep import data, models, units
 from sweep.config import validate
 from sweep.errors import ConfigError
 
@@ -40,7 +40,7 @@ def no_training(monkeypatch):
     raise ReachedTraining('sweep.run went on to train: no ConfigError was raised')
 
   # Only a shortcut: without it a missed mistake still fails, after a slow compile.
-  monkeypatch.setattr(engine, 'compile_groups', refuse, raising=False)
+  monkeypatch.setattr(units, 'plan_units', refuse)
 
 
 def assert_raised_directly(err: BaseException) -> None:

@@ -15,7 +15,7 @@ from flax import linen as nn
 from flax import nnx
 
 import sweep
-from sweep import engine, layers, models
+from sweep import engine, layers, models, units
 
 RTOL, ATOL = 2e-5, 2e-5
 RNG = np.random.default_rng(0)
@@ -473,7 +473,7 @@ def test_any_run_axis_width_gives_the_same_numbers():
   plan = sweep.config.validate(cfg)
   model = engine.model_of(cfg, plan.output_dim)
   eval_chunk = min(cfg.eval_batch_size, N_TRAIN)  # as sweep.run picks it
-  per_run = engine.run_bytes(plan, model, 'adam', eval_chunk)
+  per_run = units.run_bytes(plan, model, 'adam', eval_chunk)
   widths = {}
   for budget in (None, data.x_train.nbytes + data.y_train.nbytes + 2 * per_run):
     result = sweep.run(cfg.replace(memory_budget=budget), progress=False)
@@ -502,7 +502,7 @@ def test_any_run_axis_width_gives_the_same_numbers():
   ],
 )
 def test_run_axis_width_rule(flops, widest, devices, backend, expected):
-  assert engine.run_axis_width(flops, widest, devices, backend) == expected
+  assert units.run_axis_width(flops, widest, devices, backend) == expected
 
 
 def test_the_step_flops_count_products_forward_and_backward():
@@ -512,7 +512,7 @@ def test_the_step_flops_count_products_forward_and_backward():
   model = engine.model_of(cfg, plan.output_dim)
   # Forward 2*8*(10*16 + 16*3); backward: both weight gradients, and one input gradient.
   expected = 2 * 8 * (10 * 16 + 16 * 3) + 2 * 8 * (10 * 16 + 16 * 3) + 2 * 8 * 16 * 3
-  assert engine.step_flops(plan, model) == expected
+  assert units.step_flops(plan, model) == expected
 
 
 def raw_init(key):
@@ -567,4 +567,4 @@ def test_layers_that_stay_slow_are_named_once():
   ],
 )
 def test_eval_chunk_rule(chunk, per_example, runs, backend, expected):
-  assert engine.eval_chunk_width(chunk, per_example, runs, backend) == expected
+  assert units.eval_chunk_width(chunk, per_example, runs, backend) == expected

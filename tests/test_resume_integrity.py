@@ -50,7 +50,7 @@ from test_equivalence import (
 
 import sweep
 from kernels import train
-from sweep import checkpoints, engine, fingerprint
+from sweep import checkpoints, engine, fingerprint, units
 
 FAMILIES = ['adam', 'momentum']
 LEARNING_RATES = [0.01, 0.03]
@@ -364,7 +364,7 @@ def tight_budget() -> float:
   """A memory budget that fits one run per slot: chunk width 1 instead of 2."""
   cfg = config()
   plan, model = engine.check(cfg), engine.model_of(cfg, 3)
-  per_run = max(engine.run_bytes(plan, model, f, cfg.data.n_train) for f in FAMILIES)
+  per_run = max(units.run_bytes(plan, model, f, cfg.data.n_train) for f in FAMILIES)
   slots = len(BATCH_SIZES)
   return REGRESSION.x_train.nbytes + REGRESSION.y_train.nbytes + 1.5 * slots * per_run
 

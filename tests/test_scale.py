@@ -30,7 +30,7 @@ import pytest
 from compiles import counting_compiles
 
 import sweep
-from sweep import engine
+from sweep import engine, units
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -100,8 +100,8 @@ def all_params(result: sweep.Result) -> dict[str, np.ndarray]:
   return worker.flat_params(result, len(result.table))
 
 
-def widths(units: list) -> list[int]:
-  return [cg.groups[0].slots.shape[1] for cg in units]
+def widths(planned: list) -> list[int]:
+  return [unit.groups[0].slots.shape[1] for unit in planned]
 
 
 def free_port() -> int:
@@ -274,26 +274,26 @@ def test_chunks_match_one_chunk_and_share_one_program(baseline, monkeypatch):
   data = full.data
   slots_per_column = sum(g.slots.shape[0] for g in worker.units(full)[0].groups)
   per_run = max(
-    engine.run_bytes(plan, model, family, eval_chunk) for family in plan.axes['optimizer']
+    units.run_bytes(plan, model, family, eval_chunk) for family in plan.axes['optimizer']
   )
   # Room for 2 runs of each slot: chunks of width 2, the second of 3 runs padded.
   budget = data.x_train.nbytes + data.y_train.nbytes + 2 * slots_per_column * per_run
   chunked = full.replace(memory_budget=budget)
-  units = worker.units(chunked)
-  assert widths(units) == [2, 2, 2, 2]  # against [4, 4] without a budget
-  assert [cg.family for cg in units] == ['adam', 'adam', 'sgd', 'sgd']
+  planned = worker.units(chunked)
+  assert widths(planned) == [2, 2, 2, 2]  # against [4, 4] without a budget
+  assert [unit.family for unit in planned] == ['adam', 'adam', 'sgd', 'sgd']
 
-  # The engine asks for the owner of each unit as it comes to it: a mark between units.
-  owner, started = sweep.distributed.owner, {}
+  # A mark at the start of each unit's training.
+  train_unit, started = engine.train_unit, {}
 
-  def marking_owner(c: int) -> int:
+  def marking(c, *args, **kwargs):
     started.setdefault(c, len(compiled))
-    return owner(c)
+    return train_unit(c, *args, **kwargs)
 
-  monkeypatch.setattr(sweep.distributed, 'owner', marking_owner)
+  monkeypatch.setattr(engine, 'train_unit', marking)
   with counting_compiles() as compiled:
     result = sweep.run(chunked, progress=False)
-  marks = [started[c] for c in range(len(units))] + [len(compiled)]
+  marks = [started[c] for c in range(len(planned))] + [len(compiled)]
   per_unit = [compiled[a:b] for a, b in zip(marks, marks[1:], strict=False)]
   # The first chunk of each optimizer compiles its programs of width 2 (the baseline's
   # are of width 4); its second chunk reuses every one of them.

@@ -39,7 +39,7 @@ from test_factories import (
 
 import sweep
 from kernels import train
-from sweep import analysis, engine, report
+from sweep import analysis, engine, report, units
 from sweep.config import AXES, validate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -132,8 +132,8 @@ def test_runs_equal_the_same_configurations_run_alone(listed):
 def test_unequal_runs_per_seed_leave_padding_slots(listed):
   cfg, _ = listed
   plan = validate(cfg)
-  units = engine.compile_groups(plan, engine.model_of(cfg, plan.output_dim), 64)
-  adam = [u for u in units if u.family == 'adam']
+  planned = units.plan_units(plan, engine.model_of(cfg, plan.output_dim), 64)
+  adam = [u for u in planned if u.family == 'adam']
   assert len(adam) == 1
   by_batch = {g.batch_size: g for g in adam[0].groups}
   # Batch 16: seed 0 has runs 0 and 5, seed 1 has run 2 alone: its second slot is padding.
@@ -141,7 +141,7 @@ def test_unequal_runs_per_seed_leave_padding_slots(listed):
   assert by_batch[16].slots[:2, :2].tolist() == [[0, 5], [2, -1]]
   assert sorted(int(i) for i in by_batch[48].slots.ravel() if i >= 0) == [1]
   # Each optimizer is a compile group with only the batch sizes its runs use.
-  assert {u.family if isinstance(u.family, str) else u.family.label: u.structure.batch_sizes for u in units} == {
+  assert {u.family if isinstance(u.family, str) else u.family.label: u.structure.batch_sizes for u in planned} == {
     'adam': (16, 48), 'clipped_adamw': (16,), 'sgd': (48,),
   }
 
@@ -350,7 +350,7 @@ def no_training(monkeypatch):
   def refuse(*args, **kwargs):
     raise AssertionError('sweep.run went on to train: no ConfigError was raised')
 
-  monkeypatch.setattr(engine, 'compile_groups', refuse)
+  monkeypatch.setattr(units, 'plan_units', refuse)
 
 
 def _needs_clip(learning_rate, clip_norm):
