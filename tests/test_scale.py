@@ -283,17 +283,18 @@ def test_chunks_match_one_chunk_and_share_one_program(baseline, monkeypatch):
   assert widths(units) == [2, 2, 2, 2]  # against [4, 4] without a budget
   assert [cg.family for cg in units] == ['adam', 'adam', 'sgd', 'sgd']
 
-  # The engine asks for the owner of each unit as it comes to it: a mark between units.
-  owner, started = sweep.distributed.owner, {}
+  # Each unit's training starts by making its data orders: a mark between units.
+  order_book, marks = engine._OrderBook, []
 
-  def marking_owner(c: int) -> int:
-    started.setdefault(c, len(compiled))
-    return owner(c)
+  def marking(*args, **kwargs):
+    marks.append(len(compiled))
+    return order_book(*args, **kwargs)
 
-  monkeypatch.setattr(sweep.distributed, 'owner', marking_owner)
+  monkeypatch.setattr(engine, '_OrderBook', marking)
   with counting_compiles() as compiled:
     result = sweep.run(chunked, progress=False)
-  marks = [started[c] for c in range(len(units))] + [len(compiled)]
+  assert len(marks) == len(units)
+  marks.append(len(compiled))
   per_unit = [compiled[a:b] for a, b in zip(marks, marks[1:], strict=False)]
   # The first chunk of each optimizer compiles its programs of width 2 (the baseline's
   # are of width 4); its second chunk reuses every one of them.
