@@ -38,7 +38,9 @@ CONTEXT = 64
 
 def text() -> str:
   """scikit-learn's dataset descriptions, in file-name order."""
-  files = sorted(glob.glob(os.path.join(os.path.dirname(sklearn.__file__), 'datasets', 'descr', '*.rst')))
+  files = sorted(
+    glob.glob(os.path.join(os.path.dirname(sklearn.__file__), 'datasets', 'descr', '*.rst'))
+  )
   return '\n'.join(open(f, encoding='utf-8').read() for f in files)
 
 
@@ -67,9 +69,9 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, h, train: bool):
     mask = nn.make_causal_mask(h[..., 0])
-    a = nn.MultiHeadDotProductAttention(num_heads=self.heads, dropout_rate=self.dropout, deterministic=not train)(
-      nn.LayerNorm()(h), mask=mask
-    )
+    a = nn.MultiHeadDotProductAttention(
+      num_heads=self.heads, dropout_rate=self.dropout, deterministic=not train
+    )(nn.LayerNorm()(h), mask=mask)
     h = h + nn.Dropout(self.dropout, deterministic=not train)(a)
     m = nn.Dense(4 * self.width)(nn.LayerNorm()(h))
     m = nn.Dense(self.width)(nn.gelu(m))

@@ -45,17 +45,17 @@ import sweep
 
 def get_config() -> sweep.SweepConfig:
   return sweep.SweepConfig(
-      name='lr_batch_coupling',
-      model=sweep.models.mlp(hidden=(64,)),
-      data=sweep.data.mnist1d(),
-      loss='softmax_cross_entropy',
-      optimizer='sgd',
-      learning_rate=[float(v) for v in np.logspace(-3, 0.5, 16)],
-      batch_size=[8, 16, 32, 64, 128],
-      seed=[0, 1],
-      schedule='constant',
-      epochs=20,
-      num_evals=10,
+    name='lr_batch_coupling',
+    model=sweep.models.mlp(hidden=(64,)),
+    data=sweep.data.mnist1d(),
+    loss='softmax_cross_entropy',
+    optimizer='sgd',
+    learning_rate=[float(v) for v in np.logspace(-3, 0.5, 16)],
+    batch_size=[8, 16, 32, 64, 128],
+    seed=[0, 1],
+    schedule='constant',
+    epochs=20,
+    num_evals=10,
   )
 
 
@@ -67,8 +67,10 @@ def main(argv: list[str]) -> None:
   table = sweep.analysis.batch_size_table(result)
   print(table[['learning_rate', 'final_val_loss', 'updates', 'lr_at_edge']])
   fit = sweep.analysis.lr_batch_slope(result, bootstrap=200)
-  print(f"slope {fit['slope']:.2f}, 95% interval {fit['ci_low']:.2f} to {fit['ci_high']:.2f}, "
-        f"seed bootstrap {fit['boot_low']:.2f} to {fit['boot_high']:.2f}")
+  print(
+    f'slope {fit["slope"]:.2f}, 95% interval {fit["ci_low"]:.2f} to {fit["ci_high"]:.2f}, '
+    f'seed bootstrap {fit["boot_low"]:.2f} to {fit["boot_high"]:.2f}'
+  )
   print(fit['interpretation'])
 
 

@@ -49,25 +49,25 @@ import sweep
 
 def get_config() -> sweep.SweepConfig:
   return sweep.SweepConfig(
-      name='lr_range_test',
-      model=sweep.models.mlp(hidden=(100, 100)),
-      data=sweep.data.mnist1d(),
-      loss='softmax_cross_entropy',
-      optimizer='adam',
-      learning_rate=[float(v) for v in np.logspace(-4.5, -0.5, 16)],
-      batch_size=128,
-      seed=[0, 1],
-      schedule='constant',
-      epochs=20,
-      num_evals=10,
-      train_eval_size=1000,
+    name='lr_range_test',
+    model=sweep.models.mlp(hidden=(100, 100)),
+    data=sweep.data.mnist1d(),
+    loss='softmax_cross_entropy',
+    optimizer='adam',
+    learning_rate=[float(v) for v in np.logspace(-4.5, -0.5, 16)],
+    batch_size=128,
+    seed=[0, 1],
+    schedule='constant',
+    epochs=20,
+    num_evals=10,
+    train_eval_size=1000,
   )
 
 
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description='LR range tests against the sweep.')
   parser.add_argument(
-      '--workdir', help='also save the sweep and the ramp test here (for `sweep report`)'
+    '--workdir', help='also save the sweep and the ramp test here (for `sweep report`)'
   )
   args = parser.parse_args(argv)
   cfg = get_config()
@@ -85,20 +85,20 @@ def main(argv: list[str] | None = None) -> None:
     report.save_lr_find(args.workdir, found['ramp'])
   rankings = (('final_val_loss', 'min'), ('final_train_loss', 'min'), ('final_val_accuracy', 'max'))
   best = {
-      metric: sweep.analysis.batch_size_table(result, metric, mode)['learning_rate'].iloc[0]
-      for metric, mode in rankings
+    metric: sweep.analysis.batch_size_table(result, metric, mode)['learning_rate'].iloc[0]
+    for metric, mode in rankings
   }
   columns = ['final_train_loss', 'final_val_loss', 'final_val_accuracy']
   per_lr = result.table.groupby('learning_rate')[columns].mean()
   print('The sweep (mean of 2 seeds):')
   print(per_lr.to_string(float_format=lambda v: f'{v:.4g}'))
   print()
-  print(f"{'':30}{'valley':>10}{'steep':>10}{'minimum':>10}")
+  print(f'{"":30}{"valley":>10}{"steep":>10}{"minimum":>10}')
   for method, f in found.items():
     s = f.suggestions
-    print(f"{'lr_find ' + method:30}{s['valley']:>10.3g}{s['steep']:>10.3g}{s['minimum']:>10.3g}")
+    print(f'{"lr_find " + method:30}{s["valley"]:>10.3g}{s["steep"]:>10.3g}{s["minimum"]:>10.3g}')
   for metric, lr in best.items():
-    print(f"{'sweep best, ' + metric:30}{lr:>10.3g}")
+    print(f'{"sweep best, " + metric:30}{lr:>10.3g}')
   print()
   for method, f in found.items():
     for metric, lr in best.items():

@@ -33,16 +33,16 @@ import sweep
 
 def get_config() -> sweep.SweepConfig:
   return sweep.SweepConfig(
-      name='mnist1d_cnn',
-      model=sweep.models.cnn(channels=(25, 25, 25), hidden=None, spatial_dims=1),
-      data=sweep.data.mnist1d(),
-      loss='softmax_cross_entropy',
-      optimizer='adam',
-      learning_rate=[3e-3, 1e-2, 3e-2, 1e-1],
-      batch_size=[32, 128, 512],
-      seed=[0],
-      schedule='cosine',
-      epochs=15,
-      num_evals=5,
-      train_eval_size=1000,
+    name='mnist1d_cnn',
+    model=sweep.models.cnn(channels=(25, 25, 25), hidden=None, spatial_dims=1),
+    data=sweep.data.mnist1d(),
+    loss='softmax_cross_entropy',
+    optimizer='adam',
+    learning_rate=[3e-3, 1e-2, 3e-2, 1e-1],
+    batch_size=[32, 128, 512],
+    seed=[0],
+    schedule='cosine',
+    epochs=15,
+    num_evals=5,
+    train_eval_size=1000,
   )

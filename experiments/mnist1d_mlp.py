@@ -37,18 +37,18 @@ import sweep
 
 def get_config() -> sweep.SweepConfig:
   return sweep.SweepConfig(
-      name='mnist1d_mlp',
-      model=sweep.models.mlp(hidden=(100, 100)),
-      data=sweep.data.mnist1d(),
-      loss='softmax_cross_entropy',
-      optimizer='adam',
-      # Seven values fill a run axis of eight (widths are powers of two).
-      learning_rate=[1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1],
-      batch_size=[32, 128, 512],
-      seed=[0, 1],
-      schedule='constant',
-      epochs=40,
-      num_evals=20,
-      # The training-set probe at each evaluation: a quarter of the 4000 signals.
-      train_eval_size=1000,
+    name='mnist1d_mlp',
+    model=sweep.models.mlp(hidden=(100, 100)),
+    data=sweep.data.mnist1d(),
+    loss='softmax_cross_entropy',
+    optimizer='adam',
+    # Seven values fill a run axis of eight (widths are powers of two).
+    learning_rate=[1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1],
+    batch_size=[32, 128, 512],
+    seed=[0, 1],
+    schedule='constant',
+    epochs=40,
+    num_evals=20,
+    # The training-set probe at each evaluation: a quarter of the 4000 signals.
+    train_eval_size=1000,
   )

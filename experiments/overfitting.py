@@ -47,22 +47,26 @@ def small_digits() -> sweep.data.Dataset:
   keep = np.concatenate([np.flatnonzero(full.y_train == c)[:PER_CLASS] for c in range(10)])
   keep.sort()
   return sweep.data.arrays(
-      full.x_train[keep], full.y_train[keep], full.x_val, full.y_val,
-      name='digits200', num_classes=10,
+    full.x_train[keep],
+    full.y_train[keep],
+    full.x_val,
+    full.y_val,
+    name='digits200',
+    num_classes=10,
   )
 
 
 def get_config() -> sweep.SweepConfig:
   return sweep.SweepConfig(
-      name='overfitting',
-      model=sweep.models.mlp(hidden=(512, 512)),
-      data=small_digits(),
-      loss='softmax_cross_entropy',
-      optimizer='adam',
-      learning_rate=[3e-5, 1e-4, 1e-3, 1e-2],
-      batch_size=[16, 64],
-      seed=[0, 1],
-      schedule='constant',
-      epochs=300,
-      num_evals=100,
+    name='overfitting',
+    model=sweep.models.mlp(hidden=(512, 512)),
+    data=small_digits(),
+    loss='softmax_cross_entropy',
+    optimizer='adam',
+    learning_rate=[3e-5, 1e-4, 1e-3, 1e-2],
+    batch_size=[16, 64],
+    seed=[0, 1],
+    schedule='constant',
+    epochs=300,
+    num_evals=100,
   )

@@ -26,15 +26,15 @@ import sweep
 
 def get_config() -> sweep.SweepConfig:
   return sweep.SweepConfig(
-      name='seed_mlp_digits',
-      model=sweep.models.mlp(hidden=(10,)),
-      data=sweep.data.digits(),
-      loss='softmax_cross_entropy',
-      optimizer='adam',
-      learning_rate=[float(v) for v in np.logspace(-4, 0, 9)],
-      batch_size=[16, 32, 64, 128],
-      seed=[0, 1],
-      schedule='constant',
-      epochs=20,
-      num_evals=20,
+    name='seed_mlp_digits',
+    model=sweep.models.mlp(hidden=(10,)),
+    data=sweep.data.digits(),
+    loss='softmax_cross_entropy',
+    optimizer='adam',
+    learning_rate=[float(v) for v in np.logspace(-4, 0, 9)],
+    batch_size=[16, 32, 64, 128],
+    seed=[0, 1],
+    schedule='constant',
+    epochs=20,
+    num_evals=20,
   )

@@ -54,8 +54,8 @@ T10K_FILES = ('t10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte')
 
 def _have(directory: str, names: tuple[str, ...]) -> bool:
   return all(
-      any(os.path.isfile(os.path.join(directory, n + suffix)) for suffix in ('', '.gz'))
-      for n in names
+    any(os.path.isfile(os.path.join(directory, n + suffix)) for suffix in ('', '.gz'))
+    for n in names
   )
 
 
@@ -69,25 +69,27 @@ def load_data() -> tuple[sweep.data.Dataset, float]:
       print(f'note: only the t10k files are in {directory}; training on the first 80 % of them')
       return sweep.data.mnist(directory, train_fraction=0.8), 20
   reason = 'SWEEP_MNIST_DIR is not set' if not directory else f'no MNIST IDX files in {directory!r}'
-  print(f'note: {reason}; using scikit-learn\'s 8x8 digits instead of MNIST '
-        '(set SWEEP_MNIST_DIR to a directory with the IDX files)')
+  print(
+    f"note: {reason}; using scikit-learn's 8x8 digits instead of MNIST "
+    '(set SWEEP_MNIST_DIR to a directory with the IDX files)'
+  )
   return sweep.data.digits(), 20
 
 
 def get_config() -> sweep.SweepConfig:
   data, epochs = load_data()
   return sweep.SweepConfig(
-      name=f'seed_mlp_{data.name}',
-      model=sweep.models.mlp(hidden=(10,)),
-      data=data,
-      loss='softmax_cross_entropy',
-      optimizer='adam',
-      # Eight values fill a run axis of eight (widths are powers of two).
-      learning_rate=[float(v) for v in np.logspace(-4, -0.5, 8)],
-      batch_size=[16, 32, 64, 128],
-      seed=[0, 1],
-      schedule='constant',
-      epochs=epochs,
-      num_evals=10,
-      train_eval_size=2048,
+    name=f'seed_mlp_{data.name}',
+    model=sweep.models.mlp(hidden=(10,)),
+    data=data,
+    loss='softmax_cross_entropy',
+    optimizer='adam',
+    # Eight values fill a run axis of eight (widths are powers of two).
+    learning_rate=[float(v) for v in np.logspace(-4, -0.5, 8)],
+    batch_size=[16, 32, 64, 128],
+    seed=[0, 1],
+    schedule='constant',
+    epochs=epochs,
+    num_evals=10,
+    train_eval_size=2048,
   )

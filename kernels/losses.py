@@ -15,18 +15,18 @@ import numpy as np
 import optax
 
 __all__ = [
-  "CLASSIFICATION",
-  "LOSSES",
-  "check_labels",
-  "check_shapes",
-  "correct",
-  "hinge",
-  "per_example",
-  "huber",
-  "l1",
-  "mse",
-  "sigmoid_binary_cross_entropy",
-  "softmax_cross_entropy",
+  'CLASSIFICATION',
+  'LOSSES',
+  'check_labels',
+  'check_shapes',
+  'correct',
+  'hinge',
+  'per_example',
+  'huber',
+  'l1',
+  'mse',
+  'sigmoid_binary_cross_entropy',
+  'softmax_cross_entropy',
 ]
 
 
@@ -136,19 +136,19 @@ def hinge(scores: jax.Array, labels: jax.Array) -> jax.Array:
 
 
 LOSSES: dict[str, Callable[[jax.Array, jax.Array], jax.Array]] = {
-  "mse": mse,
-  "softmax_cross_entropy": softmax_cross_entropy,
-  "sigmoid_binary_cross_entropy": sigmoid_binary_cross_entropy,
-  "huber": huber,
-  "l1": l1,
-  "hinge": hinge,
+  'mse': mse,
+  'softmax_cross_entropy': softmax_cross_entropy,
+  'sigmoid_binary_cross_entropy': sigmoid_binary_cross_entropy,
+  'huber': huber,
+  'l1': l1,
+  'hinge': hinge,
 }
 
-CLASSIFICATION = frozenset({"softmax_cross_entropy", "sigmoid_binary_cross_entropy", "hinge"})
+CLASSIFICATION = frozenset({'softmax_cross_entropy', 'sigmoid_binary_cross_entropy', 'hinge'})
 
 
 def _unknown(name: str) -> str:
-  return f"unknown loss {name!r}; known losses are {', '.join(sorted(LOSSES))}"
+  return f'unknown loss {name!r}; known losses are {", ".join(sorted(LOSSES))}'
 
 
 def _token_mask(targets: jax.Array, ignore_label: int | None) -> jax.Array | None:
@@ -172,7 +172,7 @@ def per_example(
   left has loss 0).
   """
   mask = _token_mask(targets, ignore_label)
-  if mask is None or name != "softmax_cross_entropy":
+  if mask is None or name != 'softmax_cross_entropy':
     return LOSSES[name](predictions, targets)
   safe = jnp.where(mask > 0, targets, 0)
   per_position = optax.softmax_cross_entropy_with_integer_labels(predictions, safe)
@@ -203,14 +203,14 @@ def correct(
     raise ValueError(_unknown(name))
   if name not in CLASSIFICATION:
     return None
-  if name == "softmax_cross_entropy":
+  if name == 'softmax_cross_entropy':
     predicted = jnp.argmax(predictions, axis=-1)
     wanted = targets if _is_integer(targets) else jnp.argmax(targets, axis=-1)
     hits = predicted == wanted
     mask = _token_mask(targets, ignore_label)
     if mask is not None:
       return _masked_mean(hits.astype(jnp.float32), mask)
-  elif name == "sigmoid_binary_cross_entropy":
+  elif name == 'sigmoid_binary_cross_entropy':
     hits = (predictions > 0) == (targets > 0.5)
   else:
     hits = jnp.sign(predictions) == jnp.sign(_signed_labels(targets))
@@ -239,31 +239,31 @@ def check_shapes(
   if name not in LOSSES:
     return _unknown(name)
   pred_shape, target_shape = tuple(pred_shape), tuple(target_shape)
-  got = f"got predictions {_shape(pred_shape)} and labels {_shape(target_shape)}"
-  if name == "softmax_cross_entropy" and target_is_integer:
+  got = f'got predictions {_shape(pred_shape)} and labels {_shape(target_shape)}'
+  if name == 'softmax_cross_entropy' and target_is_integer:
     if len(pred_shape) < 2 or target_shape != pred_shape[:-1]:
       return (
-        "softmax_cross_entropy with integer labels needs predictions of shape "
-        "(batch, num_classes) for labels (batch,), or (batch, T, num_classes) for "
-        f"sequences of ids (batch, T); {got}"
+        'softmax_cross_entropy with integer labels needs predictions of shape '
+        '(batch, num_classes) for labels (batch,), or (batch, T, num_classes) for '
+        f'sequences of ids (batch, T); {got}'
       )
     return None
-  if name == "softmax_cross_entropy" and len(pred_shape) < 2:
+  if name == 'softmax_cross_entropy' and len(pred_shape) < 2:
     # A 1-D logit vector would make the softmax run across the batch.
     return (
-      "softmax_cross_entropy with one-hot or probability targets needs predictions "
-      f"and targets of the same shape (batch, ..., num_classes); {got}"
+      'softmax_cross_entropy with one-hot or probability targets needs predictions '
+      f'and targets of the same shape (batch, ..., num_classes); {got}'
     )
   if len(pred_shape) < 1 or pred_shape != target_shape:
     return (
-      f"{name} needs predictions and targets of the same shape (batch, ...); "
-      f"got predictions {_shape(pred_shape)} and targets {_shape(target_shape)}"
+      f'{name} needs predictions and targets of the same shape (batch, ...); '
+      f'got predictions {_shape(pred_shape)} and targets {_shape(target_shape)}'
     )
   return None
 
 
 def _value_range(y: np.ndarray) -> str:
-  return f"got values from {np.min(y)} to {np.max(y)}"
+  return f'got values from {np.min(y)} to {np.max(y)}'
 
 
 def check_labels(name: str, y: np.ndarray, num_outputs: int) -> str | None:
@@ -293,38 +293,38 @@ def check_labels(name: str, y: np.ndarray, num_outputs: int) -> str | None:
   y = np.asarray(y)
   if y.size == 0:
     return None
-  if name == "softmax_cross_entropy" and not np.issubdtype(y.dtype, np.integer):
+  if name == 'softmax_cross_entropy' and not np.issubdtype(y.dtype, np.integer):
     problem = _check_soft_targets(y)
     if problem:
       return problem
-  if name == "softmax_cross_entropy" and num_outputs < 2:
+  if name == 'softmax_cross_entropy' and num_outputs < 2:
     return (
-      f"softmax_cross_entropy needs at least 2 outputs (classes); the model has {num_outputs}, "
-      "and a softmax over one output is always 1 (the loss is always 0)"
+      f'softmax_cross_entropy needs at least 2 outputs (classes); the model has {num_outputs}, '
+      'and a softmax over one output is always 1 (the loss is always 0)'
     )
-  if name == "softmax_cross_entropy" and np.issubdtype(y.dtype, np.integer):
+  if name == 'softmax_cross_entropy' and np.issubdtype(y.dtype, np.integer):
     bad = (y < 0) | (y >= num_outputs)
     if bad.any():
       return (
-        f"softmax_cross_entropy with integer labels needs class ids in 0..{num_outputs - 1} "
-        f"(the model has {num_outputs} outputs); {int(bad.sum())} labels are outside, "
-        f"{_value_range(y)}"
+        f'softmax_cross_entropy with integer labels needs class ids in 0..{num_outputs - 1} '
+        f'(the model has {num_outputs} outputs); {int(bad.sum())} labels are outside, '
+        f'{_value_range(y)}'
       )
-  elif name == "sigmoid_binary_cross_entropy":
+  elif name == 'sigmoid_binary_cross_entropy':
     # Written as a negated range test so that NaN labels are caught too.
     bad = ~((y >= 0) & (y <= 1))
     if bad.any():
       return (
-        f"sigmoid_binary_cross_entropy needs labels in [0, 1]; {int(bad.sum())} labels are "
-        f"outside, {_value_range(y)}"
+        f'sigmoid_binary_cross_entropy needs labels in [0, 1]; {int(bad.sum())} labels are '
+        f'outside, {_value_range(y)}'
       )
-  elif name == "hinge":
+  elif name == 'hinge':
     bad = ~np.isin(y, (-1, 0, 1))
     if bad.any():
       examples = np.unique(y[bad])[:5].tolist()
       return (
-        f"hinge needs labels in {{-1, 0, 1}} (0 is read as -1); {int(bad.sum())} labels are "
-        f"not, for example {examples}"
+        f'hinge needs labels in {{-1, 0, 1}} (0 is read as -1); {int(bad.sum())} labels are '
+        f'not, for example {examples}'
       )
   return None
 
@@ -341,7 +341,7 @@ def _check_soft_targets(y: np.ndarray) -> str | None:
     return None  # check_shapes refuses these
   bad = ~np.isfinite(y)
   if bad.any():
-    return f"softmax_cross_entropy needs finite targets; {int(bad.sum())} are NaN or inf"
+    return f'softmax_cross_entropy needs finite targets; {int(bad.sum())} are NaN or inf'
   rows = y.reshape(-1, y.shape[-1])
   sums = rows.sum(axis=1)
   negative = (rows < 0).any(axis=1)
@@ -351,18 +351,18 @@ def _check_soft_targets(y: np.ndarray) -> str | None:
   if np.all(rows == np.round(rows)):
     examples = np.unique(rows)[:5].tolist()
     return (
-      f"softmax_cross_entropy got float targets whose values are all whole numbers "
-      f"(for example {examples}) but whose rows are not one-hot: class ids must be integers "
-      "(e.g. y.astype(np.int32), shape (n,)); one-hot or probability targets need "
-      "non-negative rows summing to 1"
+      f'softmax_cross_entropy got float targets whose values are all whole numbers '
+      f'(for example {examples}) but whose rows are not one-hot: class ids must be integers '
+      '(e.g. y.astype(np.int32), shape (n,)); one-hot or probability targets need '
+      'non-negative rows summing to 1'
     )
   if negative.any():
     return (
-      f"softmax_cross_entropy with probability targets needs non-negative values; "
-      f"{int(negative.sum())} rows have negative ones (the smallest is {rows.min():.4g})"
+      f'softmax_cross_entropy with probability targets needs non-negative values; '
+      f'{int(negative.sum())} rows have negative ones (the smallest is {rows.min():.4g})'
     )
   return (
-    f"softmax_cross_entropy with probability targets needs rows summing to 1 (within "
-    f"{SOFT_TARGET_TOLERANCE}); {int(off.sum())} rows do not (sums from {sums.min():.4g} to "
-    f"{sums.max():.4g}): normalise them, y / y.sum(-1, keepdims=True)"
+    f'softmax_cross_entropy with probability targets needs rows summing to 1 (within '
+    f'{SOFT_TARGET_TOLERANCE}); {int(off.sum())} rows do not (sums from {sums.min():.4g} to '
+    f'{sums.max():.4g}): normalise them, y / y.sum(-1, keepdims=True)'
   )

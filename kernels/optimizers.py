@@ -41,15 +41,15 @@ class Family:
 
 
 FAMILIES: dict[str, Family] = {
-    'sgd': Family(optax.sgd, {}),
-    'momentum': Family(optax.sgd, {'momentum': 0.9}),
-    'nesterov': Family(optax.sgd, {'momentum': 0.9}, {'nesterov': True}),
-    'adam': Family(optax.adam, {'b1': 0.9, 'b2': 0.999}),
-    'adamw': Family(optax.adamw, {'b1': 0.9, 'b2': 0.999, 'weight_decay': 1e-4}),
-    # rmsprop's momentum is off (None) unless a sweep sets it; setting it adds a trace.
-    'rmsprop': Family(optax.rmsprop, {'momentum': None}),
-    'adagrad': Family(optax.adagrad, {}),
-    'lion': Family(optax.lion, {'b1': 0.9, 'b2': 0.99, 'weight_decay': 1e-3}),
+  'sgd': Family(optax.sgd, {}),
+  'momentum': Family(optax.sgd, {'momentum': 0.9}),
+  'nesterov': Family(optax.sgd, {'momentum': 0.9}, {'nesterov': True}),
+  'adam': Family(optax.adam, {'b1': 0.9, 'b2': 0.999}),
+  'adamw': Family(optax.adamw, {'b1': 0.9, 'b2': 0.999, 'weight_decay': 1e-4}),
+  # rmsprop's momentum is off (None) unless a sweep sets it; setting it adds a trace.
+  'rmsprop': Family(optax.rmsprop, {'momentum': None}),
+  'adagrad': Family(optax.adagrad, {}),
+  'lion': Family(optax.lion, {'b1': 0.9, 'b2': 0.99, 'weight_decay': 1e-3}),
 }
 
 # Every hyperparameter name some family accepts, in a stable order.
@@ -120,7 +120,9 @@ def signature(fn: Callable) -> Signature:
   for p in params[1:]:
     if p.kind == inspect.Parameter.POSITIONAL_ONLY:
       if p.default is REQUIRED:
-        raise ValueError(f'argument {p.name!r} is positional-only: the sweep passes hyperparameters by keyword')
+        raise ValueError(
+          f'argument {p.name!r} is positional-only: the sweep passes hyperparameters by keyword'
+        )
       continue
     if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY):
       keywords[p.name] = p.default
@@ -128,7 +130,9 @@ def signature(fn: Callable) -> Signature:
   return Signature(params[0].name, keywords, any_keyword)
 
 
-def _injectable(fn: Callable, names: tuple[str, ...]) -> Callable[..., optax.GradientTransformation]:
+def _injectable(
+  fn: Callable, names: tuple[str, ...]
+) -> Callable[..., optax.GradientTransformation]:
   """`fn` with the signature `(learning_rate, *, <names>)` that `optax.inject_hyperparams`
   reads, whatever `fn` calls its learning rate."""
 
@@ -138,8 +142,8 @@ def _injectable(fn: Callable, names: tuple[str, ...]) -> Callable[..., optax.Gra
 
   kw = inspect.Parameter.KEYWORD_ONLY
   build.__signature__ = inspect.Signature(
-      [inspect.Parameter('learning_rate', inspect.Parameter.POSITIONAL_OR_KEYWORD)]
-      + [inspect.Parameter(n, kw) for n in names]
+    [inspect.Parameter('learning_rate', inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    + [inspect.Parameter(n, kw) for n in names]
   )
   return build
 
@@ -179,12 +183,21 @@ def _lambda_source(fn: Callable) -> str | None:
     return None
   code = fn.__code__
   # The first position of the body's instructions (RESUME and the like carry none).
-  starts = [(line, col) for line, _, col, end in code.co_positions()
-            if line is not None and col is not None and (col, end) != (0, 0)]
+  starts = [
+    (line, col)
+    for line, _, col, end in code.co_positions()
+    if line is not None and col is not None and (col, end) != (0, 0)
+  ]
   args = [a for a in code.co_varnames[: code.co_argcount + code.co_kwonlyargcount]]
-  lambdas = [n for n in ast.walk(tree) if isinstance(n, ast.Lambda) and n.lineno == code.co_firstlineno]
+  lambdas = [
+    n for n in ast.walk(tree) if isinstance(n, ast.Lambda) and n.lineno == code.co_firstlineno
+  ]
   exact = [n for n in lambdas if starts and (n.body.lineno, n.body.col_offset) == min(starts)]
-  named = [n for n in lambdas if [a.arg for a in n.args.posonlyargs + n.args.args + n.args.kwonlyargs] == args]
+  named = [
+    n
+    for n in lambdas
+    if [a.arg for a in n.args.posonlyargs + n.args.args + n.args.kwonlyargs] == args
+  ]
   found = exact or (named if len(named) == 1 else [])
   return ast.get_source_segment(text, found[0].body) if found else None
 
@@ -219,11 +232,13 @@ def make(family: str | Factory, hypers: Mapping[str, jnp.ndarray]) -> optax.Grad
   """
   # learning_rate starts at 0; the engine writes the scheduled value before each update.
   if isinstance(family, Factory):
-    return optax.inject_hyperparams(_injectable(family.fn, family.names))(learning_rate=0.0, **hypers)
+    return optax.inject_hyperparams(_injectable(family.fn, family.names))(
+      learning_rate=0.0, **hypers
+    )
   fam = FAMILIES[family]
   fixed = {k: v for k, v in fam.hypers.items() if v is not None and k not in hypers}
   return optax.inject_hyperparams(fam.factory, static_args=tuple(fixed))(
-      learning_rate=0.0, **hypers, **fixed, **fam.static
+    learning_rate=0.0, **hypers, **fixed, **fam.static
   )
 
 

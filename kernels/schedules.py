@@ -29,17 +29,24 @@ import optax
 from jax import lax
 
 __all__ = [
-  "SCHEDULES",
-  "ScheduleParams",
-  "custom_params",
-  "custom_value",
-  "learning_rate",
-  "make_params",
-  "optax_schedule",
+  'SCHEDULES',
+  'ScheduleParams',
+  'custom_params',
+  'custom_value',
+  'learning_rate',
+  'make_params',
+  'optax_schedule',
 ]
 
 SCHEDULES = (
-  "constant", "exponential", "step", "cosine", "warmup_cosine", "linear", "onecycle", "warmup_linear",
+  'constant',
+  'exponential',
+  'step',
+  'cosine',
+  'warmup_cosine',
+  'linear',
+  'onecycle',
+  'warmup_linear',
 )
 
 
@@ -139,24 +146,24 @@ def make_params(
       optax schedule refuses its arguments or is not a onecycle any more.
   """
   if name not in SCHEDULES:
-    raise ValueError(f"unknown schedule {name!r}; known schedules are {', '.join(SCHEDULES)}")
+    raise ValueError(f'unknown schedule {name!r}; known schedules are {", ".join(SCHEDULES)}')
   total_steps = int(total_steps)
   if total_steps < 1:
-    raise ValueError(f"a schedule needs total_steps >= 1; got {total_steps}")
+    raise ValueError(f'a schedule needs total_steps >= 1; got {total_steps}')
   warmup_steps = round(warmup * total_steps)
-  if name in ("warmup_cosine", "warmup_linear") and not 0 <= warmup_steps < total_steps:
+  if name in ('warmup_cosine', 'warmup_linear') and not 0 <= warmup_steps < total_steps:
     raise ValueError(
-      f"{name} needs 0 <= round(warmup * total_steps) < total_steps so that some steps "
-      f"are left for the decay; got warmup={warmup} and total_steps={total_steps}, "
-      f"which gives {warmup_steps} warmup steps"
+      f'{name} needs 0 <= round(warmup * total_steps) < total_steps so that some steps '
+      f'are left for the decay; got warmup={warmup} and total_steps={total_steps}, '
+      f'which gives {warmup_steps} warmup steps'
     )
-  if name == "onecycle" and not 0 <= pct_start < 1:
-    raise ValueError(f"onecycle needs pct_start in [0, 1); got {pct_start}")
-  if name == "step":
+  if name == 'onecycle' and not 0 <= pct_start < 1:
+    raise ValueError(f'onecycle needs pct_start in [0, 1); got {pct_start}')
+  if name == 'step':
     transition_steps = max(1, round(decay_every * total_steps))
   else:
     transition_steps = total_steps
-  if name == "onecycle":
+  if name == 'onecycle':
     pct32 = _onecycle_pct_start(pct_start, total_steps)
   else:
     pct32 = np.float32(pct_start)
@@ -180,7 +187,7 @@ def custom_params(index: int, learning_rate: float, total_steps: int) -> Schedul
   Only ``learning_rate`` (traced, handed to the callable) and ``kind`` matter; the
   other fields hold harmless values so that such runs stack with any other.
   """
-  params = make_params("constant", learning_rate, max(1, int(total_steps)))
+  params = make_params('constant', learning_rate, max(1, int(total_steps)))
   return params._replace(kind=np.int32(len(SCHEDULES) + int(index)))
 
 
@@ -312,11 +319,15 @@ class _PositiveLearningRate:
     self._value = value
 
   def _decide(self, other: Any, op: Callable[[float, float], bool]) -> bool:
-    if isinstance(other, (int, float, np.integer, np.floating)) and not isinstance(other, bool) and other <= 0:
+    if (
+      isinstance(other, (int, float, np.integer, np.floating))
+      and not isinstance(other, bool)
+      and other <= 0
+    ):
       return op(1.0, float(other))  # any positive value answers alike
     raise TypeError(
-      f"the schedule compares the traced learning rate with {other!r} in Python; one program serves "
-      "every learning rate, so write the comparison with jnp.where"
+      f'the schedule compares the traced learning rate with {other!r} in Python; one program serves '
+      'every learning rate, so write the comparison with jnp.where'
     )
 
   def __eq__(self, other):
@@ -340,10 +351,10 @@ class _PositiveLearningRate:
   __hash__ = None
 
   def __bool__(self):
-    raise TypeError("the schedule uses the traced learning rate as a Python bool")
+    raise TypeError('the schedule uses the traced learning rate as a Python bool')
 
   def __float__(self):
-    raise TypeError("the schedule converts the traced learning rate to a Python float")
+    raise TypeError('the schedule converts the traced learning rate to a Python float')
 
   def __neg__(self):
     return -self._value
@@ -359,13 +370,23 @@ def _unwrap(x: Any) -> Any:
   return x._value if isinstance(x, _PositiveLearningRate) else x
 
 
-for _name in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow"):
+for _name in ('add', 'sub', 'mul', 'truediv', 'floordiv', 'mod', 'pow'):
   _op = getattr(operator, _name)
-  setattr(_PositiveLearningRate, f"__{_name}__", lambda self, other, op=_op: op(self._value, _unwrap(other)))
-  setattr(_PositiveLearningRate, f"__r{_name}__", lambda self, other, op=_op: op(_unwrap(other), self._value))
+  setattr(
+    _PositiveLearningRate,
+    f'__{_name}__',
+    lambda self, other, op=_op: op(self._value, _unwrap(other)),
+  )
+  setattr(
+    _PositiveLearningRate,
+    f'__r{_name}__',
+    lambda self, other, op=_op: op(_unwrap(other), self._value),
+  )
 
 
-def custom_value(fn: Callable, learning_rate: jax.Array, total_steps: int, count: jax.Array) -> jax.Array:
+def custom_value(
+  fn: Callable, learning_rate: jax.Array, total_steps: int, count: jax.Array
+) -> jax.Array:
   """The value at ``count`` of the schedule ``fn(learning_rate, total_steps)``.
 
   ``fn`` may return an optax schedule (a callable of the count) or a number.
@@ -383,6 +404,7 @@ def custom_value(fn: Callable, learning_rate: jax.Array, total_steps: int, count
   Returns:
     A float32 scalar.
   """
+
   def value(lr):
     schedule = fn(lr, int(total_steps))
     return schedule(count) if callable(schedule) else schedule
@@ -446,18 +468,18 @@ def optax_schedule(params_for_one_run: ScheduleParams) -> optax.Schedule:
   name = SCHEDULES[int(p.kind)]
   lr = float(p.learning_rate)
   total = int(p.total_steps)
-  if name == "constant":
+  if name == 'constant':
     return optax.constant_schedule(lr)
-  if name in ("exponential", "step"):
+  if name in ('exponential', 'step'):
     return optax.exponential_decay(
       lr,
       transition_steps=int(p.transition_steps),
       decay_rate=float(p.decay_rate),
-      staircase=name == "step",
+      staircase=name == 'step',
     )
-  if name == "cosine":
+  if name == 'cosine':
     return optax.cosine_decay_schedule(lr, decay_steps=total)
-  if name == "warmup_cosine":
+  if name == 'warmup_cosine':
     return optax.warmup_cosine_decay_schedule(
       init_value=0.0,
       peak_value=lr,
@@ -465,12 +487,13 @@ def optax_schedule(params_for_one_run: ScheduleParams) -> optax.Schedule:
       decay_steps=total,
       end_value=0.0,
     )
-  if name == "linear":
+  if name == 'linear':
     return optax.linear_schedule(init_value=lr, end_value=0.0, transition_steps=total)
-  if name == "warmup_linear":
+  if name == 'warmup_linear':
     warmup = int(p.warmup_steps)
     return optax.join_schedules(
-      [optax.linear_schedule(0.0, lr, warmup), optax.linear_schedule(lr, 0.0, total - warmup)], [warmup]
+      [optax.linear_schedule(0.0, lr, warmup), optax.linear_schedule(lr, 0.0, total - warmup)],
+      [warmup],
     )
   return optax.cosine_onecycle_schedule(
     transition_steps=total,

@@ -90,14 +90,18 @@ class Structure:
     """`(schedule params, count) -> learning rate` of one run of batch group `index`."""
     if not self.schedules:
       return schedules.learning_rate
-    return functools.partial(schedules.learning_rate, custom=self.schedules, total_steps=self.total_updates[index])
+    return functools.partial(
+      schedules.learning_rate, custom=self.schedules, total_steps=self.total_updates[index]
+    )
 
-  def metrics(self, predictions: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+  def metrics(
+    self, predictions: jax.Array, targets: jax.Array
+  ) -> tuple[jax.Array, jax.Array | None]:
     """Per-example loss and accuracy (None where accuracy has no meaning), both (batch,)."""
     if isinstance(self.loss, str):
       return (
-          losses.per_example(self.loss, predictions, targets, self.ignore_label),
-          losses.correct(self.loss, predictions, targets, self.ignore_label),
+        losses.per_example(self.loss, predictions, targets, self.ignore_label),
+        losses.correct(self.loss, predictions, targets, self.ignore_label),
       )
     out = self.loss(predictions, targets)
     if isinstance(out, tuple | list):
@@ -109,7 +113,7 @@ class Structure:
     return out, None
 
   def forward(
-      self, params: Any, state: Any, x: jax.Array, train: bool, key: jax.Array | None
+    self, params: Any, state: Any, x: jax.Array, train: bool, key: jax.Array | None
   ) -> tuple[jax.Array, Any]:
     """The model on a batch: (predictions in float32, the model state after it)."""
     if not self.model.random:
@@ -217,31 +221,31 @@ def _run_init(structure: Structure, params: Any, model_state: Any, hp: RunHparam
   opt = optimizers.make(structure.family, hp.opt)
   zero = jnp.zeros((), jnp.float32)
   return RunState(
-      params=params,
-      model_state=model_state,
-      opt_state=opt.init(params),
-      alive=jnp.ones((), bool),
-      updates=jnp.zeros((), jnp.int32),
-      loss0=zero,
-      loss_sum=zero,
-      loss_count=jnp.zeros((), jnp.int32),
-      gsq_half=zero,
-      gsq_full=zero,
-      best_params=params if structure.keep_best else None,
-      best_loss=jnp.full((), jnp.inf, jnp.float32) if structure.keep_best else None,
-      best_model_state=model_state if structure.keep_best else None,
+    params=params,
+    model_state=model_state,
+    opt_state=opt.init(params),
+    alive=jnp.ones((), bool),
+    updates=jnp.zeros((), jnp.int32),
+    loss0=zero,
+    loss_sum=zero,
+    loss_count=jnp.zeros((), jnp.int32),
+    gsq_half=zero,
+    gsq_full=zero,
+    best_params=params if structure.keep_best else None,
+    best_loss=jnp.full((), jnp.inf, jnp.float32) if structure.keep_best else None,
+    best_model_state=model_state if structure.keep_best else None,
   )
 
 
 def _run_step(
-    structure: Structure,
-    state: RunState,
-    hp: RunHparams,
-    xb: jax.Array,
-    yb: jax.Array,
-    lr: jax.Array,
-    key: jax.Array | None,
-    threshold: jax.Array,
+  structure: Structure,
+  state: RunState,
+  hp: RunHparams,
+  xb: jax.Array,
+  yb: jax.Array,
+  lr: jax.Array,
+  key: jax.Array | None,
+  threshold: jax.Array,
 ) -> RunState:
   """One update of one run on one batch: the plain optax step, plus the freeze.
 
@@ -263,11 +267,13 @@ def _run_step(
     halves = lambda a: a.reshape((2, a.shape[0] // 2) + a.shape[1:])  # noqa: E731
     half_loss = lambda p, x, y: batch_loss(p, x, y)[0]  # noqa: E731
     losses_h, grads_h = jax.vmap(jax.value_and_grad(half_loss), in_axes=(None, 0, 0))(
-        state.params, halves(xb), halves(yb)
+      state.params, halves(xb), halves(yb)
     )
     loss = jnp.mean(losses_h)
     grads = jax.tree.map(lambda g: jnp.mean(g, axis=0), grads_h)
-    sq = lambda t: sum(jnp.sum(jnp.square(a), axis=tuple(range(1, a.ndim))) for a in jax.tree.leaves(t))  # noqa: E731
+    sq = lambda t: sum(
+      jnp.sum(jnp.square(a), axis=tuple(range(1, a.ndim))) for a in jax.tree.leaves(t)
+    )  # noqa: E731
     gsq_half = gsq_half + jnp.mean(sq(grads_h))
     gsq_full = gsq_full + sum(jnp.sum(jnp.square(a)) for a in jax.tree.leaves(grads))
   else:
@@ -287,19 +293,19 @@ def _run_step(
     # (add_decayed_weights after the scale, noise): a frozen run's update is masked.
     updates = jax.tree.map(lambda u: jnp.where(ok, u, jnp.zeros_like(u)), updates)
   return RunState(
-      params=optax.apply_updates(state.params, updates),
-      model_state=jax.tree.map(lambda n, o: jnp.where(ok, n, o), new_state, state.model_state),
-      opt_state=opt_state,
-      alive=ok,
-      updates=state.updates + ok.astype(jnp.int32),
-      loss0=loss0,
-      loss_sum=state.loss_sum + jnp.where(ok, loss, 0.0),
-      loss_count=state.loss_count + ok.astype(jnp.int32),
-      gsq_half=gsq_half,
-      gsq_full=gsq_full,
-      best_params=state.best_params,
-      best_loss=state.best_loss,
-      best_model_state=state.best_model_state,
+    params=optax.apply_updates(state.params, updates),
+    model_state=jax.tree.map(lambda n, o: jnp.where(ok, n, o), new_state, state.model_state),
+    opt_state=opt_state,
+    alive=ok,
+    updates=state.updates + ok.astype(jnp.int32),
+    loss0=loss0,
+    loss_sum=state.loss_sum + jnp.where(ok, loss, 0.0),
+    loss_count=state.loss_count + ok.astype(jnp.int32),
+    gsq_half=gsq_half,
+    gsq_full=gsq_full,
+    best_params=state.best_params,
+    best_loss=state.best_loss,
+    best_model_state=state.best_model_state,
   )
 
 
@@ -313,7 +319,7 @@ def _over_runs(fn, shared_in_r: tuple[bool, ...]):
 
 
 def init(
-    structure: Structure, per_seed_params: tuple[Any, ...], hparams: tuple[GroupHparams, ...]
+  structure: Structure, per_seed_params: tuple[Any, ...], hparams: tuple[GroupHparams, ...]
 ) -> tuple[GroupState, ...]:
   """Initial state of every batch group from each seed's (parameters, model state) (S, ...).
 
@@ -323,39 +329,45 @@ def init(
   for variables, ghp in zip(per_seed_params, hparams, strict=True):
     s, r = jax.tree.leaves(ghp.runs)[0].shape[:2]
     params, model_state = jax.tree.map(
-        lambda p, s=s, r=r: jnp.broadcast_to(p[:, None], (s, r) + p.shape[1:]), variables
+      lambda p, s=s, r=r: jnp.broadcast_to(p[:, None], (s, r) + p.shape[1:]), variables
     )
-    runs = jax.vmap(jax.vmap(lambda p, m, h: _run_init(structure, p, m, h)))(params, model_state, ghp.runs)
+    runs = jax.vmap(jax.vmap(lambda p, m, h: _run_init(structure, p, m, h)))(
+      params, model_state, ghp.runs
+    )
     groups.append(GroupState(runs=runs, step=jnp.zeros((), jnp.int32)))
   return tuple(groups)
 
 
 def _group_segment(
-    structure: Structure,
-    index: int,
-    state: GroupState,
-    ghp: GroupHparams,
-    order: Orders,
-    data: Data,
-    threshold: jax.Array,
+  structure: Structure,
+  index: int,
+  state: GroupState,
+  ghp: GroupHparams,
+  order: Orders,
+  data: Data,
+  threshold: jax.Array,
 ) -> GroupState:
   batch = structure.batch_sizes[index]
   per_epoch = structure.steps_per_epoch[index]
   length = structure.steps_per_segment[index]
   step_runs = _over_runs(
-      lambda st, h, xb, yb, lr, key: _run_step(structure, st, h, xb, yb, lr, key, threshold),
-      (False, False, True, True, False, True),
+    lambda st, h, xb, yb, lr, key: _run_step(structure, st, h, xb, yb, lr, key, threshold),
+    (False, False, True, True, False, True),
   )
   per_seed_keys = lambda seeds, step, stream: jax.vmap(lambda s: update_key(s, step, stream))(seeds)  # noqa: E731
   # Every learning rate of the segment in one vectorised pass, rather than a switch
   # over the schedule families inside every tick: (length, S, R).
   ticks = state.step + jnp.arange(length, dtype=jnp.int32)
-  per_run = jax.vmap(jax.vmap(structure.learning_rate_fn(index), in_axes=(0, None)), in_axes=(0, None))
+  per_run = jax.vmap(
+    jax.vmap(structure.learning_rate_fn(index), in_axes=(0, None)), in_axes=(0, None)
+  )
   lrs = jax.vmap(per_run, in_axes=(None, 0))(ghp.runs.schedule, ticks)
 
   def tick(state: GroupState, lr: jax.Array) -> GroupState:
     epoch, j = state.step // per_epoch, state.step % per_epoch
-    perm = jax.lax.dynamic_index_in_dim(order.orders, epoch - order.first_epoch, axis=1, keepdims=False)
+    perm = jax.lax.dynamic_index_in_dim(
+      order.orders, epoch - order.first_epoch, axis=1, keepdims=False
+    )
     idx = jax.lax.dynamic_slice_in_dim(perm, j * batch, batch, axis=1)  # (S, B)
     xb = data.x_train[idx]
     if structure.augment is not None:
@@ -373,12 +385,12 @@ def _group_segment(
     return jax.lax.cond(state.step < ghp.total_updates, tick, lambda s, _: s, state, lr), None
 
   state = state._replace(
-      runs=state.runs._replace(
-          loss_sum=jnp.zeros_like(state.runs.loss_sum),
-          loss_count=jnp.zeros_like(state.runs.loss_count),
-          gsq_half=jnp.zeros_like(state.runs.gsq_half),
-          gsq_full=jnp.zeros_like(state.runs.gsq_full),
-      )
+    runs=state.runs._replace(
+      loss_sum=jnp.zeros_like(state.runs.loss_sum),
+      loss_count=jnp.zeros_like(state.runs.loss_count),
+      gsq_half=jnp.zeros_like(state.runs.gsq_half),
+      gsq_full=jnp.zeros_like(state.runs.gsq_full),
+    )
   )
   if structure.layout is not None:
     opt = optimizers.make(structure.family, ghp.runs.opt)  # for the state's structure only
@@ -390,7 +402,7 @@ def _group_segment(
 
 
 def _evaluate_runs(
-    structure: Structure, params: Any, model_state: Any, x: jax.Array, y: jax.Array, weight: jax.Array
+  structure: Structure, params: Any, model_state: Any, x: jax.Array, y: jax.Array, weight: jax.Array
 ) -> dict[str, jax.Array]:
   """Weighted mean loss (and accuracy) of every run in `params` (S, R, ...) on (x, y),
   the model in evaluation mode."""
@@ -430,7 +442,9 @@ def evaluate(structure: Structure, groups: tuple[GroupState, ...], data: Data) -
     params, model_state = state.runs.params, state.runs.model_state
     metrics = {}
     if data.x_val.shape[0]:
-      for k, v in _evaluate_runs(structure, params, model_state, data.x_val, data.y_val, data.val_weight).items():
+      for k, v in _evaluate_runs(
+        structure, params, model_state, data.x_val, data.y_val, data.val_weight
+      ).items():
         metrics['val_' + k] = v
     probe = (data.x_probe, data.y_probe, data.probe_weight)
     for k, v in _evaluate_runs(structure, params, model_state, *probe).items():
@@ -441,7 +455,9 @@ def evaluate(structure: Structure, groups: tuple[GroupState, ...], data: Data) -
   return tuple(out)
 
 
-def evaluate_initial(structure: Structure, groups: tuple[GroupState, ...], data: Data) -> tuple[dict, ...]:
+def evaluate_initial(
+  structure: Structure, groups: tuple[GroupState, ...], data: Data
+) -> tuple[dict, ...]:
   """`evaluate` before any update: the runs of a seed start from the same parameters,
   so each seed's first run is evaluated and its metrics stand for all its runs."""
   firsts = tuple(g._replace(runs=jax.tree.map(lambda a: a[:, :1], g.runs)) for g in groups)
@@ -453,7 +469,10 @@ def evaluate_initial(structure: Structure, groups: tuple[GroupState, ...], data:
 
 
 def start(
-    structure: Structure, per_seed_params: tuple[Any, ...], hparams: tuple[GroupHparams, ...], data: Data
+  structure: Structure,
+  per_seed_params: tuple[Any, ...],
+  hparams: tuple[GroupHparams, ...],
+  data: Data,
 ) -> tuple[tuple[GroupState, ...], tuple[dict, ...]]:
   """`init`, then `evaluate_initial`: one program, so one compile."""
   groups = init(structure, per_seed_params, hparams)
@@ -461,17 +480,17 @@ def start(
 
 
 def segment(
-    structure: Structure,
-    groups: tuple[GroupState, ...],
-    hparams: tuple[GroupHparams, ...],
-    orders: tuple[Orders, ...],
-    data: Data,
-    threshold: jax.Array,
+  structure: Structure,
+  groups: tuple[GroupState, ...],
+  hparams: tuple[GroupHparams, ...],
+  orders: tuple[Orders, ...],
+  data: Data,
+  threshold: jax.Array,
 ) -> tuple[tuple[GroupState, ...], tuple[dict, ...]]:
   """Advances every batch group by one segment, then evaluates every run."""
   new = tuple(
-      _group_segment(structure, i, g, h, o, data, threshold)
-      for i, (g, h, o) in enumerate(zip(groups, hparams, orders, strict=True))
+    _group_segment(structure, i, g, h, o, data, threshold)
+    for i, (g, h, o) in enumerate(zip(groups, hparams, orders, strict=True))
   )
   metrics = evaluate(structure, new, data)
   new = note_best(structure, new, metrics)
@@ -482,7 +501,7 @@ def segment(
       m['grad_sq_half'] = g.runs.gsq_half / count
       m['grad_sq_full'] = g.runs.gsq_full / count
     m['learning_rate'] = jax.vmap(jax.vmap(structure.learning_rate_fn(i)))(
-        h.runs.schedule, jnp.maximum(g.runs.updates - 1, 0)
+      h.runs.schedule, jnp.maximum(g.runs.updates - 1, 0)
     )
   return new, metrics
 
@@ -500,9 +519,9 @@ def note_best(structure: Structure, groups: tuple[GroupState, ...], metrics: tup
       return jnp.where(better.reshape(better.shape + (1,) * (new.ndim - 2)), new, old)
 
     runs = g.runs._replace(
-        best_params=jax.tree.map(pick, g.runs.params, g.runs.best_params),
-        best_loss=jnp.where(better, loss, g.runs.best_loss),
-        best_model_state=jax.tree.map(pick, g.runs.model_state, g.runs.best_model_state),
+      best_params=jax.tree.map(pick, g.runs.params, g.runs.best_params),
+      best_loss=jnp.where(better, loss, g.runs.best_loss),
+      best_model_state=jax.tree.map(pick, g.runs.model_state, g.runs.best_model_state),
     )
     out.append(g._replace(runs=runs))
   return tuple(out)

@@ -97,7 +97,7 @@ def sequential_optax(init_fn, apply_fn, x, y, lrs, batch, steps):
       xb = jax.lax.dynamic_slice_in_dim(x, j * batch, batch)
       yb = jax.lax.dynamic_slice_in_dim(y, j * batch, batch)
       loss, g = jax.value_and_grad(
-          lambda p: optax.softmax_cross_entropy_with_integer_labels(apply_fn(p, xb), yb).mean()
+        lambda p: optax.softmax_cross_entropy_with_integer_labels(apply_fn(p, xb), yb).mean()
       )(params)
       u, state = opt.update(g, state, params)
       return (optax.apply_updates(params, u), state), loss
@@ -126,13 +126,17 @@ def naive_loop(init_fn, apply_fn, x, y, lrs, batch, steps):
 
     @jax.jit
     def step(params, state, xb, yb, opt=opt):
-      g = jax.grad(lambda p: optax.softmax_cross_entropy_with_integer_labels(apply_fn(p, xb), yb).mean())(params)
+      g = jax.grad(
+        lambda p: optax.softmax_cross_entropy_with_integer_labels(apply_fn(p, xb), yb).mean()
+      )(params)
       u, state = opt.update(g, state, params)
       return optax.apply_updates(params, u), state
 
     for j in range(steps):
       k = j % per_epoch
-      params, state = step(params, state, x[k * batch:(k + 1) * batch], y[k * batch:(k + 1) * batch])
+      params, state = step(
+        params, state, x[k * batch : (k + 1) * batch], y[k * batch : (k + 1) * batch]
+      )
     jax.block_until_ready(params)
   return time.perf_counter() - t0
 
@@ -159,7 +163,9 @@ def torch_eager(x, y, lrs, batch, steps, hidden=(10,)):
     opt = torch.optim.Adam(model.parameters(), lr=float(lr))
     for j in range(steps):
       k = j % per_epoch
-      loss = torch.nn.functional.cross_entropy(model(xt[k * batch:(k + 1) * batch]), yt[k * batch:(k + 1) * batch])
+      loss = torch.nn.functional.cross_entropy(
+        model(xt[k * batch : (k + 1) * batch]), yt[k * batch : (k + 1) * batch]
+      )
       opt.zero_grad()
       loss.backward()
       opt.step()
@@ -176,12 +182,16 @@ def keras_fit(x, y, lrs, batch, steps):
   n = steps * batch
   onehot = np.eye(10, dtype=np.float32)[y[:n]]
   for lr in lrs:
-    model = keras.Sequential([
+    model = keras.Sequential(
+      [
         keras.layers.Input((x.shape[1],)),
         keras.layers.Dense(10, activation='relu'),
         keras.layers.Dense(10, activation='softmax'),
-    ])
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate=float(lr)), loss='categorical_crossentropy')
+      ]
+    )
+    model.compile(
+      optimizer=keras.optimizers.Adam(learning_rate=float(lr)), loss='categorical_crossentropy'
+    )
     model.fit(x[:n], onehot, batch_size=batch, epochs=1, shuffle=False, verbose=0)
   return time.perf_counter() - t0
 
@@ -194,9 +204,17 @@ def engine(model, x, y, lrs, batches, steps_or_epochs, hidden):
   """(a): returns (warm seconds, compile-inclusive first seconds, result)."""
   data = sweep.data.arrays(x, y, x[:1024], y[:1024])
   cfg = sweep.SweepConfig(
-      model=model, data=data, loss='softmax_cross_entropy', optimizer='adam',
-      learning_rate=list(lrs), batch_size=list(batches), seed=0, shuffle=False,
-      epochs=steps_or_epochs, num_evals=1, train_eval_size=1024,
+    model=model,
+    data=data,
+    loss='softmax_cross_entropy',
+    optimizer='adam',
+    learning_rate=list(lrs),
+    batch_size=list(batches),
+    seed=0,
+    shuffle=False,
+    epochs=steps_or_epochs,
+    num_evals=1,
+    train_eval_size=1024,
   )
   t0 = time.perf_counter()
   sweep.run(cfg, progress=False)
@@ -223,7 +241,9 @@ def train_flops_per_example(apply_fn, params, x) -> float:
 
 
 def workload(title, hidden, lrs, batches, epochs, n, quick, peak, model=None, data=None):
-  print(f'\n{title}: {len(lrs)} learning rates x batch sizes {batches}, {epochs} epoch(s) of {n} examples')
+  print(
+    f'\n{title}: {len(lrs)} learning rates x batch sizes {batches}, {epochs} epoch(s) of {n} examples'
+  )
   x, y = data if data is not None else mnist_shaped(n)
   n = len(x)
   model_given = model
@@ -233,34 +253,52 @@ def workload(title, hidden, lrs, batches, epochs, n, quick, peak, model=None, da
   run_steps = sum(len(lrs) * int(epochs * (n // b)) for b in batches)
   examples = sum(len(lrs) * int(epochs * (n // b)) * b for b in batches)
   flops = examples * train_flops_per_example(apply_fn, init_fn(jax.random.key(0)), x)
-  print(f'  engine: first call {first:.2f} s (compiles included), warm {warm:.2f} s, '
-        f'{flops / warm / 1e9:.1f} GFLOP/s = {flops / warm / 1e9 / peak:.0%} of matmul peak {peak:.0f}')
+  print(
+    f'  engine: first call {first:.2f} s (compiles included), warm {warm:.2f} s, '
+    f'{flops / warm / 1e9:.1f} GFLOP/s = {flops / warm / 1e9 / peak:.0%} of matmul peak {peak:.0f}'
+  )
   print(row('(a) engine', run_steps, warm))
   seq_total, seq_compile = 0.0, 0.0
   for b in batches:
-    s, c = sequential_optax(init_fn, apply_fn, jnp.asarray(x), jnp.asarray(y), lrs, b, int(epochs * (n // b)))
+    s, c = sequential_optax(
+      init_fn, apply_fn, jnp.asarray(x), jnp.asarray(y), lrs, b, int(epochs * (n // b))
+    )
     seq_total += s
     seq_compile += c
-  print(row(f'(b) sequential optax (compile {seq_compile:.1f} s)', run_steps, seq_total) + f'  engine {seq_total / warm:.2f}x')
+  print(
+    row(f'(b) sequential optax (compile {seq_compile:.1f} s)', run_steps, seq_total)
+    + f'  engine {seq_total / warm:.2f}x'
+  )
   if model_given is None:
     f_init, f_apply = sweep.models.to_functions(FlaxMLP(tuple(hidden), 10), x[:1], 10)
     flax_total = sum(
-        sequential_optax(f_init, f_apply, jnp.asarray(x), jnp.asarray(y), lrs, b, int(epochs * (n // b)))[0]
-        for b in batches
+      sequential_optax(
+        f_init, f_apply, jnp.asarray(x), jnp.asarray(y), lrs, b, int(epochs * (n // b))
+      )[0]
+      for b in batches
     )
-    print(row("(b') sequential optax, nn.Dense model", run_steps, flax_total) + f'  engine {flax_total / warm:.2f}x')
+    print(
+      row("(b') sequential optax, nn.Dense model", run_steps, flax_total)
+      + f'  engine {flax_total / warm:.2f}x'
+    )
   if quick:
     return
   sample = lrs[:4]
-  naive = sum(naive_loop(init_fn, apply_fn, x, y, sample, b, int(epochs * (n // b))) for b in batches)
+  naive = sum(
+    naive_loop(init_fn, apply_fn, x, y, sample, b, int(epochs * (n // b))) for b in batches
+  )
   naive *= len(lrs) / len(sample)
-  print(row('(c) naive jit per config (4 sampled)', run_steps, naive) + f'  engine {naive / warm:.2f}x')
+  print(
+    row('(c) naive jit per config (4 sampled)', run_steps, naive) + f'  engine {naive / warm:.2f}x'
+  )
   t = [torch_eager(x, y, sample, b, int(epochs * (n // b)), hidden) for b in batches]
   if any(v is None for v in t):
     print('  (d) PyTorch eager: skipped, torch is not installed')
   else:
     torch_s = sum(t) * len(lrs) / len(sample)
-    print(row('(d) PyTorch eager (4 sampled)', run_steps, torch_s) + f'  engine {torch_s / warm:.2f}x')
+    print(
+      row('(d) PyTorch eager (4 sampled)', run_steps, torch_s) + f'  engine {torch_s / warm:.2f}x'
+    )
   if hidden != (10,):
     return
   k = [keras_fit(x, y, sample, b, int(epochs * (n // b))) for b in batches]
@@ -293,8 +331,8 @@ class MnistCNN(nn.Module):
 
 
 OPTIMIZERS = {
-    'adam': optax.adam,
-    'momentum': lambda learning_rate: optax.sgd(learning_rate, momentum=0.9),  # the example's
+  'adam': optax.adam,
+  'momentum': lambda learning_rate: optax.sgd(learning_rate, momentum=0.9),  # the example's
 }
 
 
@@ -311,12 +349,16 @@ def one_run(module, x, y, batch, steps, optimizer):
       xb = jax.lax.dynamic_slice_in_dim(x, j * batch, batch)
       yb = jax.lax.dynamic_slice_in_dim(y, j * batch, batch)
       loss, g = jax.value_and_grad(
-          lambda p: optax.softmax_cross_entropy_with_integer_labels(module.apply({'params': p}, xb), yb).mean()
+        lambda p: optax.softmax_cross_entropy_with_integer_labels(
+          module.apply({'params': p}, xb), yb
+        ).mean()
       )(params)
       u, state = opt.update(g, state, params)
       return (optax.apply_updates(params, u), state), loss
 
-    (params, _), losses = jax.lax.scan(step, (params0, state), jnp.arange(steps) % (x.shape[0] // batch))
+    (params, _), losses = jax.lax.scan(
+      step, (params0, state), jnp.arange(steps) % (x.shape[0] // batch)
+    )
     return params, losses
 
   return train
@@ -332,12 +374,23 @@ def user_module(title, module, x, y, lrs, batch, optimizer, repeats, peak):
   """The same unmodified module through the engine, (b) and (f); see the docstring."""
   n = len(x)
   steps = n // batch
-  print(f'\n{title}: {len(lrs)} learning rates, batch {batch}, {optimizer}, 1 epoch of {n} examples '
-        f'{tuple(x.shape[1:])}')
+  print(
+    f'\n{title}: {len(lrs)} learning rates, batch {batch}, {optimizer}, 1 epoch of {n} examples '
+    f'{tuple(x.shape[1:])}'
+  )
   data = sweep.data.arrays(x, y, x[:1024], y[:1024])
   cfg = sweep.SweepConfig(
-      model=module, data=data, loss='softmax_cross_entropy', optimizer=optimizer, learning_rate=list(lrs),
-      batch_size=batch, seed=0, shuffle=False, epochs=1, num_evals=1, train_eval_size=1024,
+    model=module,
+    data=data,
+    loss='softmax_cross_entropy',
+    optimizer=optimizer,
+    learning_rate=list(lrs),
+    batch_size=batch,
+    seed=0,
+    shuffle=False,
+    epochs=1,
+    num_evals=1,
+    train_eval_size=1024,
   )
   t0 = time.perf_counter()
   result = sweep.run(cfg, progress=False)
@@ -364,18 +417,28 @@ def user_module(title, module, x, y, lrs, batch, optimizer, repeats, peak):
   vs = {k: np.array(times[k]) / np.array(times['engine']) for k in ('seq', 'hand')}
   run_steps = len(lrs) * steps
   init_fn, apply_fn = sweep.models.to_functions(module, x[:1], 10)
-  flops = n // batch * batch * len(lrs) * train_flops_per_example(apply_fn, init_fn(jax.random.key(0)), x)
+  flops = (
+    n // batch * batch * len(lrs) * train_flops_per_example(apply_fn, init_fn(jax.random.key(0)), x)
+  )
   axis = result.config['run_axis'][optimizer]
-  print(f'  engine: run axis {axis["width"]} wide x {axis["chunks"]} chunks (by {axis["chosen_by"]}), '
-        f'{axis["fast_layout_kernels"]} kernels in the fast layout; '
-        f'{flops / med["engine"] / 1e9:.1f} GFLOP/s = {flops / med["engine"] / 1e9 / peak:.0%} of matmul peak')
+  print(
+    f'  engine: run axis {axis["width"]} wide x {axis["chunks"]} chunks (by {axis["chosen_by"]}), '
+    f'{axis["fast_layout_kernels"]} kernels in the fast layout; '
+    f'{flops / med["engine"] / 1e9:.1f} GFLOP/s = {flops / med["engine"] / 1e9 / peak:.0%} of matmul peak'
+  )
   print(row('(a) engine', run_steps, med['engine']))
-  print(row(f'(b) sequential optax (compile {seq_compile:.1f} s)', run_steps, med['seq'])
-        + f'  engine {np.median(vs["seq"]):.2f}x (range {vs["seq"].min():.2f}-{vs["seq"].max():.2f})')
-  print(row('(f) hand-written jit(vmap(train))', run_steps, med['hand'])
-        + f'  engine {np.median(vs["hand"]):.2f}x (range {vs["hand"].min():.2f}-{vs["hand"].max():.2f})')
-  print(f'  first call, compiles included: engine {engine_first:.2f} s, (f) {hand_first:.2f} s: '
-        f'{engine_first / hand_first:.2f}x')
+  print(
+    row(f'(b) sequential optax (compile {seq_compile:.1f} s)', run_steps, med['seq'])
+    + f'  engine {np.median(vs["seq"]):.2f}x (range {vs["seq"].min():.2f}-{vs["seq"].max():.2f})'
+  )
+  print(
+    row('(f) hand-written jit(vmap(train))', run_steps, med['hand'])
+    + f'  engine {np.median(vs["hand"]):.2f}x (range {vs["hand"].min():.2f}-{vs["hand"].max():.2f})'
+  )
+  print(
+    f'  first call, compiles included: engine {engine_first:.2f} s, (f) {hand_first:.2f} s: '
+    f'{engine_first / hand_first:.2f}x'
+  )
 
 
 def mnist_images(n: int, mnist_dir: str | None, seed: int = 0):
@@ -392,32 +455,71 @@ def user_rows(quick: bool, peak: float, mnist_dir: str | None) -> None:
   repeats = 1 if quick else 3
   digits = sweep.data.digits(flatten=False)
   lrs16 = [float(v) for v in np.logspace(-3, -1, 16)]
-  user_module('flax MNIST CNN on 8x8 digits', MnistCNN(), digits.x_train[..., None], digits.y_train,
-              lrs16[::4] if quick else lrs16, 32, 'momentum', repeats, peak)
+  user_module(
+    'flax MNIST CNN on 8x8 digits',
+    MnistCNN(),
+    digits.x_train[..., None],
+    digits.y_train,
+    lrs16[::4] if quick else lrs16,
+    32,
+    'momentum',
+    repeats,
+    peak,
+  )
   x, y = mnist_images(512 if quick else 1024, mnist_dir)
   lrs8 = [float(v) for v in np.logspace(-3, -1, 8)]
-  user_module('flax MNIST CNN on 28x28 images' + (' (MNIST t10k)' if mnist_dir else ' (MNIST-shaped)'),
-              MnistCNN(), x, y, lrs8[::2] if quick else lrs8, 32, 'momentum', repeats, peak)
+  user_module(
+    'flax MNIST CNN on 28x28 images' + (' (MNIST t10k)' if mnist_dir else ' (MNIST-shaped)'),
+    MnistCNN(),
+    x,
+    y,
+    lrs8[::2] if quick else lrs8,
+    32,
+    'momentum',
+    repeats,
+    peak,
+  )
   x, y = mnist_shaped(4096 if quick else 8192)
   lrs64 = [float(v) for v in np.logspace(-4, -1, 64)]
-  user_module('seed MLP 784-10-10 with nn.Dense', FlaxMLP((10,), 10), x, y, lrs64, 32, 'adam', repeats, peak)
+  user_module(
+    'seed MLP 784-10-10 with nn.Dense', FlaxMLP((10,), 10), x, y, lrs64, 32, 'adam', repeats, peak
+  )
   if not quick:
     lrs16 = [float(v) for v in np.logspace(-5, -2, 16)]
-    user_module('1M-parameter MLP 784-1024-256-10 with nn.Dense', FlaxMLP((1024, 256), 10), x, y, lrs16,
-                128, 'adam', repeats, peak)
+    user_module(
+      '1M-parameter MLP 784-1024-256-10 with nn.Dense',
+      FlaxMLP((1024, 256), 10),
+      x,
+      y,
+      lrs16,
+      128,
+      'adam',
+      repeats,
+      peak,
+    )
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   parser.add_argument('--quick', action='store_true', help='smaller workloads, engine and (b) only')
-  parser.add_argument('--only', choices=['engine', 'user'], help="only the engine's own models, or the user-module rows")
-  parser.add_argument('--mnist', metavar='DIR', help='MNIST IDX files for the 28x28 row (default: synthetic images)')
+  parser.add_argument(
+    '--only',
+    choices=['engine', 'user'],
+    help="only the engine's own models, or the user-module rows",
+  )
+  parser.add_argument(
+    '--mnist', metavar='DIR', help='MNIST IDX files for the 28x28 row (default: synthetic images)'
+  )
   args = parser.parse_args()
   # As `sweep run` does: one CPU device per core, over which the engine shards its runs.
   # The baselines run on one device as before (their speed does not change).
   sweep.set_cpu_devices()
-  print(f'jax {jax.__version__} on {len(jax.devices())} x {jax.devices()[0].device_kind} '
-        f'({jax.default_backend()}), {os.cpu_count()} CPU cores')
+  print(
+    f'jax {jax.__version__} on {len(jax.devices())} x {jax.devices()[0].device_kind} '
+    f'({jax.default_backend()}), {os.cpu_count()} CPU cores'
+  )
   peak = matmul_gflops()
   print(f'float32 matmul (1024^3, XLA): {peak:.1f} GFLOP/s')
   if args.only != 'engine':
@@ -431,14 +533,25 @@ def main():
   workload('Seed MLP mixed grid', (10,), lrs16, [32, 64, 128, 256], 1, n, args.quick, peak)
   lrs8 = [float(v) for v in np.logspace(-4, -1, 8 if args.quick else 32)]
   d = sweep.data.mnist1d()
-  workload('MNIST-1D CNN (channels 16, 16; hidden 24)', None, lrs8, [32], 1, d.n_train, True, peak,
-           model=sweep.models.CNN(channels=(16, 16), hidden=24, outputs=10, spatial_dims=1),
-           data=(d.x_train, d.y_train))
+  workload(
+    'MNIST-1D CNN (channels 16, 16; hidden 24)',
+    None,
+    lrs8,
+    [32],
+    1,
+    d.n_train,
+    True,
+    peak,
+    model=sweep.models.CNN(channels=(16, 16), hidden=24, outputs=10, spatial_dims=1),
+    data=(d.x_train, d.y_train),
+  )
   if not args.quick:
     lrs256 = [float(v) for v in np.logspace(-4, -1, 256)]
     workload('Seed MLP, 256 runs at batch 128', (10,), lrs256, [128], 1, n, True, peak)
     lrs16 = [float(v) for v in np.logspace(-5, -2, 16)]
-    workload('1M-parameter MLP 784-1024-256-10, batch 128', (1024, 256), lrs16, [128], 1, n, True, peak)
+    workload(
+      '1M-parameter MLP 784-1024-256-10, batch 128', (1024, 256), lrs16, [128], 1, n, True, peak
+    )
 
 
 if __name__ == '__main__':

@@ -19,9 +19,14 @@ import sweep
 def main() -> None:
   sweep.set_cpu_devices()
   cfg = sweep.SweepConfig(
-      model=sweep.models.mlp(hidden=(1024,)), data=sweep.data.digits(), optimizer='adam',
-      learning_rate=[1e-3 * k for k in range(1, 33)], batch_size=128, epochs=10, num_evals=10,
-      name='checkpoint-overhead',
+    model=sweep.models.mlp(hidden=(1024,)),
+    data=sweep.data.digits(),
+    optimizer='adam',
+    learning_rate=[1e-3 * k for k in range(1, 33)],
+    batch_size=128,
+    epochs=10,
+    num_evals=10,
+    name='checkpoint-overhead',
   )
   sweep.run(cfg, progress=False)  # compiles
   bare, kept, size = [], [], 0
@@ -38,8 +43,10 @@ def main() -> None:
       size = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(state) for f in fs)
     finally:
       shutil.rmtree(root)
-  print(f'without a workdir: {min(bare):.2f} s; with a checkpoint after each of 10 segments: {min(kept):.2f} s '
-        f'({min(kept) / min(bare):.2f}x; state/ holds {size / 1e6:.1f} MB at the end)')
+  print(
+    f'without a workdir: {min(bare):.2f} s; with a checkpoint after each of 10 segments: {min(kept):.2f} s '
+    f'({min(kept) / min(bare):.2f}x; state/ holds {size / 1e6:.1f} MB at the end)'
+  )
 
 
 if __name__ == '__main__':

@@ -35,10 +35,16 @@ def one(runs: int, budget: float | None, out: str) -> None:
   x = rng.uniform(size=(2048, 784)).astype(np.float32)
   y = rng.integers(0, 10, size=2048).astype(np.int32)
   cfg = sweep.SweepConfig(
-      model=sweep.models.MLP(hidden=(1024, 256), outputs=10),  # 1.07M parameters
-      data=sweep.data.arrays(x[:1792], y[:1792], x[1792:], y[1792:]),
-      optimizer='adam', learning_rate=[float(v) for v in np.logspace(-5, -1, runs)],
-      batch_size=32, seed=0, updates=4, num_evals=1, train_eval_size=256, memory_budget=budget,
+    model=sweep.models.MLP(hidden=(1024, 256), outputs=10),  # 1.07M parameters
+    data=sweep.data.arrays(x[:1792], y[:1792], x[1792:], y[1792:]),
+    optimizer='adam',
+    learning_rate=[float(v) for v in np.logspace(-5, -1, runs)],
+    batch_size=32,
+    seed=0,
+    updates=4,
+    num_evals=1,
+    train_eval_size=256,
+    memory_budget=budget,
   )
   plan = config.validate(cfg)
   model = engine.model_of(cfg, plan.output_dim)
@@ -49,15 +55,25 @@ def one(runs: int, budget: float | None, out: str) -> None:
   peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
   result.table.to_csv(out)
   per_run = units.run_bytes(plan, model, 'adam', 256)
-  print(json.dumps({
-      'runs': runs, 'chunks': len(planned), 'chunk_width': planned[0].groups[0].slots.shape[1],
-      'estimated_bytes_per_run': per_run, 'estimated_total_gb': per_run * runs / 1e9,
-      'peak_rss_gb': peak / 1e9, 'seconds': seconds,
-  }))
+  print(
+    json.dumps(
+      {
+        'runs': runs,
+        'chunks': len(planned),
+        'chunk_width': planned[0].groups[0].slots.shape[1],
+        'estimated_bytes_per_run': per_run,
+        'estimated_total_gb': per_run * runs / 1e9,
+        'peak_rss_gb': peak / 1e9,
+        'seconds': seconds,
+      }
+    )
+  )
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   parser.add_argument('--runs', type=int, default=2048)
   parser.add_argument('--one', nargs=3, metavar=('RUNS', 'BUDGET', 'OUT'), help=argparse.SUPPRESS)
   args = parser.parse_args()
@@ -70,8 +86,12 @@ def main():
   tables = []
   for budget in ('default', str(32 * 30e6)):
     out = f'memory_check_{budget}.csv'
-    proc = subprocess.run([sys.executable, __file__, '--one', str(args.runs), budget, out],
-                          capture_output=True, text=True, check=True)
+    proc = subprocess.run(
+      [sys.executable, __file__, '--one', str(args.runs), budget, out],
+      capture_output=True,
+      text=True,
+      check=True,
+    )
     print(proc.stdout.strip().splitlines()[-1])
     tables.append(pd.read_csv(out))
     os.unlink(out)

@@ -1,10 +1,10 @@
 """Train a whole learning-rate x batch-size grid at once.
 
-    import sweep
-    cfg = sweep.SweepConfig(model=sweep.models.mlp(), data=sweep.data.digits(),
-                            learning_rate=[1e-3, 1e-2], batch_size=[32, 128])
-    result = sweep.run(cfg)
-    result.table
+import sweep
+cfg = sweep.SweepConfig(model=sweep.models.mlp(), data=sweep.data.digits(),
+                        learning_rate=[1e-3, 1e-2], batch_size=[32, 128])
+result = sweep.run(cfg)
+result.table
 """
 
 from sweep import adapters, analysis, data, distributed, models, space
@@ -18,6 +18,22 @@ from sweep.results import Result
 load = Result.load
 
 __all__ = [
-    'ConfigError', 'LRFinderResult', 'Result', 'SweepConfig', 'adapters', 'analysis', 'check', 'data', 'distributed', 'enable_compilation_cache',
-    'load', 'lr_find', 'models', 'restore_params', 'restore_variables', 'run', 'set_cpu_devices', 'space',
+  'ConfigError',
+  'LRFinderResult',
+  'Result',
+  'SweepConfig',
+  'adapters',
+  'analysis',
+  'check',
+  'data',
+  'distributed',
+  'enable_compilation_cache',
+  'load',
+  'lr_find',
+  'models',
+  'restore_params',
+  'restore_variables',
+  'run',
+  'set_cpu_devices',
+  'space',
 ]

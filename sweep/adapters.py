@@ -141,7 +141,6 @@ def model_of(cfg: SweepConfig, output_dim: int) -> Model:
   return _cached_model(model, example_x.shape, str(example_x.dtype), output_dim, cfg.train_argument)
 
 
-
 def adapt(
   model: Any, example_x: np.ndarray, output_dim: int | None, train_argument: str | None = None
 ) -> Model:
@@ -257,8 +256,8 @@ def _switch(module: nn.Module, train_argument: str | None) -> str | None:
       'model',
       describe(module),
       f'{type(module).__name__}.__call__ takes {name!r}, which looks like a train/eval switch; '
-      f"name it with SweepConfig(train_argument={name!r}) ({meaning}), so that dropout and "
-      "batch statistics are not left in one mode",
+      f'name it with SweepConfig(train_argument={name!r}) ({meaning}), so that dropout and '
+      'batch statistics are not left in one mode',
     )
   return None
 
@@ -311,7 +310,12 @@ def _linen(module: nn.Module, example_x: np.ndarray, train_argument: str | None)
     return {'params': params, **state}
 
   return Model(
-    init, apply, name=describe(module), random=random, variables=variables, state_layout='collections'
+    init,
+    apply,
+    name=describe(module),
+    random=random,
+    variables=variables,
+    state_layout='collections',
   )
 
 
@@ -345,7 +349,9 @@ def _is_nnx_factory(model: Any) -> bool:
 def _rngs(key: jax.Array) -> nnx.Rngs:
   # `params` draws the initial parameters (as nnx.Rngs(params=key) always did); the other
   # streams are only placeholders: the engine sets every stream's key before each update.
-  return nnx.Rngs(params=key, dropout=jax.random.fold_in(key, 1), default=jax.random.fold_in(key, 2))
+  return nnx.Rngs(
+    params=key, dropout=jax.random.fold_in(key, 1), default=jax.random.fold_in(key, 2)
+  )
 
 
 def _nnx(factory: Any, instance: nnx.Module | None, train_argument: str | None = None) -> Model:
@@ -447,7 +453,10 @@ def _equinox(model: Any, example_x: np.ndarray) -> Model:
   import equinox as eqx
 
   name = describe(model)
-  if any(isinstance(m, eqx.nn.StateIndex) for m in jax.tree.leaves(model, is_leaf=lambda m: isinstance(m, eqx.nn.StateIndex))):
+  if any(
+    isinstance(m, eqx.nn.StateIndex)
+    for m in jax.tree.leaves(model, is_leaf=lambda m: isinstance(m, eqx.nn.StateIndex))
+  ):
     raise config_error(
       'model',
       name,
@@ -508,7 +517,9 @@ def _keras(model: Any, example_x: np.ndarray) -> Model:
   name = describe(model)
   if keras.backend.backend() != 'jax':
     raise config_error(
-      'model', name, f'a Keras model on the JAX backend (KERAS_BACKEND=jax); this one runs on {keras.backend.backend()}'
+      'model',
+      name,
+      f'a Keras model on the JAX backend (KERAS_BACKEND=jax); this one runs on {keras.backend.backend()}',
     )
   if not model.built:
     model(np.asarray(example_x)[:1])
@@ -527,7 +538,11 @@ def _keras(model: Any, example_x: np.ndarray) -> Model:
     state = list(state)
     if train and key is not None:
       for j, i in enumerate(seeds):
-        state[i] = jax.random.key_data(jax.random.fold_in(key, j)).astype(state[i].dtype).reshape(state[i].shape)
+        state[i] = (
+          jax.random.key_data(jax.random.fold_in(key, j))
+          .astype(state[i].dtype)
+          .reshape(state[i].shape)
+        )
     out, new = model.stateless_call(params, state, x, training=train)
     return out, (list(new) if train else state)
 

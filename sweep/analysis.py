@@ -24,11 +24,11 @@ from sweep.config import axis_columns
 from sweep.errors import config_error
 
 __all__ = [
-    'annotate_overfitting',
-    'batch_size_table',
-    'lr_batch_slope',
-    'noise_scale',
-    'overfitting',
+  'annotate_overfitting',
+  'batch_size_table',
+  'lr_batch_slope',
+  'noise_scale',
+  'overfitting',
 ]
 
 MODES = ('min', 'max')
@@ -55,8 +55,8 @@ def _curve_column(metric: str, curves: pd.DataFrame, given: str | None) -> str:
   if given is not None:
     return given
   for prefix in ('final_', 'best_'):
-    if metric.startswith(prefix) and metric[len(prefix):] in curves.columns:
-      return metric[len(prefix):]
+    if metric.startswith(prefix) and metric[len(prefix) :] in curves.columns:
+      return metric[len(prefix) :]
   return 'val_loss'
 
 
@@ -66,7 +66,9 @@ def _config_columns(table: pd.DataFrame, config: dict | None = None) -> list[str
   return [a for a in axis_columns(list(table.columns), config) if a != 'seed']
 
 
-def _per_config(table: pd.DataFrame, metric: str, require_all_seeds: bool, config: dict | None = None) -> pd.DataFrame:
+def _per_config(
+  table: pd.DataFrame, metric: str, require_all_seeds: bool, config: dict | None = None
+) -> pd.DataFrame:
   """One row per configuration (every axis but the seed): the metric averaged over seeds.
 
   Returns:
@@ -83,9 +85,14 @@ def _per_config(table: pd.DataFrame, metric: str, require_all_seeds: bool, confi
   for column in (metric, 'updates', 'examples', 'seconds'):
     v = table[column].to_numpy(np.float64) if column in table.columns else np.full(n, np.nan)
     values[column] = np.where(ok, v, np.nan)  # means over the seeds kept
-  stats = pd.DataFrame(values).groupby('_group', sort=True).agg(
+  stats = (
+    pd.DataFrame(values)
+    .groupby('_group', sort=True)
+    .agg(
       **{c: (c, 'mean') for c in (metric, 'updates', 'examples', 'seconds')},
-      seeds=('_ok', 'sum'), size=('_ok', 'size'),
+      seeds=('_ok', 'sum'),
+      size=('_ok', 'size'),
+    )
   )
   # A learning rate that diverged for some seed is no safe best, however well the others did.
   keep = (stats['seeds'] > 0) & ((stats['seeds'] == stats['size']) | (not require_all_seeds))
@@ -98,7 +105,9 @@ def _per_config(table: pd.DataFrame, metric: str, require_all_seeds: bool, confi
   return out
 
 
-def _first_reached(curves: pd.DataFrame, runs: tuple[int, ...], column: str, target: float, mode: str):
+def _first_reached(
+  curves: pd.DataFrame, runs: tuple[int, ...], column: str, target: float, mode: str
+):
   """(updates, examples) at the first evaluation where the seed-averaged curve reached target."""
   if curves is None or curves.empty or column not in curves.columns:
     return math.nan, math.nan
@@ -115,13 +124,13 @@ def _first_reached(curves: pd.DataFrame, runs: tuple[int, ...], column: str, tar
 
 
 def batch_size_table(
-    result: Any,
-    metric: str = 'final_val_loss',
-    mode: str = 'min',
-    target: float | None = None,
-    *,
-    curve: str | None = None,
-    require_all_seeds: bool = True,
+  result: Any,
+  metric: str = 'final_val_loss',
+  mode: str = 'min',
+  target: float | None = None,
+  *,
+  curve: str | None = None,
+  require_all_seeds: bool = True,
 ) -> pd.DataFrame:
   """The best learning rate of each batch size, and what it cost.
 
@@ -161,7 +170,11 @@ def batch_size_table(
   curves = getattr(result, 'curves', None)
   curve_column = _curve_column(metric, curves if curves is not None else pd.DataFrame(), curve)
   keys = _config_columns(table, config)
-  varying = [k for k in keys if k not in ('batch_size', 'learning_rate') and table[k].nunique(dropna=False) > 1]
+  varying = [
+    k
+    for k in keys
+    if k not in ('batch_size', 'learning_rate') and table[k].nunique(dropna=False) > 1
+  ]
 
   rows = []
   for b, g in per_config.groupby('batch_size', sort=True):
@@ -175,11 +188,20 @@ def batch_size_table(
       row[k] = best[k]
     if target is not None:
       row['updates_to_target'], row['examples_to_target'] = _first_reached(
-          curves, best['runs'], curve_column, float(target), mode
+        curves, best['runs'], curve_column, float(target), mode
       )
     rows.append(row)
-  columns = ['batch_size', 'learning_rate', metric, 'updates', 'examples', 'seconds', 'seeds', 'runs',
-             'lr_at_edge'] + varying
+  columns = [
+    'batch_size',
+    'learning_rate',
+    metric,
+    'updates',
+    'examples',
+    'seconds',
+    'seeds',
+    'runs',
+    'lr_at_edge',
+  ] + varying
   if target is not None:
     columns += ['updates_to_target', 'examples_to_target']
   return pd.DataFrame(rows, columns=columns).set_index('batch_size')
@@ -219,19 +241,25 @@ def _interpret(slope: float, low: float, high: float, n: int, edge: list) -> str
     has_linear = low - slack <= 1.0 <= high + slack
     has_sqrt = low - slack <= 0.5 <= high + slack
     if has_linear and has_sqrt:
-      text += ('consistent with both the linear scaling rule (1, Goyal et al. 2017) and square-root '
-               'scaling (0.5); more batch sizes or seeds are needed to tell them apart.')
+      text += (
+        'consistent with both the linear scaling rule (1, Goyal et al. 2017) and square-root '
+        'scaling (0.5); more batch sizes or seeds are needed to tell them apart.'
+      )
     elif has_linear:
       text += 'consistent with the linear scaling rule (1, Goyal et al. 2017), not with square-root scaling (0.5).'
     elif has_sqrt:
       text += 'consistent with square-root scaling (0.5), not with the linear scaling rule (1, Goyal et al. 2017).'
     elif high < 0.5:
-      text += ('flatter than square-root scaling (0.5): the best learning rate grows little with the batch, '
-               'as past the critical batch size.')
+      text += (
+        'flatter than square-root scaling (0.5): the best learning rate grows little with the batch, '
+        'as past the critical batch size.'
+      )
     elif low > 1.0:
       text += 'steeper than the linear scaling rule (1, Goyal et al. 2017).'
     else:
-      text += 'between square-root scaling (0.5) and the linear scaling rule (1, Goyal et al. 2017).'
+      text += (
+        'between square-root scaling (0.5) and the linear scaling rule (1, Goyal et al. 2017).'
+      )
   else:
     if slope < 0.25:
       near = 'flatter than square-root scaling (0.5)'
@@ -244,20 +272,22 @@ def _interpret(slope: float, low: float, high: float, n: int, edge: list) -> str
     text += f' from {n} batch sizes, too few for an interval; the estimate is {near}.'
   if edge:
     sizes = ('batch size ' if len(edge) == 1 else 'batch sizes ') + ', '.join(str(b) for b in edge)
-    text += (f' The best learning rate at {sizes} is at the edge of the grid, which biases the slope: '
-             'widen the learning-rate grid.')
+    text += (
+      f' The best learning rate at {sizes} is at the edge of the grid, which biases the slope: '
+      'widen the learning-rate grid.'
+    )
   return text
 
 
 def lr_batch_slope(
-    result: Any,
-    metric: str = 'final_val_loss',
-    mode: str = 'min',
-    *,
-    confidence: float = 0.95,
-    bootstrap: int = 0,
-    rng: int | np.random.Generator | None = 0,
-    require_all_seeds: bool = True,
+  result: Any,
+  metric: str = 'final_val_loss',
+  mode: str = 'min',
+  *,
+  confidence: float = 0.95,
+  bootstrap: int = 0,
+  rng: int | np.random.Generator | None = 0,
+  require_all_seeds: bool = True,
 ) -> dict[str, Any]:
   """How the best learning rate scales with the batch size: log(best lr) on log(batch size).
 
@@ -300,8 +330,13 @@ def lr_batch_slope(
   else:
     slope = intercept = low = high = math.nan
   out = {
-      'slope': slope, 'intercept': intercept, 'ci_low': low, 'ci_high': high, 'n': n,
-      'batch_sizes': b, 'best_lrs': lr,
+    'slope': slope,
+    'intercept': intercept,
+    'ci_low': low,
+    'ci_high': high,
+    'n': n,
+    'batch_sizes': b,
+    'best_lrs': lr,
   }
   table = result.table
   seeds = table['seed'].unique() if 'seed' in table.columns else []
@@ -313,16 +348,29 @@ def lr_batch_slope(
       # Each drawn seed's rows, as many times as it was drawn: the resampled sweep.
       resampled = pd.concat([table[table['seed'] == s] for s in pick], ignore_index=True)
       resampled['run'] = np.arange(len(resampled))
-      t = batch_size_table(SimpleNamespace(table=resampled, curves=None, config=getattr(result, 'config', None)),
-                           metric, mode, require_all_seeds=require_all_seeds)
+      t = batch_size_table(
+        SimpleNamespace(table=resampled, curves=None, config=getattr(result, 'config', None)),
+        metric,
+        mode,
+        require_all_seeds=require_all_seeds,
+      )
       if len(t) >= 2:
-        slopes.append(_ols(np.log(t.index.to_numpy(np.float64)), np.log(t['learning_rate'].to_numpy(np.float64)),
-                           confidence)[0])
+        slopes.append(
+          _ols(
+            np.log(t.index.to_numpy(np.float64)),
+            np.log(t['learning_rate'].to_numpy(np.float64)),
+            confidence,
+          )[0]
+        )
     tail = 100 * (1 - confidence) / 2
     out['boot_low'], out['boot_high'] = (
-        (float(np.nanpercentile(slopes, tail)), float(np.nanpercentile(slopes, 100 - tail))) if slopes else (math.nan,) * 2
+      (float(np.nanpercentile(slopes, tail)), float(np.nanpercentile(slopes, 100 - tail)))
+      if slopes
+      else (math.nan,) * 2
     )
-  edge = [int(x) if float(x).is_integer() else x for x in best.index[best['lr_at_edge']]] if n else []
+  edge = (
+    [int(x) if float(x).is_integer() else x for x in best.index[best['lr_at_edge']]] if n else []
+  )
   out['interpretation'] = _interpret(slope, low, high, n, edge)
   return out
 
@@ -330,14 +378,17 @@ def lr_batch_slope(
 # ------------------------------------------------------------- overfitting ----
 
 
-def _overfitting_frame(table: pd.DataFrame, curves: pd.DataFrame | None, margin: float) -> pd.DataFrame:
+def _overfitting_frame(
+  table: pd.DataFrame, curves: pd.DataFrame | None, margin: float
+) -> pd.DataFrame:
   if isinstance(margin, bool) or not isinstance(margin, int | float) or not margin >= 0:
     raise config_error('margin', margin, 'expected a relative margin >= 0')
   runs = table['run'].to_numpy() if 'run' in table.columns else table.index.to_numpy()
   out = pd.DataFrame(index=pd.Index(runs, name='run'))
   if 'final_val_loss' in table.columns and 'final_train_loss' in table.columns:
-    out['generalization_gap'] = (table['final_val_loss'].to_numpy(np.float64)
-                                 - table['final_train_loss'].to_numpy(np.float64))
+    out['generalization_gap'] = table['final_val_loss'].to_numpy(np.float64) - table[
+      'final_train_loss'
+    ].to_numpy(np.float64)
   else:
     out['generalization_gap'] = np.nan
   out['best_val_eval'] = np.nan
@@ -347,7 +398,11 @@ def _overfitting_frame(table: pd.DataFrame, curves: pd.DataFrame | None, margin:
   if curves is None or curves.empty or 'val_loss' not in curves.columns:
     return out
 
-  c = curves[curves['run'].isin(runs)].sort_values(['run', 'eval'], kind='stable').reset_index(drop=True)
+  c = (
+    curves[curves['run'].isin(runs)]
+    .sort_values(['run', 'eval'], kind='stable')
+    .reset_index(drop=True)
+  )
   if c.empty:
     return out
   # Every run's evaluations as one row of a (runs, evaluations) grid: the rows of a run are
@@ -363,7 +418,11 @@ def _overfitting_frame(table: pd.DataFrame, curves: pd.DataFrame | None, margin:
   min_val = val[pick, best_at]
   found = np.isfinite(min_val)
   best_eval = np.where(found, grid('eval')[pick, best_at], np.nan)
-  best_epoch = np.where(found, grid('epoch')[pick, best_at], np.nan) if 'epoch' in c.columns else np.full(len(index), np.nan)
+  best_epoch = (
+    np.where(found, grid('epoch')[pick, best_at], np.nan)
+    if 'epoch' in c.columns
+    else np.full(len(index), np.nan)
+  )
   min_val = np.where(found, min_val, np.nan)
   final_val = val[pick, last_at]
   with np.errstate(divide='ignore', invalid='ignore'):
@@ -405,7 +464,9 @@ def overfitting(result: Any, margin: float = 0.05) -> pd.DataFrame:
   return _overfitting_frame(result.table, getattr(result, 'curves', None), margin)
 
 
-def annotate_overfitting(table: pd.DataFrame, curves: pd.DataFrame | None, margin: float = 0.05) -> pd.DataFrame:
+def annotate_overfitting(
+  table: pd.DataFrame, curves: pd.DataFrame | None, margin: float = 0.05
+) -> pd.DataFrame:
   """A copy of a results table with `overfitting`'s columns added (replaced if present).
 
   Args:
@@ -429,7 +490,9 @@ def annotate_overfitting(table: pd.DataFrame, curves: pd.DataFrame | None, margi
 # ------------------------------------------------------------- noise scale ----
 
 
-def noise_scale(g_small_sq: Any, g_big_sq: Any, b_small: Any, b_big: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def noise_scale(
+  g_small_sq: Any, g_big_sq: Any, b_small: Any, b_big: Any
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """The simple gradient noise scale from gradient norms at two batch sizes.
 
   McCandlish et al. 2018 ("An empirical model of large-batch training", appendix A): a
@@ -456,11 +519,17 @@ def noise_scale(g_small_sq: Any, g_big_sq: Any, b_small: Any, b_big: Any) -> tup
   Raises:
     ConfigError: batch sizes that are not positive or are equal.
   """
-  g_small_sq, g_big_sq, b_small, b_big = (np.asarray(a, np.float64) for a in (g_small_sq, g_big_sq, b_small, b_big))
+  g_small_sq, g_big_sq, b_small, b_big = (
+    np.asarray(a, np.float64) for a in (g_small_sq, g_big_sq, b_small, b_big)
+  )
   if np.any(b_small <= 0) or np.any(b_big <= 0):
-    raise config_error('batch sizes', (b_small.tolist(), b_big.tolist()), 'expected positive batch sizes')
+    raise config_error(
+      'batch sizes', (b_small.tolist(), b_big.tolist()), 'expected positive batch sizes'
+    )
   if np.any(b_small == b_big):
-    raise config_error('batch sizes', (b_small.tolist(), b_big.tolist()), 'expected two different batch sizes')
+    raise config_error(
+      'batch sizes', (b_small.tolist(), b_big.tolist()), 'expected two different batch sizes'
+    )
   g_sq = (b_big * g_big_sq - b_small * g_small_sq) / (b_big - b_small)
   tr_sigma = (g_small_sq - g_big_sq) / (1.0 / b_small - 1.0 / b_big)
   with np.errstate(divide='ignore', invalid='ignore'):

@@ -87,7 +87,9 @@ def load_leaves(path: str, abstract: Any) -> Any:
     arrays = [f[f'{i:06d}'] for i in range(len(leaves))]
   for a, want in zip(arrays, leaves, strict=True):
     if a.shape != tuple(want.shape) or a.dtype != want.dtype:
-      raise ValueError(f'{path} holds an array {a.shape} {a.dtype} where {want.shape} {want.dtype} belongs')
+      raise ValueError(
+        f'{path} holds an array {a.shape} {a.dtype} where {want.shape} {want.dtype} belongs'
+      )
   return jax.tree.unflatten(treedef, arrays)
 
 
@@ -260,12 +262,14 @@ class Final:
       return self._state
     if self.path is None:
       raise ValueError(
-          'this run\'s final state was not kept: the sweep outgrew its memory budget. '
-          'Run it with a workdir to keep every final state on disk.'
+        "this run's final state was not kept: the sweep outgrew its memory budget. "
+        'Run it with a workdir to keep every final state on disk.'
       )
     problem = files.verify(self.path, (STATE,))
     if problem is not None:
-      raise ValueError(f'{self.path} is damaged ({problem}): run the same sweep again to train this unit again')
+      raise ValueError(
+        f'{self.path} is damaged ({problem}): run the same sweep again to train this unit again'
+      )
     return load_leaves(os.path.join(self.path, STATE), self.abstract)
 
 
@@ -325,8 +329,8 @@ def _clear(workdir: str) -> None:
 
 def _refuse(workdir: str, what: str) -> WorkdirConflict:
   return WorkdirConflict(
-      f'workdir={workdir!r} holds another sweep: {what}. Use another workdir, or start afresh '
-      'with fresh=True (CLI: --fresh), which deletes its checkpoints.'
+    f'workdir={workdir!r} holds another sweep: {what}. Use another workdir, or start afresh '
+    'with fresh=True (CLI: --fresh), which deletes its checkpoints.'
   )
 
 
@@ -361,13 +365,19 @@ def claim(workdir: str, fp: Any, fresh: bool, write: bool = True) -> None:
       what = f'its sweep.json is damaged ({problem})' if problem else 'it has no sweep.json'
       raise _refuse(workdir, f'{what} and its checkpoints are of another sweep')
     if problem is not None and write:
-      say(f'{path} is damaged ({problem}); the checkpoints there are this sweep\'s: writing it again')
+      say(
+        f"{path} is damaged ({problem}); the checkpoints there are this sweep's: writing it again"
+      )
   elif held is not None and not fresh:
     if held.get('format') != fingerprint.FORMAT:
-      raise _refuse(workdir, 'it was written by an earlier version of sweep, whose fingerprint lists no fields')
+      raise _refuse(
+        workdir, 'it was written by an earlier version of sweep, whose fingerprint lists no fields'
+      )
     changed = fingerprint.differences(held['strict'], fp.strict)
     if changed:
-      shown = '; '.join(changed[:6]) + (f'; and {len(changed) - 6} more' if len(changed) > 6 else '')
+      shown = '; '.join(changed[:6]) + (
+        f'; and {len(changed) - 6} more' if len(changed) > 6 else ''
+      )
       raise _refuse(workdir, shown)
     notes = fingerprint.differences(held.get('soft', {}), fp.soft)
     if notes and write:
@@ -376,7 +386,9 @@ def claim(workdir: str, fp: Any, fresh: bool, write: bool = True) -> None:
       if fields:
         say('; '.join(fields) + ' (this changes no number: resuming)')
       if versions:
-        shown = '; '.join(versions[:4]) + (f'; and {len(versions) - 4} more' if len(versions) > 4 else '')
+        shown = '; '.join(versions[:4]) + (
+          f'; and {len(versions) - 4} more' if len(versions) > 4 else ''
+        )
         say(f'{shown} since the last run (float rounding may differ in the last bits: resuming)')
   if not write:
     return
@@ -399,14 +411,24 @@ class ResumePoint:
   seconds: float = 0.0  # the unit's training time so far
 
   def to_json(self) -> dict[str, Any]:
-    return {'fingerprint': self.fingerprint, 'unit': self.unit, 'segment': self.segment,
-            'history': self.history, 'unit_seconds': self.seconds}
+    return {
+      'fingerprint': self.fingerprint,
+      'unit': self.unit,
+      'segment': self.segment,
+      'history': self.history,
+      'unit_seconds': self.seconds,
+    }
 
   @classmethod
   def from_json(cls, meta: dict[str, Any]) -> ResumePoint:
     unit = meta.get('unit')
-    return cls(meta.get('fingerprint'), None if unit is None else int(unit), int(meta.get('segment', 0)),
-               meta.get('history'), float(meta.get('unit_seconds', 0.0)))
+    return cls(
+      meta.get('fingerprint'),
+      None if unit is None else int(unit),
+      int(meta.get('segment', 0)),
+      meta.get('history'),
+      float(meta.get('unit_seconds', 0.0)),
+    )
 
 
 @dataclasses.dataclass
@@ -424,8 +446,13 @@ class FinishedUnit:
 
   @classmethod
   def from_json(cls, meta: dict[str, Any]) -> FinishedUnit:
-    return cls(meta.get('fingerprint'), int(meta['unit']), int(meta.get('step', 0)), meta['history'],
-               float(meta['seconds']))
+    return cls(
+      meta.get('fingerprint'),
+      int(meta['unit']),
+      int(meta.get('step', 0)),
+      meta['history'],
+      float(meta['seconds']),
+    )
 
 
 @dataclasses.dataclass
@@ -434,12 +461,14 @@ class Resume:
 
   step: int = 0  # segments trained (the number of the next checkpoint minus one)
   finished: dict[int, FinishedUnit] = dataclasses.field(default_factory=dict)
-  point: ResumePoint = dataclasses.field(default_factory=lambda: ResumePoint(None))  # the unit in progress
+  point: ResumePoint = dataclasses.field(
+    default_factory=lambda: ResumePoint(None)
+  )  # the unit in progress
   state: Any = None  # its state
 
 
 def resume(
-    store: StateStore, workdir: str, mine: list[int], digest: str, abstract: Callable[[int], Any]
+  store: StateStore, workdir: str, mine: list[int], digest: str, abstract: Callable[[int], Any]
 ) -> Resume:
   """Reads back where this process stands, using only intact checkpoints.
 
@@ -520,12 +549,21 @@ def _run_meta_text(meta: dict[str, Any]) -> str:
 def run_is_saved(workdir: str, i: int, meta: dict[str, Any]) -> bool:
   """Whether run i is on disk, whole, with this metadata (a rerun then leaves it)."""
   path = run_path(workdir, i)
-  return files.verify(path) is None and files.same_content(path + '.json', _run_meta_text(meta).encode())
+  return files.verify(path) is None and files.same_content(
+    path + '.json', _run_meta_text(meta).encode()
+  )
 
 
 def save_run(
-    workdir: str, i: int, params: Any, opt_state: Any, meta: dict[str, Any], best_params: Any = None,
-    model_state: Any = None, best_model_state: Any = None, state_layout: str = 'collections',
+  workdir: str,
+  i: int,
+  params: Any,
+  opt_state: Any,
+  meta: dict[str, Any],
+  best_params: Any = None,
+  model_state: Any = None,
+  best_model_state: Any = None,
+  state_layout: str = 'collections',
 ) -> None:
   """Saves run i's parameters, model state (batch statistics) and optimizer state (and
   its best-evaluation parameters and model state, when kept) with orbax, their checksums,
@@ -570,11 +608,13 @@ def restore_run(workdir: str, i: int) -> dict[str, Any]:
   if not os.path.isdir(path):
     saved = saved_runs(workdir)
     raise KeyError(
-        f'run {i} was not saved in {workdir!r}; saved runs (the Pareto front): {saved or "none"}'
+      f'run {i} was not saved in {workdir!r}; saved runs (the Pareto front): {saved or "none"}'
     )
   problem = files.verify(path)
   if problem is not None:
-    raise ValueError(f'run {i} in {workdir!r} is damaged ({problem}): run the same sweep again to save it again')
+    raise ValueError(
+      f'run {i} in {workdir!r} is damaged ({problem}): run the same sweep again to save it again'
+    )
   with _checkpointer() as ckpt:
     tree = ckpt.restore(path)
   return jax.tree.map(np.asarray, tree)
@@ -593,7 +633,9 @@ def restore_variables(workdir: str, i: int, best: bool = False) -> dict[str, Any
   tree = restore_run(workdir, i)
   prefix = 'best_' if best else ''
   if prefix + 'params' not in tree:
-    raise KeyError(f'run {i} in {workdir!r} has no best parameters: the sweep ran without keep_best=True')
+    raise KeyError(
+      f'run {i} in {workdir!r} has no best parameters: the sweep ran without keep_best=True'
+    )
   variables = {'params': tree[prefix + 'params']}
   variables.update(tree.get(prefix + 'model_collections') or {})
   if tree.get(prefix + 'model_state'):
@@ -617,6 +659,7 @@ def restore_params(workdir: str, i: int, best: bool = False) -> Any:
   tree = restore_run(workdir, i)
   key = 'best_params' if best else 'params'
   if key not in tree:
-    raise KeyError(f'run {i} in {workdir!r} has no best parameters: the sweep ran without keep_best=True')
+    raise KeyError(
+      f'run {i} in {workdir!r} has no best parameters: the sweep ran without keep_best=True'
+    )
   return tree[key]
-

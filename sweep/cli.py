@@ -11,8 +11,9 @@ import re
 import sys
 import traceback
 
-DEFAULT_EXPERIMENT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                  'experiments', 'seed_mlp.py')
+DEFAULT_EXPERIMENT = os.path.join(
+  os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'experiments', 'seed_mlp.py'
+)
 
 
 class _Failure(Exception):
@@ -51,7 +52,11 @@ def _explain_type_error(e: TypeError) -> str | None:
 
 def _where(e: BaseException, path: str) -> str:
   """'file.py line N' of the innermost frame of the experiment file in `e`'s traceback."""
-  frames = [f for f in traceback.extract_tb(e.__traceback__) if os.path.abspath(f.filename) == os.path.abspath(path)]
+  frames = [
+    f
+    for f in traceback.extract_tb(e.__traceback__)
+    if os.path.abspath(f.filename) == os.path.abspath(path)
+  ]
   name = os.path.basename(path)
   return f'{name} line {frames[-1].lineno}' if frames else name
 
@@ -95,11 +100,18 @@ def _run(args) -> int:
   try:
     cfg = load_experiment(path)
     if not isinstance(cfg, sweep.SweepConfig):
-      raise SystemExit(f'sweep: get_config() in {path} returned {type(cfg).__name__}, not a sweep.SweepConfig')
+      raise SystemExit(
+        f'sweep: get_config() in {path} returned {type(cfg).__name__}, not a sweep.SweepConfig'
+      )
     result = sweep.run(
-        cfg, workdir=args.workdir, progress=not args.no_progress, fresh=args.fresh,
-        checkpoint_every=args.checkpoint_every, checkpoint_seconds=args.checkpoint_seconds,
-        experiment_file=path, keep_checkpoints=args.keep_checkpoints,
+      cfg,
+      workdir=args.workdir,
+      progress=not args.no_progress,
+      fresh=args.fresh,
+      checkpoint_every=args.checkpoint_every,
+      checkpoint_seconds=args.checkpoint_seconds,
+      experiment_file=path,
+      keep_checkpoints=args.keep_checkpoints,
     )
   except checkpoints.WorkdirConflict as e:
     print(f'sweep: {e}', file=sys.stderr)
@@ -147,13 +159,19 @@ def _lr_find(args) -> int:
   try:
     cfg = load_experiment(path)
     finder = sweep.lr_find(
-        cfg, method=args.method, start_lr=args.start_lr, end_lr=args.end_lr, num_it=args.num_it,
-        suggest=args.suggest,
+      cfg,
+      method=args.method,
+      start_lr=args.start_lr,
+      end_lr=args.end_lr,
+      num_it=args.num_it,
+      suggest=args.suggest,
     )
   except sweep.ConfigError as e:
     print(f'sweep: bad config in {path}: {e}', file=sys.stderr)
     return 2
-  print(f'LR range test ({args.method}) of {os.path.basename(path)}: suggestion {finder.suggestion:.3g} ({args.suggest})')
+  print(
+    f'LR range test ({args.method}) of {os.path.basename(path)}: suggestion {finder.suggestion:.3g} ({args.suggest})'
+  )
   for rule, value in finder.suggestions.items():
     print(f'  {rule:<8} {value:.3g}')
   if args.workdir:
@@ -190,16 +208,33 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument('experiment', nargs='?', help='a Python file defining get_config()')
   p.add_argument('--workdir', help='directory for results.csv, curves.csv, config.json')
   p.add_argument('--no-progress', action='store_true', help='hide the progress bar')
-  p.add_argument('--fresh', action='store_true', help='discard what the workdir holds and start afresh')
-  p.add_argument('--checkpoint-every', type=int, default=1, metavar='N', help='checkpoint every N segments')
-  p.add_argument('--checkpoint-seconds', type=float, default=None, metavar='S',
-                 help='also checkpoint when S seconds passed since the last checkpoint')
-  p.add_argument('--keep-checkpoints', type=int, default=2, metavar='K',
-                 help='keep the latest K checkpoints (a damaged one is skipped for the one before; default 2)')
+  p.add_argument(
+    '--fresh', action='store_true', help='discard what the workdir holds and start afresh'
+  )
+  p.add_argument(
+    '--checkpoint-every', type=int, default=1, metavar='N', help='checkpoint every N segments'
+  )
+  p.add_argument(
+    '--checkpoint-seconds',
+    type=float,
+    default=None,
+    metavar='S',
+    help='also checkpoint when S seconds passed since the last checkpoint',
+  )
+  p.add_argument(
+    '--keep-checkpoints',
+    type=int,
+    default=2,
+    metavar='K',
+    help='keep the latest K checkpoints (a damaged one is skipped for the one before; default 2)',
+  )
   p.add_argument('--no-report', action='store_true', help='skip the figures and report.html')
-  p.add_argument('--distributed', action='store_true',
-                 help='join the other processes first (jax.distributed.initialize; auto-detected on TPU VMs, '
-                      'else set --coordinator, --num-processes and --process-id)')
+  p.add_argument(
+    '--distributed',
+    action='store_true',
+    help='join the other processes first (jax.distributed.initialize; auto-detected on TPU VMs, '
+    'else set --coordinator, --num-processes and --process-id)',
+  )
   p.add_argument('--coordinator', help='host:port of process 0 (with --distributed)')
   p.add_argument('--num-processes', type=int)
   p.add_argument('--process-id', type=int)
@@ -224,8 +259,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f'sweep: {e}', file=sys.stderr)
     return e.code
   except KeyboardInterrupt:
-    kept = f'; the checkpoints in {args.workdir} are kept: run the same command again to resume' if getattr(
-        args, 'workdir', None) else ''
+    kept = (
+      f'; the checkpoints in {args.workdir} are kept: run the same command again to resume'
+      if getattr(args, 'workdir', None)
+      else ''
+    )
     print(f'sweep: interrupted (SIGINT){kept}', file=sys.stderr)
     return 130
   except OSError as e:  # a full disk (sweep.files.DiskFull), a read-only workdir, ...

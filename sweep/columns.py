@@ -12,15 +12,32 @@ from collections.abc import Iterable
 
 # Every table has these (the validation ones where there is a validation set).
 NUMERIC = (
-    'updates', 'examples', 'final_batch_loss', 'final_train_loss', 'final_val_loss', 'best_val_loss',
-    'best_eval', 'seconds', 'generalization_gap', 'best_val_epoch', 'best_val_eval', 'val_rise',
+  'updates',
+  'examples',
+  'final_batch_loss',
+  'final_train_loss',
+  'final_val_loss',
+  'best_val_loss',
+  'best_eval',
+  'seconds',
+  'generalization_gap',
+  'best_val_epoch',
+  'best_val_eval',
+  'val_rise',
 )
 # Those of classification losses (and callable losses that report an accuracy).
 ACCURACY = ('final_train_accuracy', 'final_val_accuracy', 'best_val_accuracy')
 # Those that need a validation set (`data.x_val`).
 VALIDATION = (
-    'final_val_loss', 'best_val_loss', 'best_eval', 'final_val_accuracy', 'best_val_accuracy',
-    'generalization_gap', 'best_val_eval', 'best_val_epoch', 'val_rise',
+  'final_val_loss',
+  'best_val_loss',
+  'best_eval',
+  'final_val_accuracy',
+  'best_val_accuracy',
+  'generalization_gap',
+  'best_val_eval',
+  'best_val_epoch',
+  'val_rise',
 )
 # Added by `analysis.annotate_overfitting`, from the curves.
 OVERFITTING = ('generalization_gap', 'best_val_eval', 'best_val_epoch', 'val_rise', 'overfit')
@@ -31,8 +48,16 @@ OTHER = ('run', 'status', 'overfit', 'pareto', 'pareto_rank')
 
 # The metrics of each evaluation, as the training programs return them (the curves).
 CURVES = (
-    'batch_loss', 'train_loss', 'train_accuracy', 'val_loss', 'val_accuracy', 'learning_rate', 'updates', 'alive',
-    'grad_sq_half', 'grad_sq_full',
+  'batch_loss',
+  'train_loss',
+  'train_accuracy',
+  'val_loss',
+  'val_accuracy',
+  'learning_rate',
+  'updates',
+  'alive',
+  'grad_sq_half',
+  'grad_sq_full',
 )
 
 DEFAULT_OBJECTIVES = {'final_val_loss': 'min', 'updates': 'min'}

@@ -39,17 +39,17 @@ from sweep.errors import ConfigError, config_error
 
 # The axes of a sweep, in the order runs are enumerated (the last varies fastest).
 AXES = (
-    'optimizer',
-    'schedule',
-    'batch_size',
-    'learning_rate',
-    'momentum',
-    'b1',
-    'b2',
-    'weight_decay',
-    'warmup',
-    'decay_rate',
-    'seed',
+  'optimizer',
+  'schedule',
+  'batch_size',
+  'learning_rate',
+  'momentum',
+  'b1',
+  'b2',
+  'weight_decay',
+  'warmup',
+  'decay_rate',
+  'seed',
 )
 
 DEFAULT_OBJECTIVES = columns.DEFAULT_OBJECTIVES
@@ -180,7 +180,9 @@ class SweepConfig:
   divergence_threshold: float = 100.0
   eval_batch_size: int = 1024
   train_eval_size: int = 4096
-  objectives: Mapping[str, str] = dataclasses.field(default_factory=lambda: dict(DEFAULT_OBJECTIVES))
+  objectives: Mapping[str, str] = dataclasses.field(
+    default_factory=lambda: dict(DEFAULT_OBJECTIVES)
+  )
   compute_dtype: str = 'float32'
   memory_budget: float | None = None
   noise_scale: bool = False
@@ -209,7 +211,9 @@ def _checked_init(init):
       if key not in names:
         close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
         hint = f" (did you mean '{close[0]}'?)" if close else ''
-        raise UnknownFieldError(f"SweepConfig has no field '{key}'{hint}; its fields are: {', '.join(names)}")
+        raise UnknownFieldError(
+          f"SweepConfig has no field '{key}'{hint}; its fields are: {', '.join(names)}"
+        )
     init(self, *args, **kwargs)
 
   return __init__
@@ -279,7 +283,9 @@ def _as_list(field: str, value) -> list:
   return values
 
 
-def _positive_finite(field: str, values: list, *, allow_zero: bool = False, upper: float | None = None):
+def _positive_finite(
+  field: str, values: list, *, allow_zero: bool = False, upper: float | None = None
+):
   for v in values:
     if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
       raise config_error(field, v, 'expected a finite number')
@@ -299,7 +305,11 @@ def table_columns(cfg: SweepConfig, axes: dict[str, list]) -> list[str]:
   """The numeric columns the results table of `cfg` may have (objectives pick from these;
   `preflight` checks them again against the validation set)."""
   numeric_axes = [a for a in axes if a not in ('optimizer', 'schedule') and axes[a] != [None]]
-  loss = cfg.loss if cfg.loss is not None else ('softmax_cross_entropy' if cfg.data.is_classification else 'mse')
+  loss = (
+    cfg.loss
+    if cfg.loss is not None
+    else ('softmax_cross_entropy' if cfg.data.is_classification else 'mse')
+  )
   accuracy = isinstance(loss, str) and loss in losses.CLASSIFICATION
   return columns.numeric(numeric_axes, accuracy, bool(cfg.noise_scale), validation=True)
 
@@ -317,16 +327,30 @@ class _Shown(str):
 OPTIMIZER_HYPERPARAMETERS = optimizers.HYPERPARAMETERS
 # Names a factory hyperparameter cannot take: the table's other columns and the config's fields.
 RESERVED = frozenset(
-    set(AXES) | set(columns.NUMERIC) | set(columns.ACCURACY) | set(columns.OTHER) | {columns.NOISE_SCALE}
-    | {'hyperparameters', 'runs',
-       'samples', 'sample_seed', 'epochs', 'updates', 'name', 'model', 'data', 'loss'}
+  set(AXES)
+  | set(columns.NUMERIC)
+  | set(columns.ACCURACY)
+  | set(columns.OTHER)
+  | {columns.NOISE_SCALE}
+  | {
+    'hyperparameters',
+    'runs',
+    'samples',
+    'sample_seed',
+    'epochs',
+    'updates',
+    'name',
+    'model',
+    'data',
+    'loss',
+  }
 )
 _FACTORY = 'a factory callable(learning_rate, **hyperparameters) -> optax.GradientTransformation'
 _TRANSFORMATION_HINT = (
-    'a ready-made transformation has its learning rate fixed inside it, so the sweep cannot set it; '
-    'pass a factory that builds it from the learning rate, e.g. optimizer=lambda learning_rate: '
-    'optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(learning_rate)) (its other keyword '
-    'arguments are filled from the fields of the same name and from hyperparameters=)'
+  'a ready-made transformation has its learning rate fixed inside it, so the sweep cannot set it; '
+  'pass a factory that builds it from the learning rate, e.g. optimizer=lambda learning_rate: '
+  'optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(learning_rate)) (its other keyword '
+  'arguments are filled from the fields of the same name and from hyperparameters=)'
 )
 
 
@@ -359,36 +383,45 @@ def _check_value(cfg: SweepConfig, field: str, v, where: str | None = None) -> N
     _refuse_transformation(where, v)
     if isinstance(v, str):
       if v not in optimizers.FAMILIES:
-        raise config_error(where, v, 'expected one of ' + ', '.join(optimizers.FAMILIES) + ', or ' + _FACTORY)
+        raise config_error(
+          where, v, 'expected one of ' + ', '.join(optimizers.FAMILIES) + ', or ' + _FACTORY
+        )
     elif callable(v):
       try:
         optimizers.signature(v)
       except ValueError as e:
         raise config_error(where, _Shown(_label(v)), f'expected {_FACTORY}: {e}') from None
     else:
-      raise config_error(where, v, 'expected one of ' + ', '.join(optimizers.FAMILIES) + ', or ' + _FACTORY)
+      raise config_error(
+        where, v, 'expected one of ' + ', '.join(optimizers.FAMILIES) + ', or ' + _FACTORY
+      )
   elif field == 'schedule':
     if isinstance(v, str):
       _names(where, [v], list(schedules.SCHEDULES))
     elif callable(v):
       if not _takes_two(v):
         raise config_error(
-            where, _Shown(_label(v)),
-            'expected callable(learning_rate, total_updates) returning an optax schedule; a schedule of the '
-            'update count alone fixes the learning rate: write it as lambda lr, total: '
-            'optax.cosine_decay_schedule(lr, total)',
+          where,
+          _Shown(_label(v)),
+          'expected callable(learning_rate, total_updates) returning an optax schedule; a schedule of the '
+          'update count alone fixes the learning rate: write it as lambda lr, total: '
+          'optax.cosine_decay_schedule(lr, total)',
         )
     else:
       raise config_error(
-          where, v, 'expected one of ' + ', '.join(schedules.SCHEDULES)
-          + ', or callable(learning_rate, total_updates) returning an optax schedule',
+        where,
+        v,
+        'expected one of '
+        + ', '.join(schedules.SCHEDULES)
+        + ', or callable(learning_rate, total_updates) returning an optax schedule',
       )
   elif field == 'learning_rate':
     if callable(v):
       raise config_error(
-          where, _Shown(_label(v)),
-          'expected a number; a schedule goes in schedule=, as callable(learning_rate, total_updates), '
-          'e.g. schedule=lambda lr, total: optax.warmup_cosine_decay_schedule(0.0, lr, total // 10, total)',
+        where,
+        _Shown(_label(v)),
+        'expected a number; a schedule goes in schedule=, as callable(learning_rate, total_updates), '
+        'e.g. schedule=lambda lr, total: optax.warmup_cosine_decay_schedule(0.0, lr, total // 10, total)',
       )
     _positive_finite(where, [v])
   elif field == 'batch_size':
@@ -408,8 +441,12 @@ def _check_value(cfg: SweepConfig, field: str, v, where: str | None = None) -> N
   elif field in OPTIMIZER_HYPERPARAMETERS:
     if v is not None:
       _positive_finite(where, [v], allow_zero=True, upper=None if field == 'weight_decay' else 1.0)
-  elif v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v)):
-    raise config_error(where, v, 'expected a finite number (a hyperparameter of an optimizer factory)')
+  elif v is not None and (
+    isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v)
+  ):
+    raise config_error(
+      where, v, 'expected a finite number (a hyperparameter of an optimizer factory)'
+    )
 
 
 def _check_space(cfg: SweepConfig, field: str, sp: spaces.Space) -> None:
@@ -417,21 +454,31 @@ def _check_space(cfg: SweepConfig, field: str, sp: spaces.Space) -> None:
   if field in ('optimizer', 'schedule') and not isinstance(sp, spaces.Choice):
     raise config_error(field, sp, f'{field} takes a list or sweep.space.choice([...])')
   if field in ('batch_size', 'seed') and not sp.integer:
-    raise config_error(field, sp, f'{field} takes integers: sweep.space.choice([...]) or sweep.space.randint(low, high)')
+    raise config_error(
+      field,
+      sp,
+      f'{field} takes integers: sweep.space.choice([...]) or sweep.space.randint(low, high)',
+    )
   if field == 'batch_size' and cfg.noise_scale is True and isinstance(sp, spaces.RandInt):
-    raise config_error(field, sp, 'noise_scale=True needs even batch sizes: use sweep.space.choice of even sizes')
+    raise config_error(
+      field, sp, 'noise_scale=True needs even batch sizes: use sweep.space.choice of even sizes'
+    )
   for c in sp.candidates():
     try:
       _check_value(cfg, field, c)
     except ConfigError as e:
       accepted = str(e).split(' is invalid: ', 1)[-1].rstrip('.')
-      raise config_error(field, _Shown(_space_repr(sp)), f'it can take {_label(c)}, which is refused: {accepted}') from None
+      raise config_error(
+        field, _Shown(_space_repr(sp)), f'it can take {_label(c)}, which is refused: {accepted}'
+      ) from None
 
 
 def _space_repr(sp: spaces.Space) -> str:
   """A space as config.json records it (callables by their labels, so the text is stable)."""
   if isinstance(sp, spaces.Choice):
-    return 'choice([' + ', '.join(repr(_label(o)) if callable(o) else repr(o) for o in sp.options) + '])'
+    return (
+      'choice([' + ', '.join(repr(_label(o)) if callable(o) else repr(o) for o in sp.options) + '])'
+    )
   return repr(sp)
 
 
@@ -445,7 +492,11 @@ def _normalise(cfg: SweepConfig, field: str, value) -> list | spaces.Space:
   values = _as_list(field, value)
   for v in values:
     if isinstance(v, spaces.Space):
-      raise config_error(field, value, f'a space is the whole field: {field}=sweep.space.{type(v).__name__.lower()}(...)')
+      raise config_error(
+        field,
+        value,
+        f'a space is the whole field: {field}=sweep.space.{type(v).__name__.lower()}(...)',
+      )
     _check_value(cfg, field, v)
   # Values compare as numbers (1 == 1.0 == np.float64(1.0)), so equal runs are caught.
   try:
@@ -460,7 +511,9 @@ def _normalise(cfg: SweepConfig, field: str, value) -> list | spaces.Space:
 def _hyperparameter_names(cfg: SweepConfig) -> list[str]:
   hp = cfg.hyperparameters
   if not isinstance(hp, Mapping):
-    raise config_error('hyperparameters', hp, "expected a dict name -> values, e.g. {'clip_norm': [0.5, 1.0]}")
+    raise config_error(
+      'hyperparameters', hp, "expected a dict name -> values, e.g. {'clip_norm': [0.5, 1.0]}"
+    )
   for name in hp:
     _check_hyperparameter_name('hyperparameters', name)
   return list(hp)
@@ -468,24 +521,34 @@ def _hyperparameter_names(cfg: SweepConfig) -> list[str]:
 
 def _check_hyperparameter_name(where: str, name) -> None:
   if not isinstance(name, str) or not name.isidentifier():
-    raise config_error(where, name, 'a hyperparameter is named by a keyword argument of the optimizer factory')
+    raise config_error(
+      where, name, 'a hyperparameter is named by a keyword argument of the optimizer factory'
+    )
   if name in OPTIMIZER_HYPERPARAMETERS:
     raise config_error(where, name, f'{name} is a field of its own: set {name}=... instead')
   if name in RESERVED:
-    raise config_error(where, name, f'{name!r} names a field or a column of the results table already; '
-                       'rename the keyword argument of the factory')
+    raise config_error(
+      where,
+      name,
+      f'{name!r} names a field or a column of the results table already; '
+      'rename the keyword argument of the factory',
+    )
 
 
 def _runs_entries(cfg: SweepConfig) -> list[dict]:
   entries = cfg.runs
   if isinstance(entries, (str, bytes, Mapping)) or not isinstance(entries, Sequence):
-    raise config_error('runs', entries, "expected a list of dicts, e.g. [{'learning_rate': 1e-3, 'batch_size': 32}]")
+    raise config_error(
+      'runs', entries, "expected a list of dicts, e.g. [{'learning_rate': 1e-3, 'batch_size': 32}]"
+    )
   if not entries:
     raise config_error('runs', entries, 'expected at least one run')
   out = []
   for i, entry in enumerate(entries):
     if not isinstance(entry, Mapping):
-      raise config_error(f'runs[{i}]', entry, "expected a dict of fields, e.g. {'learning_rate': 1e-3}")
+      raise config_error(
+        f'runs[{i}]', entry, "expected a dict of fields, e.g. {'learning_rate': 1e-3}"
+      )
     out.append(dict(entry))
   return out
 
@@ -501,7 +564,9 @@ def validate(cfg: SweepConfig) -> Plan:
   traces the factories and schedule callables, without compiling, once the model is known).
   """
   if not isinstance(cfg.data, Dataset):
-    raise config_error('data', type(cfg.data).__name__, 'expected a sweep.data.Dataset, e.g. sweep.data.arrays(x, y)')
+    raise config_error(
+      'data', type(cfg.data).__name__, 'expected a sweep.data.Dataset, e.g. sweep.data.arrays(x, y)'
+    )
   data = cfg.data
   n = data.n_train
 
@@ -511,7 +576,9 @@ def validate(cfg: SweepConfig) -> Plan:
   if isinstance(loss, str):
     _names('loss', [loss], sorted(losses.LOSSES))
   elif not callable(loss):
-    raise config_error('loss', loss, 'expected a name (' + ', '.join(sorted(losses.LOSSES)) + ') or a callable')
+    raise config_error(
+      'loss', loss, 'expected a name (' + ', '.join(sorted(losses.LOSSES)) + ') or a callable'
+    )
   loss = adapters.keras_loss(loss)
   if not isinstance(cfg.noise_scale, bool):
     raise config_error('noise_scale', cfg.noise_scale, 'expected True or False')
@@ -530,7 +597,11 @@ def validate(cfg: SweepConfig) -> Plan:
       for key in entry:
         if key in AXES or key in hyper_names:
           continue
-        if isinstance(key, str) and callable(opt) and not isinstance(opt, optax.GradientTransformation):
+        if (
+          isinstance(key, str)
+          and callable(opt)
+          and not isinstance(opt, optax.GradientTransformation)
+        ):
           try:
             accepted = optimizers.signature(opt).accepts(key)
           except ValueError:
@@ -541,9 +612,11 @@ def validate(cfg: SweepConfig) -> Plan:
             continue
         known = list(AXES) + hyper_names
         raise config_error(
-            f'runs[{i}]', _Shown(repr(key)),
-            'a run names fields of the sweep: ' + ', '.join(known)
-            + ', or keyword arguments of its optimizer factory',
+          f'runs[{i}]',
+          _Shown(repr(key)),
+          'a run names fields of the sweep: '
+          + ', '.join(known)
+          + ', or keyword arguments of its optimizer factory',
         )
   position = AXES.index('weight_decay') + 1
   fields = AXES[:position] + tuple(hyper_names) + AXES[position:]
@@ -551,25 +624,41 @@ def validate(cfg: SweepConfig) -> Plan:
   norm = {f: _normalise(cfg, f, raw_field[f]) for f in fields}
   sampled = [f for f in fields if isinstance(norm[f], spaces.Space)]
 
-  if isinstance(cfg.sample_seed, bool) or not isinstance(cfg.sample_seed, numbers.Integral) or cfg.sample_seed < 0:
+  if (
+    isinstance(cfg.sample_seed, bool)
+    or not isinstance(cfg.sample_seed, numbers.Integral)
+    or cfg.sample_seed < 0
+  ):
     raise config_error('sample_seed', cfg.sample_seed, 'expected an integer >= 0')
   if cfg.samples is not None and (
-      isinstance(cfg.samples, bool) or not isinstance(cfg.samples, numbers.Integral) or cfg.samples <= 0
+    isinstance(cfg.samples, bool)
+    or not isinstance(cfg.samples, numbers.Integral)
+    or cfg.samples <= 0
   ):
-    raise config_error('samples', cfg.samples, 'expected a positive integer: how many configurations to draw')
+    raise config_error(
+      'samples', cfg.samples, 'expected a positive integer: how many configurations to draw'
+    )
 
   # ---- the runs, as given (callables themselves)
   search: dict[str, Any] = {}
   if entries is not None:
     if sampled:
-      raise config_error(sampled[0], _Shown(_space_repr(norm[sampled[0]])),
-                         'runs= lists every run: give each run its own value instead of a space')
+      raise config_error(
+        sampled[0],
+        _Shown(_space_repr(norm[sampled[0]])),
+        'runs= lists every run: give each run its own value instead of a space',
+      )
     if cfg.samples is not None:
-      raise config_error('samples', cfg.samples, 'runs= lists every run: samples= draws runs from spaces instead')
+      raise config_error(
+        'samples', cfg.samples, 'runs= lists every run: samples= draws runs from spaces instead'
+      )
     for f in fields:
       if len(norm[f]) > 1:
-        raise config_error(f, raw_field[f], 'with runs=, a field a run does not name takes one value: '
-                           'name it in each run instead')
+        raise config_error(
+          f,
+          raw_field[f],
+          'with runs=, a field a run does not name takes one value: name it in each run instead',
+        )
     raw_runs = []
     for i, entry in enumerate(entries):
       raw = {f: norm[f][0] for f in fields}
@@ -578,7 +667,9 @@ def validate(cfg: SweepConfig) -> Plan:
         if key == 'optimizer':
           _refuse_transformation(where, v)
         if isinstance(v, spaces.Space) or isinstance(v, (list, tuple, np.ndarray)):
-          raise config_error(where, v, 'a run takes one value per field (a list of values is a list of runs)')
+          raise config_error(
+            where, v, 'a run takes one value per field (a list of values is a list of runs)'
+          )
         _check_value(cfg, key, v, where)
         raw[key] = v
       raw_runs.append(raw)
@@ -586,43 +677,65 @@ def validate(cfg: SweepConfig) -> Plan:
     for i, raw in enumerate(raw_runs):
       key = tuple((f, id(v) if callable(v) else v) for f, v in raw.items())
       if key in seen:
-        raise config_error(f'runs[{i}]', entries[i], f'it repeats runs[{seen[key]}]: the same configuration twice')
+        raise config_error(
+          f'runs[{i}]', entries[i], f'it repeats runs[{seen[key]}]: the same configuration twice'
+        )
       seen[key] = i
     search = {'mode': 'runs'}
   elif sampled:
     if cfg.samples is None:
-      raise config_error(sampled[0], _Shown(_space_repr(norm[sampled[0]])),
-                         'a sampled field needs samples=N: how many configurations to draw')
+      raise config_error(
+        sampled[0],
+        _Shown(_space_repr(norm[sampled[0]])),
+        'a sampled field needs samples=N: how many configurations to draw',
+      )
     count = int(cfg.samples)
     draws = {f: _draw(f, norm[f], int(cfg.sample_seed), count) for f in sampled}
     # The sampled configurations form one axis, at the place of the first sampled field.
     listed = [f for f in fields if f not in sampled]
     k = sum(1 for f in fields[: fields.index(sampled[0])] if f not in sampled)
     raw_runs = []
-    for combo in itertools.product(*(norm[f] for f in listed[:k]), range(count), *(norm[f] for f in listed[k:])):
+    for combo in itertools.product(
+      *(norm[f] for f in listed[:k]), range(count), *(norm[f] for f in listed[k:])
+    ):
       j = combo[k]
       raw = dict(zip(listed[:k], combo[:k], strict=True))
       raw.update({f: draws[f][j] for f in sampled})
-      raw.update(zip(listed[k:], combo[k + 1:], strict=True))
+      raw.update(zip(listed[k:], combo[k + 1 :], strict=True))
       raw_runs.append({f: raw[f] for f in fields})
     search = {
-        'mode': 'sampled', 'samples': count, 'sample_seed': int(cfg.sample_seed),
-        'spaces': {f: _space_repr(norm[f]) for f in sampled},
+      'mode': 'sampled',
+      'samples': count,
+      'sample_seed': int(cfg.sample_seed),
+      'spaces': {f: _space_repr(norm[f]) for f in sampled},
     }
   else:
     if cfg.samples is not None:
-      raise config_error('samples', cfg.samples, 'samples=N draws from sampled fields, and none is given: '
-                         'e.g. learning_rate=sweep.space.loguniform(1e-4, 1e-1)')
-    raw_runs = [dict(zip(fields, combo, strict=True)) for combo in itertools.product(*(norm[f] for f in fields))]
+      raise config_error(
+        'samples',
+        cfg.samples,
+        'samples=N draws from sampled fields, and none is given: '
+        'e.g. learning_rate=sweep.space.loguniform(1e-4, 1e-1)',
+      )
+    raw_runs = [
+      dict(zip(fields, combo, strict=True))
+      for combo in itertools.product(*(norm[f] for f in fields))
+    ]
 
   # ---- budgets
   if cfg.epochs is not None and cfg.updates is not None:
-    raise config_error('epochs', cfg.epochs, f'give one budget, epochs or updates, not both (updates={cfg.updates!r})')
+    raise config_error(
+      'epochs',
+      cfg.epochs,
+      f'give one budget, epochs or updates, not both (updates={cfg.updates!r})',
+    )
   epochs = 1 if cfg.epochs is None and cfg.updates is None else cfg.epochs
   if epochs is not None:
     _positive_finite('epochs', [epochs])
   if cfg.updates is not None and (
-      isinstance(cfg.updates, bool) or not isinstance(cfg.updates, numbers.Integral) or cfg.updates <= 0
+    isinstance(cfg.updates, bool)
+    or not isinstance(cfg.updates, numbers.Integral)
+    or cfg.updates <= 0
   ):
     raise config_error('updates', cfg.updates, 'expected a positive integer')
   if not isinstance(cfg.shuffle, bool):
@@ -634,10 +747,16 @@ def validate(cfg: SweepConfig) -> Plan:
     v = getattr(cfg, name)
     if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v <= 0:
       raise config_error(name, v, 'expected a positive integer')
-  if cfg.train_argument is not None and (not isinstance(cfg.train_argument, str) or not cfg.train_argument.isidentifier()):
-    raise config_error('train_argument', cfg.train_argument, 'the name of an argument of the model, or None')
+  if cfg.train_argument is not None and (
+    not isinstance(cfg.train_argument, str) or not cfg.train_argument.isidentifier()
+  ):
+    raise config_error(
+      'train_argument', cfg.train_argument, 'the name of an argument of the model, or None'
+    )
   if cfg.augment is not None and not callable(cfg.augment):
-    raise config_error('augment', cfg.augment, 'a function augment(key, x_batch) -> x_batch, or None')
+    raise config_error(
+      'augment', cfg.augment, 'a function augment(key, x_batch) -> x_batch, or None'
+    )
   if not isinstance(cfg.keep_best, bool):
     raise config_error('keep_best', cfg.keep_best, 'expected True or False')
   if cfg.memory_budget is not None:
@@ -671,14 +790,17 @@ def validate(cfg: SweepConfig) -> Plan:
   axes = {f: _distinct(_display(r.spec[f], r.values, f) for r in runs) for f in fields}
   always = ('learning_rate', 'batch_size', 'seed', 'optimizer', 'schedule')
   swept = tuple(
-      f for f in fields
-      if f in always or f in hyper_names or len(axes[f]) > 1
-      or (f in OPTIMIZER_HYPERPARAMETERS and axes[f] != [None])
+    f
+    for f in fields
+    if f in always
+    or f in hyper_names
+    or len(axes[f]) > 1
+    or (f in OPTIMIZER_HYPERPARAMETERS and axes[f] != [None])
   )
   if entries is not None:
     search['runs'] = [
-        {k: (r.values[k] if k in ('optimizer', 'schedule') else v) for k, v in entry.items()}
-        for r, entry in zip(runs, entries, strict=True)
+      {k: (r.values[k] if k in ('optimizer', 'schedule') else v) for k, v in entry.items()}
+      for r, entry in zip(runs, entries, strict=True)
     ]
 
   if not isinstance(cfg.objectives, Mapping) or not cfg.objectives:
@@ -688,23 +810,25 @@ def validate(cfg: SweepConfig) -> Plan:
     if sense not in ('min', 'max'):
       raise config_error(f'objectives[{col!r}]', sense, 'expected "min" or "max"')
     if col not in numeric:
-      raise config_error('objectives', col, 'a numeric column of the results table: ' + ', '.join(numeric))
+      raise config_error(
+        'objectives', col, 'a numeric column of the results table: ' + ', '.join(numeric)
+      )
 
   return Plan(
-      config=cfg,
-      runs=tuple(runs),
-      loss=loss,
-      axes=axes,
-      swept=swept,
-      batch_sizes=batch_sizes,
-      steps_per_epoch=steps_per_epoch,
-      total_updates=total,
-      num_evals=num_evals,
-      output_dim=output_dim,
-      fields=fields,
-      groups=tuple(_distinct(r.group for r in runs)),
-      custom_schedules=custom,
-      search=search,
+    config=cfg,
+    runs=tuple(runs),
+    loss=loss,
+    axes=axes,
+    swept=swept,
+    batch_sizes=batch_sizes,
+    steps_per_epoch=steps_per_epoch,
+    total_updates=total,
+    num_evals=num_evals,
+    output_dim=output_dim,
+    fields=fields,
+    groups=tuple(_distinct(r.group for r in runs)),
+    custom_schedules=custom,
+    search=search,
   )
 
 
@@ -751,14 +875,20 @@ def _resolve(cfg, fields, hyper_names, raw_runs, total, *, explicit: bool) -> li
   the values the table shows."""
   factories = _distinct(r['optimizer'] for r in raw_runs if not isinstance(r['optimizer'], str))
   scheds = _distinct(r['schedule'] for r in raw_runs if not isinstance(r['schedule'], str))
-  opt_labels = _labels(factories, {r['optimizer'] for r in raw_runs if isinstance(r['optimizer'], str)})
-  sched_labels = _labels(scheds, {r['schedule'] for r in raw_runs if isinstance(r['schedule'], str)})
+  opt_labels = _labels(
+    factories, {r['optimizer'] for r in raw_runs if isinstance(r['optimizer'], str)}
+  )
+  sched_labels = _labels(
+    scheds, {r['schedule'] for r in raw_runs if isinstance(r['schedule'], str)}
+  )
   signatures = {id(fn): optimizers.signature(fn) for fn in factories}
   names_of = {id(fn): [] for fn in factories}  # per factory: every name any of its runs fills
   for r in raw_runs:
     if not isinstance(r['optimizer'], str):
       names = names_of[id(r['optimizer'])]
-      names.extend(h for h in fields if _fills(h, hyper_names) and r[h] is not None and h not in names)
+      names.extend(
+        h for h in fields if _fills(h, hyper_names) and r[h] is not None and h not in names
+      )
   ordered = {k: [h for h in fields if h in v] for k, v in names_of.items()}
 
   # Per named optimizer, the hyperparameters some run sets: those are injected (in every
@@ -766,7 +896,9 @@ def _resolve(cfg, fields, hyper_names, raw_runs, total, *, explicit: bool) -> li
   injected: dict[str, set[str]] = {}
   for raw in raw_runs:
     if isinstance(raw['optimizer'], str):
-      injected.setdefault(raw['optimizer'], set()).update(k for k in OPTIMIZER_HYPERPARAMETERS if raw[k] is not None)
+      injected.setdefault(raw['optimizer'], set()).update(
+        k for k in OPTIMIZER_HYPERPARAMETERS if raw[k] is not None
+      )
   runs = []
   for i, raw in enumerate(raw_runs):
     field = (lambda f, i=i: f'runs[{i}][{f!r}]') if explicit else (lambda f: f)
@@ -778,15 +910,22 @@ def _resolve(cfg, fields, hyper_names, raw_runs, total, *, explicit: bool) -> li
         if raw[name] is not None and name not in fam.hypers:
           takers = optimizers.families_accepting(name)
           shown = raw[name] if explicit else getattr(cfg, name)
-          raise config_error(field(name), shown,
-                             f'optimizer {opt!r} takes no {name}; it applies to ' + ', '.join(takers)
-                             + ', and to optimizer factories that take it')
+          raise config_error(
+            field(name),
+            shown,
+            f'optimizer {opt!r} takes no {name}; it applies to '
+            + ', '.join(takers)
+            + ', and to optimizer factories that take it',
+          )
       for name in hyper_names:
         if raw[name] is not None:
           shown = raw[name] if explicit else cfg.hyperparameters.get(name)
-          raise config_error(field(name) if explicit else f'hyperparameters[{name!r}]', shown,
-                             f'optimizer {opt!r} takes no {name}: hyperparameters= fills keyword arguments '
-                             'of optimizer factories')
+          raise config_error(
+            field(name) if explicit else f'hyperparameters[{name!r}]',
+            shown,
+            f'optimizer {opt!r} takes no {name}: hyperparameters= fills keyword arguments '
+            'of optimizer factories',
+          )
       for name in OPTIMIZER_HYPERPARAMETERS:
         if name not in fam.hypers:
           values[name] = None
@@ -795,19 +934,28 @@ def _resolve(cfg, fields, hyper_names, raw_runs, total, *, explicit: bool) -> li
       # Only what the sweep sets is injected (traced, float32); the defaults stay Python
       # floats inside optax, so that `adam` is exactly `optax.adam(lr)` (1 - float32(0.999)
       # is 0.99998713e-3: a learning rate 6.4e-6 larger in effect).
-      hypers = {k: float(values[k]) for k in OPTIMIZER_HYPERPARAMETERS if k in injected[opt] and values[k] is not None}
+      hypers = {
+        k: float(values[k])
+        for k in OPTIMIZER_HYPERPARAMETERS
+        if k in injected[opt] and values[k] is not None
+      }
       family = opt
     else:
       sig = signatures[id(opt)]
       label = opt_labels[id(opt)]
       for name in fields:
         if _fills(name, hyper_names) and raw[name] is not None and not sig.accepts(name):
-          shown = raw[name] if explicit else (getattr(cfg, name) if name in AXES else cfg.hyperparameters.get(name))
+          shown = (
+            raw[name]
+            if explicit
+            else (getattr(cfg, name) if name in AXES else cfg.hyperparameters.get(name))
+          )
           where = field(name) if explicit or name in AXES else f'hyperparameters[{name!r}]'
           raise config_error(
-              where, shown,
-              f'the optimizer factory {label!r} takes no {name}; its keyword arguments are '
-              + (', '.join(sig.keywords) or 'none'),
+            where,
+            shown,
+            f'the optimizer factory {label!r} takes no {name}; its keyword arguments are '
+            + (', '.join(sig.keywords) or 'none'),
           )
       hypers = {}
       for name in ordered[id(opt)]:
@@ -821,9 +969,12 @@ def _resolve(cfg, fields, hyper_names, raw_runs, total, *, explicit: bool) -> li
         hypers[name] = float(v)
       for name in sig.required():
         if name not in hypers:
-          how = f'set {name}=...' if name in AXES else f"give hyperparameters={{{name!r}: [...]}}"
-          raise config_error(field('optimizer'), _Shown(label),
-                             f'the factory takes {name} and nothing fills it: {how}')
+          how = f'set {name}=...' if name in AXES else f'give hyperparameters={{{name!r}: [...]}}'
+          raise config_error(
+            field('optimizer'),
+            _Shown(label),
+            f'the factory takes {name} and nothing fills it: {how}',
+          )
       for name in OPTIMIZER_HYPERPARAMETERS:
         if name not in hypers:
           values[name] = None
@@ -833,19 +984,40 @@ def _resolve(cfg, fields, hyper_names, raw_runs, total, *, explicit: bool) -> li
     b = int(raw['batch_size'])
     if isinstance(sched, str):
       try:
-        schedules.make_params(sched, float(raw['learning_rate']), total[b], decay_rate=raw['decay_rate'],
-                              decay_every=cfg.decay_every, warmup=raw['warmup'])
+        schedules.make_params(
+          sched,
+          float(raw['learning_rate']),
+          total[b],
+          decay_rate=raw['decay_rate'],
+          decay_every=cfg.decay_every,
+          warmup=raw['warmup'],
+        )
       except ValueError as e:
-        where, value = (field('warmup'), raw['warmup']) if sched == 'warmup_cosine' else (field('schedule'), sched)
+        where, value = (
+          (field('warmup'), raw['warmup'])
+          if sched == 'warmup_cosine'
+          else (field('schedule'), sched)
+        )
         raise config_error(
-            where, value, f'{e} (schedule {sched!r} at batch size {b}, whose runs make {total[b]} updates)'
+          where,
+          value,
+          f'{e} (schedule {sched!r} at batch size {b}, whose runs make {total[b]} updates)',
         ) from None
     else:
       values['schedule'] = sched_labels[id(sched)]
     for h in hyper_names:
       values.setdefault(h, None)
-    runs.append(Run(index=i, values=values, total_updates=total[b], family=family, schedule=sched,
-                    hypers=hypers, spec=dict(raw)))
+    runs.append(
+      Run(
+        index=i,
+        values=values,
+        total_updates=total[b],
+        family=family,
+        schedule=sched,
+        hypers=hypers,
+        spec=dict(raw),
+      )
+    )
   return runs
 
 
@@ -857,7 +1029,9 @@ def _fills(name: str, hyper_names: list[str]) -> bool:
 def run_fields(plan: Plan, run: Run) -> dict[str, Any]:
   """The fields that make `run` a sweep of its own: `plan.config.replace(**run_fields(plan, run))`."""
   out = {f: run.spec[f] for f in AXES}
-  out['hyperparameters'] = {h: run.spec[h] for h in plan.fields if h not in AXES and run.spec[h] is not None}
+  out['hyperparameters'] = {
+    h: run.spec[h] for h in plan.fields if h not in AXES and run.spec[h] is not None
+  }
   out.update(runs=None, samples=None)
   return out
 
@@ -888,11 +1062,16 @@ def check_callables(plan: Plan, model: Any) -> None:
     try:
       made = family.fn(lr, **run.hypers)
     except Exception as e:  # the researcher's code: report it as theirs
-      raise config_error('optimizer', _Shown(family.label), f'factory({shown}) failed: {type(e).__name__}: {e}') from e
+      raise config_error(
+        'optimizer', _Shown(family.label), f'factory({shown}) failed: {type(e).__name__}: {e}'
+      ) from e
     if not isinstance(made, optax.GradientTransformation):
-      raise config_error('optimizer', _Shown(family.label),
-                         f'a factory must return an optax.GradientTransformation; factory({shown}) returned '
-                         f'{type(made).__name__}')
+      raise config_error(
+        'optimizer',
+        _Shown(family.label),
+        f'a factory must return an optax.GradientTransformation; factory({shown}) returned '
+        f'{type(made).__name__}',
+      )
 
     def step(p, hp, lr, family=family):
       opt = optimizers.make(family, hp)
@@ -904,13 +1083,16 @@ def check_callables(plan: Plan, model: Any) -> None:
       out = jax.eval_shape(step, params, {k: f32 for k in names}, f32)
     except Exception as e:
       raise config_error(
-          'optimizer', _Shown(family.label),
-          f'it fails with its learning rate and hyperparameters traced ({type(e).__name__}: '
-          f'{str(e).splitlines()[0] if str(e) else ""}); they are traced arrays so that one program serves every '
-          'value: compute with them in jnp, not in a Python if or float()',
+        'optimizer',
+        _Shown(family.label),
+        f'it fails with its learning rate and hyperparameters traced ({type(e).__name__}: '
+        f'{str(e).splitlines()[0] if str(e) else ""}); they are traced arrays so that one program serves every '
+        'value: compute with them in jnp, not in a Python if or float()',
       ) from e
     if jax.tree.structure(out) != jax.tree.structure(params):
-      raise config_error('optimizer', _Shown(family.label), 'its updates must have the structure of the parameters')
+      raise config_error(
+        'optimizer', _Shown(family.label), 'its updates must have the structure of the parameters'
+      )
 
   for fn in plan.custom_schedules:
     users = [r for r in plan.runs if r.schedule is fn]
@@ -918,18 +1100,21 @@ def check_callables(plan: Plan, model: Any) -> None:
     for total in sorted({r.total_updates for r in users}):
       try:
         out = jax.eval_shape(
-            lambda lr, c, fn=fn, total=total: schedules.custom_value(fn, lr, total, c),
-            f32, jax.ShapeDtypeStruct((), jnp.int32),
+          lambda lr, c, fn=fn, total=total: schedules.custom_value(fn, lr, total, c),
+          f32,
+          jax.ShapeDtypeStruct((), jnp.int32),
         )
       except Exception as e:
         raise config_error(
-            'schedule', _Shown(label),
-            f'schedule(learning_rate, total_updates={total}) failed with the learning rate traced '
-            f'({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}); expected an optax schedule '
-            '(a function of the update count) or a number, computed with jnp',
+          'schedule',
+          _Shown(label),
+          f'schedule(learning_rate, total_updates={total}) failed with the learning rate traced '
+          f'({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}); expected an optax schedule '
+          '(a function of the update count) or a number, computed with jnp',
         ) from e
       if out.shape != ():
         raise config_error(
-            'schedule', _Shown(label),
-            f'schedule(learning_rate, total_updates={total})(count) must be a scalar; it has shape {out.shape}',
+          'schedule',
+          _Shown(label),
+          f'schedule(learning_rate, total_updates={total})(count) must be a scalar; it has shape {out.shape}',
         )

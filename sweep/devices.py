@@ -33,8 +33,10 @@ def enable_compilation_cache(directory: str | None = None) -> str:
   Returns:
     The directory used.
   """
-  directory = directory or os.environ.get('SWEEP_CACHE_DIR') or os.path.join(
-      os.path.expanduser('~'), '.cache', 'sweep', 'jax'
+  directory = (
+    directory
+    or os.environ.get('SWEEP_CACHE_DIR')
+    or os.path.join(os.path.expanduser('~'), '.cache', 'sweep', 'jax')
   )
   os.makedirs(directory, exist_ok=True)
   jax.config.update('jax_compilation_cache_dir', directory)
@@ -65,7 +67,9 @@ def set_cpu_devices(count: int | None = None) -> bool:
     Whether the count was set: False when JAX had started or the user set one.
   """
   if count is None:
-    count = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
+    count = (
+      len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
+    )
   if isinstance(count, bool) or not isinstance(count, int) or count < 1:
     raise config_error('count', count, 'a positive integer')
   if 'xla_force_host_platform_device_count' in os.environ.get('XLA_FLAGS', ''):
@@ -98,4 +102,3 @@ def shard(tree: Any, shardings) -> Any:
   runs, replicated = shardings
   placements = jax.tree.map(lambda a: runs if np.ndim(a) >= 2 else replicated, tree)
   return jax.device_put(tree, placements)  # one call: far faster than one per leaf
-

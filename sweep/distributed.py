@@ -22,10 +22,10 @@ from jax.experimental import multihost_utils
 
 
 def initialize(
-    coordinator_address: str | None = None,
-    num_processes: int | None = None,
-    process_id: int | None = None,
-    **kwargs,
+  coordinator_address: str | None = None,
+  num_processes: int | None = None,
+  process_id: int | None = None,
+  **kwargs,
 ) -> None:
   """Joins this process to the others (`jax.distributed.initialize`).
 
@@ -34,7 +34,10 @@ def initialize(
   this process's id.
   """
   jax.distributed.initialize(
-      coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id, **kwargs
+    coordinator_address=coordinator_address,
+    num_processes=num_processes,
+    process_id=process_id,
+    **kwargs,
   )
 
 
@@ -56,7 +59,9 @@ def allgather_objects(obj: Any) -> list[Any]:
   padded = np.zeros(int(np.max(sizes)), np.uint8)
   padded[: payload.size] = payload
   gathered = multihost_utils.process_allgather(padded)
-  return [pickle.loads(gathered[p, : int(sizes[p][0])].tobytes()) for p in range(jax.process_count())]
+  return [
+    pickle.loads(gathered[p, : int(sizes[p][0])].tobytes()) for p in range(jax.process_count())
+  ]
 
 
 def gather(items: list[Any]) -> list[Any]:

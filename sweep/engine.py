@@ -152,7 +152,9 @@ class _OrderBook:
     # Orders are stacked on the host: stacking on the device compiles a program per shape.
     if (seed, epoch) not in self._cache:
       if self.shuffle:
-        self._cache[seed, epoch] = np.asarray(train.epoch_order_jit(np.int32(seed), np.int32(epoch), self.n))
+        self._cache[seed, epoch] = np.asarray(
+          train.epoch_order_jit(np.int32(seed), np.int32(epoch), self.n)
+        )
       else:
         self._cache[seed, epoch] = np.arange(self.n, dtype=np.int32)
     return self._cache[seed, epoch]
@@ -162,9 +164,9 @@ class _OrderBook:
     for g, hp in enumerate(self.unit.hparams):
       first, _ = self.spans[g][k]
       seeds = np.asarray(hp.seeds).tolist()
-      orders = np.stack([
-          np.stack([self._order(sd, first + e) for e in range(self.width[g])]) for sd in seeds
-      ])
+      orders = np.stack(
+        [np.stack([self._order(sd, first + e) for e in range(self.width[g])]) for sd in seeds]
+      )
       out.append(train.Orders(orders=orders, first_epoch=np.int32(first)))
     # Orders of epochs already passed are no longer needed.
     low = min(self.spans[g][k][0] for g in range(len(self.spans)))
@@ -184,7 +186,9 @@ class _SigtermFlag:
   def __init__(self, active: bool):
     self.raised = False
     self.name = 'SIGTERM'
-    self.active = active  # without a workdir there is nowhere to save: the signals stay as they were
+    self.active = (
+      active  # without a workdir there is nowhere to save: the signals stay as they were
+    )
     self._previous = {}
 
   def __enter__(self):
@@ -198,8 +202,11 @@ class _SigtermFlag:
     if signum == signal.SIGINT:
       if self.raised:
         raise KeyboardInterrupt
-      print('sweep: SIGINT received; saving at the end of this segment (Ctrl-C again stops at once)',
-            file=sys.stderr, flush=True)
+      print(
+        'sweep: SIGINT received; saving at the end of this segment (Ctrl-C again stops at once)',
+        file=sys.stderr,
+        flush=True,
+      )
     self.raised = True
     self.name = signal.Signals(signum).name
 
@@ -236,7 +243,9 @@ class _Keeper:
       self.kept += nbytes
       return checkpoints.Final(state=host)
     if self.workdir is not None:
-      return checkpoints.Final(path=checkpoints.done_path(self.workdir, c), abstract=jax.eval_shape(lambda: host))
+      return checkpoints.Final(
+        path=checkpoints.done_path(self.workdir, c), abstract=jax.eval_shape(lambda: host)
+      )
     return checkpoints.Final()
 
 
@@ -250,25 +259,25 @@ def _history_from_json(history: list) -> list:
 
 def _abstract_state(unit: Unit, model: adapters.Model) -> Any:
   per_seed = tuple(
-      jax.tree.map(
-          lambda a, n=hp.seeds.shape[0]: jax.ShapeDtypeStruct((n,) + a.shape, a.dtype),
-          model.initial_shapes(),
-      )
-      for hp in unit.hparams
+    jax.tree.map(
+      lambda a, n=hp.seeds.shape[0]: jax.ShapeDtypeStruct((n,) + a.shape, a.dtype),
+      model.initial_shapes(),
+    )
+    for hp in unit.hparams
   )
   return train.make_program(unit.structure).abstract_state(per_seed, unit.hparams)
 
 
 def run(
-    cfg: SweepConfig,
-    workdir: str | None = None,
-    *,
-    progress: bool = True,
-    fresh: bool = False,
-    checkpoint_every: int = 1,
-    checkpoint_seconds: float | None = None,
-    experiment_file: str | None = None,
-    keep_checkpoints: int = 2,
+  cfg: SweepConfig,
+  workdir: str | None = None,
+  *,
+  progress: bool = True,
+  fresh: bool = False,
+  checkpoint_every: int = 1,
+  checkpoint_seconds: float | None = None,
+  experiment_file: str | None = None,
+  keep_checkpoints: int = 2,
 ) -> Any:
   """Trains every run of `cfg` and returns a `sweep.Result`.
 
@@ -296,8 +305,16 @@ def run(
     SystemExit: on SIGTERM or SIGINT, after the state is saved (exit status 143 or 130).
   """
   with checkpoints.disk_full_guard(workdir):
-    return _run(cfg, workdir, progress, fresh, checkpoint_every, checkpoint_seconds, experiment_file,
-                keep_checkpoints)
+    return _run(
+      cfg,
+      workdir,
+      progress,
+      fresh,
+      checkpoint_every,
+      checkpoint_seconds,
+      experiment_file,
+      keep_checkpoints,
+    )
 
 
 def _positive(field: str, value: Any, accepted: str) -> None:
@@ -354,7 +371,9 @@ def train_unit(c: int, unit: Unit, sweep: _Sweep, wd: Workdir, sigterm: _Sigterm
       if finished:  # finished units are in done/: the checkpoint only says none is in progress
         wd.save(checkpoints.ResumePoint(wd.digest, seconds=seconds), None)
       else:
-        point = checkpoints.ResumePoint(wd.digest, c, k + 1, _history_to_json(history), time.perf_counter() - t0)
+        point = checkpoints.ResumePoint(
+          wd.digest, c, k + 1, _history_to_json(history), time.perf_counter() - t0
+        )
         wd.save(point, state)
     if sigterm.raised:
       raise _Preempted
@@ -367,13 +386,22 @@ def _gather(trained: list[UnitResult], all_units: list[Unit]) -> list[UnitResult
   if jax.process_count() > 1:
     payload = [(t.index, t.final.get(), t.history, t.seconds) for t in trained]
     trained = [
-        UnitResult(c, all_units[c], checkpoints.Final(state=state), history, seconds)
-        for c, state, history, seconds in distributed.gather(payload)
+      UnitResult(c, all_units[c], checkpoints.Final(state=state), history, seconds)
+      for c, state, history, seconds in distributed.gather(payload)
     ]
   return sorted(trained, key=lambda t: t.index)
 
 
-def _run(cfg, workdir, progress, fresh, checkpoint_every, checkpoint_seconds, experiment_file, keep_checkpoints):
+def _run(
+  cfg,
+  workdir,
+  progress,
+  fresh,
+  checkpoint_every,
+  checkpoint_seconds,
+  experiment_file,
+  keep_checkpoints,
+):
   from sweep import fingerprint, results  # a cycle: results formats what this module produces
 
   # ------------------------------------------------ check and plan, compiling nothing
@@ -383,7 +411,9 @@ def _run(cfg, workdir, progress, fresh, checkpoint_every, checkpoint_seconds, ex
   model = adapters.model_of(cfg, plan.output_dim)
   preflight.check(plan, model)
   _positive('checkpoint_every', checkpoint_every, 'expected a positive integer')
-  _positive('keep_checkpoints', keep_checkpoints, 'expected a positive integer (2 or more to fall back)')
+  _positive(
+    'keep_checkpoints', keep_checkpoints, 'expected a positive integer (2 or more to fall back)'
+  )
   eval_chunk = _eval_chunk(cfg)
   # Slow-layer warnings come after the workdir check: a refused rerun says one thing.
   all_units = units.plan_units(plan, model, eval_chunk, warn=False)
@@ -397,7 +427,9 @@ def _run(cfg, workdir, progress, fresh, checkpoint_every, checkpoint_seconds, ex
   mine = [c for c in range(len(all_units)) if distributed.owner(c) == me]
   wd = Workdir(workdir, every=checkpoint_every, seconds=checkpoint_seconds, keep=keep_checkpoints)
   if workdir is not None:
-    fp = fingerprint.of_sweep(plan, all_units, lambda key: model.init(key)[0], resolved['environment'], fields)
+    fp = fingerprint.of_sweep(
+      plan, all_units, lambda key: model.init(key)[0], resolved['environment'], fields
+    )
     resolved['fingerprint'] = fp.digest
     wd.claim(fp, fresh, mine, lambda c: _abstract_state(all_units[c], model))
   finished = wd.resume.finished
@@ -408,23 +440,44 @@ def _run(cfg, workdir, progress, fresh, checkpoint_every, checkpoint_seconds, ex
 
   # ------------------------------------------------ train this process's units
   init_fn, apply_fn = model.pure_functions()
-  for family, layout in dict.fromkeys((all_units[c].family, all_units[c].structure.layout) for c in todo):
+  for family, layout in dict.fromkeys(
+    (all_units[c].family, all_units[c].structure.layout) for c in todo
+  ):
     units.warn_slow_layers(init_fn, apply_fn, family, layout, cfg.data.x_train[:2])
   shardings = devices.run_sharding()
   ticks = lambda unit: sum(unit.structure.steps_per_segment) * plan.num_evals  # noqa: E731
-  bar = tqdm.tqdm(total=sum(ticks(u) for u in all_units), desc=f'{len(plan.runs)} runs', unit='tick',
-                  disable=not progress, leave=False)
-  sweep = _Sweep(plan, model, _device_data(cfg, eval_chunk, shardings), shardings,
-                 jnp.float32(cfg.divergence_threshold), _Keeper(units.keep_budget(cfg), workdir, workdir is not None),
-                 bar)
+  bar = tqdm.tqdm(
+    total=sum(ticks(u) for u in all_units),
+    desc=f'{len(plan.runs)} runs',
+    unit='tick',
+    disable=not progress,
+    leave=False,
+  )
+  sweep = _Sweep(
+    plan,
+    model,
+    _device_data(cfg, eval_chunk, shardings),
+    shardings,
+    jnp.float32(cfg.divergence_threshold),
+    _Keeper(units.keep_budget(cfg), workdir, workdir is not None),
+    bar,
+  )
   trained = []
   for c, done in sorted(finished.items()):
-    final = checkpoints.Final(path=checkpoints.done_path(workdir, c), abstract=_abstract_state(all_units[c], model))
-    trained.append(UnitResult(c, all_units[c], final, _history_from_json(done.history), done.seconds))
+    final = checkpoints.Final(
+      path=checkpoints.done_path(workdir, c), abstract=_abstract_state(all_units[c], model)
+    )
+    trained.append(
+      UnitResult(c, all_units[c], final, _history_from_json(done.history), done.seconds)
+    )
     bar.update(ticks(all_units[c]))
   if wd.resume.point.unit is not None:
-    bar.update(sum(all_units[wd.resume.point.unit].structure.steps_per_segment) * wd.resume.point.segment)
-  start = time.perf_counter() - wd.resume.point.seconds - sum(done.seconds for done in finished.values())
+    bar.update(
+      sum(all_units[wd.resume.point.unit].structure.steps_per_segment) * wd.resume.point.segment
+    )
+  start = (
+    time.perf_counter() - wd.resume.point.seconds - sum(done.seconds for done in finished.values())
+  )
   try:
     with _SigtermFlag(active=wd.active) as sigterm:
       for c in todo:
@@ -432,8 +485,11 @@ def _run(cfg, workdir, progress, fresh, checkpoint_every, checkpoint_seconds, ex
   except _Preempted:
     bar.close()
     wd.close()
-    print(f'sweep: {sigterm.name} received; state saved at segment {wd.step} in {workdir}. '
-          'Run the same command again to resume.', file=sys.stderr)
+    print(
+      f'sweep: {sigterm.name} received; state saved at segment {wd.step} in {workdir}. '
+      'Run the same command again to resume.',
+      file=sys.stderr,
+    )
     raise SystemExit(sigterm.exit_code) from None
   except BaseException:
     wd.abandon()  # a write in flight ends (or fails) before the error is handled
@@ -456,7 +512,9 @@ def _run(cfg, workdir, progress, fresh, checkpoint_every, checkpoint_seconds, ex
 
 def _eval_chunk(cfg: SweepConfig) -> int:
   """Examples per evaluation step: the config's, no more than the largest evaluated set."""
-  sizes = [min(cfg.train_eval_size, cfg.data.n_train)] + ([cfg.data.n_val] if cfg.data.n_val else [])
+  sizes = [min(cfg.train_eval_size, cfg.data.n_train)] + (
+    [cfg.data.n_val] if cfg.data.n_val else []
+  )
   return min(cfg.eval_batch_size, max(sizes))
 
 
@@ -467,4 +525,11 @@ def check(cfg: SweepConfig) -> Plan:
   return plan
 
 
-__all__ = ['run', 'check', 'train_unit', 'set_cpu_devices', 'enable_compilation_cache', 'ConfigError']
+__all__ = [
+  'run',
+  'check',
+  'train_unit',
+  'set_cpu_devices',
+  'enable_compilation_cache',
+  'ConfigError',
+]

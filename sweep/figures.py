@@ -37,19 +37,19 @@ MAX_CELL_LABELS = 120  # heatmap cells beyond which values are not written in th
 DPI = 110
 
 LABELS = {
-    'final_val_loss': 'final validation loss',
-    'best_val_loss': 'best validation loss',
-    'final_train_loss': 'final training loss',
-    'final_batch_loss': 'final batch loss',
-    'final_val_accuracy': 'final validation accuracy (fraction)',
-    'final_train_accuracy': 'final training accuracy (fraction)',
-    'best_val_accuracy': 'best validation accuracy (fraction)',
-    'updates': 'updates per run (optimizer steps)',
-    'examples': 'training examples seen',
-    'epoch': 'epochs (passes over the training set)',
-    'seconds': 'wall time per run (s)',
-    'learning_rate': 'learning rate',
-    'batch_size': 'batch size (examples per update)',
+  'final_val_loss': 'final validation loss',
+  'best_val_loss': 'best validation loss',
+  'final_train_loss': 'final training loss',
+  'final_batch_loss': 'final batch loss',
+  'final_val_accuracy': 'final validation accuracy (fraction)',
+  'final_train_accuracy': 'final training accuracy (fraction)',
+  'best_val_accuracy': 'best validation accuracy (fraction)',
+  'updates': 'updates per run (optimizer steps)',
+  'examples': 'training examples seen',
+  'epoch': 'epochs (passes over the training set)',
+  'seconds': 'wall time per run (s)',
+  'learning_rate': 'learning rate',
+  'batch_size': 'batch size (examples per update)',
 }
 
 
@@ -106,7 +106,9 @@ def _ok(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def _has_values(table: pd.DataFrame, column: str) -> bool:
-  return column in table.columns and bool(np.isfinite(pd.to_numeric(table[column], errors='coerce')).any())
+  return column in table.columns and bool(
+    np.isfinite(pd.to_numeric(table[column], errors='coerce')).any()
+  )
 
 
 def _metric(table: pd.DataFrame) -> str:
@@ -121,7 +123,11 @@ def _loss_name(config: dict) -> str:
 
 def _panel_keys(table: pd.DataFrame) -> list[str]:
   """The axes that get a panel (or a series) of their own: optimizer and schedule, when they vary."""
-  return [k for k in ('optimizer', 'schedule') if k in table.columns and table[k].nunique(dropna=False) > 1]
+  return [
+    k
+    for k in ('optimizer', 'schedule')
+    if k in table.columns and table[k].nunique(dropna=False) > 1
+  ]
 
 
 def _panels(table: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
@@ -161,7 +167,9 @@ def _run_label(row: pd.Series, table: pd.DataFrame, config: dict | None = None) 
   for a in _varying(table, config):
     if a in ('learning_rate', 'batch_size'):
       continue
-    parts.append(f'{a} {row[a]}' if a in ('optimizer', 'schedule', 'seed') else f'{a}={_g(row[a], 3)}')
+    parts.append(
+      f'{a} {row[a]}' if a in ('optimizer', 'schedule', 'seed') else f'{a}={_g(row[a], 3)}'
+    )
   return ', '.join(parts) or f'run {int(row["run"])}'
 
 
@@ -289,7 +297,9 @@ def _heatmap(result: Result) -> _Section:
   if metric not in table.columns:
     raise _Skip('the results table holds no final loss.')
   columns = _cells(table['learning_rate'], result.config, 'learning_rate', _tick)
-  rows = _cells(table['batch_size'], result.config, 'batch_size', lambda x: _g(round(x) if x > 10 else x, 3))
+  rows = _cells(
+    table['batch_size'], result.config, 'batch_size', lambda x: _g(round(x) if x > 10 else x, 3)
+  )
   lrs, bss = columns.labels, rows.labels
 
   grids = []
@@ -299,8 +309,12 @@ def _heatmap(result: Result) -> _Section:
     diverged = np.zeros(values.shape, int)
     ok = (sub['status'] == 'ok').to_numpy() if 'status' in sub.columns else np.ones(len(sub), bool)
     metric_values = pd.to_numeric(sub[metric], errors='coerce').to_numpy(np.float64)
-    cell = np.array([(rows.index(float(b)), columns.index(float(lr)))
-                     for b, lr in zip(sub['batch_size'], sub['learning_rate'], strict=True)]).reshape(-1, 2)
+    cell = np.array(
+      [
+        (rows.index(float(b)), columns.index(float(lr)))
+        for b, lr in zip(sub['batch_size'], sub['learning_rate'], strict=True)
+      ]
+    ).reshape(-1, 2)
     for (i, j), idx in pd.DataFrame(cell, columns=['i', 'j']).groupby(['i', 'j']).indices.items():
       tried[i, j] = len(idx)
       diverged[i, j] = int(np.sum(~ok[idx]))
@@ -333,15 +347,20 @@ def _heatmap(result: Result) -> _Section:
     ax = axes[k // ncols][k % ncols]
     # One column per learning rate tried and one row per batch size: the grids are usually
     # log-spaced, and equal cells keep an irregular grid readable.
-    mesh = ax.pcolormesh(np.ma.masked_invalid(values), cmap=cmap, norm=norm, edgecolors='white', linewidth=0.5)
+    mesh = ax.pcolormesh(
+      np.ma.masked_invalid(values), cmap=cmap, norm=norm, edgecolors='white', linewidth=0.5
+    )
     for i in range(len(bss)):
       for j in range(len(lrs)):
         if tried[i, j] == 0:
           continue
         if not np.isfinite(values[i, j]):
           any_all_diverged = any_all_diverged or diverged[i, j] > 0
-          ax.add_patch(patches.Rectangle((j, i), 1, 1, facecolor='0.85', edgecolor='0.55', hatch='///',
-                                         linewidth=0.5))
+          ax.add_patch(
+            patches.Rectangle(
+              (j, i), 1, 1, facecolor='0.85', edgecolor='0.55', hatch='///', linewidth=0.5
+            )
+          )
           ax.plot([j + 0.5], [i + 0.5], marker='x', color='0.2', markersize=9, markeredgewidth=2)
           continue
         if label_cells:
@@ -349,11 +368,20 @@ def _heatmap(result: Result) -> _Section:
           if diverged[i, j]:
             text += f'\n{diverged[i, j]}/{tried[i, j]} div.'
           shade = float(np.ma.filled(norm(values[i, j]), 0.0))
-          ax.text(j + 0.5, i + 0.5, text, ha='center', va='center', fontsize=7.5,
-                  color='white' if shade < 0.6 else 'black')
+          ax.text(
+            j + 0.5,
+            i + 0.5,
+            text,
+            ha='center',
+            va='center',
+            fontsize=7.5,
+            color='white' if shade < 0.6 else 'black',
+          )
         if diverged[i, j]:
           any_partial = True
-          ax.plot([j + 0.85], [i + 0.85], marker='x', color='red', markersize=5, markeredgewidth=1.5)
+          ax.plot(
+            [j + 0.85], [i + 0.85], marker='x', color='red', markersize=5, markeredgewidth=1.5
+          )
     if np.isfinite(values).any():
       i, j = np.unravel_index(np.nanargmin(values), values.shape)
       ax.add_patch(patches.Rectangle((j, i), 1, 1, fill=False, edgecolor='red', linewidth=2.5))
@@ -363,45 +391,75 @@ def _heatmap(result: Result) -> _Section:
     ax.set_yticks(np.arange(len(bss)) + 0.5, bss)
     if len(lrs) > 6 or columns.binned:
       ax.tick_params(axis='x', labelrotation=45)
-    ax.set_xlabel('learning rate (bins of the range sampled)' if columns.binned
-                  else 'learning rate (one column per value tried)')
-    ax.set_ylabel('batch size (bins of the range sampled)' if rows.binned else 'batch size (examples per update)')
+    ax.set_xlabel(
+      'learning rate (bins of the range sampled)'
+      if columns.binned
+      else 'learning rate (one column per value tried)'
+    )
+    ax.set_ylabel(
+      'batch size (bins of the range sampled)'
+      if rows.binned
+      else 'batch size (examples per update)'
+    )
     if title:
       ax.set_title(title)
   for k in range(n, nrows * ncols):
     axes[k // ncols][k % ncols].set_visible(False)
   averaged = ['seeds' if a == 'seed' else a for a in _averaged_axes(table, result.config)]
   over = ' and '.join(averaged) if averaged else ''
-  what = f': mean over {over} of the runs that did not diverge' if over else ' of each run (one per cell)'
+  what = (
+    f': mean over {over} of the runs that did not diverge'
+    if over
+    else ' of each run (one per cell)'
+  )
   frame = '\n(red frame: the lowest cell)' if len(finite) else ''
   fig.suptitle(f'{LABELS.get(metric, metric)}{what}{frame}', fontsize=10)
   if len(finite):
     log = isinstance(norm, mcolors.LogNorm)
-    bar = fig.colorbar(mesh, ax=axes.ravel().tolist(), shrink=0.9,
-                       label=f'{LABELS.get(metric, metric)}, {_loss_name(result.config)}{" (log scale)" if log else ""}')
+    bar = fig.colorbar(
+      mesh,
+      ax=axes.ravel().tolist(),
+      shrink=0.9,
+      label=f'{LABELS.get(metric, metric)}, {_loss_name(result.config)}{" (log scale)" if log else ""}',
+    )
     if log:
       _label_log_axis(bar.ax.yaxis, finite)
   handles = []
   if any_all_diverged:
-    handles.append(patches.Patch(facecolor='0.85', edgecolor='0.55', hatch='///', label='every run diverged (x)'))
+    handles.append(
+      patches.Patch(facecolor='0.85', edgecolor='0.55', hatch='///', label='every run diverged (x)')
+    )
   if any_partial:
-    handles.append(matplotlib.lines.Line2D([], [], marker='x', color='red', linestyle='none',
-                                           label='some runs diverged (k/n div.)'))
+    handles.append(
+      matplotlib.lines.Line2D(
+        [], [], marker='x', color='red', linestyle='none', label='some runs diverged (k/n div.)'
+      )
+    )
   if handles:
-    fig.legend(handles=handles, loc='outside lower center', ncols=len(handles), fontsize=8, frameon=False)
-  caption = (f'{LABELS.get(metric, metric).capitalize()} of every learning rate and batch size'
-             + (f', averaged over {over} (runs that diverged left out of the mean)' if over else '')
-             + '. Hatched grey cells with an x: every run diverged.')
+    fig.legend(
+      handles=handles, loc='outside lower center', ncols=len(handles), fontsize=8, frameon=False
+    )
+  caption = (
+    f'{LABELS.get(metric, metric).capitalize()} of every learning rate and batch size'
+    + (f', averaged over {over} (runs that diverged left out of the mean)' if over else '')
+    + '. Hatched grey cells with an x: every run diverged.'
+  )
   if columns.binned or rows.binned:
-    cut = ' and '.join(n for n, c in (('learning rates', columns), ('batch sizes', rows)) if c.binned)
-    caption += (f' The {cut} come from a continuous range (or are too many to show one by one): each is cut '
-                'into bins, and a cell averages the runs that fall in it (empty cells: no run).')
+    cut = ' and '.join(
+      n for n, c in (('learning rates', columns), ('batch sizes', rows)) if c.binned
+    )
+    caption += (
+      f' The {cut} come from a continuous range (or are too many to show one by one): each is cut '
+      'into bins, and a cell averages the runs that fall in it (empty cells: no run).'
+    )
     what = ': mean of the runs in each cell that did not diverge'
     fig.suptitle(f'{LABELS.get(metric, metric)}{what}{frame}', fontsize=10)
   if metric != 'final_val_loss':
     caption += ' The sweep has no validation set: the training loss is shown instead.'
   if len(grids) > 1:
-    caption += ' One panel per ' + ' and '.join(_panel_keys(table)) + '; the colour scale is shared.'
+    caption += (
+      ' One panel per ' + ' and '.join(_panel_keys(table)) + '; the colour scale is shared.'
+    )
   return _Section('heatmap', caption, _png(fig))
 
 
@@ -436,7 +494,9 @@ def _curves(result: Result) -> _Section:
     color = palette(k % 10)
     x = c[xcol].to_numpy(np.float64)
     train = c['train_loss'].to_numpy(np.float64)
-    (line,) = ax.plot(x, train, '-', color=color, marker='.', label=_run_label(row, table, result.config))
+    (line,) = ax.plot(
+      x, train, '-', color=color, marker='.', label=_run_label(row, table, result.config)
+    )
     plotted.append(train)
     if has_val:
       val = c['val_loss'].to_numpy(np.float64)
@@ -453,16 +513,22 @@ def _curves(result: Result) -> _Section:
   scale = ' (log scale)' if ax.get_yscale() == 'log' else ''
   ax.set_ylabel(f'loss, {_loss_name(result.config)}{scale}')
   what = 'train (solid) and validation (dashed) loss' if has_val else 'training loss'
-  ax.set_title(f'{what} of the best {len(handles)} runs by {LABELS.get(metric, metric)}', fontsize=10)
+  ax.set_title(
+    f'{what} of the best {len(handles)} runs by {LABELS.get(metric, metric)}', fontsize=10
+  )
   # Outside the axes, on the right: the curves cross wherever a legend would go inside.
   fig.legend(handles=handles, loc='outside right upper', fontsize=8, title='run', title_fontsize=8)
   if has_val:
-    styles = [matplotlib.lines.Line2D([], [], color='0.3', linestyle='-', label='training loss'),
-              matplotlib.lines.Line2D([], [], color='0.3', linestyle='--', label='validation loss')]
+    styles = [
+      matplotlib.lines.Line2D([], [], color='0.3', linestyle='-', label='training loss'),
+      matplotlib.lines.Line2D([], [], color='0.3', linestyle='--', label='validation loss'),
+    ]
     fig.legend(handles=styles, loc='outside right lower', fontsize=8)
   ax.grid(True, which='both', alpha=0.3)
-  caption = (f'The {len(handles)} runs with the lowest {LABELS.get(metric, metric)} that did not diverge; the '
-             'training loss is measured on a fixed subset of the training set at each evaluation.')
+  caption = (
+    f'The {len(handles)} runs with the lowest {LABELS.get(metric, metric)} that did not diverge; the '
+    'training loss is measured on a fixed subset of the training set at each evaluation.'
+  )
   if not has_val:
     caption += ' There is no validation set.'
   return _Section('curves', caption, _png(fig))
@@ -503,12 +569,22 @@ def _pareto(result: Result) -> _Section:
   front = ok['pareto'].astype(bool).to_numpy()
   fig = _new_figure(7.0, 4.6)
   ax = fig.add_subplot()
-  ax.scatter(x[~front], y[~front], s=22, color='0.6', label=f'other runs ({int(np.sum(~front))})', zorder=2)
+  ax.scatter(
+    x[~front], y[~front], s=22, color='0.6', label=f'other runs ({int(np.sum(~front))})', zorder=2
+  )
   order = np.argsort(x[front], kind='stable')
   fx, fy = x[front][order], y[front][order]
   ax.step(fx, fy, where='post', color='C3', linewidth=1.5, zorder=3)
-  ax.scatter(fx, fy, s=45, color='C3', edgecolor='black', linewidth=0.6, label=f'Pareto front ({len(fx)})',
-             zorder=4)
+  ax.scatter(
+    fx,
+    fy,
+    s=45,
+    color='C3',
+    edgecolor='black',
+    linewidth=0.6,
+    label=f'Pareto front ({len(fx)})',
+    zorder=4,
+  )
   log_x = bool(np.all(x > 0))
   if len(fx) <= 12:
     position = np.log(x) if log_x else x
@@ -518,9 +594,15 @@ def _pareto(result: Result) -> _Section:
       right = position[front][order][k] > middle  # labels point inwards, away from the frame
       # On the side of the front that no run reaches (below it when y is minimised).
       below = ysense == 'min'
-      ax.annotate(_run_label(rows.iloc[k], table, result.config), (fx[k], fy[k]), textcoords='offset points',
-                  xytext=(-6 if right else 6, -6 if below else 6), ha='right' if right else 'left',
-                  va='top' if below else 'bottom', fontsize=7)
+      ax.annotate(
+        _run_label(rows.iloc[k], table, result.config),
+        (fx[k], fy[k]),
+        textcoords='offset points',
+        xytext=(-6 if right else 6, -6 if below else 6),
+        ha='right' if right else 'left',
+        va='top' if below else 'bottom',
+        fontsize=7,
+      )
   ax.margins(x=0.06, y=0.12)  # room for the labels of the front's outer points
   if log_x:
     ax.set_xscale('log')
@@ -530,22 +612,28 @@ def _pareto(result: Result) -> _Section:
     _label_log_axis(ax.yaxis, y)
   ax.set_xlabel(_axis_label(xcol, ax.get_xscale() == 'log'))
   ax.set_ylabel(_axis_label(ycol, ax.get_yscale() == 'log'))
-  goal = ', '.join(f'{"minimise" if sense == "min" else "maximise"} {column}'
-                   for column, sense in ((ycol, ysense), (xcol, xsense)))
+  goal = ', '.join(
+    f'{"minimise" if sense == "min" else "maximise"} {column}'
+    for column, sense in ((ycol, ysense), (xcol, xsense))
+  )
   ax.set_title(f'Pareto front of the runs that did not diverge\n({goal})', fontsize=10)
   ax.legend(fontsize=8)
   ax.grid(True, which='both', alpha=0.3)
   diverged = len(table) - len(_ok(table))
-  caption = (f'Every run that did not diverge; the Pareto front on ({ycol}, {xcol}) in red, joined as a step '
-             f'line. {diverged} diverged run(s) left out.')
+  caption = (
+    f'Every run that did not diverge; the Pareto front on ({ycol}, {xcol}) in red, joined as a step '
+    f'line. {diverged} diverged run(s) left out.'
+  )
   return _Section('pareto', caption, _png(fig))
 
 
 def _lr_find(lr_finder: LRFinderResult | None, workdir: str) -> _Section:
   found = lr_finder if lr_finder is not None else _load_lr_find(workdir)
   if found is None:
-    raise _Skip('no learning-rate range test: pass lr_finder= or save one to lr_find.csv '
-                '(with lr_find.json) in the workdir (LRFinderResult.save).')
+    raise _Skip(
+      'no learning-rate range test: pass lr_finder= or save one to lr_find.csv '
+      '(with lr_find.json) in the workdir (LRFinderResult.save).'
+    )
   if not np.isfinite(np.asarray(found.losses, np.float64)).any():
     raise _Skip('the range test holds no finite loss.')
   fig = _new_figure(7.0, 4.6)
@@ -556,8 +644,10 @@ def _lr_find(lr_finder: LRFinderResult | None, workdir: str) -> _Section:
   ax.title.set_fontsize(10)
   ax.grid(True, which='major', alpha=0.3)
   rules = ', '.join(f'{k} {_g(v, 3)}' for k, v in found.suggestions.items())
-  caption = (f'Learning-rate range test ({found.method}): suggestions {rules}; the dotted line marks the '
-             f'{found.suggest} rule.')
+  caption = (
+    f'Learning-rate range test ({found.method}): suggestions {rules}; the dotted line marks the '
+    f'{found.suggest} rule.'
+  )
   return _Section('lr_find', caption, _png(fig))
 
 
@@ -590,11 +680,15 @@ def _noise_scale(result: Result) -> _Section:
     ax.set_xscale('log')
   ax.set_xlabel(_axis_label(xcol, ax.get_xscale() == 'log'))
   ax.set_ylabel('gradient noise scale B_noise (examples, log scale)')
-  ax.set_title('gradient noise scale per batch size (mean over runs; dotted: the batch size)', fontsize=10)
+  ax.set_title(
+    'gradient noise scale per batch size (mean over runs; dotted: the batch size)', fontsize=10
+  )
   ax.legend(fontsize=8, title='batch size', title_fontsize=8)
   ax.grid(True, which='both', alpha=0.3)
-  caption = ('The simple gradient noise scale (McCandlish et al. 2018) during training, averaged over the runs '
-             'of each batch size that did not diverge; batches well above it gain little per example.')
+  caption = (
+    'The simple gradient noise scale (McCandlish et al. 2018) during training, averaged over the runs '
+    'of each batch size that did not diverge; batches well above it gain little per example.'
+  )
   return _Section('noise_scale', caption, _png(fig))
 
 
@@ -620,7 +714,9 @@ def _batch_size(result: Result, scaling: list[dict[str, Any]]) -> _Section:
   if not usable:
     sizes = result.table['batch_size'].nunique() if 'batch_size' in result.table.columns else 0
     if sizes < 2:
-      raise _Skip(f'the sweep has {sizes} batch size{"" if sizes == 1 else "s"}: a slope needs 2 at least.')
+      raise _Skip(
+        f'the sweep has {sizes} batch size{"" if sizes == 1 else "s"}: a slope needs 2 at least.'
+      )
     raise _Skip('fewer than two batch sizes have a learning rate at which every seed finished.')
   fig = _new_figure(7.0, 4.8)
   ax = fig.add_subplot()
@@ -633,16 +729,31 @@ def _batch_size(result: Result, scaling: list[dict[str, Any]]) -> _Section:
     edge = s['table']['lr_at_edge'].to_numpy(bool)
     color = f'C{k % 10}'
     prefix = f'{s["title"]}: ' if s['title'] else ''
-    ax.scatter(b[~edge], lr[~edge], s=40, color=color, zorder=3, label=f'{prefix}best learning rate')
+    ax.scatter(
+      b[~edge], lr[~edge], s=40, color=color, zorder=3, label=f'{prefix}best learning rate'
+    )
     if edge.any():
-      ax.scatter(b[edge], lr[edge], s=40, facecolor='white', edgecolor=color, linewidth=1.5, zorder=3,
-                 label=f'{prefix}best at the edge of the {"range" if sampled else "grid"}')
+      ax.scatter(
+        b[edge],
+        lr[edge],
+        s=40,
+        facecolor='white',
+        edgecolor=color,
+        linewidth=1.5,
+        zorder=3,
+        label=f'{prefix}best at the edge of the {"range" if sampled else "grid"}',
+      )
     bb = np.geomspace(b.min(), b.max(), 50)
     interval = ''
     if math.isfinite(fit['ci_low']) and math.isfinite(fit['ci_high']):
       interval = f', 95% CI {fit["ci_low"]:.2f} to {fit["ci_high"]:.2f}'
-    ax.plot(bb, math.exp(fit['intercept']) * bb ** fit['slope'], '-', color=color,
-            label=f'{prefix}fit: slope {fit["slope"]:.2f}{interval}')
+    ax.plot(
+      bb,
+      math.exp(fit['intercept']) * bb ** fit['slope'],
+      '-',
+      color=color,
+      label=f'{prefix}fit: slope {fit["slope"]:.2f}{interval}',
+    )
     all_b.append(b)
     all_lr.append(lr)
   b, lr = np.concatenate(all_b), np.concatenate(all_lr)
@@ -664,13 +775,18 @@ def _batch_size(result: Result, scaling: list[dict[str, Any]]) -> _Section:
   _label_log_axis(ax.yaxis, shown if len(shown) else lr, _tick, at_values=not sampled)
   ax.set_xlabel('batch size (examples per update, log scale)')
   ax.set_ylabel('best learning rate (log scale)')
-  ax.set_title(f'best learning rate per batch size (by seed-mean {LABELS.get(usable[0]["metric"], "loss")})\n'
-               'grey lines: the learning rates tried', fontsize=10)
+  ax.set_title(
+    f'best learning rate per batch size (by seed-mean {LABELS.get(usable[0]["metric"], "loss")})\n'
+    'grey lines: the learning rates tried',
+    fontsize=10,
+  )
   ax.legend(fontsize=7.5, loc='best')
   ax.grid(True, which='major', alpha=0.3)
-  caption = ('The learning rate with the lowest seed-mean loss at each batch size, the least-squares line of '
-             'log(best lr) on log(batch size), and the slopes of linear (1) and square-root (0.5) scaling '
-             'through the points\' geometric mean. Hollow points lie at the edge of the learning-rate grid.')
+  caption = (
+    'The learning rate with the lowest seed-mean loss at each batch size, the least-squares line of '
+    'log(best lr) on log(batch size), and the slopes of linear (1) and square-root (0.5) scaling '
+    "through the points' geometric mean. Hollow points lie at the edge of the learning-rate grid."
+  )
   return _Section('batch_size', caption, _png(fig))
 
 
@@ -680,8 +796,6 @@ def _draw(name: str, fn, *args) -> _Section:
     return fn(*args)
   except _Skip as e:
     return _Section(name, note=str(e))
-
-
 
 
 def _load_lr_find(workdir: str):

@@ -49,8 +49,8 @@ class DiskFull(OSError):
 
   def __init__(self, directory: str, freed: int):
     super().__init__(
-        errno.ENOSPC,
-        f'no space left on {directory}: freed {freed} bytes of partial files; rerun to resume',
+      errno.ENOSPC,
+      f'no space left on {directory}: freed {freed} bytes of partial files; rerun to resume',
     )
     self.directory = directory
     self.freed = freed
@@ -71,7 +71,9 @@ def is_disk_full(error: BaseException) -> bool:
     if isinstance(error, OSError) and error.errno in _NO_SPACE:
       return True
     text = str(error)
-    if 'No space left on device' in text or 'Disk quota exceeded' in text or 'File too large' in text:
+    if (
+      'No space left on device' in text or 'Disk quota exceeded' in text or 'File too large' in text
+    ):
       return True
     error = error.__cause__ or error.__context__
   return False
@@ -173,7 +175,9 @@ def atomic_write(path: str, text: str | bytes) -> None:
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
   data = text.encode() if isinstance(text, str) else text
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix='.' + os.path.basename(path) + '.', suffix='.tmp')
+  fd, tmp = tempfile.mkstemp(
+    dir=directory, prefix='.' + os.path.basename(path) + '.', suffix='.tmp'
+  )
   try:
     umask = os.umask(0)
     os.umask(umask)
@@ -258,7 +262,9 @@ def write_checksums(directory: str, files: Iterable[str] | None = None) -> None:
   for name in names:
     size, digest = digest_file(os.path.join(directory, name))
     table[name] = {'size': size, 'sha256': digest}
-  atomic_write(os.path.join(directory, CHECKSUMS), json.dumps({'files': table}, indent=1, sort_keys=True))
+  atomic_write(
+    os.path.join(directory, CHECKSUMS), json.dumps({'files': table}, indent=1, sort_keys=True)
+  )
 
 
 def listed(directory: str) -> set[str]:
@@ -295,8 +301,11 @@ def verify(directory: str, required: Iterable[str] = ()) -> str | None:
     try:
       size = os.path.getsize(file)
       if size != want.get('size'):
-        return f'{name} is truncated ({size} of {want.get("size")} bytes)' if size < want.get('size', 0) else (
-            f'{name} has {size} bytes, {want.get("size")} were written')
+        return (
+          f'{name} is truncated ({size} of {want.get("size")} bytes)'
+          if size < want.get('size', 0)
+          else (f'{name} has {size} bytes, {want.get("size")} were written')
+        )
       if digest_file(file)[1] != want.get('sha256'):
         return f'{name} fails its checksum'
     except OSError as e:

@@ -48,9 +48,9 @@ import numpy as np
 # SweepConfig fields left out of the strict fingerprint, and why none of them can change
 # a number of the sweep.
 SOFT_FIELDS = {
-    'name': 'a label for the sweep',
-    'objectives': 'they pick the Pareto front from the finished table; a rerun recomputes it',
-    'memory_budget': 'it acts only through the chunk width, which the layout part holds',
+  'name': 'a label for the sweep',
+  'objectives': 'they pick the Pareto front from the finished table; a rerun recomputes it',
+  'memory_budget': 'it acts only through the chunk width, which the layout part holds',
 }
 
 FORMAT = 2
@@ -104,7 +104,9 @@ def _is_library(obj: Any) -> bool:
 
 def _name(obj: Any) -> str:
   module = getattr(obj, '__module__', None)
-  qualname = getattr(obj, '__qualname__', None) or getattr(obj, '__name__', None) or type(obj).__name__
+  qualname = (
+    getattr(obj, '__qualname__', None) or getattr(obj, '__name__', None) or type(obj).__name__
+  )
   return f'{module}.{qualname}' if module else qualname
 
 
@@ -162,8 +164,12 @@ class _Hasher:
   def _function(self, fn: types.FunctionType, depth: int) -> str:
     h = hashlib.sha256()
     self.code(h, fn.__code__, function=fn.__code__.co_consts[:1] == (fn.__doc__,))
-    h.update(json.dumps(describe(fn.__defaults__, depth + 1, self), sort_keys=True, default=str).encode())
-    h.update(json.dumps(describe(fn.__kwdefaults__, depth + 1, self), sort_keys=True, default=str).encode())
+    h.update(
+      json.dumps(describe(fn.__defaults__, depth + 1, self), sort_keys=True, default=str).encode()
+    )
+    h.update(
+      json.dumps(describe(fn.__kwdefaults__, depth + 1, self), sort_keys=True, default=str).encode()
+    )
     for cell in fn.__closure__ or ():
       try:
         value = cell.cell_contents
@@ -223,7 +229,9 @@ def describe(value: Any, depth: int = 0, hasher: _Hasher | None = None) -> Any:
       a = getattr(value, f)
       out[f] = None if a is None else array_digest(a, hasher.content)
     return out
-  if isinstance(value, dict) or (hasattr(value, 'keys') and hasattr(value, '__getitem__') and not isinstance(value, type)):
+  if isinstance(value, dict) or (
+    hasattr(value, 'keys') and hasattr(value, '__getitem__') and not isinstance(value, type)
+  ):
     try:
       items = sorted(((str(k), value[k]) for k in value.keys()), key=lambda kv: kv[0])
     except Exception:  # noqa: BLE001 - a mapping-like object that is not one
@@ -238,12 +246,15 @@ def describe(value: Any, depth: int = 0, hasher: _Hasher | None = None) -> Any:
     return f'module {value.__name__}'
   if isinstance(value, functools.partial):
     return {
-        'partial': describe(value.func, depth + 1, hasher),
-        'args': describe(value.args, depth + 1, hasher),
-        'keywords': describe(value.keywords, depth + 1, hasher),
+      'partial': describe(value.func, depth + 1, hasher),
+      'args': describe(value.args, depth + 1, hasher),
+      'keywords': describe(value.keywords, depth + 1, hasher),
     }
   if isinstance(value, types.MethodType):
-    return {'method': describe(value.__func__, depth + 1, hasher), 'of': describe(value.__self__, depth + 1, hasher)}
+    return {
+      'method': describe(value.__func__, depth + 1, hasher),
+      'of': describe(value.__self__, depth + 1, hasher),
+    }
   wrapped = getattr(value, '__wrapped__', None)
   if wrapped is not None and callable(value) and not isinstance(value, type):
     # jax.jit, functools.wraps: the code that runs is the wrapped function's.
@@ -262,8 +273,9 @@ def describe(value: Any, depth: int = 0, hasher: _Hasher | None = None) -> Any:
       except ValueError:  # an empty cell
         cells.append(None)
     return {'function': _name(value), 'closure': cells}
-  if isinstance(value, (types.BuiltinFunctionType, types.BuiltinMethodType)) or type(value).__name__ in (
-      'ufunc', 'PjitFunction', 'custom_jvp', 'custom_vjp'):
+  if isinstance(value, (types.BuiltinFunctionType, types.BuiltinMethodType)) or type(
+    value
+  ).__name__ in ('ufunc', 'PjitFunction', 'custom_jvp', 'custom_vjp'):
     return f'function {_name(value)}'
   if isinstance(value, type):
     if _is_library(value):
@@ -288,8 +300,9 @@ def _describe_object(value: Any, depth: int, hasher: _Hasher) -> Any:
   if dataclasses.is_dataclass(value):
     # flax.linen modules are dataclasses; `parent` is where a module is bound, not what it is.
     out['fields'] = {
-        f.name: describe(getattr(value, f.name, None), depth + 1, hasher)
-        for f in dataclasses.fields(value) if f.name != 'parent'
+      f.name: describe(getattr(value, f.name, None), depth + 1, hasher)
+      for f in dataclasses.fields(value)
+      if f.name != 'parent'
     }
     return out
   attributes = getattr(value, '__dict__', None)
@@ -315,8 +328,8 @@ def config_fields(cfg: Any, content: bool = True) -> dict[str, Any]:
 def _parameters(init_fn) -> dict[str, str]:
   shapes = jax.eval_shape(lambda: init_fn(jax.random.key(0)))
   return {
-      jax.tree_util.keystr(p) or '.': f'{a.dtype.name}[{",".join(str(d) for d in a.shape)}]'
-      for p, a in jax.tree_util.tree_leaves_with_path(shapes)
+    jax.tree_util.keystr(p) or '.': f'{a.dtype.name}[{",".join(str(d) for d in a.shape)}]'
+    for p, a in jax.tree_util.tree_leaves_with_path(shapes)
   }
 
 
@@ -329,9 +342,9 @@ def _layout(units: list) -> dict[str, Any]:
       h.update(f'{cg.family}/{g.batch_size}'.encode())
       h.update(np.ascontiguousarray(g.slots, np.int64).tobytes())
   return {
-      'chunk_width': {f: w[0] for f, w in widths.items()},
-      'chunks': {f: len(w) for f, w in widths.items()},
-      'slots': 'sha256:' + h.hexdigest()[:16],
+    'chunk_width': {f: w[0] for f, w in widths.items()},
+    'chunks': {f: len(w) for f, w in widths.items()},
+    'slots': 'sha256:' + h.hexdigest()[:16],
   }
 
 
@@ -353,24 +366,28 @@ class Fingerprint:
     return {'format': FORMAT, 'fingerprint': self.digest, 'strict': self.strict, 'soft': self.soft}
 
 
-def of_sweep(plan: Any, units: list, init_fn, environment: dict[str, Any],
-             fields: dict[str, Any] | None = None) -> Fingerprint:
+def of_sweep(
+  plan: Any, units: list, init_fn, environment: dict[str, Any], fields: dict[str, Any] | None = None
+) -> Fingerprint:
   """The fingerprint of a planned sweep: `plan` (validated config), its `units`
   (`sweep.units.plan_units`), one run's `init_fn`, the environment record, and the
   config's `config_fields` if already described (the data is then hashed once)."""
   fields = config_fields(plan.config) if fields is None else fields
   strict = {
-      'config': {k: v for k, v in fields.items() if k not in SOFT_FIELDS},
-      'model': {'parameters': _parameters(init_fn)},
-      'layout': _layout(units),
-      'devices': {
-          'backend': jax.default_backend(),
-          'local_device_count': jax.local_device_count(),
-          'process_count': jax.process_count(),
-      },
+    'config': {k: v for k, v in fields.items() if k not in SOFT_FIELDS},
+    'model': {'parameters': _parameters(init_fn)},
+    'layout': _layout(units),
+    'devices': {
+      'backend': jax.default_backend(),
+      'local_device_count': jax.local_device_count(),
+      'process_count': jax.process_count(),
+    },
   }
   soft = {k: v for k, v in fields.items() if k in SOFT_FIELDS}
-  soft['environment'] = {'python': environment.get('python'), 'packages': environment.get('packages')}
+  soft['environment'] = {
+    'python': environment.get('python'),
+    'packages': environment.get('packages'),
+  }
   return Fingerprint(strict=strict, soft=soft)
 
 
@@ -418,6 +435,8 @@ def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
       out.append(f'{_label(key)}: (absent) -> {_show(b[key])}')
     elif key not in b:
       out.append(f'{_label(key)}: {_show(a[key])} -> (absent)')
-    elif json.dumps(a[key], sort_keys=True, default=str) != json.dumps(b[key], sort_keys=True, default=str):
+    elif json.dumps(a[key], sort_keys=True, default=str) != json.dumps(
+      b[key], sort_keys=True, default=str
+    ):
       out.append(f'{_label(key)}: {_show(a[key])} -> {_show(b[key])}')
   return out

@@ -81,7 +81,7 @@ def _tagged(n_in: int) -> Callable:
   def product(inputs, kernel, bias, axis, n_features, promote, precision, kwargs):
     inputs, kernel, bias = promote(inputs, kernel, bias)
     y = lax.dot_general(
-        inputs, kernel, ((axis, tuple(range(n_in))), ((), ())), precision=precision, **dict(kwargs)
+      inputs, kernel, ((axis, tuple(range(n_in))), ((), ())), precision=precision, **dict(kwargs)
     )
     if bias is not None:
       y = y + jnp.reshape(bias, (1,) * (y.ndim - n_features) + bias.shape)
@@ -113,15 +113,22 @@ def _dense(inputs, kernel, bias, *, axis, n_features, promote, precision, kwargs
     if _RECORDING.get():
       return _tagged(n_in)(inputs, kernel, bias, axis, n_features, promote, precision, kwargs)
     return _FALLBACK
-  if kernel.ndim != 1 + n_features + n_in or kernel.shape[0] != 1 or kernel.shape[1 + n_features:] != in_shape:
+  if (
+    kernel.ndim != 1 + n_features + n_in
+    or kernel.shape[0] != 1
+    or kernel.shape[1 + n_features :] != in_shape
+  ):
     return _FALLBACK  # neither layout: flax's own code raises its error
   inputs, kernel, bias = promote(inputs, kernel, bias)
   weight = kernel.reshape(kernel.shape[1:])
   # (*features, *other input axes): the weight is the left operand, contracted on its
   # trailing axes, so the runs of a seed fold into one matrix (see the module docstring).
   y = lax.dot_general(
-      weight, inputs, ((tuple(range(n_features, n_features + n_in)), axis), ((), ())),
-      precision=precision, **dict(kwargs),
+    weight,
+    inputs,
+    ((tuple(range(n_features, n_features + n_in)), axis), ((), ())),
+    precision=precision,
+    **dict(kwargs),
   )
   y = jnp.transpose(y, tuple(range(n_features, y.ndim)) + tuple(range(n_features)))
   if bias is not None:
@@ -138,7 +145,9 @@ def _windows(x, window, strides, padding, dilation):
     pads = lax.padtype_to_pads(spatial, dilated, strides, padding)
   else:
     pads = [tuple(p) for p in padding]
-  x = lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0)] + [(lo, hi, 0) for lo, hi in pads] + [(0, 0, 0)])
+  x = lax.pad(
+    x, jnp.zeros((), x.dtype), [(0, 0, 0)] + [(lo, hi, 0) for lo, hi in pads] + [(0, 0, 0)]
+  )
   out = [(n - e) // s + 1 for n, e, s in zip(x.shape[1:-1], dilated, strides, strict=True)]
   if any(o < 1 for o in out):
     return None
@@ -153,8 +162,22 @@ def _windows(x, window, strides, padding, dilation):
   return jnp.stack(slices, axis=-2)
 
 
-def _conv(inputs, kernel, bias, *, kernel_size, strides, padding, input_dilation, kernel_dilation,
-          groups, mask, promote, precision, kwargs=()):
+def _conv(
+  inputs,
+  kernel,
+  bias,
+  *,
+  kernel_size,
+  strides,
+  padding,
+  input_dilation,
+  kernel_dilation,
+  groups,
+  mask,
+  promote,
+  precision,
+  kwargs=(),
+):
   """What flax's Conv (linen and nnx) computes, as input windows times a matrix."""
   if not isinstance(kernel, jax.Array | np.ndarray):
     return _FALLBACK
@@ -213,7 +236,9 @@ def _conv(inputs, kernel, bias, *, kernel_size, strides, padding, input_dilation
     p = patches.reshape(patches.shape[:-1] + (groups, c))  # (batch, *positions, window, groups, c)
     weight = kernel.reshape(window, c, groups, f)
     k = p.ndim - 3  # the window axis of p
-    y = lax.dot_general(weight, p, (((0, 1), (k, k + 2)), ((2,), (k + 1,))), precision=precision, **kwargs)
+    y = lax.dot_general(
+      weight, p, (((0, 1), (k, k + 2)), ((2,), (k + 1,))), precision=precision, **kwargs
+    )
     # (groups, f, batch, *positions) -> (batch, *positions, groups * f)
     y = jnp.moveaxis(y, (0, 1), (-2, -1))
     y = y.reshape(y.shape[:-2] + (features,))
@@ -234,7 +259,9 @@ def _linen_params(module: nn.Module, *names: str) -> tuple[Any, ...] | None:
     return None
   if not module.has_variable('params', names[0]):
     return None
-  return tuple(module.get_variable('params', n) if module.has_variable('params', n) else None for n in names)
+  return tuple(
+    module.get_variable('params', n) if module.has_variable('params', n) else None for n in names
+  )
 
 
 def _linen_promote(module):
@@ -250,12 +277,23 @@ def _linen_dense(module: nn.Dense, inputs):
   kernel, bias = got
   if not module.use_bias:
     bias = None
-  return _dense(inputs, kernel, bias, axis=(-1,), n_features=1, promote=_linen_promote(module),
-                precision=module.precision)
+  return _dense(
+    inputs,
+    kernel,
+    bias,
+    axis=(-1,),
+    n_features=1,
+    promote=_linen_promote(module),
+    precision=module.precision,
+  )
 
 
 def _linen_dense_general(module: nn.DenseGeneral, inputs):
-  if module.dot_general is not None or module.dot_general_cls is not None or tuple(_tuple_of(module.batch_dims)):
+  if (
+    module.dot_general is not None
+    or module.dot_general_cls is not None
+    or tuple(_tuple_of(module.batch_dims))
+  ):
     return _FALLBACK
   got = _linen_params(module, 'kernel', 'bias')
   if got is None:
@@ -263,8 +301,15 @@ def _linen_dense_general(module: nn.DenseGeneral, inputs):
   kernel, bias = got
   if not module.use_bias:
     bias = None
-  return _dense(inputs, kernel, bias, axis=_tuple_of(module.axis), n_features=len(_tuple_of(module.features)),
-                promote=_linen_promote(module), precision=module.precision)
+  return _dense(
+    inputs,
+    kernel,
+    bias,
+    axis=_tuple_of(module.axis),
+    n_features=len(_tuple_of(module.features)),
+    promote=_linen_promote(module),
+    precision=module.precision,
+  )
 
 
 def _tuple_of(x) -> tuple:
@@ -281,18 +326,26 @@ def _linen_conv(module: nn.Conv, inputs):
   if not module.use_bias:
     bias = None
   return _conv(
-      inputs, kernel, bias, kernel_size=module.kernel_size, strides=module.strides, padding=module.padding,
-      input_dilation=module.input_dilation, kernel_dilation=module.kernel_dilation,
-      groups=module.feature_group_count, mask=module.mask, promote=_linen_promote(module),
-      precision=module.precision,
+    inputs,
+    kernel,
+    bias,
+    kernel_size=module.kernel_size,
+    strides=module.strides,
+    padding=module.padding,
+    input_dilation=module.input_dilation,
+    kernel_dilation=module.kernel_dilation,
+    groups=module.feature_group_count,
+    mask=module.mask,
+    promote=_linen_promote(module),
+    precision=module.precision,
   )
 
 
 # Exactly these classes (not subclasses, which may change what a method does).
 _LINEN = {
-    (nn.Dense, '__call__'): _linen_dense,
-    (nn.DenseGeneral, '__call__'): _linen_dense_general,
-    (nn.Conv, '__call__'): _linen_conv,
+  (nn.Dense, '__call__'): _linen_dense,
+  (nn.DenseGeneral, '__call__'): _linen_dense_general,
+  (nn.Conv, '__call__'): _linen_conv,
 }
 
 
@@ -324,27 +377,55 @@ def _nnx_kwargs(module) -> tuple:
 def _nnx_linear(module: nnx.Linear, inputs, out_sharding=None):
   if out_sharding is not None or module.dot_general is not lax.dot_general:
     return _FALLBACK
-  return _dense(inputs, _nnx_value(module.kernel), _nnx_value(module.bias), axis=(-1,), n_features=1,
-                promote=_nnx_promote(module), precision=module.precision, kwargs=_nnx_kwargs(module))
+  return _dense(
+    inputs,
+    _nnx_value(module.kernel),
+    _nnx_value(module.bias),
+    axis=(-1,),
+    n_features=1,
+    promote=_nnx_promote(module),
+    precision=module.precision,
+    kwargs=_nnx_kwargs(module),
+  )
 
 
 def _nnx_linear_general(module: nnx.LinearGeneral, inputs, out_sharding=None):
-  if (out_sharding is not None or module.batch_axis or module.dot_general is not None
-      or module.dot_general_cls is not None):
+  if (
+    out_sharding is not None
+    or module.batch_axis
+    or module.dot_general is not None
+    or module.dot_general_cls is not None
+  ):
     return _FALLBACK
-  return _dense(inputs, _nnx_value(module.kernel), _nnx_value(module.bias), axis=module.axis,
-                n_features=len(module.out_features), promote=_nnx_promote(module),
-                precision=module.precision, kwargs=_nnx_kwargs(module))
+  return _dense(
+    inputs,
+    _nnx_value(module.kernel),
+    _nnx_value(module.bias),
+    axis=module.axis,
+    n_features=len(module.out_features),
+    promote=_nnx_promote(module),
+    precision=module.precision,
+    kwargs=_nnx_kwargs(module),
+  )
 
 
 def _nnx_conv(module: nnx.Conv, inputs, out_sharding=None):
   if out_sharding is not None or module.conv_general_dilated is not lax.conv_general_dilated:
     return _FALLBACK
   return _conv(
-      inputs, _nnx_value(module.kernel), _nnx_value(module.bias), kernel_size=module.kernel_size,
-      strides=module.strides, padding=module.padding, input_dilation=module.input_dilation,
-      kernel_dilation=module.kernel_dilation, groups=module.feature_group_count, mask=module.mask,
-      promote=_nnx_promote(module), precision=module.precision, kwargs=_nnx_kwargs(module),
+    inputs,
+    _nnx_value(module.kernel),
+    _nnx_value(module.bias),
+    kernel_size=module.kernel_size,
+    strides=module.strides,
+    padding=module.padding,
+    input_dilation=module.input_dilation,
+    kernel_dilation=module.kernel_dilation,
+    groups=module.feature_group_count,
+    mask=module.mask,
+    promote=_nnx_promote(module),
+    precision=module.precision,
+    kwargs=_nnx_kwargs(module),
   )
 
 
@@ -473,23 +554,30 @@ class Layout:
   def _state(self, opt: optax.GradientTransformation, opt_state: Any, fast: bool) -> Any:
     specs = self._specs()
     return optax.tree_utils.tree_map_params(
-        opt, lambda a, s: s.fast(a) if fast else s.module(a), opt_state, specs,
+      opt,
+      lambda a, s: s.fast(a) if fast else s.module(a),
+      opt_state,
+      specs,
     )
 
   def enter(self, runs: Any, opt: optax.GradientTransformation) -> Any:
     """`runs` (a NamedTuple with `params` and `opt_state`) in the fast layout; `opt` is
     the optimizer whose state `opt_state` is (its hyperparameter values do not matter)."""
-    return runs._replace(params=self.to_fast(runs.params), opt_state=self._state(opt, runs.opt_state, True))
+    return runs._replace(
+      params=self.to_fast(runs.params), opt_state=self._state(opt, runs.opt_state, True)
+    )
 
   def leave(self, runs: Any, opt: optax.GradientTransformation) -> Any:
     """The inverse of `enter`."""
-    return runs._replace(params=self.to_module(runs.params), opt_state=self._state(opt, runs.opt_state, False))
+    return runs._replace(
+      params=self.to_module(runs.params), opt_state=self._state(opt, runs.opt_state, False)
+    )
 
 
 def _eqn_tag(eqn) -> int | None:
   name = eqn.params.get('name') if 'jaxpr' in eqn.params else None
   if isinstance(name, str) and name.startswith(_TAG):
-    return int(name[len(_TAG):])
+    return int(name[len(_TAG) :])
   return None
 
 
@@ -557,8 +645,10 @@ class SlowLayer:
   advice: str
 
   def message(self) -> str:
-    return (f'{self.where}: {self.what}, about {self.slowdown:g}x slower than the engine\'s own '
-            f'layers. {self.advice}.')
+    return (
+      f"{self.where}: {self.what}, about {self.slowdown:g}x slower than the engine's own "
+      f'layers. {self.advice}.'
+    )
 
 
 def _where(eqn) -> str:
@@ -599,12 +689,18 @@ def _raw_products(jaxpr, params: set) -> Iterator[Any]:
       (contract_l, contract_r), _ = eqn.params['dimension_numbers']
       for operand, contract in zip(eqn.invars, (contract_l, contract_r), strict=True):
         ndim = len(operand.aval.shape)
-        if is_param(operand) and ndim >= 2 and tuple(contract) != tuple(range(ndim - len(contract), ndim)):
+        if (
+          is_param(operand)
+          and ndim >= 2
+          and tuple(contract) != tuple(range(ndim - len(contract), ndim))
+        ):
           yield eqn
           break
     elif eqn.primitive.name in ('jit', 'pjit') and 'jaxpr' in eqn.params:
       inner = eqn.params['jaxpr'].jaxpr
-      yield from _raw_products(inner, {b for a, b in zip(eqn.invars, inner.invars, strict=False) if is_param(a)})
+      yield from _raw_products(
+        inner, {b for a, b in zip(eqn.invars, inner.invars, strict=False) if is_param(a)}
+      )
 
 
 def slow_layers(apply_fn: Callable, params: Any, x: Any, *, dense: bool = True) -> list[SlowLayer]:
@@ -629,14 +725,18 @@ def slow_layers(apply_fn: Callable, params: Any, x: Any, *, dense: bool = True) 
   except Exception:  # the engine reports a model that does not trace
     return []
   found = []
-  for eqn in _raw_products(one, set(one.invars[: len(jax.tree.leaves(params))]) if dense else set()):
-    found.append(SlowLayer(
+  for eqn in _raw_products(
+    one, set(one.invars[: len(jax.tree.leaves(params))]) if dense else set()
+  ):
+    found.append(
+      SlowLayer(
         where=_where(eqn),
         what='a matrix product with a weight stored (inputs, outputs), whose runs cannot share one product',
         slowdown=_DENSE_SLOWDOWN,
         advice='Use flax.linen.Dense / flax.nnx.Linear (the engine holds their kernels transposed) '
         'or sweep.models.Dense, or store the weight (outputs, inputs) and write x @ W.T',
-    ))
+      )
+    )
 
   def convs(jaxpr) -> list:
     out = []
@@ -657,12 +757,18 @@ def slow_layers(apply_fn: Callable, params: Any, x: Any, *, dense: bool = True) 
   groups = lambda e: e.params['feature_group_count'] * e.params['batch_group_count']  # noqa: E731
   for a, b in zip(convs(one), convs(two), strict=False):
     grouped = groups(b) != groups(a)  # its kernel and its input differ per run
-    found.append(SlowLayer(
+    found.append(
+      SlowLayer(
         where=_where(a),
-        what=('a convolution with a kernel per run on an input per run, which vmap makes a grouped '
-              'convolution' if grouped else 'an XLA convolution, slow on a CPU at these sizes'),
+        what=(
+          'a convolution with a kernel per run on an input per run, which vmap makes a grouped '
+          'convolution'
+          if grouped
+          else 'an XLA convolution, slow on a CPU at these sizes'
+        ),
         slowdown=_GROUPED_CONV_SLOWDOWN if grouped else _CONV_SLOWDOWN,
         advice='Use flax.linen.Conv / flax.nnx.Conv (computed by windows and one product under the '
         'run axis, except with input dilation) or sweep.models.Conv',
-    ))
+      )
+    )
   return found

@@ -62,7 +62,9 @@ def _check_curve(lrs: Any, losses: Any) -> tuple[np.ndarray, np.ndarray]:
   lrs = np.asarray(lrs, np.float64).reshape(-1)
   losses = np.asarray(losses, np.float64).reshape(-1)
   if lrs.shape != losses.shape or len(lrs) < 2:
-    raise ValueError(f'a rule needs at least two (lr, loss) points of equal count; got {lrs.shape} and {losses.shape}')
+    raise ValueError(
+      f'a rule needs at least two (lr, loss) points of equal count; got {lrs.shape} and {losses.shape}'
+    )
   if not (np.all(np.isfinite(lrs)) and np.all(lrs > 0) and np.all(np.diff(lrs) > 0)):
     raise ValueError('a rule needs positive, increasing learning rates')
   if not np.all(np.isfinite(losses)):
@@ -188,13 +190,15 @@ class LRFinderResult:
 
     csv_path = os.path.join(workdir, LR_FIND_CSV)
     json_path = os.path.join(workdir, LR_FIND_JSON)
-    frame = pd.DataFrame({'lr': np.asarray(self.lrs, np.float64), 'loss': np.asarray(self.losses, np.float64)})
+    frame = pd.DataFrame(
+      {'lr': np.asarray(self.lrs, np.float64), 'loss': np.asarray(self.losses, np.float64)}
+    )
     atomic_write(csv_path, frame.to_csv(index=False))
     meta = {
-        'method': self.method,
-        'suggest': self.suggest,
-        'suggestion': _json_number(self.suggestion),
-        'suggestions': {k: _json_number(v) for k, v in self.suggestions.items()},
+      'method': self.method,
+      'suggest': self.suggest,
+      'suggestion': _json_number(self.suggestion),
+      'suggestions': {k: _json_number(v) for k, v in self.suggestions.items()},
     }
     if self.curve_lrs is not None and self.curve_losses is not None:
       meta['curve_lrs'] = [_json_number(v) for v in self.curve_lrs]
@@ -240,16 +244,26 @@ class LRFinderResult:
           suggestions[name] = rule(lrs[finite], losses[finite])
         except ValueError:
           suggestions[name] = math.nan
-    suggest = meta.get('suggest') or ('valley' if 'valley' in suggestions else next(iter(suggestions)))
-    suggestion = number(meta['suggestion']) if 'suggestion' in meta else suggestions.get(suggest, math.nan)
+    suggest = meta.get('suggest') or (
+      'valley' if 'valley' in suggestions else next(iter(suggestions))
+    )
+    suggestion = (
+      number(meta['suggestion']) if 'suggestion' in meta else suggestions.get(suggest, math.nan)
+    )
     curve_lrs = curve_losses = None
     if meta.get('curve_lrs') and meta.get('curve_losses'):
       curve_lrs = np.array([number(v) for v in meta['curve_lrs']])
       curve_losses = np.array([number(v) for v in meta['curve_losses']])
     return cls(
-        lrs=lrs, losses=losses, suggestion=suggestion, suggestions=suggestions,
-        method=meta.get('method', 'grid'), suggest=suggest, raw_losses=losses.copy(),
-        curve_lrs=curve_lrs, curve_losses=curve_losses,
+      lrs=lrs,
+      losses=losses,
+      suggestion=suggestion,
+      suggestions=suggestions,
+      method=meta.get('method', 'grid'),
+      suggest=suggest,
+      raw_losses=losses.copy(),
+      curve_lrs=curve_lrs,
+      curve_losses=curve_losses,
     )
 
   def plot(self, ax: Any = None) -> Any:
@@ -272,7 +286,9 @@ class LRFinderResult:
       ax = fig.add_subplot()
     finite = np.isfinite(self.losses)
     label = 'smoothed batch loss' if self.method == 'ramp' else 'train loss after the budget'
-    ax.plot(self.lrs[finite], self.losses[finite], '-' if self.method == 'ramp' else 'o', label=label)
+    ax.plot(
+      self.lrs[finite], self.losses[finite], '-' if self.method == 'ramp' else 'o', label=label
+    )
     if self.method == 'grid' and self.curve_lrs is not None and len(self.curve_lrs):
       ax.plot(self.curve_lrs, self.curve_losses, '-', label='fitted curve')
     if self.curve_lrs is not None and len(self.curve_lrs):
@@ -283,7 +299,9 @@ class LRFinderResult:
       if not math.isfinite(lr):
         continue
       y = float(np.interp(np.log(lr), np.log(xs), ys)) if len(xs) else np.nan
-      style = dict(marker='o', markersize=8) if name == self.suggest else dict(marker='x', markersize=6)
+      style = (
+        dict(marker='o', markersize=8) if name == self.suggest else dict(marker='x', markersize=6)
+      )
       ax.plot([lr], [y], linestyle='none', label=f'{name}: {lr:.3g}', **style)
     if math.isfinite(self.suggestion):
       ax.axvline(self.suggestion, color='0.5', linestyle=':', linewidth=1)
@@ -303,7 +321,9 @@ class LRFinderResult:
 # -------------------------------------------------------------------- arguments ----
 
 
-def _check_arguments(method, start_lr, end_lr, num_it, suggest, budget, beta, stop_factor, plateau) -> None:
+def _check_arguments(
+  method, start_lr, end_lr, num_it, suggest, budget, beta, stop_factor, plateau
+) -> None:
   if method not in METHODS:
     raise config_error('method', method, 'expected one of ' + ', '.join(METHODS))
   if suggest not in RULES:
@@ -319,7 +339,11 @@ def _check_arguments(method, start_lr, end_lr, num_it, suggest, budget, beta, st
     raise config_error('budget', budget, 'expected a positive integer number of updates')
   if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not 0 <= beta < 1:
     raise config_error('beta', beta, 'expected a number in [0, 1)')
-  if isinstance(stop_factor, bool) or not isinstance(stop_factor, numbers.Real) or not stop_factor > 1:
+  if (
+    isinstance(stop_factor, bool)
+    or not isinstance(stop_factor, numbers.Real)
+    or not stop_factor > 1
+  ):
     raise config_error('stop_factor', stop_factor, 'expected a number > 1')
   if isinstance(plateau, bool) or not isinstance(plateau, numbers.Real) or not 0 <= plateau < 1:
     raise config_error('plateau', plateau, 'expected a fraction in [0, 1)')
@@ -363,7 +387,9 @@ def _ramp_program(structure: train.Structure, beta: float, stop_factor: float):
       if structure.augment is not None:
         xb = structure.augment(train.update_key(seed, count, train.AUGMENT_STREAM), xb)
       key = train.update_key(seed, count, train.MODEL_STREAM)
-      (loss, state), grads = jax.value_and_grad(batch_loss, has_aux=True)(params, state, xb, y[idx], key)
+      (loss, state), grads = jax.value_and_grad(batch_loss, has_aux=True)(
+        params, state, xb, y[idx], key
+      )
       opt_state = optimizers.with_learning_rate(opt_state, lr)
       updates, opt_state = opt.update(grads, opt_state, params)
       # fastai's AvgSmoothLoss: an exponential moving average divided by 1 - beta^t, so the
@@ -387,8 +413,15 @@ def _ramp_program(structure: train.Structure, beta: float, stop_factor: float):
       return jax.lax.cond(carry[5], skipped, live, carry, lr, idx)
 
     zero = jnp.zeros((), jnp.float32)
-    carry = (params, model_state, opt.init(params), zero, jnp.full((), jnp.inf, jnp.float32),
-             jnp.zeros((), bool), jnp.zeros((), jnp.int32))
+    carry = (
+      params,
+      model_state,
+      opt.init(params),
+      zero,
+      jnp.full((), jnp.inf, jnp.float32),
+      jnp.zeros((), bool),
+      jnp.zeros((), jnp.int32),
+    )
     _, (raw, smooth, taken) = jax.lax.scan(body, carry, (lrs, batches))
     return raw, smooth, taken
 
@@ -404,7 +437,9 @@ def _ramp_batches(seed: int, n: int, batch: int, steps: int, shuffle: bool) -> n
   per_epoch = n // batch
   epochs = -(-steps // per_epoch)
   if shuffle:
-    orders = np.stack([np.asarray(train.epoch_order_jit(np.int32(seed), np.int32(e), n)) for e in range(epochs)])
+    orders = np.stack(
+      [np.asarray(train.epoch_order_jit(np.int32(seed), np.int32(e), n)) for e in range(epochs)]
+    )
   else:
     orders = np.broadcast_to(np.arange(n, dtype=np.int32), (epochs, n))
   step = np.arange(steps)
@@ -420,9 +455,17 @@ def _ramp(cfg, start_lr, end_lr, num_it, suggest, beta, stop_factor) -> LRFinder
   data = cfg.data
   model = engine.model_of(cfg, plan.output_dim)
   structure = train.Structure(
-      model=model, loss=plan.loss, family=run.family, batch_sizes=(), steps_per_segment=(),
-      steps_per_epoch=(), eval_batch_size=1, compute_dtype=cfg.compute_dtype, augment=cfg.augment,
-      ignore_label=data.ignore_label, accuracy=None,
+    model=model,
+    loss=plan.loss,
+    family=run.family,
+    batch_sizes=(),
+    steps_per_segment=(),
+    steps_per_epoch=(),
+    eval_batch_size=1,
+    compute_dtype=cfg.compute_dtype,
+    augment=cfg.augment,
+    ignore_label=data.ignore_label,
+    accuracy=None,
   )
   program = _ramp_program(structure, float(beta), float(stop_factor))
 
@@ -431,8 +474,16 @@ def _ramp(cfg, start_lr, end_lr, num_it, suggest, beta, stop_factor) -> LRFinder
   batches = _ramp_batches(seed, data.n_train, batch, num_it, cfg.shuffle)
   params, model_state = train.jit(model.init)(train.init_key_jit(np.int32(seed)))
   raw, smooth, taken = jax.device_get(
-      program(params, model_state, np.int32(seed), hypers, jnp.asarray(lrs, jnp.float32), jnp.asarray(batches),
-              data.x_train, data.y_train)
+    program(
+      params,
+      model_state,
+      np.int32(seed),
+      hypers,
+      jnp.asarray(lrs, jnp.float32),
+      jnp.asarray(batches),
+      data.x_train,
+      data.y_train,
+    )
   )
   k = int(np.sum(taken))
   lrs, raw, smooth = lrs[:k], np.asarray(raw[:k], np.float64), np.asarray(smooth[:k], np.float64)
@@ -448,8 +499,15 @@ def _ramp(cfg, start_lr, end_lr, num_it, suggest, beta, stop_factor) -> LRFinder
   curve = slice(lo, hi) if hi - lo >= 3 else slice(0, len(lrs))
   suggestions = _suggest_all(lrs[curve], smooth[curve])
   return LRFinderResult(
-      lrs=lrs, losses=smooth, suggestion=suggestions[suggest], suggestions=suggestions, method='ramp',
-      suggest=suggest, raw_losses=raw, curve_lrs=lrs[curve], curve_losses=smooth[curve],
+    lrs=lrs,
+    losses=smooth,
+    suggestion=suggestions[suggest],
+    suggestions=suggestions,
+    method='ramp',
+    suggest=suggest,
+    raw_losses=raw,
+    curve_lrs=lrs[curve],
+    curve_losses=smooth[curve],
   )
 
 
@@ -476,7 +534,7 @@ def _grid_curve(lrs: np.ndarray, losses: np.ndarray, stop_factor: float, points_
 
   spline = make_smoothing_spline(x, y)
   fine = np.linspace(x[0], x[-1], max(end, int(math.ceil((x[-1] - x[0]) * points_per_decade)) + 1))
-  return 10.0 ** fine, np.exp(spline(fine))
+  return 10.0**fine, np.exp(spline(fine))
 
 
 def _plateau_end(log_losses: np.ndarray, plateau: float) -> int:
@@ -495,7 +553,7 @@ def _grid(cfg, start_lr, end_lr, num_it, suggest, budget, stop_factor, plateau) 
   first = _first_values(plan)
   first['schedule'] = 'constant'
   grid_cfg = cfg.replace(
-      **first, learning_rate=[float(v) for v in lrs], updates=int(budget), epochs=None, num_evals=1
+    **first, learning_rate=[float(v) for v in lrs], updates=int(budget), epochs=None, num_evals=1
   )
   result = engine.run(grid_cfg, progress=False)
   table = result.table.sort_values('learning_rate')
@@ -511,15 +569,23 @@ def _grid(cfg, start_lr, end_lr, num_it, suggest, budget, stop_factor, plateau) 
     # the curve has fallen through the first `plateau` of its drop in log(loss).
     cut = _plateau_end(np.log(curve_losses), plateau)
     suggestions = {
-        'valley': valley(curve_lrs[cut:], curve_losses[cut:]),
-        'steep': steep(curve_lrs, curve_losses),
-        'minimum': minimum(curve_lrs, curve_losses),
+      'valley': valley(curve_lrs[cut:], curve_losses[cut:]),
+      'steep': steep(curve_lrs, curve_losses),
+      'minimum': minimum(curve_lrs, curve_losses),
     }
   else:
     suggestions = {name: math.nan for name in RULES}
   return LRFinderResult(
-      lrs=lrs, losses=losses, suggestion=suggestions[suggest], suggestions=suggestions, method='grid',
-      suggest=suggest, raw_losses=losses.copy(), curve_lrs=curve_lrs, curve_losses=curve_losses, result=result,
+    lrs=lrs,
+    losses=losses,
+    suggestion=suggestions[suggest],
+    suggestions=suggestions,
+    method='grid',
+    suggest=suggest,
+    raw_losses=losses.copy(),
+    curve_lrs=curve_lrs,
+    curve_losses=curve_losses,
+    result=result,
   )
 
 
@@ -527,17 +593,17 @@ def _grid(cfg, start_lr, end_lr, num_it, suggest, budget, stop_factor, plateau) 
 
 
 def lr_find(
-    cfg: SweepConfig,
-    method: str = 'grid',
-    start_lr: float = 1e-7,
-    end_lr: float = 10.0,
-    num_it: int = 100,
-    suggest: str = 'valley',
-    *,
-    budget: int = 50,
-    beta: float = 0.98,
-    stop_factor: float = 4.0,
-    plateau: float = 0.25,
+  cfg: SweepConfig,
+  method: str = 'grid',
+  start_lr: float = 1e-7,
+  end_lr: float = 10.0,
+  num_it: int = 100,
+  suggest: str = 'valley',
+  *,
+  budget: int = 50,
+  beta: float = 0.98,
+  stop_factor: float = 4.0,
+  plateau: float = 0.25,
 ) -> LRFinderResult:
   """A learning-rate range test of `cfg`'s model, loss, optimizer and data.
 
@@ -590,4 +656,6 @@ def lr_find(
   _check_arguments(method, start_lr, end_lr, num_it, suggest, budget, beta, stop_factor, plateau)
   if method == 'ramp':
     return _ramp(cfg, float(start_lr), float(end_lr), int(num_it), suggest, beta, stop_factor)
-  return _grid(cfg, float(start_lr), float(end_lr), int(num_it), suggest, budget, stop_factor, float(plateau))
+  return _grid(
+    cfg, float(start_lr), float(end_lr), int(num_it), suggest, budget, stop_factor, float(plateau)
+  )

@@ -59,7 +59,9 @@ def _flatten(x: jax.Array) -> jax.Array:
   return x.reshape(x.shape[0], -1)
 
 
-def _lecun_normal_transposed(key: jax.Array, shape: tuple[int, int], dtype=jnp.float32) -> jax.Array:
+def _lecun_normal_transposed(
+  key: jax.Array, shape: tuple[int, int], dtype=jnp.float32
+) -> jax.Array:
   """nn.Dense's kernel initializer drawn for the (inputs, outputs) shape, then transposed."""
   return nn.initializers.lecun_normal()(key, shape[::-1], dtype).T
 
@@ -115,7 +117,9 @@ def _patches(x: jax.Array, window: tuple[int, ...], stride: int, padding: str) -
     out = [(n - k) // stride + 1 for n, k in zip(spatial, window, strict=True)]
   slices = []
   for offset in np.ndindex(*window):
-    index = tuple(slice(o, o + (m - 1) * stride + 1, stride) for o, m in zip(offset, out, strict=True))
+    index = tuple(
+      slice(o, o + (m - 1) * stride + 1, stride) for o, m in zip(offset, out, strict=True)
+    )
     slices.append(x[(slice(None),) + index])
   stacked = jnp.stack(slices, axis=-2)  # (batch, *positions, prod(window), channels)
   return stacked.reshape(stacked.shape[:-2] + tuple(window) + stacked.shape[-1:])
@@ -153,7 +157,9 @@ class Conv(nn.Module):
     patches = _patches(x, tuple(self.kernel_size), self.strides, self.padding)
     k = weight.ndim - 1  # the window and channel axes, contracted
     y = jax.lax.dot_general(
-      weight, patches, ((tuple(range(1, k + 1)), tuple(range(patches.ndim - k, patches.ndim))), ((), ()))
+      weight,
+      patches,
+      ((tuple(range(1, k + 1)), tuple(range(patches.ndim - k, patches.ndim))), ((), ())),
     )  # (features, batch, *positions)
     return jnp.moveaxis(y, 0, -1) + bias
 
@@ -411,6 +417,8 @@ def _nnx_variables(model: Any) -> list:
 
   if not (adapters._is_nnx_factory(model) or isinstance(model, nnx.Module)):
     return []
-  module = model if isinstance(model, nnx.Module) else nnx.eval_shape(lambda: model(rngs=nnx.Rngs(0)))
+  module = (
+    model if isinstance(model, nnx.Module) else nnx.eval_shape(lambda: model(rngs=nnx.Rngs(0)))
+  )
   rest = nnx.split(module, nnx.Param, nnx.RngState, ...)[3]
   return [v for _, v in nnx.to_flat_state(rest)]

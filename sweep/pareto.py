@@ -28,7 +28,9 @@ SENSES = ('min', 'max')
 _BLOCK = 256
 
 
-def pareto_ranks(values: np.ndarray, senses: Sequence[str], valid: np.ndarray | None = None) -> np.ndarray:
+def pareto_ranks(
+  values: np.ndarray, senses: Sequence[str], valid: np.ndarray | None = None
+) -> np.ndarray:
   """Non-dominated sorting: the Pareto front index of every row.
 
   Args:
@@ -138,14 +140,14 @@ def _ranks_blocked(points: np.ndarray, block: int) -> np.ndarray:
       by_rank = np.argsort(-ranks[:start], kind='stable')
       dominated_by = columns[0][by_rank][None, :] <= here[:, :1]
       for j in range(1, len(columns)):
-        dominated_by &= columns[j][by_rank][None, :] <= here[:, j:j + 1]
+        dominated_by &= columns[j][by_rank][None, :] <= here[:, j : j + 1]
       hit = dominated_by.any(axis=1)
       floor[hit] = ranks[by_rank[dominated_by[hit].argmax(axis=1)]] + 1
     inside = np.all(here[None, :, :] <= here[:, None, :], axis=2)
     for i in range(stop - start):
       earlier = inside[i, :i]
       if earlier.any():
-        ranks[start + i] = max(floor[i], ranks[start:start + i][earlier].max() + 1)
+        ranks[start + i] = max(floor[i], ranks[start : start + i][earlier].max() + 1)
       else:
         ranks[start + i] = floor[i]
   return ranks
@@ -155,8 +157,13 @@ def _is_numeric(series: pd.Series) -> bool:
   return pd.api.types.is_numeric_dtype(series) and not pd.api.types.is_complex_dtype(series)
 
 
-def annotate(table: pd.DataFrame, objectives: Mapping[str, str], *, valid_column: str | None = 'status',
-             valid_value='ok') -> pd.DataFrame:
+def annotate(
+  table: pd.DataFrame,
+  objectives: Mapping[str, str],
+  *,
+  valid_column: str | None = 'status',
+  valid_value='ok',
+) -> pd.DataFrame:
   """Marks the Pareto front of a results table.
 
   Args:
@@ -177,23 +184,41 @@ def annotate(table: pd.DataFrame, objectives: Mapping[str, str], *, valid_column
   """
   numeric = [c for c in table.columns if _is_numeric(table[c])]
   if not objectives:
-    raise config_error('objectives', dict(objectives), f'at least one numeric column -> "min" or "max"; numeric columns: {numeric}')
+    raise config_error(
+      'objectives',
+      dict(objectives),
+      f'at least one numeric column -> "min" or "max"; numeric columns: {numeric}',
+    )
   for column, sense in objectives.items():
     if column not in table.columns or not _is_numeric(table[column]):
-      what = 'missing from the table' if column not in table.columns else f'not numeric ({table[column].dtype})'
-      raise config_error('objective', column, f'a numeric column of the table; this one is {what}; numeric columns: {numeric}')
+      what = (
+        'missing from the table'
+        if column not in table.columns
+        else f'not numeric ({table[column].dtype})'
+      )
+      raise config_error(
+        'objective',
+        column,
+        f'a numeric column of the table; this one is {what}; numeric columns: {numeric}',
+      )
     if sense not in SENSES:
       raise config_error(f'objectives[{column!r}]', sense, "'min' or 'max'")
   if valid_column is None:
     valid = np.ones(len(table), dtype=bool)
   elif valid_column not in table.columns:
-    raise config_error('valid_column', valid_column, f'a column of the table, or None to use every row; columns: {list(table.columns)}')
+    raise config_error(
+      'valid_column',
+      valid_column,
+      f'a column of the table, or None to use every row; columns: {list(table.columns)}',
+    )
   else:
     valid = (table[valid_column] == valid_value).to_numpy(dtype=bool, na_value=False)
 
   columns = list(objectives)
   values = np.column_stack([table[c].to_numpy(dtype=np.float64, na_value=np.nan) for c in columns])
-  ranks = pareto_ranks(values.reshape(len(table), len(columns)), [objectives[c] for c in columns], valid)
+  ranks = pareto_ranks(
+    values.reshape(len(table), len(columns)), [objectives[c] for c in columns], valid
+  )
   out = table.copy()
   out['pareto_rank'] = ranks
   out['pareto'] = ranks == 0

@@ -53,14 +53,19 @@ def check_schedules(plan: Plan) -> None:
     seen.add(key)
     try:
       schedules.make_params(
-          name, v['learning_rate'], run.total_updates,
-          decay_rate=v['decay_rate'], decay_every=cfg.decay_every, warmup=v['warmup'],
+        name,
+        v['learning_rate'],
+        run.total_updates,
+        decay_rate=v['decay_rate'],
+        decay_every=cfg.decay_every,
+        warmup=v['warmup'],
       )
     except ValueError as e:
       field, value = ('warmup', v['warmup']) if name == 'warmup_cosine' else ('schedule', name)
       raise config_error(
-          field, value,
-          f'{e} (schedule {name!r} at batch size {v["batch_size"]}, whose runs make {run.total_updates} updates)',
+        field,
+        value,
+        f'{e} (schedule {name!r} at batch size {v["batch_size"]}, whose runs make {run.total_updates} updates)',
       ) from None
 
 
@@ -83,10 +88,14 @@ def check_objectives(plan: Plan) -> None:
     if column in numeric:
       continue
     if column in columns.VALIDATION and not cfg.data.n_val:
-      reason = 'this sweep has no validation set (data.x_val is None), so its table has no such column'
+      reason = (
+        'this sweep has no validation set (data.x_val is None), so its table has no such column'
+      )
     else:
-      reason = 'this sweep\'s table will have no such column'
-    raise config_error('objectives', column, f'{reason}; its numeric columns are ' + ', '.join(numeric))
+      reason = "this sweep's table will have no such column"
+    raise config_error(
+      'objectives', column, f'{reason}; its numeric columns are ' + ', '.join(numeric)
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,27 +116,35 @@ def _output_shape(model: adapters.Model, x_shape: tuple[int, ...], x_dtype: str)
   x = jax.ShapeDtypeStruct(x_shape, x_dtype)
   try:
     pred, new_state = jax.eval_shape(
-        lambda p, s, x: model.apply(p, s, x, True, jax.random.key(0)), params, state, x
+      lambda p, s, x: model.apply(p, s, x, True, jax.random.key(0)), params, state, x
     )
   except Exception as e:
-    return _Failure(f'apply_fn(params, x) failed in training mode on input of shape {x_shape}: {e}', e)
+    return _Failure(
+      f'apply_fn(params, x) failed in training mode on input of shape {x_shape}: {e}', e
+    )
   same = jax.tree.structure(new_state) == jax.tree.structure(state) and all(
-      (a.shape, a.dtype) == (b.shape, b.dtype)
-      for a, b in zip(jax.tree.leaves(new_state), jax.tree.leaves(state), strict=True)
+    (a.shape, a.dtype) == (b.shape, b.dtype)
+    for a, b in zip(jax.tree.leaves(new_state), jax.tree.leaves(state), strict=True)
   )
   if not same:
-    return _Failure('training changes the structure or shapes of the model state (variables other than params)', None)
+    return _Failure(
+      'training changes the structure or shapes of the model state (variables other than params)',
+      None,
+    )
   try:
     traced = jax.jit(lambda p, s, x: model.apply(p, s, x, False, None)[0]).trace(params, state, x)
   except Exception as e:
-    return _Failure(f'apply_fn(params, x) failed in evaluation mode on input of shape {x_shape}: {e}', e)
+    return _Failure(
+      f'apply_fn(params, x) failed in evaluation mode on input of shape {x_shape}: {e}', e
+    )
   evaluated = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), traced.out_info)
   _PROBABILITIES[(model, x_shape, x_dtype)] = _ends_in_softmax(traced.jaxpr.jaxpr)
   if not isinstance(pred, jax.ShapeDtypeStruct) or not isinstance(evaluated, jax.ShapeDtypeStruct):
     return _Failure('the model must return one array', None)
   if pred.shape != evaluated.shape:
     return _Failure(
-        f'the model returns {pred.shape} in training mode but {evaluated.shape} in evaluation mode', None
+      f'the model returns {pred.shape} in training mode but {evaluated.shape} in evaluation mode',
+      None,
     )
   return pred
 
@@ -145,10 +162,18 @@ def _ends_in_softmax(jaxpr) -> bool:
   if last.primitive.name != 'div':
     return False
   numerator, denominator = last.invars
-  if getattr(producer.get(id(numerator)), 'primitive', None) is None or producer[id(numerator)].primitive.name != 'exp':
+  if (
+    getattr(producer.get(id(numerator)), 'primitive', None) is None
+    or producer[id(numerator)].primitive.name != 'exp'
+  ):
     return False
   eqn = producer.get(id(denominator))
-  while eqn is not None and eqn.primitive.name in ('broadcast_in_dim', 'reshape', 'expand_dims', 'convert_element_type'):
+  while eqn is not None and eqn.primitive.name in (
+    'broadcast_in_dim',
+    'reshape',
+    'expand_dims',
+    'convert_element_type',
+  ):
     eqn = producer.get(id(eqn.invars[0]))
   return eqn is not None and eqn.primitive.name == 'reduce_sum' and eqn.invars[0] is numerator
 
@@ -163,27 +188,38 @@ def check_model(plan: Plan, model: adapters.Model) -> None:
     raise config_error('model', model.name, pred.message) from pred.error
   if cfg.noise_scale and model.stateful:
     raise config_error(
-        'noise_scale', True,
-        'models with state other than parameters (batch statistics) are not supported: the '
-        'noise scale splits each batch in two halves, which would each have statistics of their own',
+      'noise_scale',
+      True,
+      'models with state other than parameters (batch statistics) are not supported: the '
+      'noise scale splits each batch in two halves, which would each have statistics of their own',
     )
   if cfg.augment is not None:
     check_augment(cfg.augment, min(plan.batch_sizes), x)
-  probabilities = adapters.keras_ends_in_softmax(cfg.model) or _PROBABILITIES.get((model, x.shape, str(x.dtype)))
+  probabilities = adapters.keras_ends_in_softmax(cfg.model) or _PROBABILITIES.get(
+    (model, x.shape, str(x.dtype))
+  )
   if isinstance(plan.loss, str) and plan.loss == 'softmax_cross_entropy' and probabilities:
     raise config_error(
-        'loss', plan.loss,
-        "the model's outputs are probabilities (its last operation is a softmax), and "
-        'softmax_cross_entropy applies another softmax to them; return logits (drop the last '
-        'softmax), or pass a loss on probabilities (for Keras, the Keras loss itself, e.g. '
-        'loss=keras.losses.CategoricalCrossentropy())',
+      'loss',
+      plan.loss,
+      "the model's outputs are probabilities (its last operation is a softmax), and "
+      'softmax_cross_entropy applies another softmax to them; return logits (drop the last '
+      'softmax), or pass a loss on probabilities (for Keras, the Keras loss itself, e.g. '
+      'loss=keras.losses.CategoricalCrossentropy())',
     )
   is_int = np.issubdtype(y.dtype, np.integer)
   if isinstance(plan.loss, str):
     problem = losses.check_shapes(plan.loss, tuple(pred.shape), tuple(y.shape), is_int)
-    if problem and plan.loss == 'softmax_cross_entropy' and not is_int and np.all(np.mod(data.y_train, 1) == 0):
-      problem += ('; the targets are whole numbers: class ids are given as integers, e.g. '
-                  'sweep.data.arrays(x, y.astype(np.int32))')
+    if (
+      problem
+      and plan.loss == 'softmax_cross_entropy'
+      and not is_int
+      and np.all(np.mod(data.y_train, 1) == 0)
+    ):
+      problem += (
+        '; the targets are whole numbers: class ids are given as integers, e.g. '
+        'sweep.data.arrays(x, y.astype(np.int32))'
+      )
     if problem:
       raise config_error('model', f'outputs of shape {tuple(pred.shape)}', problem)
     for field, labels in (('data.y_train', data.y_train), ('data.y_val', data.y_val)):
@@ -193,7 +229,9 @@ def check_model(plan: Plan, model: adapters.Model) -> None:
         continue
       problem = losses.check_labels(plan.loss, labels, int(pred.shape[-1]) if pred.ndim else 1)
       if problem:
-        raise config_error(field, f'labels in [{float(labels.min()):g}, {float(labels.max()):g}]', problem)
+        raise config_error(
+          field, f'labels in [{float(labels.min()):g}, {float(labels.max()):g}]', problem
+        )
   else:
     try:
       out = jax.eval_shape(plan.loss, pred, jax.ShapeDtypeStruct(y.shape, y.dtype))
@@ -202,15 +240,17 @@ def check_model(plan: Plan, model: adapters.Model) -> None:
     if isinstance(out, tuple | list) and len(out) == 2:
       if getattr(out[1], 'shape', None) != (len(y),):
         raise config_error(
-            'loss', plan.loss,
-            'a callable loss returning (loss, accuracy) must give one accuracy per example, '
-            f'shape (batch,); got {getattr(out[1], "shape", out[1])}',
+          'loss',
+          plan.loss,
+          'a callable loss returning (loss, accuracy) must give one accuracy per example, '
+          f'shape (batch,); got {getattr(out[1], "shape", out[1])}',
         )
       out = out[0]
     if getattr(out, 'shape', None) != (len(y),):
       raise config_error(
-          'loss', plan.loss,
-          f'a callable loss must return one value per example, shape (batch,); got {getattr(out, "shape", out)}',
+        'loss',
+        plan.loss,
+        f'a callable loss must return one value per example, shape (batch,); got {getattr(out, "shape", out)}',
       )
 
 
@@ -224,12 +264,17 @@ def check_augment(augment: Callable, batch: int, x: np.ndarray) -> None:
     out = jax.eval_shape(augment, key, xb)
   except Exception as e:  # the researcher's function: report it as theirs
     raise config_error(
-        'augment', name, f'augment(key, x_batch) failed on a key and a batch of shape {xb.shape} ({type(e).__name__}: {e})'
+      'augment',
+      name,
+      f'augment(key, x_batch) failed on a key and a batch of shape {xb.shape} ({type(e).__name__}: {e})',
     ) from e
   if not isinstance(out, jax.ShapeDtypeStruct) or (out.shape, out.dtype) != (xb.shape, xb.dtype):
-    got = (out.shape, str(out.dtype)) if isinstance(out, jax.ShapeDtypeStruct) else type(out).__name__
-    raise config_error(
-        'augment', name, f'augment(key, x_batch) must return one array of the batch\'s shape and dtype '
-        f'{(xb.shape, str(xb.dtype))}; got {got}',
+    got = (
+      (out.shape, str(out.dtype)) if isinstance(out, jax.ShapeDtypeStruct) else type(out).__name__
     )
-
+    raise config_error(
+      'augment',
+      name,
+      f"augment(key, x_batch) must return one array of the batch's shape and dtype "
+      f'{(xb.shape, str(xb.dtype))}; got {got}',
+    )

@@ -114,7 +114,9 @@ def _html_table(frame: pd.DataFrame, index: bool = False) -> str:
   for _, row in frame.iterrows():
     cells = []
     for v in row.to_numpy():
-      numeric = isinstance(v, int | float | np.integer | np.floating) and not isinstance(v, bool | np.bool_)
+      numeric = isinstance(v, int | float | np.integer | np.floating) and not isinstance(
+        v, bool | np.bool_
+      )
       cells.append(f'<td>{_e(_g(v))}</td>' if numeric else f'<td class="text">{_e(_g(v))}</td>')
     rows.append('<tr>' + ''.join(cells) + '</tr>')
   return f'<table><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
@@ -122,10 +124,14 @@ def _html_table(frame: pd.DataFrame, index: bool = False) -> str:
 
 def _figure_html(section: _Section, title: str) -> str:
   if section.png is None:
-    return f'<p class="note">Figure <code>{_e(section.name)}.png</code> skipped: {_e(section.note)}</p>'
+    return (
+      f'<p class="note">Figure <code>{_e(section.name)}.png</code> skipped: {_e(section.note)}</p>'
+    )
   data = base64.b64encode(section.png).decode('ascii')
-  return (f'<figure><img src="data:image/png;base64,{data}" alt="{_e(title)}">'
-          f'<figcaption>{_e(section.caption)} (<code>{_e(section.name)}.png</code>)</figcaption></figure>')
+  return (
+    f'<figure><img src="data:image/png;base64,{data}" alt="{_e(title)}">'
+    f'<figcaption>{_e(section.caption)} (<code>{_e(section.name)}.png</code>)</figcaption></figure>'
+  )
 
 
 def _wall_time(result: Result) -> str:
@@ -147,8 +153,14 @@ def _summary(result: Result) -> str:
   search = config.get('search') or {}
   parts = [f'<b>{n} runs</b>']
   if search.get('mode') == 'sampled':
-    parts[0] += f' ({search.get("samples")} configurations sampled with sample_seed {search.get("sample_seed")}'
-    parts[0] += f', × {n // max(1, int(search.get("samples") or 1))} grid points)' if n != search.get('samples') else ')'
+    parts[0] += (
+      f' ({search.get("samples")} configurations sampled with sample_seed {search.get("sample_seed")}'
+    )
+    parts[0] += (
+      f', × {n // max(1, int(search.get("samples") or 1))} grid points)'
+      if n != search.get('samples')
+      else ')'
+    )
   elif search.get('mode') == 'runs':
     parts[0] += ' (an explicit list)'
   elif seeds > 1:
@@ -161,13 +173,17 @@ def _summary(result: Result) -> str:
     parts.append('No run finished without diverging.')
   else:
     best = ok.loc[ok[metric].idxmin()]
-    hypers = [f'learning rate {_g(best["learning_rate"])}' if 'learning_rate' in best else '',
-              f'batch size {_g(best["batch_size"])}' if 'batch_size' in best else '']
+    hypers = [
+      f'learning rate {_g(best["learning_rate"])}' if 'learning_rate' in best else '',
+      f'batch size {_g(best["batch_size"])}' if 'batch_size' in best else '',
+    ]
     for a in _axes(table, config):
       if a in best.index and a not in ('learning_rate', 'batch_size') and pd.notna(best[a]):
         hypers.append(f'{a} {_g(best[a])}')
-    text = (f'Best run: <b>run {int(best["run"])}</b> ({_e(", ".join(h for h in hypers if h))}) with '
-            f'{LABELS.get(metric, metric)} <b>{_g(best[metric])}</b>')
+    text = (
+      f'Best run: <b>run {int(best["run"])}</b> ({_e(", ".join(h for h in hypers if h))}) with '
+      f'{LABELS.get(metric, metric)} <b>{_g(best[metric])}</b>'
+    )
     if 'final_val_accuracy' in best.index and pd.notna(best['final_val_accuracy']):
       text += f' and validation accuracy {100 * float(best["final_val_accuracy"]):.1f} %'
     if 'updates' in best.index:
@@ -176,8 +192,10 @@ def _summary(result: Result) -> str:
   parts.append(f'Wall time: {_e(_wall_time(result))}.')
   data = config.get('data') or {}
   if data:
-    parts.append(f'Data: {_e(data.get("name", "?"))} ({_e(data.get("n_train", "?"))} training, '
-                 f'{_e(data.get("n_val", 0))} validation examples); loss {_e(_loss_name(config))}.')
+    parts.append(
+      f'Data: {_e(data.get("name", "?"))} ({_e(data.get("n_train", "?"))} training, '
+      f'{_e(data.get("n_val", 0))} validation examples); loss {_e(_loss_name(config))}.'
+    )
   return ' '.join(parts)
 
 
@@ -188,7 +206,12 @@ def _config_html(result: Result) -> str:
   search = config.get('search') or {}
   sampled = search.get('spaces') or {}
   if search.get('mode') == 'sampled':
-    rows.append(('search', f'{search.get("samples")} configurations sampled (sample_seed {search.get("sample_seed")})'))
+    rows.append(
+      (
+        'search',
+        f'{search.get("samples")} configurations sampled (sample_seed {search.get("sample_seed")})',
+      )
+    )
   elif search.get('mode') == 'runs':
     rows.append(('search', f'an explicit list of {len(search.get("runs") or [])} runs'))
   for a in _axes(result.table, config):
@@ -213,8 +236,12 @@ def _config_html(result: Result) -> str:
     if key in config:
       value = config[key]
       rows.append((key, json.dumps(value) if isinstance(value, dict | list) else _g(value)))
-  body = ''.join(f'<tr><th class="text">{_e(k)}</th><td class="text">{_e(v)}</td></tr>' for k, v in rows)
-  return f'<table>{body}</table>' if body else '<p class="note">config.json holds no configuration.</p>'
+  body = ''.join(
+    f'<tr><th class="text">{_e(k)}</th><td class="text">{_e(v)}</td></tr>' for k, v in rows
+  )
+  return (
+    f'<table>{body}</table>' if body else '<p class="note">config.json holds no configuration.</p>'
+  )
 
 
 def _scaling_html(scaling: list[dict[str, Any]]) -> str:
@@ -226,8 +253,10 @@ def _scaling_html(scaling: list[dict[str, Any]]) -> str:
       out.append(f'<p class="note">No batch-size table: {_e(s["error"])}</p>')
       continue
     frame = s['table'].drop(columns=['runs'], errors='ignore')
-    out.append(f'<p>The best learning rate of each batch size by seed-mean {_e(LABELS.get(s["metric"], s["metric"]))} '
-               '(configurations that diverged for any seed left out):</p>')
+    out.append(
+      f'<p>The best learning rate of each batch size by seed-mean {_e(LABELS.get(s["metric"], s["metric"]))} '
+      '(configurations that diverged for any seed left out):</p>'
+    )
     out.append(_html_table(frame, index=True))
     fit = s['slope']
     if fit['n'] >= 2 and math.isfinite(fit['slope']):
@@ -235,18 +264,27 @@ def _scaling_html(scaling: list[dict[str, Any]]) -> str:
         interval = f'95% interval {fit["ci_low"]:.2f} to {fit["ci_high"]:.2f}'
       else:
         interval = f'no interval: {fit["n"]} batch sizes fit a line exactly'
-      out.append(f'<p>Slope of log(best learning rate) on log(batch size): <b>{fit["slope"]:.2f}</b> '
-                 f'({_e(interval)}).</p>')
+      out.append(
+        f'<p>Slope of log(best learning rate) on log(batch size): <b>{fit["slope"]:.2f}</b> '
+        f'({_e(interval)}).</p>'
+      )
     out.append(f'<p>{_e(fit["interpretation"])}</p>')
   if len(scaling) > 1:
-    out.append('<p class="meta">Each optimizer/schedule combination is fitted on its own: their best learning '
-               'rates are not comparable.</p>')
+    out.append(
+      '<p class="meta">Each optimizer/schedule combination is fitted on its own: their best learning '
+      'rates are not comparable.</p>'
+    )
   return '\n'.join(out)
 
 
 def _overfitting_html(result: Result) -> str:
   curves = result.curves
-  if curves is None or curves.empty or 'val_loss' not in curves.columns or not curves['val_loss'].notna().any():
+  if (
+    curves is None
+    or curves.empty
+    or 'val_loss' not in curves.columns
+    or not curves['val_loss'].notna().any()
+  ):
     return '<p class="note">No validation curves: overfitting cannot be judged.</p>'
   frame = analysis.overfitting(result)
   table = result.table
@@ -255,10 +293,14 @@ def _overfitting_html(result: Result) -> str:
   flagged = frame[frame['overfit']]
   gap = frame['generalization_gap'].to_numpy(np.float64)
   gap = gap[np.isfinite(gap)]
-  text = (f'<p><b>{len(flagged)} of {len(frame)}</b> runs that did not diverge overfit: their final validation '
-          'loss lies more than 5 % above their lowest while their training loss kept falling.')
+  text = (
+    f'<p><b>{len(flagged)} of {len(frame)}</b> runs that did not diverge overfit: their final validation '
+    'loss lies more than 5 % above their lowest while their training loss kept falling.'
+  )
   if len(gap):
-    text += f' Median generalization gap (final validation − final training loss): {_g(np.median(gap))}.'
+    text += (
+      f' Median generalization gap (final validation − final training loss): {_g(np.median(gap))}.'
+    )
   text += '</p>'
   if len(flagged):
     keys = [a for a in _varying(table, result.config)] or ['learning_rate', 'batch_size']
@@ -287,8 +329,10 @@ def _pareto_html(result: Result) -> str:
       columns.append(c)
   shown = front[columns].sort_values(xcol if xcol in front.columns else 'run')
   desc = ', '.join(f'{c} ({s})' for c, s in objectives.items()) or f'{ycol}, {xcol}'
-  return (f'<p>{len(front)} run(s) on the front of {_e(desc)}: no other run is at least as good on every '
-          'objective and better on one.</p>' + _html_table(shown))
+  return (
+    f'<p>{len(front)} run(s) on the front of {_e(desc)}: no other run is at least as good on every '
+    'objective and better on one.</p>' + _html_table(shown)
+  )
 
 
 def _environment_html(config: dict) -> str:
@@ -307,46 +351,72 @@ def _environment_html(config: dict) -> str:
     pass
   if 'experiment' in config:
     exp = config['experiment'] or {}
-    rows.append(('experiment file', f'{exp.get("file")} (sha256 {str(exp.get("sha256"))[:12]}…, '
-                                    f'commit {exp.get("git_commit")})'))
+    rows.append(
+      (
+        'experiment file',
+        f'{exp.get("file")} (sha256 {str(exp.get("sha256"))[:12]}…, '
+        f'commit {exp.get("git_commit")})',
+      )
+    )
   if not env:
     rows.insert(0, ('note', 'config.json records no environment'))
-  body = ''.join(f'<tr><th class="text">{_e(k)}</th><td class="text">{_e(v)}</td></tr>' for k, v in rows)
+  body = ''.join(
+    f'<tr><th class="text">{_e(k)}</th><td class="text">{_e(v)}</td></tr>' for k, v in rows
+  )
   return f'<table>{body}</table>'
 
 
 def _page(result: Result, sections: dict[str, _Section], scaling: list[dict[str, Any]]) -> str:
   name = result.config.get('name') or 'sweep'
   titles = {
-      'heatmap': 'Learning rate × batch size', 'curves': 'Learning curves of the best runs',
-      'pareto': 'Pareto front', 'lr_find': 'Learning-rate range test', 'noise_scale': 'Gradient noise scale',
-      'batch_size': 'Best learning rate per batch size',
+    'heatmap': 'Learning rate × batch size',
+    'curves': 'Learning curves of the best runs',
+    'pareto': 'Pareto front',
+    'lr_find': 'Learning-rate range test',
+    'noise_scale': 'Gradient noise scale',
+    'batch_size': 'Best learning rate per batch size',
   }
   body = [
-      f'<h1>Sweep report: {_e(name)}</h1>',
-      f'<p class="meta">Written {_e(datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"))} by '
-      'sweep.report.</p>',
-      f'<p id="summary">{_summary(result)}</p>',
-      '<h2>Configuration</h2>', _config_html(result),
-      f'<h2>{titles["heatmap"]}</h2>', _figure_html(sections['heatmap'], titles['heatmap']),
-      f'<h2>{titles["curves"]}</h2>', _figure_html(sections['curves'], titles['curves']),
-      '<h2>Batch size and learning-rate scaling</h2>', _scaling_html(scaling),
-      _figure_html(sections['batch_size'], titles['batch_size']),
-      '<h2>Overfitting</h2>', _overfitting_html(result),
-      f'<h2>{titles["pareto"]}</h2>', _pareto_html(result), _figure_html(sections['pareto'], titles['pareto']),
-      f'<h2>{titles["lr_find"]}</h2>', _figure_html(sections['lr_find'], titles['lr_find']),
-      f'<h2>{titles["noise_scale"]}</h2>', _figure_html(sections['noise_scale'], titles['noise_scale']),
-      '<h2>Environment</h2>', _environment_html(result.config),
+    f'<h1>Sweep report: {_e(name)}</h1>',
+    f'<p class="meta">Written {_e(datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"))} by '
+    'sweep.report.</p>',
+    f'<p id="summary">{_summary(result)}</p>',
+    '<h2>Configuration</h2>',
+    _config_html(result),
+    f'<h2>{titles["heatmap"]}</h2>',
+    _figure_html(sections['heatmap'], titles['heatmap']),
+    f'<h2>{titles["curves"]}</h2>',
+    _figure_html(sections['curves'], titles['curves']),
+    '<h2>Batch size and learning-rate scaling</h2>',
+    _scaling_html(scaling),
+    _figure_html(sections['batch_size'], titles['batch_size']),
+    '<h2>Overfitting</h2>',
+    _overfitting_html(result),
+    f'<h2>{titles["pareto"]}</h2>',
+    _pareto_html(result),
+    _figure_html(sections['pareto'], titles['pareto']),
+    f'<h2>{titles["lr_find"]}</h2>',
+    _figure_html(sections['lr_find'], titles['lr_find']),
+    f'<h2>{titles["noise_scale"]}</h2>',
+    _figure_html(sections['noise_scale'], titles['noise_scale']),
+    '<h2>Environment</h2>',
+    _environment_html(result.config),
   ]
-  return ('<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
-          f'<meta name="viewport" content="width=device-width, initial-scale=1">\n<title>{_e(name)}: sweep report'
-          f'</title>\n<style>{STYLE}</style>\n</head>\n<body>\n' + '\n'.join(body) + '\n</body>\n</html>\n')
+  return (
+    '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+    f'<meta name="viewport" content="width=device-width, initial-scale=1">\n<title>{_e(name)}: sweep report'
+    f'</title>\n<style>{STYLE}</style>\n</head>\n<body>\n'
+    + '\n'.join(body)
+    + '\n</body>\n</html>\n'
+  )
 
 
 # ---------------------------------------------------------------------- report ----
 
 
-def write_report(workdir: str, result: Result | None = None, lr_finder: LRFinderResult | None = None) -> str:
+def write_report(
+  workdir: str, result: Result | None = None, lr_finder: LRFinderResult | None = None
+) -> str:
   """Writes the figures and report.html of a finished sweep into `workdir/report/`.
 
   The figures (heatmap, curves, pareto, lr_find, noise_scale, batch_size) are PNG files;
@@ -379,12 +449,12 @@ def write_report(workdir: str, result: Result | None = None, lr_finder: LRFinder
 
   scaling = _scaling(result)
   sections = {
-      'heatmap': _draw('heatmap', _heatmap, result),
-      'curves': _draw('curves', _curves, result),
-      'pareto': _draw('pareto', _pareto, result),
-      'lr_find': _draw('lr_find', _lr_find, lr_finder, workdir),
-      'noise_scale': _draw('noise_scale', _noise_scale, result),
-      'batch_size': _draw('batch_size', _batch_size, result, scaling),
+    'heatmap': _draw('heatmap', _heatmap, result),
+    'curves': _draw('curves', _curves, result),
+    'pareto': _draw('pareto', _pareto, result),
+    'lr_find': _draw('lr_find', _lr_find, lr_finder, workdir),
+    'noise_scale': _draw('noise_scale', _noise_scale, result),
+    'batch_size': _draw('batch_size', _batch_size, result, scaling),
   }
   for name in FIGURES:
     path = os.path.join(out_dir, name + '.png')

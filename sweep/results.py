@@ -40,12 +40,12 @@ def environment() -> dict[str, Any]:
   """Package versions, Python, backend and devices: what a reproduction needs to know."""
   versions = dict(_package_versions())
   return {
-      'python': sys.version.split()[0],
-      'platform': platform.platform(),
-      'packages': versions,
-      'backend': jax.default_backend(),
-      'devices': [f'{d.platform}:{d.device_kind}' for d in jax.devices()],
-      'process_count': jax.process_count(),
+    'python': sys.version.split()[0],
+    'platform': platform.platform(),
+    'packages': versions,
+    'backend': jax.default_backend(),
+    'devices': [f'{d.platform}:{d.device_kind}' for d in jax.devices()],
+    'process_count': jax.process_count(),
   }
 
 
@@ -66,13 +66,16 @@ def _git_commit(path: str) -> str | None:
   directory = os.path.dirname(os.path.abspath(path))
   try:
     commit = subprocess.run(
-        ['git', 'rev-parse', 'HEAD'], cwd=directory, capture_output=True, text=True, timeout=10
+      ['git', 'rev-parse', 'HEAD'], cwd=directory, capture_output=True, text=True, timeout=10
     )
     if commit.returncode != 0:
       return None
     dirty = subprocess.run(
-        ['git', 'status', '--porcelain', '--', os.path.abspath(path)],
-        cwd=directory, capture_output=True, text=True, timeout=10,
+      ['git', 'status', '--porcelain', '--', os.path.abspath(path)],
+      cwd=directory,
+      capture_output=True,
+      text=True,
+      timeout=10,
     )
     return commit.stdout.strip() + ('-dirty' if dirty.stdout.strip() else '')
   except (OSError, subprocess.SubprocessError):
@@ -84,14 +87,14 @@ def experiment_record(path: str) -> dict[str, Any]:
   with open(path, 'rb') as f:
     text = f.read()
   return {
-      'file': os.path.basename(path),
-      'sha256': hashlib.sha256(text).hexdigest(),
-      'git_commit': _git_commit(path),
+    'file': os.path.basename(path),
+    'sha256': hashlib.sha256(text).hexdigest(),
+    'git_commit': _git_commit(path),
   }
 
 
 def resolved_config(
-    plan: Plan, experiment_file: str | None = None, fields: dict[str, Any] | None = None
+  plan: Plan, experiment_file: str | None = None, fields: dict[str, Any] | None = None
 ) -> dict[str, Any]:
   """The config as run: every field of `SweepConfig` (taken from the dataclass, so none is
   missed), what the plan derived from them (axes, runs, step counts), the environment.
@@ -105,23 +108,25 @@ def resolved_config(
   cfg = plan.config
   data = cfg.data
   out = {
-      'name': cfg.name,
-      'axes': _jsonable(plan.axes),
-      'num_runs': len(plan.runs),
-      'model': repr(cfg.model) if not isinstance(cfg.model, tuple) else [_jsonable(f) for f in cfg.model],
-      'loss': _jsonable(plan.loss),
-      'budget': {'epochs': cfg.epochs, 'updates': cfg.updates},
-      'updates_per_run': {str(b): t for b, t in plan.total_updates.items()},
-      'steps_per_epoch': {str(b): t for b, t in plan.steps_per_epoch.items()},
-      'num_evals': plan.num_evals,
-      'data': {
-          'name': data.name,
-          'n_train': data.n_train,
-          'n_val': data.n_val,
-          'x_shape': list(data.x_train.shape[1:]),
-          'y_shape': list(data.y_train.shape[1:]),
-          'num_classes': data.num_classes,
-      },
+    'name': cfg.name,
+    'axes': _jsonable(plan.axes),
+    'num_runs': len(plan.runs),
+    'model': repr(cfg.model)
+    if not isinstance(cfg.model, tuple)
+    else [_jsonable(f) for f in cfg.model],
+    'loss': _jsonable(plan.loss),
+    'budget': {'epochs': cfg.epochs, 'updates': cfg.updates},
+    'updates_per_run': {str(b): t for b, t in plan.total_updates.items()},
+    'steps_per_epoch': {str(b): t for b, t in plan.steps_per_epoch.items()},
+    'num_evals': plan.num_evals,
+    'data': {
+      'name': data.name,
+      'n_train': data.n_train,
+      'n_val': data.n_val,
+      'x_shape': list(data.x_train.shape[1:]),
+      'y_shape': list(data.y_train.shape[1:]),
+      'num_classes': data.num_classes,
+    },
   }
   if plan.search:  # runs that are no grid: how they were chosen (explicit, or sampled)
     out['search'] = _jsonable(plan.search)
@@ -152,8 +157,17 @@ class Result:
     wall_time: seconds the sweep took, compiles included.
   """
 
-  def __init__(self, table: pd.DataFrame, curves: pd.DataFrame, config: dict, wall_time: float,
-               params_fn=None, workdir: str | None = None, state_fn=None, model=None):
+  def __init__(
+    self,
+    table: pd.DataFrame,
+    curves: pd.DataFrame,
+    config: dict,
+    wall_time: float,
+    params_fn=None,
+    workdir: str | None = None,
+    state_fn=None,
+    model=None,
+  ):
     self.table = table
     self.curves = curves
     self.config = config
@@ -165,7 +179,7 @@ class Result:
 
   @classmethod
   def from_training(
-      cls, plan: Plan, trained: list, wall_time: float, resolved: dict, model: Any = None
+    cls, plan: Plan, trained: list, wall_time: float, resolved: dict, model: Any = None
   ) -> Result:
     """The result of a sweep from its trained units (`sweep.units.UnitResult`, in unit order)."""
     n = len(plan.runs)
@@ -192,7 +206,9 @@ class Result:
         rec['examples'] = rec['updates'] * batch
         rec['epoch'] = rec['examples'] / plan.config.data.n_train
         if 'grad_sq_full' in rec:
-          rec['noise_scale'] = float(analysis.noise_scale(rec['grad_sq_half'], rec['grad_sq_full'], batch // 2, batch)[0])
+          rec['noise_scale'] = float(
+            analysis.noise_scale(rec['grad_sq_half'], rec['grad_sq_full'], batch // 2, batch)[0]
+          )
         per_point.append(rec)
       curve_rows.extend(per_point)
       last = per_point[-1]
@@ -217,8 +233,14 @@ class Result:
           row['best_val_accuracy'] = float(np.nanmax([p['val_accuracy'] for p in per_point]))
       if plan.config.noise_scale:
         # Over the second half of training, where the estimate has settled.
-        late = [p['noise_scale'] for p in per_point[1:] if p['eval'] >= len(per_point) // 2 and 'noise_scale' in p]
-        row['noise_scale'] = float(np.nanmedian(late)) if late and np.isfinite(late).any() else np.nan
+        late = [
+          p['noise_scale']
+          for p in per_point[1:]
+          if p['eval'] >= len(per_point) // 2 and 'noise_scale' in p
+        ]
+        row['noise_scale'] = (
+          float(np.nanmedian(late)) if late and np.isfinite(late).any() else np.nan
+        )
       # Wall time of the unit, shared out over its runs.
       row['seconds'] = seconds / max(1, sum(int(np.sum(bg.slots >= 0)) for bg in unit.groups))
       rows.append(row)
@@ -239,7 +261,9 @@ class Result:
     def state_fn(i: int, best: bool = False):
       c, g, s, r = where[i]
       runs = trained[c].final.get()[g].runs
-      return jax.tree.map(lambda a: np.asarray(a[s, r]), runs.best_model_state if best else runs.model_state)
+      return jax.tree.map(
+        lambda a: np.asarray(a[s, r]), runs.best_model_state if best else runs.model_state
+      )
 
     result = cls(table, curves, resolved, wall_time, params_fn, state_fn=state_fn, model=model)
     result._where = where
@@ -285,8 +309,8 @@ class Result:
     evaluation mode), an equinox module or a Keras model."""
     if self._model is None or self._model.rebuild is None:
       raise ValueError(
-          'result.model(i) rebuilds nnx, equinox and Keras models of a sweep run in this '
-          'process; for other models use result.variables(i) or result.params(i)'
+        'result.model(i) rebuilds nnx, equinox and Keras models of a sweep run in this '
+        'process; for other models use result.variables(i) or result.params(i)'
       )
     params = self.params(i, best)
     return self._model.rebuild(params, self._state_fn(i, best))
@@ -302,14 +326,16 @@ class Result:
     t = self.table
     col = 'final_val_loss' if 'final_val_loss' in t else 'final_train_loss'
     # An optimizer or schedule shared by every run is said once (a factory's label can be long).
-    same = [c for c in ('optimizer', 'schedule') if c in t.columns and t[c].nunique(dropna=False) == 1]
+    same = [
+      c for c in ('optimizer', 'schedule') if c in t.columns and t[c].nunique(dropna=False) == 1
+    ]
     shown = [c for c in t.columns if c not in ('run', 'seconds', 'best_eval') and c not in same]
     ok = t[t.status == 'ok'].sort_values(col)
     lines = [
-        f'{len(t)} runs in {self.wall_time:.1f} s; {int((t.status == "diverged").sum())} diverged.',
-        *(['Every run: ' + '; '.join(f'{c} {t[c].iloc[0]}' for c in same) + '.'] if same else []),
-        f'Best {min(top, len(ok))} by {col}:',
-        ok[shown].head(top).to_string(index=False, float_format=lambda v: f'{v:.4g}'),
+      f'{len(t)} runs in {self.wall_time:.1f} s; {int((t.status == "diverged").sum())} diverged.',
+      *(['Every run: ' + '; '.join(f'{c} {t[c].iloc[0]}' for c in same) + '.'] if same else []),
+      f'Best {min(top, len(ok))} by {col}:',
+      ok[shown].head(top).to_string(index=False, float_format=lambda v: f'{v:.4g}'),
     ]
     return '\n'.join(lines)
 
@@ -336,11 +362,19 @@ class Result:
         meta = metas[i]
         runs = state[g].runs
         best = None if runs.best_params is None else jax.tree.map(take, runs.best_params)
-        best_state = None if runs.best_model_state is None else jax.tree.map(take, runs.best_model_state)
+        best_state = (
+          None if runs.best_model_state is None else jax.tree.map(take, runs.best_model_state)
+        )
         checkpoints.save_run(
-            workdir, i, jax.tree.map(take, runs.params), jax.tree.map(take, runs.opt_state), meta, best,
-            model_state=jax.tree.map(take, runs.model_state), best_model_state=best_state,
-            state_layout=getattr(self._model, 'state_layout', 'collections'),
+          workdir,
+          i,
+          jax.tree.map(take, runs.params),
+          jax.tree.map(take, runs.opt_state),
+          meta,
+          best,
+          model_state=jax.tree.map(take, runs.model_state),
+          best_model_state=best_state,
+          state_layout=getattr(self._model, 'state_layout', 'collections'),
         )
     self.workdir = workdir
 
@@ -350,7 +384,9 @@ class Result:
     os.makedirs(workdir, exist_ok=True)
     write_if_changed(os.path.join(workdir, 'results.csv'), self.table.to_csv(index=False))
     write_if_changed(os.path.join(workdir, 'curves.csv'), self.curves.to_csv(index=False))
-    write_if_changed(os.path.join(workdir, 'config.json'), json.dumps(self.config, indent=2, default=str))
+    write_if_changed(
+      os.path.join(workdir, 'config.json'), json.dumps(self.config, indent=2, default=str)
+    )
 
   @classmethod
   def load(cls, workdir: str) -> Result:
@@ -365,6 +401,10 @@ class Result:
     with open(os.path.join(workdir, 'config.json')) as f:
       config = json.load(f)
     return cls(
-        table, curves, config, float('nan'),
-        lambda i, best=False: checkpoints.restore_params(workdir, i, best=best), workdir,
+      table,
+      curves,
+      config,
+      float('nan'),
+      lambda i, best=False: checkpoints.restore_params(workdir, i, best=best),
+      workdir,
     )

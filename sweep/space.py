@@ -33,7 +33,17 @@ import numpy as np
 
 from sweep.errors import config_error
 
-__all__ = ['Choice', 'LogUniform', 'RandInt', 'Space', 'Uniform', 'choice', 'loguniform', 'randint', 'uniform']
+__all__ = [
+  'Choice',
+  'LogUniform',
+  'RandInt',
+  'Space',
+  'Uniform',
+  'choice',
+  'loguniform',
+  'randint',
+  'uniform',
+]
 
 
 class Space:
@@ -152,7 +162,9 @@ class Choice(Space):
     try:
       distinct = len(set(self.options)) == len(self.options)
     except TypeError:
-      raise config_error(field, self, 'choice options must be numbers, names or callables') from None
+      raise config_error(
+        field, self, 'choice options must be numbers, names or callables'
+      ) from None
     if not distinct:
       raise config_error(field, self, 'choice options must be distinct')
 

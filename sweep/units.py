@@ -99,7 +99,7 @@ def _chunk(groups: list[BatchGroup], start: int, widths: list[int]) -> list[Batc
   out = []
   for g, width in zip(groups, widths, strict=True):
     slots = np.full((g.slots.shape[0], width), -1, np.int64)
-    part = g.slots[:, start:start + width]
+    part = g.slots[:, start : start + width]
     slots[:, : part.shape[1]] = part
     idx = set(int(i) for i in part.ravel() if i >= 0)
     out.append(BatchGroup(g.batch_size, g.seeds, slots, [r for r in g.runs if r.index in idx]))
@@ -130,9 +130,18 @@ def keep_budget(cfg: SweepConfig) -> int:
 
 def run_bytes(plan: Plan, model: adapters.Model, family: str, eval_chunk: int) -> int:
   """Memoised `_run_bytes` (it traces the model twice)."""
-  key = (model, plan.loss, family, eval_chunk, max(plan.batch_sizes), plan.config.keep_best,
-         plan.config.data.x_train.shape[1:], str(plan.config.data.x_train.dtype),
-         plan.config.data.y_train.shape[1:], str(plan.config.data.y_train.dtype))
+  key = (
+    model,
+    plan.loss,
+    family,
+    eval_chunk,
+    max(plan.batch_sizes),
+    plan.config.keep_best,
+    plan.config.data.x_train.shape[1:],
+    str(plan.config.data.x_train.dtype),
+    plan.config.data.y_train.shape[1:],
+    str(plan.config.data.y_train.dtype),
+  )
   try:
     return _run_bytes_cached(key, plan, model, family, eval_chunk)
   except TypeError:  # an unhashable model or loss
@@ -158,8 +167,14 @@ def _run_bytes(plan: Plan, model: adapters.Model, family: str, eval_chunk: int) 
   hypers = optimizers.example_hypers(family)
   opt_state = jax.eval_shape(lambda p: optimizers.make(family, hypers).init(p), params)
   structure = train.Structure(
-      model=model, loss=plan.loss, family=family, batch_sizes=(), steps_per_segment=(),
-      steps_per_epoch=(), eval_batch_size=eval_chunk, ignore_label=data.ignore_label,
+    model=model,
+    loss=plan.loss,
+    family=family,
+    batch_sizes=(),
+    steps_per_segment=(),
+    steps_per_epoch=(),
+    eval_batch_size=eval_chunk,
+    ignore_label=data.ignore_label,
   )
 
   def intermediates(batch: int, grad: bool) -> int:
@@ -170,10 +185,14 @@ def _run_bytes(plan: Plan, model: adapters.Model, family: str, eval_chunk: int) 
       pred, new_state = structure.forward(p, s, x, grad, jax.random.key(0) if grad else None)
       return jnp.mean(structure.metrics(pred, y)[0]), new_state
 
-    jaxpr = jax.make_jaxpr(jax.value_and_grad(f, has_aux=True) if grad else f)(params, model_state, x, y)
+    jaxpr = jax.make_jaxpr(jax.value_and_grad(f, has_aux=True) if grad else f)(
+      params, model_state, x, y
+    )
     return sum(
-        int(np.prod(v.aval.shape)) * v.aval.dtype.itemsize
-        for eqn in jaxpr.jaxpr.eqns for v in eqn.outvars if hasattr(v.aval, 'shape')
+      int(np.prod(v.aval.shape)) * v.aval.dtype.itemsize
+      for eqn in jaxpr.jaxpr.eqns
+      for v in eqn.outvars
+      if hasattr(v.aval, 'shape')
     )
 
   # params, gradient, update, new params; optimizer and model state
@@ -196,29 +215,41 @@ def _hparams(plan: Plan, group: BatchGroup, filler: Run) -> train.GroupHparams:
       v = run.values
       if isinstance(run.schedule, str):
         sched_row.append(
-            schedules.make_params(
-                run.schedule, v['learning_rate'], run.total_updates,
-                decay_rate=v['decay_rate'], decay_every=cfg.decay_every, warmup=v['warmup'],
-            )
+          schedules.make_params(
+            run.schedule,
+            v['learning_rate'],
+            run.total_updates,
+            decay_rate=v['decay_rate'],
+            decay_every=cfg.decay_every,
+            warmup=v['warmup'],
+          )
         )
       else:
-        sched_row.append(schedules.custom_params(custom[id(run.schedule)], v['learning_rate'], run.total_updates))
+        sched_row.append(
+          schedules.custom_params(custom[id(run.schedule)], v['learning_rate'], run.total_updates)
+        )
       opt_row.append({k: np.float32(x) for k, x in run.hypers.items()})
     sched.append(sched_row)
     opt.append(opt_row)
-  stack = lambda rows: jax.tree.map(lambda *xs: np.stack(xs), *[jax.tree.map(lambda *ys: np.stack(ys), *r) for r in rows])  # noqa: E731
-  seeds = np.array(group.seeds + [group.seeds[0]] * (group.slots.shape[0] - len(group.seeds)), np.int32)
+  stack = lambda rows: jax.tree.map(
+    lambda *xs: np.stack(xs), *[jax.tree.map(lambda *ys: np.stack(ys), *r) for r in rows]
+  )  # noqa: E731
+  seeds = np.array(
+    group.seeds + [group.seeds[0]] * (group.slots.shape[0] - len(group.seeds)), np.int32
+  )
   return train.GroupHparams(
-      runs=train.RunHparams(schedule=stack(sched), opt=stack(opt)),
-      seeds=seeds,
-      total_updates=np.int32(plan.total_updates[group.batch_size]),
+    runs=train.RunHparams(schedule=stack(sched), opt=stack(opt)),
+    seeds=seeds,
+    total_updates=np.int32(plan.total_updates[group.batch_size]),
   )
 
 
 # Optimizers whose update of each parameter entry depends on that entry alone (or on
 # global norms): transposing a weight commutes with them, so their state may be held
 # in the fast layout of `sweep.layers`.
-_ENTRYWISE = frozenset({'sgd', 'momentum', 'nesterov', 'adam', 'adamw', 'rmsprop', 'adagrad', 'lion'})
+_ENTRYWISE = frozenset(
+  {'sgd', 'momentum', 'nesterov', 'adam', 'adamw', 'rmsprop', 'adagrad', 'lion'}
+)
 
 
 def fast_layout(init_fn, apply_fn, family: str, x: np.ndarray) -> layers.Layout | None:
@@ -241,8 +272,15 @@ def step_flops(plan: Plan, model: adapters.Model) -> float:
   """FLOPs of one run's training step at the largest batch size (its matrix products and
   convolutions, forward and backward), counted in its jaxpr; memoised."""
   data = plan.config.data
-  key = (model, plan.loss, max(plan.batch_sizes), data.x_train.shape[1:],
-         str(data.x_train.dtype), data.y_train.shape[1:], str(data.y_train.dtype))
+  key = (
+    model,
+    plan.loss,
+    max(plan.batch_sizes),
+    data.x_train.shape[1:],
+    str(data.x_train.dtype),
+    data.y_train.shape[1:],
+    str(data.y_train.dtype),
+  )
   try:
     if key not in _STEP_FLOPS:
       _STEP_FLOPS[key] = _step_flops(plan, model)
@@ -258,8 +296,14 @@ def _step_flops(plan: Plan, model: adapters.Model) -> float:
   data = plan.config.data
   params, model_state = model.initial_shapes()
   structure = train.Structure(
-      model=model, loss=plan.loss, family='sgd', batch_sizes=(), steps_per_segment=(), steps_per_epoch=(),
-      eval_batch_size=1, ignore_label=data.ignore_label,
+    model=model,
+    loss=plan.loss,
+    family='sgd',
+    batch_sizes=(),
+    steps_per_segment=(),
+    steps_per_epoch=(),
+    eval_batch_size=1,
+    ignore_label=data.ignore_label,
   )
   batch = max(plan.batch_sizes)
   x = jax.ShapeDtypeStruct((batch,) + data.x_train.shape[1:], data.x_train.dtype)
@@ -320,7 +364,11 @@ def _eval_bytes_per_example(plan: Plan, init_fn, apply_fn, chunk: int) -> float:
   for eqn in jaxpr.eqns:
     if any(not isinstance(v, jax.extend.core.Literal) and v in per_run for v in eqn.invars):
       per_run.update(eqn.outvars)
-      total += sum(int(np.prod(v.aval.shape)) * v.aval.dtype.itemsize for v in eqn.outvars if hasattr(v.aval, 'shape'))
+      total += sum(
+        int(np.prod(v.aval.shape)) * v.aval.dtype.itemsize
+        for v in eqn.outvars
+        if hasattr(v.aval, 'shape')
+      )
   return total / chunk
 
 
@@ -330,7 +378,9 @@ def _eval_bytes_per_example(plan: Plan, init_fn, apply_fn, chunk: int) -> float:
 EVAL_CHUNK_BYTES = 16 << 20
 
 
-def eval_chunk_width(chunk: int, bytes_per_example: float, runs_per_device: int, backend: str) -> int:
+def eval_chunk_width(
+  chunk: int, bytes_per_example: float, runs_per_device: int, backend: str
+) -> int:
   """Examples per evaluation step: the largest divisor of `chunk` (the data are padded
   to multiples of it) whose intermediates over `runs_per_device` runs fit
   `EVAL_CHUNK_BYTES`, at least 32 examples; on accelerators `chunk` itself."""
@@ -350,7 +400,9 @@ def eval_chunk_width(chunk: int, bytes_per_example: float, runs_per_device: int,
 FILL_FLOPS = 1e9
 
 
-def run_axis_width(flops_per_run: float, widest: int, devices: int, backend: str) -> tuple[int, str]:
+def run_axis_width(
+  flops_per_run: float, widest: int, devices: int, backend: str
+) -> tuple[int, str]:
   """The run-axis width of a compile group, and why.
 
   Args:
@@ -375,8 +427,9 @@ def run_axis_width(flops_per_run: float, widest: int, devices: int, backend: str
 _WARNED: set = set()
 
 
-def warn_slow_layers(init_fn, apply_fn, family: str, layout: layers.Layout | None,
-                     x: np.ndarray) -> list[layers.SlowLayer]:
+def warn_slow_layers(
+  init_fn, apply_fn, family: str, layout: layers.Layout | None, x: np.ndarray
+) -> list[layers.SlowLayer]:
   """Warns (once per model and layout) about the layers that stay slow under the run axis.
 
   The estimates were measured on a CPU, so only a CPU backend warns.
@@ -395,9 +448,13 @@ def warn_slow_layers(init_fn, apply_fn, family: str, layout: layers.Layout | Non
     params = jax.eval_shape(layout.to_fast, params)
   # Matrix products only where the fast layout could serve them: with another optimizer
   # flax's own dense layers would be reported too.
-  found = layers.slow_layers(apply_fn, params, jax.ShapeDtypeStruct(x.shape, x.dtype), dense=family in _ENTRYWISE)
+  found = layers.slow_layers(
+    apply_fn, params, jax.ShapeDtypeStruct(x.shape, x.dtype), dense=family in _ENTRYWISE
+  )
   for slow in found:
-    warnings.warn(layers.SlowLayerWarning(f'sweep: under the run axis, {slow.message()}'), stacklevel=3)
+    warnings.warn(
+      layers.SlowLayerWarning(f'sweep: under the run axis, {slow.message()}'), stacklevel=3
+    )
   return found
 
 
@@ -432,36 +489,52 @@ def plan_units(plan: Plan, model: adapters.Model, eval_chunk: int, warn: bool = 
       warn_slow_layers(init_fn, apply_fn, family, layout, cfg.data.x_train[:2])
     per_device = max(1, width // devices) * max(g.slots.shape[0] for g in groups)
     eval_width = eval_chunk_width(
-        eval_chunk, eval_bytes_per_example(plan, init_fn, apply_fn, eval_chunk), per_device, jax.default_backend()
+      eval_chunk,
+      eval_bytes_per_example(plan, init_fn, apply_fn, eval_chunk),
+      per_device,
+      jax.default_backend(),
     )
     structure = train.Structure(
-        model=model,
-        loss=plan.loss,
-        family=family,
-        batch_sizes=batch_sizes,
-        steps_per_segment=tuple(math.ceil(plan.total_updates[b] / plan.num_evals) for b in batch_sizes),
-        steps_per_epoch=tuple(plan.steps_per_epoch[b] for b in batch_sizes),
-        eval_batch_size=eval_width,
-        ragged=tuple(
-            math.ceil(plan.total_updates[b] / plan.num_evals) * plan.num_evals != plan.total_updates[b]
-            for b in batch_sizes
-        ),
-        compute_dtype=cfg.compute_dtype,
-        noise_scale=cfg.noise_scale,
-        keep_best=cfg.keep_best,
-        augment=cfg.augment,
-        ignore_label=cfg.data.ignore_label,
-        accuracy=_callable_accuracy(plan),
-        schedules=plan.custom_schedules,
-        total_updates=tuple(plan.total_updates[b] for b in batch_sizes) if plan.custom_schedules else (),
-        layout=layout,
+      model=model,
+      loss=plan.loss,
+      family=family,
+      batch_sizes=batch_sizes,
+      steps_per_segment=tuple(
+        math.ceil(plan.total_updates[b] / plan.num_evals) for b in batch_sizes
+      ),
+      steps_per_epoch=tuple(plan.steps_per_epoch[b] for b in batch_sizes),
+      eval_batch_size=eval_width,
+      ragged=tuple(
+        math.ceil(plan.total_updates[b] / plan.num_evals) * plan.num_evals != plan.total_updates[b]
+        for b in batch_sizes
+      ),
+      compute_dtype=cfg.compute_dtype,
+      noise_scale=cfg.noise_scale,
+      keep_best=cfg.keep_best,
+      augment=cfg.augment,
+      ignore_label=cfg.data.ignore_label,
+      accuracy=_callable_accuracy(plan),
+      schedules=plan.custom_schedules,
+      total_updates=tuple(plan.total_updates[b] for b in batch_sizes)
+      if plan.custom_schedules
+      else (),
+      layout=layout,
     )
     filler = groups[0].runs[0]
     shared = {'chunks': math.ceil(total / width)}
     for start in range(0, total, width):
       chunk = _chunk(groups, start, widths)
-      out.append(Unit(family, structure, chunk, tuple(_hparams(plan, g, filler) for g in chunk),
-                              width_reason=reason, flops_per_run=flops, shared=shared))
+      out.append(
+        Unit(
+          family,
+          structure,
+          chunk,
+          tuple(_hparams(plan, g, filler) for g in chunk),
+          width_reason=reason,
+          flops_per_run=flops,
+          shared=shared,
+        )
+      )
   return out
 
 
@@ -472,11 +545,11 @@ def run_axis_report(units: list[Unit]) -> dict[str, Any]:
     name = str(unit.family)
     if name not in out:
       out[name] = {
-          'width': int(unit.groups[0].slots.shape[1]),
-          'chunks': 0,
-          'chosen_by': unit.width_reason,
-          'step_gflop_per_run': float(round(unit.flops_per_run / 1e9, 6)),
-          'fast_layout_kernels': len(unit.structure.layout.kernels) if unit.structure.layout else 0,
+        'width': int(unit.groups[0].slots.shape[1]),
+        'chunks': 0,
+        'chosen_by': unit.width_reason,
+        'step_gflop_per_run': float(round(unit.flops_per_run / 1e9, 6)),
+        'fast_layout_kernels': len(unit.structure.layout.kernels) if unit.structure.layout else 0,
       }
     out[name]['chunks'] += 1
   return out
@@ -490,11 +563,14 @@ def _callable_accuracy(plan: Plan) -> str | None:
   y = plan.config.data.y_train
   if np.issubdtype(y.dtype, np.integer):
     return 'ids'
-  if y.ndim == 2 and y.shape[1] > 1 and np.all(y >= 0) and np.allclose(y.sum(axis=1), 1.0, atol=1e-4):
+  if (
+    y.ndim == 2 and y.shape[1] > 1 and np.all(y >= 0) and np.allclose(y.sum(axis=1), 1.0, atol=1e-4)
+  ):
     return 'onehot'
   return None
 
 
 def diverged(unit: Unit, metrics: tuple[dict, ...]) -> int:
-  return sum(int(np.sum(~m['alive'][g.slots >= 0])) for g, m in zip(unit.groups, metrics, strict=True))
-
+  return sum(
+    int(np.sum(~m['alive'][g.slots >= 0])) for g, m in zip(unit.groups, metrics, strict=True)
+  )

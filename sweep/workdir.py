@@ -34,7 +34,9 @@ class Workdir:
       by it.
   """
 
-  def __init__(self, path: str | None, *, every: int = 1, seconds: float | None = None, keep: int = 2):
+  def __init__(
+    self, path: str | None, *, every: int = 1, seconds: float | None = None, keep: int = 2
+  ):
     self.path = path
     self.every = every  # checkpoint every this many segments
     self.seconds = seconds  # and when this many seconds passed since the last
@@ -50,7 +52,9 @@ class Workdir:
     """Whether there is a workdir to save into (and so a reason to catch SIGTERM)."""
     return self._store is not None
 
-  def claim(self, fp: Any, fresh: bool, mine: list[int], abstract: Callable[[int], Any]) -> checkpoints.Resume:
+  def claim(
+    self, fp: Any, fresh: bool, mine: list[int], abstract: Callable[[int], Any]
+  ) -> checkpoints.Resume:
     """Claims the workdir for the sweep of fingerprint `fp` and reads back where this
     process stood, using only intact checkpoints.
 

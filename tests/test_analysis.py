@@ -37,15 +37,35 @@ def synthetic_result(best_lr, batch_sizes, seeds=(0,), jitter=None, diverged=(),
         i = len(rows)
         loss = 0.1 + np.log2(lr / best_lr(b)) ** 2 + (jitter(s, b, lr) if jitter else 0.0)
         status = 'diverged' if (b, lr, s) in diverged else 'ok'
-        rows.append({
-            'run': i, 'optimizer': 'sgd', 'schedule': 'constant', 'batch_size': b, 'learning_rate': lr,
-            'seed': s, 'status': status, 'updates': 1000 // b, 'examples': (1000 // b) * b,
-            'final_train_loss': loss / 2, 'final_val_loss': loss, 'seconds': 0.01 * b + s,
-        })
+        rows.append(
+          {
+            'run': i,
+            'optimizer': 'sgd',
+            'schedule': 'constant',
+            'batch_size': b,
+            'learning_rate': lr,
+            'seed': s,
+            'status': status,
+            'updates': 1000 // b,
+            'examples': (1000 // b) * b,
+            'final_train_loss': loss / 2,
+            'final_val_loss': loss,
+            'seconds': 0.01 * b + s,
+          }
+        )
         for k in range(EVALS):
           val = 1.1 + (loss - 1.1) * k / (EVALS - 1)
-          curves.append({'run': i, 'eval': k, 'updates': k * 10, 'examples': k * 10 * b, 'epoch': k * 0.5,
-                         'val_loss': val, 'train_loss': val / 2})
+          curves.append(
+            {
+              'run': i,
+              'eval': k,
+              'updates': k * 10,
+              'examples': k * 10 * b,
+              'epoch': k * 0.5,
+              'val_loss': val,
+              'train_loss': val / 2,
+            }
+          )
   table = pd.DataFrame(rows).set_index('run', drop=False)
   table.index.name = None
   return Result(table, pd.DataFrame(curves), config={}, wall_time=0.0)
@@ -58,7 +78,7 @@ def test_batch_size_table_picks_the_seed_averaged_best():
   # Seed 1 alone would pick the rate one step above the true best at every batch size; the
   # mean over seeds 0, 1 and 2 still picks the true best.
   def jitter(s, b, lr):
-    return -0.5 * np.isclose(lr, 2 ** 0.5 * 1e-3 * b / 16) if s == 1 else 0.0
+    return -0.5 * np.isclose(lr, 2**0.5 * 1e-3 * b / 16) if s == 1 else 0.0
 
   res = synthetic_result(lambda b: 1e-3 * b / 16, [16, 32, 64], seeds=(0, 1, 2), jitter=jitter)
   t = analysis.batch_size_table(res)
@@ -81,7 +101,7 @@ def test_batch_size_table_leaves_out_rates_that_diverged_for_a_seed():
   t = analysis.batch_size_table(res)
   # At batch 32 the best rate diverged for seed 1: a neighbour of it wins.
   assert t.loc[16, 'learning_rate'] == pytest.approx(1e-3)
-  assert t.loc[32, 'learning_rate'] in (pytest.approx(2e-3 / 2 ** 0.5), pytest.approx(2e-3 * 2 ** 0.5))
+  assert t.loc[32, 'learning_rate'] in (pytest.approx(2e-3 / 2**0.5), pytest.approx(2e-3 * 2**0.5))
   kept = analysis.batch_size_table(res, require_all_seeds=False)
   assert kept.loc[32, 'learning_rate'] == pytest.approx(2e-3) and kept.loc[32, 'seeds'] == 1
 
@@ -91,7 +111,9 @@ def test_batch_size_table_max_mode_edges_and_other_axes():
   table = res.table.copy()
   table['final_val_accuracy'] = 1.0 - table['final_val_loss']
   table.loc[table.batch_size == 32, 'optimizer'] = 'adam'  # an axis that varies
-  t = analysis.batch_size_table(Result(table, res.curves, {}, 0.0), metric='final_val_accuracy', mode='max')
+  t = analysis.batch_size_table(
+    Result(table, res.curves, {}, 0.0), metric='final_val_accuracy', mode='max'
+  )
   assert t.loc[16, 'learning_rate'] == LRS[-1] and t.loc[16, 'lr_at_edge']
   assert t.loc[32, 'learning_rate'] == pytest.approx(2e-3) and not t.loc[32, 'lr_at_edge']
   assert t['optimizer'].tolist() == ['sgd', 'adam']
@@ -120,8 +142,10 @@ def test_batch_size_table_time_to_target():
 # ------------------------------------------------------------ lr_batch_slope ----
 
 
-@pytest.mark.parametrize('power, words', [(0.5, 'consistent with square-root scaling'),
-                                          (1.0, 'consistent with the linear scaling rule')])
+@pytest.mark.parametrize(
+  'power, words',
+  [(0.5, 'consistent with square-root scaling'), (1.0, 'consistent with the linear scaling rule')],
+)
 def test_slope_recovers_an_exact_power_law(power, words):
   batch_sizes = [16, 32, 64, 128, 256, 512]
   res = synthetic_result(lambda b: 1e-3 * (b / 16) ** power, batch_sizes)
@@ -129,7 +153,9 @@ def test_slope_recovers_an_exact_power_law(power, words):
   assert out['n'] == 6
   assert out['slope'] == pytest.approx(power, abs=1e-12)
   assert out['intercept'] == pytest.approx(math.log(1e-3) - power * math.log(16), abs=1e-9)
-  assert out['ci_low'] == pytest.approx(power, abs=1e-9) and out['ci_high'] == pytest.approx(power, abs=1e-9)
+  assert out['ci_low'] == pytest.approx(power, abs=1e-9) and out['ci_high'] == pytest.approx(
+    power, abs=1e-9
+  )
   assert words in out['interpretation']
   np.testing.assert_allclose(out['best_lrs'], [1e-3 * (b / 16) ** power for b in batch_sizes])
 
@@ -159,10 +185,16 @@ def test_slope_with_two_batch_sizes_or_one():
 
 def test_slope_bootstrap_over_seeds():
   rng = np.random.default_rng(0)
-  noise = {key: rng.normal(0, 0.6) for key in
-           [(s, b, lr) for s in range(4) for b in (16, 32, 64, 128) for lr in LRS]}
-  res = synthetic_result(lambda b: 1e-3 * (b / 16) ** 0.5, [16, 32, 64, 128], seeds=range(4),
-                         jitter=lambda s, b, lr: noise[s, b, lr])
+  noise = {
+    key: rng.normal(0, 0.6)
+    for key in [(s, b, lr) for s in range(4) for b in (16, 32, 64, 128) for lr in LRS]
+  }
+  res = synthetic_result(
+    lambda b: 1e-3 * (b / 16) ** 0.5,
+    [16, 32, 64, 128],
+    seeds=range(4),
+    jitter=lambda s, b, lr: noise[s, b, lr],
+  )
   out = analysis.lr_batch_slope(res, bootstrap=40, rng=1)
   assert out['boot_low'] <= out['boot_high']
   again = analysis.lr_batch_slope(res, bootstrap=40, rng=1)
@@ -175,30 +207,44 @@ def test_slope_bootstrap_over_seeds():
 
 def hand_made_curves():
   val = {
-      0: [2.0, 1.0, 0.5, 0.6, 0.8],  # falls, then rises 60 % while train falls: overfit
-      1: [2.0, 1.0, 0.5, 0.6, 0.8],  # the same, but train rises too (unstable, not overfit)
-      2: [2.0, 1.5, 1.0, 0.8, 0.7],  # still falling
-      3: [2.0, 1.0, 0.5, 0.52, 0.51],  # a 2 % rise: under the default margin
-      4: [np.nan] * 5,  # no finite validation loss
+    0: [2.0, 1.0, 0.5, 0.6, 0.8],  # falls, then rises 60 % while train falls: overfit
+    1: [2.0, 1.0, 0.5, 0.6, 0.8],  # the same, but train rises too (unstable, not overfit)
+    2: [2.0, 1.5, 1.0, 0.8, 0.7],  # still falling
+    3: [2.0, 1.0, 0.5, 0.52, 0.51],  # a 2 % rise: under the default margin
+    4: [np.nan] * 5,  # no finite validation loss
   }
   train = {
-      0: [2.0, 1.0, 0.5, 0.3, 0.1],
-      1: [2.0, 1.0, 0.5, 0.6, 0.9],
-      2: [2.0, 1.4, 0.9, 0.7, 0.6],
-      3: [2.0, 1.0, 0.5, 0.4, 0.3],
-      4: [2.0, 1.0, 0.5, 0.4, 0.3],
+    0: [2.0, 1.0, 0.5, 0.3, 0.1],
+    1: [2.0, 1.0, 0.5, 0.6, 0.9],
+    2: [2.0, 1.4, 0.9, 0.7, 0.6],
+    3: [2.0, 1.0, 0.5, 0.4, 0.3],
+    4: [2.0, 1.0, 0.5, 0.4, 0.3],
   }
-  curves = pd.DataFrame([
-      {'run': r, 'eval': k, 'updates': 10 * k, 'examples': 320 * k, 'epoch': 2.5 * k, 'val_loss': val[r][k],
-       'train_loss': train[r][k]}
-      for r in val for k in range(5)
-  ])
+  curves = pd.DataFrame(
+    [
+      {
+        'run': r,
+        'eval': k,
+        'updates': 10 * k,
+        'examples': 320 * k,
+        'epoch': 2.5 * k,
+        'val_loss': val[r][k],
+        'train_loss': train[r][k],
+      }
+      for r in val
+      for k in range(5)
+    ]
+  )
   # Row order different from run order, as a table may be sorted.
-  table = pd.DataFrame({
-      'run': [4, 3, 2, 1, 0], 'status': 'ok',
+  table = pd.DataFrame(
+    {
+      'run': [4, 3, 2, 1, 0],
+      'status': 'ok',
       'final_train_loss': [train[r][-1] for r in (4, 3, 2, 1, 0)],
       'final_val_loss': [val[r][-1] for r in (4, 3, 2, 1, 0)],
-  }, index=[4, 3, 2, 1, 0])
+    },
+    index=[4, 3, 2, 1, 0],
+  )
   return table, curves
 
 
@@ -229,7 +275,9 @@ def test_annotate_overfitting_keeps_the_table():
   assert list(again.columns) == list(out.columns)
   assert again['overfit'].tolist() == [False, True, False, False, True]
   # Without validation curves: NaN numbers and no run flagged.
-  bare = analysis.annotate_overfitting(table.drop(columns='final_val_loss'), curves.drop(columns='val_loss'))
+  bare = analysis.annotate_overfitting(
+    table.drop(columns='final_val_loss'), curves.drop(columns='val_loss')
+  )
   assert bare['best_val_eval'].isna().all() and not bare['overfit'].any()
   assert bare['generalization_gap'].isna().all()
 
@@ -240,8 +288,14 @@ def digits_sweep():
   d = data.digits()
   small = data.arrays(d.x_train[:100], d.y_train[:100], d.x_val, d.y_val, num_classes=10)
   cfg = sweep.SweepConfig(
-      model=models.mlp(hidden=(256,)), data=small, optimizer='adam', learning_rate=[1e-4, 3e-3, 1e-2],
-      batch_size=[20, 50], seed=[0, 1], epochs=100, num_evals=20,
+    model=models.mlp(hidden=(256,)),
+    data=small,
+    optimizer='adam',
+    learning_rate=[1e-4, 3e-3, 1e-2],
+    batch_size=[20, 50],
+    seed=[0, 1],
+    epochs=100,
+    num_evals=20,
   )
   return sweep.run(cfg, progress=False)
 
@@ -253,9 +307,13 @@ def test_a_real_sweep_overfits(digits_sweep):
   slow = table.index[table.learning_rate == 1e-4]
   assert out.loc[fast, 'overfit'].all()
   assert not out.loc[slow, 'overfit'].any()  # still improving at the end
-  assert (out.loc[fast, 'best_val_eval'] < 20).all() and (out.loc[fast, 'generalization_gap'] > 0.2).all()
+  assert (out.loc[fast, 'best_val_eval'] < 20).all() and (
+    out.loc[fast, 'generalization_gap'] > 0.2
+  ).all()
   # best_val_eval agrees with the table's own best_eval.
-  np.testing.assert_array_equal(out.loc[table.index, 'best_val_eval'].to_numpy(), table['best_eval'].to_numpy())
+  np.testing.assert_array_equal(
+    out.loc[table.index, 'best_val_eval'].to_numpy(), table['best_eval'].to_numpy()
+  )
   annotated = analysis.annotate_overfitting(table, digits_sweep.curves)
   assert annotated['overfit'].tolist() == out.loc[table.index, 'overfit'].tolist()
 
@@ -266,7 +324,9 @@ def test_batch_size_table_on_a_real_sweep(digits_sweep):
   table = digits_sweep.table
   for b, row in t.iterrows():
     cell = table[table.batch_size == b].groupby('learning_rate')['final_val_loss'].mean()
-    assert row['learning_rate'] == cell.idxmin() and row['final_val_loss'] == pytest.approx(cell.min())
+    assert row['learning_rate'] == cell.idxmin() and row['final_val_loss'] == pytest.approx(
+      cell.min()
+    )
     assert row['updates_to_target'] <= row['updates']
   out = analysis.lr_batch_slope(digits_sweep)
   assert out['n'] == 2 and math.isinf(out['ci_high'])

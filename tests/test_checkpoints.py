@@ -74,13 +74,23 @@ def api_config(**changes) -> sweep.SweepConfig:
 def assert_trees_equal(actual, expected) -> None:
   """Same tree structure and every leaf equal bit for bit (NaN equal to NaN)."""
   assert jax.tree.structure(actual) == jax.tree.structure(expected)
-  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(actual), jax.tree.leaves(expected), strict=True):
+  for (path, a), b in zip(
+    jax.tree_util.tree_leaves_with_path(actual), jax.tree.leaves(expected), strict=True
+  ):
     a, b = np.asarray(a), np.asarray(b)
-    assert a.dtype == b.dtype and a.shape == b.shape, (jax.tree_util.keystr(path), a.dtype, b.dtype, a.shape, b.shape)
+    assert a.dtype == b.dtype and a.shape == b.shape, (
+      jax.tree_util.keystr(path),
+      a.dtype,
+      b.dtype,
+      a.shape,
+      b.shape,
+    )
     assert np.array_equal(a, b, equal_nan=True), jax.tree_util.keystr(path)
 
 
-def assert_tables_equal(actual: pd.DataFrame, expected: pd.DataFrame, ignore: tuple[str, ...] = ()) -> None:
+def assert_tables_equal(
+  actual: pd.DataFrame, expected: pd.DataFrame, ignore: tuple[str, ...] = ()
+) -> None:
   """Same columns and rows; numeric columns equal exactly (NaN-aware), others equal."""
   assert list(actual.columns) == list(expected.columns)
   assert list(actual.index) == list(expected.index)
@@ -89,7 +99,10 @@ def assert_tables_equal(actual: pd.DataFrame, expected: pd.DataFrame, ignore: tu
       continue
     a, b = actual[column], expected[column]
     if pd.api.types.is_numeric_dtype(b) and not pd.api.types.is_bool_dtype(b):
-      assert pd.api.types.is_numeric_dtype(a) and not pd.api.types.is_bool_dtype(a), (column, a.dtype)
+      assert pd.api.types.is_numeric_dtype(a) and not pd.api.types.is_bool_dtype(a), (
+        column,
+        a.dtype,
+      )
       assert np.array_equal(a.to_numpy(np.float64), b.to_numpy(np.float64), equal_nan=True), column
     else:
       assert a.tolist() == b.tolist(), column
@@ -254,7 +267,13 @@ def test_checkpoint_every(tmp_path):
   sweep.run(api_config(), workdir=str(workdir), progress=False, checkpoint_every=4)
   assert checkpoint_steps(workdir) == [4, EPOCHS]  # every 4 segments, and the last one
   seconds_dir = tmp_path / 'seconds'
-  sweep.run(api_config(), workdir=str(seconds_dir), progress=False, checkpoint_every=100, checkpoint_seconds=0)
+  sweep.run(
+    api_config(),
+    workdir=str(seconds_dir),
+    progress=False,
+    checkpoint_every=100,
+    checkpoint_seconds=0,
+  )
   assert checkpoint_steps(seconds_dir) == [EPOCHS - 1, EPOCHS]  # a checkpoint after every segment
   for bad in (0, -1, True, 1.5):
     bad_dir = tmp_path / f'bad-{bad}'
@@ -303,7 +322,9 @@ def test_fresh_leaves_no_experiment_file_of_the_old_sweep(tmp_path):
   sweep.run(api_config(), workdir=str(workdir), progress=False, experiment_file=str(experiment))
   assert (workdir / 'experiment.py').read_text() == '# the old sweep\n'
 
-  sweep.run(api_config(learning_rate=[0.01, 0.1, 1.0]), workdir=str(workdir), progress=False, fresh=True)
+  sweep.run(
+    api_config(learning_rate=[0.01, 0.1, 1.0]), workdir=str(workdir), progress=False, fresh=True
+  )
   config = json.loads((workdir / 'config.json').read_text())
   if 'experiment' in config:
     digest = hashlib.sha256((workdir / 'experiment.py').read_bytes()).hexdigest()
@@ -387,7 +408,7 @@ def test_sigterm_without_a_workdir(monkeypatch):
 
 # ------------------------------------------------------------------------- command line ----
 
-EXPERIMENT = '''
+EXPERIMENT = """
 import numpy as np
 
 import sweep
@@ -409,7 +430,7 @@ def get_config():
       num_evals=40,
       name='checkpoint-cli-test',
   )
-'''
+"""
 CLI_SEGMENTS = 40
 CHECKPOINT_EVERY = 4  # a checkpoint takes about as long as a segment of this tiny sweep
 TIMEOUT = 300
@@ -426,7 +447,9 @@ class Cli:
   def __init__(self, root: Path):
     self.root = root
     self.env = dict(os.environ)
-    self.env['PYTHONPATH'] = os.pathsep.join(p for p in (str(REPO), self.env.get('PYTHONPATH')) if p)
+    self.env['PYTHONPATH'] = os.pathsep.join(
+      p for p in (str(REPO), self.env.get('PYTHONPATH')) if p
+    )
     # Compiled programs are shared through the cache; the numbers do not depend on it.
     self.env['JAX_COMPILATION_CACHE_DIR'] = str(root / 'jax-cache')
     self.env['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
@@ -434,17 +457,30 @@ class Cli:
 
   def argv(self, experiment: Path, workdir: Path, *flags: str) -> list[str]:
     return [
-      *sweep_command(), 'run', str(experiment), '--workdir', str(workdir), '--no-progress',
-      '--checkpoint-every', str(CHECKPOINT_EVERY), *flags,
+      *sweep_command(),
+      'run',
+      str(experiment),
+      '--workdir',
+      str(workdir),
+      '--no-progress',
+      '--checkpoint-every',
+      str(CHECKPOINT_EVERY),
+      *flags,
     ]
 
   def start(self, experiment: Path, workdir: Path, *flags: str) -> subprocess.Popen:
     return subprocess.Popen(
-      self.argv(experiment, workdir, *flags), cwd=self.root, env=self.env, stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE, text=True,
+      self.argv(experiment, workdir, *flags),
+      cwd=self.root,
+      env=self.env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
     )
 
-  def run(self, experiment: Path, workdir: Path, *flags: str) -> tuple[subprocess.CompletedProcess, float]:
+  def run(
+    self, experiment: Path, workdir: Path, *flags: str
+  ) -> tuple[subprocess.CompletedProcess, float]:
     start = time.perf_counter()
     return finish(self.start(experiment, workdir, *flags)), time.perf_counter() - start
 
@@ -454,7 +490,11 @@ class Cli:
     stderr = self.root / f'{workdir.name}.stderr'
     with open(stderr, 'w') as err:
       proc = subprocess.Popen(
-        self.argv(experiment, workdir), cwd=self.root, env=self.env, stdout=subprocess.DEVNULL, stderr=err
+        self.argv(experiment, workdir),
+        cwd=self.root,
+        env=self.env,
+        stdout=subprocess.DEVNULL,
+        stderr=err,
       )
       try:
         deadline = time.monotonic() + TIMEOUT
@@ -531,13 +571,17 @@ def uninterrupted(cli, uninterrupted_started) -> tuple[Path, float]:
 def assert_same_outcome(workdir: Path, reference: Path) -> None:
   """The same results (but wall times), curves and saved Pareto runs as the reference."""
   assert_tables_equal(
-    pd.read_csv(workdir / 'results.csv'), pd.read_csv(reference / 'results.csv'), ignore=('seconds',)
+    pd.read_csv(workdir / 'results.csv'),
+    pd.read_csv(reference / 'results.csv'),
+    ignore=('seconds',),
   )
   assert_tables_equal(pd.read_csv(workdir / 'curves.csv'), pd.read_csv(reference / 'curves.csv'))
   front = checkpoints.saved_runs(str(reference))
   assert front and checkpoints.saved_runs(str(workdir)) == front
   for i in front:
-    assert_trees_equal(sweep.restore_params(str(workdir), i), sweep.restore_params(str(reference), i))
+    assert_trees_equal(
+      sweep.restore_params(str(workdir), i), sweep.restore_params(str(reference), i)
+    )
 
 
 def test_cli_outputs_of_a_finished_run(uninterrupted, experiment):
@@ -568,8 +612,10 @@ def test_cli_resumes_after_sigkill(cli, experiment, uninterrupted):
 
   proc, seconds = cli.run(experiment, workdir)
   assert proc.returncode == 0, describe(proc)
-  print(f'killed at checkpoint {max(steps)} of {CLI_SEGMENTS}; resumed run: {seconds:.1f} s, '
-        f'uninterrupted run: {full_seconds:.1f} s')
+  print(
+    f'killed at checkpoint {max(steps)} of {CLI_SEGMENTS}; resumed run: {seconds:.1f} s, '
+    f'uninterrupted run: {full_seconds:.1f} s'
+  )
   assert_same_outcome(workdir, reference)
   assert leftovers(workdir) == []
 
@@ -591,8 +637,10 @@ def test_cli_sigterm_saves_exits_143_and_resumes(cli, experiment, uninterrupted)
 
   proc, seconds = cli.run(experiment, workdir)
   assert proc.returncode == 0, describe(proc)
-  print(f'stopped at checkpoint {max(steps)} of {CLI_SEGMENTS}; resumed run: {seconds:.1f} s, '
-        f'uninterrupted run: {full_seconds:.1f} s')
+  print(
+    f'stopped at checkpoint {max(steps)} of {CLI_SEGMENTS}; resumed run: {seconds:.1f} s, '
+    f'uninterrupted run: {full_seconds:.1f} s'
+  )
   assert_same_outcome(workdir, reference)
   assert leftovers(workdir) == []
 

@@ -32,7 +32,7 @@ BATCH_SIZES = [64, 256]
 EPOCHS = 2
 NUM_RUNS = len(LEARNING_RATES) * len(BATCH_SIZES)
 
-EXPERIMENT = f'''
+EXPERIMENT = f"""
 import sweep
 
 
@@ -46,11 +46,22 @@ def get_config():
       epochs={EPOCHS!r},
       name='cli-test',
   )
-'''
+"""
 
 RESULT_COLUMNS = {
-  'run', 'optimizer', 'schedule', 'batch_size', 'learning_rate', 'seed', 'status', 'updates',
-  'examples', 'final_train_loss', 'final_val_loss', 'best_val_loss', 'final_val_accuracy',
+  'run',
+  'optimizer',
+  'schedule',
+  'batch_size',
+  'learning_rate',
+  'seed',
+  'status',
+  'updates',
+  'examples',
+  'final_train_loss',
+  'final_val_loss',
+  'best_val_loss',
+  'final_val_accuracy',
 }
 OUTPUTS = ('results.csv', 'curves.csv', 'config.json')
 
@@ -106,7 +117,9 @@ def test_exits_zero_and_writes_the_outputs(cli_run):
   assert cli_run.proc.returncode == 0, describe(cli_run.proc)
   assert 'Traceback' not in cli_run.proc.stderr
   for name in OUTPUTS:
-    assert (cli_run.workdir / name).is_file(), f'{name} missing: {sorted(os.listdir(cli_run.workdir))}'
+    assert (cli_run.workdir / name).is_file(), (
+      f'{name} missing: {sorted(os.listdir(cli_run.workdir))}'
+    )
   assert str(cli_run.workdir / 'results.csv') in cli_run.proc.stdout
 
 
@@ -152,7 +165,7 @@ def test_summary_names_the_best_runs_and_the_diverged_count(ok_run):
   shown = min(5, len(ok))
   assert lines[best[0]].startswith(f'Best {shown} by final_val_loss')
   header = lines[best[0] + 1].split()
-  rows = [dict(zip(header, line.split(), strict=True)) for line in lines[best[0] + 2:][:shown]]
+  rows = [dict(zip(header, line.split(), strict=True)) for line in lines[best[0] + 2 :][:shown]]
   for printed, (_, expected) in zip(rows, ok.head(shown).iterrows(), strict=True):
     assert printed['status'] == 'ok'
     assert int(printed['batch_size']) == expected.batch_size
@@ -210,7 +223,7 @@ def test_written_files_respect_the_umask(ok_run):
 # ---------------------------------------------------------------------------------------------
 # Mistakes: a clear message on stderr, no traceback, a non-zero exit.
 
-BAD_CONFIG = '''
+BAD_CONFIG = """
 import sweep
 
 
@@ -218,9 +231,9 @@ def get_config():
   return sweep.SweepConfig(
       model=sweep.models.mlp(hidden=(4,)), data=sweep.data.digits(), learning_rate=-1.0
   )
-'''
+"""
 
-BAD_DATA = '''
+BAD_DATA = """
 import numpy as np
 import sweep
 
@@ -229,12 +242,12 @@ def get_config():
   x = np.zeros((10, 3), np.float32)
   y = np.zeros(9, np.int32)
   return sweep.SweepConfig(model=sweep.models.mlp(), data=sweep.data.arrays(x, y))
-'''
+"""
 
-NOT_A_CONFIG = '''
+NOT_A_CONFIG = """
 def get_config():
   return {'learning_rate': 0.1}
-'''
+"""
 
 ERROR_CASES = [
   # id, experiment source (None: the file does not exist), exit code (None: any non-zero), stderr
@@ -256,7 +269,16 @@ def test_mistakes_give_a_message_and_a_nonzero_exit(tmp_path, source, code, frag
     experiment.write_text(textwrap.dedent(source))
   workdir = tmp_path / 'out'
   proc = run_cli(
-    [sys.executable, '-m', 'sweep', 'run', str(experiment), '--workdir', str(workdir), '--no-progress'],
+    [
+      sys.executable,
+      '-m',
+      'sweep',
+      'run',
+      str(experiment),
+      '--workdir',
+      str(workdir),
+      '--no-progress',
+    ],
     cwd=tmp_path,
   )
   if code is None:

@@ -40,7 +40,7 @@ from sweep import cli
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT = 300
 
-EXPERIMENT = '''
+EXPERIMENT = """
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -75,7 +75,7 @@ def get_config():
       num_evals=60,
       name='cli-failures',
   )
-'''
+"""
 
 
 def describe(proc) -> str:
@@ -92,17 +92,29 @@ def main(argv, monkeypatch, capsys) -> tuple[int, str]:
   return code, capsys.readouterr().err
 
 
-@pytest.mark.parametrize('source, fragments', [
-  ("sweep.SweepConfig(model=sweep.models.mlp(), data=data, lerning_rate=0.1)",
-   ["SweepConfig has no field 'lerning_rate' (did you mean 'learning_rate'?)", 'its fields are: model, data, loss']),
-  ("sweep.SweepConfig(model=sweep.models.mlp(), data=data).replace(batchsize=8)",
-   ["no field 'batchsize' (did you mean 'batch_size'?)"]),
-  ("sweep.SweepConfig(data=data)", ["SweepConfig needs 'model'"]),
-  ("undefined_name + 1", ['experiment.py line 8: NameError']),
-], ids=['unknown-keyword', 'unknown-in-replace', 'missing-model', 'error-in-the-file'])
+@pytest.mark.parametrize(
+  'source, fragments',
+  [
+    (
+      'sweep.SweepConfig(model=sweep.models.mlp(), data=data, lerning_rate=0.1)',
+      [
+        "SweepConfig has no field 'lerning_rate' (did you mean 'learning_rate'?)",
+        'its fields are: model, data, loss',
+      ],
+    ),
+    (
+      'sweep.SweepConfig(model=sweep.models.mlp(), data=data).replace(batchsize=8)',
+      ["no field 'batchsize' (did you mean 'batch_size'?)"],
+    ),
+    ('sweep.SweepConfig(data=data)', ["SweepConfig needs 'model'"]),
+    ('undefined_name + 1', ['experiment.py line 8: NameError']),
+  ],
+  ids=['unknown-keyword', 'unknown-in-replace', 'missing-model', 'error-in-the-file'],
+)
 def test_mistakes_in_the_experiment_are_one_line(tmp_path, monkeypatch, capsys, source, fragments):
   experiment = tmp_path / 'experiment.py'
-  experiment.write_text(textwrap.dedent(f'''
+  experiment.write_text(
+    textwrap.dedent(f"""
     import numpy as np
     import sweep
 
@@ -110,8 +122,13 @@ def test_mistakes_in_the_experiment_are_one_line(tmp_path, monkeypatch, capsys, 
     def get_config():
       data = sweep.data.arrays(np.zeros((8, 2), np.float32), np.zeros(8, np.int32))
       return {source}
-  '''))
-  code, err = main(['run', str(experiment), '--workdir', str(tmp_path / 'out'), '--no-progress'], monkeypatch, capsys)
+  """)
+  )
+  code, err = main(
+    ['run', str(experiment), '--workdir', str(tmp_path / 'out'), '--no-progress'],
+    monkeypatch,
+    capsys,
+  )
   assert code == 2, err
   assert len(err.strip().splitlines()) == 1 and 'Traceback' not in err, err
   for fragment in fragments:
@@ -125,7 +142,9 @@ def test_a_workdir_that_is_a_file_is_one_line(tmp_path, monkeypatch, capsys):
   workdir = tmp_path / 'results'
   workdir.write_text('not a directory')
   code, err = main(['run', str(experiment), '--workdir', str(workdir)], monkeypatch, capsys)
-  assert code == 2 and err.strip() == f"sweep: --workdir {str(workdir)!r} is a file, not a directory", err
+  assert (
+    code == 2 and err.strip() == f'sweep: --workdir {str(workdir)!r} is a file, not a directory'
+  ), err
   with pytest.raises(sweep.ConfigError, match='this path is a file'):
     sweep.run(cli.load_experiment(str(experiment)), workdir=str(workdir), progress=False)
   assert workdir.read_text() == 'not a directory'
@@ -145,8 +164,17 @@ def environment(root: Path, devices: int = 1) -> dict[str, str]:
 
 
 def command(experiment: Path, workdir: Path | str) -> list[str]:
-  return [sys.executable, '-m', 'sweep', 'run', str(experiment), '--workdir', str(workdir), '--no-progress',
-          '--no-report']
+  return [
+    sys.executable,
+    '-m',
+    'sweep',
+    'run',
+    str(experiment),
+    '--workdir',
+    str(workdir),
+    '--no-progress',
+    '--no-report',
+  ]
 
 
 def steps(workdir: Path) -> list[int]:
@@ -159,7 +187,10 @@ def snapshot(directory: Path) -> dict[str, tuple]:
   for root, _, files in os.walk(directory):
     for name in files:
       path = Path(root) / name
-      out[str(path.relative_to(directory))] = (path.stat().st_mtime_ns, hashlib.sha256(path.read_bytes()).hexdigest())
+      out[str(path.relative_to(directory))] = (
+        path.stat().st_mtime_ns,
+        hashlib.sha256(path.read_bytes()).hexdigest(),
+      )
   return out
 
 
@@ -168,14 +199,24 @@ def mountable() -> bool:
   if not shutil.which('unshare'):
     return False
   probe = subprocess.run(
-    ['unshare', '--user', '--map-root-user', '--mount', 'sh', '-c', 'mount -t tmpfs -o size=1m tmpfs "$0"', '/tmp'],
-    capture_output=True, timeout=60,
+    [
+      'unshare',
+      '--user',
+      '--map-root-user',
+      '--mount',
+      'sh',
+      '-c',
+      'mount -t tmpfs -o size=1m tmpfs "$0"',
+      '/tmp',
+    ],
+    capture_output=True,
+    timeout=60,
   )
   return probe.returncode == 0
 
 
 # Each step: a name, the shell commands before it, and whether its run is expected to write.
-SCRIPT = '''
+SCRIPT = """
 set -u
 W="$1"; OUT="$2"; shift 2
 step() {{ name="$1"; shift; "$@" >"$OUT/$name.out" 2>"$OUT/$name.err"; echo $? >"$OUT/$name.rc"; }}
@@ -186,11 +227,11 @@ step resumed {command}
 {readonly}
 step readonly {command}
 {teardown}
-'''
+"""
 
 TMPFS = dict(
   setup='M=$(mktemp -d); mount -t tmpfs -o size=64m tmpfs "$M"; cp -a "$W" "$M/w"; '
-        'used=$(df -B1 --output=used "$M" | tail -1); mount -o remount,size=$((used + 16384)) "$M"; W="$M/w"',
+  'used=$(df -B1 --output=used "$M" | tail -1); mount -o remount,size=$((used + 16384)) "$M"; W="$M/w"',
   loosen='mount -o remount,size=64m "$M"',
   readonly='mount -o remount,ro "$M"',
   teardown='mkdir -p "$OUT/w"; cp -a "$W/." "$OUT/w/"',
@@ -214,8 +255,13 @@ def scenario(tmp_path_factory):
   # SIGINT once the first checkpoint is on disk.
   err_path = root / 'sigint.err'
   with open(err_path, 'w') as err:
-    proc = subprocess.Popen(command(experiment, workdir), cwd=root, env=environment(root),
-                            stdout=subprocess.DEVNULL, stderr=err)
+    proc = subprocess.Popen(
+      command(experiment, workdir),
+      cwd=root,
+      env=environment(root),
+      stdout=subprocess.DEVNULL,
+      stderr=err,
+    )
     try:
       deadline = time.monotonic() + TIMEOUT
       while not steps(workdir):
@@ -231,27 +277,40 @@ def scenario(tmp_path_factory):
 
   # Another device count: refused, nothing changed.
   before = snapshot(workdir)
-  refused = subprocess.run(command(experiment, workdir), cwd=root, env=environment(root, devices=2),
-                           capture_output=True, text=True, timeout=TIMEOUT)
+  refused = subprocess.run(
+    command(experiment, workdir),
+    cwd=root,
+    env=environment(root, devices=2),
+    capture_output=True,
+    text=True,
+    timeout=TIMEOUT,
+  )
   out['refused'] = (refused, before == snapshot(workdir))
 
   # The full disk, the resume and the read-only rerun, in one script.
   results = root / 'steps'
   results.mkdir()
   real = mountable()
-  script = SCRIPT.format(command=' '.join(map(str, command(experiment, '"$W"'))), **(TMPFS if real else HOOK))
+  script = SCRIPT.format(
+    command=' '.join(map(str, command(experiment, '"$W"'))), **(TMPFS if real else HOOK)
+  )
   argv = ['sh', '-c', script, 'sh', str(workdir), str(results)]
   if real:
     argv = ['unshare', '--user', '--map-root-user', '--mount', *argv]
   else:
     shutil.copytree(workdir, root / 'copy')
     argv[-2] = str(root / 'copy')
-  done = subprocess.run(argv, cwd=root, env=environment(root), capture_output=True, text=True, timeout=3 * TIMEOUT)
+  done = subprocess.run(
+    argv, cwd=root, env=environment(root), capture_output=True, text=True, timeout=3 * TIMEOUT
+  )
   assert done.returncode == 0, describe(done)
   out['real'] = real
   out['steps'] = {
-    name: (int((results / f'{name}.rc').read_text()), (results / f'{name}.out').read_text(),
-           (results / f'{name}.err').read_text())
+    name: (
+      int((results / f'{name}.rc').read_text()),
+      (results / f'{name}.out').read_text(),
+      (results / f'{name}.err').read_text(),
+    )
     for name in ('full', 'resumed', 'readonly')
   }
   out['final'] = results / 'w'
@@ -286,7 +345,11 @@ def test_a_full_disk_is_one_line_and_frees_the_partial_files(scenario):
   code, _, err = scenario['steps']['full']
   assert code == 1, err
   # Warnings about slow layers (one line each) may come first; the failure is one line.
-  lines = [line for line in err.splitlines() if line.startswith('sweep:') and 'under the run axis' not in line]
+  lines = [
+    line
+    for line in err.splitlines()
+    if line.startswith('sweep:') and 'under the run axis' not in line
+  ]
   assert len(lines) == 1 and 'Traceback' not in err, err
   assert lines[0].startswith('sweep: no space left on ') and 'rerun to resume' in lines[0], err
   freed = int(lines[0].split('freed ')[1].split(' bytes')[0])
@@ -298,7 +361,11 @@ def test_the_rerun_resumes_and_a_read_only_rerun_writes_nothing(scenario, refere
     code, out, err = scenario['steps'][name]
     assert code == 0, f'{name}: {err}'
     # Only the warnings about the experiment's slow layers, and those only while training.
-    failures = [line for line in err.splitlines() if line.startswith('sweep:') and 'under the run axis' not in line]
+    failures = [
+      line
+      for line in err.splitlines()
+      if line.startswith('sweep:') and 'under the run axis' not in line
+    ]
     assert 'Traceback' not in err and not failures, f'{name}: {err}'
     if name == 'readonly':
       assert 'sweep:' not in err, err
@@ -306,18 +373,23 @@ def test_the_rerun_resumes_and_a_read_only_rerun_writes_nothing(scenario, refere
   final = scenario['final']
   expected = pd.read_csv(pd.io.common.StringIO(reference.table.to_csv(index=False)))
   actual = pd.read_csv(final / 'results.csv')
-  pd.testing.assert_frame_equal(actual.drop(columns='seconds'), expected.drop(columns='seconds'), check_exact=True)
+  pd.testing.assert_frame_equal(
+    actual.drop(columns='seconds'), expected.drop(columns='seconds'), check_exact=True
+  )
   curves = pd.read_csv(pd.io.common.StringIO(reference.curves.to_csv(index=False)))
   pd.testing.assert_frame_equal(pd.read_csv(final / 'curves.csv'), curves, check_exact=True)
   for i in sweep.checkpoints.saved_runs(str(final)):
-    for a, b in zip(jax.tree.leaves(sweep.restore_params(str(final), i)), jax.tree.leaves(reference.params(i)),
-                    strict=True):
+    for a, b in zip(
+      jax.tree.leaves(sweep.restore_params(str(final), i)),
+      jax.tree.leaves(reference.params(i)),
+      strict=True,
+    ):
       assert np.array_equal(a, b), i
 
 
 # ------------------------------------------------------------------- half a write ----
 
-HALF_A_WRITE = '''
+HALF_A_WRITE = """
 import importlib.util, os, resource, signal, sys
 
 spec = importlib.util.spec_from_file_location('files', sys.argv[1])
@@ -333,7 +405,7 @@ for write in (lambda: files.atomic_write(sys.argv[2], b'new' * (1 << 20)),
   except OSError as e:
     failed.append(e.errno)
 print(failed)
-'''
+"""
 
 
 def test_a_write_that_fails_half_way_leaves_the_old_file_whole(tmp_path):
@@ -342,13 +414,28 @@ def test_a_write_that_fails_half_way_leaves_the_old_file_whole(tmp_path):
   checkpoint = tmp_path / 'state' / '7'
   sweep.files.write_directory(str(checkpoint), {'state.npz': b'old state', 'meta.json': b'{}'})
   proc = subprocess.run(
-    [sys.executable, '-c', HALF_A_WRITE, str(REPO / 'sweep' / 'files.py'), str(old), str(checkpoint)],
-    capture_output=True, text=True, timeout=TIMEOUT,
+    [
+      sys.executable,
+      '-c',
+      HALF_A_WRITE,
+      str(REPO / 'sweep' / 'files.py'),
+      str(old),
+      str(checkpoint),
+    ],
+    capture_output=True,
+    text=True,
+    timeout=TIMEOUT,
   )
   assert proc.returncode == 0, describe(proc)
   assert proc.stdout.split() == ['[27,', '27]'], describe(proc)  # EFBIG, twice: both writes failed
   assert old.read_text() == 'run,final_val_loss\n0,0.25\n'
   assert sweep.files.verify(str(checkpoint)) is None
   assert (checkpoint / 'state.npz').read_bytes() == b'old state'
-  assert sorted(p.name for p in tmp_path.rglob('*')) == ['7', 'checksums.json', 'meta.json', 'results.csv',
-                                                         'state', 'state.npz']
+  assert sorted(p.name for p in tmp_path.rglob('*')) == [
+    '7',
+    'checksums.json',
+    'meta.json',
+    'results.csv',
+    'state',
+    'state.npz',
+  ]

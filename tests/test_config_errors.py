@@ -144,8 +144,13 @@ FIELD_CASES = [
   ('lr-inf', dict(learning_rate=INF), 'learning_rate', 'inf', 'finite'),
   ('lr-string', dict(learning_rate='0.1'), 'learning_rate', "'0.1'", 'number'),
   ('lr-bool', dict(learning_rate=True), 'learning_rate', 'True', 'number'),
-  ('batch-larger-than-train-set', dict(batch_size=N_TRAIN + 1), 'batch_size', str(N_TRAIN + 1),
-   str(N_TRAIN)),
+  (
+    'batch-larger-than-train-set',
+    dict(batch_size=N_TRAIN + 1),
+    'batch_size',
+    str(N_TRAIN + 1),
+    str(N_TRAIN),
+  ),
   ('batch-zero', dict(batch_size=0), 'batch_size', 'batch_size=0 ', 'positive integer'),
   ('batch-fraction', dict(batch_size=2.5), 'batch_size', '2.5', 'positive integer'),
   ('batch-string', dict(batch_size='8'), 'batch_size', "'8'", 'positive integer'),
@@ -159,43 +164,99 @@ FIELD_CASES = [
   ('schedule-duplicate', dict(schedule=['cosine', 'cosine']), 'schedule', "'cosine'", 'distinct'),
   # The same number written two ways is the same run twice.
   ('lr-duplicate-int-float', dict(learning_rate=[1, 1.0]), 'learning_rate', '1.0', 'distinct'),
-  ('lr-duplicate-numpy', dict(learning_rate=[0.1, np.float64(0.1)]), 'learning_rate', '0.1',
-   'distinct'),
+  (
+    'lr-duplicate-numpy',
+    dict(learning_rate=[0.1, np.float64(0.1)]),
+    'learning_rate',
+    '0.1',
+    'distinct',
+  ),
   # Every axis is a grid axis: duplicates in any of them repeat runs.
-  ('momentum-duplicate', dict(optimizer='momentum', momentum=[0.9, 0.9]), 'momentum', '0.9',
-   'distinct'),
+  (
+    'momentum-duplicate',
+    dict(optimizer='momentum', momentum=[0.9, 0.9]),
+    'momentum',
+    '0.9',
+    'distinct',
+  ),
   ('b1-duplicate', dict(optimizer='adam', b1=[0.8, 0.8]), 'b1', '0.8', 'distinct'),
-  ('weight-decay-duplicate', dict(optimizer='adamw', weight_decay=[0.01, 0.01]), 'weight_decay',
-   '0.01', 'distinct'),
-  ('warmup-duplicate', dict(schedule='warmup_cosine', warmup=[0.2, 0.2]), 'warmup', '0.2',
-   'distinct'),
-  ('decay-rate-duplicate', dict(schedule='exponential', decay_rate=[0.5, 0.5]), 'decay_rate', '0.5',
-   'distinct'),
+  (
+    'weight-decay-duplicate',
+    dict(optimizer='adamw', weight_decay=[0.01, 0.01]),
+    'weight_decay',
+    '0.01',
+    'distinct',
+  ),
+  (
+    'warmup-duplicate',
+    dict(schedule='warmup_cosine', warmup=[0.2, 0.2]),
+    'warmup',
+    '0.2',
+    'distinct',
+  ),
+  (
+    'decay-rate-duplicate',
+    dict(schedule='exponential', decay_rate=[0.5, 0.5]),
+    'decay_rate',
+    '0.5',
+    'distinct',
+  ),
   ('b1-with-sgd', dict(optimizer='sgd', b1=0.9), 'b1', '0.9', ("'sgd'", 'adam')),
-  ('momentum-with-adam', dict(optimizer='adam', momentum=0.5), 'momentum', '0.5',
-   ("'adam'", 'nesterov')),
+  (
+    'momentum-with-adam',
+    dict(optimizer='adam', momentum=0.5),
+    'momentum',
+    '0.5',
+    ("'adam'", 'nesterov'),
+  ),
   ('b1-with-one-of-two', dict(optimizer=['adam', 'sgd'], b1=0.8), 'b1', '0.8', "'sgd'"),
   ('momentum-out-of-range', dict(optimizer='momentum', momentum=1.5), 'momentum', '1.5', '1.0'),
-  ('epochs-and-updates', dict(epochs=3, updates=17), ('epochs', 'updates'), ('epochs', 'updates'),
-   'not both'),
+  (
+    'epochs-and-updates',
+    dict(epochs=3, updates=17),
+    ('epochs', 'updates'),
+    ('epochs', 'updates'),
+    'not both',
+  ),
   ('epochs-zero', dict(epochs=0), 'epochs', 'epochs=0 ', '> 0'),
   ('epochs-string', dict(epochs='1'), 'epochs', "'1'", 'number'),
   ('updates-zero', dict(epochs=None, updates=0), 'updates', 'updates=0 ', 'positive integer'),
   ('updates-fraction', dict(epochs=None, updates=2.5), 'updates', '2.5', 'positive integer'),
   ('updates-bool', dict(epochs=None, updates=True), 'updates', 'True', 'positive integer'),
   ('num-evals-zero', dict(num_evals=0), 'num_evals', 'num_evals=0 ', 'positive integer'),
-  ('divergence-threshold-one', dict(divergence_threshold=1.0), 'divergence_threshold', '1.0', '> 1'),
+  (
+    'divergence-threshold-one',
+    dict(divergence_threshold=1.0),
+    'divergence_threshold',
+    '1.0',
+    '> 1',
+  ),
   ('seed-negative', dict(seed=-1), 'seed', '-1', '2**31'),
   ('shuffle-string', dict(shuffle='yes'), 'shuffle', "'yes'", 'True or False'),
   ('compute-dtype-unknown', dict(compute_dtype='fp8'), 'compute_dtype', "'fp8'", 'bfloat16'),
-  ('objective-sense', dict(objectives={'final_val_loss': 'minimize'}),
-   "objectives['final_val_loss']", "'minimize'", ('"min"', '"max"')),
+  (
+    'objective-sense',
+    dict(objectives={'final_val_loss': 'minimize'}),
+    "objectives['final_val_loss']",
+    "'minimize'",
+    ('"min"', '"max"'),
+  ),
   ('objectives-empty', dict(objectives={}), 'objectives', '{}', 'dict'),
-  ('objectives-list', dict(objectives=['final_val_loss']), 'objectives', "['final_val_loss']",
-   'dict'),
+  (
+    'objectives-list',
+    dict(objectives=['final_val_loss']),
+    'objectives',
+    "['final_val_loss']",
+    'dict',
+  ),
   # An objective must be a column of the results table, or the Pareto front fails after training.
-  ('objective-unknown-column', dict(objectives={'final_val_los': 'min'}), 'objectives',
-   'final_val_los', ()),
+  (
+    'objective-unknown-column',
+    dict(objectives={'final_val_los': 'min'}),
+    'objectives',
+    'final_val_los',
+    (),
+  ),
   ('data-not-a-dataset', dict(data=(np.zeros((4, 2)), np.zeros(4))), 'data', 'tuple', 'Dataset'),
 ]
 
@@ -203,8 +264,9 @@ FIELD_CASES = [
 @pytest.mark.parametrize(
   'changes, fields, values, accepted', [c[1:] for c in FIELD_CASES], ids=[c[0] for c in FIELD_CASES]
 )
-def test_field_mistake_is_reported_before_compiling(base, tmp_path, changes, fields, values,
-                                                    accepted):
+def test_field_mistake_is_reported_before_compiling(
+  base, tmp_path, changes, fields, values, accepted
+):
   err = run_failing(base.replace(**changes), tmp_path / 'out')
   assert_message(err, fields, values, accepted)
   assert 'is invalid' in str(err)
@@ -237,32 +299,90 @@ MODEL_CASES = [
   ('linen-class-not-instance', models.MLP, classification, None, 'model', 'MLP', 'MLP()'),
   ('pair-as-list', [_init_ok, _apply_ok], classification, None, 'model', "'list'", 'tuple'),
   ('tuple-of-one', (_init_ok,), classification, None, 'model', 'tuple of 1', 'two callables'),
-  ('init-fn-raises', (_init_raises, _apply_ok), classification, None, 'model',
-   'boom: my init_fn is broken', 'init_fn'),
-  ('apply-fn-raises', (_init_ok, _apply_raises), classification, None, 'model',
-   'boom: my apply_fn is broken', 'apply_fn'),
-  ('linen-module-fails-on-input', models.cnn(spatial_dims=2), classification, None, 'model',
-   'CNN', '(1, 5)'),
+  (
+    'init-fn-raises',
+    (_init_raises, _apply_ok),
+    classification,
+    None,
+    'model',
+    'boom: my init_fn is broken',
+    'init_fn',
+  ),
+  (
+    'apply-fn-raises',
+    (_init_ok, _apply_raises),
+    classification,
+    None,
+    'model',
+    'boom: my apply_fn is broken',
+    'apply_fn',
+  ),
+  (
+    'linen-module-fails-on-input',
+    models.cnn(spatial_dims=2),
+    classification,
+    None,
+    'model',
+    'CNN',
+    '(1, 5)',
+  ),
   # 3 outputs for labels 0..9: the error may name either side of the mismatch.
-  ('mlp-3-outputs-for-10-classes', models.mlp(hidden=(8,), outputs=3), classification, None,
-   ('model', 'data.y_train'), ('3 outputs', '9'), '0..2'),
-  ('labels-out-of-range', models.mlp(hidden=(8,), outputs=7), classification, None,
-   ('model', 'data.y_train'), ('7 outputs', '9'), '0..6'),
-  ('mse-wrong-output-width', models.mlp(hidden=(8,), outputs=3), regression, None, 'model',
-   '(2, 3)', 'same shape'),
-  ('mse-on-class-ids', models.mlp(hidden=(8,)), classification, 'mse', 'model', '(2, 10)',
-   'same shape'),
-  ('callable-loss-not-per-example', models.mlp(hidden=(8,)), classification,
-   lambda p, y: jnp.mean((p - y[:, None]) ** 2), 'loss', 'lambda', '(batch,)'),
+  (
+    'mlp-3-outputs-for-10-classes',
+    models.mlp(hidden=(8,), outputs=3),
+    classification,
+    None,
+    ('model', 'data.y_train'),
+    ('3 outputs', '9'),
+    '0..2',
+  ),
+  (
+    'labels-out-of-range',
+    models.mlp(hidden=(8,), outputs=7),
+    classification,
+    None,
+    ('model', 'data.y_train'),
+    ('7 outputs', '9'),
+    '0..6',
+  ),
+  (
+    'mse-wrong-output-width',
+    models.mlp(hidden=(8,), outputs=3),
+    regression,
+    None,
+    'model',
+    '(2, 3)',
+    'same shape',
+  ),
+  (
+    'mse-on-class-ids',
+    models.mlp(hidden=(8,)),
+    classification,
+    'mse',
+    'model',
+    '(2, 10)',
+    'same shape',
+  ),
+  (
+    'callable-loss-not-per-example',
+    models.mlp(hidden=(8,)),
+    classification,
+    lambda p, y: jnp.mean((p - y[:, None]) ** 2),
+    'loss',
+    'lambda',
+    '(batch,)',
+  ),
 ]
 
 
 @pytest.mark.parametrize(
-  'model, make_data, loss, fields, values, accepted', [c[1:] for c in MODEL_CASES],
+  'model, make_data, loss, fields, values, accepted',
+  [c[1:] for c in MODEL_CASES],
   ids=[c[0] for c in MODEL_CASES],
 )
-def test_model_mistake_is_reported_before_compiling(base, tmp_path, model, make_data, loss, fields,
-                                                    values, accepted):
+def test_model_mistake_is_reported_before_compiling(
+  base, tmp_path, model, make_data, loss, fields, values, accepted
+):
   cfg = base.replace(model=model, data=make_data(), loss=loss)
   err = run_failing(cfg, tmp_path / 'out')
   assert_message(err, fields, values, accepted)
@@ -337,7 +457,9 @@ def test_check_reports_the_same_errors_as_run(base):
 
 
 def test_an_unknown_keyword_names_the_fields_and_a_close_match():
-  with pytest.raises(ConfigError, match=r"no field 'lerning_rate' \(did you mean 'learning_rate'\?\)") as info:
+  with pytest.raises(
+    ConfigError, match=r"no field 'lerning_rate' \(did you mean 'learning_rate'\?\)"
+  ) as info:
     sweep.SweepConfig(model=sweep.models.mlp(), data=sweep.data.digits(), lerning_rate=1e-3)
   assert isinstance(info.value, TypeError)  # what Python itself would raise, still
   assert 'batch_size' in str(info.value)

@@ -187,8 +187,21 @@ def data_order(seed, epoch, n, shuffle):
 
 
 def reference(
-  *, family, schedule, learning_rate, batch_size, seed, total, x, y, loss, shuffle,
-  hp=None, threshold=None, init_fn=mlp_init, apply_fn=mlp_apply,
+  *,
+  family,
+  schedule,
+  learning_rate,
+  batch_size,
+  seed,
+  total,
+  x,
+  y,
+  loss,
+  shuffle,
+  hp=None,
+  threshold=None,
+  init_fn=mlp_init,
+  apply_fn=mlp_apply,
 ):
   """Trains one run plainly; returns its final params (numpy) and the updates applied.
 
@@ -211,8 +224,16 @@ def reference(
     idx = data_order(int(seed), epoch, n, shuffle)[j * batch_size : (j + 1) * batch_size]
     padded = np.concatenate([idx, np.zeros(MAX_BATCH - batch_size, idx.dtype)])
     new_params, new_state, value = reference_step(
-      params, opt_state, x[padded], y[padded], real, lrs, hp,
-      family=family, loss=loss, apply_fn=apply_fn,
+      params,
+      opt_state,
+      x[padded],
+      y[padded],
+      real,
+      lrs,
+      hp,
+      family=family,
+      loss=loss,
+      apply_fn=apply_fn,
     )
     if threshold is not None:
       value = float(value)
@@ -261,9 +282,18 @@ def assert_matches_reference(result, rows, *, data, loss, shuffle, total, **kwar
   for i in rows:
     row = result.table.loc[i]
     want, done = reference(
-      family=row.optimizer, schedule=row.schedule, learning_rate=row.learning_rate,
-      batch_size=int(row.batch_size), seed=int(row.seed), total=total(int(row.batch_size)),
-      x=x, y=y, loss=loss, shuffle=shuffle, hp=hyperparameters(row), **kwargs,
+      family=row.optimizer,
+      schedule=row.schedule,
+      learning_rate=row.learning_rate,
+      batch_size=int(row.batch_size),
+      seed=int(row.seed),
+      total=total(int(row.batch_size)),
+      x=x,
+      y=y,
+      loss=loss,
+      shuffle=shuffle,
+      hp=hyperparameters(row),
+      **kwargs,
     )
     assert done == row.updates, f'run {i} ({describe(row)}): {row.updates} updates, expected {done}'
     worst = excess(result.params(i), want)
@@ -308,7 +338,12 @@ class CompileCounter:
 # The first test's settings. Later tests whose sweeps share them (and the width of the
 # run axes, 16 runs per seed) reuse its programs for the families they share.
 BASE = dict(
-  model=MODEL, data=REGRESSION, loss='mse', batch_size=[16, 48], seed=[0, 1], epochs=2,
+  model=MODEL,
+  data=REGRESSION,
+  loss='mse',
+  batch_size=[16, 48],
+  seed=[0, 1],
+  epochs=2,
   shuffle=False,
 )
 BASE_TOTAL = epochs_budget(2)  # 200 // 16 = 12 and 200 // 48 = 4 updates per epoch
@@ -320,8 +355,11 @@ def test_every_optimizer_and_schedule_with_mixed_batch_sizes():
   # trains smoothly: faster, it amplifies float32 rounding past the tolerance, in the
   # engine and the reference alike (each as far from a float64 run as the other).
   axes = dict(
-    optimizer=list(FAMILIES), schedule=list(SCHEDULES), learning_rate=[0.005, 0.01],
-    batch_size=BASE['batch_size'], seed=BASE['seed'],
+    optimizer=list(FAMILIES),
+    schedule=list(SCHEDULES),
+    learning_rate=[0.005, 0.01],
+    batch_size=BASE['batch_size'],
+    seed=BASE['seed'],
   )
   result = sweep.run(sweep.SweepConfig(**{**BASE, **axes}), progress=False)
   table = result.table
@@ -342,12 +380,20 @@ UPDATES = 8  # batch 32: 6 updates per epoch; batch 64: 3 per epoch. Both wrap.
 def shuffled_classification():
   """Cross-entropy on integer labels, shuffled, with an updates budget past one epoch."""
   axes = dict(
-    optimizer=['sgd'], schedule=['constant', 'cosine', 'onecycle'], batch_size=[32, 64],
-    learning_rate=[0.03, 0.3], seed=[0, 1, 2],
+    optimizer=['sgd'],
+    schedule=['constant', 'cosine', 'onecycle'],
+    batch_size=[32, 64],
+    learning_rate=[0.03, 0.3],
+    seed=[0, 1, 2],
   )
   cfg = sweep.SweepConfig(
-    model=MODEL, data=CLASSIFICATION, loss='softmax_cross_entropy', epochs=None,
-    updates=UPDATES, shuffle=True, **axes,
+    model=MODEL,
+    data=CLASSIFICATION,
+    loss='softmax_cross_entropy',
+    epochs=None,
+    updates=UPDATES,
+    shuffle=True,
+    **axes,
   )
   result = sweep.run(cfg, progress=False)
   check_grid(result.table, **axes)
@@ -365,16 +411,27 @@ def test_shuffled_order_per_seed_and_epoch_with_updates_budget(shuffled_classifi
   # equals its reference, which reads the per-seed order whatever the batch size.
   budget = lambda batch: UPDATES  # noqa: E731
   assert_matches_reference(
-    result, table.index, data=CLASSIFICATION, loss='softmax_cross_entropy', shuffle=True,
+    result,
+    table.index,
+    data=CLASSIFICATION,
+    loss='softmax_cross_entropy',
+    shuffle=True,
     total=budget,
   )
   # The comparison can tell data orders apart: the unshuffled order does not match.
   i = table.index[table.learning_rate == 0.3][0]
   row = table.loc[i]
   unshuffled, _ = reference(
-    family='sgd', schedule=row.schedule, learning_rate=0.3, batch_size=int(row.batch_size),
-    seed=int(row.seed), total=UPDATES, x=CLASSIFICATION.x_train, y=CLASSIFICATION.y_train,
-    loss='softmax_cross_entropy', shuffle=False,
+    family='sgd',
+    schedule=row.schedule,
+    learning_rate=0.3,
+    batch_size=int(row.batch_size),
+    seed=int(row.seed),
+    total=UPDATES,
+    x=CLASSIFICATION.x_train,
+    y=CLASSIFICATION.y_train,
+    loss='softmax_cross_entropy',
+    shuffle=False,
   )
   assert excess(result.params(i), unshuffled) > 0
 
@@ -411,8 +468,11 @@ def test_classification_metrics(shuffled_classification):
 def test_divergence_is_isolated():
   """A learning rate that blows sgd up, next to healthy runs that read the same batches."""
   axes = dict(
-    optimizer=['sgd'], schedule=['constant', 'cosine', 'linear', 'step'],
-    learning_rate=[1e-2, 5e-2, 1e3], batch_size=BASE['batch_size'], seed=BASE['seed'],
+    optimizer=['sgd'],
+    schedule=['constant', 'cosine', 'linear', 'step'],
+    learning_rate=[1e-2, 5e-2, 1e3],
+    batch_size=BASE['batch_size'],
+    seed=BASE['seed'],
   )
   cfg = sweep.SweepConfig(**{**BASE, **axes}, divergence_threshold=100.0)
   result = sweep.run(cfg, progress=False)  # it finishes despite the diverged runs
@@ -433,7 +493,12 @@ def test_divergence_is_isolated():
   # after the updates it applied. The update that blew it up is applied; the next batch
   # loss trips the threshold, and neither that update nor any later one is.
   assert_matches_reference(
-    result, table.index[huge], data=REGRESSION, loss='mse', shuffle=False, total=BASE_TOTAL,
+    result,
+    table.index[huge],
+    data=REGRESSION,
+    loss='mse',
+    shuffle=False,
+    total=BASE_TOTAL,
     threshold=100.0,
   )
   for i in table.index[huge]:
@@ -445,12 +510,22 @@ def test_hyperparameter_axes_and_new_values_compile_nothing():
   values, and one with 3 learning rates instead of 4 (run axes are padded to a power of
   two), which compile nothing. Every run, next to padding slots too, equals its reference."""
   first = sweep.SweepConfig(
-    **BASE, optimizer=['adamw', 'lion'], schedule='constant',
-    learning_rate=[1e-3, 3e-3, 1e-2, 3e-2], b1=[0.8, 0.95], b2=[0.99, 0.999], weight_decay=0.1,
+    **BASE,
+    optimizer=['adamw', 'lion'],
+    schedule='constant',
+    learning_rate=[1e-3, 3e-3, 1e-2, 3e-2],
+    b1=[0.8, 0.95],
+    b2=[0.99, 0.999],
+    weight_decay=0.1,
   )
   second = first.replace(
-    schedule='warmup_cosine', learning_rate=[2e-3, 5e-3, 2e-2, 4e-2], b1=[0.85, 0.9],
-    b2=[0.98, 0.995], weight_decay=0.0, seed=[3, 5], divergence_threshold=1e3,
+    schedule='warmup_cosine',
+    learning_rate=[2e-3, 5e-3, 2e-2, 4e-2],
+    b1=[0.85, 0.9],
+    b2=[0.98, 0.995],
+    weight_decay=0.0,
+    seed=[3, 5],
+    divergence_threshold=1e3,
   )
   third = second.replace(schedule='onecycle', learning_rate=[4e-3, 6e-3, 8e-3])
   for k, cfg in enumerate((first, second, third)):
@@ -459,8 +534,13 @@ def test_hyperparameter_axes_and_new_values_compile_nothing():
     if k:
       assert compiles.count == 0, f'sweep {k + 1} changed only values but compiled {compiles.names}'
     check_grid(
-      result.table, optimizer=cfg.optimizer, batch_size=cfg.batch_size,
-      learning_rate=cfg.learning_rate, b1=cfg.b1, b2=cfg.b2, seed=cfg.seed,
+      result.table,
+      optimizer=cfg.optimizer,
+      batch_size=cfg.batch_size,
+      learning_rate=cfg.learning_rate,
+      b1=cfg.b1,
+      b2=cfg.b2,
+      seed=cfg.seed,
     )
     assert (result.table.weight_decay == cfg.weight_decay).all()
     assert (result.table.status == 'ok').all()
@@ -475,11 +555,17 @@ def test_momentum_axis_and_new_values_compile_nothing():
   Small learning rates and moderate momentum keep rmsprop well conditioned (see above).
   """
   first = sweep.SweepConfig(
-    **BASE, optimizer=['nesterov', 'rmsprop'], schedule=['constant', 'linear'],
-    learning_rate=[0.002, 0.005], momentum=[0.2, 0.5],
+    **BASE,
+    optimizer=['nesterov', 'rmsprop'],
+    schedule=['constant', 'linear'],
+    learning_rate=[0.002, 0.005],
+    momentum=[0.2, 0.5],
   )
   second = first.replace(
-    schedule=['cosine', 'step'], learning_rate=[0.004, 0.001], momentum=[0.7, 0.4], seed=[4, 7],
+    schedule=['cosine', 'step'],
+    learning_rate=[0.004, 0.001],
+    momentum=[0.7, 0.4],
+    seed=[4, 7],
     divergence_threshold=50.0,
   )
   for k, cfg in enumerate((first, second)):
@@ -498,8 +584,13 @@ def test_equal_builtin_models_reuse_programs():
 
   def mlp_sweep(**values):
     return sweep.SweepConfig(
-      model=sweep.models.mlp(hidden=(16,)), data=CLASSIFICATION, optimizer='momentum',
-      batch_size=[25], epochs=1, shuffle=True, **values,
+      model=sweep.models.mlp(hidden=(16,)),
+      data=CLASSIFICATION,
+      optimizer='momentum',
+      batch_size=[25],
+      epochs=1,
+      shuffle=True,
+      **values,
     )
 
   with CompileCounter() as compiles:

@@ -57,7 +57,9 @@ def test_the_budgets_are_ragged():
     assert per_segment(b) * SEGMENTS > total(b) > per_segment(b) * (SEGMENTS - 1), b
 
 
-def make_schedule(name: str, lr: float, steps: int, warmup: float, decay_rate: float, decay_every: float):
+def make_schedule(
+  name: str, lr: float, steps: int, warmup: float, decay_rate: float, decay_every: float
+):
   """The optax schedule of a run, as `SweepConfig` documents its parameters."""
   if name == 'warmup_cosine':
     return optax.warmup_cosine_decay_schedule(
@@ -73,8 +75,14 @@ def make_schedule(name: str, lr: float, steps: int, warmup: float, decay_rate: f
 def reference(row, decay_every: float):
   """One run trained plainly: final params, updates, and each update's batch loss."""
   batch, steps = int(row.batch_size), total(int(row.batch_size))
-  schedule = make_schedule(row.schedule, float(row.learning_rate), steps, float(row.warmup),
-                           float(row.decay_rate), decay_every)
+  schedule = make_schedule(
+    row.schedule,
+    float(row.learning_rate),
+    steps,
+    float(row.warmup),
+    float(row.decay_rate),
+    decay_every,
+  )
   lrs = np.asarray(jax.vmap(schedule)(jnp.arange(MAX_UPDATES)), np.float32)
   hp = {k: np.float32(v) for k, v in {'b1': 0.9, 'b2': 0.999, **hyperparameters(row)}.items()}
   params = initial_params(MODEL[0], int(row.seed))
@@ -87,7 +95,16 @@ def reference(row, decay_every: float):
     idx = data_order(int(row.seed), epoch, N_TRAIN, False)[j * batch : (j + 1) * batch]
     padded = np.concatenate([idx, np.zeros(MAX_BATCH - batch, idx.dtype)])
     params, opt_state, value = reference_step(
-      params, opt_state, x[padded], y[padded], real, lrs, hp, family='adam', loss='mse', apply_fn=mlp_apply,
+      params,
+      opt_state,
+      x[padded],
+      y[padded],
+      real,
+      lrs,
+      hp,
+      family='adam',
+      loss='mse',
+      apply_fn=mlp_apply,
     )
     losses.append(float(value))
   return jax.tree.map(np.asarray, params), steps, losses
@@ -95,10 +112,20 @@ def reference(row, decay_every: float):
 
 def sweep_config(warmup, decay_rate, decay_every, learning_rate):
   return sweep.SweepConfig(
-    model=MODEL, data=REGRESSION, loss='mse', optimizer='adam',
-    schedule=['warmup_cosine', 'exponential', 'step'], warmup=warmup, decay_rate=decay_rate,
-    decay_every=decay_every, learning_rate=learning_rate, batch_size=BATCH_SIZES, seed=0,
-    epochs=EPOCHS, num_evals=SEGMENTS, shuffle=False,
+    model=MODEL,
+    data=REGRESSION,
+    loss='mse',
+    optimizer='adam',
+    schedule=['warmup_cosine', 'exponential', 'step'],
+    warmup=warmup,
+    decay_rate=decay_rate,
+    decay_every=decay_every,
+    learning_rate=learning_rate,
+    batch_size=BATCH_SIZES,
+    seed=0,
+    epochs=EPOCHS,
+    num_evals=SEGMENTS,
+    shuffle=False,
   )
 
 
@@ -127,7 +154,7 @@ def test_ragged_sweep_with_schedule_parameters_matches_optax(k):
     assert row.status == 'ok' and row.updates == steps, where
     if excess(result.params(i), params) > 0:
       failures.append(f'{where}: params off by {excess(result.params(i), params):.3g}')
-    last = losses[(SEGMENTS - 1) * per_segment(int(row.batch_size)):]
+    last = losses[(SEGMENTS - 1) * per_segment(int(row.batch_size)) :]
     assert 0 < len(last) < per_segment(int(row.batch_size)), where
     assert row.final_batch_loss == pytest.approx(np.mean(last), rel=1e-4, abs=1e-6), where
   assert not failures, '\n'.join(failures)

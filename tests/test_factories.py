@@ -47,7 +47,9 @@ MODEL = (mlp_init, mlp_apply)
 def _data():
   rng = np.random.default_rng(7)
   x = rng.normal(size=(N_TRAIN, D_IN)).astype(np.float32)
-  y = (np.tanh(x @ rng.normal(size=(D_IN, D_OUT))) + 0.1 * rng.normal(size=(N_TRAIN, D_OUT))).astype(np.float32)
+  y = (
+    np.tanh(x @ rng.normal(size=(D_IN, D_OUT))) + 0.1 * rng.normal(size=(N_TRAIN, D_OUT))
+  ).astype(np.float32)
   return sweep.data.arrays(x, y)
 
 
@@ -59,7 +61,9 @@ DATA = _data()
 
 def clipped_adamw(learning_rate, weight_decay, clip_norm):
   """The standard transformer optimizer."""
-  return optax.chain(optax.clip_by_global_norm(clip_norm), optax.adamw(learning_rate, weight_decay=weight_decay))
+  return optax.chain(
+    optax.clip_by_global_norm(clip_norm), optax.adamw(learning_rate, weight_decay=weight_decay)
+  )
 
 
 def nesterov_sgd(learning_rate):
@@ -71,14 +75,17 @@ warmup_cosine = lambda lr, total: optax.warmup_cosine_decay_schedule(0.0, lr, to
 
 
 def halving(lr, total):
-  return optax.exponential_decay(lr, transition_steps=max(1, total // 3), decay_rate=0.5, staircase=True)
+  return optax.exponential_decay(
+    lr, transition_steps=max(1, total // 3), decay_rate=0.5, staircase=True
+  )
 
 
 def warmup_linear(lr, total):
   """The built-in 'warmup_linear' as its documentation describes it, in optax."""
   warmup = round(0.1 * total)
   return optax.join_schedules(
-    [optax.linear_schedule(0.0, lr, warmup), optax.linear_schedule(lr, 0.0, total - warmup)], [warmup]
+    [optax.linear_schedule(0.0, lr, warmup), optax.linear_schedule(lr, 0.0, total - warmup)],
+    [warmup],
   )
 
 
@@ -91,7 +98,9 @@ def lr_table(schedule, lr, total):
   return np.asarray([fn(c) if callable(fn) else fn for c in range(MAX_UPDATES)], np.float32)
 
 
-@functools.partial(jax.jit, static_argnames=('make',), compiler_options={'xla_backend_optimization_level': 0})
+@functools.partial(
+  jax.jit, static_argnames=('make',), compiler_options={'xla_backend_optimization_level': 0}
+)
 def reference_step(params, opt_state, xb, yb, real, lrs, hp, *, make):
   opt = make(lambda count: lrs[count], **hp)
 
@@ -122,9 +131,11 @@ def reference(make, hp, schedule, lr, batch_size, seed, total, threshold=None):
   loss0, done = None, 0
   for t in range(total):
     epoch, j = divmod(t, per_epoch)
-    idx = data_order(int(seed), epoch, N_TRAIN)[j * batch_size:(j + 1) * batch_size]
+    idx = data_order(int(seed), epoch, N_TRAIN)[j * batch_size : (j + 1) * batch_size]
     padded = np.concatenate([idx, np.zeros(MAX_BATCH - batch_size, idx.dtype)])
-    new_params, new_state, value = reference_step(params, opt_state, x[padded], y[padded], real, lrs, hp, make=make)
+    new_params, new_state, value = reference_step(
+      params, opt_state, x[padded], y[padded], real, lrs, hp, make=make
+    )
     if threshold is not None:
       value = float(value)
       loss0 = value if t == 0 else loss0
@@ -143,22 +154,35 @@ def excess(got, want, rtol=RTOL):
   return worst
 
 
-def assert_runs_match(result, rows, makers, schedules_by_label, hp_names, threshold=None, rtol=RTOL):
+def assert_runs_match(
+  result, rows, makers, schedules_by_label, hp_names, threshold=None, rtol=RTOL
+):
   failures = []
   for i in rows:
     row = result.table.loc[i]
     total = 2 * (N_TRAIN // int(row.batch_size))
     hp = {k: float(row[k]) for k in hp_names.get(row.optimizer, ())}
     want, done = reference(
-      makers[row.optimizer], hp, schedules_by_label[row.schedule], row.learning_rate,
-      int(row.batch_size), int(row.seed), total, threshold,
+      makers[row.optimizer],
+      hp,
+      schedules_by_label[row.schedule],
+      row.learning_rate,
+      int(row.batch_size),
+      int(row.seed),
+      total,
+      threshold,
     )
     assert row.updates == done, f'run {i}: {row.updates} updates, the reference {done}'
     worst = excess(result.params(i), want, rtol)
     if worst > 0:
-      failures.append(f'run {i} ({row.optimizer}, {row.schedule}, lr={row.learning_rate}, '
-                      f'B={row.batch_size}): off by {worst:.3g}')
-  assert not failures, f'{len(failures)} of {len(rows)} runs differ from their optax loop:\n' + '\n'.join(failures[:20])
+      failures.append(
+        f'run {i} ({row.optimizer}, {row.schedule}, lr={row.learning_rate}, '
+        f'B={row.batch_size}): off by {worst:.3g}'
+      )
+  assert not failures, (
+    f'{len(failures)} of {len(rows)} runs differ from their optax loop:\n'
+    + '\n'.join(failures[:20])
+  )
 
 
 class CompileCounter:
@@ -195,8 +219,13 @@ def test_factory_and_schedule_callables_equal_an_optax_loop():
   """A clipped AdamW factory (weight_decay and clip_norm injected), two schedule callables
   and the built-in warmup_linear, 2 learning rates, 2 batch sizes and 2 seeds: 96 runs."""
   cfg = sweep.SweepConfig(
-    **BASE, optimizer=clipped_adamw, weight_decay=[1e-4, 0.1], hyperparameters={'clip_norm': [0.05, 10.0]},
-    learning_rate=[0.01, 0.03], schedule=[warmup_cosine, halving, 'warmup_linear'], seed=[0, 1],
+    **BASE,
+    optimizer=clipped_adamw,
+    weight_decay=[1e-4, 0.1],
+    hyperparameters={'clip_norm': [0.05, 10.0]},
+    learning_rate=[0.01, 0.03],
+    schedule=[warmup_cosine, halving, 'warmup_linear'],
+    seed=[0, 1],
   )
   result = sweep.run(cfg, progress=False)
   table = result.table
@@ -205,21 +234,34 @@ def test_factory_and_schedule_callables_equal_an_optax_loop():
   assert set(table.schedule) == set(SCHEDULE_LABELS)
   assert set(table.clip_norm) == {0.05, 10.0}
   assert (table.status == 'ok').all()
-  assert_runs_match(result, table.index, {'clipped_adamw': clipped_adamw}, SCHEDULE_LABELS,
-                    {'clipped_adamw': ('weight_decay', 'clip_norm')})
+  assert_runs_match(
+    result,
+    table.index,
+    {'clipped_adamw': clipped_adamw},
+    SCHEDULE_LABELS,
+    {'clipped_adamw': ('weight_decay', 'clip_norm')},
+  )
   # The comparison tells clip norms apart: the tight one does clip.
   a = table[(table.clip_norm == 0.05)].iloc[0]
-  b = table[(table.clip_norm == 10.0) & (table.learning_rate == a.learning_rate) & (table.seed == a.seed)
-            & (table.batch_size == a.batch_size) & (table.schedule == a.schedule)
-            & (table.weight_decay == a.weight_decay)].iloc[0]
+  b = table[
+    (table.clip_norm == 10.0)
+    & (table.learning_rate == a.learning_rate)
+    & (table.seed == a.seed)
+    & (table.batch_size == a.batch_size)
+    & (table.schedule == a.schedule)
+    & (table.weight_decay == a.weight_decay)
+  ].iloc[0]
   assert excess(result.params(int(a.run)), result.params(int(b.run))) > 0
 
 
 def test_factories_and_names_in_one_list_are_compile_groups():
   lion = functools.partial(optax.lion, b1=0.95)
   cfg = sweep.SweepConfig(
-    **{**BASE, 'batch_size': 16}, optimizer=[nesterov_sgd, 'adam', lion], learning_rate=[1e-3, 1e-2],
-    schedule=warmup_cosine, seed=[0, 1],
+    **{**BASE, 'batch_size': 16},
+    optimizer=[nesterov_sgd, 'adam', lion],
+    learning_rate=[1e-3, 1e-2],
+    schedule=warmup_cosine,
+    seed=[0, 1],
   )
   plan = validate(cfg)
   assert len(plan.groups) == 3
@@ -238,8 +280,13 @@ def test_a_diverged_factory_run_stays_frozen():
     return optax.chain(optax.sgd(learning_rate), optax.add_decayed_weights(weight_decay))
 
   cfg = sweep.SweepConfig(
-    **BASE, optimizer=sgd_then_decay, weight_decay=[0.01], learning_rate=[0.01, 30.0], seed=[0, 1],
-    schedule='constant', divergence_threshold=100.0,
+    **BASE,
+    optimizer=sgd_then_decay,
+    weight_decay=[0.01],
+    learning_rate=[0.01, 30.0],
+    seed=[0, 1],
+    schedule='constant',
+    divergence_threshold=100.0,
   )
   result = sweep.run(cfg, progress=False)
   table = result.table
@@ -247,7 +294,11 @@ def test_a_diverged_factory_run_stays_frozen():
   assert (table.status[huge] == 'diverged').all() and (table.status[~huge] == 'ok').all()
   assert (table.updates[huge] < 2 * (N_TRAIN // table.batch_size[huge])).all()
   constant = lambda lr, total: lr  # noqa: E731
-  args = ({'sgd_then_decay': sgd_then_decay}, {'constant': constant}, {'sgd_then_decay': ('weight_decay',)})
+  args = (
+    {'sgd_then_decay': sgd_then_decay},
+    {'constant': constant},
+    {'sgd_then_decay': ('weight_decay',)},
+  )
   assert_runs_match(result, table.index[~huge], *args)
   # The step that blew a run up amplifies float32 rounding; unfrozen, the decay would move the
   # parameters by 1 % per later update.
@@ -256,15 +307,24 @@ def test_a_diverged_factory_run_stays_frozen():
 
 def test_new_factory_and_schedule_values_compile_nothing():
   first = sweep.SweepConfig(
-    **BASE, optimizer=clipped_adamw, weight_decay=[1e-4, 1e-2], hyperparameters={'clip_norm': [0.5, 1.0]},
-    learning_rate=[1e-3, 3e-3], schedule=[warmup_cosine, 'cosine'], seed=[0, 1],
+    **BASE,
+    optimizer=clipped_adamw,
+    weight_decay=[1e-4, 1e-2],
+    hyperparameters={'clip_norm': [0.5, 1.0]},
+    learning_rate=[1e-3, 3e-3],
+    schedule=[warmup_cosine, 'cosine'],
+    seed=[0, 1],
   )
   # New learning rates, weight decays, clip norms (through hyperparameters=), seeds, built-in
   # schedule: data only. Then 3 x 1 weight decays and clip norms instead of 2 x 2 (12 runs per
   # seed and batch size instead of 16: the run axis is padded to the same width).
   second = first.replace(
-    weight_decay=[0.05, 0.2], hyperparameters={'clip_norm': [0.1, 2.0]}, learning_rate=[2e-3, 5e-3],
-    schedule=[warmup_cosine, 'onecycle'], seed=[3, 8], divergence_threshold=50.0,
+    weight_decay=[0.05, 0.2],
+    hyperparameters={'clip_norm': [0.1, 2.0]},
+    learning_rate=[2e-3, 5e-3],
+    schedule=[warmup_cosine, 'onecycle'],
+    seed=[3, 8],
+    divergence_threshold=50.0,
   )
   third = second.replace(hyperparameters={'clip_norm': 0.3}, weight_decay=[0.01, 0.02, 0.03])
   results = []
@@ -274,13 +334,21 @@ def test_new_factory_and_schedule_values_compile_nothing():
     if k == 0:
       assert compiles.names, 'the first sweep compiled nothing: the counter sees no compiles'
     else:
-      assert compiles.names == [], f'sweep {k + 1} changed only values but compiled {compiles.names}'
+      assert compiles.names == [], (
+        f'sweep {k + 1} changed only values but compiled {compiles.names}'
+      )
   assert results[1].table.clip_norm.tolist() != results[0].table.clip_norm.tolist()
   assert set(results[2].table.clip_norm) == {0.3}
   # Another factory is another program: the counter would see a compile there.
   with CompileCounter() as compiles:
-    sweep.run(first.replace(optimizer=lambda learning_rate, weight_decay, clip_norm: clipped_adamw(
-      learning_rate, weight_decay, clip_norm)), progress=False)
+    sweep.run(
+      first.replace(
+        optimizer=lambda learning_rate, weight_decay, clip_norm: clipped_adamw(
+          learning_rate, weight_decay, clip_norm
+        )
+      ),
+      progress=False,
+    )
   assert compiles.names
 
 
@@ -288,18 +356,32 @@ def test_labels_are_readable_and_distinct():
   a = lambda learning_rate: optax.sgd(learning_rate)  # noqa: E731
   b = lambda learning_rate: optax.sgd(learning_rate)  # noqa: E731
   cfg = sweep.SweepConfig(
-    model=MODEL, data=DATA, loss='mse', optimizer=[a, b, nesterov_sgd, functools.partial(optax.adamw, b1=0.8)],
+    model=MODEL,
+    data=DATA,
+    loss='mse',
+    optimizer=[a, b, nesterov_sgd, functools.partial(optax.adamw, b1=0.8)],
     schedule=[warmup_cosine, 'cosine'],
   )
   plan = validate(cfg)
-  assert plan.axes['optimizer'] == ['sgd(learning_rate)', 'sgd(learning_rate) #2', 'nesterov_sgd', 'adamw(b1=0.8)']
-  assert plan.axes['schedule'] == ['warmup_cosine_decay_schedule(0.0, lr, total // 10, total)', 'cosine']
+  assert plan.axes['optimizer'] == [
+    'sgd(learning_rate)',
+    'sgd(learning_rate) #2',
+    'nesterov_sgd',
+    'adamw(b1=0.8)',
+  ]
+  assert plan.axes['schedule'] == [
+    'warmup_cosine_decay_schedule(0.0, lr, total // 10, total)',
+    'cosine',
+  ]
 
 
-@pytest.mark.parametrize('transformation', [
-  optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3)),
-  optax.adam(1e-3),
-])
+@pytest.mark.parametrize(
+  'transformation',
+  [
+    optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3)),
+    optax.adam(1e-3),
+  ],
+)
 def test_a_ready_made_transformation_is_refused_with_the_factory_to_write(transformation):
   for optimizer in (transformation, [transformation]):
     with pytest.raises(sweep.ConfigError) as info:

@@ -23,8 +23,15 @@ def swept(tmp_path_factory):
   # 150 training digits and a wide model: validation loss turns up, so best != final.
   data = sweep.data.arrays(d.x_train[:150], d.y_train[:150], d.x_val, d.y_val)
   cfg = sweep.SweepConfig(
-      model=sweep.models.mlp(hidden=(32,)), data=data, optimizer='adam', learning_rate=[1e-2, 3e-2],
-      batch_size=[16], seed=[0], epochs=30, num_evals=15, keep_best=True,
+    model=sweep.models.mlp(hidden=(32,)),
+    data=data,
+    optimizer='adam',
+    learning_rate=[1e-2, 3e-2],
+    batch_size=[16],
+    seed=[0],
+    epochs=30,
+    num_evals=15,
+    keep_best=True,
   )
   workdir = str(tmp_path_factory.mktemp('best'))
   return cfg, sweep.run(cfg, workdir=workdir, progress=False), workdir
@@ -54,7 +61,9 @@ def test_best_params_saved_for_the_front_bit_for_bit(swept):
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
       assert np.array_equal(a, b)
     loaded = sweep.load(workdir)
-    for a, b in zip(jax.tree.leaves(loaded.params(i, best=True)), jax.tree.leaves(want), strict=True):
+    for a, b in zip(
+      jax.tree.leaves(loaded.params(i, best=True)), jax.tree.leaves(want), strict=True
+    ):
       assert np.array_equal(a, b)
 
 

@@ -51,7 +51,9 @@ def outputs_and_grads(f):
   """f's outputs and the gradients of `loss(f)` wrt both arguments, in one program."""
 
   def both(p, x):
-    (_, y), g = jax.value_and_grad(lambda p, x: (loss(f)(p, x), f(p, x)), argnums=(0, 1), has_aux=True)(p, x)
+    (_, y), g = jax.value_and_grad(
+      lambda p, x: (loss(f)(p, x), f(p, x)), argnums=(0, 1), has_aux=True
+    )(p, x)
     return y, g
 
   return jax.jit(both)
@@ -59,7 +61,10 @@ def outputs_and_grads(f):
 
 def check_linen(module, x, *, convs_left=0):
   variables = module.init(jax.random.key(1), x)
-  close(outputs_and_grads(fast(module.apply))(variables, x), outputs_and_grads(module.apply)(variables, x))
+  close(
+    outputs_and_grads(fast(module.apply))(variables, x),
+    outputs_and_grads(module.apply)(variables, x),
+  )
   assert count(fast(module.apply), variables, x) == convs_left
 
 
@@ -101,8 +106,12 @@ def test_linen_conv_with_a_mask_and_dtype():
   variables = module.init(jax.random.key(1), x)
   out = jax.jit(fast(module.apply))(variables, x)
   assert out.dtype == jnp.bfloat16
-  np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(module.apply(variables, x), np.float32),
-                             rtol=2e-2, atol=2e-2)
+  np.testing.assert_allclose(
+    np.asarray(out, np.float32),
+    np.asarray(module.apply(variables, x), np.float32),
+    rtol=2e-2,
+    atol=2e-2,
+  )
 
 
 @pytest.mark.parametrize(
@@ -140,13 +149,17 @@ def check_nnx(make, x, *, convs_left=0):
 
 
 # nnx's Conv shares the code above: the cases that differ in how the options are read.
-@pytest.mark.parametrize('shape, features, kernel, options', [CONVS[i] for i in (2, 6, 9, 11, 12, 15)])
+@pytest.mark.parametrize(
+  'shape, features, kernel, options', [CONVS[i] for i in (2, 6, 9, 11, 12, 15)]
+)
 def test_nnx_conv_equals_flax(shape, features, kernel, options):
   check_nnx(functools.partial(nnx_conv, shape, features, kernel, options), normal(*shape))
 
 
 def test_nnx_conv_options_not_handled_run_flax():
-  make = lambda: nnx.Conv(3, 4, (3, 3), input_dilation=2, padding=((1, 1), (1, 1)), rngs=nnx.Rngs(0))  # noqa: E731
+  make = lambda: nnx.Conv(
+    3, 4, (3, 3), input_dilation=2, padding=((1, 1), (1, 1)), rngs=nnx.Rngs(0)
+  )  # noqa: E731
   check_nnx(make, normal(2, 6, 6, 3), convs_left=1)
 
 
@@ -249,8 +262,12 @@ def test_kernels_read_otherwise_keep_their_layout(module):
 class Scanned(nn.Module):
   @nn.compact
   def __call__(self, x):
-    body = nn.scan(lambda mdl, c, _: (nn.tanh(mdl(c)), None), variable_axes={'params': 0},
-                   split_rngs={'params': True}, length=2)
+    body = nn.scan(
+      lambda mdl, c, _: (nn.tanh(mdl(c)), None),
+      variable_axes={'params': 0},
+      split_rngs={'params': True},
+      length=2,
+    )
     return body(nn.Dense(x.shape[-1]), x, None)[0]
 
 
@@ -385,7 +402,7 @@ def sequential(apply, params, opt, x, y, batch, epochs, seed, shuffle):
     key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), 1), epoch)
     order = np.asarray(jax.random.permutation(key, n)) if shuffle else np.arange(n)
     for j in range(n // batch):
-      idx = order[j * batch:(j + 1) * batch]
+      idx = order[j * batch : (j + 1) * batch]
       params, state = step(params, state, x[idx], y[idx])
   return params
 
@@ -412,16 +429,31 @@ def test_engine_trains_a_flax_cnn_as_a_sequential_loop():
 
   x, y = images(N_TRAIN, (8, 8, 1), 3, seed=0)
   cfg = sweep.SweepConfig(
-    model=MnistCNN(), data=sweep.data.arrays(x, y), optimizer='momentum', learning_rate=[0.01, 0.05],
-    seed=[0, 1], batch_size=16, epochs=2, num_evals=2,
+    model=MnistCNN(),
+    data=sweep.data.arrays(x, y),
+    optimizer='momentum',
+    learning_rate=[0.01, 0.05],
+    seed=[0, 1],
+    batch_size=16,
+    epochs=2,
+    num_evals=2,
   )
   result = sweep.run(cfg, progress=False)
   module = MnistCNN()
   for i, row in result.table.iterrows():
     seed, lr = int(row.seed), float(row.learning_rate)
     params = module.init(init_key(seed), x[:1])['params']
-    ref = sequential(lambda p, xb: module.apply({'params': p}, xb), params, optax.sgd(lr, momentum=0.9),
-                     x, y, 16, 2, seed, shuffle=True)
+    ref = sequential(
+      lambda p, xb: module.apply({'params': p}, xb),
+      params,
+      optax.sgd(lr, momentum=0.9),
+      x,
+      y,
+      16,
+      2,
+      seed,
+      shuffle=True,
+    )
     got = result.params(i)
     assert jax.tree.map(jnp.shape, got) == jax.tree.map(jnp.shape, ref)  # the module's own layout
     close(got, ref)
@@ -443,8 +475,15 @@ def test_engine_trains_an_nnx_model_as_a_sequential_loop():
 
   x, y = images(N_TRAIN, (3, 4), 3, seed=1)
   cfg = sweep.SweepConfig(
-    model=NnxNet, data=sweep.data.arrays(x, y, x[:32], y[:32]), optimizer='adam',
-    learning_rate=[1e-3, 1e-2], batch_size=32, epochs=3, num_evals=3, keep_best=True, shuffle=False,
+    model=NnxNet,
+    data=sweep.data.arrays(x, y, x[:32], y[:32]),
+    optimizer='adam',
+    learning_rate=[1e-3, 1e-2],
+    batch_size=32,
+    epochs=3,
+    num_evals=3,
+    keep_best=True,
+    shuffle=False,
   )
   result = sweep.run(cfg, progress=False)
   # Every kernel was held transposed during the segments ...
@@ -468,8 +507,14 @@ class DenseNet(nn.Module):
 def test_any_run_axis_width_gives_the_same_numbers():
   x, y = images(N_TRAIN, (10,), 3, seed=2)
   data = sweep.data.arrays(x, y, x[:32], y[:32])
-  cfg = sweep.SweepConfig(model=DenseNet(), data=data, learning_rate=list(np.geomspace(1e-3, 1e-1, 8)),
-                          batch_size=16, epochs=1, num_evals=2)
+  cfg = sweep.SweepConfig(
+    model=DenseNet(),
+    data=data,
+    learning_rate=list(np.geomspace(1e-3, 1e-1, 8)),
+    batch_size=16,
+    epochs=1,
+    num_evals=2,
+  )
   plan = sweep.config.validate(cfg)
   model = engine.model_of(cfg, plan.output_dim)
   eval_chunk = min(cfg.eval_batch_size, N_TRAIN)  # as sweep.run picks it
@@ -480,7 +525,9 @@ def test_any_run_axis_width_gives_the_same_numbers():
     widths[result.config['run_axis']['adam']['width']] = result
   assert sorted(widths) == [2, 8]
   wide, narrow = widths[8], widths[2]
-  assert narrow.config['run_axis']['adam']['chunks'] == 4  # the later ones reuse the initial metrics
+  assert (
+    narrow.config['run_axis']['adam']['chunks'] == 4
+  )  # the later ones reuse the initial metrics
   columns = ['final_val_loss', 'final_train_loss', 'best_val_loss', 'updates']
   np.testing.assert_allclose(narrow.table[columns], wide.table[columns], rtol=1e-6)
   numeric = [c for c in wide.curves.columns if np.issubdtype(wide.curves[c].dtype, np.number)]
@@ -517,11 +564,16 @@ def test_the_step_flops_count_products_forward_and_backward():
 
 def raw_init(key):
   k1, k2 = jax.random.split(key)
-  return {'k': jax.random.normal(k1, (3, 3, 1, 4)) * 0.3, 'w': jax.random.normal(k2, (144, 3)) * 0.1}
+  return {
+    'k': jax.random.normal(k1, (3, 3, 1, 4)) * 0.3,
+    'w': jax.random.normal(k2, (144, 3)) * 0.1,
+  }
 
 
 def raw_apply(p, x):
-  h = jax.lax.conv_general_dilated(x, p['k'], (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  h = jax.lax.conv_general_dilated(
+    x, p['k'], (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC')
+  )
   return jnp.tanh(h).reshape(x.shape[0], -1) @ p['w']
 
 
@@ -536,8 +588,12 @@ def slow_warnings(model, data):
 
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter('always')
-    sweep.run(sweep.SweepConfig(model=model, data=data, learning_rate=[1e-3, 1e-2], batch_size=16,
-                                updates=2), progress=False)
+    sweep.run(
+      sweep.SweepConfig(
+        model=model, data=data, learning_rate=[1e-3, 1e-2], batch_size=16, updates=2
+      ),
+      progress=False,
+    )
   return [str(w.message) for w in caught if issubclass(w.category, layers.SlowLayerWarning)]
 
 
@@ -549,7 +605,12 @@ def test_layers_that_stay_slow_are_named_once():
   first = slow_warnings(model, data)
   assert len(first) == 2, first
   conv, dense = sorted(first)
-  assert 'raw_apply' in conv and 'convolution' in conv and 'flax.linen.Conv' in conv and 'x slower' in conv
+  assert (
+    'raw_apply' in conv
+    and 'convolution' in conv
+    and 'flax.linen.Conv' in conv
+    and 'x slower' in conv
+  )
   assert 'raw_apply' in dense and '(inputs, outputs)' in dense and 'flax.linen.Dense' in dense
   assert slow_warnings(model, data) == []  # once
   assert slow_warnings(FlaxCNN(), data) == []  # flax's own layers are fast

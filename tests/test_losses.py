@@ -59,21 +59,21 @@ def _data(kind: str, shape: tuple, seed: int):
   """Predictions (float32, scaled so both huber regimes occur) and targets."""
   rng = np.random.default_rng(seed)
   pred = (2.0 * rng.normal(size=shape)).astype(np.float32)
-  if kind == "real":
+  if kind == 'real':
     y = (2.0 * rng.normal(size=shape)).astype(np.float32)
-  elif kind == "binary_float":
+  elif kind == 'binary_float':
     y = rng.integers(0, 2, size=shape).astype(np.float32)
-  elif kind == "binary_int":
+  elif kind == 'binary_int':
     y = rng.integers(0, 2, size=shape).astype(np.int32)
-  elif kind == "prob":
+  elif kind == 'prob':
     y = rng.uniform(size=shape).astype(np.float32)
-  elif kind == "pm1":
+  elif kind == 'pm1':
     y = rng.choice(np.array([-1, 1], np.int32), size=shape)
-  elif kind == "class_ids":
+  elif kind == 'class_ids':
     y = rng.integers(0, shape[-1], size=shape[:-1]).astype(np.int32)
-  elif kind == "one_hot":
+  elif kind == 'one_hot':
     y = np.eye(shape[-1], dtype=np.float32)[rng.integers(0, shape[-1], size=shape[:-1])]
-  elif kind == "soft":
+  elif kind == 'soft':
     y = rng.dirichlet(np.ones(shape[-1]), size=shape[:-1]).astype(np.float32)
   else:
     raise AssertionError(kind)
@@ -81,30 +81,30 @@ def _data(kind: str, shape: tuple, seed: int):
 
 
 LOSS_CASES = [
-  ("mse", ref_mse, "real", (BATCH,)),
-  ("mse", ref_mse, "real", (BATCH, 3)),
-  ("mse", ref_mse, "real", (BATCH, 2, 4)),
-  ("l1", ref_l1, "real", (BATCH,)),
-  ("l1", ref_l1, "real", (BATCH, 3)),
-  ("huber", ref_huber, "real", (BATCH,)),
-  ("huber", ref_huber, "real", (BATCH, 2, 4)),
-  ("sigmoid_binary_cross_entropy", ref_sigmoid_bce, "binary_float", (BATCH,)),
-  ("sigmoid_binary_cross_entropy", ref_sigmoid_bce, "binary_int", (BATCH, 5)),
-  ("sigmoid_binary_cross_entropy", ref_sigmoid_bce, "prob", (BATCH, 2, 3)),
-  ("hinge", ref_hinge, "pm1", (BATCH,)),
-  ("hinge", ref_hinge, "binary_int", (BATCH, 4)),
-  ("hinge", ref_hinge, "binary_float", (BATCH, 4)),
-  ("softmax_cross_entropy", ref_softmax_ce, "class_ids", (BATCH, 10)),
-  ("softmax_cross_entropy", ref_softmax_ce, "one_hot", (BATCH, 10)),
-  ("softmax_cross_entropy", ref_softmax_ce, "soft", (BATCH, 4)),
-  ("softmax_cross_entropy", ref_softmax_ce, "one_hot", (BATCH, 3, 5)),
+  ('mse', ref_mse, 'real', (BATCH,)),
+  ('mse', ref_mse, 'real', (BATCH, 3)),
+  ('mse', ref_mse, 'real', (BATCH, 2, 4)),
+  ('l1', ref_l1, 'real', (BATCH,)),
+  ('l1', ref_l1, 'real', (BATCH, 3)),
+  ('huber', ref_huber, 'real', (BATCH,)),
+  ('huber', ref_huber, 'real', (BATCH, 2, 4)),
+  ('sigmoid_binary_cross_entropy', ref_sigmoid_bce, 'binary_float', (BATCH,)),
+  ('sigmoid_binary_cross_entropy', ref_sigmoid_bce, 'binary_int', (BATCH, 5)),
+  ('sigmoid_binary_cross_entropy', ref_sigmoid_bce, 'prob', (BATCH, 2, 3)),
+  ('hinge', ref_hinge, 'pm1', (BATCH,)),
+  ('hinge', ref_hinge, 'binary_int', (BATCH, 4)),
+  ('hinge', ref_hinge, 'binary_float', (BATCH, 4)),
+  ('softmax_cross_entropy', ref_softmax_ce, 'class_ids', (BATCH, 10)),
+  ('softmax_cross_entropy', ref_softmax_ce, 'one_hot', (BATCH, 10)),
+  ('softmax_cross_entropy', ref_softmax_ce, 'soft', (BATCH, 4)),
+  ('softmax_cross_entropy', ref_softmax_ce, 'one_hot', (BATCH, 3, 5)),
 ]
 
 
-@pytest.mark.parametrize("name,reference,kind,shape", LOSS_CASES)
+@pytest.mark.parametrize('name,reference,kind,shape', LOSS_CASES)
 def test_loss_matches_float64_reference(name, reference, kind, shape):
   pred, y = _data(kind, shape, seed=len(name) + len(shape))
-  expected = reference(pred.astype(np.float64), y if y.dtype.kind == "i" else y.astype(np.float64))
+  expected = reference(pred.astype(np.float64), y if y.dtype.kind == 'i' else y.astype(np.float64))
   # Under jit, as the trainer calls it: the label dtype must pick the branch
   # at trace time.
   actual = np.asarray(jax.jit(LOSSES[name])(pred, y))
@@ -114,15 +114,15 @@ def test_loss_matches_float64_reference(name, reference, kind, shape):
 
 def test_loss_table_and_names():
   assert set(LOSSES) == {
-    "mse",
-    "softmax_cross_entropy",
-    "sigmoid_binary_cross_entropy",
-    "huber",
-    "l1",
-    "hinge",
+    'mse',
+    'softmax_cross_entropy',
+    'sigmoid_binary_cross_entropy',
+    'huber',
+    'l1',
+    'hinge',
   }
-  assert CLASSIFICATION == {"softmax_cross_entropy", "sigmoid_binary_cross_entropy", "hinge"}
-  assert LOSSES["mse"] is losses.mse
+  assert CLASSIFICATION == {'softmax_cross_entropy', 'sigmoid_binary_cross_entropy', 'hinge'}
+  assert LOSSES['mse'] is losses.mse
 
 
 def test_mse_has_no_half_factor():
@@ -143,16 +143,16 @@ def ref_correct_hinge(s, y):
 
 
 CORRECT_CASES = [
-  ("softmax_cross_entropy", ref_correct_softmax, "class_ids", (BATCH, 3)),
-  ("softmax_cross_entropy", ref_correct_softmax, "one_hot", (BATCH, 3)),
-  ("sigmoid_binary_cross_entropy", ref_correct_sigmoid, "binary_float", (BATCH,)),
-  ("sigmoid_binary_cross_entropy", ref_correct_sigmoid, "binary_int", (BATCH, 4)),
-  ("hinge", ref_correct_hinge, "pm1", (BATCH,)),
-  ("hinge", ref_correct_hinge, "binary_int", (BATCH, 4)),
+  ('softmax_cross_entropy', ref_correct_softmax, 'class_ids', (BATCH, 3)),
+  ('softmax_cross_entropy', ref_correct_softmax, 'one_hot', (BATCH, 3)),
+  ('sigmoid_binary_cross_entropy', ref_correct_sigmoid, 'binary_float', (BATCH,)),
+  ('sigmoid_binary_cross_entropy', ref_correct_sigmoid, 'binary_int', (BATCH, 4)),
+  ('hinge', ref_correct_hinge, 'pm1', (BATCH,)),
+  ('hinge', ref_correct_hinge, 'binary_int', (BATCH, 4)),
 ]
 
 
-@pytest.mark.parametrize("name,reference,kind,shape", CORRECT_CASES)
+@pytest.mark.parametrize('name,reference,kind,shape', CORRECT_CASES)
 def test_correct_matches_reference(name, reference, kind, shape):
   # Several seeds so that both hits and misses occur for every case.
   jitted = jax.jit(correct, static_argnums=0)
@@ -168,58 +168,58 @@ def test_correct_edge_values():
   # A zero score has sign 0 and so is wrong for either hinge label.
   scores = jnp.array([0.0, 0.5, -0.5, 2.0])
   labels = jnp.array([1, 0, 0, -1])
-  np.testing.assert_array_equal(correct("hinge", scores, labels), [0.0, 0.0, 1.0, 0.0])
+  np.testing.assert_array_equal(correct('hinge', scores, labels), [0.0, 0.0, 1.0, 0.0])
   # A zero logit predicts class 0, and label 0.5 counts as class 0.
   logits = jnp.array([0.0, 0.0, 0.1])
   targets = jnp.array([0.0, 0.5, 1.0])
   np.testing.assert_array_equal(
-    correct("sigmoid_binary_cross_entropy", logits, targets), [1.0, 1.0, 1.0]
+    correct('sigmoid_binary_cross_entropy', logits, targets), [1.0, 1.0, 1.0]
   )
 
 
-@pytest.mark.parametrize("name", ["mse", "huber", "l1"])
+@pytest.mark.parametrize('name', ['mse', 'huber', 'l1'])
 def test_correct_is_none_for_regression(name):
   assert correct(name, jnp.zeros((2, 1)), jnp.zeros((2, 1))) is None
 
 
 def test_correct_rejects_unknown_loss():
-  with pytest.raises(ValueError, match="unknown loss"):
-    correct("focal", jnp.zeros((2, 1)), jnp.zeros((2, 1)))
+  with pytest.raises(ValueError, match='unknown loss'):
+    correct('focal', jnp.zeros((2, 1)), jnp.zeros((2, 1)))
 
 
 def test_check_shapes_message_for_integer_labels():
-  assert check_shapes("softmax_cross_entropy", (32, 10, 1), (32,), True) == (
-    "softmax_cross_entropy with integer labels needs predictions of shape (batch, num_classes) "
-    "for labels (batch,), or (batch, T, num_classes) for sequences of ids (batch, T); "
-    "got predictions (32, 10, 1) and labels (32,)"
+  assert check_shapes('softmax_cross_entropy', (32, 10, 1), (32,), True) == (
+    'softmax_cross_entropy with integer labels needs predictions of shape (batch, num_classes) '
+    'for labels (batch,), or (batch, T, num_classes) for sequences of ids (batch, T); '
+    'got predictions (32, 10, 1) and labels (32,)'
   )
   # Sequences of ids: one class axis more than the labels.
-  assert check_shapes("softmax_cross_entropy", (32, 7, 10), (32, 7), True) is None
+  assert check_shapes('softmax_cross_entropy', (32, 7, 10), (32, 7), True) is None
 
 
 @pytest.mark.parametrize(
-  "name,pred_shape,target_shape,is_integer,fragments",
+  'name,pred_shape,target_shape,is_integer,fragments',
   [
     # Fitting shapes.
-    ("softmax_cross_entropy", (32, 10), (32,), True, None),
-    ("softmax_cross_entropy", (32, 10), (32, 10), False, None),
-    ("softmax_cross_entropy", (32, 4, 10), (32, 4, 10), False, None),
-    ("mse", (32,), (32,), False, None),
-    ("mse", (32, 3), (32, 3), False, None),
-    ("sigmoid_binary_cross_entropy", (32, 1), (32, 1), True, None),
-    ("hinge", (32,), (32,), True, None),
-    ("l1", (32, 2, 2), (32, 2, 2), False, None),
+    ('softmax_cross_entropy', (32, 10), (32,), True, None),
+    ('softmax_cross_entropy', (32, 10), (32, 10), False, None),
+    ('softmax_cross_entropy', (32, 4, 10), (32, 4, 10), False, None),
+    ('mse', (32,), (32,), False, None),
+    ('mse', (32, 3), (32, 3), False, None),
+    ('sigmoid_binary_cross_entropy', (32, 1), (32, 1), True, None),
+    ('hinge', (32,), (32,), True, None),
+    ('l1', (32, 2, 2), (32, 2, 2), False, None),
     # Mismatches.
-    ("softmax_cross_entropy", (32, 10), (32, 1), True, ["integer labels", "(32, 10)", "(32, 1)"]),
-    ("softmax_cross_entropy", (32, 10), (16,), True, ["(batch,)", "(16,)"]),
-    ("softmax_cross_entropy", (32,), (32,), True, ["(batch, num_classes)", "(32,)"]),
-    ("softmax_cross_entropy", (32, 10), (32, 9), False, ["same shape", "(32, 9)"]),
-    ("softmax_cross_entropy", (32,), (32,), False, ["num_classes", "(32,)"]),
-    ("mse", (32, 1), (32,), False, ["mse", "same shape", "(32, 1)", "(32,)"]),
-    ("huber", (32,), (16,), False, ["huber", "(16,)"]),
-    ("sigmoid_binary_cross_entropy", (32, 1), (32,), True, ["sigmoid_binary_cross_entropy"]),
-    ("hinge", (32, 2), (32, 1), False, ["hinge", "(32, 2)", "(32, 1)"]),
-    ("focal", (32,), (32,), False, ["unknown loss", "mse"]),
+    ('softmax_cross_entropy', (32, 10), (32, 1), True, ['integer labels', '(32, 10)', '(32, 1)']),
+    ('softmax_cross_entropy', (32, 10), (16,), True, ['(batch,)', '(16,)']),
+    ('softmax_cross_entropy', (32,), (32,), True, ['(batch, num_classes)', '(32,)']),
+    ('softmax_cross_entropy', (32, 10), (32, 9), False, ['same shape', '(32, 9)']),
+    ('softmax_cross_entropy', (32,), (32,), False, ['num_classes', '(32,)']),
+    ('mse', (32, 1), (32,), False, ['mse', 'same shape', '(32, 1)', '(32,)']),
+    ('huber', (32,), (16,), False, ['huber', '(16,)']),
+    ('sigmoid_binary_cross_entropy', (32, 1), (32,), True, ['sigmoid_binary_cross_entropy']),
+    ('hinge', (32, 2), (32, 1), False, ['hinge', '(32, 2)', '(32, 1)']),
+    ('focal', (32,), (32,), False, ['unknown loss', 'mse']),
   ],
 )
 def test_check_shapes(name, pred_shape, target_shape, is_integer, fragments):
@@ -233,24 +233,24 @@ def test_check_shapes(name, pred_shape, target_shape, is_integer, fragments):
 
 
 @pytest.mark.parametrize(
-  "name,y,num_outputs,fragments",
+  'name,y,num_outputs,fragments',
   [
-    ("softmax_cross_entropy", np.array([0, 3, 9]), 10, None),
-    ("softmax_cross_entropy", np.array([0, 3, 10]), 10, ["0..9", "1 labels", "0 to 10"]),
-    ("softmax_cross_entropy", np.array([-1, 2]), 3, ["0..2", "-1 to 2"]),
+    ('softmax_cross_entropy', np.array([0, 3, 9]), 10, None),
+    ('softmax_cross_entropy', np.array([0, 3, 10]), 10, ['0..9', '1 labels', '0 to 10']),
+    ('softmax_cross_entropy', np.array([-1, 2]), 3, ['0..2', '-1 to 2']),
     # Probability targets have no class-id range to check.
-    ("softmax_cross_entropy", np.eye(3, dtype=np.float32), 3, None),
-    ("sigmoid_binary_cross_entropy", np.array([0.0, 0.3, 1.0]), 1, None),
-    ("sigmoid_binary_cross_entropy", np.array([0, 1]), 1, None),
-    ("sigmoid_binary_cross_entropy", np.array([0.0, 2.0, -1.0]), 1, ["[0, 1]", "2 labels"]),
-    ("sigmoid_binary_cross_entropy", np.array([0.0, np.nan]), 1, ["[0, 1]"]),
-    ("hinge", np.array([-1, 1, 0, 1]), 1, None),
-    ("hinge", np.array([-1.0, 1.0]), 1, None),
-    ("hinge", np.array([-1, 2, 3, 2]), 1, ["{-1, 0, 1}", "3 labels", "[2, 3]"]),
-    ("hinge", np.array([0.5, 1.0]), 1, ["{-1, 0, 1}", "[0.5]"]),
-    ("mse", np.array([-100.0, 1e6]), 1, None),
-    ("softmax_cross_entropy", np.zeros((0,), np.int32), 3, None),
-    ("focal", np.array([0]), 1, ["unknown loss"]),
+    ('softmax_cross_entropy', np.eye(3, dtype=np.float32), 3, None),
+    ('sigmoid_binary_cross_entropy', np.array([0.0, 0.3, 1.0]), 1, None),
+    ('sigmoid_binary_cross_entropy', np.array([0, 1]), 1, None),
+    ('sigmoid_binary_cross_entropy', np.array([0.0, 2.0, -1.0]), 1, ['[0, 1]', '2 labels']),
+    ('sigmoid_binary_cross_entropy', np.array([0.0, np.nan]), 1, ['[0, 1]']),
+    ('hinge', np.array([-1, 1, 0, 1]), 1, None),
+    ('hinge', np.array([-1.0, 1.0]), 1, None),
+    ('hinge', np.array([-1, 2, 3, 2]), 1, ['{-1, 0, 1}', '3 labels', '[2, 3]']),
+    ('hinge', np.array([0.5, 1.0]), 1, ['{-1, 0, 1}', '[0.5]']),
+    ('mse', np.array([-100.0, 1e6]), 1, None),
+    ('softmax_cross_entropy', np.zeros((0,), np.int32), 3, None),
+    ('focal', np.array([0]), 1, ['unknown loss']),
   ],
 )
 def test_check_labels(name, y, num_outputs, fragments):

@@ -25,12 +25,16 @@ SCALES = np.geomspace(0.2, 5.0, DIM).astype(np.float32)  # curvatures 0.04 .. 25
 
 
 def regression(seed: int, n_train: int = 1024, outputs: int = 1) -> data.Dataset:
-  base = data.synthetic_regression(n_train=n_train, n_val=128, dim=DIM, outputs=outputs, noise=0.1, seed=seed)
+  base = data.synthetic_regression(
+    n_train=n_train, n_val=128, dim=DIM, outputs=outputs, noise=0.1, seed=seed
+  )
   return data.arrays(base.x_train * SCALES, base.y_train, base.x_val * SCALES, base.y_val)
 
 
 def config(ds: data.Dataset, **changes) -> sweep.SweepConfig:
-  cfg = sweep.SweepConfig(model=models.linear(), data=ds, loss='mse', optimizer='sgd', batch_size=64, seed=0)
+  cfg = sweep.SweepConfig(
+    model=models.linear(), data=ds, loss='mse', optimizer='sgd', batch_size=64, seed=0
+  )
   return cfg.replace(**changes)
 
 
@@ -43,8 +47,14 @@ def test_limit_is_the_engines_full_batch_limit(outputs):
   full-batch gradient descent converges just below the limit and diverges just above."""
   ds = regression(0, n_train=256, outputs=outputs)
   limit = outputs * data.lstsq_max_stable_lr(ds.x_train)
-  cfg = config(ds, batch_size=256, learning_rate=[0.9 * limit, 1.1 * limit], updates=300, epochs=None,
-               num_evals=1)
+  cfg = config(
+    ds,
+    batch_size=256,
+    learning_rate=[0.9 * limit, 1.1 * limit],
+    updates=300,
+    epochs=None,
+    num_evals=1,
+  )
   table = sweep.run(cfg, progress=False).table.sort_values('learning_rate')
   assert table['status'].tolist() == ['ok', 'diverged']
   # Below the limit it converged to the noise level (0.1^2), not merely stayed finite.
@@ -87,8 +97,12 @@ def _reference_ramp(cfg, start_lr, end_lr, num_it, beta=0.98):
   avg, best = 0.0, math.inf
   for i in range(num_it):
     epoch, j = divmod(i, n // batch)
-    order = np.asarray(jax.random.permutation(jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), 1), epoch), n))
-    idx = order[j * batch:(j + 1) * batch]
+    order = np.asarray(
+      jax.random.permutation(
+        jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), 1), epoch), n
+      )
+    )
+    idx = order[j * batch : (j + 1) * batch]
     lr = start_lr * (end_lr / start_lr) ** (i / (num_it - 1))
     loss, grads = loss_and_grad(params, ds.x_train[idx], ds.y_train[idx])
     params = jax.tree.map(lambda p, g, lr=lr: p - np.float32(lr) * g, params, grads)
@@ -121,9 +135,13 @@ def test_ramp_is_the_plain_loop_and_stops_at_divergence():
 
 def test_ramp_uses_the_first_value_of_each_axis():
   ds = regression(4, n_train=256)
-  cfg = config(ds, batch_size=[48, 16], seed=[3, 0], learning_rate=[1e-3, 1e-2], schedule=['cosine', 'linear'])
+  cfg = config(
+    ds, batch_size=[48, 16], seed=[3, 0], learning_rate=[1e-3, 1e-2], schedule=['cosine', 'linear']
+  )
   a = lr_find(cfg, method='ramp', start_lr=1e-4, end_lr=1.0, num_it=20)
-  b = lr_find(config(ds, batch_size=48, seed=3), method='ramp', start_lr=1e-4, end_lr=1.0, num_it=20)
+  b = lr_find(
+    config(ds, batch_size=48, seed=3), method='ramp', start_lr=1e-4, end_lr=1.0, num_it=20
+  )
   np.testing.assert_array_equal(a.raw_losses, b.raw_losses)
 
 
@@ -137,19 +155,25 @@ def test_grid_trains_the_first_run_at_every_rate():
   table = res.result.table
   assert len(table) == 12
   assert set(table['batch_size']) == {32} and set(table['seed']) == {2}
-  assert set(table['schedule']) == {'constant'} and set(table['updates'][table.status == 'ok']) == {20}
+  assert set(table['schedule']) == {'constant'} and set(table['updates'][table.status == 'ok']) == {
+    20
+  }
   np.testing.assert_allclose(res.lrs, np.geomspace(1e-4, 10.0, 12), rtol=1e-6)
   # Rates far above the limit diverge and read +inf; the rest are the table's train losses.
   diverged = (table.sort_values('learning_rate')['status'] == 'diverged').to_numpy()
   assert diverged.any() and not diverged.all()
   assert np.all(np.isinf(res.losses[diverged])) and np.all(np.isfinite(res.losses[~diverged]))
   # The fitted curve covers the rates before the first divergence.
-  assert res.curve_lrs[0] == pytest.approx(1e-4) and res.curve_lrs[-1] < res.lrs[np.argmax(diverged)]
+  assert (
+    res.curve_lrs[0] == pytest.approx(1e-4) and res.curve_lrs[-1] < res.lrs[np.argmax(diverged)]
+  )
 
 
 def test_grid_all_diverged_gives_nan():
   ds = regression(5, n_train=256)
-  res = lr_find(config(ds, batch_size=32), method='grid', start_lr=100.0, end_lr=1000.0, num_it=12, budget=20)
+  res = lr_find(
+    config(ds, batch_size=32), method='grid', start_lr=100.0, end_lr=1000.0, num_it=12, budget=20
+  )
   assert np.all(np.isinf(res.losses))
   assert all(math.isnan(v) for v in res.suggestions.values())
 
@@ -176,7 +200,9 @@ def test_rules_on_a_known_curve():
 # ---------------------------------------------------------------- arguments ----
 
 
-@pytest.mark.parametrize('kwargs, field', [
+@pytest.mark.parametrize(
+  'kwargs, field',
+  [
     ({'start_lr': 1.0, 'end_lr': 1.0}, 'start_lr'),
     ({'start_lr': 2.0, 'end_lr': 1.0}, 'start_lr'),
     ({'start_lr': 0.0}, 'start_lr'),
@@ -189,7 +215,8 @@ def test_rules_on_a_known_curve():
     ({'budget': 0}, 'budget'),
     ({'beta': 1.0}, 'beta'),
     ({'stop_factor': 1.0}, 'stop_factor'),
-])
+  ],
+)
 def test_bad_arguments_are_config_errors(kwargs, field):
   with pytest.raises(ConfigError, match=f'^{field}='):
     lr_find(config(regression(0, n_train=64)), **kwargs)
@@ -208,13 +235,16 @@ def test_plot_opens_no_window():
 
   before = plt.get_fignums()
   res = LRFinderResult(
-      lrs=np.geomspace(1e-3, 1.0, 5), losses=np.array([1.0, 0.8, 0.5, 0.7, np.inf]), suggestion=0.01,
-      suggestions={'valley': 0.01, 'steep': 0.003, 'minimum': 0.003}, method='grid',
-      curve_lrs=np.geomspace(1e-3, 0.2, 9), curve_losses=np.linspace(1.0, 0.6, 9),
+    lrs=np.geomspace(1e-3, 1.0, 5),
+    losses=np.array([1.0, 0.8, 0.5, 0.7, np.inf]),
+    suggestion=0.01,
+    suggestions={'valley': 0.01, 'steep': 0.003, 'minimum': 0.003},
+    method='grid',
+    curve_lrs=np.geomspace(1e-3, 0.2, 9),
+    curve_losses=np.linspace(1.0, 0.6, 9),
   )
   ax = res.plot()
   assert ax.get_xscale() == 'log'
   assert plt.get_fignums() == before
   assert any('valley' in t.get_text() for t in ax.get_legend().get_texts())
   ax.figure.canvas.draw()  # renders with Agg
-

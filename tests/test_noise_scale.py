@@ -9,14 +9,24 @@ def test_measured_gradient_norms_match_their_exact_expectations():
   data = sweep.data.synthetic_regression(n_train=1024, n_val=64, dim=8, noise=0.5, seed=3)
   batch, n = 64, data.n_train
   cfg = sweep.SweepConfig(
-      model=sweep.models.linear(), data=data, loss='mse', optimizer='sgd',
-      learning_rate=1e-12,  # the parameters stay where they start: one point, many batches
-      batch_size=batch, seed=0, epochs=16, num_evals=1, noise_scale=True,
+    model=sweep.models.linear(),
+    data=data,
+    loss='mse',
+    optimizer='sgd',
+    learning_rate=1e-12,  # the parameters stay where they start: one point, many batches
+    batch_size=batch,
+    seed=0,
+    epochs=16,
+    num_evals=1,
+    noise_scale=True,
   )
   result = sweep.run(cfg, progress=False)
   p = result.params(0)
   p = p['params'] if 'params' in p else p
-  w, b = np.asarray(p['Dense_0']['weight'], np.float64).T, np.asarray(p['Dense_0']['bias'], np.float64)
+  w, b = (
+    np.asarray(p['Dense_0']['weight'], np.float64).T,
+    np.asarray(p['Dense_0']['bias'], np.float64),
+  )
   x, y = data.x_train.astype(np.float64), data.y_train.astype(np.float64)
   r = y - (x @ w + b)  # (n, 1)
   per_example = np.concatenate([-2 * r * x, -2 * r], axis=1)  # d/d(w, b) of (y - f)^2

@@ -60,12 +60,18 @@ def problems(draw, max_rows=30, max_objectives=3):
   n = draw(st.integers(0, max_rows))
   k = draw(st.integers(1, max_objectives))
   high = draw(st.sampled_from([1, 2, 4, 10, 1000]))
-  cell = st.one_of(
+  cell = (
+    st.one_of(
       st.integers(-high, high).map(float),
       st.sampled_from([math.nan, math.inf, -math.inf, -0.0]),
-  ) if draw(st.booleans()) else st.integers(-high, high).map(float)
+    )
+    if draw(st.booleans())
+    else st.integers(-high, high).map(float)
+  )
   rows = [tuple(draw(cell) for _ in range(k)) for _ in range(n)]
-  valid = draw(st.lists(st.booleans(), min_size=n, max_size=n)) if draw(st.booleans()) else [True] * n
+  valid = (
+    draw(st.lists(st.booleans(), min_size=n, max_size=n)) if draw(st.booleans()) else [True] * n
+  )
   senses = draw(st.lists(st.sampled_from(['min', 'max']), min_size=k, max_size=k))
   return rows, valid, senses
 
@@ -95,7 +101,9 @@ def test_blocked_and_sweep_agree_with_brute_force_for_every_k(problem, block):
     rows = [r + (0.0,) for r in rows]
     k = 2
   keep = [i for i, r in enumerate(rows) if valid[i] and not any(math.isnan(v) for v in r)]
-  points = sorted({tuple(-v if s == 'max' else v for v, s in zip(rows[i], senses, strict=True)) for i in keep})
+  points = sorted(
+    {tuple(-v if s == 'max' else v for v, s in zip(rows[i], senses, strict=True)) for i in keep}
+  )
   expected = brute_ranks(points, [True] * len(points), ['min'] * k)
   array = np.array(points, dtype=np.float64).reshape(len(points), k)
   assert pareto._ranks_blocked(array, block).tolist() == expected
@@ -109,7 +117,9 @@ def test_annotate_matches_pareto_ranks(problem):
   rows, valid, senses = problem
   k = len(senses)
   columns = [f'm{j}' for j in range(k)]
-  table = pd.DataFrame(as_array(rows, k), columns=columns, index=[10 * i + 3 for i in range(len(rows))])
+  table = pd.DataFrame(
+    as_array(rows, k), columns=columns, index=[10 * i + 3 for i in range(len(rows))]
+  )
   table['status'] = ['ok' if v else 'diverged' for v in valid]
   table['name'] = [f'run{i}' for i in range(len(rows))]
   out = pareto.annotate(table, dict(zip(columns, senses, strict=True)))
@@ -131,18 +141,24 @@ def test_max_is_min_of_the_negated_column(problem):
   values = as_array(rows, k)
   flip = np.array([-1.0 if s == 'max' else 1.0 for s in senses])
   mask = np.array(valid, dtype=bool)
-  assert (pareto.pareto_ranks(values, senses, mask).tolist()
-          == pareto.pareto_ranks(values * flip, ['min'] * k, mask).tolist())
+  assert (
+    pareto.pareto_ranks(values, senses, mask).tolist()
+    == pareto.pareto_ranks(values * flip, ['min'] * k, mask).tolist()
+  )
   flipped = ['min' if s == 'max' else 'max' for s in senses]
-  assert (pareto.pareto_ranks(values, senses, mask).tolist()
-          == pareto.pareto_ranks(-values, flipped, mask).tolist())
+  assert (
+    pareto.pareto_ranks(values, senses, mask).tolist()
+    == pareto.pareto_ranks(-values, flipped, mask).tolist()
+  )
 
 
 @SETTINGS
 @given(problems(max_objectives=1), st.sampled_from(['min', 'max']))
 def test_single_objective_front_is_every_row_tied_at_the_best(problem, sense):
   rows, valid, _ = problem
-  table = pd.DataFrame({'loss': [r[0] for r in rows], 'status': ['ok' if v else 'diverged' for v in valid]})
+  table = pd.DataFrame(
+    {'loss': [r[0] for r in rows], 'status': ['ok' if v else 'diverged' for v in valid]}
+  )
   out = pareto.annotate(table, {'loss': sense})
   usable = table[(table.status == 'ok') & table.loss.notna()]
   if usable.empty:
@@ -190,15 +206,19 @@ def test_identical_rows_share_a_rank_and_all_invalid_gives_minus_one():
 def test_valid_column_none_uses_every_row_and_valid_value_is_configurable():
   table = pd.DataFrame({'a': [1.0, 2.0, 0.5], 'keep': [1, 1, 0]})
   assert pareto.annotate(table, {'a': 'min'}, valid_column=None).pareto_rank.tolist() == [1, 2, 0]
-  assert pareto.annotate(table, {'a': 'min'}, valid_column='keep', valid_value=1).pareto_rank.tolist() == [0, 1, -1]
+  assert pareto.annotate(
+    table, {'a': 'min'}, valid_column='keep', valid_value=1
+  ).pareto_rank.tolist() == [0, 1, -1]
 
 
 def test_nullable_and_bool_columns_are_numeric():
-  table = pd.DataFrame({
+  table = pd.DataFrame(
+    {
       'loss': pd.array([0.5, None, 0.1], dtype='Float64'),
       'converged': [True, True, False],
       'status': ['ok', 'ok', 'ok'],
-  })
+    }
+  )
   out = pareto.annotate(table, {'loss': 'min', 'converged': 'max'})
   assert out.pareto_rank.tolist() == [0, -1, 0]
 

@@ -36,15 +36,15 @@ ALWAYS = ('heatmap', 'curves', 'pareto', 'batch_size')  # the figures the digits
 @pytest.fixture(scope='module')
 def digits_sweep(tmp_path_factory):
   cfg = sweep.SweepConfig(
-      name='report_digits',
-      model=sweep.models.mlp(hidden=(8,)),
-      data=sweep.data.digits(),
-      optimizer='adam',
-      learning_rate=LEARNING_RATES,
-      batch_size=BATCH_SIZES,
-      seed=SEEDS,
-      epochs=3,
-      num_evals=3,
+    name='report_digits',
+    model=sweep.models.mlp(hidden=(8,)),
+    data=sweep.data.digits(),
+    optimizer='adam',
+    learning_rate=LEARNING_RATES,
+    batch_size=BATCH_SIZES,
+    seed=SEEDS,
+    epochs=3,
+    num_evals=3,
   )
   result = sweep.run(cfg, progress=False)
   workdir = str(tmp_path_factory.mktemp('digits'))
@@ -60,15 +60,25 @@ def fake_lr_finder() -> LRFinderResult:
   losses[-2:] = np.inf
   finite = np.isfinite(losses)
   suggestions = {name: rule(lrs[finite], losses[finite]) for name, rule in RULES.items()}
-  return LRFinderResult(lrs=lrs, losses=losses, suggestion=suggestions['valley'], suggestions=suggestions,
-                        method='grid', suggest='valley', raw_losses=losses.copy())
+  return LRFinderResult(
+    lrs=lrs,
+    losses=losses,
+    suggestion=suggestions['valley'],
+    suggestions=suggestions,
+    method='grid',
+    suggest='valley',
+    raw_losses=losses.copy(),
+  )
 
 
 def check_png(path: str) -> None:
   with open(path, 'rb') as f:
     assert f.read(8) == PNG_MAGIC, path
   pixels = mimage.imread(path)
-  assert pixels.ndim == 3 and pixels.shape[0] >= 250 and pixels.shape[1] >= 400, (path, pixels.shape)
+  assert pixels.ndim == 3 and pixels.shape[0] >= 250 and pixels.shape[1] >= 400, (
+    path,
+    pixels.shape,
+  )
   assert pixels.std() > 0.05, f'{path} looks blank'
 
 
@@ -97,7 +107,9 @@ def read(path: str) -> str:
 
 def test_report_from_a_result(digits_sweep):
   result, workdir = digits_sweep
-  assert (result.table.status == 'diverged').sum() == len(BATCH_SIZES) * len(SEEDS)  # every lr=30 run
+  assert (result.table.status == 'diverged').sum() == len(BATCH_SIZES) * len(
+    SEEDS
+  )  # every lr=30 run
   found = fake_lr_finder()
   path = report.write_report(workdir, result, lr_finder=found)
 
@@ -167,14 +179,14 @@ def test_report_from_the_workdir_alone(digits_sweep):
 
 def test_regression_without_validation_and_one_batch_size(tmp_path):
   cfg = sweep.SweepConfig(
-      name='report_regression',
-      model=sweep.models.linear(),
-      data=sweep.data.synthetic_regression(n_train=256, n_val=0, dim=4),
-      loss='mse',
-      optimizer='sgd',
-      learning_rate=[0.01, 0.1],
-      batch_size=32,
-      epochs=2,
+    name='report_regression',
+    model=sweep.models.linear(),
+    data=sweep.data.synthetic_regression(n_train=256, n_val=0, dim=4),
+    loss='mse',
+    optimizer='sgd',
+    learning_rate=[0.01, 0.1],
+    batch_size=32,
+    epochs=2,
   )
   result = sweep.run(cfg, progress=False)
   assert 'final_val_loss' not in result.table.columns
@@ -203,7 +215,9 @@ def test_noise_scale_figure(digits_sweep, tmp_path):
   curves = result.curves.copy()
   batch = result.table.set_index('run')['batch_size'].reindex(curves['run']).to_numpy()
   # A noise scale that grows as the loss falls, as McCandlish et al. observe.
-  curves['noise_scale'] = np.where(curves['eval'] > 0, 20.0 * (1 + curves['eval']) ** 2 + batch / 8, np.nan)
+  curves['noise_scale'] = np.where(
+    curves['eval'] > 0, 20.0 * (1 + curves['eval']) ** 2 + batch / 8, np.nan
+  )
   edited = Result(result.table, curves, result.config, result.wall_time)
   page = read(report.write_report(str(tmp_path), edited))
   check_png(os.path.join(tmp_path, report.REPORT_DIR, 'noise_scale.png'))
@@ -220,7 +234,9 @@ def test_two_optimizers_get_a_panel_each(digits_sweep, tmp_path):
   other['final_val_loss'] = other['final_val_loss'] * 1.5
   table = pd.concat([result.table, other])
   table.index = table['run'].to_numpy()
-  curves = pd.concat([result.curves, result.curves.assign(run=result.curves['run'] + n)], ignore_index=True)
+  curves = pd.concat(
+    [result.curves, result.curves.assign(run=result.curves['run'] + n)], ignore_index=True
+  )
   edited = Result(table, curves, result.config, result.wall_time)
   page = read(report.write_report(str(tmp_path), edited))
   check_png(os.path.join(tmp_path, report.REPORT_DIR, 'heatmap.png'))

@@ -62,9 +62,18 @@ ALL_ON_THE_FRONT = {'seed': 'min'}  # one seed: every run ties, so every run is 
 
 def config(**changes) -> sweep.SweepConfig:
   cfg = sweep.SweepConfig(
-    model=MODEL, data=REGRESSION, loss='mse', optimizer=FAMILIES, learning_rate=LEARNING_RATES,
-    batch_size=BATCH_SIZES, seed=0, epochs=EPOCHS, num_evals=SEGMENTS, shuffle=True,
-    objectives=ALL_ON_THE_FRONT, name='integrity',
+    model=MODEL,
+    data=REGRESSION,
+    loss='mse',
+    optimizer=FAMILIES,
+    learning_rate=LEARNING_RATES,
+    batch_size=BATCH_SIZES,
+    seed=0,
+    epochs=EPOCHS,
+    num_evals=SEGMENTS,
+    shuffle=True,
+    objectives=ALL_ON_THE_FRONT,
+    name='integrity',
   )
   return cfg.replace(**changes)
 
@@ -78,7 +87,9 @@ def assert_same_result(actual: sweep.Result, expected: sweep.Result) -> None:
   pd.testing.assert_frame_equal(a, b, check_exact=True)
   pd.testing.assert_frame_equal(actual.curves, expected.curves, check_exact=True)
   for i in range(len(expected.table)):
-    for x, y in zip(jax.tree.leaves(actual.params(i)), jax.tree.leaves(expected.params(i)), strict=True):
+    for x, y in zip(
+      jax.tree.leaves(actual.params(i)), jax.tree.leaves(expected.params(i)), strict=True
+    ):
       assert np.array_equal(x, y), i
 
 
@@ -90,7 +101,11 @@ def snapshot(directory: Path) -> dict[str, tuple]:
     for name in files:
       path = os.path.join(root, name)
       st = os.stat(path)
-      out[os.path.relpath(path, directory)] = (st.st_size, st.st_mtime_ns, hashlib.sha256(Path(path).read_bytes()).hexdigest())
+      out[os.path.relpath(path, directory)] = (
+        st.st_size,
+        st.st_mtime_ns,
+        hashlib.sha256(Path(path).read_bytes()).hexdigest(),
+      )
   return out
 
 
@@ -132,7 +147,10 @@ def reference_run(family: str, learning_rate: float, batch_size: int, seed: int 
   x, y = REGRESSION.x_train, REGRESSION.y_train
   n = len(x)
   total = EPOCHS * (n // batch_size)
-  hp = {k: np.float32(v) for k, v in {'adam': {'b1': 0.9, 'b2': 0.999}, 'momentum': {'momentum': 0.9}}[family].items()}
+  hp = {
+    k: np.float32(v)
+    for k, v in {'adam': {'b1': 0.9, 'b2': 0.999}, 'momentum': {'momentum': 0.9}}[family].items()
+  }
   lrs = lr_table('constant', float(learning_rate), total)
   params = initial_params(mlp_init, seed)
   opt_state = make_optimizer(family, lambda count: lrs[count], hp).init(params)
@@ -144,7 +162,16 @@ def reference_run(family: str, learning_rate: float, batch_size: int, seed: int 
     idx = data_order(seed, epoch, n, True)[j * batch_size : (j + 1) * batch_size]
     padded = np.concatenate([idx, np.zeros(MAX_BATCH - batch_size, idx.dtype)])
     params, opt_state, value = reference_step(
-      params, opt_state, x[padded], y[padded], real, lrs, hp, family=family, loss='mse', apply_fn=mlp_apply,
+      params,
+      opt_state,
+      x[padded],
+      y[padded],
+      real,
+      lrs,
+      hp,
+      family=family,
+      loss='mse',
+      apply_fn=mlp_apply,
     )
     values.append(float(value))
   return jax.tree.map(np.asarray, params), jax.tree.map(np.asarray, opt_state), values
@@ -207,7 +234,9 @@ def test_the_reference_and_its_saved_optimizer_states_match_plain_optax(referenc
 # ----------------------------------------------------------------------- resumes ----
 
 
-def test_resumed_inside_each_optimizer_unit_gives_the_reference(tmp_path, monkeypatch, reference, capsys):
+def test_resumed_inside_each_optimizer_unit_gives_the_reference(
+  tmp_path, monkeypatch, reference, capsys
+):
   """SIGTERM at segment 3 of the adam unit, then at segment 3 of the momentum unit (whose
   optimizer states carry the moments that a lost state would zero)."""
   workdir = tmp_path / 'w'
@@ -260,7 +289,10 @@ def not_restoring(path: Path) -> None:
   with open(path, 'wb') as f:
     np.savez(f, **{'000000': np.zeros(3, np.float32)})
   table = json.loads((path.parent / 'checksums.json').read_text())
-  table['files'][path.name] = {'size': path.stat().st_size, 'sha256': hashlib.sha256(path.read_bytes()).hexdigest()}
+  table['files'][path.name] = {
+    'size': path.stat().st_size,
+    'sha256': hashlib.sha256(path.read_bytes()).hexdigest(),
+  }
   (path.parent / 'checksums.json').write_text(json.dumps(table))
 
 
@@ -269,10 +301,18 @@ DAMAGE = [
   # id, what is done to the workdir, what the one-line report says
   ('flipped-bytes', lambda w: flip(w / f'state/{LATEST}/state.npz'), 'fails its checksum'),
   ('truncated', lambda w: truncate(w / f'state/{LATEST}/state.npz'), 'truncated'),
-  ('no-checksums', lambda w: (w / f'state/{LATEST}/checksums.json').unlink(), 'checksums.json is missing'),
+  (
+    'no-checksums',
+    lambda w: (w / f'state/{LATEST}/checksums.json').unlink(),
+    'checksums.json is missing',
+  ),
   ('no-meta', lambda w: (w / f'state/{LATEST}/meta.json').unlink(), 'meta.json is missing'),
   ('flipped-meta', lambda w: flip(w / f'state/{LATEST}/meta.json', 2), 'fails its checksum'),
-  ('does-not-restore', lambda w: not_restoring(w / f'state/{LATEST}/state.npz'), 'does not restore'),
+  (
+    'does-not-restore',
+    lambda w: not_restoring(w / f'state/{LATEST}/state.npz'),
+    'does not restore',
+  ),
 ]
 
 
@@ -294,7 +334,9 @@ def test_a_damaged_latest_checkpoint_is_skipped_for_the_one_before(
   assert_same_result(resumed, reference)
 
 
-def test_with_no_intact_checkpoint_the_unit_starts_from_scratch(interrupted, tmp_path, reference, capsys):
+def test_with_no_intact_checkpoint_the_unit_starts_from_scratch(
+  interrupted, tmp_path, reference, capsys
+):
   workdir = tmp_path / 'w'
   shutil.copytree(interrupted, workdir)
   flip(workdir / f'state/{LATEST}/state.npz')
@@ -317,7 +359,9 @@ def test_a_damaged_finished_unit_is_trained_again(finished, tmp_path, reference,
 
 
 @pytest.mark.parametrize('damage', ['truncated', 'deleted'])
-def test_a_lost_sweep_json_is_written_again_from_the_checkpoints(interrupted, tmp_path, reference, capsys, damage):
+def test_a_lost_sweep_json_is_written_again_from_the_checkpoints(
+  interrupted, tmp_path, reference, capsys, damage
+):
   workdir = tmp_path / 'w'
   shutil.copytree(interrupted, workdir)
   if damage == 'truncated':
@@ -332,7 +376,9 @@ def test_a_lost_sweep_json_is_written_again_from_the_checkpoints(interrupted, tm
   resumed = sweep.run(config(), workdir=str(workdir), progress=False)
   assert ('sweep.json is damaged' in capsys.readouterr().err) == (damage == 'truncated')
   assert_same_result(resumed, reference)
-  assert json.loads((workdir / 'sweep.json').read_text())['fingerprint'] == resumed.config['fingerprint']
+  assert (
+    json.loads((workdir / 'sweep.json').read_text())['fingerprint'] == resumed.config['fingerprint']
+  )
 
 
 def test_keep_checkpoints_is_a_setting(tmp_path):
@@ -376,7 +422,11 @@ CHANGES = [
   ('loss', lambda: config(loss=half_mse), ['loss: mse -> function', 'half_mse']),
   ('noise_scale', lambda: config(noise_scale=True), ['noise_scale: false -> true']),
   ('keep_best', lambda: config(keep_best=True), ['keep_best: false -> true']),
-  ('learning_rate', lambda: config(learning_rate=[0.01, 0.02]), ['learning_rate: [0.01, 0.03] -> [0.01, 0.02]']),
+  (
+    'learning_rate',
+    lambda: config(learning_rate=[0.01, 0.02]),
+    ['learning_rate: [0.01, 0.03] -> [0.01, 0.02]'],
+  ),
   ('memory_budget', lambda: config(memory_budget=tight_budget()), ['chunk_width.adam: 2 -> 1']),
 ]
 
@@ -412,7 +462,9 @@ def test_a_finished_workdir_is_read_again_without_writing(finished, reference, c
   assert 'sweep:' not in capsys.readouterr().err
 
 
-def test_a_new_name_or_new_objectives_resume_and_only_the_front_changes(finished, tmp_path, reference, capsys):
+def test_a_new_name_or_new_objectives_resume_and_only_the_front_changes(
+  finished, tmp_path, reference, capsys
+):
   workdir = tmp_path / 'w'
   shutil.copytree(finished, workdir)
   renamed = sweep.run(config(name='renamed'), workdir=str(workdir), progress=False)

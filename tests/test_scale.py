@@ -124,8 +124,12 @@ class Worker:
     env['PYTHONPATH'] = os.pathsep.join(p for p in (str(REPO), env.get('PYTHONPATH')) if p)
     with open(self.log, 'w') as log:
       self.proc = subprocess.Popen(
-        [sys.executable, str(WORKER), str(self.out), *flags], cwd=root, env=env, stdout=log,
-        stderr=subprocess.STDOUT, text=True,
+        [sys.executable, str(WORKER), str(self.out), *flags],
+        cwd=root,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        text=True,
       )
 
   def output(self) -> str:
@@ -174,8 +178,20 @@ def one_example(cfg: sweep.SweepConfig) -> float:
 def two_processes(root: Path, tag: str, workdir: Path, env: dict | None = None) -> list[Worker]:
   port = free_port()
   return [
-    Worker(root, f'{tag}{i}', 1, '--workdir', str(workdir), '--process-id', str(i), '--num-processes', '2',
-           '--port', str(port), env=env)
+    Worker(
+      root,
+      f'{tag}{i}',
+      1,
+      '--workdir',
+      str(workdir),
+      '--process-id',
+      str(i),
+      '--num-processes',
+      '2',
+      '--port',
+      str(port),
+      env=env,
+    )
     for i in range(2)
   ]
 
@@ -261,7 +277,9 @@ def test_bfloat16_stays_close_to_float32(baseline):
   assert (bf16.status[stable] == 'ok').all()
   assert (bf16.updates[stable] == f32.updates[stable]).all()
   relative = ((bf16.final_val_loss - f32.final_val_loss) / f32.final_val_loss).abs()[stable]
-  shown = f32.loc[stable, ['optimizer', 'learning_rate', 'batch_size', 'seed']].assign(relative=relative)
+  shown = f32.loc[stable, ['optimizer', 'learning_rate', 'batch_size', 'seed']].assign(
+    relative=relative
+  )
   print('bfloat16 against float32, relative difference of the final val loss:')
   print(shown.to_string())
   assert relative.max() <= BF16_VAL_LOSS_RTOL, relative.sort_values().to_string()
@@ -313,11 +331,15 @@ def test_set_cpu_devices_only_before_jax_starts():
     'print(first, n, sweep.set_cpu_devices(2), jax.local_device_count())\n'
   )
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, timeout=TIMEOUT)
+  out = subprocess.run(
+    [sys.executable, '-c', code], env=env, capture_output=True, text=True, timeout=TIMEOUT
+  )
   assert out.stdout.split() == ['True', '3', 'False', '3'], out.stderr
   # A device count the user set is kept.
   env['XLA_FLAGS'] = '--xla_force_host_platform_device_count=2'
-  out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, timeout=TIMEOUT)
+  out = subprocess.run(
+    [sys.executable, '-c', code], env=env, capture_output=True, text=True, timeout=TIMEOUT
+  )
   assert out.stdout.split() == ['False', '2', 'False', '2'], out.stderr
   with pytest.raises(sweep.ConfigError, match='count'):
     sweep.set_cpu_devices(0)

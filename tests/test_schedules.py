@@ -30,40 +30,41 @@ PARAM_SETS = [
 
 def optax_reference(name: str, lr: float, total: int, kwargs: dict) -> optax.Schedule:
   """The optax schedule a user would write for these settings."""
-  decay_rate = kwargs.get("decay_rate", 0.1)
-  if name == "constant":
+  decay_rate = kwargs.get('decay_rate', 0.1)
+  if name == 'constant':
     return optax.constant_schedule(lr)
-  if name == "exponential":
+  if name == 'exponential':
     return optax.exponential_decay(lr, transition_steps=total, decay_rate=decay_rate)
-  if name == "step":
-    every = max(1, round(kwargs.get("decay_every", 1 / 3) * total))
+  if name == 'step':
+    every = max(1, round(kwargs.get('decay_every', 1 / 3) * total))
     return optax.exponential_decay(
       lr, transition_steps=every, decay_rate=decay_rate, staircase=True
     )
-  if name == "cosine":
+  if name == 'cosine':
     return optax.cosine_decay_schedule(lr, decay_steps=total)
-  if name == "warmup_cosine":
+  if name == 'warmup_cosine':
     return optax.warmup_cosine_decay_schedule(
       init_value=0.0,
       peak_value=lr,
-      warmup_steps=round(kwargs.get("warmup", 0.1) * total),
+      warmup_steps=round(kwargs.get('warmup', 0.1) * total),
       decay_steps=total,
       end_value=0.0,
     )
-  if name == "linear":
+  if name == 'linear':
     return optax.linear_schedule(init_value=lr, end_value=0.0, transition_steps=total)
-  if name == "warmup_linear":
-    warmup = round(kwargs.get("warmup", 0.1) * total)
+  if name == 'warmup_linear':
+    warmup = round(kwargs.get('warmup', 0.1) * total)
     return optax.join_schedules(
-      [optax.linear_schedule(0.0, lr, warmup), optax.linear_schedule(lr, 0.0, total - warmup)], [warmup]
+      [optax.linear_schedule(0.0, lr, warmup), optax.linear_schedule(lr, 0.0, total - warmup)],
+      [warmup],
     )
-  assert name == "onecycle"
+  assert name == 'onecycle'
   return optax.cosine_onecycle_schedule(
     transition_steps=total,
     peak_value=lr,
-    pct_start=kwargs.get("pct_start", 0.3),
-    div_factor=kwargs.get("div_factor", 25.0),
-    final_div_factor=kwargs.get("final_div_factor", 1e4),
+    pct_start=kwargs.get('pct_start', 0.3),
+    div_factor=kwargs.get('div_factor', 25.0),
+    final_div_factor=kwargs.get('final_div_factor', 1e4),
   )
 
 
@@ -96,8 +97,8 @@ def traced_values(params: schedules.ScheduleParams, total: int) -> np.ndarray:
   return np.asarray(_per_count(params, COUNTS))[: total + 3]
 
 
-@pytest.mark.parametrize("lr,total,kwargs", PARAM_SETS)
-@pytest.mark.parametrize("name", SCHEDULES)
+@pytest.mark.parametrize('lr,total,kwargs', PARAM_SETS)
+@pytest.mark.parametrize('name', SCHEDULES)
 def test_matches_optax_at_every_count(name, lr, total, kwargs):
   params = make_params(name, lr, total, **kwargs)
   actual = traced_values(params, total)
@@ -106,7 +107,7 @@ def test_matches_optax_at_every_count(name, lr, total, kwargs):
   assert_close(actual, expected, lr)
 
 
-@pytest.mark.parametrize("name", SCHEDULES)
+@pytest.mark.parametrize('name', SCHEDULES)
 def test_optax_schedule_matches_learning_rate(name):
   lr, total, kwargs = PARAM_SETS[7]
   params = make_params(name, lr, total, **kwargs)
@@ -185,20 +186,20 @@ def test_onecycle_pct_start_stays_close_to_request():
   # The float32 pct_start is nudged only far enough to reproduce optax's
   # boundary, never by a visible amount.
   for pct, total in ((0.29, 100), (0.7, 10), (0.3, 1000), (0.57, 100)):
-    stored = make_params("onecycle", 0.1, total, pct_start=pct).pct_start
+    stored = make_params('onecycle', 0.1, total, pct_start=pct).pct_start
     assert stored.dtype == np.float32
     assert abs(float(stored) - pct) < 1e-6
     assert np.floor(stored * np.float32(total)) == int(pct * total)
 
 
 @pytest.mark.parametrize(
-  "name,total,kwargs,fragment",
+  'name,total,kwargs,fragment',
   [
-    ("sgdr", 10, {}, "unknown schedule"),
-    ("cosine", 0, {}, "total_steps >= 1"),
-    ("warmup_cosine", 10, dict(warmup=1.0), "warmup"),
-    ("warmup_cosine", 2, dict(warmup=0.8), "warmup"),
-    ("onecycle", 10, dict(pct_start=1.0), "pct_start"),
+    ('sgdr', 10, {}, 'unknown schedule'),
+    ('cosine', 0, {}, 'total_steps >= 1'),
+    ('warmup_cosine', 10, dict(warmup=1.0), 'warmup'),
+    ('warmup_cosine', 2, dict(warmup=0.8), 'warmup'),
+    ('onecycle', 10, dict(pct_start=1.0), 'pct_start'),
   ],
 )
 def test_make_params_rejects(name, total, kwargs, fragment):
@@ -207,10 +208,10 @@ def test_make_params_rejects(name, total, kwargs, fragment):
 
 
 def test_make_params_conversions():
-  p = make_params("step", 0.1, 10, decay_every=0.25)
-  assert (p.kind, p.transition_steps, p.warmup_steps) == (SCHEDULES.index("step"), 2.0, 1.0)
-  assert make_params("step", 0.1, 1, decay_every=0.25).transition_steps == 1.0
-  assert make_params("exponential", 0.1, 37, decay_every=0.25).transition_steps == 37.0
+  p = make_params('step', 0.1, 10, decay_every=0.25)
+  assert (p.kind, p.transition_steps, p.warmup_steps) == (SCHEDULES.index('step'), 2.0, 1.0)
+  assert make_params('step', 0.1, 1, decay_every=0.25).transition_steps == 1.0
+  assert make_params('exponential', 0.1, 37, decay_every=0.25).transition_steps == 37.0
   assert all(np.asarray(x).shape == () for x in p)
   assert p.kind.dtype == np.int32
   assert all(np.asarray(x).dtype == np.float32 for x in p[1:])

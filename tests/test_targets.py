@@ -53,27 +53,62 @@ def apply3(params, x):
 
 def cfg(y, **changes) -> sweep.SweepConfig:
   data = sweep.data.arrays(X[:50], y[:50], X[50:], y[50:])
-  out = sweep.SweepConfig(model=sweep.models.linear(), data=data, loss='softmax_cross_entropy', epochs=1)
+  out = sweep.SweepConfig(
+    model=sweep.models.linear(), data=data, loss='softmax_cross_entropy', epochs=1
+  )
   return out.replace(**changes)
 
 
 BAD_TARGETS = [
   # id, targets, loss, fragments of the message
-  ('float-class-ids', CLASSES.astype(np.float32), 'softmax_cross_entropy', ['whole numbers', 'integers', 'astype']),
-  ('one-hot-summing-to-2', np.concatenate([ONE_HOT, ONE_HOT[:, ::-1]], 1)[:, 1:4], 'softmax_cross_entropy',
-   ['whole numbers', 'summing to 1']),
-  ('all-zeros', np.zeros((60, 3), np.float32), 'softmax_cross_entropy', ['whole numbers', 'one-hot']),
-  ('negative', ONE_HOT - 0.25 * np.eye(3, dtype=np.float32)[(CLASSES + 1) % 3] + 0.125, 'softmax_cross_entropy',
-   ['non-negative', 'rows have negative']),
-  ('soft-not-normalised', 0.4 * np.ones((60, 3), np.float32), 'softmax_cross_entropy',
-   ['summing to 1', 'sums from 1.2 to 1.2', 'normalise']),
-  ('bce-labels-outside', np.where(ONE_HOT > 0, 2.0, 0.0).astype(np.float32), 'sigmoid_binary_cross_entropy',
-   ['[0, 1]']),
-  ('hinge-labels-outside', np.where(ONE_HOT > 0, 2.0, -1.0).astype(np.float32), 'hinge', ['{-1, 0, 1}']),
+  (
+    'float-class-ids',
+    CLASSES.astype(np.float32),
+    'softmax_cross_entropy',
+    ['whole numbers', 'integers', 'astype'],
+  ),
+  (
+    'one-hot-summing-to-2',
+    np.concatenate([ONE_HOT, ONE_HOT[:, ::-1]], 1)[:, 1:4],
+    'softmax_cross_entropy',
+    ['whole numbers', 'summing to 1'],
+  ),
+  (
+    'all-zeros',
+    np.zeros((60, 3), np.float32),
+    'softmax_cross_entropy',
+    ['whole numbers', 'one-hot'],
+  ),
+  (
+    'negative',
+    ONE_HOT - 0.25 * np.eye(3, dtype=np.float32)[(CLASSES + 1) % 3] + 0.125,
+    'softmax_cross_entropy',
+    ['non-negative', 'rows have negative'],
+  ),
+  (
+    'soft-not-normalised',
+    0.4 * np.ones((60, 3), np.float32),
+    'softmax_cross_entropy',
+    ['summing to 1', 'sums from 1.2 to 1.2', 'normalise'],
+  ),
+  (
+    'bce-labels-outside',
+    np.where(ONE_HOT > 0, 2.0, 0.0).astype(np.float32),
+    'sigmoid_binary_cross_entropy',
+    ['[0, 1]'],
+  ),
+  (
+    'hinge-labels-outside',
+    np.where(ONE_HOT > 0, 2.0, -1.0).astype(np.float32),
+    'hinge',
+    ['{-1, 0, 1}'],
+  ),
 ]
 
 
-@pytest.mark.parametrize('y, loss, fragments', [c[1:] for c in BAD_TARGETS], ids=[c[0] for c in BAD_TARGETS])
+@pytest.mark.parametrize(
+  'y, loss, fragments', [c[1:] for c in BAD_TARGETS], ids=[c[0] for c in BAD_TARGETS]
+)
 def test_targets_that_contradict_the_loss_are_refused(y, loss, fragments):
   with no_compiles(), pytest.raises(sweep.ConfigError) as info:
     sweep.check(cfg(y, loss=loss))
@@ -103,7 +138,9 @@ def test_class_ids_beyond_the_models_outputs_are_refused():
 
 
 def test_a_softmax_over_one_output_is_refused():
-  assert 'at least 2 outputs' in check_labels('softmax_cross_entropy', np.ones((4, 1), np.float32), 1)
+  assert 'at least 2 outputs' in check_labels(
+    'softmax_cross_entropy', np.ones((4, 1), np.float32), 1
+  )
 
 
 def test_an_objective_on_a_column_the_table_will_not_have_is_refused():
@@ -121,7 +158,9 @@ def test_an_objective_on_a_column_the_table_will_not_have_is_refused():
 
 def test_a_warmup_that_leaves_no_decay_is_refused_by_check():
   data = sweep.data.arrays(X, CLASSES.astype(np.int32))
-  bad = sweep.SweepConfig(model=sweep.models.linear(), data=data, schedule='warmup_cosine', warmup=1.0)
+  bad = sweep.SweepConfig(
+    model=sweep.models.linear(), data=data, schedule='warmup_cosine', warmup=1.0
+  )
   with pytest.raises(sweep.ConfigError) as info:
     sweep.check(bad)
   message = str(info.value)

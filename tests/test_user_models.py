@@ -42,7 +42,9 @@ def init_key(seed):
 
 
 def epoch_order(seed, epoch, n):
-  return jax.random.permutation(jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), 1), epoch), n)
+  return jax.random.permutation(
+    jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), 1), epoch), n
+  )
 
 
 def update_key(seed, t, stream):
@@ -55,7 +57,7 @@ def batches(seed, batch, epochs, n=N_TRAIN):
   for e in range(epochs):
     order = np.asarray(epoch_order(seed, e, n))
     for j in range(n // batch):
-      yield t, order[j * batch:(j + 1) * batch]
+      yield t, order[j * batch : (j + 1) * batch]
       t += 1
 
 
@@ -96,7 +98,11 @@ def linen_reference(module, seed, lr, batch, epochs, dropout=True):
   def step(params, stats, opt_state, xb, yb, key):
     def loss_fn(p):
       logits, new = module.apply(
-        {'params': p, 'batch_stats': stats}, xb, train=True, rngs={'dropout': key}, mutable=['batch_stats']
+        {'params': p, 'batch_stats': stats},
+        xb,
+        train=True,
+        rngs={'dropout': key},
+        mutable=['batch_stats'],
       )
       return ce(logits, yb), new['batch_stats']
 
@@ -114,8 +120,13 @@ def linen_reference(module, seed, lr, batch, epochs, dropout=True):
 @pytest.fixture(scope='module')
 def linen_sweep():
   cfg = sweep.SweepConfig(
-    model=ExampleNet(), data=DIGITS, optimizer='adam', learning_rate=[3e-3, 1e-2], batch_size=[16, 32],
-    seed=[0, 1], epochs=2,
+    model=ExampleNet(),
+    data=DIGITS,
+    optimizer='adam',
+    learning_rate=[3e-3, 1e-2],
+    batch_size=[16, 32],
+    seed=[0, 1],
+    epochs=2,
   )
   return cfg, sweep.run(cfg, progress=False)
 
@@ -124,7 +135,9 @@ def test_a_linen_model_with_batchnorm_and_dropout_equals_its_own_training_loop(l
   cfg, result = linen_sweep
   assert len(result.table) == 8 and (result.table.status == 'ok').all()
   for i, row in result.table.iterrows():
-    variables, val = linen_reference(ExampleNet(), int(row.seed), row.learning_rate, int(row.batch_size), 2)
+    variables, val = linen_reference(
+      ExampleNet(), int(row.seed), row.learning_rate, int(row.batch_size), 2
+    )
     got = result.variables(i)
     assert set(got) == {'params', 'batch_stats'}
     assert_close(got, variables, f'run {i}')
@@ -140,7 +153,9 @@ def test_dropout_is_really_on_while_training(linen_sweep):
   masks matter, so the equality above is not the one of a model with dropout off."""
   _, result = linen_sweep
   row = result.table.loc[0]
-  _, val = linen_reference(ExampleNet(), int(row.seed), row.learning_rate, int(row.batch_size), 2, dropout=False)
+  _, val = linen_reference(
+    ExampleNet(), int(row.seed), row.learning_rate, int(row.batch_size), 2, dropout=False
+  )
   assert abs(val - row.final_val_loss) > 1e-4
 
 
@@ -158,7 +173,9 @@ class DeterministicNet(nn.Module):
     return nn.Dense(10)(nn.Dropout(0.5, deterministic=deterministic)(x))
 
 
-@pytest.mark.parametrize('module, name', [(TrainingNet(), 'training'), (DeterministicNet(), 'deterministic')])
+@pytest.mark.parametrize(
+  'module, name', [(TrainingNet(), 'training'), (DeterministicNet(), 'deterministic')]
+)
 def test_another_switch_name_is_refused_until_named(module, name):
   cfg = sweep.SweepConfig(model=module, data=DIGITS, updates=4)
   with pytest.raises(ConfigError, match=f"train_argument='{name}'"):
@@ -169,8 +186,16 @@ def test_another_switch_name_is_refused_until_named(module, name):
 
 def test_a_named_switch_is_passed_the_training_mode():
   """train_argument='deterministic' is passed False while training: dropout is on."""
-  cfg = sweep.SweepConfig(model=DeterministicNet(), data=DIGITS, updates=6, num_evals=1, learning_rate=0.01,
-                          batch_size=16, train_argument='deterministic', optimizer='sgd')
+  cfg = sweep.SweepConfig(
+    model=DeterministicNet(),
+    data=DIGITS,
+    updates=6,
+    num_evals=1,
+    learning_rate=0.01,
+    batch_size=16,
+    train_argument='deterministic',
+    optimizer='sgd',
+  )
   result = sweep.run(cfg, progress=False)
   module = DeterministicNet()
   params = module.init(init_key(0), XT[:1])['params']
@@ -179,7 +204,12 @@ def test_a_named_switch_is_passed_the_training_mode():
   for t, idx in batches(0, 16, 1):
     if t == 6:
       break
-    loss = lambda p: ce(module.apply({'params': p}, XT[idx], deterministic=False, rngs={'dropout': update_key(0, t, 2)}), YT[idx])  # noqa: B023, E731
+    loss = lambda p: ce(
+      module.apply(
+        {'params': p}, XT[idx], deterministic=False, rngs={'dropout': update_key(0, t, 2)}
+      ),
+      YT[idx],
+    )  # noqa: B023, E731
     updates, opt_state = opt.update(jax.grad(loss)(params), opt_state, params)
     params = optax.apply_updates(params, updates)
   assert_close(result.params(0), params, 'deterministic=False while training')
@@ -268,8 +298,9 @@ def nnx_reference(seed, lr, batch, epochs):
 
 
 def test_an_nnx_model_with_batchnorm_and_dropout_equals_its_own_training_loop():
-  cfg = sweep.SweepConfig(model=NNXNet, data=DIGITS, learning_rate=[3e-3, 3e-2], batch_size=32, seed=[0, 1],
-                          epochs=2)
+  cfg = sweep.SweepConfig(
+    model=NNXNet, data=DIGITS, learning_rate=[3e-3, 3e-2], batch_size=32, seed=[0, 1], epochs=2
+  )
   result = sweep.run(cfg, progress=False)
   for i, row in result.table.iterrows():
     model, val = nnx_reference(int(row.seed), row.learning_rate, 32, 2)
@@ -277,8 +308,11 @@ def test_an_nnx_model_with_batchnorm_and_dropout_equals_its_own_training_loop():
     mine = result.model(i)
     assert isinstance(mine, NNXNet)
     np.testing.assert_allclose(np.asarray(mine(XV)), np.asarray(model(XV)), rtol=1e-3, atol=1e-4)
-    assert_close(nnx.to_pure_dict(nnx.state(mine, nnx.BatchStat)), nnx.to_pure_dict(nnx.state(model, nnx.BatchStat)),
-                 'batch statistics')
+    assert_close(
+      nnx.to_pure_dict(nnx.state(mine, nnx.BatchStat)),
+      nnx.to_pure_dict(nnx.state(model, nnx.BatchStat)),
+      'batch statistics',
+    )
     assert set(result.variables(i)) == {'params', 'state'}
 
 
@@ -310,8 +344,9 @@ def test_token_sequences_with_padding_equal_a_masked_loop():
   xv, yv = _tokens(32, 1, empty=8)
   data = sweep.data.arrays(xt, yt, xv, yv, ignore_label=PAD, num_classes=VOCAB)
   assert data.x_train.dtype == np.int32 and data.y_train.shape == (96, T)
-  cfg = sweep.SweepConfig(model=TinyLM(), data=data, optimizer='sgd', learning_rate=[0.1, 0.5], batch_size=16,
-                          epochs=2)
+  cfg = sweep.SweepConfig(
+    model=TinyLM(), data=data, optimizer='sgd', learning_rate=[0.1, 0.5], batch_size=16, epochs=2
+  )
   result = sweep.run(cfg, progress=False)
   module = TinyLM()
 
@@ -335,8 +370,12 @@ def test_token_sequences_with_padding_equal_a_masked_loop():
     mask = yv != PAD
     tok = optax.softmax_cross_entropy_with_integer_labels(logits, np.where(mask, yv, 0))
     hits = np.asarray(jnp.argmax(logits, -1) == yv)
-    np.testing.assert_allclose(row.final_val_loss, float(np.sum(tok * mask) / mask.sum()), rtol=RTOL)
-    np.testing.assert_allclose(row.final_val_accuracy, float(np.sum(hits * mask) / mask.sum()), rtol=RTOL)
+    np.testing.assert_allclose(
+      row.final_val_loss, float(np.sum(tok * mask) / mask.sum()), rtol=RTOL
+    )
+    np.testing.assert_allclose(
+      row.final_val_accuracy, float(np.sum(hits * mask) / mask.sum()), rtol=RTOL
+    )
 
 
 def test_a_callable_loss_keeps_the_accuracy_columns():
@@ -372,8 +411,16 @@ def mlp_apply(params, x):
 
 
 def test_augmentation_equals_the_loop_that_augments_each_batch():
-  cfg = sweep.SweepConfig(model=(mlp_init, mlp_apply), data=DIGITS, optimizer='sgd', learning_rate=[0.1, 0.3],
-                          batch_size=[16, 32], seed=[0, 3], epochs=1, augment=flip_and_shift)
+  cfg = sweep.SweepConfig(
+    model=(mlp_init, mlp_apply),
+    data=DIGITS,
+    optimizer='sgd',
+    learning_rate=[0.1, 0.3],
+    batch_size=[16, 32],
+    seed=[0, 3],
+    epochs=1,
+    augment=flip_and_shift,
+  )
   result = sweep.run(cfg, progress=False)
   plain = sweep.run(cfg.replace(augment=None), progress=False)
   for i, row in result.table.iterrows():
@@ -422,8 +469,9 @@ def test_an_equinox_model_with_dropout_equals_its_own_loop():
       return self.l2(self.drop(jax.nn.relu(self.l1(x.reshape(-1))), key=key))
 
   model = EqxNet(jax.random.key(7))
-  cfg = sweep.SweepConfig(model=model, data=DIGITS, optimizer='adam', learning_rate=[1e-3, 1e-2], batch_size=32,
-                          epochs=1)
+  cfg = sweep.SweepConfig(
+    model=model, data=DIGITS, optimizer='adam', learning_rate=[1e-3, 1e-2], batch_size=32, epochs=1
+  )
   result = sweep.run(cfg, progress=False)
   for i, row in result.table.iterrows():
     params, static = eqx.partition(model, eqx.is_inexact_array)
@@ -441,8 +489,9 @@ def test_an_equinox_model_with_dropout_equals_its_own_loop():
     final = eqx.nn.inference_mode(eqx.combine(params, static))
     np.testing.assert_allclose(row.final_val_loss, float(ce(jax.vmap(final)(XV), YV)), rtol=RTOL)
     rebuilt = result.model(i)
-    np.testing.assert_allclose(np.asarray(jax.vmap(rebuilt)(XV)), np.asarray(jax.vmap(final)(XV)), rtol=1e-3,
-                               atol=1e-5)
+    np.testing.assert_allclose(
+      np.asarray(jax.vmap(rebuilt)(XV)), np.asarray(jax.vmap(final)(XV)), rtol=1e-3, atol=1e-5
+    )
 
 
 def test_the_seed_keras_model_with_its_own_loss():
@@ -453,20 +502,33 @@ def test_the_seed_keras_model_with_its_own_loss():
   if keras.backend.backend() != 'jax':
     pytest.skip('keras runs on another backend here')
   keras.utils.set_random_seed(0)
-  model = keras.Sequential([
-    keras.Input((64,)), keras.layers.Dense(10, activation='relu'), keras.layers.Dense(10, activation='softmax')
-  ])
+  model = keras.Sequential(
+    [
+      keras.Input((64,)),
+      keras.layers.Dense(10, activation='relu'),
+      keras.layers.Dense(10, activation='softmax'),
+    ]
+  )
   onehot = np.eye(10, dtype=np.float32)
   data = sweep.data.arrays(XT.reshape(-1, 64), onehot[YT], XV.reshape(-1, 64), onehot[YV])
   with pytest.raises(ConfigError, match='softmax'):
     sweep.check(sweep.SweepConfig(model=model, data=data, loss='softmax_cross_entropy'))
   loss = keras.losses.CategoricalCrossentropy()
-  cfg = sweep.SweepConfig(model=model, data=data, loss=loss, optimizer='adam', learning_rate=[1e-2, 3e-2],
-                          batch_size=32, epochs=2)
+  cfg = sweep.SweepConfig(
+    model=model,
+    data=data,
+    loss=loss,
+    optimizer='adam',
+    learning_rate=[1e-2, 3e-2],
+    batch_size=32,
+    epochs=2,
+  )
   result = sweep.run(cfg, progress=False)
   # The function form takes (y_true, y_pred) too: the same numbers.
   functional = sweep.run(cfg.replace(loss=keras.losses.categorical_crossentropy), progress=False)
-  np.testing.assert_allclose(functional.table.final_val_loss, result.table.final_val_loss, rtol=1e-6)
+  np.testing.assert_allclose(
+    functional.table.final_val_loss, result.table.final_val_loss, rtol=1e-6
+  )
   weights = [np.asarray(v.value) for v in model.trainable_variables]
   for _i, row in result.table.iterrows():
     params = [jnp.asarray(w) for w in weights]
@@ -493,6 +555,7 @@ def test_probabilities_with_softmax_cross_entropy_are_refused():
   """A softmax at the end, then the loss's own softmax: refused, not trained silently."""
   with pytest.raises(ConfigError, match='probabilities'):
     sweep.check(sweep.SweepConfig(model=SoftmaxNet(), data=DIGITS, loss='softmax_cross_entropy'))
+
   # log_softmax outputs (log-probabilities) are fine: log_softmax is idempotent.
   class LogSoftmaxNet(nn.Module):
     @nn.compact
@@ -526,10 +589,22 @@ def test_the_char_lm_experiment_through_the_cli(tmp_path):
     '  return cfg.replace(model=model, learning_rate=[3e-3, 1e-2], batch_size=[32], epochs=None, updates=6,\n'
     '                     num_evals=2, train_eval_size=64)\n'
   )
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(repo), os.environ.get('PYTHONPATH')) if p))
+  env = dict(
+    os.environ,
+    PYTHONPATH=os.pathsep.join(p for p in (str(repo), os.environ.get('PYTHONPATH')) if p),
+  )
   env['SWEEP_NO_CACHE'] = '1'
   workdir = tmp_path / 'w'
-  argv = [sys.executable, '-m', 'sweep', 'run', str(experiment), '--workdir', str(workdir), '--no-progress']
+  argv = [
+    sys.executable,
+    '-m',
+    'sweep',
+    'run',
+    str(experiment),
+    '--workdir',
+    str(workdir),
+    '--no-progress',
+  ]
   proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   table = pd.read_csv(workdir / 'results.csv')
@@ -550,8 +625,9 @@ def test_the_lr_range_test_takes_a_model_with_state_and_dropout():
   module = ExampleNet()
   variables = module.init(init_key(0), XT[:1], train=False)
   _, idx = next(batches(0, 16, 1))
-  logits, _ = module.apply(variables, XT[idx], train=True, rngs={'dropout': update_key(0, 0, 2)},
-                           mutable=['batch_stats'])
+  logits, _ = module.apply(
+    variables, XT[idx], train=True, rngs={'dropout': update_key(0, 0, 2)}, mutable=['batch_stats']
+  )
   np.testing.assert_allclose(found.raw_losses[0], float(ce(logits, YT[idx])), rtol=1e-5)
   assert np.isfinite(found.suggestion) and 1e-4 <= found.suggestion <= 1.0
 
@@ -570,8 +646,15 @@ class NNXCallRngs(nnx.Module):
 
 
 def test_an_nnx_model_given_its_rngs_at_the_call():
-  cfg = sweep.SweepConfig(model=NNXCallRngs, data=DIGITS, optimizer='sgd', learning_rate=0.1, batch_size=32,
-                          updates=5, num_evals=1)
+  cfg = sweep.SweepConfig(
+    model=NNXCallRngs,
+    data=DIGITS,
+    optimizer='sgd',
+    learning_rate=0.1,
+    batch_size=32,
+    updates=5,
+    num_evals=1,
+  )
   result = sweep.run(cfg, progress=False)
   model = NNXCallRngs(rngs=nnx.Rngs(params=init_key(0)))
   model.train()
@@ -579,13 +662,21 @@ def test_an_nnx_model_given_its_rngs_at_the_call():
   for t, idx in batches(0, 32, 1):
     if t == 5:
       break
-    loss = lambda p: ce(nnx.merge(graph, p)(XT[idx], rngs=nnx.Rngs(dropout=update_key(0, t, 2))), YT[idx])  # noqa: B023, E731
+    loss = lambda p: ce(
+      nnx.merge(graph, p)(XT[idx], rngs=nnx.Rngs(dropout=update_key(0, t, 2))), YT[idx]
+    )  # noqa: B023, E731
     params = jax.tree.map(lambda p, g: p - 0.1 * g, params, jax.grad(loss)(params))
   assert_close(result.params(0), nnx.to_pure_dict(params), 'call-time rngs')
 
 
-@pytest.mark.parametrize('family, plain', [('adam', optax.adam), ('momentum', lambda lr: optax.sgd(lr, momentum=0.9)),
-                                           ('adamw', optax.adamw)])
+@pytest.mark.parametrize(
+  'family, plain',
+  [
+    ('adam', optax.adam),
+    ('momentum', lambda lr: optax.sgd(lr, momentum=0.9)),
+    ('adamw', optax.adamw),
+  ],
+)
 def test_a_named_optimizer_without_set_hyperparameters_is_exactly_optax(family, plain):
   """Defaults stay Python floats inside optax (1 - float32(0.999) is not 1e-3): five updates
   of the engine's optimizer equal optax's own, bit for bit."""
@@ -635,7 +726,9 @@ class NNXTrainArg(nnx.Module):
 
 
 def test_an_nnx_train_argument_is_passed():
-  result = sweep.run(sweep.SweepConfig(model=NNXTrainArg, data=DIGITS, updates=3, num_evals=1), progress=False)
+  result = sweep.run(
+    sweep.SweepConfig(model=NNXTrainArg, data=DIGITS, updates=3, num_evals=1), progress=False
+  )
   stats = result.variables(0)['state']['batch_norm']
   assert np.abs(stats['mean']).max() > 0  # batch statistics were updated while training
 
@@ -653,16 +746,25 @@ def test_ignored_labels_leave_the_evaluation_averages():
   yv = YV.copy()
   yv[::2] = -1
   data = sweep.data.arrays(XT, YT, XV, yv, ignore_label=-1, num_classes=10)
-  cfg = sweep.SweepConfig(model=(mlp_init, mlp_apply), data=data, optimizer='sgd', learning_rate=0.1, updates=5,
-                          num_evals=1)
+  cfg = sweep.SweepConfig(
+    model=(mlp_init, mlp_apply),
+    data=data,
+    optimizer='sgd',
+    learning_rate=0.1,
+    updates=5,
+    num_evals=1,
+  )
   result = sweep.run(cfg, progress=False)
   logits = mlp_apply(result.params(0), XV[1::2])
   np.testing.assert_allclose(result.table.final_val_loss[0], float(ce(logits, YV[1::2])), rtol=1e-5)
-  np.testing.assert_allclose(result.table.final_val_accuracy[0], float(np.mean(np.argmax(logits, -1) == YV[1::2])),
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    result.table.final_val_accuracy[0], float(np.mean(np.argmax(logits, -1) == YV[1::2])), rtol=1e-6
+  )
 
 
 def test_whole_number_float_labels_get_a_hint():
   data = sweep.data.arrays(XT, YT.astype(np.float32))
   with pytest.raises(ConfigError, match='integers'):
-    sweep.check(sweep.SweepConfig(model=sweep.models.mlp(outputs=10), data=data, loss='softmax_cross_entropy'))
+    sweep.check(
+      sweep.SweepConfig(model=sweep.models.mlp(outputs=10), data=data, loss='softmax_cross_entropy')
+    )
