@@ -22,14 +22,14 @@ report included).
 Result: the best run ends at 67.5 % validation accuracy (batch 32, learning rate 3e-3,
 seed 1), 0.5 points under the paper's 68 %; its seed 0 ends at 65.5 %. Batch 128 at 1e-2
 ends at 63.9 % and 66.2 %. These runs overfit and are chaotic: a change of float
-summation order alone (the weight layout of `sweep.models.Dense`) moved single runs by up
-to 2 points (the earlier layout gave 67.9 % at batch 128, 1e-2, seed 0). Accuracy and loss disagree here: every run that fits the
-training set (train accuracy near 100 %) overfits in loss (validation loss bottoms out
-at 1.0-1.1 around epoch 8-16 and ends at 1.5-2.6, `overfit` is True) while its accuracy
-stays within 1-3 points of its best, so ranked by final validation loss the best runs
-are slow ones (1e-3 at batch 128 and 3e-4 at batch 32: 1.07, 58-61 % accuracy).
-Learning rate 1e-1 fails at every batch size (9-44 %), 1e-4 is still underfit after 40
-epochs (26-49 %).
+summation order alone (the weight layout of `sweep.models.Dense`) moved single runs by
+up to 2 points (the earlier layout gave 67.9 % at batch 128, 1e-2, seed 0). Accuracy and
+loss disagree here: every run that fits the training set (train accuracy near 100 %)
+overfits in loss (validation loss bottoms out at 1.0-1.1 around epoch 8-16 and ends at
+1.5-2.6, `overfit` is True) while its accuracy stays within 1-3 points of its best, so
+ranked by final validation loss the best runs are slow ones (1e-3 at batch 128 and 3e-4
+at batch 32: 1.07, 58-61 % accuracy). Learning rate 1e-1 fails at every batch size (9-44
+%), 1e-4 is still underfit after 40 epochs (26-49 %).
 """
 
 import sweep

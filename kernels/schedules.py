@@ -326,7 +326,8 @@ class _PositiveLearningRate:
     ):
       return op(1.0, float(other))  # any positive value answers alike
     raise TypeError(
-      f'the schedule compares the traced learning rate with {other!r} in Python; one program serves '
+      f'the schedule compares the traced learning rate with {other!r} in Python; one program '
+      'serves '
       'every learning rate, so write the comparison with jnp.where'
     )
 

@@ -271,9 +271,10 @@ def _run_step(
     )
     loss = jnp.mean(losses_h)
     grads = jax.tree.map(lambda g: jnp.mean(g, axis=0), grads_h)
-    sq = lambda t: sum(
-      jnp.sum(jnp.square(a), axis=tuple(range(1, a.ndim))) for a in jax.tree.leaves(t)
-    )  # noqa: E731
+
+    def sq(t):
+      return sum(jnp.sum(jnp.square(a), axis=tuple(range(1, a.ndim))) for a in jax.tree.leaves(t))
+
     gsq_half = gsq_half + jnp.mean(sq(grads_h))
     gsq_full = gsq_full + sum(jnp.sum(jnp.square(a)) for a in jax.tree.leaves(grads))
   else:

@@ -242,7 +242,8 @@ def train_flops_per_example(apply_fn, params, x) -> float:
 
 def workload(title, hidden, lrs, batches, epochs, n, quick, peak, model=None, data=None):
   print(
-    f'\n{title}: {len(lrs)} learning rates x batch sizes {batches}, {epochs} epoch(s) of {n} examples'
+    f'\n{title}: {len(lrs)} learning rates x batch sizes {batches}, {epochs} epoch(s) of {n} '
+    'examples'
   )
   x, y = data if data is not None else mnist_shaped(n)
   n = len(x)
@@ -424,7 +425,8 @@ def user_module(title, module, x, y, lrs, batch, optimizer, repeats, peak):
   print(
     f'  engine: run axis {axis["width"]} wide x {axis["chunks"]} chunks (by {axis["chosen_by"]}), '
     f'{axis["fast_layout_kernels"]} kernels in the fast layout; '
-    f'{flops / med["engine"] / 1e9:.1f} GFLOP/s = {flops / med["engine"] / 1e9 / peak:.0%} of matmul peak'
+    f'{flops / med["engine"] / 1e9:.1f} GFLOP/s = {flops / med["engine"] / 1e9 / peak:.0%} of '
+    'matmul peak'
   )
   print(row('(a) engine', run_steps, med['engine']))
   print(

@@ -44,7 +44,8 @@ def main() -> None:
     finally:
       shutil.rmtree(root)
   print(
-    f'without a workdir: {min(bare):.2f} s; with a checkpoint after each of 10 segments: {min(kept):.2f} s '
+    f'without a workdir: {min(bare):.2f} s; with a checkpoint after each of 10 segments: '
+    f'{min(kept):.2f} s '
     f'({min(kept) / min(bare):.2f}x; state/ holds {size / 1e6:.1f} MB at the end)'
   )
 

@@ -519,7 +519,8 @@ def _keras(model: Any, example_x: np.ndarray) -> Model:
     raise config_error(
       'model',
       name,
-      f'a Keras model on the JAX backend (KERAS_BACKEND=jax); this one runs on {keras.backend.backend()}',
+      'a Keras model on the JAX backend (KERAS_BACKEND=jax); this one runs on '
+      f'{keras.backend.backend()}',
     )
   if not model.built:
     model(np.asarray(example_x)[:1])

@@ -246,13 +246,19 @@ def _interpret(slope: float, low: float, high: float, n: int, edge: list) -> str
         'scaling (0.5); more batch sizes or seeds are needed to tell them apart.'
       )
     elif has_linear:
-      text += 'consistent with the linear scaling rule (1, Goyal et al. 2017), not with square-root scaling (0.5).'
+      text += (
+        'consistent with the linear scaling rule (1, Goyal et al. 2017), '
+        'not with square-root scaling (0.5).'
+      )
     elif has_sqrt:
-      text += 'consistent with square-root scaling (0.5), not with the linear scaling rule (1, Goyal et al. 2017).'
+      text += (
+        'consistent with square-root scaling (0.5), '
+        'not with the linear scaling rule (1, Goyal et al. 2017).'
+      )
     elif high < 0.5:
       text += (
-        'flatter than square-root scaling (0.5): the best learning rate grows little with the batch, '
-        'as past the critical batch size.'
+        'flatter than square-root scaling (0.5): the best learning rate grows little with '
+        'the batch, as past the critical batch size.'
       )
     elif low > 1.0:
       text += 'steeper than the linear scaling rule (1, Goyal et al. 2017).'

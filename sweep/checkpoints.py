@@ -79,7 +79,8 @@ def _npz_writer(tree: Any) -> Callable[[Any], None]:
 
 
 def load_leaves(path: str, abstract: Any) -> Any:
-  """The tree of an .npz of leaves (`write_dir`), in the structure of `abstract` (shapes checked)."""
+  """The tree of an .npz of leaves (`write_dir`), in the structure of `abstract` (shapes
+  checked)."""
   leaves, treedef = jax.tree.flatten(abstract)
   with np.load(path, allow_pickle=False) as f:
     if len(f.files) != len(leaves):
@@ -597,8 +598,9 @@ def saved_runs(workdir: str) -> list[int]:
 
 def restore_run(workdir: str, i: int) -> dict[str, Any]:
   """Everything saved of run i: `params`, `opt_state` (the optimizer state after its last
-  update, as nested dicts and lists of arrays) and, with keep_best, `best_params`; the model state under `model_collections`
-  (flax linen) or `model_state`, when the model has one.
+  update, as nested dicts and lists of arrays) and, with keep_best, `best_params`; the
+  model state under `model_collections` (flax linen) or `model_state`, when the model has
+  one.
 
   Raises:
     KeyError: run i was not saved (the message names the runs that were).

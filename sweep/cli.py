@@ -170,7 +170,8 @@ def _lr_find(args) -> int:
     print(f'sweep: bad config in {path}: {e}', file=sys.stderr)
     return 2
   print(
-    f'LR range test ({args.method}) of {os.path.basename(path)}: suggestion {finder.suggestion:.3g} ({args.suggest})'
+    f'LR range test ({args.method}) of {os.path.basename(path)}: suggestion '
+    f'{finder.suggestion:.3g} ({args.suggest})'
   )
   for rule, value in finder.suggestions.items():
     print(f'  {rule:<8} {value:.3g}')

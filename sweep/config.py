@@ -403,7 +403,8 @@ def _check_value(cfg: SweepConfig, field: str, v, where: str | None = None) -> N
         raise config_error(
           where,
           _Shown(_label(v)),
-          'expected callable(learning_rate, total_updates) returning an optax schedule; a schedule of the '
+          'expected callable(learning_rate, total_updates) returning an optax schedule; a schedule '
+          'of the '
           'update count alone fixes the learning rate: write it as lambda lr, total: '
           'optax.cosine_decay_schedule(lr, total)',
         )
@@ -420,8 +421,10 @@ def _check_value(cfg: SweepConfig, field: str, v, where: str | None = None) -> N
       raise config_error(
         where,
         _Shown(_label(v)),
-        'expected a number; a schedule goes in schedule=, as callable(learning_rate, total_updates), '
-        'e.g. schedule=lambda lr, total: optax.warmup_cosine_decay_schedule(0.0, lr, total // 10, total)',
+        'expected a number; a schedule goes in schedule=, as callable(learning_rate, '
+        'total_updates), '
+        'e.g. schedule=lambda lr, total: optax.warmup_cosine_decay_schedule(0.0, lr, total // 10, '
+        'total)',
       )
     _positive_finite(where, [v])
   elif field == 'batch_size':
@@ -1027,7 +1030,8 @@ def _fills(name: str, hyper_names: list[str]) -> bool:
 
 
 def run_fields(plan: Plan, run: Run) -> dict[str, Any]:
-  """The fields that make `run` a sweep of its own: `plan.config.replace(**run_fields(plan, run))`."""
+  """The fields that make `run` a sweep of its own:
+  `plan.config.replace(**run_fields(plan, run))`."""
   out = {f: run.spec[f] for f in AXES}
   out['hyperparameters'] = {
     h: run.spec[h] for h in plan.fields if h not in AXES and run.spec[h] is not None
@@ -1086,7 +1090,8 @@ def check_callables(plan: Plan, model: Any) -> None:
         'optimizer',
         _Shown(family.label),
         f'it fails with its learning rate and hyperparameters traced ({type(e).__name__}: '
-        f'{str(e).splitlines()[0] if str(e) else ""}); they are traced arrays so that one program serves every '
+        f'{str(e).splitlines()[0] if str(e) else ""}); they are traced arrays so that one program '
+        'serves every '
         'value: compute with them in jnp, not in a Python if or float()',
       ) from e
     if jax.tree.structure(out) != jax.tree.structure(params):
@@ -1109,12 +1114,14 @@ def check_callables(plan: Plan, model: Any) -> None:
           'schedule',
           _Shown(label),
           f'schedule(learning_rate, total_updates={total}) failed with the learning rate traced '
-          f'({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}); expected an optax schedule '
+          f'({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}); expected an optax '
+          'schedule '
           '(a function of the update count) or a number, computed with jnp',
         ) from e
       if out.shape != ():
         raise config_error(
           'schedule',
           _Shown(label),
-          f'schedule(learning_rate, total_updates={total})(count) must be a scalar; it has shape {out.shape}',
+          f'schedule(learning_rate, total_updates={total})(count) must be a scalar; it has shape '
+          f'{out.shape}',
         )

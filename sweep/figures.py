@@ -122,7 +122,8 @@ def _loss_name(config: dict) -> str:
 
 
 def _panel_keys(table: pd.DataFrame) -> list[str]:
-  """The axes that get a panel (or a series) of their own: optimizer and schedule, when they vary."""
+  """The axes that get a panel (or a series) of their own: optimizer and schedule, when
+  they vary."""
   return [
     k
     for k in ('optimizer', 'schedule')
@@ -420,7 +421,8 @@ def _heatmap(result: Result) -> _Section:
       mesh,
       ax=axes.ravel().tolist(),
       shrink=0.9,
-      label=f'{LABELS.get(metric, metric)}, {_loss_name(result.config)}{" (log scale)" if log else ""}',
+      label=f'{LABELS.get(metric, metric)}, '
+      f'{_loss_name(result.config)}{" (log scale)" if log else ""}',
     )
     if log:
       _label_log_axis(bar.ax.yaxis, finite)
@@ -526,7 +528,8 @@ def _curves(result: Result) -> _Section:
     fig.legend(handles=styles, loc='outside right lower', fontsize=8)
   ax.grid(True, which='both', alpha=0.3)
   caption = (
-    f'The {len(handles)} runs with the lowest {LABELS.get(metric, metric)} that did not diverge; the '
+    f'The {len(handles)} runs with the lowest {LABELS.get(metric, metric)} that did not diverge; '
+    'the '
     'training loss is measured on a fixed subset of the training set at each evaluation.'
   )
   if not has_val:
@@ -621,7 +624,8 @@ def _pareto(result: Result) -> _Section:
   ax.grid(True, which='both', alpha=0.3)
   diverged = len(table) - len(_ok(table))
   caption = (
-    f'Every run that did not diverge; the Pareto front on ({ycol}, {xcol}) in red, joined as a step '
+    f'Every run that did not diverge; the Pareto front on ({ycol}, {xcol}) in red, joined as a '
+    'step '
     f'line. {diverged} diverged run(s) left out.'
   )
   return _Section('pareto', caption, _png(fig))
@@ -686,7 +690,8 @@ def _noise_scale(result: Result) -> _Section:
   ax.legend(fontsize=8, title='batch size', title_fontsize=8)
   ax.grid(True, which='both', alpha=0.3)
   caption = (
-    'The simple gradient noise scale (McCandlish et al. 2018) during training, averaged over the runs '
+    'The simple gradient noise scale (McCandlish et al. 2018) during training, averaged over the '
+    'runs '
     'of each batch size that did not diverge; batches well above it gain little per example.'
   )
   return _Section('noise_scale', caption, _png(fig))
@@ -783,7 +788,8 @@ def _batch_size(result: Result, scaling: list[dict[str, Any]]) -> _Section:
   ax.legend(fontsize=7.5, loc='best')
   ax.grid(True, which='major', alpha=0.3)
   caption = (
-    'The learning rate with the lowest seed-mean loss at each batch size, the least-squares line of '
+    'The learning rate with the lowest seed-mean loss at each batch size, the least-squares line '
+    'of '
     'log(best lr) on log(batch size), and the slopes of linear (1) and square-root (0.5) scaling '
     "through the points' geometric mean. Hollow points lie at the edge of the learning-rate grid."
   )

@@ -731,7 +731,8 @@ def slow_layers(apply_fn: Callable, params: Any, x: Any, *, dense: bool = True) 
     found.append(
       SlowLayer(
         where=_where(eqn),
-        what='a matrix product with a weight stored (inputs, outputs), whose runs cannot share one product',
+        what='a matrix product with a weight stored (inputs, outputs), whose runs cannot share one '
+        'product',
         slowdown=_DENSE_SLOWDOWN,
         advice='Use flax.linen.Dense / flax.nnx.Linear (the engine holds their kernels transposed) '
         'or sweep.models.Dense, or store the weight (outputs, inputs) and write x @ W.T',

@@ -63,7 +63,8 @@ def _check_curve(lrs: Any, losses: Any) -> tuple[np.ndarray, np.ndarray]:
   losses = np.asarray(losses, np.float64).reshape(-1)
   if lrs.shape != losses.shape or len(lrs) < 2:
     raise ValueError(
-      f'a rule needs at least two (lr, loss) points of equal count; got {lrs.shape} and {losses.shape}'
+      f'a rule needs at least two (lr, loss) points of equal count; got {lrs.shape} and '
+      f'{losses.shape}'
     )
   if not (np.all(np.isfinite(lrs)) and np.all(lrs > 0) and np.all(np.diff(lrs) > 0)):
     raise ValueError('a rule needs positive, increasing learning rates')

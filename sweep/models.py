@@ -96,7 +96,8 @@ class Dense(nn.Module):
 
 
 def _conv_init(key: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
-  """nn.Conv's kernel initializer drawn for its (*window, in, out) shape, moved to (out, *window, in)."""
+  """nn.Conv's kernel initializer drawn for its (*window, in, out) shape, moved to
+  (out, *window, in)."""
   out, *window, cin = shape
   kernel = nn.initializers.lecun_normal()(key, (*window, cin, out), dtype)
   return jnp.moveaxis(kernel, -1, 0)

@@ -65,7 +65,8 @@ def check_schedules(plan: Plan) -> None:
       raise config_error(
         field,
         value,
-        f'{e} (schedule {name!r} at batch size {v["batch_size"]}, whose runs make {run.total_updates} updates)',
+        f'{e} (schedule {name!r} at batch size {v["batch_size"]}, whose runs make '
+        f'{run.total_updates} updates)',
       ) from None
 
 
@@ -250,7 +251,8 @@ def check_model(plan: Plan, model: adapters.Model) -> None:
       raise config_error(
         'loss',
         plan.loss,
-        f'a callable loss must return one value per example, shape (batch,); got {getattr(out, "shape", out)}',
+        'a callable loss must return one value per example, shape (batch,); got '
+        f'{getattr(out, "shape", out)}',
       )
 
 
@@ -266,7 +268,8 @@ def check_augment(augment: Callable, batch: int, x: np.ndarray) -> None:
     raise config_error(
       'augment',
       name,
-      f'augment(key, x_batch) failed on a key and a batch of shape {xb.shape} ({type(e).__name__}: {e})',
+      f'augment(key, x_batch) failed on a key and a batch of shape {xb.shape} ({type(e).__name__}: '
+      f'{e})',
     ) from e
   if not isinstance(out, jax.ShapeDtypeStruct) or (out.shape, out.dtype) != (xb.shape, xb.dtype):
     got = (

@@ -88,8 +88,8 @@ def load_lr_find(workdir: str) -> LRFinderResult | None:
 
 
 STYLE = """
-body { font-family: system-ui, -apple-system, 'Segoe UI', sans-serif; max-width: 1100px; margin: 2em auto;
-       padding: 0 1em; color: #222; line-height: 1.45; }
+body { font-family: system-ui, -apple-system, 'Segoe UI', sans-serif; max-width: 1100px;
+       margin: 2em auto; padding: 0 1em; color: #222; line-height: 1.45; }
 h1 { font-size: 1.6em; margin-bottom: 0.2em; }
 h2 { font-size: 1.25em; border-bottom: 1px solid #ddd; padding-bottom: 0.2em; margin-top: 1.8em; }
 table { border-collapse: collapse; font-size: 0.85em; margin: 0.6em 0; }
@@ -99,7 +99,8 @@ td.text, th.text { text-align: left; }
 figure { margin: 1em 0; }
 figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
 figcaption { font-size: 0.85em; color: #555; }
-p.note { color: #8a5a00; background: #fff8e6; border-left: 3px solid #e0a800; padding: 0.4em 0.8em; }
+p.note { color: #8a5a00; background: #fff8e6; border-left: 3px solid #e0a800;
+         padding: 0.4em 0.8em; }
 p.meta { color: #666; font-size: 0.85em; }
 code { background: #f5f5f5; padding: 0 0.2em; }
 """
@@ -154,7 +155,8 @@ def _summary(result: Result) -> str:
   parts = [f'<b>{n} runs</b>']
   if search.get('mode') == 'sampled':
     parts[0] += (
-      f' ({search.get("samples")} configurations sampled with sample_seed {search.get("sample_seed")}'
+      f' ({search.get("samples")} configurations sampled with sample_seed '
+      f'{search.get("sample_seed")}'
     )
     parts[0] += (
       f', × {n // max(1, int(search.get("samples") or 1))} grid points)'
@@ -253,8 +255,9 @@ def _scaling_html(scaling: list[dict[str, Any]]) -> str:
       out.append(f'<p class="note">No batch-size table: {_e(s["error"])}</p>')
       continue
     frame = s['table'].drop(columns=['runs'], errors='ignore')
+    metric = _e(LABELS.get(s['metric'], s['metric']))
     out.append(
-      f'<p>The best learning rate of each batch size by seed-mean {_e(LABELS.get(s["metric"], s["metric"]))} '
+      f'<p>The best learning rate of each batch size by seed-mean {metric} '
       '(configurations that diverged for any seed left out):</p>'
     )
     out.append(_html_table(frame, index=True))
@@ -271,8 +274,8 @@ def _scaling_html(scaling: list[dict[str, Any]]) -> str:
     out.append(f'<p>{_e(fit["interpretation"])}</p>')
   if len(scaling) > 1:
     out.append(
-      '<p class="meta">Each optimizer/schedule combination is fitted on its own: their best learning '
-      'rates are not comparable.</p>'
+      '<p class="meta">Each optimizer/schedule combination is fitted on its own: '
+      'their best learning rates are not comparable.</p>'
     )
   return '\n'.join(out)
 
@@ -294,8 +297,9 @@ def _overfitting_html(result: Result) -> str:
   gap = frame['generalization_gap'].to_numpy(np.float64)
   gap = gap[np.isfinite(gap)]
   text = (
-    f'<p><b>{len(flagged)} of {len(frame)}</b> runs that did not diverge overfit: their final validation '
-    'loss lies more than 5 % above their lowest while their training loss kept falling.'
+    f'<p><b>{len(flagged)} of {len(frame)}</b> runs that did not diverge overfit: '
+    'their final validation loss lies more than 5 % above their lowest while their '
+    'training loss kept falling.'
   )
   if len(gap):
     text += (
@@ -376,10 +380,10 @@ def _page(result: Result, sections: dict[str, _Section], scaling: list[dict[str,
     'noise_scale': 'Gradient noise scale',
     'batch_size': 'Best learning rate per batch size',
   }
+  written = datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')
   body = [
     f'<h1>Sweep report: {_e(name)}</h1>',
-    f'<p class="meta">Written {_e(datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"))} by '
-    'sweep.report.</p>',
+    f'<p class="meta">Written {_e(written)} by sweep.report.</p>',
     f'<p id="summary">{_summary(result)}</p>',
     '<h2>Configuration</h2>',
     _config_html(result),
@@ -404,8 +408,8 @@ def _page(result: Result, sections: dict[str, _Section], scaling: list[dict[str,
   ]
   return (
     '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
-    f'<meta name="viewport" content="width=device-width, initial-scale=1">\n<title>{_e(name)}: sweep report'
-    f'</title>\n<style>{STYLE}</style>\n</head>\n<body>\n'
+    '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+    f'<title>{_e(name)}: sweep report</title>\n<style>{STYLE}</style>\n</head>\n<body>\n'
     + '\n'.join(body)
     + '\n</body>\n</html>\n'
   )

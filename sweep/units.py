@@ -231,9 +231,11 @@ def _hparams(plan: Plan, group: BatchGroup, filler: Run) -> train.GroupHparams:
       opt_row.append({k: np.float32(x) for k, x in run.hypers.items()})
     sched.append(sched_row)
     opt.append(opt_row)
-  stack = lambda rows: jax.tree.map(
-    lambda *xs: np.stack(xs), *[jax.tree.map(lambda *ys: np.stack(ys), *r) for r in rows]
-  )  # noqa: E731
+
+  def stack(rows):
+    per_row = [jax.tree.map(lambda *ys: np.stack(ys), *r) for r in rows]
+    return jax.tree.map(lambda *xs: np.stack(xs), *per_row)
+
   seeds = np.array(
     group.seeds + [group.seeds[0]] * (group.slots.shape[0] - len(group.seeds)), np.int32
   )

@@ -142,7 +142,8 @@ def checkpoint_steps(workdir: Path) -> list[int]:
 
 
 def expected_front(table: pd.DataFrame, objectives: dict[str, str]) -> set[int]:
-  """The Pareto front by brute force: the runs that did not diverge and no other such run dominates."""
+  """The Pareto front by brute force: the runs that did not diverge and no other such run
+  dominates."""
   ok = table[table.status == 'ok']
   flip = np.array([-1.0 if s == 'max' else 1.0 for s in objectives.values()])
   values = ok[list(objectives)].to_numpy(np.float64) * flip
@@ -442,7 +443,8 @@ def sweep_command() -> list[str]:
 
 
 class Cli:
-  """Runs `sweep run EXPERIMENT --workdir DIR --no-progress --checkpoint-every N` in subprocesses."""
+  """Runs `sweep run EXPERIMENT --workdir DIR --no-progress --checkpoint-every N` in
+  subprocesses."""
 
   def __init__(self, root: Path):
     self.root = root

@@ -231,7 +231,8 @@ step readonly {command}
 
 TMPFS = dict(
   setup='M=$(mktemp -d); mount -t tmpfs -o size=64m tmpfs "$M"; cp -a "$W" "$M/w"; '
-  'used=$(df -B1 --output=used "$M" | tail -1); mount -o remount,size=$((used + 16384)) "$M"; W="$M/w"',
+  'used=$(df -B1 --output=used "$M" | tail -1); mount -o remount,size=$((used + 16384)) "$M"; '
+  'W="$M/w"',
   loosen='mount -o remount,size=64m "$M"',
   readonly='mount -o remount,ro "$M"',
   teardown='mkdir -p "$OUT/w"; cp -a "$W/." "$OUT/w/"',

@@ -150,7 +150,10 @@ def test_ragged_sweep_with_schedule_parameters_matches_optax(k):
   failures = []
   for i, row in table.iterrows():
     params, steps, losses = reference(row, decay_every)
-    where = f'run {i} ({row.schedule}, warmup {row.warmup}, decay_rate {row.decay_rate}, batch {row.batch_size})'
+    where = (
+      f'run {i} ({row.schedule}, warmup {row.warmup}, decay_rate {row.decay_rate}, '
+      f'batch {row.batch_size})'
+    )
     assert row.status == 'ok' and row.updates == steps, where
     if excess(result.params(i), params) > 0:
       failures.append(f'{where}: params off by {excess(result.params(i), params):.3g}')

@@ -157,9 +157,9 @@ def test_nnx_conv_equals_flax(shape, features, kernel, options):
 
 
 def test_nnx_conv_options_not_handled_run_flax():
-  make = lambda: nnx.Conv(
-    3, 4, (3, 3), input_dilation=2, padding=((1, 1), (1, 1)), rngs=nnx.Rngs(0)
-  )  # noqa: E731
+  def make():
+    return nnx.Conv(3, 4, (3, 3), input_dilation=2, padding=((1, 1), (1, 1)), rngs=nnx.Rngs(0))
+
   check_nnx(make, normal(2, 6, 6, 3), convs_left=1)
 
 

@@ -204,12 +204,11 @@ def test_a_named_switch_is_passed_the_training_mode():
   for t, idx in batches(0, 16, 1):
     if t == 6:
       break
-    loss = lambda p: ce(
-      module.apply(
-        {'params': p}, XT[idx], deterministic=False, rngs={'dropout': update_key(0, t, 2)}
-      ),
-      YT[idx],
-    )  # noqa: B023, E731
+
+    def loss(p, idx=idx, t=t):
+      rngs = {'dropout': update_key(0, t, 2)}
+      return ce(module.apply({'params': p}, XT[idx], deterministic=False, rngs=rngs), YT[idx])
+
     updates, opt_state = opt.update(jax.grad(loss)(params), opt_state, params)
     params = optax.apply_updates(params, updates)
   assert_close(result.params(0), params, 'deterministic=False while training')
@@ -580,13 +579,15 @@ def test_the_char_lm_experiment_through_the_cli(tmp_path):
   experiment = tmp_path / 'char_lm_small.py'
   experiment.write_text(
     'import importlib.util\n'
-    f'spec = importlib.util.spec_from_file_location("char_lm", {str(repo / "experiments" / "char_lm.py")!r})\n'
+    'spec = importlib.util.spec_from_file_location("char_lm", '
+    f'{str(repo / "experiments" / "char_lm.py")!r})\n'
     'char_lm = importlib.util.module_from_spec(spec)\n'
     'spec.loader.exec_module(char_lm)\n\n'
     'def get_config():\n'
     '  cfg = char_lm.get_config()\n'
     '  model = char_lm.CharTransformer(vocab=cfg.data.num_classes, width=16, heads=2, layers=1)\n'
-    '  return cfg.replace(model=model, learning_rate=[3e-3, 1e-2], batch_size=[32], epochs=None, updates=6,\n'
+    '  return cfg.replace(model=model, learning_rate=[3e-3, 1e-2], batch_size=[32], epochs=None, '
+    'updates=6,\n'
     '                     num_evals=2, train_eval_size=64)\n'
   )
   env = dict(
@@ -662,9 +663,10 @@ def test_an_nnx_model_given_its_rngs_at_the_call():
   for t, idx in batches(0, 32, 1):
     if t == 5:
       break
-    loss = lambda p: ce(
-      nnx.merge(graph, p)(XT[idx], rngs=nnx.Rngs(dropout=update_key(0, t, 2))), YT[idx]
-    )  # noqa: B023, E731
+
+    def loss(p, idx=idx, t=t):
+      return ce(nnx.merge(graph, p)(XT[idx], rngs=nnx.Rngs(dropout=update_key(0, t, 2))), YT[idx])
+
     params = jax.tree.map(lambda p, g: p - 0.1 * g, params, jax.grad(loss)(params))
   assert_close(result.params(0), nnx.to_pure_dict(params), 'call-time rngs')
 
