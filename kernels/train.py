@@ -532,9 +532,9 @@ class _Jit:
   """`jax.jit(fun, **kwargs)`, built at its first call, once the backend is known.
 
   On CPU it compiles with XLA's backend optimization level 1 rather than the default:
-  the seed MLP's init program (threefry and truncated normals) compiles in 0.3 s rather
-  than 1.05 s, and no program measurably ran slower (the matrix products are library
-  calls, not generated code; level 0 made the training step 3x slower).
+  programs such as the init (threefry and truncated normals) compile several times
+  faster and none measurably runs slower, since the matrix products are library calls,
+  not generated code (docs/performance.md, change 7).
   """
 
   def __init__(self, fun: Callable, **kwargs):

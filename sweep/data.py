@@ -41,8 +41,8 @@ def aligned(a: np.ndarray) -> np.ndarray:
   it is not one already).
 
   JAX's CPU backend takes such a host array as it is, without copying it, when the
-  engine puts the data on its devices (0.07 ms against 16-20 ms for 8192 MNIST-shaped
-  examples, on one device or replicated on two); other arrays are copied at every sweep.
+  engine puts the data on its devices; other arrays are copied at every sweep
+  (docs/performance.md, change 8).
   """
   a = np.asarray(a)
   if a.flags.c_contiguous and a.ctypes.data % _ALIGNMENT == 0:
@@ -363,8 +363,8 @@ def mnist1d(num_samples: int = 5000, seed: int = 42) -> Dataset:
 
   With the defaults this is the standard dataset: 4000 training and 1000 validation
   signals of length 40 (float32, standardized over the whole set), 10 classes. The data is
-  generated, never downloaded; generation takes about 1.2 s on one CPU core, so the
-  arrays are cached in memory per (num_samples, seed) and shared read-only.
+  generated, never downloaded, and the arrays are cached in memory per
+  (num_samples, seed) and shared read-only.
 
   Args:
     num_samples: total examples; rounded down to a multiple of 10 (one tenth per class),

@@ -52,8 +52,7 @@ def set_cpu_devices(count: int | None = None) -> bool:
   XLA's CPU backend runs a program on one device, which spreads a single matrix
   product over the cores but leaves them idle between the small kernels of a step
   like the seed MLP's. With one device per core the engine shards its run axis over
-  them and the shards run side by side: the seed MLP, 64 learning rates at batch 32,
-  trained 1.35x faster on 2 cores than with one device (scripts/bench.py). It changes
+  them and the shards run side by side (docs/performance.md, change 4). It changes
   nothing on GPU or TPU, whose devices the engine uses.
 
   Like `numpyro.set_host_device_count`, it must be called before JAX runs anything

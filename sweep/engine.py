@@ -111,8 +111,7 @@ def _start(model: adapters.Model, unit: Unit, hparams, data: train.Data):
   The chunks of a family share their seed slots, so their initial metrics (each seed's
   initial parameters evaluated) are equal: with three chunks or more, the first chunk
   evaluates and the others only initialise, a program of its own that two evaluations
-  saved repay (for the 1M-parameter MLP in 8 chunks, the initial evaluations were 10 %
-  of the sweep).
+  saved repay (docs/performance.md, change 15).
   """
   program = train.make_program(unit.structure)
   params = _per_seed_params(model, unit)

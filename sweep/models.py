@@ -74,8 +74,8 @@ class Dense(nn.Module):
   one matrix product, `(runs * outputs, inputs) @ (inputs, batch)`, on the weights as
   they lie in memory, and so is the weight gradient. Flax's `nn.Dense` stores
   `(inputs, outputs)`: `(runs, inputs, outputs)` is not a matrix of either shape, so
-  XLA copies (transposes) every run's weights at every step, or loops over runs. On a
-  2-core CPU this layout made the seed MLP's step 1.5x faster (scripts/bench.py).
+  XLA copies (transposes) every run's weights at every step, or loops over runs
+  (docs/performance.md, change 3).
 
   Initialized as `nn.Dense` (LeCun normal over the inputs, zero bias): the weight is
   the transpose of the kernel `nn.Dense` draws from the same key.

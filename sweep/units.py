@@ -375,8 +375,7 @@ def _eval_bytes_per_example(plan: Plan, init_fn, apply_fn, chunk: int) -> float:
 
 
 # On a CPU, an evaluation chunk is cut so that its intermediates, over the runs of a
-# device, stay about this size: the flax MNIST CNN evaluated 1024 examples at a time for
-# 8 runs a device made 300 MB of input windows, and ran at a third of its training rate.
+# device, stay about this size, near the cache (docs/performance.md, change 14).
 EVAL_CHUNK_BYTES = 16 << 20
 
 
