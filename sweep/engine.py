@@ -401,7 +401,7 @@ def _run(
   experiment_file,
   keep_checkpoints,
 ):
-  from sweep import fingerprint, results  # a cycle: results formats what this module produces
+  from sweep import fingerprint, provenance, results  # results formats what this module produces
 
   # ------------------------------------------------ check and plan, compiling nothing
   if workdir is not None:
@@ -418,7 +418,7 @@ def _run(
   all_units = units.plan_units(plan, model, eval_chunk, warn=False)
   # Every field; with a workdir the data's content is hashed too (once), for the fingerprint.
   fields = fingerprint.config_fields(cfg, content=workdir is not None)
-  resolved = results.resolved_config(plan, experiment_file, fields)
+  resolved = provenance.resolved_config(plan, experiment_file, fields)
   resolved['run_axis'] = units.run_axis_report(all_units)
 
   # ------------------------------------------------ claim the workdir, read back where it stood
@@ -453,13 +453,13 @@ def _run(
     leave=False,
   )
   sweep = _Sweep(
-    plan,
-    model,
-    _device_data(cfg, eval_chunk, shardings),
-    shardings,
-    jnp.float32(cfg.divergence_threshold),
-    _Keeper(units.keep_budget(cfg), workdir, workdir is not None),
-    bar,
+    plan=plan,
+    model=model,
+    data=_device_data(cfg, eval_chunk, shardings),
+    shardings=shardings,
+    threshold=jnp.float32(cfg.divergence_threshold),
+    keep=_Keeper(units.keep_budget(cfg), workdir, keep_opt_state=workdir is not None),
+    bar=bar,
   )
   trained = []
   for c, done in sorted(finished.items()):
