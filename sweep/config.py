@@ -560,22 +560,17 @@ def _draw(field: str, sp: spaces.Space, seed: int, n: int) -> list:
   return sp.draw(spaces.stream(seed, field), n)
 
 
-def validate(cfg: SweepConfig) -> Plan:
-  """Checks every field and expands the runs; raises `ConfigError` on any mistake.
-
-  Runs in Python on host values only: nothing is traced or compiled (`check_callables`
-  traces the factories and schedule callables, without compiling, once the model is known).
-  """
+def check_fields(cfg: SweepConfig) -> Any:
+  """Checks the fields that are one value each (data, loss, budgets, sizes, switches,
+  objectives); returns the loss in use. The fields that make runs are checked as they
+  are expanded (`expand`)."""
   if not isinstance(cfg.data, Dataset):
     raise config_error(
       'data', type(cfg.data).__name__, 'expected a sweep.data.Dataset, e.g. sweep.data.arrays(x, y)'
     )
-  data = cfg.data
-  n = data.n_train
-
   loss = cfg.loss
   if loss is None:
-    loss = 'softmax_cross_entropy' if data.is_classification else 'mse'
+    loss = 'softmax_cross_entropy' if cfg.data.is_classification else 'mse'
   if isinstance(loss, str):
     _names('loss', [loss], sorted(losses.LOSSES))
   elif not callable(loss):
@@ -586,6 +581,90 @@ def validate(cfg: SweepConfig) -> Plan:
   if not isinstance(cfg.noise_scale, bool):
     raise config_error('noise_scale', cfg.noise_scale, 'expected True or False')
   _positive_finite('decay_every', [cfg.decay_every], upper=1.0)
+  if (
+    isinstance(cfg.sample_seed, bool)
+    or not isinstance(cfg.sample_seed, numbers.Integral)
+    or cfg.sample_seed < 0
+  ):
+    raise config_error('sample_seed', cfg.sample_seed, 'expected an integer >= 0')
+  if cfg.samples is not None and (
+    isinstance(cfg.samples, bool)
+    or not isinstance(cfg.samples, numbers.Integral)
+    or cfg.samples <= 0
+  ):
+    raise config_error(
+      'samples', cfg.samples, 'expected a positive integer: how many configurations to draw'
+    )
+  if cfg.epochs is not None and cfg.updates is not None:
+    raise config_error(
+      'epochs',
+      cfg.epochs,
+      f'give one budget, epochs or updates, not both (updates={cfg.updates!r})',
+    )
+  epochs = 1 if cfg.epochs is None and cfg.updates is None else cfg.epochs
+  if epochs is not None:
+    _positive_finite('epochs', [epochs])
+  if cfg.updates is not None and (
+    isinstance(cfg.updates, bool)
+    or not isinstance(cfg.updates, numbers.Integral)
+    or cfg.updates <= 0
+  ):
+    raise config_error('updates', cfg.updates, 'expected a positive integer')
+  if not isinstance(cfg.shuffle, bool):
+    raise config_error('shuffle', cfg.shuffle, 'expected True or False')
+  _positive_finite('divergence_threshold', [cfg.divergence_threshold])
+  if cfg.divergence_threshold <= 1:
+    raise config_error('divergence_threshold', cfg.divergence_threshold, 'expected a factor > 1')
+  for name in ('eval_batch_size', 'train_eval_size'):
+    v = getattr(cfg, name)
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v <= 0:
+      raise config_error(name, v, 'expected a positive integer')
+  if cfg.train_argument is not None and (
+    not isinstance(cfg.train_argument, str) or not cfg.train_argument.isidentifier()
+  ):
+    raise config_error(
+      'train_argument', cfg.train_argument, 'the name of an argument of the model, or None'
+    )
+  if cfg.augment is not None and not callable(cfg.augment):
+    raise config_error(
+      'augment', cfg.augment, 'a function augment(key, x_batch) -> x_batch, or None'
+    )
+  if not isinstance(cfg.keep_best, bool):
+    raise config_error('keep_best', cfg.keep_best, 'expected True or False')
+  if cfg.memory_budget is not None:
+    _positive_finite('memory_budget', [cfg.memory_budget])
+  if cfg.compute_dtype not in ('float32', 'bfloat16', 'float16'):
+    raise config_error('compute_dtype', cfg.compute_dtype, 'expected float32, bfloat16 or float16')
+  if cfg.num_evals is not None and (
+    isinstance(cfg.num_evals, bool)
+    or not isinstance(cfg.num_evals, numbers.Integral)
+    or cfg.num_evals <= 0
+  ):
+    raise config_error('num_evals', cfg.num_evals, 'expected a positive integer')
+  if not isinstance(cfg.objectives, Mapping) or not cfg.objectives:
+    raise config_error('objectives', cfg.objectives, 'expected a dict column -> "min" or "max"')
+  for col, sense in cfg.objectives.items():
+    if sense not in ('min', 'max'):
+      raise config_error(f'objectives[{col!r}]', sense, 'expected "min" or "max"')
+  return loss
+
+
+def validate(cfg: SweepConfig) -> Plan:
+  """Checks every field and expands the runs into a `Plan`; raises `ConfigError` on any
+  mistake.
+
+  Runs in Python on host values only: nothing is traced or compiled (`preflight` checks
+  the model, the factories and the schedule callables, without compiling, once the model
+  is known).
+  """
+  return expand(cfg, check_fields(cfg))
+
+
+def expand(cfg: SweepConfig, loss: Any) -> Plan:
+  """The runs of `cfg` (checked by `check_fields`), its axes and budgets, as a `Plan`."""
+  data = cfg.data
+  n = data.n_train
+  epochs = 1 if cfg.epochs is None and cfg.updates is None else cfg.epochs
 
   # ---- the fields, each a list of values or a space
   hyper_names = _hyperparameter_names(cfg)
@@ -626,21 +705,6 @@ def validate(cfg: SweepConfig) -> Plan:
   raw_field = {f: getattr(cfg, f) if f in AXES else cfg.hyperparameters.get(f) for f in fields}
   norm = {f: _normalise(cfg, f, raw_field[f]) for f in fields}
   sampled = [f for f in fields if isinstance(norm[f], spaces.Space)]
-
-  if (
-    isinstance(cfg.sample_seed, bool)
-    or not isinstance(cfg.sample_seed, numbers.Integral)
-    or cfg.sample_seed < 0
-  ):
-    raise config_error('sample_seed', cfg.sample_seed, 'expected an integer >= 0')
-  if cfg.samples is not None and (
-    isinstance(cfg.samples, bool)
-    or not isinstance(cfg.samples, numbers.Integral)
-    or cfg.samples <= 0
-  ):
-    raise config_error(
-      'samples', cfg.samples, 'expected a positive integer: how many configurations to draw'
-    )
 
   # ---- the runs, as given (callables themselves)
   search: dict[str, Any] = {}
@@ -725,48 +789,6 @@ def validate(cfg: SweepConfig) -> Plan:
       for combo in itertools.product(*(norm[f] for f in fields))
     ]
 
-  # ---- budgets
-  if cfg.epochs is not None and cfg.updates is not None:
-    raise config_error(
-      'epochs',
-      cfg.epochs,
-      f'give one budget, epochs or updates, not both (updates={cfg.updates!r})',
-    )
-  epochs = 1 if cfg.epochs is None and cfg.updates is None else cfg.epochs
-  if epochs is not None:
-    _positive_finite('epochs', [epochs])
-  if cfg.updates is not None and (
-    isinstance(cfg.updates, bool)
-    or not isinstance(cfg.updates, numbers.Integral)
-    or cfg.updates <= 0
-  ):
-    raise config_error('updates', cfg.updates, 'expected a positive integer')
-  if not isinstance(cfg.shuffle, bool):
-    raise config_error('shuffle', cfg.shuffle, 'expected True or False')
-  _positive_finite('divergence_threshold', [cfg.divergence_threshold])
-  if cfg.divergence_threshold <= 1:
-    raise config_error('divergence_threshold', cfg.divergence_threshold, 'expected a factor > 1')
-  for name in ('eval_batch_size', 'train_eval_size'):
-    v = getattr(cfg, name)
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v <= 0:
-      raise config_error(name, v, 'expected a positive integer')
-  if cfg.train_argument is not None and (
-    not isinstance(cfg.train_argument, str) or not cfg.train_argument.isidentifier()
-  ):
-    raise config_error(
-      'train_argument', cfg.train_argument, 'the name of an argument of the model, or None'
-    )
-  if cfg.augment is not None and not callable(cfg.augment):
-    raise config_error(
-      'augment', cfg.augment, 'a function augment(key, x_batch) -> x_batch, or None'
-    )
-  if not isinstance(cfg.keep_best, bool):
-    raise config_error('keep_best', cfg.keep_best, 'expected True or False')
-  if cfg.memory_budget is not None:
-    _positive_finite('memory_budget', [cfg.memory_budget])
-  if cfg.compute_dtype not in ('float32', 'bfloat16', 'float16'):
-    raise config_error('compute_dtype', cfg.compute_dtype, 'expected float32, bfloat16 or float16')
-
   batch_sizes = tuple(sorted({int(r['batch_size']) for r in raw_runs}))
   steps_per_epoch = {b: n // b for b in batch_sizes}
   if cfg.updates is not None:
@@ -777,8 +799,6 @@ def validate(cfg: SweepConfig) -> Plan:
     num_evals = min(100, max(1, math.ceil(epochs))) if cfg.updates is None else min(10, cfg.updates)
   else:
     num_evals = cfg.num_evals
-    if isinstance(num_evals, bool) or not isinstance(num_evals, numbers.Integral) or num_evals <= 0:
-      raise config_error('num_evals', num_evals, 'expected a positive integer')
   num_evals = min(num_evals, min(total.values()))
 
   if data.is_classification:
@@ -806,12 +826,8 @@ def validate(cfg: SweepConfig) -> Plan:
       for r, entry in zip(runs, entries, strict=True)
     ]
 
-  if not isinstance(cfg.objectives, Mapping) or not cfg.objectives:
-    raise config_error('objectives', cfg.objectives, 'expected a dict column -> "min" or "max"')
   numeric = table_columns(cfg, axes)
-  for col, sense in cfg.objectives.items():
-    if sense not in ('min', 'max'):
-      raise config_error(f'objectives[{col!r}]', sense, 'expected "min" or "max"')
+  for col in cfg.objectives:
     if col not in numeric:
       raise config_error(
         'objectives', col, 'a numeric column of the results table: ' + ', '.join(numeric)

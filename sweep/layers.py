@@ -325,20 +325,7 @@ def _linen_conv(module: nn.Conv, inputs):
   kernel, bias = got
   if not module.use_bias:
     bias = None
-  return _conv(
-    inputs,
-    kernel,
-    bias,
-    kernel_size=module.kernel_size,
-    strides=module.strides,
-    padding=module.padding,
-    input_dilation=module.input_dilation,
-    kernel_dilation=module.kernel_dilation,
-    groups=module.feature_group_count,
-    mask=module.mask,
-    promote=_linen_promote(module),
-    precision=module.precision,
-  )
+  return _conv(inputs, kernel, bias, promote=_linen_promote(module), **_conv_options(module))
 
 
 # Exactly these classes (not subclasses, which may change what a method does).
@@ -409,23 +396,27 @@ def _nnx_linear_general(module: nnx.LinearGeneral, inputs, out_sharding=None):
   )
 
 
+def _conv_options(module) -> dict:
+  """The options of a linen or nnx convolution that `_conv` reproduces."""
+  return {
+    'kernel_size': module.kernel_size,
+    'strides': module.strides,
+    'padding': module.padding,
+    'input_dilation': module.input_dilation,
+    'kernel_dilation': module.kernel_dilation,
+    'groups': module.feature_group_count,
+    'mask': module.mask,
+    'precision': module.precision,
+  }
+
+
 def _nnx_conv(module: nnx.Conv, inputs, out_sharding=None):
   if out_sharding is not None or module.conv_general_dilated is not lax.conv_general_dilated:
     return _FALLBACK
+  kernel, bias = _nnx_value(module.kernel), _nnx_value(module.bias)
+  options = _conv_options(module)
   return _conv(
-    inputs,
-    _nnx_value(module.kernel),
-    _nnx_value(module.bias),
-    kernel_size=module.kernel_size,
-    strides=module.strides,
-    padding=module.padding,
-    input_dilation=module.input_dilation,
-    kernel_dilation=module.kernel_dilation,
-    groups=module.feature_group_count,
-    mask=module.mask,
-    promote=_nnx_promote(module),
-    precision=module.precision,
-    kwargs=_nnx_kwargs(module),
+    inputs, kernel, bias, promote=_nnx_promote(module), kwargs=_nnx_kwargs(module), **options
   )
 
 
