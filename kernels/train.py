@@ -156,6 +156,18 @@ class GroupHparams(NamedTuple):
 
 
 class RunState(NamedTuple):
+  """One run's state (leaves (S, R, ...) in a `GroupState`), in four parts:
+
+  - training: `params`, `model_state`, `opt_state`, `updates`;
+  - divergence: `alive`, `loss0`;
+  - this segment's statistics, zeroed at its start: `loss_sum`, `loss_count`, `gsq_half`,
+    `gsq_full`;
+  - the best so far (with `Structure.keep_best`): `best_params`, `best_loss`,
+    `best_model_state`.
+
+  One flat tuple, as checkpoints store its leaves in this order.
+  """
+
   params: Any
   model_state: Any  # the model's variables other than parameters (batch statistics), or {}
   opt_state: optax.OptState

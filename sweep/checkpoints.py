@@ -456,6 +456,14 @@ class FinishedUnit:
     )
 
 
+def _parse(record: type, meta: dict[str, Any]) -> Any:
+  """`record.from_json(meta)`; a meta.json of this sweep that lacks a field is damaged."""
+  try:
+    return record.from_json(meta)
+  except (KeyError, TypeError, ValueError) as e:
+    raise Damaged(f'{META} does not hold a {record.__name__} ({type(e).__name__}: {e})') from e
+
+
 @dataclasses.dataclass
 class Resume:
   """Where this process's part of a sweep stands on disk."""
@@ -486,10 +494,11 @@ def resume(
     if not os.path.isdir(path):
       continue
     try:
-      done = FinishedUnit.from_json(read_meta(path, (META, STATE)))
-      if done.fingerprint != digest:
+      meta = read_meta(path, (META, STATE))
+      if meta.get('fingerprint') != digest:
         raise Damaged('it is of another sweep')
-    except (Damaged, KeyError, TypeError, ValueError) as e:
+      done = _parse(FinishedUnit, meta)
+    except Damaged as e:
       say(f'finished unit {path} is damaged ({e}): training unit {c} again')
       continue
     out.finished[c] = done
@@ -500,10 +509,10 @@ def resume(
   for step in reversed(steps):
     try:
       state, meta = store.load(step, lambda m: abstract(int(m['unit'])))
-      point = ResumePoint.from_json(meta)
-      if point.fingerprint != digest:
+      if meta.get('fingerprint') != digest:
         raise Damaged('it is of another sweep')
-    except (Damaged, KeyError, TypeError, ValueError) as e:
+      point = _parse(ResumePoint, meta)
+    except Damaged as e:
       later = [s for s in steps if s < step]
       where = f'trying checkpoint {later[-1]}' if later else 'no earlier checkpoint'
       say(f'checkpoint {store.path(step)} is damaged ({e}): skipped; {where}')

@@ -643,9 +643,6 @@ def check_fields(cfg: SweepConfig) -> Any:
     raise config_error('num_evals', cfg.num_evals, 'expected a positive integer')
   if not isinstance(cfg.objectives, Mapping) or not cfg.objectives:
     raise config_error('objectives', cfg.objectives, 'expected a dict column -> "min" or "max"')
-  for col, sense in cfg.objectives.items():
-    if sense not in ('min', 'max'):
-      raise config_error(f'objectives[{col!r}]', sense, 'expected "min" or "max"')
   return loss
 
 
@@ -827,7 +824,9 @@ def expand(cfg: SweepConfig, loss: Any) -> Plan:
     ]
 
   numeric = table_columns(cfg, axes)
-  for col in cfg.objectives:
+  for col, sense in cfg.objectives.items():
+    if sense not in ('min', 'max'):
+      raise config_error(f'objectives[{col!r}]', sense, 'expected "min" or "max"')
     if col not in numeric:
       raise config_error(
         'objectives', col, 'a numeric column of the results table: ' + ', '.join(numeric)

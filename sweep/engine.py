@@ -477,6 +477,7 @@ def _run(
   start = (
     time.perf_counter() - wd.resume.point.seconds - sum(done.seconds for done in finished.values())
   )
+  wd.start_clock()
   try:
     with _SigtermFlag(active=wd.active) as sigterm:
       for c in todo:

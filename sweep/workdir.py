@@ -79,6 +79,10 @@ class Workdir:
     self.step = self.resume.step
     return self.resume
 
+  def start_clock(self) -> None:
+    """Training starts: `seconds` (checkpoint_seconds) count from now."""
+    self._last_save = time.perf_counter()
+
   def due(self, finished: bool, preempted: bool) -> bool:
     """Whether to checkpoint after the segment just trained (step `self.step`)."""
     if self._store is None:
