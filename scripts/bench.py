@@ -3,6 +3,7 @@
   python scripts/bench.py            # full: about 15 minutes on a 2-core CPU
   python scripts/bench.py --quick    # a few minutes
   python scripts/bench.py --only user --mnist DIR   # the user-module rows, on MNIST IDX files
+  python scripts/bench.py --only user --match 'char LM'   # one of them
 
 Baselines, each training the same runs (same data, model, optimizer, steps):
   (b) sequential optax, compiled once: one run's whole training is a `lax.scan` inside
@@ -337,14 +338,15 @@ OPTIMIZERS = {
 }
 
 
-def one_run(module, x, y, batch, steps, optimizer, init_inside=False):
+def one_run(module, x, y, batch, steps, optimizer, init_inside=False, **apply_kwargs):
   """`train(lr)`: one run of the unmodified module, a `lax.scan` over its optax steps.
 
   With `init_inside`, `train` initialises the module itself, as PureJaxRL's `train(rng)`
   does (so that its first call compiles the init too, as the engine's does); otherwise the
-  parameters are made once, outside.
+  parameters are made once, outside. `apply_kwargs` go to every `module.init` and
+  `module.apply` (`train=True` for a module with a train switch and no dropout).
   """
-  init = lambda: module.init(jax.random.key(0), x[:1])['params']  # noqa: E731
+  init = lambda: module.init(jax.random.key(0), x[:1], **apply_kwargs)['params']  # noqa: E731
   outside = None if init_inside else init()
 
   def train(lr):
@@ -358,7 +360,7 @@ def one_run(module, x, y, batch, steps, optimizer, init_inside=False):
       yb = jax.lax.dynamic_slice_in_dim(y, j * batch, batch)
       loss, g = jax.value_and_grad(
         lambda p: optax.softmax_cross_entropy_with_integer_labels(
-          module.apply({'params': p}, xb), yb
+          module.apply({'params': p}, xb, **apply_kwargs), yb
         ).mean()
       )(params)
       u, state = opt.update(g, state, params)
@@ -378,8 +380,13 @@ def timed(f, *args) -> float:
   return time.perf_counter() - t0
 
 
-def user_module(title, module, x, y, lrs, batch, optimizer, repeats, peak):
+MATCH = None  # --match: only the user-module rows whose title holds this
+
+
+def user_module(title, module, x, y, lrs, batch, optimizer, repeats, peak, **apply_kwargs):
   """The same unmodified module through the engine, (b) and (f); see the docstring."""
+  if MATCH and MATCH not in title:
+    return
   n = len(x)
   steps = n // batch
   print(
@@ -404,9 +411,11 @@ def user_module(title, module, x, y, lrs, batch, optimizer, repeats, peak):
   result = sweep.run(cfg, progress=False)
   engine_first = time.perf_counter() - t0
   xs, ys = jnp.asarray(x), jnp.asarray(y)
-  seq = jax.jit(one_run(module, xs, ys, batch, steps, optimizer))
+  seq = jax.jit(one_run(module, xs, ys, batch, steps, optimizer, **apply_kwargs))
   seq_compile = timed(seq, np.float32(lrs[0]))
-  hand = jax.jit(jax.vmap(one_run(module, xs, ys, batch, steps, optimizer, init_inside=True)))
+  hand = jax.jit(
+    jax.vmap(one_run(module, xs, ys, batch, steps, optimizer, init_inside=True, **apply_kwargs))
+  )
   hand_first = timed(hand, jnp.asarray(lrs, jnp.float32))
   times = {'engine': [], 'seq': [], 'hand': []}
   for r in range(repeats):
@@ -423,7 +432,7 @@ def user_module(title, module, x, y, lrs, batch, optimizer, repeats, peak):
   med = {k: float(np.median(v)) for k, v in times.items()}
   vs = {k: np.array(times[k]) / np.array(times['engine']) for k in ('seq', 'hand')}
   run_steps = len(lrs) * steps
-  init_fn, apply_fn = sweep.models.to_functions(module, x[:1], 10)
+  init_fn, apply_fn = sweep.engine.model_of(cfg, sweep.check(cfg).output_dim).pure_functions()
   flops = (
     n // batch * batch * len(lrs) * train_flops_per_example(apply_fn, init_fn(jax.random.key(0)), x)
   )
@@ -457,6 +466,26 @@ def mnist_images(n: int, mnist_dir: str | None, seed: int = 0):
     return d.x_train[:n, ..., None], d.y_train[:n]
   x, y = mnist_shaped(n, seed)
   return x.reshape(n, 28, 28, 1), y
+
+
+def char_windows(stride: int = 16):
+  """The char LM experiment's text and model: windows of 64 characters every `stride`."""
+  import importlib.util
+
+  path = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'experiments', 'char_lm.py'
+  )
+  spec = importlib.util.spec_from_file_location('char_lm', path)
+  char_lm = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(char_lm)
+  chars = char_lm.text()
+  vocab = sorted(set(chars))
+  ids = np.array([vocab.index(c) for c in chars], np.int32)
+  starts = np.arange(0, len(ids) - char_lm.CONTEXT - 1, stride)
+  x = np.stack([ids[s : s + char_lm.CONTEXT] for s in starts])
+  y = np.stack([ids[s + 1 : s + char_lm.CONTEXT + 1] for s in starts])
+  # Without dropout: the baselines' loops then need no keys.
+  return char_lm.CharTransformer(vocab=len(vocab), dropout=0.0), x, y
 
 
 def user_rows(quick: bool, peak: float, mnist_dir: str | None) -> None:
@@ -505,6 +534,20 @@ def user_rows(quick: bool, peak: float, mnist_dir: str | None) -> None:
       repeats,
       peak,
     )
+  model, x, y = char_windows(32 if quick else 16)
+  lrs8 = [float(v) for v in np.logspace(-3.5, -1.5, 8)]
+  user_module(
+    'char LM: 2 transformer blocks (flax attention, width 32) on 64-character windows',
+    model,
+    x,
+    y,
+    lrs8[::2] if quick else lrs8,
+    32,
+    'adam',
+    repeats,
+    peak,
+    train=True,
+  )
 
 
 def main():
@@ -517,10 +560,13 @@ def main():
     choices=['engine', 'user'],
     help="only the engine's own models, or the user-module rows",
   )
+  parser.add_argument('--match', help='only the user-module rows whose title contains this text')
   parser.add_argument(
     '--mnist', metavar='DIR', help='MNIST IDX files for the 28x28 row (default: synthetic images)'
   )
   args = parser.parse_args()
+  global MATCH
+  MATCH = args.match
   # As `sweep run` does: one CPU device per core, over which the engine shards its runs.
   # The baselines run on one device as before (their speed does not change).
   sweep.set_cpu_devices()
