@@ -577,8 +577,12 @@ def plan_layout(apply_fn: Callable, params: Any, x: Any) -> Layout | None:
 
   A kernel qualifies when every use of it in one forward pass is the product of a
   dense layer that `fast_layers` handles (the model's apply must trace inside it, as
-  the `sweep.models` adapters do). Kernels read otherwise (tied weights, a layer
-  inside `nn.scan`, a custom `dot_general`, ...) keep the module's layout.
+  the `sweep.models` adapters do), on an input the runs share (one that does not
+  depend on the parameters: the runs' products are then one) or on a matrix
+  (batch, features) of each run's own. Kernels read otherwise keep the module's layout:
+  tied weights, a layer inside `nn.scan`, a custom `dot_general`, and layers on
+  activations of more dims of each run's own (a transformer's (batch, tokens, width)),
+  where the held layout made the step slower (docs/performance.md, change 17).
 
   Args:
     apply_fn: `(params, x) -> predictions` for one run.
@@ -602,9 +606,22 @@ def plan_layout(apply_fn: Callable, params: Any, x: Any) -> Layout | None:
       if not isinstance(v, jax.extend.core.Literal):
         uses.setdefault(v, []).append((eqn, pos))
   outputs = {v for v in jaxpr.outvars if not isinstance(v, jax.extend.core.Literal)}
+  per_run = set(jaxpr.invars[: len(leaves)])  # what depends on the parameters
+  for eqn in jaxpr.eqns:
+    if any(not isinstance(u, jax.extend.core.Literal) and u in per_run for u in eqn.invars):
+      per_run.update(eqn.outvars)
+
+  def served(eqn, pos) -> int | None:
+    if pos != 1:
+      return None
+    inputs = eqn.invars[0]
+    if inputs in per_run and len(inputs.aval.shape) > 2:
+      return None
+    return _eqn_tag(eqn)
+
   kernels = []
   for i, v in enumerate(jaxpr.invars[: len(leaves)]):
-    tags = {_eqn_tag(eqn) if pos == 1 else None for eqn, pos in uses.get(v, ())}
+    tags = {served(eqn, pos) for eqn, pos in uses.get(v, ())}
     if len(tags) == 1 and None not in tags and v not in outputs:
       (n_in,) = tags
       kernels.append((i, n_in, len(leaves[i].shape) - n_in))
@@ -670,28 +687,42 @@ _CONV_SLOWDOWN = 8.0
 _DENSE_SLOWDOWN = 1.75
 
 
-def _raw_products(jaxpr, params: set) -> Iterator[Any]:
+def _raw_products(jaxpr, params: set, per_run: set | None = None) -> Iterator[Any]:
   """dot_generals reading a parameter as it is passed in, contracted on a leading axis
-  (an `x @ W` with W stored (inputs, outputs)); through jit calls too."""
-  params = {v for v in params if not isinstance(v, jax.extend.core.Literal)}
-  is_param = lambda v: not isinstance(v, jax.extend.core.Literal) and v in params  # noqa: E731
+  (an `x @ W` with W stored (inputs, outputs)), on an input the runs share or a matrix of
+  each run's own (where the fast layout serves flax's layers: see `plan_layout`); through
+  jit calls too. `per_run`: the variables that depend on the parameters."""
+  literal = lambda v: isinstance(v, jax.extend.core.Literal)  # noqa: E731
+  params = {v for v in params if not literal(v)}
+  per_run = set(params) if per_run is None else set(per_run)
+  is_param = lambda v: not literal(v) and v in params  # noqa: E731
   for eqn in jaxpr.eqns:
     if eqn.primitive.name == 'dot_general':
       (contract_l, contract_r), _ = eqn.params['dimension_numbers']
-      for operand, contract in zip(eqn.invars, (contract_l, contract_r), strict=True):
+      for side, (operand, contract) in enumerate(
+        zip(eqn.invars, (contract_l, contract_r), strict=True)
+      ):
         ndim = len(operand.aval.shape)
+        other = eqn.invars[1 - side]
+        shared_or_matrix = literal(other) or other not in per_run or len(other.aval.shape) <= 2
         if (
           is_param(operand)
           and ndim >= 2
           and tuple(contract) != tuple(range(ndim - len(contract), ndim))
+          and shared_or_matrix
         ):
           yield eqn
           break
     elif eqn.primitive.name in ('jit', 'pjit') and 'jaxpr' in eqn.params:
       inner = eqn.params['jaxpr'].jaxpr
+      pairs = list(zip(eqn.invars, inner.invars, strict=False))
       yield from _raw_products(
-        inner, {b for a, b in zip(eqn.invars, inner.invars, strict=False) if is_param(a)}
+        inner,
+        {b for a, b in pairs if is_param(a)},
+        {b for a, b in pairs if not literal(a) and a in per_run},
       )
+    if any(not literal(v) and v in per_run for v in eqn.invars):
+      per_run.update(eqn.outvars)
 
 
 def slow_layers(apply_fn: Callable, params: Any, x: Any, *, dense: bool = True) -> list[SlowLayer]:
