@@ -269,46 +269,28 @@ def _linen_promote(module):
 
 
 def _linen_dense(module: nn.Dense, inputs):
+  return _linen_product(module, inputs, axis=(-1,), n_features=1)
+
+
+def _linen_dense_general(module: nn.DenseGeneral, inputs):
+  if tuple(_tuple_of(module.batch_dims)):
+    return _FALLBACK
+  n_features = len(_tuple_of(module.features))
+  return _linen_product(module, inputs, axis=_tuple_of(module.axis), n_features=n_features)
+
+
+def _linen_product(module, inputs, axis, n_features):
+  """A linen Dense or DenseGeneral's product by `_dense`, or `_FALLBACK` to flax's code."""
   if module.dot_general is not None or module.dot_general_cls is not None:
     return _FALLBACK
   got = _linen_params(module, 'kernel', 'bias')
   if got is None:
     return _FALLBACK
   kernel, bias = got
-  if not module.use_bias:
-    bias = None
+  bias = bias if module.use_bias else None
+  promote, precision = _linen_promote(module), module.precision
   return _dense(
-    inputs,
-    kernel,
-    bias,
-    axis=(-1,),
-    n_features=1,
-    promote=_linen_promote(module),
-    precision=module.precision,
-  )
-
-
-def _linen_dense_general(module: nn.DenseGeneral, inputs):
-  if (
-    module.dot_general is not None
-    or module.dot_general_cls is not None
-    or tuple(_tuple_of(module.batch_dims))
-  ):
-    return _FALLBACK
-  got = _linen_params(module, 'kernel', 'bias')
-  if got is None:
-    return _FALLBACK
-  kernel, bias = got
-  if not module.use_bias:
-    bias = None
-  return _dense(
-    inputs,
-    kernel,
-    bias,
-    axis=_tuple_of(module.axis),
-    n_features=len(_tuple_of(module.features)),
-    promote=_linen_promote(module),
-    precision=module.precision,
+    inputs, kernel, bias, axis=axis, n_features=n_features, promote=promote, precision=precision
   )
 
 
