@@ -7,7 +7,7 @@ result = sweep.run(cfg)
 result.table
 """
 
-from sweep import adapters, analysis, data, distributed, models, space
+from sweep import adapters, analysis, data, distributed, models, schedulers, space
 from sweep.checkpoints import restore_params, restore_variables
 from sweep.config import SweepConfig
 from sweep.engine import check, enable_compilation_cache, run, set_cpu_devices
@@ -34,6 +34,7 @@ __all__ = [
   'restore_params',
   'restore_variables',
   'run',
+  'schedulers',
   'set_cpu_devices',
   'space',
 ]

@@ -32,7 +32,7 @@ import numpy as np
 import optax
 
 from kernels import losses, optimizers, schedules
-from sweep import adapters, columns
+from sweep import adapters, columns, schedulers
 from sweep import space as spaces
 from sweep.data import Dataset
 from sweep.errors import ConfigError, config_error
@@ -154,6 +154,13 @@ class SweepConfig:
       `jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), 3), t)`, so the runs
       of a seed see the same augmented batches. The model's own randomness (dropout)
       uses stream 2 the same way: `fold_in(fold_in(key(seed), 2), t)`.
+    scheduler: adaptive search (`sweep.schedulers`): `SuccessiveHalving(...)`,
+      `MedianStopping(...)`, `Patience(...)` (or a list of these), or `PBT(...)`. Runs are
+      then judged at evaluation points and stopped, refilled or copied between segments
+      of the same compiled programs; the table shows every configuration tried, its
+      status (`stopped` for a run a rule stopped), the rung it reached and its updates.
+      None trains every run to its end. With a scheduler and no `num_evals`, the
+      evaluation points are chosen to fall on its rungs or intervals.
     name: a label for the sweep.
   """
 
@@ -192,6 +199,7 @@ class SweepConfig:
   sample_seed: int = 0
   train_argument: str | None = None
   augment: Callable | None = None
+  scheduler: Any = None
   name: str = 'sweep'
 
   def replace(self, **changes) -> SweepConfig:
@@ -643,6 +651,8 @@ def check_fields(cfg: SweepConfig) -> Any:
     raise config_error('num_evals', cfg.num_evals, 'expected a positive integer')
   if not isinstance(cfg.objectives, Mapping) or not cfg.objectives:
     raise config_error('objectives', cfg.objectives, 'expected a dict column -> "min" or "max"')
+  if cfg.scheduler is not None:
+    schedulers.check(cfg.scheduler)
   return loss
 
 
@@ -655,6 +665,27 @@ def validate(cfg: SweepConfig) -> Plan:
   is known).
   """
   return expand(cfg, check_fields(cfg))
+
+
+def _scheduler_evals(cfg: SweepConfig, num_evals: int, total: dict[int, int]) -> int:
+  """The evaluation points of a sweep with a scheduler: on its rungs (successive halving)
+  or its intervals (PBT), checked against the budget."""
+  for rule in schedulers.rules(cfg.scheduler):
+    if isinstance(rule, schedulers.PBT):
+      if cfg.num_evals is None:
+        num_evals = rule.num_evals(total[min(total)])
+    elif isinstance(rule, schedulers.SuccessiveHalving):
+      if cfg.num_evals is None:
+        num_evals = rule.num_evals(num_evals)
+      rule.points(num_evals)
+  if num_evals > min(total.values()):
+    raise config_error(
+      'num_evals',
+      num_evals,
+      f'the scheduler needs {num_evals} evaluation points, and the largest batch size makes '
+      f'only {min(total.values())} updates: give more epochs or updates',
+    )
+  return num_evals
 
 
 def expand(cfg: SweepConfig, loss: Any) -> Plan:
@@ -797,6 +828,8 @@ def expand(cfg: SweepConfig, loss: Any) -> Plan:
   else:
     num_evals = cfg.num_evals
   num_evals = min(num_evals, min(total.values()))
+  if cfg.scheduler is not None:
+    num_evals = _scheduler_evals(cfg, num_evals, total)
 
   if data.is_classification:
     output_dim = int(data.num_classes)

@@ -407,6 +407,10 @@ def _run(
   if workdir is not None:
     checkpoints.check_workdir(workdir)
   plan = validate(cfg)
+  if cfg.scheduler is not None and jax.process_count() > 1:
+    raise config_error(
+      'scheduler', cfg.scheduler, 'adaptive search runs in one process (several hosts: None)'
+    )
   model = adapters.model_of(cfg, plan.output_dim)
   preflight.check(plan, model)
   _positive('checkpoint_every', checkpoint_every, 'expected a positive integer')
@@ -444,6 +448,10 @@ def _run(
   ):
     units.warn_slow_layers(init_fn, apply_fn, family, layout, cfg.data.x_train[:2])
   shardings = devices.run_sharding()
+  if cfg.scheduler is not None:
+    return _run_population(
+      plan, model, all_units, wd, resolved, shardings, eval_chunk, progress, experiment_file
+    )
   ticks = lambda unit: sum(unit.structure.steps_per_segment) * plan.num_evals  # noqa: E731
   bar = tqdm.tqdm(
     total=sum(ticks(u) for u in all_units),
@@ -503,7 +511,66 @@ def _run(
   result = results.Result.from_training(plan, trained, time.perf_counter() - start, resolved, model)
   if workdir is not None and me == 0:
     result.save(workdir)
-    result.save_front(workdir, trained)
+    result.save_front(workdir)
+    if experiment_file is not None:
+      with open(experiment_file, 'rb') as f:
+        results.write_if_changed(os.path.join(workdir, 'experiment.py'), f.read())
+  return result
+
+
+def _run_population(
+  plan, model, all_units, wd, resolved, shardings, eval_chunk, progress, experiment_file
+):
+  """Adaptive search (`cfg.scheduler`): the population advanced segment by segment, the
+  scheduler deciding between segments (`sweep.population`)."""
+  from sweep import population, results
+
+  cfg = plan.config
+  workdir = wd.path
+  pop = population.Population(
+    plan,
+    model,
+    all_units,
+    _device_data(cfg, eval_chunk, shardings),
+    shardings,
+    jnp.float32(cfg.divergence_threshold),
+  )
+  start = time.perf_counter()
+  bar = tqdm.tqdm(
+    desc=f'{len(plan.runs)} configurations', unit='segment', disable=not progress, leave=False
+  )
+  ended = {'stopped': 0, 'diverged': 0, 'finished': 0, 'exploited': 0}
+  try:
+    while pop.active():
+      pop.refill()
+      pop.advance()
+      for k, v in pop.decide().items():
+        ended[k] += v
+      bar.update(1)
+      bar.set_postfix(running=pop.running(), queued=len(pop.queue), **ended, refresh=False)
+  finally:
+    bar.close()
+  wd.close()
+  table, curves = results.tables(
+    plan, [t.points for t in pop.trials], [t.seconds for t in pop.trials], pop.extra_columns()
+  )
+  resolved['scheduler'] = {
+    'rules': [repr(r) for r in pop.rules],
+    'slots': pop.slots,
+    'decisions': ended,
+    'run_updates': int(sum(int(t.points[-1]['updates']) for t in pop.trials)),
+  }
+  result = results.Result(
+    table,
+    curves,
+    resolved,
+    time.perf_counter() - start,
+    model=model,
+    run_state=pop.run_state,
+  )
+  if workdir is not None and jax.process_index() == 0:
+    result.save(workdir)
+    result.save_front(workdir)
     if experiment_file is not None:
       with open(experiment_file, 'rb') as f:
         results.write_if_changed(os.path.join(workdir, 'experiment.py'), f.read())

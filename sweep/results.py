@@ -27,6 +27,97 @@ def objectives(plan: Plan, table: pd.DataFrame) -> dict[str, str]:
   return obj
 
 
+def tables(
+  plan: Plan, points: list[list[dict]], seconds: list[float], extra: list[dict] | None = None
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+  """The results table and the curves from each run's metrics at its evaluation points.
+
+  Args:
+    plan: the sweep.
+    points: per run (in table order), its metrics at each evaluation point it reached
+      (names of `columns.CURVES` -> scalars; point 0 is before training).
+    seconds: per run, its share of the training time.
+    extra: per run, more columns of its row (a scheduler's status, rung, lineage).
+  """
+  rows, curve_rows = [], []
+  for i, run in enumerate(plan.runs):
+    batch = run.values['batch_size']
+    per_point = []
+    for k, point in enumerate(points[i]):
+      rec = {'run': i, 'eval': k}
+      for name in CURVE_METRICS:
+        if name in point:
+          rec[name] = np.asarray(point[name]).item()
+      rec['updates'] = int(point['updates'])
+      rec['examples'] = rec['updates'] * batch
+      rec['epoch'] = rec['examples'] / plan.config.data.n_train
+      if 'grad_sq_full' in rec:
+        rec['noise_scale'] = float(
+          analysis.noise_scale(rec['grad_sq_half'], rec['grad_sq_full'], batch // 2, batch)[0]
+        )
+      per_point.append(rec)
+    curve_rows.extend(per_point)
+    last = per_point[-1]
+    row = {'run': i}
+    row.update({a: run.values[a] for a in plan.swept})
+    row['status'] = 'ok' if last['alive'] else 'diverged'
+    row['updates'] = last['updates']
+    row['examples'] = last['examples']
+    row['final_batch_loss'] = last.get('batch_loss', np.nan)
+    row['final_train_loss'] = last['train_loss']
+    if 'train_accuracy' in last:
+      row['final_train_accuracy'] = last['train_accuracy']
+    if 'val_loss' in last:
+      vals = np.array([p['val_loss'] for p in per_point], np.float64)
+      finite = np.where(np.isfinite(vals), vals, np.inf)
+      best = int(np.argmin(finite))
+      row['final_val_loss'] = last['val_loss']
+      row['best_val_loss'] = vals[best] if np.isfinite(finite[best]) else np.nan
+      row['best_eval'] = best
+      if 'val_accuracy' in last:
+        row['final_val_accuracy'] = last['val_accuracy']
+        row['best_val_accuracy'] = float(np.nanmax([p['val_accuracy'] for p in per_point]))
+    if plan.config.noise_scale:
+      # Over the second half of training, where the estimate has settled.
+      late = [
+        p['noise_scale']
+        for p in per_point[1:]
+        if p['eval'] >= len(per_point) // 2 and 'noise_scale' in p
+      ]
+      row['noise_scale'] = float(np.nanmedian(late)) if late and np.isfinite(late).any() else np.nan
+    row['seconds'] = seconds[i]
+    if extra is not None:
+      row.update(extra[i])
+      if extra[i].get('status') is None:
+        row['status'] = 'ok' if last['alive'] else 'diverged'
+    rows.append(row)
+
+  table = pd.DataFrame(rows).set_index('run', drop=False)
+  table.index.name = None
+  curves = pd.DataFrame(curve_rows)
+  table = analysis.annotate_overfitting(table, curves)
+  table = pareto.annotate(table, objectives(plan, table))
+  return table, curves
+
+
+def _params_fn(run_state):
+  def params(i: int, best: bool = False):
+    runs = run_state(i)
+    if best and runs.best_params is None:
+      raise ValueError('best parameters were not kept: run the sweep with keep_best=True')
+    return runs.best_params if best else runs.params
+
+  return params
+
+
+def _state_fn(run_state):
+  def state(i: int, best: bool = False):
+    runs = run_state(i)
+    return runs.best_model_state if best else runs.model_state
+
+  return state
+
+
 class Result:
   """A finished sweep.
 
@@ -48,6 +139,7 @@ class Result:
     workdir: str | None = None,
     state_fn=None,
     model=None,
+    run_state=None,
   ):
     self.table = table
     self.curves = curves
@@ -55,6 +147,10 @@ class Result:
     self.wall_time = wall_time
     self._params_fn = params_fn
     self._state_fn = state_fn  # (i, best) -> run i's model state
+    self._run_state = run_state  # i -> run i's final `train.RunState` (host arrays)
+    if run_state is not None:
+      self._params_fn = _params_fn(run_state)
+      self._state_fn = _state_fn(run_state)
     self._model = model  # the sweep.adapters.Model, for variables() and model()
     self.workdir = workdir
 
@@ -63,92 +159,32 @@ class Result:
     cls, plan: Plan, trained: list, wall_time: float, resolved: dict, model: Any = None
   ) -> Result:
     """The result of a sweep from its trained units (`sweep.units.UnitResult`, in unit order)."""
-    n = len(plan.runs)
     where: dict[int, tuple[int, int, int, int]] = {}  # run -> (unit, batch group, s, r)
     for c, t in enumerate(trained):
       for g, bg in enumerate(t.unit.groups):
         for s, r in zip(*np.nonzero(bg.slots >= 0), strict=True):
           where[int(bg.slots[s, r])] = (c, g, int(s), int(r))
 
-    rows, curve_rows = [], []
-    for i in range(n):
+    points, seconds = [], []
+    for i in range(len(plan.runs)):
       c, g, s, r = where[i]
-      unit, history, seconds = trained[c].unit, trained[c].history, trained[c].seconds
-      run = plan.runs[i]
-      batch = run.values['batch_size']
-      per_point = []
-      for k, point in enumerate(history):
-        m = point[g]
-        rec = {'run': i, 'eval': k}
-        for name in CURVE_METRICS:
-          if name in m:
-            rec[name] = m[name][s, r].item()
-        rec['updates'] = int(m['updates'][s, r])
-        rec['examples'] = rec['updates'] * batch
-        rec['epoch'] = rec['examples'] / plan.config.data.n_train
-        if 'grad_sq_full' in rec:
-          rec['noise_scale'] = float(
-            analysis.noise_scale(rec['grad_sq_half'], rec['grad_sq_full'], batch // 2, batch)[0]
-          )
-        per_point.append(rec)
-      curve_rows.extend(per_point)
-      last = per_point[-1]
-      row = {'run': i}
-      row.update({a: run.values[a] for a in plan.swept})
-      row['status'] = 'ok' if last['alive'] else 'diverged'
-      row['updates'] = last['updates']
-      row['examples'] = last['examples']
-      row['final_batch_loss'] = last.get('batch_loss', np.nan)
-      row['final_train_loss'] = last['train_loss']
-      if 'train_accuracy' in last:
-        row['final_train_accuracy'] = last['train_accuracy']
-      if 'val_loss' in last:
-        vals = np.array([p['val_loss'] for p in per_point], np.float64)
-        finite = np.where(np.isfinite(vals), vals, np.inf)
-        best = int(np.argmin(finite))
-        row['final_val_loss'] = last['val_loss']
-        row['best_val_loss'] = vals[best] if np.isfinite(finite[best]) else np.nan
-        row['best_eval'] = best
-        if 'val_accuracy' in last:
-          row['final_val_accuracy'] = last['val_accuracy']
-          row['best_val_accuracy'] = float(np.nanmax([p['val_accuracy'] for p in per_point]))
-      if plan.config.noise_scale:
-        # Over the second half of training, where the estimate has settled.
-        late = [
-          p['noise_scale']
-          for p in per_point[1:]
-          if p['eval'] >= len(per_point) // 2 and 'noise_scale' in p
-        ]
-        row['noise_scale'] = (
-          float(np.nanmedian(late)) if late and np.isfinite(late).any() else np.nan
-        )
+      unit, history = trained[c].unit, trained[c].history
+      points.append([{k: v[s, r] for k, v in point[g].items()} for point in history])
       # Wall time of the unit, shared out over its runs.
-      row['seconds'] = seconds / max(1, sum(int(np.sum(bg.slots >= 0)) for bg in unit.groups))
-      rows.append(row)
+      slots = sum(int(np.sum(bg.slots >= 0)) for bg in unit.groups)
+      seconds.append(trained[c].seconds / max(1, slots))
+    table, curves = tables(plan, points, seconds)
 
-    table = pd.DataFrame(rows).set_index('run', drop=False)
-    table.index.name = None
-    curves = pd.DataFrame(curve_rows)
-    table = analysis.annotate_overfitting(table, curves)
-    table = pareto.annotate(table, objectives(plan, table))
+    loaded: dict[int, Any] = {}  # the last unit read (a unit kept on disk is read once)
 
-    def params_fn(i: int, best: bool = False):
+    def run_state(i: int) -> Any:
       c, g, s, r = where[i]
-      runs = trained[c].final.get()[g].runs
-      if best and runs.best_params is None:
-        raise ValueError('best parameters were not kept: run the sweep with keep_best=True')
-      return jax.tree.map(lambda a: np.asarray(a[s, r]), runs.best_params if best else runs.params)
+      if c not in loaded:
+        loaded.clear()
+        loaded[c] = trained[c].final.get()
+      return jax.tree.map(lambda a: np.asarray(a[s, r]), loaded[c][g].runs)
 
-    def state_fn(i: int, best: bool = False):
-      c, g, s, r = where[i]
-      runs = trained[c].final.get()[g].runs
-      return jax.tree.map(
-        lambda a: np.asarray(a[s, r]), runs.best_model_state if best else runs.model_state
-      )
-
-    result = cls(table, curves, resolved, wall_time, params_fn, state_fn=state_fn, model=model)
-    result._where = where
-    return result
+    return cls(table, curves, resolved, wall_time, model=model, run_state=run_state)
 
   def params(self, i: int, best: bool = False) -> Any:
     """The final parameters of run `i` (a pytree of numpy arrays).
@@ -220,43 +256,30 @@ class Result:
     ]
     return '\n'.join(lines)
 
-  def save_front(self, workdir: str, trained: list) -> None:
+  def save_front(self, workdir: str) -> None:
     """Saves every Pareto run's parameters and optimizer state with orbax (a run already
     saved whole with the same metadata is left as it is)."""
     wanted = set(int(i) for i in self.table.index[self.table.pareto])
     for i in checkpoints.saved_runs(workdir):
       if i not in wanted:  # a front of an earlier, interrupted pass over this workdir
         shutil.rmtree(checkpoints.run_path(workdir, i), ignore_errors=True)
-    metas = {}
-    for i in wanted:
-      row = self.table.loc[i]
-      metas[i] = {k: (v.item() if hasattr(v, 'item') else v) for k, v in row.items()}
-    by_unit: dict[int, list[int]] = {}
     for i in sorted(wanted):
-      if not checkpoints.run_is_saved(workdir, i, metas[i]):
-        by_unit.setdefault(self._where[i][0], []).append(i)
-    for c, runs_of_unit in by_unit.items():
-      state = trained[c].final.get()  # one load per unit, wherever it is kept
-      for i in runs_of_unit:
-        _, g, s, r = self._where[i]
-        take = lambda a, s=s, r=r: np.asarray(a[s, r])  # noqa: E731
-        meta = metas[i]
-        runs = state[g].runs
-        best = None if runs.best_params is None else jax.tree.map(take, runs.best_params)
-        best_state = (
-          None if runs.best_model_state is None else jax.tree.map(take, runs.best_model_state)
-        )
-        checkpoints.save_run(
-          workdir,
-          i,
-          jax.tree.map(take, runs.params),
-          jax.tree.map(take, runs.opt_state),
-          meta,
-          best,
-          model_state=jax.tree.map(take, runs.model_state),
-          best_model_state=best_state,
-          state_layout=getattr(self._model, 'state_layout', 'collections'),
-        )
+      row = self.table.loc[i]
+      meta = {k: (v.item() if hasattr(v, 'item') else v) for k, v in row.items()}
+      if checkpoints.run_is_saved(workdir, i, meta):
+        continue
+      runs = self._run_state(i)
+      checkpoints.save_run(
+        workdir,
+        i,
+        runs.params,
+        runs.opt_state,
+        meta,
+        runs.best_params,
+        model_state=runs.model_state,
+        best_model_state=runs.best_model_state,
+        state_layout=getattr(self._model, 'state_layout', 'collections'),
+      )
     self.workdir = workdir
 
   def save(self, workdir: str) -> None:

@@ -1,0 +1,508 @@
+"""The sweep state of an adaptive search, advanced segment by segment.
+
+    state = Population(...)          # every configuration queued, none started
+    while state.active():
+      state.refill()                 # free slots take the next configurations (clock 0)
+      state.advance()                # every cohort one segment on: one call of its program
+      state.decide()                 # the scheduler's rules: stop, exploit, compact
+      checkpoint when due            # the whole population, hyperparameters included
+
+A *cohort* is a set of runs of one compile group and one batch size that started
+together: one batch group laid out `(S, R)`, so one clock, trained by the same compiled
+programs as a plain sweep's units (`kernels.train`). A *trial* is one configuration (a
+row of the table). The rules of `sweep.schedulers` read every trial's metrics at each
+evaluation point (`schedulers.Board`) and decide; their decisions are edits of the
+cohorts between segments:
+
+- stop: the trial's state at that point is kept (its curves end there) and its slot is
+  freed. A cohort whose live runs fit a narrower layout is compacted into it (a gather
+  on the run axis, widths powers of two: one compile per width);
+- refill: free slots (with `SuccessiveHalving(slots=...)`) take the next configurations
+  of the sweep, as a new cohort with its own clock;
+- exploit (PBT): a gather on the run axis copies parameters, optimizer state and model
+  state from one slot to another on the device, and new hyperparameters are written into
+  the slot's data (`GroupHparams`, the injected optimizer hyperparameters).
+
+A run that goes on is computed exactly as it would be alone: its slot's computation never
+reads another slot, and a compaction moves its state whole.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kernels import train
+from sweep import checkpoints, devices, schedulers, units
+from sweep.config import Plan
+from sweep.errors import config_error
+from sweep.units import BatchGroup, Unit
+
+# ------------------------------------------------------------------ records ----
+
+
+@dataclasses.dataclass
+class Trial:
+  """One configuration: where it stands and what it reported.
+
+  Attributes:
+    status: 'queued', 'running', then 'ok' (trained to its end), 'stopped' (a rule stopped
+      it) or 'diverged'.
+    points: its metrics at each evaluation point it reached (host scalars).
+    stopped_at: the evaluation point it stopped at (or diverged at), else None.
+    lineage: PBT: (evaluation point, the trial whose state it copied) at each exploit.
+    hypers: PBT: its current values of the explored hyperparameters.
+    seconds: its share of the training time of the cohorts it was in.
+  """
+
+  status: str = 'queued'
+  points: list = dataclasses.field(default_factory=list)
+  stopped_at: int | None = None
+  lineage: list = dataclasses.field(default_factory=list)
+  hypers: dict = dataclasses.field(default_factory=dict)
+  seconds: float = 0.0
+
+  def to_json(self) -> dict:
+    return {
+      'status': self.status,
+      'points': [{k: float(v) for k, v in p.items()} for p in self.points],
+      'stopped_at': self.stopped_at,
+      'lineage': [list(x) for x in self.lineage],
+      'hypers': self.hypers,
+      'seconds': self.seconds,
+    }
+
+  @classmethod
+  def from_json(cls, d: dict) -> Trial:
+    return cls(
+      status=d['status'],
+      points=[
+        {k: np.float32(v) if k != 'updates' else int(v) for k, v in p.items()} for p in d['points']
+      ],
+      stopped_at=d['stopped_at'],
+      lineage=[tuple(x) for x in d['lineage']],
+      hypers=dict(d['hypers']),
+      seconds=float(d['seconds']),
+    )
+
+
+@dataclasses.dataclass
+class Cohort:
+  """Runs of one compile group and batch size that started together (one clock).
+
+  Attributes:
+    kind: index of its (compile group, batch size) in `Population.kinds`.
+    slots: (S, R) trial at each slot, -1 for a free or padding slot.
+    seeds: (S,) the seed of each row.
+    point: evaluation points reached (0 once started).
+    state: its `(GroupState,)` on the device(s).
+    hparams: its `(GroupHparams,)` on the host (edited by PBT).
+  """
+
+  kind: int
+  slots: np.ndarray
+  seeds: np.ndarray
+  point: int = 0
+  state: Any = None
+  hparams: Any = None
+  book: Any = None  # its data orders (`engine._OrderBook`), made when first needed
+
+  def live(self) -> list[tuple[int, int, int]]:
+    return [(int(s), int(r), int(self.slots[s, r])) for s, r in zip(*np.nonzero(self.slots >= 0))]
+
+
+# ------------------------------------------------------------------ device edits ----
+
+
+def _gather(tree: Any, rows: jax.Array, cols: jax.Array) -> Any:
+  """The runs at (rows, cols) of every leaf with a run axis (S, R, ...)."""
+  return jax.tree.map(lambda a: a[rows, cols] if a.ndim >= 2 else a, tree)
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def _exploit(groups: Any, rows: jax.Array, cols: jax.Array, hypers: dict) -> Any:
+  """Slot (s, r) takes the state of slot (rows[s, r], cols[s, r]) (itself where it is not
+  a target), and the injected hyperparameters `hypers` (name -> (S, R) values)."""
+  (g,) = groups
+  runs = _gather(g.runs, rows, cols)
+  if hypers:
+    hp = dict(runs.opt_state.hyperparams)
+    for name, v in hypers.items():
+      hp[name] = v.astype(hp[name].dtype)
+    runs = runs._replace(opt_state=runs.opt_state._replace(hyperparams=hp))
+  return (g._replace(runs=runs),)
+
+
+# ------------------------------------------------------------------ the population ----
+
+
+class Population:
+  """The sweep state of an adaptive search: every trial, every cohort, the rules.
+
+  Args:
+    plan: the sweep (its runs are the trials, in table order).
+    model: the `sweep.adapters.Model`.
+    all_units: the plain sweep's units (`units.plan_units`): their structures and widths.
+    data: the datasets on the device(s).
+    shardings: `devices.run_sharding()`.
+    threshold: the divergence threshold, on the device.
+  """
+
+  def __init__(self, plan: Plan, model, all_units: list[Unit], data, shardings, threshold):
+    self.plan = plan
+    self.model = model
+    self.data = data
+    self.shardings = shardings
+    self.threshold = threshold
+    self.rules = schedulers.rules(plan.config.scheduler)
+    self.stopping = [r for r in self.rules if isinstance(r, schedulers.STOPPING)]
+    self.pbt = next((r for r in self.rules if isinstance(r, schedulers.PBT)), None)
+    self.halving = next(
+      (r for r in self.rules if isinstance(r, schedulers.SuccessiveHalving)), None
+    )
+    self.boards = {(r.metric, r.mode): schedulers.Board(len(plan.runs), r.mode) for r in self.rules}
+    self.trials = [Trial() for _ in plan.runs]
+    if self.pbt is not None:
+      for i, run in enumerate(plan.runs):
+        self.trials[i].hypers = {h: float(run.values[h]) for h in self.pbt.hyperparameters}
+    self.queue = list(range(len(plan.runs)))  # trials not started, in table order
+    self.slots = schedulers.slots(plan.config.scheduler) or len(plan.runs)
+    self.cohorts: list[Cohort] = []
+    self.finals: dict[int, Any] = {}  # trial -> its final RunState (host), or its path
+    self.shared: dict = {'chunks': 0}  # the seeds' initial parameters, for every cohort
+    self._kinds(all_units)
+    self._check_hyperparameters()
+
+  # -------------------------------------------------------------- structures
+
+  def _kinds(self, all_units: list[Unit]) -> None:
+    """One structure per (compile group, batch size): the family's, for one batch group;
+    and the widest run axis its family's units use."""
+    self.kinds: list[tuple[Any, int]] = []  # (compile group, batch size)
+    self.structures: list[train.Structure] = []
+    self.families: list[Any] = []
+    self.widths: list[int] = []
+    for unit in all_units:
+      st = unit.structure
+      for j, g in enumerate(unit.groups):
+        if not g.runs:
+          continue
+        key = (g.runs[0].group, g.batch_size)
+        if key in self.kinds:
+          continue
+        self.kinds.append(key)
+        self.families.append(unit.family)
+        self.structures.append(
+          dataclasses.replace(
+            st,
+            batch_sizes=(st.batch_sizes[j],),
+            steps_per_segment=(st.steps_per_segment[j],),
+            steps_per_epoch=(st.steps_per_epoch[j],),
+            ragged=(st.ragged[j],),
+            total_updates=(st.total_updates[j],) if st.total_updates else (),
+          )
+        )
+        self.widths.append(int(unit.groups[0].slots.shape[1]))
+
+  def _kind(self, trial: int) -> int:
+    run = self.plan.runs[trial]
+    return self.kinds.index((run.group, run.values['batch_size']))
+
+  def _check_hyperparameters(self) -> None:
+    if self.pbt is None:
+      return
+    for h in self.pbt.hyperparameters:
+      for run in self.plan.runs:
+        if h != 'learning_rate' and h not in run.hypers:
+          raise config_error(
+            'PBT.hyperparameters',
+            h,
+            f'a numeric hyperparameter every run injects into its optimizer: learning_rate'
+            + (', ' + ', '.join(run.hypers) if run.hypers else '')
+            + ' (set the field, e.g. momentum=0.9, to explore it)',
+          )
+
+  def _unit(self, cohort: Cohort) -> Unit:
+    """The cohort as a `units.Unit` of one batch group (for its programs and data order)."""
+    structure = self.structures[cohort.kind]
+    runs = [self.plan.runs[t] for t in cohort.slots.ravel() if t >= 0]
+    seeds = [int(s) for s in cohort.seeds]
+    group = BatchGroup(structure.batch_sizes[0], seeds, cohort.slots, runs)
+    if cohort.hparams is None:
+      filler = runs[0]
+      cohort.hparams = (units._hparams(self.plan, group, filler),)
+    return Unit(self.families[cohort.kind], structure, [group], cohort.hparams, shared=self.shared)
+
+  def _layout(self, kind: int, trials: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(slots, seeds) of cohorts holding `trials`: one row per seed, rows and widths
+    rounded up to powers of two (and whole runs per device), at most the family's width."""
+    by_seed: dict[int, list[int]] = {}
+    for t in trials:
+      by_seed.setdefault(int(self.plan.runs[t].values['seed']), []).append(t)
+    n_dev = jax.local_device_count()
+    cap = self.widths[kind] if self.pbt is None else max(len(v) for v in by_seed.values())
+    out = []
+    per_seed = list(by_seed.items())
+    while any(ts for _, ts in per_seed):
+      rows = [(s, ts[:cap]) for s, ts in per_seed if ts]
+      widest = max(len(ts) for _, ts in rows)
+      width = n_dev * math.ceil(units._bucket(widest) / n_dev)
+      slots = np.full((units._bucket(len(rows)), width), -1, np.int64)
+      for r, (_, ts) in enumerate(rows):
+        slots[r, : len(ts)] = ts
+      seeds = [s for s, _ in rows]
+      seeds = np.array(seeds + [seeds[0]] * (slots.shape[0] - len(seeds)), np.int32)
+      out.append((slots, seeds))
+      per_seed = [(s, ts[cap:]) for s, ts in per_seed]
+    return out
+
+  # -------------------------------------------------------------- the loop
+
+  def running(self) -> int:
+    return sum(len(c.live()) for c in self.cohorts)
+
+  def active(self) -> bool:
+    return bool(self.cohorts) or bool(self.queue)
+
+  def refill(self) -> list[Cohort]:
+    """Starts the next configurations in the free slots, as new cohorts (clock 0)."""
+    free = self.slots - self.running()
+    if free <= 0 or not self.queue:
+      return []
+    take, self.queue = self.queue[:free], self.queue[free:]
+    by_kind: dict[int, list[int]] = {}
+    for t in take:
+      by_kind.setdefault(self._kind(t), []).append(t)
+    new = []
+    for kind, trials in by_kind.items():
+      for slots, seeds in self._layout(kind, trials):
+        cohort = Cohort(kind, slots, seeds)
+        self._start(cohort)
+        new.append(cohort)
+    self.cohorts.extend(new)
+    return new
+
+  def _start(self, cohort: Cohort) -> None:
+    from sweep import engine  # the plain loop's start: shared initial parameters per seed
+
+    unit = self._unit(cohort)
+    hparams = devices.shard(cohort.hparams, self.shardings)
+    state, first = engine._start(self.model, unit, hparams, self.data)
+    state = devices.shard(state, self.shardings)
+    program = train.make_program(unit.structure)
+    if unit.structure.keep_best:
+      state = program.note_best(state, first)
+    cohort.state = state
+    for s, r, t in cohort.live():
+      self.trials[t].status = 'running'
+    self._record(cohort, jax.device_get(first))
+
+  def advance(self) -> float:
+    """Every cohort one segment on; returns the seconds it took."""
+    from sweep import engine  # the plain loop's data orders
+
+    t0 = time.perf_counter()
+    for cohort in self.cohorts:
+      unit = self._unit(cohort)
+      if cohort.book is None:
+        cohort.book = engine._OrderBook(self.plan, unit)
+      program = train.make_program(unit.structure)
+      hparams = devices.shard(cohort.hparams, self.shardings)
+      c0 = time.perf_counter()
+      cohort.state, metrics = program.segment(
+        cohort.state, hparams, cohort.book.segment(cohort.point), self.data, self.threshold
+      )
+      metrics = jax.device_get(metrics)
+      seconds = time.perf_counter() - c0
+      cohort.point += 1
+      live = cohort.live()
+      for _, _, t in live:
+        self.trials[t].seconds += seconds / len(live)
+      self._record(cohort, metrics)
+    return time.perf_counter() - t0
+
+  def _record(self, cohort: Cohort, metrics: tuple[dict, ...]) -> None:
+    (m,) = metrics
+    for s, r, t in cohort.live():
+      point = {k: v[s, r] for k, v in m.items()}
+      self.trials[t].points.append(point)
+      for (metric, _), board in self.boards.items():
+        value = point.get(metric, np.nan) if point['alive'] else np.nan
+        board.record(t, cohort.point, value)
+
+  # -------------------------------------------------------------- decisions
+
+  def decide(self) -> dict[str, int]:
+    """The rules' decisions at the points the cohorts have just reached, carried out."""
+    num_evals = self.plan.num_evals
+    counts = {'stopped': 0, 'diverged': 0, 'finished': 0, 'exploited': 0}
+    by_point: dict[int, list[int]] = {}
+    for cohort in self.cohorts:
+      for _, _, t in cohort.live():
+        by_point.setdefault(cohort.point, []).append(t)
+    ending: dict[int, str] = {}  # trial -> its final status
+    for point, now in sorted(by_point.items()):
+      alive = [t for t in now if self.trials[t].points[-1]['alive']]
+      for t in now:
+        if t not in alive:
+          ending[t] = 'diverged'
+      if point >= num_evals:
+        ending.update({t: 'ok' for t in alive})
+        continue
+      if point == 0:
+        continue
+      stop = set()
+      for rule in self.stopping:
+        stop |= rule.stop(point, alive, self.boards[rule.metric, rule.mode], num_evals)
+      ending.update({t: 'stopped' for t in stop})
+      if self.pbt is not None:
+        counts['exploited'] += self._exploit(point, alive)
+    for t, status in ending.items():
+      counts['finished' if status == 'ok' else status] += 1
+    if ending:
+      self._end(ending)
+    return counts
+
+  def _end(self, ending: dict[int, str]) -> None:
+    """Keeps the final state of each ending trial, frees its slot, compacts cohorts."""
+    kept = []
+    for cohort in self.cohorts:
+      leaving = [(s, r, t) for s, r, t in cohort.live() if t in ending]
+      if leaving:
+        host = jax.device_get(cohort.state)[0].runs
+        for s, r, t in leaving:
+          self.finals[t] = jax.tree.map(lambda a, s=s, r=r: np.array(a[s, r]), host)
+          trial = self.trials[t]
+          trial.status = ending[t]
+          if ending[t] != 'ok':
+            trial.stopped_at = cohort.point
+          cohort.slots[s, r] = -1
+      if not cohort.live():
+        continue
+      kept.append(self._compact(cohort) if leaving else cohort)
+    self.cohorts = kept
+
+  def _compact(self, cohort: Cohort) -> Cohort:
+    """The cohort in the narrowest layout its live runs fit, if narrower than its own."""
+    live = cohort.live()
+    layouts = self._layout(cohort.kind, [t for _, _, t in live])
+    if len(layouts) > 1 or layouts[0][0].size >= cohort.slots.size:
+      return cohort  # no narrower: freed slots stay as padding, computed and never read
+    slots, seeds = layouts[0]
+    where = {t: (s, r) for s, r, t in live}
+    first = live[0][:2]
+    rows = np.zeros(slots.shape, np.int32)
+    cols = np.zeros(slots.shape, np.int32)
+    for s in range(slots.shape[0]):
+      for r in range(slots.shape[1]):
+        t = slots[s, r]
+        # Padding slots copy a live run: they compute, and nothing reads them.
+        rows[s, r], cols[s, r] = where[t] if t >= 0 else first
+    host = jax.device_get(cohort.state)
+    state = jax.tree.map(lambda a: np.asarray(a)[rows, cols] if np.ndim(a) >= 2 else a, host)
+    (ghp,) = cohort.hparams
+    ghp = ghp._replace(
+      runs=jax.tree.map(lambda a: np.asarray(a)[rows, cols], ghp.runs), seeds=seeds
+    )
+    return Cohort(
+      cohort.kind,
+      slots,
+      seeds,
+      cohort.point,
+      devices.shard(state, self.shardings),
+      (ghp,),
+    )
+
+  def _exploit(self, point: int, alive: list[int]) -> int:
+    """PBT at `point`: within each population (cohort), the bottom quantile copies the top."""
+    board = self.boards[self.pbt.metric, self.pbt.mode]
+    n = 0
+    for cohort in self.cohorts:
+      members = [t for _, _, t in cohort.live() if t in alive]
+      if cohort.point != point or len(members) < 2:
+        continue
+      rng = self.pbt.rng(point, members)
+      pairs = self.pbt.exploit(point, members, board, rng)
+      if not pairs:
+        continue
+      where = {t: (s, r) for s, r, t in cohort.live()}
+      shape = cohort.slots.shape
+      rows = np.broadcast_to(np.arange(shape[0])[:, None], shape).astype(np.int32).copy()
+      cols = np.broadcast_to(np.arange(shape[1])[None, :], shape).astype(np.int32).copy()
+      (ghp,) = cohort.hparams
+      sched = ghp.runs.schedule._replace(
+        learning_rate=np.array(ghp.runs.schedule.learning_rate, copy=True)
+      )
+      opt = {k: np.array(v, copy=True) for k, v in ghp.runs.opt.items()}
+      for target, source in pairs:
+        (ts, tr), (ss, sr) = where[target], where[source]
+        rows[ts, tr], cols[ts, tr] = ss, sr
+        values = self._explore(rng, self.trials[source].hypers)
+        self.trials[target].hypers = values
+        self.trials[target].lineage.append((point, source))
+        for h, v in values.items():
+          if h == 'learning_rate':
+            sched.learning_rate[ts, tr] = v
+          else:
+            opt[h][ts, tr] = v
+        # The rest of the source's schedule data (its budget, its warmup) goes with it.
+      cohort.hparams = (ghp._replace(runs=ghp.runs._replace(schedule=sched, opt=opt)),)
+      injected = {h: jnp.asarray(opt[h]) for h in self.pbt.hyperparameters if h != 'learning_rate'}
+      cohort.state = _exploit(cohort.state, jnp.asarray(rows), jnp.asarray(cols), injected)
+      n += len(pairs)
+    return n
+
+  def _explore(self, rng: np.random.Generator, source: dict[str, float]) -> dict[str, float]:
+    out = {}
+    for h, v in source.items():
+      space = self._space(h)
+      if space is not None and rng.random() < self.pbt.resample_probability:
+        out[h] = float(space.draw(rng, 1)[0])
+        continue
+      v = v * float(self.pbt.perturb[int(rng.integers(len(self.pbt.perturb)))])
+      if h in ('momentum', 'b1', 'b2'):
+        v = min(v, 0.9999)  # a decay rate stays below 1
+      out[h] = v
+    return out
+
+  def _space(self, field: str):
+    from sweep import space as spaces
+
+    cfg = self.plan.config
+    value = getattr(cfg, field, None) if field in cfg.__dataclass_fields__ else None
+    if value is None:
+      value = cfg.hyperparameters.get(field)
+    return value if isinstance(value, spaces.Space) else None
+
+  # -------------------------------------------------------------- what it leaves
+
+  def extra_columns(self) -> list[dict]:
+    """The scheduler's columns of each trial's row."""
+    out = []
+    points = self.halving.points(self.plan.num_evals) if self.halving is not None else []
+    for t, trial in enumerate(self.trials):
+      row: dict[str, Any] = {'status': trial.status}
+      last = trial.points[-1]
+      row['stopped_at_updates'] = int(last['updates']) if trial.status == 'stopped' else None
+      if self.halving is not None:
+        reached = len(trial.points) - 1
+        row['rung'] = sum(p <= reached for p in points) + (reached >= self.plan.num_evals) - 1
+      if self.pbt is not None:
+        row['lineage'] = ' '.join(f'{p}:{s}' for p, s in trial.lineage)
+        for h, v in trial.hypers.items():
+          row[f'final_{h}'] = v
+      out.append(row)
+    return out
+
+  def run_state(self, t: int) -> Any:
+    return self.finals[t]
+
+
+__all__ = ['Population', 'Trial', 'Cohort']
