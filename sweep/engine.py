@@ -536,28 +536,59 @@ def _run_population(
     jnp.float32(cfg.divergence_threshold),
   )
   start = time.perf_counter()
+  store = None
+  if wd.active:
+    # Beside the plain sweep's checkpoints (state/<step>/), which its resume reads.
+    store = checkpoints.StateStore(os.path.join(workdir, 'state', 'population'), wd.keep)
+    start -= _resume_population(store, pop, wd)
   bar = tqdm.tqdm(
     desc=f'{len(plan.runs)} configurations', unit='segment', disable=not progress, leave=False
   )
-  ended = {'stopped': 0, 'diverged': 0, 'finished': 0, 'exploited': 0}
+  wd.start_clock()
   try:
-    while pop.active():
-      pop.refill()
-      pop.advance()
-      for k, v in pop.decide().items():
-        ended[k] += v
-      bar.update(1)
-      bar.set_postfix(running=pop.running(), queued=len(pop.queue), **ended, refresh=False)
+    with _SigtermFlag(active=wd.active) as sigterm:
+      while pop.active():
+        pop.refill()
+        pop.advance()
+        pop.decide()
+        wd.step += 1
+        bar.update(1)
+        bar.set_postfix(running=pop.running(), queued=len(pop.queue), refresh=False)
+        if store is not None and wd.due(not pop.active(), sigterm.raised):
+          state, meta = pop.checkpoint()
+          meta.update(fingerprint=wd.digest, seconds=time.perf_counter() - start)
+          store.save(wd.step, state, meta)
+          wd.start_clock()
+        if sigterm.raised:
+          raise _Preempted
+  except _Preempted:
+    bar.close()
+    store.close()
+    print(
+      f'sweep: {sigterm.name} received; state saved at segment {wd.step} in {workdir}. '
+      'Run the same command again to resume.',
+      file=sys.stderr,
+    )
+    raise SystemExit(sigterm.exit_code) from None
+  except BaseException:
+    if store is not None:
+      store.abandon()
+    raise
   finally:
     bar.close()
+  if store is not None:
+    store.close()
   wd.close()
+  ended = {}
+  for t in pop.trials:
+    ended[t.status] = ended.get(t.status, 0) + 1
   table, curves = results.tables(
     plan, [t.points for t in pop.trials], [t.seconds for t in pop.trials], pop.extra_columns()
   )
   resolved['scheduler'] = {
     'rules': [repr(r) for r in pop.rules],
     'slots': pop.slots,
-    'decisions': ended,
+    'statuses': ended,
     'run_updates': int(sum(int(t.points[-1]['updates']) for t in pop.trials)),
   }
   result = results.Result(
@@ -575,6 +606,25 @@ def _run_population(
       with open(experiment_file, 'rb') as f:
         results.write_if_changed(os.path.join(workdir, 'experiment.py'), f.read())
   return result
+
+
+def _resume_population(store, pop, wd) -> float:
+  """Restores `pop` from the latest intact checkpoint of this sweep in `store`; returns
+  the training seconds it had taken (0 with none)."""
+  steps = store.steps()
+  for step in reversed(steps):
+    try:
+      state, meta = store.load(step, pop.abstract)
+      if meta.get('fingerprint') != wd.digest:
+        raise checkpoints.Damaged('it is of another sweep')
+      pop.restore(state, meta)
+    except (checkpoints.Damaged, KeyError, TypeError, ValueError) as e:
+      checkpoints.say(f'checkpoint {store.path(step)} is damaged ({e}): skipped')
+      store.remove(step)
+      continue
+    wd.step = step
+    return float(meta.get('seconds', 0.0))
+  return 0.0
 
 
 def _eval_chunk(cfg: SweepConfig) -> int:

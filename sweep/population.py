@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kernels import train
-from sweep import checkpoints, devices, schedulers, units
+from sweep import devices, schedulers, units
 from sweep.config import Plan
 from sweep.errors import config_error
 from sweep.units import BatchGroup, Unit
@@ -72,7 +72,7 @@ class Trial:
   def to_json(self) -> dict:
     return {
       'status': self.status,
-      'points': [{k: float(v) for k, v in p.items()} for p in self.points],
+      'points': [{k: np.asarray(v).item() for k, v in p.items()} for p in self.points],
       'stopped_at': self.stopped_at,
       'lineage': [list(x) for x in self.lineage],
       'hypers': self.hypers,
@@ -83,14 +83,21 @@ class Trial:
   def from_json(cls, d: dict) -> Trial:
     return cls(
       status=d['status'],
-      points=[
-        {k: np.float32(v) if k != 'updates' else int(v) for k, v in p.items()} for p in d['points']
-      ],
+      points=[{k: _scalar(v) for k, v in p.items()} for p in d['points']],
       stopped_at=d['stopped_at'],
       lineage=[tuple(x) for x in d['lineage']],
       hypers=dict(d['hypers']),
       seconds=float(d['seconds']),
     )
+
+
+def _scalar(v: Any) -> np.generic:
+  """A metric read back from JSON as the program returned it (bool, int32 or float32)."""
+  if isinstance(v, bool):
+    return np.bool_(v)
+  if isinstance(v, int):
+    return np.int32(v)
+  return np.float32(v)
 
 
 @dataclasses.dataclass
@@ -224,7 +231,7 @@ class Population:
           raise config_error(
             'PBT.hyperparameters',
             h,
-            f'a numeric hyperparameter every run injects into its optimizer: learning_rate'
+            'a numeric hyperparameter every run injects into its optimizer: learning_rate'
             + (', ' + ', '.join(run.hypers) if run.hypers else '')
             + ' (set the field, e.g. momentum=0.9, to explore it)',
           )
@@ -480,6 +487,69 @@ class Population:
     if value is None:
       value = cfg.hyperparameters.get(field)
     return value if isinstance(value, spaces.Space) else None
+
+  # -------------------------------------------------------------- checkpoints
+
+  def checkpoint(self) -> tuple[dict, dict]:
+    """(state, meta): the whole population, for `checkpoints.StateStore.save`. The state
+    holds every cohort's runs and hyperparameters and every ended trial's final state;
+    the meta every trial's record, the cohorts' layouts and clocks, the queue."""
+    state = {
+      'cohorts': [(c.state, c.hparams) for c in self.cohorts],
+      'finals': [self.finals[t] for t in sorted(self.finals)],
+    }
+    meta = {
+      'unit': 'population',
+      'queue': list(self.queue),
+      'trials': [t.to_json() for t in self.trials],
+      'cohorts': [
+        {'kind': c.kind, 'slots': c.slots.tolist(), 'seeds': c.seeds.tolist(), 'point': c.point}
+        for c in self.cohorts
+      ],
+      'finals': sorted(self.finals),
+    }
+    return state, meta
+
+  def _abstract_cohort(self, kind: int, slots: np.ndarray, seeds: np.ndarray) -> tuple:
+    from sweep import engine
+
+    cohort = Cohort(kind, np.asarray(slots, np.int64), np.asarray(seeds, np.int32))
+    unit = self._unit(cohort)
+    shapes = jax.eval_shape(lambda: cohort.hparams)
+    return engine._abstract_state(unit, self.model), shapes
+
+  def abstract(self, meta: dict) -> dict:
+    """The abstract state tree of the checkpoint whose meta is `meta`."""
+    cohorts = [self._abstract_cohort(c['kind'], c['slots'], c['seeds']) for c in meta['cohorts']]
+    finals = []
+    for t in meta['finals']:
+      (group,), _ = self._abstract_cohort(self._kind(t), [[t]], [self.plan.runs[t].values['seed']])
+      finals.append(jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[2:], a.dtype), group.runs))
+    return {'cohorts': cohorts, 'finals': finals}
+
+  def restore(self, state: dict, meta: dict) -> None:
+    """The population as checkpoint (`state`, `meta`) left it."""
+    trials = [Trial.from_json(d) for d in meta['trials']]
+    boards = {key: schedulers.Board(len(trials), key[1]) for key in self.boards}
+    for t, trial in enumerate(trials):
+      for k, point in enumerate(trial.points):
+        for (metric, _), board in boards.items():
+          board.record(t, k, point.get(metric, np.nan) if point['alive'] else np.nan)
+    cohorts = [
+      Cohort(
+        c['kind'],
+        np.asarray(c['slots'], np.int64),
+        np.asarray(c['seeds'], np.int32),
+        int(c['point']),
+        devices.shard(st, self.shardings),
+        hp,
+      )
+      for c, (st, hp) in zip(meta['cohorts'], state['cohorts'], strict=True)
+    ]
+    # Assigned once everything read: a checkpoint that fails halfway changes nothing.
+    self.queue = [int(t) for t in meta['queue']]
+    self.trials, self.boards, self.cohorts = trials, boards, cohorts
+    self.finals = dict(zip(meta['finals'], state['finals'], strict=True))
 
   # -------------------------------------------------------------- what it leaves
 
