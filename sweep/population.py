@@ -122,7 +122,10 @@ class Cohort:
   book: Any = None  # its data orders (`engine._OrderBook`), made when first needed
 
   def live(self) -> list[tuple[int, int, int]]:
-    return [(int(s), int(r), int(self.slots[s, r])) for s, r in zip(*np.nonzero(self.slots >= 0))]
+    return [
+      (int(s), int(r), int(self.slots[s, r]))
+      for s, r in zip(*np.nonzero(self.slots >= 0), strict=True)
+    ]
 
 
 # ------------------------------------------------------------------ device edits ----
@@ -307,7 +310,7 @@ class Population:
     if unit.structure.keep_best:
       state = program.note_best(state, first)
     cohort.state = state
-    for s, r, t in cohort.live():
+    for _, _, t in cohort.live():
       self.trials[t].status = 'running'
     self._record(cohort, jax.device_get(first))
 
@@ -371,7 +374,7 @@ class Population:
       ending.update({t: 'stopped' for t in stop})
       if self.pbt is not None:
         counts['exploited'] += self._exploit(point, alive)
-    for t, status in ending.items():
+    for status in ending.values():
       counts['finished' if status == 'ok' else status] += 1
     if ending:
       self._end(ending)
@@ -557,7 +560,7 @@ class Population:
     """The scheduler's columns of each trial's row."""
     out = []
     points = self.halving.points(self.plan.num_evals) if self.halving is not None else []
-    for t, trial in enumerate(self.trials):
+    for trial in self.trials:
       row: dict[str, Any] = {'status': trial.status}
       last = trial.points[-1]
       row['stopped_at_updates'] = int(last['updates']) if trial.status == 'stopped' else None
