@@ -7,7 +7,7 @@ result = sweep.run(cfg)
 result.table
 """
 
-from sweep import adapters, analysis, data, distributed, models, schedulers, space
+from sweep import adapters, analysis, data, distributed, models, optuna, schedulers, space
 from sweep.checkpoints import restore_params, restore_variables
 from sweep.config import SweepConfig
 from sweep.engine import check, enable_compilation_cache, run, set_cpu_devices
@@ -31,6 +31,7 @@ __all__ = [
   'load',
   'lr_find',
   'models',
+  'optuna',
   'restore_params',
   'restore_variables',
   'run',

@@ -402,3 +402,44 @@ def test_rungs_off_the_evaluation_points_are_refused():
   halving = sweep.schedulers.SuccessiveHalving(eta=3, min_fraction=1 / 9)
   with pytest.raises(sweep.ConfigError, match='num_evals'):
     sweep.check(config(scheduler=halving, num_evals=4))
+
+
+# ------------------------------------------------------------------ Optuna ----
+
+
+def test_optuna_trials_in_batches_tell_the_tables_values_and_prune_stopped_runs(tmp_path):
+  optuna = pytest.importorskip('optuna')
+  optuna.logging.set_verbosity(optuna.logging.WARNING)
+  storage = f'sqlite:///{tmp_path}/study.db'
+  study = optuna.create_study(
+    study_name='lr', storage=storage, sampler=optuna.samplers.TPESampler(seed=0)
+  )
+  cfg = config(
+    learning_rate=sweep.space.loguniform(1e-3, 1.0),
+    batch_size=sweep.space.choice([16, 32]),
+    epochs=3,
+    scheduler=sweep.schedulers.SuccessiveHalving(eta=3, min_fraction=1 / 3),
+  )
+  results = sweep.optuna.optimize(study, cfg, n_trials=12, batch=6)
+  assert len(results) == 2 and len(study.trials) == 12
+  # Read back through the storage, as optuna-dashboard would.
+  trials = optuna.load_study(study_name='lr', storage=storage).trials
+  for k, result in enumerate(results):
+    for i, row in result.table.iterrows():
+      trial = trials[6 * k + i]
+      assert trial.params['learning_rate'] == pytest.approx(row.learning_rate)
+      assert trial.params['batch_size'] == row.batch_size
+      curve = result.curves[result.curves.run == i]
+      assert set(trial.intermediate_values) == set(curve['updates'])
+      if row.status == 'stopped':
+        assert trial.state == optuna.trial.TrialState.PRUNED
+      else:
+        assert trial.state == optuna.trial.TrialState.COMPLETE
+        assert trial.value == pytest.approx(row.final_val_loss)
+  assert sum(t.state == optuna.trial.TrialState.PRUNED for t in trials) >= 6
+
+
+def test_optuna_refuses_a_config_with_nothing_to_search():
+  optuna = pytest.importorskip('optuna')
+  with pytest.raises(sweep.ConfigError, match='sweep.space'):
+    sweep.optuna.optimize(optuna.create_study(), config(), n_trials=2)
