@@ -1,0 +1,213 @@
+"""Adaptive search against the grid and against Optuna, on the same work.
+
+    python scripts/search_bench.py --quick        # scikit-learn's digits, an MLP
+
+For each method: the best validation loss reached, the compute spent (run-updates: the
+updates of every run summed) and the wall seconds, warm (programs compiled by a first
+call) and first call. Methods:
+- grid: every configuration trained to its end (one sweep);
+- halving: successive halving in the program over the same configurations;
+- asha-refill: successive halving with `slots` = the grid's size / 3, over three times as
+  many sampled configurations (stopped runs' slots refilled);
+- pbt: population-based training of constant-learning-rate members;
+- optuna-tpe: Optuna's TPE with its SuccessiveHalvingPruner, one trial at a time, each
+  trained by a plain optax loop compiled once (the loop a user writes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import sweep
+
+
+def init(key):
+  k1, k2 = jax.random.split(key)
+  return {
+    'w1': jax.random.normal(k1, (64, 64)) / 8.0,
+    'b1': jnp.zeros(64),
+    'w2': jax.random.normal(k2, (64, 10)) / 8.0,
+    'b2': jnp.zeros(10),
+  }
+
+
+def apply(params, x):
+  return jax.nn.relu(x @ params['w1'] + params['b1']) @ params['w2'] + params['b2']
+
+
+MODEL = (init, apply)
+
+
+def base(data, epochs, **changes):
+  return sweep.SweepConfig(
+    model=MODEL, data=data, optimizer='adam', epochs=epochs, num_evals=9, **changes
+  )
+
+
+def _summary(name, result, seconds, first):
+  t = result.table
+  best = float(np.nanmin(t['best_val_loss']))
+  return {
+    'method': name,
+    'configurations': len(t),
+    'best_val_loss': best,
+    'run_updates': int(t['updates'].sum()),
+    'warm_s': seconds,
+    'first_s': first,
+  }
+
+
+def timed(fn):
+  t0 = time.perf_counter()
+  first = fn()
+  t1 = time.perf_counter()
+  out = fn()
+  return out, time.perf_counter() - t1, t1 - t0, first
+
+
+def engine_methods(data, lrs, batches, epochs):
+  rows = []
+  grid = base(data, epochs, learning_rate=lrs, batch_size=batches)
+  res, warm, first, _ = timed(lambda: sweep.run(grid, progress=False))
+  rows.append(_summary('grid', res, warm, first))
+  halving = sweep.schedulers.SuccessiveHalving(eta=3, min_fraction=1 / 9)
+  cfg = grid.replace(scheduler=halving, num_evals=None)
+  res, warm, first, _ = timed(lambda: sweep.run(cfg, progress=False))
+  rows.append(_summary('halving', res, warm, first))
+  n = len(lrs) * len(batches)
+  refill = sweep.schedulers.SuccessiveHalving(eta=3, min_fraction=1 / 9, slots=max(1, n // 3))
+  cfg = base(
+    data,
+    epochs,
+    learning_rate=sweep.space.loguniform(min(lrs), max(lrs)),
+    batch_size=sweep.space.choice(list(batches)),
+    samples=3 * n,
+    scheduler=refill,
+  ).replace(num_evals=None)
+  res, warm, first, _ = timed(lambda: sweep.run(cfg, progress=False))
+  rows.append(_summary('asha-refill (3x configurations)', res, warm, first))
+  pbt = sweep.schedulers.PBT(interval_updates=max(1, _updates(data, min(batches), epochs) // 9))
+  cfg = base(data, epochs, learning_rate=lrs, batch_size=min(batches), scheduler=pbt)
+  cfg = cfg.replace(num_evals=None)
+  res, warm, first, _ = timed(lambda: sweep.run(cfg, progress=False))
+  rows.append(_summary('pbt (constant-lr members)', res, warm, first))
+  const = base(data, epochs, learning_rate=lrs, batch_size=min(batches))
+  res, warm, first, _ = timed(lambda: sweep.run(const, progress=False))
+  rows.append(_summary('same population, constant lr', res, warm, first))
+  return rows
+
+
+def _updates(data, batch, epochs):
+  return round(epochs * (data.n_train // batch))
+
+
+# ------------------------------------------------------------------ Optuna, one trial at a time
+
+
+def optuna_method(data, lrs, batches, epochs, n_trials):
+  import optuna
+
+  optuna.logging.set_verbosity(optuna.logging.WARNING)
+  x, y, xv, yv = data.x_train, data.y_train, data.x_val, data.y_val
+
+  @jax.jit
+  def step(params, state, xb, yb, lr):
+    def loss(p):
+      return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(apply(p, xb), yb))
+
+    grads = jax.grad(loss)(params)
+    direction, state = optax.scale_by_adam().update(grads, state, params)
+    return optax.apply_updates(params, jax.tree.map(lambda u: -lr * u, direction)), state
+
+  @jax.jit
+  def val_loss(params):
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(apply(params, xv), yv))
+
+  def objective(trial):
+    lr = trial.suggest_float('learning_rate', min(lrs), max(lrs), log=True)
+    b = trial.suggest_categorical('batch_size', list(batches))
+    params = jax.jit(init)(jax.random.fold_in(jax.random.key(0), 0))
+    state = optax.scale_by_adam().init(params)
+    per_epoch = data.n_train // b
+    total = round(epochs * per_epoch)
+    every = max(1, total // 9)
+    rng = np.random.default_rng(0)
+    order = rng.permutation(data.n_train)
+    best = math.inf
+    for t in range(total):
+      j = t % per_epoch
+      if j == 0:
+        order = rng.permutation(data.n_train)
+      idx = order[j * b : (j + 1) * b]
+      params, state = step(params, state, x[idx], y[idx], np.float32(lr))
+      if (t + 1) % every == 0 or t + 1 == total:
+        v = float(val_loss(params))
+        best = min(best, v) if math.isfinite(v) else best
+        trial.report(v, t + 1)
+        trial.set_user_attr('updates', t + 1)
+        if trial.should_prune():
+          raise optuna.TrialPruned()
+    return best
+
+  def run():
+    study = optuna.create_study(
+      sampler=optuna.samplers.TPESampler(seed=0),
+      pruner=optuna.pruners.SuccessiveHalvingPruner(reduction_factor=3),
+    )
+    study.optimize(objective, n_trials=n_trials)
+    return study
+
+  t0 = time.perf_counter()
+  run()
+  t1 = time.perf_counter()
+  study = run()
+  warm = time.perf_counter() - t1
+  values = [t.value for t in study.trials if t.value is not None]
+  inter = [min(t.intermediate_values.values()) for t in study.trials if t.intermediate_values]
+  return {
+    'method': 'optuna-tpe + pruner, plain loop',
+    'configurations': len(study.trials),
+    'best_val_loss': float(min(values + inter)),
+    'run_updates': int(sum(t.user_attrs.get('updates', 0) for t in study.trials)),
+    'warm_s': warm,
+    'first_s': t1 - t0,
+  }
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--quick', action='store_true', help='digits MLP (the only mode so far)')
+  parser.add_argument('--trials', type=int, default=54, help='Optuna trials')
+  args = parser.parse_args()
+  sweep.set_cpu_devices()
+  data = sweep.data.digits()
+  lrs = [float(v) for v in np.geomspace(1e-4, 1.0, 27)]
+  batches = (32, 128)
+  epochs = 9
+  rows = engine_methods(data, lrs, batches, epochs)
+  try:
+    rows.append(optuna_method(data, lrs, batches, epochs, args.trials))
+  except ImportError:
+    print('optuna is not installed: pip install optuna')
+  grid = rows[0]
+  print(
+    '| method | configurations | best val loss | run-updates (x grid) | warm s (x grid) | first s |'
+  )
+  print('|---|---:|---:|---:|---:|---:|')
+  for r in rows:
+    print(
+      f'| {r["method"]} | {r["configurations"]} | {r["best_val_loss"]:.4f} | '
+      f'{r["run_updates"]} ({r["run_updates"] / grid["run_updates"]:.2f}) | '
+      f'{r["warm_s"]:.2f} ({r["warm_s"] / grid["warm_s"]:.2f}) | {r["first_s"]:.2f} |'
+    )
+
+
+if __name__ == '__main__':
+  main()
