@@ -249,7 +249,12 @@ class Result:
     shown = [c for c in t.columns if c not in ('run', 'seconds', 'best_eval') and c not in same]
     ok = t[t.status == 'ok'].sort_values(col)
     lines = [
-      f'{len(t)} runs in {self.wall_time:.1f} s; {int((t.status == "diverged").sum())} diverged.',
+      f'{len(t)} runs in {self.wall_time:.1f} s; {int((t.status == "diverged").sum())} diverged'
+      + (
+        f'; {int((t.status == "stopped").sum())} stopped early by the scheduler.'
+        if 'stopped' in set(t.status)
+        else '.'
+      ),
       *(['Every run: ' + '; '.join(f'{c} {t[c].iloc[0]}' for c in same) + '.'] if same else []),
       f'Best {min(top, len(ok))} by {col}:',
       ok[shown].head(top).to_string(index=False, float_format=lambda v: f'{v:.4g}'),
