@@ -1,14 +1,14 @@
 """Adaptive search against the grid and against Optuna, on the same work.
 
-    python scripts/search_bench.py --quick        # scikit-learn's digits, an MLP
+    python scripts/search_bench.py --quick [--figure docs/search_bench.png]  # digits, an MLP
 
 For each method: the best validation loss reached, the compute spent (run-updates: the
 updates of every run summed) and the wall seconds, warm (programs compiled by a first
 call) and first call. Methods:
 - grid: every configuration trained to its end (one sweep);
 - halving: successive halving in the program over the same configurations;
-- asha-refill: successive halving with `slots` = the grid's size / 3, over three times as
-  many sampled configurations (stopped runs' slots refilled);
+- asha: successive halving with `--slots` runs at once (the grid's size by default), over
+  three times as many sampled configurations (stopped runs' slots refilled);
 - pbt: population-based training of constant-learning-rate members;
 - optuna-tpe: Optuna's TPE with its SuccessiveHalvingPruner, one trial at a time, each
   trained by a plain optax loop compiled once (the loop a user writes).
@@ -51,6 +51,23 @@ def base(data, epochs, **changes):
   )
 
 
+def _timeline(result, seconds):
+  """(seconds, best validation loss so far) through a warm sweep: the scheduler's rounds,
+  or, for a plain grid, its evaluation points spread evenly over its time."""
+  sched = result.config.get('scheduler')
+  if sched is not None:
+    line = sched['timeline']['seconds_best']
+    shift = seconds - line[-1][0]  # planning and placing the data, before the first round
+    return [(t + shift, b) for t, b in line]
+  curves = result.curves
+  points = int(curves['eval'].max())
+  out = []
+  for k in range(1, points + 1):
+    best = float(np.nanmin(curves[(curves['eval'] >= 1) & (curves['eval'] <= k)]['val_loss']))
+    out.append((seconds * k / points, best))
+  return out
+
+
 def _summary(name, result, seconds, first):
   t = result.table
   best = float(np.nanmin(t['best_val_loss']))
@@ -61,7 +78,13 @@ def _summary(name, result, seconds, first):
     'run_updates': int(t['updates'].sum()),
     'warm_s': seconds,
     'first_s': first,
+    'timeline': _timeline(result, seconds),
   }
+
+
+def reached(row, target):
+  """Seconds until the best-so-far came within `target`, or None."""
+  return next((t for t, b in row['timeline'] if b <= target), None)
 
 
 def timed(fn):
@@ -72,7 +95,7 @@ def timed(fn):
   return out, time.perf_counter() - t1, t1 - t0, first
 
 
-def engine_methods(data, lrs, batches, epochs):
+def engine_methods(data, lrs, batches, epochs, slots):
   rows = []
   grid = base(data, epochs, learning_rate=lrs, batch_size=batches)
   res, warm, first, _ = timed(lambda: sweep.run(grid, progress=False))
@@ -82,7 +105,7 @@ def engine_methods(data, lrs, batches, epochs):
   res, warm, first, _ = timed(lambda: sweep.run(cfg, progress=False))
   rows.append(_summary('halving', res, warm, first))
   n = len(lrs) * len(batches)
-  refill = sweep.schedulers.SuccessiveHalving(eta=3, min_fraction=1 / 9, slots=max(1, n // 3))
+  refill = sweep.schedulers.SuccessiveHalving(eta=3, min_fraction=1 / 9, slots=slots)
   cfg = base(
     data,
     epochs,
@@ -92,7 +115,7 @@ def engine_methods(data, lrs, batches, epochs):
     scheduler=refill,
   ).replace(num_evals=None)
   res, warm, first, _ = timed(lambda: sweep.run(cfg, progress=False))
-  rows.append(_summary('asha-refill (3x configurations)', res, warm, first))
+  rows.append(_summary(f'asha, {slots} slots refilled, 3x configurations', res, warm, first))
   pbt = sweep.schedulers.PBT(interval_updates=max(1, _updates(data, min(batches), epochs) // 9))
   cfg = base(data, epochs, learning_rate=lrs, batch_size=min(batches), scheduler=pbt)
   cfg = cfg.replace(num_evals=None)
@@ -157,11 +180,19 @@ def optuna_method(data, lrs, batches, epochs, n_trials):
     return best
 
   def run():
+    start = time.perf_counter()
+    line = []
+
+    def note(study, trial):
+      values = [v for t in study.trials for v in t.intermediate_values.values()]
+      line.append((time.perf_counter() - start, float(np.nanmin(values)) if values else math.nan))
+
     study = optuna.create_study(
       sampler=optuna.samplers.TPESampler(seed=0),
       pruner=optuna.pruners.SuccessiveHalvingPruner(reduction_factor=3),
     )
-    study.optimize(objective, n_trials=n_trials)
+    study.optimize(objective, n_trials=n_trials, callbacks=[note])
+    study.set_user_attr('timeline', line)
     return study
 
   t0 = time.perf_counter()
@@ -178,6 +209,7 @@ def optuna_method(data, lrs, batches, epochs, n_trials):
     'run_updates': int(sum(t.user_attrs.get('updates', 0) for t in study.trials)),
     'warm_s': warm,
     'first_s': t1 - t0,
+    'timeline': study.user_attrs['timeline'],
   }
 
 
@@ -185,28 +217,57 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--quick', action='store_true', help='digits MLP (the only mode so far)')
   parser.add_argument('--trials', type=int, default=54, help='Optuna trials')
+  parser.add_argument('--figure', help='write best-so-far against wall time to this PNG')
+  parser.add_argument('--slots', type=int, default=54, help='ASHA slots (runs at once)')
   args = parser.parse_args()
   sweep.set_cpu_devices()
   data = sweep.data.digits()
   lrs = [float(v) for v in np.geomspace(1e-4, 1.0, 27)]
   batches = (32, 128)
   epochs = 9
-  rows = engine_methods(data, lrs, batches, epochs)
+  rows = engine_methods(data, lrs, batches, epochs, args.slots)
   try:
     rows.append(optuna_method(data, lrs, batches, epochs, args.trials))
   except ImportError:
     print('optuna is not installed: pip install optuna')
   grid = rows[0]
+  target = 1.02 * grid['best_val_loss']
   print(
-    '| method | configurations | best val loss | run-updates (x grid) | warm s (x grid) | first s |'
+    '| method | configurations | best val loss | run-updates (x grid) | warm s (x grid) '
+    f'| s to within 2 % of the grid best ({target:.4f}) | first s |'
   )
-  print('|---|---:|---:|---:|---:|---:|')
+  print('|---|---:|---:|---:|---:|---:|---:|')
   for r in rows:
+    t = reached(r, target)
     print(
       f'| {r["method"]} | {r["configurations"]} | {r["best_val_loss"]:.4f} | '
       f'{r["run_updates"]} ({r["run_updates"] / grid["run_updates"]:.2f}) | '
-      f'{r["warm_s"]:.2f} ({r["warm_s"] / grid["warm_s"]:.2f}) | {r["first_s"]:.2f} |'
+      f'{r["warm_s"]:.2f} ({r["warm_s"] / grid["warm_s"]:.2f}) | '
+      f'{"never" if t is None else f"{t:.2f}"} | {r["first_s"]:.2f} |'
     )
+  if args.figure:
+    _figure(rows, target, args.figure)
+
+
+def _figure(rows, target, path):
+  import matplotlib
+
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(7, 4))
+  for r in rows:
+    t, b = zip(*r['timeline'], strict=True)
+    ax.step(t, b, where='post', label=r['method'])
+  ax.axhline(target, color='grey', ls=':', lw=1, label='grid best + 2 %')
+  ax.set_xscale('log')
+  ax.set_yscale('log')
+  ax.set_xlabel('wall seconds (warm)')
+  ax.set_ylabel('best validation loss so far')
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  print(f'figure: {path}')
 
 
 if __name__ == '__main__':

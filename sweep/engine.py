@@ -131,12 +131,14 @@ class _OrderBook:
   number generator, which keeps its compile short.
   """
 
-  def __init__(self, plan: Plan, unit: Unit):
+  def __init__(self, plan: Plan, unit: Unit, cache: dict | None = None):
     self.n = plan.config.data.n_train
     self.shuffle = plan.config.shuffle
     self.plan = plan
     self.unit = unit
-    self._cache: dict[tuple[int, int], jax.Array] = {}
+    # A cache given by the caller is shared (the cohorts of an adaptive search) and kept whole.
+    self._shared = cache is not None
+    self._cache: dict[tuple[int, int], jax.Array] = {} if cache is None else cache
     self.spans = []  # per batch group: per segment (first epoch, epochs spanned)
     for b, length in zip(unit.structure.batch_sizes, unit.structure.steps_per_segment, strict=True):
       total, spe = plan.total_updates[b], plan.steps_per_epoch[b]
@@ -167,9 +169,10 @@ class _OrderBook:
         [np.stack([self._order(sd, first + e) for e in range(self.width[g])]) for sd in seeds]
       )
       out.append(train.Orders(orders=orders, first_epoch=np.int32(first)))
-    # Orders of epochs already passed are no longer needed.
-    low = min(self.spans[g][k][0] for g in range(len(self.spans)))
-    self._cache = {key: v for key, v in self._cache.items() if key[1] >= low}
+    if not self._shared:
+      # Orders of epochs already passed are no longer needed.
+      low = min(self.spans[g][k][0] for g in range(len(self.spans)))
+      self._cache = {key: v for key, v in self._cache.items() if key[1] >= low}
     return tuple(out)
 
 
@@ -545,12 +548,14 @@ def _run_population(
     desc=f'{len(plan.runs)} configurations', unit='segment', disable=not progress, leave=False
   )
   wd.start_clock()
+  timeline = []  # (seconds since the start, best value so far) after each round
   try:
     with _SigtermFlag(active=wd.active) as sigterm:
       while pop.active():
         pop.refill()
         pop.advance()
         pop.decide()
+        timeline.append((round(time.perf_counter() - start, 4), pop.best_so_far()))
         wd.step += 1
         bar.update(1)
         bar.set_postfix(running=pop.running(), queued=len(pop.queue), refresh=False)
@@ -590,6 +595,8 @@ def _run_population(
     'slots': pop.slots,
     'statuses': ended,
     'run_updates': int(sum(int(t.points[-1]['updates']) for t in pop.trials)),
+    # This process's rounds (after a resume, those since it), for best-so-far against time.
+    'timeline': {'metric': pop.rules[0].metric, 'seconds_best': timeline},
   }
   result = results.Result(
     table,

@@ -120,6 +120,7 @@ class Cohort:
   state: Any = None
   hparams: Any = None
   book: Any = None  # its data orders (`engine._OrderBook`), made when first needed
+  placed: Any = None  # `hparams` on the device(s), placed when first needed
 
   def live(self) -> list[tuple[int, int, int]]:
     return [
@@ -187,6 +188,7 @@ class Population:
     self.cohorts: list[Cohort] = []
     self.finals: dict[int, Any] = {}  # trial -> its final RunState (host), or its path
     self.shared: dict = {'chunks': 0}  # the seeds' initial parameters, for every cohort
+    self._orders: dict = {}  # every cohort's data orders, by (seed, epoch)
     self._kinds(all_units)
     self._check_hyperparameters()
 
@@ -303,7 +305,7 @@ class Population:
     from sweep import engine  # the plain loop's start: shared initial parameters per seed
 
     unit = self._unit(cohort)
-    hparams = devices.shard(cohort.hparams, self.shardings)
+    cohort.placed = hparams = devices.shard(cohort.hparams, self.shardings)
     state, first = engine._start(self.model, unit, hparams, self.data)
     state = devices.shard(state, self.shardings)
     program = train.make_program(unit.structure)
@@ -322,9 +324,11 @@ class Population:
     for cohort in self.cohorts:
       unit = self._unit(cohort)
       if cohort.book is None:
-        cohort.book = engine._OrderBook(self.plan, unit)
+        cohort.book = engine._OrderBook(self.plan, unit, cache=self._orders)
+      if cohort.placed is None:
+        cohort.placed = devices.shard(cohort.hparams, self.shardings)
       program = train.make_program(unit.structure)
-      hparams = devices.shard(cohort.hparams, self.shardings)
+      hparams = cohort.placed
       c0 = time.perf_counter()
       cohort.state, metrics = program.segment(
         cohort.state, hparams, cohort.book.segment(cohort.point), self.data, self.threshold
@@ -464,6 +468,7 @@ class Population:
             opt[h][ts, tr] = v
         # The rest of the source's schedule data (its budget, its warmup) goes with it.
       cohort.hparams = (ghp._replace(runs=ghp.runs._replace(schedule=sched, opt=opt)),)
+      cohort.placed = None
       injected = {h: jnp.asarray(opt[h]) for h in self.pbt.hyperparameters if h != 'learning_rate'}
       cohort.state = _exploit(cohort.state, jnp.asarray(rows), jnp.asarray(cols), injected)
       n += len(pairs)
@@ -490,6 +495,15 @@ class Population:
     if value is None:
       value = cfg.hyperparameters.get(field)
     return value if isinstance(value, spaces.Space) else None
+
+  def best_so_far(self) -> float:
+    """The best value of the first rule's metric any run has reached (NaN before any)."""
+    rule = self.rules[0]
+    values = [v for row in self.boards[rule.metric, rule.mode].values for v in row[1:]]
+    best = min(values, default=math.inf)
+    if not math.isfinite(best):
+      return math.nan
+    return -best if rule.mode == 'max' else best
 
   # -------------------------------------------------------------- checkpoints
 
