@@ -30,7 +30,7 @@ if TYPE_CHECKING:
   from sweep.lr_find import LRFinderResult
 
 REPORT_DIR = 'report'
-FIGURES = ('heatmap', 'curves', 'pareto', 'lr_find', 'noise_scale', 'batch_size')
+FIGURES = ('heatmap', 'curves', 'pareto', 'lr_find', 'noise_scale', 'batch_size', 'search')
 
 TOP_RUNS = 5  # runs drawn in curves.png
 MAX_CELL_LABELS = 120  # heatmap cells beyond which values are not written in the cells
@@ -794,6 +794,93 @@ def _batch_size(result: Result, scaling: list[dict[str, Any]]) -> _Section:
     "through the points' geometric mean. Hollow points lie at the edge of the learning-rate grid."
   )
   return _Section('batch_size', caption, _png(fig))
+
+
+def _search(result: Result) -> _Section:
+  """An adaptive search: every run's metric against examples, where each one ended (successive
+  halving, median stopping, patience); or PBT's learned learning rates and its copies."""
+  sched = result.config.get('scheduler')
+  if not sched:
+    raise _Skip('the sweep had no scheduler.')
+  curves, table = result.curves, result.table
+  metric = 'val_loss' if 'val_loss' in curves.columns else 'train_loss'
+  xcol = _x_column(curves)
+  pbt = 'lineage' in table.columns
+  fig = _new_figure(10.0, 4.2)
+  axes = fig.subplots(1, 2)
+  ok = table['status'] == 'ok'
+  best = (
+    table.loc[
+      ok, metric.replace('val_loss', 'final_val_loss').replace('train_loss', 'final_train_loss')
+    ]
+    if ok.any()
+    else None
+  )
+  norm = None
+  if best is not None and len(best) and np.isfinite(best).any():
+    norm = matplotlib.colors.Normalize(float(np.nanmin(best)), float(np.nanmax(best)) + 1e-12)
+  cmap = matplotlib.colormaps['viridis_r']
+  values = []
+  for run, c in curves.groupby('run'):
+    c = c.sort_values('eval')
+    status = table.loc[run, 'status']
+    x, y = c[xcol].to_numpy(np.float64), c[metric].to_numpy(np.float64)
+    values.append(y[np.isfinite(y)])
+    if status == 'ok' and norm is not None:
+      color, width = cmap(norm(float(y[-1]))), 1.4
+    else:
+      color, width = '0.75', 0.7
+    axes[0].plot(x, y, '-', color=color, lw=width)
+    if status in ('stopped', 'diverged'):
+      axes[0].plot(x[-1:], y[-1:], 'x', color='0.5', ms=3)
+    if pbt:
+      lr = c['learning_rate'].to_numpy(np.float64)
+      axes[1].plot(c['updates'].to_numpy(np.float64), lr, '-', color=color, lw=width)
+      for part in (
+        str(table.loc[run, 'lineage']).split() if isinstance(table.loc[run, 'lineage'], str) else []
+      ):
+        point = int(part.split(':')[0])
+        if point < len(c):
+          axes[0].plot(x[point], y[point], 'o', color='tab:red', ms=3)
+  flat = np.concatenate(values) if values else np.array([1.0])
+  if _spans_decades(flat):
+    axes[0].set_yscale('log')
+  axes[0].set_xlabel(LABELS.get(xcol, xcol))
+  axes[0].set_ylabel(LABELS.get(metric, metric))
+  axes[0].grid(True, alpha=0.3)
+  counts = ', '.join(f'{n} {k}' for k, n in table['status'].value_counts().items())
+  axes[0].set_title(f'every run ({counts})', fontsize=10)
+  if pbt:
+    axes[1].set_yscale('log')
+    axes[1].set_xlabel('updates')
+    axes[1].set_ylabel('learning rate')
+    axes[1].set_title('the learned learning rates', fontsize=10)
+    axes[1].grid(True, which='both', alpha=0.3)
+    caption = (
+      "PBT: each member's metric (left; red dots where it copied a better member) and its "
+      'learning rate at each evaluation (right), coloured by its final value (grey: diverged).'
+    )
+  else:
+    ended = curves.sort_values('eval').groupby('run')['epoch'].last().round(2)
+    counts_by = ended.value_counts().sort_index()
+    axes[1].bar(range(len(counts_by)), counts_by.to_numpy(), color='tab:blue')
+    axes[1].set_xticks(range(len(counts_by)), [f'{e:g}' for e in counts_by.index], rotation=45)
+    axes[1].set_xlabel('epochs when the run ended')
+    axes[1].set_ylabel('runs')
+    axes[1].set_title('where the runs ended', fontsize=10)
+    caption = (
+      'Every configuration tried: its metric at each evaluation point (runs trained to the end '
+      'coloured by their final value, stopped ones grey, ending with a cross), and how many '
+      'runs ended after how many updates.'
+    )
+  if norm is not None:
+    fig.colorbar(
+      matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap),
+      ax=axes,
+      label=f'final {metric}',
+      shrink=0.8,
+    )
+  return _Section('search', caption, _png(fig))
 
 
 def _draw(name: str, fn, *args) -> _Section:

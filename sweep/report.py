@@ -58,6 +58,7 @@ from sweep.figures import (
   _ok,
   _pareto,
   _scaling,
+  _search,
   _Section,
   _varying,
 )
@@ -379,6 +380,7 @@ def _page(result: Result, sections: dict[str, _Section], scaling: list[dict[str,
     'lr_find': 'Learning-rate range test',
     'noise_scale': 'Gradient noise scale',
     'batch_size': 'Best learning rate per batch size',
+    'search': 'Adaptive search',
   }
   written = datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')
   body = [
@@ -391,6 +393,12 @@ def _page(result: Result, sections: dict[str, _Section], scaling: list[dict[str,
     _figure_html(sections['heatmap'], titles['heatmap']),
     f'<h2>{titles["curves"]}</h2>',
     _figure_html(sections['curves'], titles['curves']),
+    # Only for a sweep with a scheduler: a plain grid has nothing to show here.
+    *(
+      [f'<h2>{titles["search"]}</h2>', _figure_html(sections['search'], titles['search'])]
+      if sections['search'].png is not None
+      else []
+    ),
     '<h2>Batch size and learning-rate scaling</h2>',
     _scaling_html(scaling),
     _figure_html(sections['batch_size'], titles['batch_size']),
@@ -459,6 +467,7 @@ def write_report(
     'lr_find': _draw('lr_find', _lr_find, lr_finder, workdir),
     'noise_scale': _draw('noise_scale', _noise_scale, result),
     'batch_size': _draw('batch_size', _batch_size, result, scaling),
+    'search': _draw('search', _search, result),
   }
   for name in FIGURES:
     path = os.path.join(out_dir, name + '.png')

@@ -19,7 +19,7 @@ import pytest
 from compiles import counting_compiles
 
 import sweep
-from sweep import population
+from sweep import population, report
 
 N_TRAIN, N_VAL, D_IN, HIDDEN, CLASSES = 192, 64, 8, 16, 3
 ATOL, RTOL = 2e-5, 1e-4
@@ -376,6 +376,9 @@ def test_a_resume_in_the_middle_of_a_rung_or_interval_gives_the_uninterrupted_re
       assert np.array_equal(g, w)
   loaded = sweep.load(str(tmp_path))
   assert list(loaded.table.status) == list(want.table.status)
+  # The report draws the search from the workdir alone.
+  html = open(report.write_report(str(tmp_path))).read()
+  assert 'Adaptive search' in html and (tmp_path / 'report' / 'search.png').exists()
   shutil.rmtree(tmp_path)
 
 
