@@ -410,10 +410,6 @@ def _run(
   if workdir is not None:
     checkpoints.check_workdir(workdir)
   plan = validate(cfg)
-  if cfg.scheduler is not None and jax.process_count() > 1:
-    raise config_error(
-      'scheduler', cfg.scheduler, 'adaptive search runs in one process (several hosts: None)'
-    )
   model = adapters.model_of(cfg, plan.output_dim)
   preflight.check(plan, model)
   _positive('checkpoint_every', checkpoint_every, 'expected a positive integer')
@@ -542,7 +538,11 @@ def _run_population(
   store = None
   if wd.active:
     # Beside the plain sweep's checkpoints (state/<step>/), which its resume reads.
-    store = checkpoints.StateStore(os.path.join(workdir, 'state', 'population'), wd.keep)
+    directory = os.path.join(workdir, 'state', 'population')
+    if jax.process_count() > 1:
+      # Each process checkpoints the cohorts it trains; the trials' record is in each.
+      directory = os.path.join(directory, f'process-{jax.process_index()}-of-{jax.process_count()}')
+    store = checkpoints.StateStore(directory, wd.keep)
     start -= _resume_population(store, pop, wd)
   bar = tqdm.tqdm(
     desc=f'{len(plan.runs)} configurations', unit='segment', disable=not progress, leave=False
@@ -559,12 +559,12 @@ def _run_population(
         wd.step += 1
         bar.update(1)
         bar.set_postfix(running=pop.running(), queued=len(pop.queue), refresh=False)
-        if store is not None and wd.due(not pop.active(), sigterm.raised):
+        if store is not None and _agree(wd.due(not pop.active(), sigterm.raised)):
           state, meta = pop.checkpoint()
           meta.update(fingerprint=wd.digest, seconds=time.perf_counter() - start)
           store.save(wd.step, state, meta)
           wd.start_clock()
-        if sigterm.raised:
+        if _agree(sigterm.raised):
           raise _Preempted
   except _Preempted:
     bar.close()
@@ -584,6 +584,7 @@ def _run_population(
   if store is not None:
     store.close()
   wd.close()
+  pop.gather_finals()
   ended = {}
   for t in pop.trials:
     ended[t.status] = ended.get(t.status, 0) + 1
@@ -615,23 +616,51 @@ def _run_population(
   return result
 
 
+def _agree(flag: bool) -> bool:
+  """True on every process when it is on any (a checkpoint, a preemption: all act alike)."""
+  if jax.process_count() == 1:
+    return flag
+  return any(distributed.allgather_objects(bool(flag)))
+
+
+def _load_population(store, pop, wd, step: int) -> float | None:
+  """Restores `pop` from checkpoint `step`; its training seconds, or None if unusable."""
+  try:
+    state, meta = store.load(step, pop.abstract)
+    if meta.get('fingerprint') != wd.digest:
+      raise checkpoints.Damaged('it is of another sweep')
+    pop.restore(state, meta)
+  except (checkpoints.Damaged, KeyError, TypeError, ValueError) as e:
+    checkpoints.say(f'checkpoint {store.path(step)} is damaged ({e}): skipped')
+    store.remove(step)
+    return None
+  return float(meta.get('seconds', 0.0))
+
+
 def _resume_population(store, pop, wd) -> float:
-  """Restores `pop` from the latest intact checkpoint of this sweep in `store`; returns
-  the training seconds it had taken (0 with none)."""
-  steps = store.steps()
-  for step in reversed(steps):
-    try:
-      state, meta = store.load(step, pop.abstract)
-      if meta.get('fingerprint') != wd.digest:
-        raise checkpoints.Damaged('it is of another sweep')
-      pop.restore(state, meta)
-    except (checkpoints.Damaged, KeyError, TypeError, ValueError) as e:
-      checkpoints.say(f'checkpoint {store.path(step)} is damaged ({e}): skipped')
-      store.remove(step)
-      continue
-    wd.step = step
-    return float(meta.get('seconds', 0.0))
-  return 0.0
+  """Restores `pop` from the latest intact checkpoint of this sweep in `store` (with several
+  processes, the latest every process holds intact); returns the training seconds it had
+  taken (0 with none: the sweep starts afresh)."""
+  seconds, step = None, None
+  for candidate in reversed(store.steps()):
+    seconds = _load_population(store, pop, wd, candidate)
+    if seconds is not None:
+      step = candidate
+      break
+  if jax.process_count() > 1:
+    steps = distributed.allgather_objects(step)
+    target = None if None in steps else min(steps)
+    if target is not None and target != step:
+      seconds = _load_population(store, pop, wd, target) if target in store.steps() else None
+      step = target if seconds is not None else None
+    if None in distributed.allgather_objects(step):
+      checkpoints.say('the processes hold no common intact checkpoint: the search starts afresh')
+      step, seconds = None, None
+      pop.reset()
+  if step is None:
+    return 0.0
+  wd.step = step
+  return seconds
 
 
 def _eval_chunk(cfg: SweepConfig) -> int:

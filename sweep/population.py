@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kernels import train
-from sweep import devices, schedulers, units
+from sweep import devices, distributed, schedulers, units
 from sweep.config import Plan
 from sweep.errors import config_error
 from sweep.units import BatchGroup, Unit
@@ -117,6 +117,7 @@ class Cohort:
   slots: np.ndarray
   seeds: np.ndarray
   point: int = 0
+  owner: int = 0  # the process that trains it
   state: Any = None
   hparams: Any = None
   book: Any = None  # its data orders (`engine._OrderBook`), made when first needed
@@ -179,18 +180,25 @@ class Population:
       (r for r in self.rules if isinstance(r, schedulers.SuccessiveHalving)), None
     )
     self.boards = {(r.metric, r.mode): schedulers.Board(len(plan.runs), r.mode) for r in self.rules}
-    self.trials = [Trial() for _ in plan.runs]
-    if self.pbt is not None:
-      for i, run in enumerate(plan.runs):
-        self.trials[i].hypers = {h: float(run.values[h]) for h in self.pbt.hyperparameters}
-    self.queue = list(range(len(plan.runs)))  # trials not started, in table order
+    self.reset()
     self.slots = schedulers.slots(plan.config.scheduler) or len(plan.runs)
-    self.cohorts: list[Cohort] = []
-    self.finals: dict[int, Any] = {}  # trial -> its final RunState (host), or its path
     self.shared: dict = {'chunks': 0}  # the seeds' initial parameters, for every cohort
     self._orders: dict = {}  # every cohort's data orders, by (seed, epoch)
     self._kinds(all_units)
     self._check_hyperparameters()
+
+  def reset(self) -> None:
+    """Every configuration queued, none started."""
+    self.queue = list(range(len(self.plan.runs)))  # trials not started, in table order
+    self.cohorts: list[Cohort] = []
+    self.finals: dict[int, Any] = {}  # trial -> its final RunState (host)
+    self._made = 0  # cohorts made so far: the next one's owner is this modulo the processes
+    self.trials = [Trial() for _ in self.plan.runs]
+    if self.pbt is not None:
+      for i, run in enumerate(self.plan.runs):
+        self.trials[i].hypers = {h: float(run.values[h]) for h in self.pbt.hyperparameters}
+    for key in self.boards:
+      self.boards[key] = schedulers.Board(len(self.plan.runs), key[1])
 
   # -------------------------------------------------------------- structures
 
@@ -292,16 +300,24 @@ class Population:
     by_kind: dict[int, list[int]] = {}
     for t in take:
       by_kind.setdefault(self._kind(t), []).append(t)
-    new = []
+    new, reports = [], {}
     for kind, trials in by_kind.items():
       for slots, seeds in self._layout(kind, trials):
-        cohort = Cohort(kind, slots, seeds)
-        self._start(cohort)
+        # Cohorts go round the processes in the order every process makes them alike.
+        cohort = Cohort(kind, slots, seeds, owner=self._made % jax.process_count())
+        self._made += 1
+        self._unit(cohort)  # its hyperparameters, on every process (decisions edit them)
+        for _, _, t in cohort.live():
+          self.trials[t].status = 'running'
+        if cohort.owner == jax.process_index():
+          reports.update(self._start(cohort))
         new.append(cohort)
     self.cohorts.extend(new)
+    self._record(self._share(reports))
     return new
 
-  def _start(self, cohort: Cohort) -> None:
+  def _start(self, cohort: Cohort) -> dict[int, tuple[dict, float]]:
+    """Initialises an owned cohort; its runs' metrics at point 0."""
     from sweep import engine  # the plain loop's start: shared initial parameters per seed
 
     unit = self._unit(cohort)
@@ -312,44 +328,62 @@ class Population:
     if unit.structure.keep_best:
       state = program.note_best(state, first)
     cohort.state = state
-    for _, _, t in cohort.live():
-      self.trials[t].status = 'running'
-    self._record(cohort, jax.device_get(first))
+    return self._points(cohort, jax.device_get(first), 0.0)
 
   def advance(self) -> float:
-    """Every cohort one segment on; returns the seconds it took."""
+    """Every cohort one segment on (each process its own); returns the seconds it took."""
     from sweep import engine  # the plain loop's data orders
 
     t0 = time.perf_counter()
+    reports = {}
     for cohort in self.cohorts:
+      cohort.point += 1
+      if cohort.owner != jax.process_index():
+        continue
       unit = self._unit(cohort)
       if cohort.book is None:
         cohort.book = engine._OrderBook(self.plan, unit, cache=self._orders)
       if cohort.placed is None:
         cohort.placed = devices.shard(cohort.hparams, self.shardings)
       program = train.make_program(unit.structure)
-      hparams = cohort.placed
       c0 = time.perf_counter()
       cohort.state, metrics = program.segment(
-        cohort.state, hparams, cohort.book.segment(cohort.point), self.data, self.threshold
+        cohort.state,
+        cohort.placed,
+        cohort.book.segment(cohort.point - 1),
+        self.data,
+        self.threshold,
       )
-      metrics = jax.device_get(metrics)
-      seconds = time.perf_counter() - c0
-      cohort.point += 1
-      live = cohort.live()
-      for _, _, t in live:
-        self.trials[t].seconds += seconds / len(live)
-      self._record(cohort, metrics)
+      reports.update(self._points(cohort, jax.device_get(metrics), time.perf_counter() - c0))
+    self._record(self._share(reports))
     return time.perf_counter() - t0
 
-  def _record(self, cohort: Cohort, metrics: tuple[dict, ...]) -> None:
+  def _points(self, cohort: Cohort, metrics: tuple[dict, ...], seconds: float) -> dict:
+    """trial -> (its metrics at the cohort's point, its share of `seconds`)."""
     (m,) = metrics
-    for s, r, t in cohort.live():
-      point = {k: v[s, r] for k, v in m.items()}
-      self.trials[t].points.append(point)
+    live = cohort.live()
+    return {t: ({k: v[s, r] for k, v in m.items()}, seconds / len(live)) for s, r, t in live}
+
+  @staticmethod
+  def _share(reports: dict) -> dict:
+    """Every process's reports, on every process (each trains only its own cohorts)."""
+    if jax.process_count() == 1:
+      return reports
+    out = {}
+    for part in distributed.allgather_objects(reports):
+      out.update(part)
+    return out
+
+  def _record(self, reports: dict) -> None:
+    for t in sorted(reports):
+      point, seconds = reports[t]
+      trial = self.trials[t]
+      trial.seconds += seconds
+      k = len(trial.points)
+      trial.points.append(point)
       for (metric, _), board in self.boards.items():
         value = point.get(metric, np.nan) if point['alive'] else np.nan
-        board.record(t, cohort.point, value)
+        board.record(t, k, value)
 
   # -------------------------------------------------------------- decisions
 
@@ -390,9 +424,10 @@ class Population:
     for cohort in self.cohorts:
       leaving = [(s, r, t) for s, r, t in cohort.live() if t in ending]
       if leaving:
-        host = jax.device_get(cohort.state)[0].runs
+        host = None if cohort.state is None else jax.device_get(cohort.state)[0].runs
         for s, r, t in leaving:
-          self.finals[t] = jax.tree.map(lambda a, s=s, r=r: np.array(a[s, r]), host)
+          if host is not None:  # the owner keeps it; `gather_finals` shares it at the end
+            self.finals[t] = jax.tree.map(lambda a, s=s, r=r: np.array(a[s, r]), host)
           trial = self.trials[t]
           trial.status = ending[t]
           if ending[t] != 'ok':
@@ -419,8 +454,11 @@ class Population:
         t = slots[s, r]
         # Padding slots copy a live run: they compute, and nothing reads them.
         rows[s, r], cols[s, r] = where[t] if t >= 0 else first
-    host = jax.device_get(cohort.state)
-    state = jax.tree.map(lambda a: np.asarray(a)[rows, cols] if np.ndim(a) >= 2 else a, host)
+    state = None
+    if cohort.state is not None:
+      host = jax.device_get(cohort.state)
+      state = jax.tree.map(lambda a: np.asarray(a)[rows, cols] if np.ndim(a) >= 2 else a, host)
+      state = devices.shard(state, self.shardings)
     (ghp,) = cohort.hparams
     ghp = ghp._replace(
       runs=jax.tree.map(lambda a: np.asarray(a)[rows, cols], ghp.runs), seeds=seeds
@@ -429,9 +467,10 @@ class Population:
       cohort.kind,
       slots,
       seeds,
-      cohort.point,
-      devices.shard(state, self.shardings),
-      (ghp,),
+      point=cohort.point,
+      owner=cohort.owner,
+      state=state,
+      hparams=(ghp,),
     )
 
   def _exploit(self, point: int, alive: list[int]) -> int:
@@ -466,11 +505,11 @@ class Population:
             sched.learning_rate[ts, tr] = v
           else:
             opt[h][ts, tr] = v
-        # The rest of the source's schedule data (its budget, its warmup) goes with it.
       cohort.hparams = (ghp._replace(runs=ghp.runs._replace(schedule=sched, opt=opt)),)
       cohort.placed = None
       injected = {h: jnp.asarray(opt[h]) for h in self.pbt.hyperparameters if h != 'learning_rate'}
-      cohort.state = _exploit(cohort.state, jnp.asarray(rows), jnp.asarray(cols), injected)
+      if cohort.state is not None:  # on the process that trains it
+        cohort.state = _exploit(cohort.state, jnp.asarray(rows), jnp.asarray(cols), injected)
       n += len(pairs)
     return n
 
@@ -520,10 +559,17 @@ class Population:
       'queue': list(self.queue),
       'trials': [t.to_json() for t in self.trials],
       'cohorts': [
-        {'kind': c.kind, 'slots': c.slots.tolist(), 'seeds': c.seeds.tolist(), 'point': c.point}
+        {
+          'kind': c.kind,
+          'slots': c.slots.tolist(),
+          'seeds': c.seeds.tolist(),
+          'point': c.point,
+          'owner': c.owner,
+        }
         for c in self.cohorts
       ],
       'finals': sorted(self.finals),
+      'made': self._made,
     }
     return state, meta
 
@@ -537,7 +583,10 @@ class Population:
 
   def abstract(self, meta: dict) -> dict:
     """The abstract state tree of the checkpoint whose meta is `meta`."""
-    cohorts = [self._abstract_cohort(c['kind'], c['slots'], c['seeds']) for c in meta['cohorts']]
+    cohorts = []
+    for c in meta['cohorts']:
+      state, hparams = self._abstract_cohort(c['kind'], c['slots'], c['seeds'])
+      cohorts.append((state if c.get('owner', 0) == jax.process_index() else None, hparams))
     finals = []
     for t in meta['finals']:
       (group,), _ = self._abstract_cohort(self._kind(t), [[t]], [self.plan.runs[t].values['seed']])
@@ -557,9 +606,10 @@ class Population:
         c['kind'],
         np.asarray(c['slots'], np.int64),
         np.asarray(c['seeds'], np.int32),
-        int(c['point']),
-        devices.shard(st, self.shardings),
-        hp,
+        point=int(c['point']),
+        owner=int(c.get('owner', 0)),
+        state=None if st is None else devices.shard(st, self.shardings),
+        hparams=hp,
       )
       for c, (st, hp) in zip(meta['cohorts'], state['cohorts'], strict=True)
     ]
@@ -567,6 +617,7 @@ class Population:
     self.queue = [int(t) for t in meta['queue']]
     self.trials, self.boards, self.cohorts = trials, boards, cohorts
     self.finals = dict(zip(meta['finals'], state['finals'], strict=True))
+    self._made = int(meta.get('made', len(cohorts)))
 
   # -------------------------------------------------------------- what it leaves
 
@@ -587,6 +638,11 @@ class Population:
           row[f'final_{h}'] = v
       out.append(row)
     return out
+
+  def gather_finals(self) -> None:
+    """Every ended run's final state on every process (each kept those it trained)."""
+    if jax.process_count() > 1:
+      self.finals = dict(distributed.gather(sorted(self.finals.items())))
 
   def run_state(self, t: int) -> Any:
     return self.finals[t]

@@ -446,3 +446,75 @@ def test_optuna_refuses_a_config_with_nothing_to_search():
   optuna = pytest.importorskip('optuna')
   with pytest.raises(sweep.ConfigError, match='sweep.space'):
     sweep.optuna.optimize(optuna.create_study(), config(), n_trials=2)
+
+
+# ------------------------------------------------------------------ several processes ----
+
+
+def _free_port() -> int:
+  import socket
+
+  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    s.bind(('localhost', 0))
+    return s.getsockname()[1]
+
+
+def _worker(root, name, scheduler, *flags):
+  import os
+  import subprocess
+  import sys
+  from pathlib import Path
+
+  here = Path(__file__).parent
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
+  count = '--xla_force_host_platform_device_count'
+  xla = [f for f in env.get('XLA_FLAGS', '').split() if not f.startswith(count)]
+  env['XLA_FLAGS'] = ' '.join([*xla, f'{count}=1'])
+  env['PYTHONPATH'] = os.pathsep.join(p for p in (str(here.parent), env.get('PYTHONPATH')) if p)
+  log = open(root / f'{name}.log', 'w')  # noqa: SIM115 - closed with the process
+  proc = subprocess.Popen(
+    [sys.executable, str(here / '_adaptive_worker.py'), str(root / name), scheduler, *flags],
+    env=env,
+    stdout=log,
+    stderr=subprocess.STDOUT,
+  )
+  return proc, root / f'{name}.log'
+
+
+@pytest.mark.parametrize('scheduler', ['asha', 'pbt'])
+def test_two_processes_take_every_decision_alike_and_equal_one_process(tmp_path, scheduler):
+  port = _free_port()
+  workers = [_worker(tmp_path, 'one', scheduler)] + [
+    _worker(
+      tmp_path,
+      f'two{i}',
+      scheduler,
+      '--process-id',
+      str(i),
+      '--num-processes',
+      '2',
+      '--port',
+      str(port),
+    )
+    for i in range(2)
+  ]
+  for proc, log in workers:
+    try:
+      proc.wait(timeout=300)
+    finally:
+      if proc.poll() is None:
+        proc.kill()
+    assert proc.returncode == 0, log.read_text()[-4000:]
+  want = pd.read_csv(tmp_path / 'one' / 'results.csv').drop(columns='seconds')
+  with np.load(tmp_path / 'one' / 'params.npz') as f:
+    want_params = {k: f[k] for k in f.files}
+  assert (want.status == 'stopped').any() or scheduler == 'pbt'
+  for i in range(2):  # every process holds the whole result
+    got = pd.read_csv(tmp_path / f'two{i}' / 'results.csv').drop(columns='seconds')
+    pd.testing.assert_frame_equal(got, want)
+    curves = pd.read_csv(tmp_path / f'two{i}' / 'curves.csv')
+    pd.testing.assert_frame_equal(curves, pd.read_csv(tmp_path / 'one' / 'curves.csv'))
+    with np.load(tmp_path / f'two{i}' / 'params.npz') as f:
+      assert set(f.files) == set(want_params)
+      for k in f.files:
+        np.testing.assert_array_equal(f[k], want_params[k], err_msg=k)

@@ -1,0 +1,67 @@
+"""One adaptive search of `test_adaptive.py`, run in a process of its own (with several
+processes, joined through `jax.distributed` before anything computes):
+
+    python _adaptive_worker.py OUT SCHEDULER [--process-id I --num-processes N --port P]
+
+SCHEDULER is `asha` or `pbt`. It writes OUT/results.csv, OUT/curves.csv and OUT/params.npz
+(every run's final parameters, key `<run>/<leaf path>`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import numpy as np
+
+
+def main(argv: list[str]) -> None:
+  parser = argparse.ArgumentParser()
+  parser.add_argument('out')
+  parser.add_argument('scheduler', choices=('asha', 'pbt'))
+  parser.add_argument('--process-id', type=int, default=0)
+  parser.add_argument('--num-processes', type=int, default=1)
+  parser.add_argument('--port', type=int)
+  args = parser.parse_args(argv)
+
+  import jax
+
+  if args.num_processes > 1:
+    jax.distributed.initialize(
+      coordinator_address=f'localhost:{args.port}',
+      num_processes=args.num_processes,
+      process_id=args.process_id,
+    )
+
+  import sweep
+
+  if args.scheduler == 'asha':
+    scheduler = sweep.schedulers.SuccessiveHalving(eta=3, min_fraction=1 / 9, slots=10)
+    batch_size = [32, 64]
+  else:
+    scheduler = sweep.schedulers.PBT(interval_updates=10, seed=2)
+    batch_size = [32]
+  cfg = sweep.SweepConfig(
+    model=sweep.models.mlp(hidden=(8,)),
+    data=sweep.data.digits(),
+    learning_rate=[float(v) for v in np.geomspace(1e-3, 1.0, 8)],
+    batch_size=batch_size,
+    seed=[0, 1],
+    epochs=2,
+    scheduler=scheduler,
+  )
+  result = sweep.run(cfg, progress=False)
+  os.makedirs(args.out, exist_ok=True)
+  result.table.to_csv(os.path.join(args.out, 'results.csv'), index=False)
+  result.curves.to_csv(os.path.join(args.out, 'curves.csv'), index=False)
+  params = {}
+  for i in range(len(result.table)):
+    for path, leaf in jax.tree_util.tree_leaves_with_path(result.params(i)):
+      params[f'{i}/{jax.tree_util.keystr(path)}'] = np.asarray(leaf)
+  np.savez(os.path.join(args.out, 'params.npz'), **params)
+  print('ADAPTIVE_WORKER done', jax.process_index(), jax.process_count(), flush=True)
+
+
+if __name__ == '__main__':
+  main(sys.argv[1:])
