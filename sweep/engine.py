@@ -22,6 +22,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -280,6 +281,7 @@ def run(
   checkpoint_seconds: float | None = None,
   experiment_file: str | None = None,
   keep_checkpoints: int = 2,
+  loggers: Sequence[Any] | str = (),
 ) -> Any:
   """Trains every run of `cfg` and returns a `sweep.Result`.
 
@@ -298,6 +300,9 @@ def run(
     experiment_file: the experiment file this config came from, copied to the workdir.
     keep_checkpoints: how many checkpoints to keep (the latest); a damaged one is
       skipped for the one before, so keep at least 2.
+    loggers: trackers to send the finished sweep to: names ('tensorboard', 'mlflow',
+      'wandb') or `sweep.loggers` objects. They run once training is done (process 0
+      only); each one's line (where it wrote, or why it failed) is in `result.logged`.
 
   Raises:
     ConfigError: a mistake in `cfg`, or a workdir holding another sweep (the message
@@ -306,8 +311,11 @@ def run(
       resumes).
     SystemExit: on SIGTERM or SIGINT, after the state is saved (exit status 143 or 130).
   """
+  from sweep import loggers as trackers
+
+  chosen = trackers.resolve(loggers)  # a wrong name or a missing package, before training
   with checkpoints.disk_full_guard(workdir):
-    return _run(
+    result = _run(
       cfg,
       workdir,
       progress,
@@ -317,6 +325,9 @@ def run(
       experiment_file,
       keep_checkpoints,
     )
+  if chosen and jax.process_index() == 0:
+    result.logged = trackers.send(result, chosen, workdir)
+  return result
 
 
 def _positive(field: str, value: Any, accepted: str) -> None:

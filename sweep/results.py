@@ -127,6 +127,7 @@ class Result:
     curves: one row per run and evaluation point (point 0 is before training).
     config: the resolved config (a dict, as written to config.json).
     wall_time: seconds the sweep took, compiles included.
+    logged: one line per logger of `sweep.run(..., loggers=...)`: where it wrote.
   """
 
   def __init__(
@@ -153,6 +154,7 @@ class Result:
       self._state_fn = _state_fn(run_state)
     self._model = model  # the sweep.adapters.Model, for variables() and model()
     self.workdir = workdir
+    self.logged: list[str] = []  # each logger's line, from sweep.run(..., loggers=...)
 
   @classmethod
   def from_training(
