@@ -88,7 +88,7 @@ def load_experiment(path: str):
 
 def _run(args) -> int:
   import sweep
-  from sweep import checkpoints, files
+  from sweep import checkpoints, files, loggers, overrides
 
   if args.distributed:
     sweep.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
@@ -96,6 +96,12 @@ def _run(args) -> int:
   path = args.experiment or DEFAULT_EXPERIMENT
   if args.workdir and os.path.exists(args.workdir) and not os.path.isdir(args.workdir):
     raise _Failure(f'--workdir {args.workdir!r} is a file, not a directory', 2)
+  try:
+    changes = overrides.parse(args.set or [])
+    chosen = loggers.resolve(args.log)
+  except sweep.ConfigError as e:
+    raise _Failure(str(e) if str(e).startswith('--set') else f'--log: {e}', 2) from None
+  where = path + ''.join(f' --set {item}' for item in args.set or [])
   writes = files.write_count()
   try:
     cfg = load_experiment(path)
@@ -103,6 +109,12 @@ def _run(args) -> int:
       raise SystemExit(
         f'sweep: get_config() in {path} returned {type(cfg).__name__}, not a sweep.SweepConfig'
       )
+    cfg = overrides.apply(cfg, changes)
+    if args.dry_run:
+      from sweep import dryrun
+
+      print(dryrun.describe(cfg))
+      return 0
     result = sweep.run(
       cfg,
       workdir=args.workdir,
@@ -112,12 +124,13 @@ def _run(args) -> int:
       checkpoint_seconds=args.checkpoint_seconds,
       experiment_file=path,
       keep_checkpoints=args.keep_checkpoints,
+      loggers=chosen,
     )
   except checkpoints.WorkdirConflict as e:
     print(f'sweep: {e}', file=sys.stderr)
     return 2
   except sweep.ConfigError as e:
-    print(f'sweep: bad config in {path}: {e}', file=sys.stderr)
+    print(f'sweep: bad config in {where}: {e}', file=sys.stderr)
     return 2
   import jax
 
@@ -139,7 +152,44 @@ def _run(args) -> int:
           if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
             raise
           print(f'sweep: no report written: {_os_message(e)}', file=sys.stderr)
-  return 0
+  return _print_logged(result.logged)
+
+
+def _print_logged(lines: list[str]) -> int:
+  """Each logger's line; a failed one on stderr, and exit status 1."""
+  failed = False
+  for line in lines:
+    if ': not logged: ' in line:
+      failed = True
+      print(f'sweep: {line}', file=sys.stderr)
+    else:
+      print(line)
+  return 1 if failed else 0
+
+
+def _export(args) -> int:
+  import sweep
+  from sweep import loggers
+
+  if not os.path.isfile(os.path.join(args.workdir, 'results.csv')):
+    print(f'sweep: {args.workdir!r} holds no finished sweep (no results.csv)', file=sys.stderr)
+    return 2
+  try:
+    chosen = []
+    for logger in loggers.resolve(args.to):
+      if isinstance(logger, loggers.TensorBoard):
+        logger.logdir = args.logdir
+      elif isinstance(logger, loggers.MLflow):
+        logger.tracking_uri, logger.experiment = args.tracking_uri, args.experiment_name
+      elif isinstance(logger, loggers.WandB):
+        logger.project, logger.mode = args.project, args.mode
+        logger.check()
+      chosen.append(logger)
+  except sweep.ConfigError as e:
+    print(f'sweep: --to: {e}', file=sys.stderr)
+    return 2
+  result = sweep.Result.load(args.workdir)
+  return _print_logged(loggers.send(result, chosen, args.workdir))
 
 
 def _report(args) -> int:
@@ -231,6 +281,23 @@ def main(argv: list[str] | None = None) -> int:
   )
   p.add_argument('--no-report', action='store_true', help='skip the figures and report.html')
   p.add_argument(
+    '--set',
+    action='append',
+    metavar='FIELD=VALUE',
+    help='change a SweepConfig field (a Python literal, e.g. --set epochs=2 '
+    "--set learning_rate='[1e-3,1e-2]' --set optimizer=adamw); repeatable",
+  )
+  p.add_argument(
+    '--dry-run',
+    action='store_true',
+    help='print the runs, compile groups, memory and time estimates; train and write nothing',
+  )
+  p.add_argument(
+    '--log',
+    metavar='TRACKERS',
+    help='send the finished sweep to tensorboard, mlflow and/or wandb (comma-separated)',
+  )
+  p.add_argument(
     '--distributed',
     action='store_true',
     help='join the other processes first (jax.distributed.initialize; auto-detected on TPU VMs, '
@@ -243,6 +310,29 @@ def main(argv: list[str] | None = None) -> int:
   p = sub.add_parser('report', help='figures and report.html of a finished sweep')
   p.add_argument('workdir', help='the workdir of a finished sweep')
   p.set_defaults(fn=_report)
+  p = sub.add_parser('export', help='send a finished sweep to TensorBoard, MLflow or W&B')
+  p.add_argument('workdir', help='the workdir of a finished sweep')
+  p.add_argument(
+    '--to',
+    required=True,
+    metavar='TRACKERS',
+    help='tensorboard, mlflow and/or wandb (comma-separated)',
+  )
+  p.add_argument('--logdir', help='TensorBoard: the log directory (default WORKDIR/tensorboard)')
+  p.add_argument(
+    '--tracking-uri',
+    help='MLflow: the tracking store (default $MLFLOW_TRACKING_URI, else WORKDIR/mlflow.db)',
+  )
+  p.add_argument('--experiment-name', help="MLflow: the experiment (default the sweep's name)")
+  p.add_argument(
+    '--project', help="W&B: the project (default $WANDB_PROJECT, else the sweep's name)"
+  )
+  p.add_argument(
+    '--mode',
+    choices=('offline', 'online'),
+    help='W&B: default $WANDB_MODE, else online when WANDB_API_KEY is set, else offline',
+  )
+  p.set_defaults(fn=_export)
   p = sub.add_parser('lr-find', help="LR range test of an experiment's model, optimizer and data")
   p.add_argument('experiment', nargs='?', help='a Python file defining get_config()')
   p.add_argument('--method', choices=('grid', 'ramp'), default='grid')
