@@ -86,7 +86,7 @@ class RunRecord:
   hparams: dict[str, bool | float | int | str]
   status: str
   final: dict[str, float]  # the results table's metrics
-  steps: list[int]  # the run's updates at each evaluation point
+  steps: list[int]  # the run's updates at each evaluation point (each once)
   history: list[dict[str, float]]  # the curves at each point, missing values left out
 
 
@@ -160,6 +160,8 @@ def records(result: Any) -> Iterator[RunRecord]:
     points = by_run.get(i)
     if points is not None:
       for _, p in points.sort_values('eval').iterrows():
+        if steps and int(p['updates']) == steps[-1]:
+          continue  # a stopped (diverged) run's frozen points: its curve ends where it stopped
         point = {}
         for c in CURVES:
           source = 'noise_scale' if c == 'noise_scale_estimate' else c
