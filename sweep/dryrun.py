@@ -4,7 +4,7 @@ Everything here is read from the plan the engine would train (`sweep.units.plan_
 which traces the model but compiles nothing) and from a cost model of the wall time;
 nothing is trained and nothing is written.
 
-The cost model (constants measured on a 2-core CPU, see docs/performance.md):
+The cost model (its constants fitted on a 2-core CPU; its error in docs/performance.md):
   compile  = COMPILE_S + COMPILE_PER_BATCH_S x batch sizes, per compile group
   training = every step of every batch group of every unit: STEP_S + its FLOPs / rate
   evaluation = every evaluation point, every run: forward FLOPs (a third of a step's per
@@ -25,10 +25,13 @@ import numpy as np
 
 from sweep.config import SweepConfig
 
-COMPILE_S = 1.5
-COMPILE_PER_BATCH_S = 0.5
-STEP_S = 60e-6
-EFFICIENCY = 0.3
+# Fitted to four experiments on a shared 2-core CPU (docs/performance.md, "The dry run's
+# time estimate"): the compiles, each scan step's fixed cost, and the share of the matrix
+# product's speed that a sweep's small products reach.
+COMPILE_S = 3.0
+COMPILE_PER_BATCH_S = 0.6
+STEP_S = 4e-4
+EFFICIENCY = 0.1
 
 
 @dataclasses.dataclass
@@ -176,7 +179,8 @@ def describe(cfg: SweepConfig, top: int = 12) -> str:
     f'Time: about {est.seconds:.0f} s ({est.compile_s:.0f} s compiling, '
     f'{est.train_s:.0f} s training, {est.eval_s:.0f} s evaluating; '
     f'{est.gflops:.3g} GFLOP on {jax.local_device_count()} {jax.default_backend()} device(s)); '
-    'a cost model, see docs/performance.md for its error'
+    'a cost model, within 2x of the runs measured on a 2-core CPU'
+    + ('' if jax.default_backend() == 'cpu' else '; fitted on CPU only, so a rough guess here')
   )
   return '\n'.join(lines)
 
