@@ -1,4 +1,5 @@
-"""`sweep run EXPERIMENT.py [--workdir DIR]`: a thin shell over `sweep.run`."""
+"""`sweep run EXPERIMENT.py [--workdir DIR]`: a thin shell over `sweep.run`; also `sweep report`,
+`sweep export` (a finished workdir to TensorBoard, MLflow or W&B) and `sweep lr-find`."""
 
 from __future__ import annotations
 
@@ -98,9 +99,9 @@ def _run(args) -> int:
     raise _Failure(f'--workdir {args.workdir!r} is a file, not a directory', 2)
   try:
     changes = overrides.parse(args.set or [])
-    chosen = loggers.resolve(args.log)
+    chosen = loggers.resolve(args.log, '--log')
   except sweep.ConfigError as e:
-    raise _Failure(str(e) if str(e).startswith('--set') else f'--log: {e}', 2) from None
+    raise _Failure(str(e), 2) from None
   where = path + ''.join(f' --set {item}' for item in args.set or [])
   writes = files.write_count()
   try:
@@ -176,7 +177,7 @@ def _export(args) -> int:
     return 2
   try:
     chosen = []
-    for logger in loggers.resolve(args.to):
+    for logger in loggers.resolve(args.to, '--to'):
       if isinstance(logger, loggers.TensorBoard):
         logger.logdir = args.logdir
       elif isinstance(logger, loggers.MLflow):
@@ -186,7 +187,7 @@ def _export(args) -> int:
         logger.check()
       chosen.append(logger)
   except sweep.ConfigError as e:
-    print(f'sweep: --to: {e}', file=sys.stderr)
+    print(f'sweep: {e}', file=sys.stderr)
     return 2
   result = sweep.Result.load(args.workdir)
   return _print_logged(loggers.send(result, chosen, args.workdir))

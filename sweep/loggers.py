@@ -184,9 +184,10 @@ def _require(name: str, module: str) -> None:
     raise ConfigError(f"loggers: '{name}' needs the {module} package: {_extra(name)}")
 
 
-def resolve(loggers: Sequence[str | Logger] | str | None) -> list[Logger]:
-  """Loggers from names ('tensorboard', 'mlflow', 'wandb') or logger objects; raises
-  `ConfigError` for an unknown name or a tracker whose package is not installed."""
+def resolve(loggers: Sequence[str | Logger] | str | None, field: str = 'loggers') -> list[Logger]:
+  """Loggers from names ('tensorboard', 'mlflow', 'wandb', or one comma-separated string)
+  or logger objects; raises `ConfigError` (naming `field`) for an unknown name, or for a
+  tracker whose package is not installed."""
   if not loggers:
     return []
   if isinstance(loggers, str):
@@ -199,11 +200,11 @@ def resolve(loggers: Sequence[str | Logger] | str | None) -> list[Logger]:
       if key not in NAMES:
         close = difflib.get_close_matches(key, NAMES, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ''
-        raise config_error('loggers', entry, f'expected one of {", ".join(NAMES)}{hint}')
+        raise config_error(field, entry, f'expected one of {", ".join(NAMES)}{hint}')
       entry = {'tensorboard': TensorBoard, 'mlflow': MLflow, 'wandb': WandB}[key]()
     elif not callable(getattr(entry, 'log', None)):
       raise config_error(
-        'loggers', entry, 'expected a name (tensorboard, mlflow, wandb) or an object with log()'
+        field, entry, 'expected a name (tensorboard, mlflow, wandb) or an object with log()'
       )
     check = getattr(entry, 'check', None)
     if check is not None:
