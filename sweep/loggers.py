@@ -234,7 +234,9 @@ def send(result: Any, loggers: Sequence[Logger], workdir: str | None = None) -> 
 # One event file per run directory, under a fixed name, so that logging the same sweep again
 # replaces it rather than adding a second copy of every point.
 _EVENT_FILE = 'events.out.tfevents.0.sweep'
-_TB_STATUS = {'ok': 'STATUS_SUCCESS', 'diverged': 'STATUS_FAILURE'}
+# A run an adaptive search stopped ended as the search meant it to: a success, told apart by
+# its status hyperparameter ('stopped').
+_TB_STATUS = {'ok': 'STATUS_SUCCESS', 'stopped': 'STATUS_SUCCESS', 'diverged': 'STATUS_FAILURE'}
 
 
 class TensorBoard:
