@@ -137,7 +137,7 @@ def _run(args) -> int:
 
   if jax.process_index() != 0:
     return 0  # process 0 speaks for the sweep
-  print(result.summary())
+  print(result.summary(verbose=args.verbose))
   if args.workdir:
     print(f'Wrote {os.path.join(args.workdir, "results.csv")}, curves.csv and config.json.')
     if not args.no_report:
@@ -281,6 +281,9 @@ def main(argv: list[str] | None = None) -> int:
     help='keep the latest K checkpoints (a damaged one is skipped for the one before; default 2)',
   )
   p.add_argument('--no-report', action='store_true', help='skip the figures and report.html')
+  p.add_argument(
+    '--verbose', action='store_true', help="every column of the best runs' table, however wide"
+  )
   p.add_argument(
     '--set',
     action='append',

@@ -445,6 +445,8 @@ def _run(
     )
     resolved['fingerprint'] = fp.digest
     wd.claim(fp, fresh, mine, lambda c: _abstract_state(all_units[c], model))
+    if cfg.scheduler is None:
+      _say_resumed(workdir, wd.resume, len(mine), plan.num_evals)
   finished = wd.resume.finished
   # The unit in progress first, then the others in order (a damaged finished unit among them).
   todo = [c for c in mine if c not in finished and c != wd.resume.point.unit]
@@ -555,6 +557,8 @@ def _run_population(
       directory = os.path.join(directory, f'process-{jax.process_index()}-of-{jax.process_count()}')
     store = checkpoints.StateStore(directory, wd.keep)
     start -= _resume_population(store, pop, wd)
+    if wd.step:
+      print(f'Resuming {workdir} from its checkpoint after segment {wd.step}.', flush=True)
   bar = tqdm.tqdm(
     desc=f'{len(plan.runs)} configurations', unit='segment', disable=not progress, leave=False
   )
@@ -646,6 +650,21 @@ def _load_population(store, pop, wd, step: int) -> float | None:
     store.remove(step)
     return None
   return float(meta.get('seconds', 0.0))
+
+
+def _say_resumed(workdir: str, resume: checkpoints.Resume, units: int, segments: int) -> None:
+  """One line (on stdout: news, not trouble) when a rerun picks up this sweep: what was
+  finished, where it goes on."""
+  done, point = len(resume.finished), resume.point
+  if not done and point.unit is None:
+    return
+  if done == units:
+    print(f'{workdir} holds this sweep finished: nothing to train, results read back.')
+    return
+  parts = [f'{done} of {units} units finished'] if done else []
+  if point.unit is not None:
+    parts.append(f'unit {point.unit} goes on after evaluation {point.segment} of {segments}')
+  print(f'Resuming {workdir}: ' + '; '.join(parts) + '.', flush=True)
 
 
 def _resume_population(store, pop, wd) -> float:

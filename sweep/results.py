@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from sweep import analysis, checkpoints, columns, files, pareto
-from sweep.config import DEFAULT_OBJECTIVES, Plan
+from sweep.config import DEFAULT_OBJECTIVES, Plan, axis_columns
 from sweep.files import atomic_write, write_if_changed  # noqa: F401 - re-exported
 from sweep.provenance import environment, resolved_config  # noqa: F401 - re-exported
 
@@ -241,26 +241,49 @@ class Result:
       raise ValueError('every run diverged')
     return ok.loc[ok[column].idxmin() if mode == 'min' else ok[column].idxmax()]
 
-  def summary(self, top: int = 5) -> str:
+  def summary(self, top: int = 5, width: int = 100, verbose: bool = False) -> str:
+    """The sweep in a few lines: how many runs, diverged and stopped; what every run shares;
+    the best `top` runs that ended well, by final validation loss (else training loss).
+
+    Args:
+      top: how many of the best runs to show.
+      width: the widest line: the best runs show the axes that vary, the status and the
+        objective, then accuracy, best validation loss, updates and the Pareto flag while
+        they fit.
+      verbose: every column of the table instead, however wide.
+    """
     t = self.table
     col = 'final_val_loss' if 'final_val_loss' in t else 'final_train_loss'
     # An optimizer or schedule shared by every run is said once (a factory's label can be long).
     same = [
       c for c in ('optimizer', 'schedule') if c in t.columns and t[c].nunique(dropna=False) == 1
     ]
-    shown = [c for c in t.columns if c not in ('run', 'seconds', 'best_eval') and c not in same]
     ok = t[t.status == 'ok'].sort_values(col)
-    lines = [
+    stopped = int((t.status == 'stopped').sum())
+    head = (
       f'{len(t)} runs in {self.wall_time:.1f} s; {int((t.status == "diverged").sum())} diverged'
-      + (
-        f'; {int((t.status == "stopped").sum())} stopped early by the scheduler.'
-        if 'stopped' in set(t.status)
-        else '.'
-      ),
-      *(['Every run: ' + '; '.join(f'{c} {t[c].iloc[0]}' for c in same) + '.'] if same else []),
-      f'Best {min(top, len(ok))} by {col}:',
-      ok[shown].head(top).to_string(index=False, float_format=lambda v: f'{v:.4g}'),
-    ]
+    )
+    lines = [head + (f'; {stopped} stopped early by the scheduler.' if stopped else '.')]
+    if same:
+      every = 'Every run: ' + '; '.join(f'{c} {t[c].iloc[0]}' for c in same) + '.'
+      lines.append(every if verbose or len(every) <= width else every[: width - 3] + '...')
+    lines.append(f'Best {min(top, len(ok))} by {col}:')
+    fmt = lambda v: f'{v:.4g}'  # noqa: E731
+    if verbose:
+      shown = [c for c in t.columns if c not in ('run', 'seconds', 'best_eval') and c not in same]
+      lines.append(ok[shown].head(top).to_string(index=False, float_format=fmt))
+      return '\n'.join(lines)
+    axes = [c for c in axis_columns(list(t.columns), self.config) if t[c].nunique() > 1]
+    axes = axes or [c for c in ('batch_size', 'learning_rate') if c in t.columns]
+    accuracy = 'final_val_accuracy' if 'final_val_accuracy' in t else 'final_train_accuracy'
+    optional = [c for c in (accuracy, 'best_val_loss', 'updates', 'pareto') if c in t.columns]
+    shown = list(dict.fromkeys([*axes, 'status', col, *optional]))
+    while True:
+      text = ok[shown].head(top).to_string(index=False, float_format=fmt)
+      if not optional or max(len(line) for line in text.splitlines()) <= width:
+        break
+      shown.remove(optional.pop())
+    lines.append(text)
     return '\n'.join(lines)
 
   def save_front(self, workdir: str) -> None:

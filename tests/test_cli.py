@@ -173,6 +173,15 @@ def test_summary_names_the_best_runs_and_the_diverged_count(ok_run):
     assert math.isclose(float(printed['final_val_loss']), expected.final_val_loss, rel_tol=1e-3)
 
 
+def test_the_summary_fits_a_100_column_terminal(ok_run):
+  out = ok_run.proc.stdout
+  summary = out[: out.index('Wrote ')].splitlines()
+  assert max(len(line) for line in summary) <= 100, out
+  header = next(line for line in summary if 'status' in line).split()
+  assert header[:2] == ['batch_size', 'learning_rate'] and 'final_val_loss' in header
+  assert 'seed' not in header  # an axis that does not vary is left out
+
+
 def test_config_json_records_axes_budget_versions_and_devices(ok_run):
   config = ok_run.read_json()
   assert config['name'] == 'cli-test'

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -370,6 +371,10 @@ def test_the_rerun_resumes_and_a_read_only_rerun_writes_nothing(scenario, refere
     assert 'Traceback' not in err and not failures, f'{name}: {err}'
     if name == 'readonly':
       assert 'sweep:' not in err, err
+      assert 'holds this sweep finished: nothing to train' in out, out
+    else:  # where the full disk stopped it: training, or writing the results
+      said = r'^(Resuming .*(units finished|goes on after evaluation)|.* holds this sweep finished)'
+      assert re.search(said, out, re.M), out
     assert '6 runs in' in out, out
   final = scenario['final']
   expected = pd.read_csv(pd.io.common.StringIO(reference.table.to_csv(index=False)))
