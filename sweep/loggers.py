@@ -56,6 +56,10 @@ CURVES = (
   'examples',
 )
 _NOT_METRICS = {'run', 'best_eval', 'status'}
+# Statuses each tracker shows as a failed run (TensorBoard's STATUS_FAILURE, MLflow's FAILED,
+# W&B's failed state); every other status (ok, stopped by a scheduler) ended as meant. The
+# word itself is always there too: a hyperparameter, a tag, the summary.
+FAILED = ('diverged',)
 _SHORT = {
   'learning_rate': 'lr',
   'batch_size': 'bs',
@@ -234,9 +238,6 @@ def send(result: Any, loggers: Sequence[Logger], workdir: str | None = None) -> 
 # One event file per run directory, under a fixed name, so that logging the same sweep again
 # replaces it rather than adding a second copy of every point.
 _EVENT_FILE = 'events.out.tfevents.0.sweep'
-# A run an adaptive search stopped ended as the search meant it to: a success, told apart by
-# its status hyperparameter ('stopped').
-_TB_STATUS = {'ok': 'STATUS_SUCCESS', 'stopped': 'STATUS_SUCCESS', 'diverged': 'STATUS_FAILURE'}
 
 
 class TensorBoard:
@@ -328,7 +329,7 @@ class TensorBoard:
       for tag, value in r.final.items():
         summary.value.add(tag=f'summary/{tag}', simple_value=value)
       events.append(event_pb2.Event(wall_time=now, step=last, summary=summary))
-      status = getattr(api_pb2, _TB_STATUS.get(r.status, 'STATUS_UNKNOWN'))
+      status = api_pb2.STATUS_FAILURE if r.status in FAILED else api_pb2.STATUS_SUCCESS
       end = plugin_data_pb2.HParamsPluginData(
         session_end_info=plugin_data_pb2.SessionEndInfo(status=status, end_time_secs=now)
       )
@@ -376,7 +377,8 @@ _FINGERPRINT = 'sweep.fingerprint'
 class MLflow:
   """MLflow runs: a parent run for the sweep (its config, results, curves and report as
   artifacts) and a nested run per configuration (its hyperparameters as params, its
-  metric histories with steps, its final metrics, a `status` tag), logged in batches.
+  metric histories with steps, its final metrics, a `status` tag; a diverged run is FAILED),
+  logged in batches.
 
   Args:
     tracking_uri: the tracking store; by default MLFLOW_TRACKING_URI, else a SQLite
@@ -466,7 +468,7 @@ class MLflow:
         metrics += [Metric(k, v, now, last) for k, v in r.final.items() if k not in CURVES]
         params = [Param(k, _param(v)) for k, v in r.hparams.items()]
         _log_batches(client, run_id, metrics, params)
-        client.set_terminated(run_id, 'FINISHED')
+        client.set_terminated(run_id, 'FAILED' if r.status in FAILED else 'FINISHED')
     except BaseException:
       client.set_terminated(parent, 'FAILED')
       raise
@@ -541,7 +543,7 @@ def _log_batches(client, run_id: str, metrics: list, params: list) -> None:
 class WandB:
   """Weights & Biases runs: one per configuration, grouped by the sweep's name, with the
   hyperparameters as config, the curves as history (step = updates) and the final metrics
-  and status in the summary.
+  and status in the summary (a diverged run ends failed, with exit code 1).
 
   Args:
     project: the W&B project; by default WANDB_PROJECT, else the sweep's name.
@@ -618,7 +620,7 @@ class WandB:
         run.summary.update(r.final)
         run.summary['status'] = r.status
       finally:
-        run.finish()
+        run.finish(exit_code=1 if r.status in FAILED else 0)
       logged += 1
     where = os.path.join(directory, 'wandb')
     kept = f' ({skipped} already there)' if skipped else ''

@@ -214,7 +214,7 @@ def test_mlflow_holds_the_sweep_and_a_nested_run_per_configuration(tracked, tabl
   assert sorted(children) == list(range(NUM_RUNS))
   for _, row in table.iterrows():
     child = children[int(row.run)]
-    assert child.info.status == 'FINISHED'
+    assert child.info.status == ('FINISHED' if row.status == 'ok' else 'FAILED')
     assert child.data.tags['status'] == row.status
     assert float(child.data.params['learning_rate']) == pytest.approx(row.learning_rate)
     assert int(child.data.params['batch_size']) == row.batch_size
@@ -272,7 +272,7 @@ def test_wandb_offline_runs_hold_every_configuration_grouped_by_the_sweep(tracke
     if math.isfinite(row.final_val_loss):
       assert summary['final_val_loss'] == pytest.approx(row.final_val_loss)
     exit_record = next(r for r in records if r['type'] == 'exit')
-    assert exit_record['exit'].get('exit_code', 0) == 0
+    assert exit_record['exit'].get('exit_code', 0) == (0 if row.status == 'ok' else 1)
   assert seen == set(range(NUM_RUNS))
 
 
@@ -351,3 +351,62 @@ def test_a_tracker_that_fails_says_so_and_the_next_one_still_logs(tracked, tmp_p
   )
   assert lines[0].startswith('mlflow: not logged: ') and 'sweep export' in lines[0]
   assert lines[1].startswith('TensorBoard: 6 runs')
+
+
+def test_a_stopped_run_is_its_own_run_that_ended_as_meant_and_a_diverged_one_failed(tmp_path):
+  """Statuses as an adaptive search leaves them, on a result built by hand (no training)."""
+  pytest.importorskip('tensorboard')
+  pytest.importorskip('mlflow')
+  from mlflow.tracking import MlflowClient
+  from tensorboard.backend.event_processing import event_accumulator
+  from tensorboard.plugins.hparams import api_pb2, metadata
+
+  import sweep
+  from sweep import loggers
+
+  statuses = ['ok', 'stopped', 'diverged']
+  table = pd.DataFrame(
+    {
+      'run': [0, 1, 2],
+      'learning_rate': [0.01, 0.001, 10.0],
+      'status': statuses,
+      'updates': [40, 10, 3],
+      'final_train_loss': [0.5, 1.5, math.nan],
+      'rung': [2, 0, 0],
+    }
+  )
+  curves = pd.DataFrame(
+    [
+      {'run': i, 'eval': k, 'updates': u, 'train_loss': 2.0 - k}
+      for i, steps in enumerate([[0, 20, 40], [0, 10], [0, 3, 3]])
+      for k, u in enumerate(steps)
+    ]
+  )
+  config = {'name': 'by-hand', 'axes': {'learning_rate': [0.01, 0.001, 10.0], 'seed': [0]}}
+  result = sweep.Result(table, curves, config, 1.0)
+  tb = tmp_path / 'tb'
+  uri = f'sqlite:///{tmp_path / "mlflow.db"}'
+  lines = loggers.send(result, [loggers.TensorBoard(str(tb)), loggers.MLflow(uri)], None)
+  assert not any('not logged' in line for line in lines), lines
+
+  names = sorted(p.name for p in tb.iterdir() if p.is_dir())
+  assert names == ['run000_lr0.01', 'run001_lr0.001', 'run002_lr10']
+  for name, status in zip(names, statuses, strict=True):
+    acc = event_accumulator.EventAccumulator(str(tb / name))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars('train_loss')] == {
+      'ok': [0, 20, 40],
+      'stopped': [0, 10],
+      'diverged': [0, 3],  # the frozen point after it diverged is left out
+    }[status]
+    content = acc.SummaryMetadata(metadata.SESSION_END_INFO_TAG).plugin_data.content
+    end = metadata.parse_session_end_info_plugin_data(content)
+    failed = status == 'diverged'
+    assert end.status == (api_pb2.STATUS_FAILURE if failed else api_pb2.STATUS_SUCCESS)
+    assert acc.Scalars('summary/rung')[0].value == table.rung[names.index(name)]
+
+  client = MlflowClient(uri)
+  experiment = client.get_experiment_by_name('by-hand')
+  runs = client.search_runs([experiment.experiment_id], "tags.`sweep.role` = 'run'")
+  by_status = {r.data.tags['status']: r.info.status for r in runs}
+  assert by_status == {'ok': 'FINISHED', 'stopped': 'FINISHED', 'diverged': 'FAILED'}
