@@ -7,7 +7,17 @@ result = sweep.run(cfg)
 result.table
 """
 
-from sweep import adapters, analysis, data, distributed, models, optuna, schedulers, space
+from sweep import (
+  adapters,
+  analysis,
+  data,
+  distributed,
+  loggers,
+  models,
+  optuna,
+  schedulers,
+  space,
+)
 from sweep.checkpoints import restore_params, restore_variables
 from sweep.config import SweepConfig
 from sweep.engine import check, enable_compilation_cache, run, set_cpu_devices
@@ -29,6 +39,7 @@ __all__ = [
   'distributed',
   'enable_compilation_cache',
   'load',
+  'loggers',
   'lr_find',
   'models',
   'optuna',

@@ -325,6 +325,29 @@ def test_an_export_to_another_logdir_holds_the_same_scalars(tracked, tmp_path):
       ]
 
 
+def test_the_api_takes_logger_objects_and_says_where_each_wrote(tmp_path):
+  pytest.importorskip('tensorboard')
+  from tensorboard.backend.event_processing import event_accumulator
+
+  import sweep
+
+  cfg = sweep.SweepConfig(
+    model=sweep.models.mlp(hidden=(8,)),
+    data=sweep.data.digits(),
+    learning_rate=[0.01, 0.1],
+    epochs=1,
+    name='api',
+  )
+  logdir = tmp_path / 'tb'
+  result = sweep.run(cfg, loggers=[sweep.loggers.TensorBoard(str(logdir))], progress=False)
+  assert result.logged == [f'TensorBoard: 2 runs in {logdir} (tensorboard --logdir {logdir})']
+  for i, path in tensorboard_runs(logdir).items():
+    acc = event_accumulator.EventAccumulator(str(path))
+    acc.Reload()
+    points = result.curves[result.curves.run == i]
+    assert [e.step for e in acc.Scalars('val_loss')] == points.updates.tolist()
+
+
 # ---------------------------------------------------------------------------- mistakes
 
 
