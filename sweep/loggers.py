@@ -165,7 +165,7 @@ def records(result: Any) -> Iterator[RunRecord]:
     if points is not None:
       for _, p in points.sort_values('eval').iterrows():
         if steps and int(p['updates']) == steps[-1]:
-          continue  # a stopped (diverged) run's frozen points: its curve ends where it stopped
+          continue  # a diverged run is frozen: its later points repeat its last update
         point = {}
         for c in CURVES:
           source = 'noise_scale' if c == 'noise_scale_estimate' else c
@@ -225,11 +225,13 @@ def send(result: Any, loggers: Sequence[Logger], workdir: str | None = None) -> 
   """
   lines = []
   for logger in loggers:
+    name = getattr(logger, 'name', type(logger).__name__)
     try:
       lines.append(logger.log(result, workdir))
     except Exception as e:  # noqa: BLE001 - the trained sweep matters more than a tracker
-      again = f'; retry with: sweep export {workdir} --to {logger.name}' if workdir else ''
-      lines.append(f'{logger.name}: not logged: {type(e).__name__}: {e}{again}')
+      again = f'; retry with: sweep export {workdir} --to {name}' if workdir else ''
+      reason = (str(e).strip().splitlines() or [''])[0]
+      lines.append(f'{name}: not logged: {type(e).__name__}: {reason}{again}')
   return lines
 
 
@@ -396,7 +398,9 @@ class MLflow:
 
   def check(self) -> None:
     _require(self.name, 'mlflow')
-    _require(self.name, 'sqlalchemy')
+    uri = self.tracking_uri or os.environ.get('MLFLOW_TRACKING_URI') or 'sqlite:'
+    if not uri.startswith(('http:', 'https:', 'databricks', 'file:')):
+      _require(self.name, 'sqlalchemy')  # a database store (the default SQLite one)
 
   def where(self, workdir: str | None) -> tuple[str, str | None]:
     """(tracking URI, artifact location for a new experiment)."""
