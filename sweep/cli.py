@@ -175,17 +175,14 @@ def _export(args) -> int:
   if not os.path.isfile(os.path.join(args.workdir, 'results.csv')):
     print(f'sweep: {args.workdir!r} holds no finished sweep (no results.csv)', file=sys.stderr)
     return 2
+  made = {
+    'tensorboard': lambda: loggers.TensorBoard(args.logdir),
+    'mlflow': lambda: loggers.MLflow(args.tracking_uri, args.experiment_name),
+    'wandb': lambda: loggers.WandB(args.project, args.mode),
+  }
   try:
-    chosen = []
-    for logger in loggers.resolve(args.to, '--to'):
-      if isinstance(logger, loggers.TensorBoard):
-        logger.logdir = args.logdir
-      elif isinstance(logger, loggers.MLflow):
-        logger.tracking_uri, logger.experiment = args.tracking_uri, args.experiment_name
-      elif isinstance(logger, loggers.WandB):
-        logger.project, logger.mode = args.project, args.mode
-        logger.check()
-      chosen.append(logger)
+    names = [loggers.tracker_name(n, '--to') for n in args.to.split(',') if n.strip()]
+    chosen = loggers.resolve([made[n]() for n in names], '--to')
   except sweep.ConfigError as e:
     print(f'sweep: {e}', file=sys.stderr)
     return 2

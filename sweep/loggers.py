@@ -188,6 +188,17 @@ def _require(name: str, module: str) -> None:
     raise ConfigError(f"loggers: '{name}' needs the {module} package: {_extra(name)}")
 
 
+def tracker_name(text: str, field: str = 'loggers') -> str:
+  """A tracker's name ('tensorboard', 'mlflow', 'wandb'; also 'tb', 'W&B') or `ConfigError`."""
+  key = text.strip().lower().replace('&', '').replace(' ', '')
+  key = {'tb': 'tensorboard', 'wb': 'wandb', 'weightsandbiases': 'wandb'}.get(key, key)
+  if key not in NAMES:
+    close = difflib.get_close_matches(key, NAMES, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ''
+    raise config_error(field, text, f'expected one of {", ".join(NAMES)}{hint}')
+  return key
+
+
 def resolve(loggers: Sequence[str | Logger] | str | None, field: str = 'loggers') -> list[Logger]:
   """Loggers from names ('tensorboard', 'mlflow', 'wandb', or one comma-separated string)
   or logger objects; raises `ConfigError` (naming `field`) for an unknown name, or for a
@@ -199,13 +210,9 @@ def resolve(loggers: Sequence[str | Logger] | str | None, field: str = 'loggers'
   out: list[Logger] = []
   for entry in loggers:
     if isinstance(entry, str):
-      key = entry.lower().replace('&', '').replace(' ', '')
-      key = {'tb': 'tensorboard', 'wb': 'wandb', 'weightsandbiases': 'wandb'}.get(key, key)
-      if key not in NAMES:
-        close = difflib.get_close_matches(key, NAMES, n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ''
-        raise config_error(field, entry, f'expected one of {", ".join(NAMES)}{hint}')
-      entry = {'tensorboard': TensorBoard, 'mlflow': MLflow, 'wandb': WandB}[key]()
+      entry = {'tensorboard': TensorBoard, 'mlflow': MLflow, 'wandb': WandB}[
+        tracker_name(entry, field)
+      ]()
     elif not callable(getattr(entry, 'log', None)):
       raise config_error(
         field, entry, 'expected a name (tensorboard, mlflow, wandb) or an object with log()'
