@@ -247,9 +247,9 @@ class Result:
 
     Args:
       top: how many of the best runs to show.
-      width: the widest line: the best runs show the axes that vary, the status and the
-        objective, then accuracy, best validation loss, updates and the Pareto flag while
-        they fit.
+      width: the widest line of the best runs' table: it shows the axes that vary, the
+        status and the objective, then accuracy, best validation loss, updates and the
+        Pareto flag while they fit (the line naming what every run shares is whole).
       verbose: every column of the table instead, however wide.
     """
     t = self.table
@@ -264,9 +264,8 @@ class Result:
       f'{len(t)} runs in {self.wall_time:.1f} s; {int((t.status == "diverged").sum())} diverged'
     )
     lines = [head + (f'; {stopped} stopped early by the scheduler.' if stopped else '.')]
-    if same:
-      every = 'Every run: ' + '; '.join(f'{c} {t[c].iloc[0]}' for c in same) + '.'
-      lines.append(every if verbose or len(every) <= width else every[: width - 3] + '...')
+    if same:  # whole, however long: a factory's label is what tells the optimizer apart
+      lines.append('Every run: ' + '; '.join(f'{c} {t[c].iloc[0]}' for c in same) + '.')
     lines.append(f'Best {min(top, len(ok))} by {col}:')
     fmt = lambda v: f'{v:.4g}'  # noqa: E731
     if verbose:
