@@ -392,7 +392,8 @@ class MLflow:
   Args:
     tracking_uri: the tracking store; by default MLFLOW_TRACKING_URI, else a SQLite
       store in the workdir (`sqlite:///WORKDIR/mlflow.db`, artifacts in
-      `WORKDIR/mlartifacts`), else `./mlflow.db`. View with
+      `WORKDIR/mlartifacts`), else `./mlflow.db`. A new experiment in a SQLite store keeps
+      its artifacts in `mlartifacts` beside the database. View with
       `mlflow ui --backend-store-uri URI`.
     experiment: the MLflow experiment; by default the sweep's name.
   """
@@ -412,6 +413,10 @@ class MLflow:
   def where(self, workdir: str | None) -> tuple[str, str | None]:
     """(tracking URI, artifact location for a new experiment)."""
     uri = self.tracking_uri or os.environ.get('MLFLOW_TRACKING_URI')
+    if uri and uri.startswith('sqlite:///'):
+      # Artifacts beside the database, not in MLflow's default ./mlruns of the current directory.
+      database = uri[len('sqlite:///') :]
+      return uri, os.path.join(os.path.dirname(os.path.abspath(database)), 'mlartifacts')
     if uri:
       return uri, None
     base = os.path.abspath(workdir if workdir is not None else '.')
