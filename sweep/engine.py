@@ -557,8 +557,6 @@ def _run_population(
       directory = os.path.join(directory, f'process-{jax.process_index()}-of-{jax.process_count()}')
     store = checkpoints.StateStore(directory, wd.keep)
     start -= _resume_population(store, pop, wd)
-    if wd.step:
-      print(f'Resuming {workdir} from its checkpoint after segment {wd.step}.', flush=True)
   bar = tqdm.tqdm(
     desc=f'{len(plan.runs)} configurations', unit='segment', disable=not progress, leave=False
   )
