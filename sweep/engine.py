@@ -330,6 +330,21 @@ def run(
   return result
 
 
+def _say_resumed(workdir: str, resume: checkpoints.Resume, units: int, segments: int) -> None:
+  """One line (on stdout: news, not trouble) when a rerun picks up this sweep: what was
+  finished, where it goes on."""
+  done, point = len(resume.finished), resume.point
+  if not done and point.unit is None:
+    return
+  if done == units:
+    print(f'{workdir} holds this sweep finished: nothing to train, results read back.')
+    return
+  parts = [f'{done} of {units} units finished'] if done else []
+  if point.unit is not None:
+    parts.append(f'unit {point.unit} goes on after evaluation {point.segment} of {segments}')
+  print(f'Resuming {workdir}: ' + '; '.join(parts) + '.', flush=True)
+
+
 def _positive(field: str, value: Any, accepted: str) -> None:
   if isinstance(value, bool) or not isinstance(value, int) or value < 1:
     raise config_error(field, value, accepted)
@@ -648,21 +663,6 @@ def _load_population(store, pop, wd, step: int) -> float | None:
     store.remove(step)
     return None
   return float(meta.get('seconds', 0.0))
-
-
-def _say_resumed(workdir: str, resume: checkpoints.Resume, units: int, segments: int) -> None:
-  """One line (on stdout: news, not trouble) when a rerun picks up this sweep: what was
-  finished, where it goes on."""
-  done, point = len(resume.finished), resume.point
-  if not done and point.unit is None:
-    return
-  if done == units:
-    print(f'{workdir} holds this sweep finished: nothing to train, results read back.')
-    return
-  parts = [f'{done} of {units} units finished'] if done else []
-  if point.unit is not None:
-    parts.append(f'unit {point.unit} goes on after evaluation {point.segment} of {segments}')
-  print(f'Resuming {workdir}: ' + '; '.join(parts) + '.', flush=True)
 
 
 def _resume_population(store, pop, wd) -> float:
