@@ -182,7 +182,7 @@ def describe(cfg: SweepConfig, top: int = 12) -> str:
     'a cost model, within 2x of the runs measured on a 2-core CPU'
     + ('' if jax.default_backend() == 'cpu' else '; fitted on CPU only, so a rough guess here')
   )
-  if getattr(cfg, 'scheduler', None) is not None:
+  if cfg.scheduler is not None:
     lines.append(
       'Adaptive search: the figures are those of every run trained to its end, an upper '
       'bound; the scheduler stops runs early and trains them in its own slots.'
