@@ -196,7 +196,10 @@ class Population:
     self.trials = [Trial() for _ in self.plan.runs]
     if self.pbt is not None:
       for i, run in enumerate(self.plan.runs):
-        self.trials[i].hypers = {h: float(run.values[h]) for h in self.pbt.hyperparameters}
+        self.trials[i].hypers = {
+          h: float(run.values[h] if h == 'learning_rate' else run.hypers[h])
+          for h in self.pbt.hyperparameters
+        }
     for key in self.boards:
       self.boards[key] = schedulers.Board(len(self.plan.runs), key[1])
 
@@ -398,9 +401,9 @@ class Population:
     ending: dict[int, str] = {}  # trial -> its final status
     for point, now in sorted(by_point.items()):
       alive = [t for t in now if self.trials[t].points[-1]['alive']]
-      for t in now:
-        if t not in alive:
-          ending[t] = 'diverged'
+      if self.pbt is None or point >= num_evals:
+        # With PBT a diverged member stays: it ranks last and copies a good one.
+        ending.update({t: 'diverged' for t in now if t not in alive})
       if point >= num_evals:
         ending.update({t: 'ok' for t in alive})
         continue
@@ -411,7 +414,7 @@ class Population:
         stop |= rule.stop(point, alive, self.boards[rule.metric, rule.mode], num_evals)
       ending.update({t: 'stopped' for t in stop})
       if self.pbt is not None:
-        counts['exploited'] += self._exploit(point, alive)
+        counts['exploited'] += self._exploit(point, now)
     for status in ending.values():
       counts['finished' if status == 'ok' else status] += 1
     if ending:
@@ -473,12 +476,12 @@ class Population:
       hparams=(ghp,),
     )
 
-  def _exploit(self, point: int, alive: list[int]) -> int:
+  def _exploit(self, point: int, now: list[int]) -> int:
     """PBT at `point`: within each population (cohort), the bottom quantile copies the top."""
     board = self.boards[self.pbt.metric, self.pbt.mode]
     n = 0
     for cohort in self.cohorts:
-      members = [t for _, _, t in cohort.live() if t in alive]
+      members = [t for _, _, t in cohort.live() if t in now]
       if cohort.point != point or len(members) < 2:
         continue
       rng = self.pbt.rng(point, members)

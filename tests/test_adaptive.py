@@ -281,13 +281,13 @@ def test_pbt_exploit_copies_every_state_bit_for_bit_and_writes_the_hyperparamete
 
 def _pbt_config(**changes):
   pbt = sweep.schedulers.PBT(interval_updates=4, quantile=0.25, perturb=(0.8, 1.25), seed=3)
-  return config(
+  base = dict(
     learning_rate=[float(v) for v in np.geomspace(1e-3, 0.3, 8)],
     batch_size=[16],
     epochs=2,
     scheduler=pbt,
-    **changes,
   )
+  return config(**{**base, **changes})
 
 
 def test_pbt_members_equal_plain_loops_that_copy_and_perturb_as_the_lineage_says():
@@ -518,3 +518,14 @@ def test_two_processes_take_every_decision_alike_and_equal_one_process(tmp_path,
       assert set(f.files) == set(want_params)
       for k in f.files:
         np.testing.assert_array_equal(f[k], want_params[k], err_msg=k)
+
+
+def test_a_diverged_pbt_member_copies_a_good_one_and_trains_on():
+  cfg = _pbt_config(learning_rate=[1e-3, 3e-3, 1e-2, 1e4])
+  result = sweep.run(cfg, progress=False)
+  curves = result.curves[result.curves.run == 3].sort_values('eval')
+  alive = curves['alive'].astype(bool).to_numpy()
+  assert not alive[1], 'the learning rate 1e4 should diverge in its first segment'
+  assert alive[-1] and result.table.status[3] == 'ok'
+  assert result.table.lineage[3].startswith('1:')
+  assert result.table.final_learning_rate[3] < 1.0
