@@ -688,6 +688,15 @@ def _resume_population(store, pop, wd) -> float:
   if step is None:
     return 0.0
   wd.step = step
+  if jax.process_index() == 0:
+    ended = sum(t.status in ('ok', 'stopped', 'diverged') for t in pop.trials)
+    what = (
+      'finished: nothing to train, results read back'
+      if not pop.active()
+      else f'the search goes on after segment {step} ({ended} of {len(pop.trials)} '
+      'configurations ended)'
+    )
+    print(f'Resuming {wd.path}: {what}.', flush=True)
   return seconds
 
 
