@@ -678,6 +678,19 @@ def _scheduler_evals(cfg: SweepConfig, num_evals: int, total: dict[int, int]) ->
       if cfg.num_evals is None:
         num_evals = rule.num_evals(num_evals)
       rule.points(num_evals)
+  for rule in schedulers.rules(cfg.scheduler):
+    # A rule that can never act before the end is a mistake, not a quiet no-op.
+    if isinstance(rule, schedulers.MedianStopping | schedulers.Patience):
+      needed = rule.grace + 2 if isinstance(rule, schedulers.MedianStopping) else rule.patience + 2
+      if cfg.num_evals is None:
+        num_evals = max(num_evals, 10, needed)
+      elif num_evals < needed:
+        raise config_error(
+          'num_evals',
+          num_evals,
+          f'{type(rule).__name__} acts from evaluation point {needed - 1}, before the last: '
+          f'at least {needed} evaluation points (or None to choose)',
+        )
   if num_evals > min(total.values()):
     raise config_error(
       'num_evals',

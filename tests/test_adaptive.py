@@ -529,3 +529,11 @@ def test_a_diverged_pbt_member_copies_a_good_one_and_trains_on():
   assert alive[-1] and result.table.status[3] == 'ok'
   assert result.table.lineage[3].startswith('1:')
   assert result.table.final_learning_rate[3] < 1.0
+
+
+def test_a_stopping_rule_that_could_never_act_is_refused():
+  with pytest.raises(sweep.ConfigError, match='Patience acts from evaluation point 6'):
+    sweep.check(config(scheduler=sweep.schedulers.Patience(patience=5), num_evals=4))
+  # Without num_evals, enough points are chosen.
+  plan = sweep.check(config(scheduler=sweep.schedulers.Patience(patience=5)))
+  assert plan.num_evals >= 7
