@@ -6,12 +6,14 @@ results.csv and curves.csv):
     from sweep import analysis
     analysis.batch_size_table(result, target=0.3)   # best learning rate per batch size
     analysis.lr_batch_slope(result)                 # log(best lr) against log(batch size)
+    analysis.choose_batch_size(result)              # one answer to "which batch size?"
     analysis.overfitting(result)                    # per run: gap, best evaluation, overfit
     analysis.noise_scale(g_small_sq, g_big_sq, b_small, b_big)   # McCandlish et al. 2018
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from types import SimpleNamespace
 from typing import Any
@@ -24,8 +26,10 @@ from sweep.config import axis_columns
 from sweep.errors import config_error
 
 __all__ = [
+  'BatchSizeChoice',
   'annotate_overfitting',
   'batch_size_table',
+  'choose_batch_size',
   'lr_batch_slope',
   'noise_scale',
   'overfitting',
@@ -379,6 +383,320 @@ def lr_batch_slope(
   )
   out['interpretation'] = _interpret(slope, low, high, n, edge)
   return out
+
+
+# ------------------------------------------------------- batch-size choice ----
+
+# The default target: the smallest batch size's best quality, this much (relative) worse.
+TOLERANCE = 0.05
+# Times to target this close (relative) count as equal, and the smaller batch size wins:
+# it needs less memory and fewer examples, and timings are noisy.
+TIE = 0.05
+# The evidence columns `BatchSizeChoice.__str__` prints, those present.
+_SHOWN = (
+  'learning_rate',
+  'lr_fit',
+  'reached',
+  'updates_to_target',
+  'seconds_to_target',
+  'seconds',
+  'noise_scale',
+)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class BatchSizeChoice:
+  """`choose_batch_size`'s answer: the batch size, why, and the table it was read from.
+
+  Attributes:
+    batch_size: the recommended batch size; None when every run diverged.
+    reason: one sentence saying why.
+    evidence: one row per swept batch size (see `choose_batch_size`).
+    target: the value of the curve `curve` the batch sizes raced to; None when every
+      run diverged.
+    metric: the results-table column that ranked the learning rates.
+    curve: the curve column the target is a value of (val_loss, train_loss, ...).
+    mode: 'min' (the target is reached at or below) or 'max' (at or above).
+    lr_scaling: how the best learning rate scales with the batch size, in words
+      (`lr_batch_slope`'s interpretation).
+  """
+
+  batch_size: int | None
+  reason: str
+  evidence: pd.DataFrame
+  target: float | None
+  metric: str = 'final_val_loss'
+  curve: str = 'val_loss'
+  mode: str = 'min'
+  lr_scaling: str = ''
+
+  def __str__(self) -> str:
+    head = (
+      f'Recommended batch size: {self.batch_size}.'
+      if self.batch_size is not None
+      else 'No batch size recommended.'
+    )
+    lines = [f'{head} {self.reason}']
+    if self.target is not None:
+      op = '<=' if self.mode == 'min' else '>='
+      lines.append(f'Target: {self.curve} {op} {self.target:.4g}.')
+    if not self.evidence.empty:
+      shown = [c for c in (self.metric, *_SHOWN) if c in self.evidence.columns]
+      lines.append(
+        self.evidence[shown].to_string(
+          float_format=lambda v: f'{v:.4g}', na_rep='-', justify='right'
+        )
+      )
+    if self.lr_scaling:
+      lines.append(f'Learning-rate scaling: {self.lr_scaling}')
+    return '\n'.join(lines)
+
+
+def _default_metric(table: pd.DataFrame) -> str:
+  """The final validation loss, else (no validation set) the final training loss."""
+  if 'final_val_loss' in table.columns:
+    values = pd.to_numeric(table['final_val_loss'], errors='coerce').to_numpy(np.float64)
+    if np.isfinite(values).any():
+      return 'final_val_loss'
+  return 'final_train_loss'
+
+
+def _noise_scales(table: pd.DataFrame, runs: pd.Series) -> np.ndarray:
+  """Per batch size: the mean `noise_scale` of the runs (a tuple of run ids) it was read from."""
+  if 'noise_scale' not in table.columns:
+    return np.full(len(runs), np.nan)
+  by_run = pd.Series(
+    pd.to_numeric(table['noise_scale'], errors='coerce').to_numpy(np.float64),
+    index=table['run'].to_numpy() if 'run' in table.columns else table.index.to_numpy(),
+  )
+  out = []
+  for ids in runs:
+    values = by_run.reindex(list(ids) if isinstance(ids, tuple) else []).to_numpy(np.float64)
+    values = values[np.isfinite(values)]
+    out.append(float(values.mean()) if len(values) else math.nan)
+  return np.asarray(out, np.float64)
+
+
+def _noise_clause(b: float, b_noise: float) -> str:
+  """Where batch size `b` stands against the critical batch size B_noise estimates."""
+  if not math.isfinite(b_noise) or b_noise <= 0:
+    return ''
+  where = f'the gradient noise scale measured at it (about {b_noise:.3g})'
+  if b < b_noise / 2:
+    return f'; it lies below {where}, so larger batches may still save time'
+  if b > 2 * b_noise:
+    return f'; it lies above {where}, past which larger batches buy little time'
+  return f'; it lies near {where}, the critical batch size of McCandlish et al. (2018)'
+
+
+def _fmt(b: Any) -> str:
+  return str(int(b)) if float(b).is_integer() else f'{b:g}'
+
+
+def choose_batch_size(
+  result: Any,
+  target: float | None = None,
+  *,
+  metric: str | None = None,
+  mode: str = 'min',
+  tolerance: float = TOLERANCE,
+) -> BatchSizeChoice:
+  """One answer to "which batch size?": the one that reaches a target quality soonest.
+
+  Each batch size is represented by its best configuration (`batch_size_table`: the best
+  learning rate by the seed-mean `metric`, configurations that diverged for any seed left
+  out). The batch sizes race to `target`, a value of the curve that `metric` summarises
+  (final_val_loss -> val_loss); by default the best `metric` of the smallest batch size,
+  made `tolerance` (relative) worse, so that a larger batch size that trains almost as
+  well still counts. The recommendation is the batch size that reaches the target in the
+  least time; times within 5 % count as equal and the smaller batch size wins. When no
+  batch size reaches the target, it is the one with the best quality.
+
+  Time to target, measured as the time a run of that batch size takes alone, is
+  approximated from each run's own `seconds` and its curves:
+  `seconds_to_target = seconds * updates_to_target / updates`, where `updates_to_target` is
+  the first evaluation point at which the seed-averaged curve reached the target. This
+  assumes every update of a run costs the same time (evaluation time spread in proportion)
+  and is only as fine as the evaluation points. `seconds` is what the results table charges
+  each run: when a unit trains several batch sizes together it is the unit's time shared
+  equally between its runs, the same for every batch size, and tells them apart by nothing.
+  When the seconds are equal for every batch size (or absent), the race is run on
+  `updates_to_target` instead, the time on hardware where a larger batch's update costs no
+  more than a smaller one's (McCandlish et al. 2018's steps to target), and the reason says
+  so.
+
+  The evidence also holds, where the sweep measured it (`noise_scale=True`), the gradient
+  noise scale of each batch size's best runs (McCandlish et al. 2018: batch sizes well below
+  it trade examples for time almost one for one, those above it buy little), and the
+  learning rate of the line `lr_batch_slope` fits through the best learning rates.
+
+  Args:
+    result: a `sweep.Result` (anything with `.table`, `.curves` and `.config`).
+    target: a value of the curve the batch sizes race to; None for the default.
+    metric: the results-table column that ranks learning rates; None for final_val_loss,
+      or final_train_loss for a sweep without a validation set.
+    mode: 'min' (lower is better; the target is reached at or below it) or 'max'.
+    tolerance: the default target's relative slack, >= 0.
+
+  Returns:
+    A `BatchSizeChoice`. Its `evidence` is indexed by every swept batch size (increasing),
+    with columns `learning_rate` (the best, NaN where every configuration diverged),
+    `metric`, `lr_at_edge`, `updates`, `seconds`, `seeds`, `runs`, the other axes that vary,
+    `updates_to_target`, `examples_to_target`, `seconds_to_target` (NaN when not reached),
+    `reached`, `noise_scale` (NaN when not measured) and `lr_fit`. A sweep of one batch size
+    gets that batch size and a reason saying there is nothing to compare; a sweep whose every
+    run diverged gets `batch_size=None`.
+
+  Raises:
+    ConfigError: an unknown metric or mode, a table without batch_size or learning_rate,
+      a target that is not a finite number, a negative tolerance.
+
+  Examples:
+    >>> import pandas as pd
+    >>> from sweep import analysis
+    >>> from sweep.results import Result
+    >>> table = pd.DataFrame({'run': [0, 1], 'batch_size': [32, 128],
+    ...   'learning_rate': [0.1, 0.4], 'status': 'ok', 'updates': [400, 100],
+    ...   'final_val_loss': [0.30, 0.31], 'seconds': [4.0, 1.5]})
+    >>> curves = pd.DataFrame({'run': [0, 0, 1, 1], 'eval': [0, 1, 0, 1],
+    ...   'updates': [0, 400, 0, 100], 'examples': [0, 12800, 0, 12800],
+    ...   'val_loss': [2.3, 0.30, 2.3, 0.31]})
+    >>> choice = analysis.choose_batch_size(Result(table, curves, {}, 0.0))
+    >>> choice.batch_size
+    128
+  """
+  table = result.table
+  if 'batch_size' not in table.columns:
+    raise config_error('result.table', f'columns {list(table.columns)}', "a 'batch_size' column")
+  if metric is None:
+    metric = _default_metric(table)
+  _check_metric(table, metric, mode)
+  if isinstance(tolerance, bool) or not isinstance(tolerance, int | float) or not tolerance >= 0:
+    raise config_error('tolerance', tolerance, 'a relative slack >= 0, such as 0.05 for 5 %')
+  if target is not None and (
+    isinstance(target, bool)
+    or not isinstance(target, int | float | np.integer | np.floating)
+    or not math.isfinite(float(target))
+  ):
+    raise config_error('target', target, f'a finite number on the {metric} scale, or None')
+  curves = getattr(result, 'curves', None)
+  curve = _curve_column(metric, curves if curves is not None else pd.DataFrame(), None)
+  sizes = np.sort(pd.unique(table['batch_size'].dropna()))
+  choice = {'metric': metric, 'curve': curve, 'mode': mode}
+
+  best = batch_size_table(result, metric, mode)
+  if best.empty:
+    evidence = best.reindex(pd.Index(sizes, name='batch_size'))
+    for column in ('updates_to_target', 'examples_to_target', 'seconds_to_target'):
+      evidence[column] = np.nan
+    evidence['reached'] = False
+    evidence['noise_scale'] = evidence['lr_fit'] = np.nan
+    return BatchSizeChoice(
+      None,
+      'Every run diverged (or ended with a NaN metric): try smaller learning rates.',
+      evidence,
+      None,
+      **choice,
+    )
+
+  smallest = best.index[0]
+  quality = float(best[metric].iloc[0])
+  if target is None:
+    slack = tolerance * abs(quality)
+    target = quality + slack if mode == 'min' else quality - slack
+    goal = (
+      f'the best {metric} of batch size {_fmt(smallest)} ({quality:.4g}) '
+      f'within {100 * tolerance:g} % ({curve} {target:.4g})'
+    )
+  else:
+    goal = f'{curve} {float(target):.4g}'
+  target = float(target)
+
+  evidence = batch_size_table(result, metric, mode, target=target).reindex(
+    pd.Index(sizes, name='batch_size')
+  )
+  with np.errstate(divide='ignore', invalid='ignore'):
+    evidence['seconds_to_target'] = (
+      evidence['seconds'] * evidence['updates_to_target'] / evidence['updates']
+    )
+  evidence['reached'] = evidence['updates_to_target'].notna()
+  evidence['noise_scale'] = _noise_scales(table, evidence['runs'])
+  fit = lr_batch_slope(result, metric, mode)
+  b = evidence.index.to_numpy(np.float64)
+  evidence['lr_fit'] = (
+    np.exp(fit['intercept']) * b ** fit['slope'] if math.isfinite(fit['slope']) else np.nan
+  )
+  choice['lr_scaling'] = fit['interpretation']
+
+  if len(sizes) == 1:
+    row = evidence.iloc[0]
+    return BatchSizeChoice(
+      sizes[0].item(),
+      f'Only batch size {_fmt(sizes[0])} was swept, so there is nothing to compare it with: '
+      f'sweep two batch sizes or more (its best learning rate, {row["learning_rate"]:.3g}, '
+      f'reached {metric} {row[metric]:.4g}).',
+      evidence,
+      target,
+      **choice,
+    )
+
+  reached = evidence[evidence['reached']]
+  if reached.empty:
+    top = best[metric].idxmin() if mode == 'min' else best[metric].idxmax()
+    row = evidence.loc[top]
+    return BatchSizeChoice(
+      top.item() if hasattr(top, 'item') else top,
+      f'No batch size reached {goal}; batch size {_fmt(top)} came closest, with {metric} '
+      f'{row[metric]:.4g} at learning rate {row["learning_rate"]:.3g}'
+      + _noise_clause(float(top), float(row['noise_scale']))
+      + '.',
+      evidence,
+      target,
+      **choice,
+    )
+
+  seconds = reached['seconds'].to_numpy(np.float64)
+  timed = np.isfinite(reached['seconds_to_target'].to_numpy(np.float64)).all() and not (
+    len(reached) > 1 and np.allclose(seconds, seconds[0], rtol=1e-6, atol=0)
+  )
+  clock = 'seconds_to_target' if timed else 'updates_to_target'
+  times = reached[clock].to_numpy(np.float64)
+  fastest = times.min()
+  pick = reached.index[np.flatnonzero(times <= fastest * (1 + TIE))[0]]
+  row = evidence.loc[pick]
+  first = reached.index[0]  # the smallest batch size that reached the target
+  if timed:
+    how = (
+      f'in the least time ({row["seconds_to_target"]:.3g} s for a run alone at learning '
+      f'rate {row["learning_rate"]:.3g}'
+    )
+    unit = 'sooner'
+  else:
+    how = (
+      f'in the fewest updates ({row["updates_to_target"]:.0f} at learning rate '
+      f'{row["learning_rate"]:.3g}'
+    )
+    unit = 'fewer'
+  if pick != first:
+    ratio = float(evidence.loc[first, clock]) / float(row[clock])
+    how += f', {ratio:.2g}x {unit} than batch size {_fmt(first)})'
+  elif len(reached) > 1:
+    how += f'; no larger batch size is more than {100 * TIE:g} % {unit})'
+  else:
+    how += '; no larger batch size reached it)'
+  if not timed:
+    how += (
+      ', the table giving every batch size the same seconds (a unit trained together and '
+      'its time shared out), so updates stand in for time'
+    )
+  reason = (
+    f'Batch size {_fmt(pick)} reaches {goal} {how}'
+    + _noise_clause(float(pick), float(row['noise_scale']))
+    + '.'
+  )
+  return BatchSizeChoice(
+    pick.item() if hasattr(pick, 'item') else pick, reason, evidence, target, **choice
+  )
 
 
 # ------------------------------------------------------------- overfitting ----
