@@ -454,11 +454,7 @@ class BatchSizeChoice:
 
 def _default_metric(table: pd.DataFrame) -> str:
   """The final validation loss, else (no validation set) the final training loss."""
-  if 'final_val_loss' in table.columns:
-    values = pd.to_numeric(table['final_val_loss'], errors='coerce').to_numpy(np.float64)
-    if np.isfinite(values).any():
-      return 'final_val_loss'
-  return 'final_train_loss'
+  return 'final_val_loss' if 'final_val_loss' in table.columns else 'final_train_loss'
 
 
 def _noise_scales(table: pd.DataFrame, runs: pd.Series) -> np.ndarray:
@@ -655,9 +651,11 @@ def choose_batch_size(
       **choice,
     )
 
-  seconds = reached['seconds'].to_numpy(np.float64)
+  # Seconds equal for every batch size that finished are a unit's shared time, not each
+  # batch size's own.
+  seconds = evidence['seconds'].dropna().to_numpy(np.float64)
   timed = np.isfinite(reached['seconds_to_target'].to_numpy(np.float64)).all() and not (
-    len(reached) > 1 and np.allclose(seconds, seconds[0], rtol=1e-6, atol=0)
+    len(seconds) > 1 and np.allclose(seconds, seconds[0], rtol=1e-6, atol=0)
   )
   clock = 'seconds_to_target' if timed else 'updates_to_target'
   times = reached[clock].to_numpy(np.float64)
@@ -665,6 +663,17 @@ def choose_batch_size(
   pick = reached.index[np.flatnonzero(times <= fastest * (1 + TIE))[0]]
   row = evidence.loc[pick]
   first = reached.index[0]  # the smallest batch size that reached the target
+  if len(reached) == 1:
+    return BatchSizeChoice(
+      pick.item() if hasattr(pick, 'item') else pick,
+      f'Batch size {_fmt(pick)} is the only one to reach {goal} (at learning rate '
+      f'{row["learning_rate"]:.3g}, after {row["updates_to_target"]:.0f} updates)'
+      + _noise_clause(float(pick), float(row['noise_scale']))
+      + '.',
+      evidence,
+      target,
+      **choice,
+    )
   if timed:
     how = (
       f'in the least time ({row["seconds_to_target"]:.3g} s for a run alone at learning '
@@ -680,10 +689,8 @@ def choose_batch_size(
   if pick != first:
     ratio = float(evidence.loc[first, clock]) / float(row[clock])
     how += f', {ratio:.2g}x {unit} than batch size {_fmt(first)})'
-  elif len(reached) > 1:
-    how += f'; no larger batch size is more than {100 * TIE:g} % {unit})'
   else:
-    how += '; no larger batch size reached it)'
+    how += f'; no larger batch size is more than {100 * TIE:g} % {unit})'
   if not timed:
     how += (
       ', the table giving every batch size the same seconds (a unit trained together and '
