@@ -138,6 +138,8 @@ def _run(args) -> int:
   if jax.process_index() != 0:
     return 0  # process 0 speaks for the sweep
   print(result.summary(verbose=args.verbose))
+  if 'batch_size' in result.table.columns and result.table['batch_size'].nunique() > 1:
+    print(_batch_size_line(result))
   if args.workdir:
     print(f'Wrote {os.path.join(args.workdir, "results.csv")}, curves.csv and config.json.')
     if not args.no_report:
@@ -188,6 +190,17 @@ def _export(args) -> int:
     return 2
   result = sweep.Result.load(args.workdir)
   return _print_logged(loggers.send(result, chosen, args.workdir))
+
+
+def _batch_size_line(result) -> str:
+  """`analysis.choose_batch_size` in one line: the batch size and, briefly, why."""
+  from sweep import analysis
+
+  try:
+    choice = analysis.choose_batch_size(result)
+  except (ValueError, KeyError) as e:  # a table the analysis cannot read: say so, go on
+    return f'Batch size: no recommendation ({e}).'
+  return f'Batch size: {choice.short}.'
 
 
 def _report(args) -> int:

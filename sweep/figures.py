@@ -714,7 +714,17 @@ def _scaling(result: Result) -> list[dict[str, Any]]:
   return out
 
 
-def _batch_size(result: Result, scaling: list[dict[str, Any]]) -> _Section:
+def _choice(result: Result) -> analysis.BatchSizeChoice | str:
+  """`analysis.choose_batch_size` of the whole sweep, or why there is none."""
+  if 'batch_size' not in result.table.columns:
+    return 'the results table has no batch_size column.'
+  try:
+    return analysis.choose_batch_size(result)
+  except (ValueError, KeyError) as e:  # ConfigError is a ValueError; a report shows what it can
+    return str(e)
+
+
+def _batch_size(result: Result, scaling: list[dict[str, Any]], choice: Any = None) -> _Section:
   usable = [s for s in scaling if 'slope' in s and s['slope']['n'] >= 2]
   if not usable:
     sizes = result.table['batch_size'].nunique() if 'batch_size' in result.table.columns else 0
@@ -778,6 +788,16 @@ def _batch_size(result: Result, scaling: list[dict[str, Any]]) -> _Section:
   for v in shown:
     ax.axhline(v, color='0.85', linewidth=0.8, zorder=0)
   _label_log_axis(ax.yaxis, shown if len(shown) else lr, _tick, at_values=not sampled)
+  recommended = getattr(choice, 'batch_size', None)
+  if recommended is not None and b.min() <= recommended <= b.max():
+    ax.axvline(
+      recommended,
+      color='C3',
+      linewidth=6,
+      alpha=0.15,
+      zorder=0,
+      label=f'recommended batch size {_g(recommended)}',
+    )
   ax.set_xlabel('batch size (examples per update, log scale)')
   ax.set_ylabel('best learning rate (log scale)')
   ax.set_title(
@@ -793,6 +813,8 @@ def _batch_size(result: Result, scaling: list[dict[str, Any]]) -> _Section:
     'log(best lr) on log(batch size), and the slopes of linear (1) and square-root (0.5) scaling '
     "through the points' geometric mean. Hollow points lie at the edge of the learning-rate grid."
   )
+  if getattr(choice, 'batch_size', None) is not None:
+    caption += ' The shaded band marks the recommended batch size.'
   return _Section('batch_size', caption, _png(fig))
 
 

@@ -44,6 +44,7 @@ from sweep.figures import (
   REPORT_DIR,
   _axes,
   _batch_size,
+  _choice,
   _curves,
   _draw,
   _e,
@@ -247,6 +248,43 @@ def _config_html(result: Result) -> str:
   )
 
 
+# The evidence columns the page shows, those present (runs and edge flags stay in the table).
+CHOICE_COLUMNS = (
+  'learning_rate',
+  'reached',
+  'updates_to_target',
+  'seconds_to_target',
+  'seconds',
+  'noise_scale',
+  'lr_fit',
+)
+
+
+def _choice_html(choice: analysis.BatchSizeChoice | str) -> str:
+  """The answer to "which batch size?": the recommendation, its reason and its evidence."""
+  if isinstance(choice, str):
+    return f'<p class="note">No batch-size recommendation: {_e(choice)}</p>'
+  head = (
+    f'Recommended batch size: {_g(choice.batch_size)}.'
+    if choice.batch_size is not None
+    else 'No batch size recommended.'
+  )
+  out = [f'<p id="batch-size-choice"><b>{_e(head)}</b> {_e(choice.reason)}</p>']
+  if choice.evidence['learning_rate'].notna().any():
+    op = '≤' if choice.mode == 'min' else '≥'
+    shown = [c for c in (choice.metric, *CHOICE_COLUMNS) if c in choice.evidence.columns]
+    out.append(
+      f'<p>The evidence, per batch size: its best learning rate and the {_e(choice.metric)} it '
+      f'reached; whether and when its seed-averaged {_e(choice.curve)} curve first reached '
+      f"{op} {_g(choice.target)} (updates, and seconds estimated as the run's seconds times "
+      'the share of its updates done by then); the gradient noise scale measured on its best '
+      'runs (the critical batch size of McCandlish et al. 2018, where measured); the learning '
+      'rate of the fitted scaling line.</p>'
+    )
+    out.append(_html_table(choice.evidence[shown], index=True))
+  return '\n'.join(out)
+
+
 def _scaling_html(scaling: list[dict[str, Any]]) -> str:
   out = []
   for s in scaling:
@@ -371,7 +409,12 @@ def _environment_html(config: dict) -> str:
   return f'<table>{body}</table>'
 
 
-def _page(result: Result, sections: dict[str, _Section], scaling: list[dict[str, Any]]) -> str:
+def _page(
+  result: Result,
+  sections: dict[str, _Section],
+  scaling: list[dict[str, Any]],
+  choice: analysis.BatchSizeChoice | str,
+) -> str:
   name = result.config.get('name') or 'sweep'
   titles = {
     'heatmap': 'Learning rate × batch size',
@@ -400,6 +443,7 @@ def _page(result: Result, sections: dict[str, _Section], scaling: list[dict[str,
       else []
     ),
     '<h2>Batch size and learning-rate scaling</h2>',
+    _choice_html(choice),
     _scaling_html(scaling),
     _figure_html(sections['batch_size'], titles['batch_size']),
     '<h2>Overfitting</h2>',
@@ -433,7 +477,8 @@ def write_report(
 
   The figures (heatmap, curves, pareto, lr_find, noise_scale, batch_size) are PNG files;
   report.html embeds each of them as a base64 data URI with the summary (runs, diverged
-  runs, the best run, wall time), the batch-size table and learning-rate slope, the
+  runs, the best run, wall time), the recommended batch size with its evidence
+  (`analysis.choose_batch_size`), the batch-size table and learning-rate slope, the
   overfitting summary, the Pareto front and the environment, and needs nothing else to
   display. A figure without data is skipped with a note on the page (and a stale PNG of
   its name removed). Each file is written to a temporary name and renamed.
@@ -460,13 +505,14 @@ def write_report(
   os.makedirs(out_dir, exist_ok=True)
 
   scaling = _scaling(result)
+  choice = _choice(result)
   sections = {
     'heatmap': _draw('heatmap', _heatmap, result),
     'curves': _draw('curves', _curves, result),
     'pareto': _draw('pareto', _pareto, result),
     'lr_find': _draw('lr_find', _lr_find, lr_finder, workdir),
     'noise_scale': _draw('noise_scale', _noise_scale, result),
-    'batch_size': _draw('batch_size', _batch_size, result, scaling),
+    'batch_size': _draw('batch_size', _batch_size, result, scaling, choice),
     'search': _draw('search', _search, result),
   }
   for name in FIGURES:
@@ -476,5 +522,5 @@ def write_report(
     elif os.path.exists(path):
       os.remove(path)  # left by an earlier report; its data is gone
   html_path = os.path.join(out_dir, 'report.html')
-  atomic_write(html_path, _page(result, sections, scaling))
+  atomic_write(html_path, _page(result, sections, scaling, choice))
   return html_path

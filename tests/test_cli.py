@@ -182,6 +182,20 @@ def test_the_summary_fits_a_100_column_terminal(ok_run):
   assert 'seed' not in header  # an axis that does not vary is left out
 
 
+def test_the_recommended_batch_size_is_one_line(ok_run):
+  import sweep
+  from sweep.results import Result
+
+  lines = [line for line in ok_run.proc.stdout.splitlines() if line.startswith('Batch size:')]
+  assert len(lines) == 1 and len(lines[0]) <= 100, ok_run.proc.stdout
+  found = re.match(r'Batch size: (\d+) recommended, (.+)\.$', lines[0])
+  assert found and int(found.group(1)) in BATCH_SIZES, lines[0]
+  # The same answer as the analysis of the workdir's files.
+  choice = sweep.analysis.choose_batch_size(Result.load(str(ok_run.workdir)))
+  assert lines[0] == f'Batch size: {choice.short}.'
+  assert int(found.group(1)) == choice.batch_size
+
+
 def test_config_json_records_axes_budget_versions_and_devices(ok_run):
   config = ok_run.read_json()
   assert config['name'] == 'cli-test'

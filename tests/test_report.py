@@ -10,6 +10,7 @@ tables by hand, so they train nothing.
 
 from __future__ import annotations
 
+import html
 import math
 import os
 import re
@@ -134,6 +135,15 @@ def test_report_from_a_result(digits_sweep):
   assert f'learning rate {best["learning_rate"]:.4g}' in summary
   assert f'batch size {int(best["batch_size"])}' in summary
 
+  # The recommended batch size opens the batch-size section, before the slope.
+  choice = analysis.choose_batch_size(result)
+  section = page.index('<h2>Batch size and learning-rate scaling</h2>')
+  said = page.index(f'<b>Recommended batch size: {choice.batch_size}.</b>')
+  assert section < said < page.index('Slope of log(best learning rate)')
+  assert html.escape(choice.reason) in page
+  for b in BATCH_SIZES:
+    assert f'<tr><td>{b}</td>' in page[said:]  # an evidence row per batch size
+
   slope = analysis.lr_batch_slope(result)
   assert f'<b>{slope["slope"]:.2f}</b>' in page
   assert slope['interpretation'] in page  # plain text: nothing in it needs escaping
@@ -204,6 +214,7 @@ def test_regression_without_validation_and_one_batch_size(tmp_path):
     check_png(os.path.join(out, 'curves.png'))
     assert not os.path.exists(os.path.join(out, 'batch_size.png'))
     assert 'batch_size.png</code> skipped' in page and '1 batch size' in page
+    assert 'Only batch size 32 was swept, so there is nothing to compare it with' in page
     assert 'lr_find.png</code> skipped' in page
     assert 'No validation curves' in page
     assert 'final training loss' in page
@@ -255,6 +266,7 @@ def test_every_run_diverged(digits_sweep, tmp_path):
   check_self_contained(page)
   check_png(os.path.join(tmp_path, report.REPORT_DIR, 'heatmap.png'))  # every cell hatched
   assert 'No run finished without diverging' in page
+  assert '<b>No batch size recommended.</b> Every run diverged' in page
   assert f'{NUM_RUNS} diverged' in summary_of(page)
   assert 'curves.png</code> skipped' in page and 'pareto.png</code> skipped' in page
 
