@@ -601,8 +601,8 @@ def choose_batch_size(
     slack = tolerance * abs(quality)
     target = quality + slack if mode == 'min' else quality - slack
     goal = (
-      f'the best {metric} of batch size {_fmt(smallest)} ({quality:.4g}) '
-      f'within {100 * tolerance:g} % ({curve} {target:.4g})'
+      f'{curve} {target:.4g} (the best {metric} of batch size {_fmt(smallest)}, '
+      f'{quality:.4g}, within {100 * tolerance:g} %)'
     )
   else:
     goal = f'{curve} {float(target):.4g}'
@@ -666,8 +666,8 @@ def choose_batch_size(
   if len(reached) == 1:
     return BatchSizeChoice(
       pick.item() if hasattr(pick, 'item') else pick,
-      f'Batch size {_fmt(pick)} is the only one to reach {goal} (at learning rate '
-      f'{row["learning_rate"]:.3g}, after {row["updates_to_target"]:.0f} updates)'
+      f'Batch size {_fmt(pick)} is the only one to reach {goal}, at learning rate '
+      f'{row["learning_rate"]:.3g} after {row["updates_to_target"]:.0f} updates'
       + _noise_clause(float(pick), float(row['noise_scale']))
       + '.',
       evidence,

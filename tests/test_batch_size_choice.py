@@ -98,7 +98,10 @@ def test_the_batch_size_that_reaches_the_target_soonest_is_chosen():
   np.testing.assert_allclose(ev['lr_fit'], [0.1, 0.2, 0.4, 0.8])
   assert 'batch^1.00' in choice.lr_scaling and 'linear scaling rule' in choice.lr_scaling
   assert ev['noise_scale'].isna().all()  # not measured
-  assert choice.reason.startswith('Batch size 128 reaches the best final_val_loss of batch size 32')
+  assert choice.reason.startswith(
+    'Batch size 128 reaches val_loss 0.21 (the best final_val_loss of batch size 32, 0.2, '
+    'within 5 %) in the least time'
+  )
   assert 'in the least time (0.64 s' in choice.reason
   assert f'{1.2 / 0.64:.2g}x sooner than batch size 32' in choice.reason
   assert choice.reason.endswith('.')
@@ -177,8 +180,7 @@ def test_only_one_batch_size_reaching_the_target_is_said_plainly():
   choice = analysis.choose_batch_size(make_result(), target=0.201)
   assert choice.batch_size == 32 and choice.evidence['reached'].tolist() == [True] + [False] * 3
   assert choice.reason == (
-    'Batch size 32 is the only one to reach val_loss 0.201 (at learning rate 0.1, after 120 '
-    'updates).'
+    'Batch size 32 is the only one to reach val_loss 0.201, at learning rate 0.1 after 120 updates.'
   )
 
 
