@@ -419,6 +419,8 @@ class BatchSizeChoice:
     mode: 'min' (the target is reached at or below) or 'max' (at or above).
     lr_scaling: how the best learning rate scales with the batch size, in words
       (`lr_batch_slope`'s interpretation).
+    short: the answer in a clause that fits a terminal line ('128 recommended, reaching
+      val_loss 0.21 in 0.64 s alone, 1.9x sooner than 32'), as `sweep run` prints it.
   """
 
   batch_size: int | None
@@ -429,6 +431,7 @@ class BatchSizeChoice:
   curve: str = 'val_loss'
   mode: str = 'min'
   lr_scaling: str = ''
+  short: str = ''
 
   def __str__(self) -> str:
     head = (
@@ -593,6 +596,7 @@ def choose_batch_size(
       evidence,
       None,
       **choice,
+      short='none recommended, every run diverged',
     )
 
   smallest = best.index[0]
@@ -634,6 +638,7 @@ def choose_batch_size(
       evidence,
       target,
       **choice,
+      short=f'{_fmt(sizes[0])} recommended, the only one swept',
     )
 
   reached = evidence[evidence['reached']]
@@ -649,6 +654,7 @@ def choose_batch_size(
       evidence,
       target,
       **choice,
+      short=f'{_fmt(top)} recommended, closest to {curve} {target:.4g}, which none reached',
     )
 
   # Seconds equal for every batch size that finished are a unit's shared time, not each
@@ -673,6 +679,7 @@ def choose_batch_size(
       evidence,
       target,
       **choice,
+      short=f'{_fmt(pick)} recommended, the only one to reach {curve} {target:.4g}',
     )
   if timed:
     how = (
@@ -686,11 +693,16 @@ def choose_batch_size(
       f'{row["learning_rate"]:.3g}'
     )
     unit = 'fewer'
+  short = f'{_fmt(pick)} recommended, reaching {curve} {target:.4g} in ' + (
+    f'{row["seconds_to_target"]:.3g} s alone' if timed else f'{row[clock]:.0f} updates'
+  )
   if pick != first:
     ratio = float(evidence.loc[first, clock]) / float(row[clock])
     how += f', {ratio:.2g}x {unit} than batch size {_fmt(first)})'
+    short += f', {ratio:.2g}x {unit} than {_fmt(first)}'
   else:
     how += f'; no larger batch size is more than {100 * TIE:g} % {unit})'
+    short += f'; no larger one is {100 * TIE:g} % {unit}'
   if not timed:
     how += (
       ', the table giving every batch size the same seconds (a unit trained together and '
@@ -702,7 +714,7 @@ def choose_batch_size(
     + '.'
   )
   return BatchSizeChoice(
-    pick.item() if hasattr(pick, 'item') else pick, reason, evidence, target, **choice
+    pick.item() if hasattr(pick, 'item') else pick, reason, evidence, target, **choice, short=short
   )
 
 

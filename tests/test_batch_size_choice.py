@@ -105,6 +105,9 @@ def test_the_batch_size_that_reaches_the_target_soonest_is_chosen():
   assert 'in the least time (0.64 s' in choice.reason
   assert f'{1.2 / 0.64:.2g}x sooner than batch size 32' in choice.reason
   assert choice.reason.endswith('.')
+  assert (
+    choice.short == '128 recommended, reaching val_loss 0.21 in 0.64 s alone, 1.9x sooner than 32'
+  )
 
 
 def test_a_time_within_five_percent_goes_to_the_smaller_batch_size():
@@ -122,6 +125,7 @@ def test_the_smallest_batch_size_is_kept_when_larger_ones_are_slower():
   choice = analysis.choose_batch_size(make_result(seconds=slow))
   assert choice.batch_size == 32
   assert 'no larger batch size is more than 5 % sooner' in choice.reason
+  assert choice.short.endswith('in 1.2 s alone; no larger one is 5 % sooner')
 
 
 def test_shared_seconds_race_on_updates_and_say_so():
@@ -133,6 +137,7 @@ def test_shared_seconds_race_on_updates_and_say_so():
     choice.reason
   )
   assert 'same seconds' in choice.reason
+  assert choice.short == '128 recommended, reaching val_loss 0.21 in 40 updates, 3x fewer than 32'
 
 
 @pytest.mark.parametrize('accuracy', [False, True], ids=['loss, min', 'accuracy, max'])
@@ -156,6 +161,7 @@ def test_a_target_no_batch_size_reaches():
   assert choice.batch_size == 32  # the best quality
   assert not choice.evidence['reached'].any()
   assert choice.reason.startswith('No batch size reached val_loss 0.1; batch size 32 came closest')
+  assert choice.short == '32 recommended, closest to val_loss 0.1, which none reached'
 
 
 def test_one_batch_size_says_there_is_nothing_to_compare():
@@ -164,6 +170,7 @@ def test_one_batch_size_says_there_is_nothing_to_compare():
   assert 'Only batch size 64 was swept' in choice.reason
   assert 'sweep two batch sizes or more' in choice.reason
   assert choice.evidence.index.tolist() == [64]
+  assert choice.short == '64 recommended, the only one swept'
 
 
 def test_every_run_diverged():
@@ -174,6 +181,7 @@ def test_every_run_diverged():
   assert choice.evidence.index.tolist() == [32, 64, 128, 256]
   assert not choice.evidence['reached'].any()
   assert str(choice).startswith('No batch size recommended. Every run diverged')
+  assert choice.short == 'none recommended, every run diverged'
 
 
 def test_only_one_batch_size_reaching_the_target_is_said_plainly():
@@ -182,6 +190,7 @@ def test_only_one_batch_size_reaching_the_target_is_said_plainly():
   assert choice.reason == (
     'Batch size 32 is the only one to reach val_loss 0.201, at learning rate 0.1 after 120 updates.'
   )
+  assert choice.short == '32 recommended, the only one to reach val_loss 0.201'
 
 
 def test_a_batch_size_whose_every_rate_diverged_stays_in_the_evidence():
