@@ -2,6 +2,9 @@
 
 Layout of a workdir:
   config.json, results.csv, curves.csv   the results (written atomically)
+  checksums.json                         their sizes and sha256 (`sweep.results.read_files`)
+  .lock, .lock-<p>                       held by the process writing the workdir (`sweep.lock`)
+  state/results/                         a whole copy of the results, checksummed
   sweep.json                             the fingerprint of the sweep the workdir holds
   state/<step>/                          a checkpoint of this process's sweep state
   state/process-<p>-of-<n>/<step>/       the same for process p of n
@@ -323,7 +326,14 @@ def _digests_on_disk(workdir: str) -> set[str]:
 def _clear(workdir: str) -> None:
   for sub in ('state', 'runs', 'done'):
     shutil.rmtree(os.path.join(workdir, sub), ignore_errors=True)
-  for name in ('results.csv', 'curves.csv', 'sweep.json', 'config.json', 'experiment.py'):
+  for name in (
+    'results.csv',
+    'curves.csv',
+    'checksums.json',
+    'sweep.json',
+    'config.json',
+    'experiment.py',
+  ):
     if os.path.exists(os.path.join(workdir, name)):
       os.unlink(os.path.join(workdir, name))
 

@@ -17,6 +17,13 @@ DEFAULT_EXPERIMENT = os.path.join(
 )
 
 
+# Exit codes: 0 done; 1 a failure of the machine (a full disk, a read-only workdir); 2 a
+# mistake (the config, the experiment file, a workdir holding another sweep, a damaged
+# result that cannot be rebuilt); 3 the workdir is in use by another live `sweep run`;
+# 130 and 143 stopped by SIGINT and SIGTERM, the state saved.
+EXIT_BUSY = 3
+
+
 class _Failure(Exception):
   """A failure the CLI reports in one line (and exits with `code`)."""
 
@@ -89,7 +96,7 @@ def load_experiment(path: str):
 
 def _run(args) -> int:
   import sweep
-  from sweep import checkpoints, files, loggers, overrides
+  from sweep import checkpoints, files, lock, loggers, overrides
 
   if args.distributed:
     sweep.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
@@ -126,7 +133,11 @@ def _run(args) -> int:
       experiment_file=path,
       keep_checkpoints=args.keep_checkpoints,
       loggers=chosen,
+      wait=args.wait,
     )
+  except lock.WorkdirBusy as e:
+    print(f'sweep: {e}', file=sys.stderr)
+    return EXIT_BUSY
   except checkpoints.WorkdirConflict as e:
     print(f'sweep: {e}', file=sys.stderr)
     return 2
@@ -206,10 +217,11 @@ def _batch_size_line(result) -> str:
 def _report(args) -> int:
   from sweep import report
 
-  if not os.path.isfile(os.path.join(args.workdir, 'results.csv')):
+  try:
+    print(report.write_report(args.workdir))
+  except FileNotFoundError:  # no results at all (a damaged file is a DamagedFile: exit 1)
     print(f'sweep: {args.workdir!r} holds no finished sweep (no results.csv)', file=sys.stderr)
     return 2
-  print(report.write_report(args.workdir))
   return 0
 
 
@@ -312,6 +324,12 @@ def main(argv: list[str] | None = None) -> int:
     help='send the finished sweep to tensorboard, mlflow and/or wandb (comma-separated)',
   )
   p.add_argument(
+    '--wait',
+    action='store_true',
+    help='when another sweep run is writing the workdir, wait for it to finish instead of '
+    f'refusing at once (exit {EXIT_BUSY})',
+  )
+  p.add_argument(
     '--distributed',
     action='store_true',
     help='join the other processes first (jax.distributed.initialize; auto-detected on TPU VMs, '
@@ -395,7 +413,7 @@ def _start() -> None:
 def _os_message(e: OSError) -> str:
   from sweep import files
 
-  if isinstance(e, files.DiskFull):
+  if isinstance(e, files.DiskFull | files.DamagedFile):
     return str(e)
   reason = e.strerror or str(e) or type(e).__name__
   if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM) and e.filename:

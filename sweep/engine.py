@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 import signal
 import sys
@@ -282,6 +283,7 @@ def run(
   experiment_file: str | None = None,
   keep_checkpoints: int = 2,
   loggers: Sequence[Any] | str = (),
+  wait: bool | float = False,
 ) -> Any:
   """Trains every run of `cfg` and returns a `sweep.Result`.
 
@@ -303,10 +305,15 @@ def run(
     loggers: trackers to send the finished sweep to: names ('tensorboard', 'mlflow',
       'wandb') or `sweep.loggers` objects. They run once training is done (process 0
       only); each one's line (where it wrote, or why it failed) is in `result.logged`.
+    wait: when another live process is writing `workdir` (it holds the lock
+      `sweep.lock` takes on claiming it): False refuses at once, True waits for it to
+      finish, a number of seconds waits that long at most.
 
   Raises:
     ConfigError: a mistake in `cfg`, or a workdir holding another sweep (the message
       names what differs).
+    sweep.lock.WorkdirBusy: another live process is writing `workdir` (the message names
+      its host, pid and start), and `wait` ran out or was False.
     sweep.files.DiskFull: the workdir's disk is full (partial files removed; a rerun
       resumes).
     SystemExit: on SIGTERM or SIGINT, after the state is saved (exit status 143 or 130).
@@ -314,19 +321,16 @@ def run(
   from sweep import loggers as trackers
 
   chosen = trackers.resolve(loggers)  # a wrong name or a missing package, before training
-  with checkpoints.disk_full_guard(workdir):
-    result = _run(
-      cfg,
-      workdir,
-      progress,
-      fresh,
-      checkpoint_every,
-      checkpoint_seconds,
-      experiment_file,
-      keep_checkpoints,
-    )
-  if chosen and jax.process_index() == 0:
-    result.logged = trackers.send(result, chosen, workdir)
+  if not isinstance(wait, bool) and not (isinstance(wait, int | float) and 0 <= wait < math.inf):
+    raise config_error('wait', wait, 'expected True, False or a number of seconds >= 0')
+  wd = Workdir(
+    workdir, every=checkpoint_every, seconds=checkpoint_seconds, keep=keep_checkpoints, wait=wait
+  )
+  with wd:  # the workdir's lock is let go on leaving
+    with checkpoints.disk_full_guard(workdir):
+      result = _run(cfg, wd, progress, fresh, checkpoint_every, experiment_file, keep_checkpoints)
+    if chosen and jax.process_index() == 0:
+      result.logged = trackers.send(result, chosen, workdir)
   return result
 
 
@@ -420,19 +424,11 @@ def _gather(trained: list[UnitResult], all_units: list[Unit]) -> list[UnitResult
   return sorted(trained, key=lambda t: t.index)
 
 
-def _run(
-  cfg,
-  workdir,
-  progress,
-  fresh,
-  checkpoint_every,
-  checkpoint_seconds,
-  experiment_file,
-  keep_checkpoints,
-):
+def _run(cfg, wd, progress, fresh, checkpoint_every, experiment_file, keep_checkpoints):
   from sweep import fingerprint, provenance, results  # results formats what this module produces
 
   # ------------------------------------------------ check and plan, compiling nothing
+  workdir = wd.path
   if workdir is not None:
     checkpoints.check_workdir(workdir)
   plan = validate(cfg)
@@ -453,7 +449,6 @@ def _run(
   # ------------------------------------------------ claim the workdir, read back where it stood
   me = jax.process_index()
   mine = [c for c in range(len(all_units)) if distributed.owner(c) == me]
-  wd = Workdir(workdir, every=checkpoint_every, seconds=checkpoint_seconds, keep=keep_checkpoints)
   if workdir is not None:
     fp = fingerprint.of_sweep(
       plan, all_units, lambda key: model.init(key)[0], resolved['environment'], fields

@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -377,3 +378,112 @@ def write_directory(path: str, files: dict[str, Contents]) -> None:
     _freed += _remove(tmp)
     raise
   _writes += 1
+
+
+# ----------------------------------------------------- verified files of a directory ----
+
+
+class DamagedFile(OSError):
+  """A file that fails its checksum (or is missing, truncated, unreadable) and has no
+  intact copy to be read from; the message names it and the way out."""
+
+  def __init__(self, message: str):
+    super().__init__(errno.EIO, message)
+
+  def __str__(self) -> str:
+    return self.strerror
+
+
+def checksum_table(contents: dict[str, bytes]) -> str:
+  """The text of a `checksums.json` for files of these contents."""
+  table = {
+    name: {'size': len(data), 'sha256': hashlib.sha256(data).hexdigest()}
+    for name, data in contents.items()
+  }
+  return json.dumps({'files': table}, indent=1, sort_keys=True)
+
+
+def read_checked(directory: str, names: Iterable[str]) -> tuple[dict[str, bytes], str | None]:
+  """The bytes of the files `names` of `directory`, each checked against the
+  `checksums.json` there: (contents, None) when all are whole, else ({}, what is wrong:
+  the file and how it fails). The bytes returned are those checked."""
+  try:
+    with open(os.path.join(directory, CHECKSUMS), 'rb') as f:
+      table = json.loads(f.read())['files']
+    if not isinstance(table, dict):
+      raise ValueError('not a table')
+  except FileNotFoundError:
+    return {}, f'{CHECKSUMS} is missing'
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    return {}, f'{CHECKSUMS} is unreadable ({type(e).__name__})'
+  out = {}
+  for name in names:
+    want = table.get(name)
+    if not isinstance(want, dict):
+      return {}, f'{name} is not listed in {CHECKSUMS}'
+    try:
+      with open(os.path.join(directory, name), 'rb') as f:
+        data = f.read()
+    except FileNotFoundError:
+      return {}, f'{name} is missing'
+    except OSError as e:
+      return {}, f'{name} is unreadable ({e.strerror or type(e).__name__})'
+    size = want.get('size')
+    if len(data) != size:
+      if isinstance(size, int) and len(data) < size:
+        return {}, f'{name} is truncated ({len(data)} of {size} bytes)'
+      return {}, f'{name} has {len(data)} bytes, {size} were written'
+    if hashlib.sha256(data).hexdigest() != want.get('sha256'):
+      return {}, f'{name} fails its checksum'
+    out[name] = data
+  return out, None
+
+
+def write_verified(directory: str, contents: dict[str, bytes], copy: str) -> None:
+  """Writes files into `directory` with their checksums, and a whole copy of them (a
+  checksummed directory, `write_directory`) at `copy`, written first: at every moment
+  one of the two is whole, so a reader (`read_verified`) never needs a lock. A file
+  that already holds its content is not rewritten (nor a copy that is whole and equal).
+  """
+  held, problem = read_checked(copy, contents)
+  if problem is not None or held != contents:
+    write_directory(copy, contents)
+  restore_verified(directory, contents)
+
+
+def read_verified(
+  directory: str, names: Iterable[str], copy: str, *, retries: int = 3
+) -> tuple[dict[str, bytes], str | None]:
+  """The files `names` of `directory` (written by `write_verified`), checked against their
+  checksums: (contents, None) when whole; else the copy's, checked the same way, with
+  what is wrong with the directory's own (a few words naming the file).
+
+  A writer replaces the files one after the other: a reader that finds neither whole
+  tries again a few times before it calls them damaged.
+
+  Raises:
+    FileNotFoundError: neither holds any of the files (nothing was written).
+    DamagedFile: neither is whole; the message is what is wrong with the directory's.
+  """
+  names = list(names)
+  for attempt in range(retries + 1):
+    contents, problem = read_checked(directory, names)
+    if problem is None:
+      return contents, None
+    backup, _ = read_checked(copy, names)
+    if backup:
+      return backup, problem
+    if not os.path.isdir(copy) and not any(
+      os.path.exists(os.path.join(directory, n)) for n in names
+    ):
+      raise FileNotFoundError(errno.ENOENT, f'{names[0]} is missing', directory)
+    if attempt < retries:
+      time.sleep(0.05 * (attempt + 1))
+  raise DamagedFile(problem)
+
+
+def restore_verified(directory: str, contents: dict[str, bytes]) -> None:
+  """Writes the files of a verified copy back into `directory`, with their checksums."""
+  for name, data in contents.items():
+    write_if_changed(os.path.join(directory, name), data)
+  write_if_changed(os.path.join(directory, CHECKSUMS), checksum_table(contents))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -11,7 +12,7 @@ import jax
 import numpy as np
 import pandas as pd
 
-from sweep import analysis, checkpoints, columns, files, pareto
+from sweep import analysis, checkpoints, columns, files, lock, pareto
 from sweep.config import DEFAULT_OBJECTIVES, Plan, axis_columns
 from sweep.files import atomic_write, write_if_changed  # noqa: F401 - re-exported
 from sweep.provenance import environment, resolved_config  # noqa: F401 - re-exported
@@ -312,25 +313,45 @@ class Result:
     self.workdir = workdir
 
   def save(self, workdir: str) -> None:
-    """Writes results.csv, curves.csv and config.json (each atomically; a file that
-    already holds the same text is not rewritten)."""
+    """Writes results.csv, curves.csv and config.json with their checksums
+    (`checksums.json`), and a whole copy of the three in `state/results/` (each
+    atomically; a file that already holds the same text is not rewritten)."""
     os.makedirs(workdir, exist_ok=True)
-    write_if_changed(os.path.join(workdir, 'results.csv'), self.table.to_csv(index=False))
-    write_if_changed(os.path.join(workdir, 'curves.csv'), self.curves.to_csv(index=False))
-    write_if_changed(os.path.join(workdir, 'config.json'), files.dumps(self.config, indent=2))
+    contents = {
+      'results.csv': self.table.to_csv(index=False).encode(),
+      'curves.csv': self.curves.to_csv(index=False).encode(),
+      'config.json': files.dumps(self.config, indent=2).encode(),
+    }
+    files.write_verified(workdir, contents, copy_path(workdir))
 
   @classmethod
   def load(cls, workdir: str) -> Result:
-    """A result from a workdir alone: table, curves, config, saved parameters."""
-    for name in ('results.csv', 'config.json'):
-      if not os.path.exists(os.path.join(workdir, name)):
-        raise FileNotFoundError(f'{workdir!r} holds no finished sweep: {name} is missing')
-    table = pd.read_csv(os.path.join(workdir, 'results.csv'))
+    """A result from a workdir alone: table, curves, config, saved parameters.
+
+    The three files are checked against their checksums first. A damaged one (missing,
+    truncated, edited) is read from the whole copy in `state/results/` and rebuilt from
+    it (said in one line on stderr); with no whole copy it is refused.
+
+    Raises:
+      FileNotFoundError: the workdir holds no finished sweep.
+      sweep.files.DamagedFile: a file is damaged and there is no whole copy (the message
+        names the file and the command that rebuilds it).
+    """
+    contents = read_files(workdir)
+    try:
+      table = pd.read_csv(io.BytesIO(contents['results.csv']))
+      try:
+        curves = pd.read_csv(io.BytesIO(contents['curves.csv']))
+      except pd.errors.EmptyDataError:
+        curves = pd.DataFrame()
+      config = json.loads(contents['config.json'])
+      if 'run' not in table or not isinstance(config, dict):
+        raise ValueError('not a results table and a config')
+    except (ValueError, KeyError, UnicodeDecodeError) as e:  # checked bytes that do not parse
+      raise files.DamagedFile(
+        f'the results in {workdir!r} do not read ({type(e).__name__}: {e}); {_way_out(workdir)}'
+      ) from None
     table.index = table['run'].to_numpy()
-    curves_path = os.path.join(workdir, 'curves.csv')
-    curves = pd.read_csv(curves_path) if os.path.exists(curves_path) else pd.DataFrame()
-    with open(os.path.join(workdir, 'config.json')) as f:
-      config = json.load(f)
     return cls(
       table,
       curves,
@@ -339,3 +360,60 @@ class Result:
       lambda i, best=False: checkpoints.restore_params(workdir, i, best=best),
       workdir,
     )
+
+
+# ------------------------------------------------------------------- the result files ----
+
+FILES = ('results.csv', 'curves.csv', 'config.json')
+
+
+def copy_path(workdir: str) -> str:
+  """The whole copy of the result files, a checksummed directory with the state."""
+  return os.path.join(workdir, 'state', 'results')
+
+
+def _way_out(workdir: str) -> str:
+  experiment = os.path.join(workdir, 'experiment.py')
+  command = (
+    f'sweep run {experiment} --workdir {workdir}'
+    if os.path.isfile(experiment)
+    else f'the sweep.run(cfg, workdir={workdir!r}) that wrote it'
+  )
+  return (
+    f'rebuild the results from its checkpoints with {command} (finished units are not '
+    'trained again)'
+  )
+
+
+def read_files(workdir: str) -> dict[str, bytes]:
+  """The bytes of results.csv, curves.csv and config.json, checked against their
+  checksums; a damaged file is rebuilt from the whole copy in `state/results/` (unless
+  another process holds the workdir, or it is read-only: then only read from it).
+
+  Raises:
+    FileNotFoundError: the workdir holds no finished sweep.
+    sweep.files.DamagedFile: a file is damaged and there is no whole copy.
+  """
+  try:
+    contents, problem = files.read_verified(workdir, FILES, copy_path(workdir))
+  except FileNotFoundError:
+    raise FileNotFoundError(
+      f'{workdir!r} holds no finished sweep: results.csv is missing'
+    ) from None
+  except files.DamagedFile as e:
+    raise files.DamagedFile(
+      f'{os.path.join(workdir, str(e))}, and {copy_path(workdir)} holds no whole copy: '
+      + _way_out(workdir)
+    ) from None
+  if problem is None:
+    return contents
+  damaged = f'{os.path.join(workdir, problem)}: read from the whole copy in {copy_path(workdir)}'
+  try:
+    with lock.WorkdirLock(workdir):
+      files.restore_verified(workdir, contents)
+    checkpoints.say(f'{damaged}, and rebuilt from it')
+  except lock.WorkdirBusy as e:
+    checkpoints.say(f'{damaged} (not rebuilt while {lock.describe(e.holder)} writes the workdir)')
+  except OSError as e:
+    checkpoints.say(f'{damaged} (not rebuilt: {e.strerror or e})')
+  return contents

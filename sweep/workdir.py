@@ -1,15 +1,15 @@
 """A sweep's workdir as the training loop sees it: claimed, read back, checkpointed into.
 
-    wd = Workdir(path, every=1, seconds=None, keep=2)
-    wd.claim(fingerprint, fresh, mine, abstract)   # refuses another sweep; reads where it stood
-    ...
-    wd.step += 1                                   # after each segment
-    if wd.due(finished, preempted):
-      wd.save(point, state)
+    with Workdir(path, every=1, seconds=None, keep=2) as wd:  # the lock is let go on exit
+      wd.claim(fingerprint, fresh, mine, abstract)  # locks; refuses another sweep; reads back
+      ...
+      wd.step += 1                                  # after each segment
+      if wd.due(finished, preempted):
+        wd.save(point, state)
 
 `Workdir(None)` is no workdir: nothing is read or written and nothing is ever due. The
 files themselves (checkpoints with checksums, finished units, the claim) are
-`sweep.checkpoints`'s.
+`sweep.checkpoints`'s; the lock (one writer per workdir and process) `sweep.lock`'s.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any
 
 import jax
 
-from sweep import checkpoints, distributed
+from sweep import checkpoints, distributed, lock
 
 
 class Workdir:
@@ -35,9 +35,16 @@ class Workdir:
   """
 
   def __init__(
-    self, path: str | None, *, every: int = 1, seconds: float | None = None, keep: int = 2
+    self,
+    path: str | None,
+    *,
+    every: int = 1,
+    seconds: float | None = None,
+    keep: int = 2,
+    wait: bool | float = False,
   ):
     self.path = path
+    self.wait = wait  # for another process's lock: False refuses at once
     self.every = every  # checkpoint every this many segments
     self.seconds = seconds  # and when this many seconds passed since the last
     self.keep = keep
@@ -46,6 +53,7 @@ class Workdir:
     self.step = 0
     self._store: checkpoints.StateStore | None = None
     self._last_save = time.perf_counter()
+    self._lock: lock.WorkdirLock | None = None
 
   @property
   def active(self) -> bool:
@@ -58,9 +66,11 @@ class Workdir:
     """Claims the workdir for the sweep of fingerprint `fp` and reads back where this
     process stood, using only intact checkpoints.
 
-    Every process checks the workdir (so all refuse another sweep alike); process 0
-    clears it (`fresh`) and claims it, before any process writes there. Each process
-    then reads its own checkpoints.
+    Each process first takes its own lock on the workdir (`sweep.lock`), held until the
+    `with` block of this Workdir ends: another live process refuses it, or waits for it
+    (`wait`). Every process checks the workdir (so all refuse another sweep alike);
+    process 0 clears it (`fresh`) and claims it, before any process writes there. Each
+    process then reads its own checkpoints.
 
     Args:
       fp: the sweep's `fingerprint.Fingerprint`.
@@ -69,8 +79,12 @@ class Workdir:
       abstract: unit -> the abstract state tree of that unit.
 
     Raises:
+      lock.WorkdirBusy: another live process holds this process's lock on the workdir.
       checkpoints.WorkdirConflict: the workdir holds another sweep.
     """
+    if self._lock is None:
+      self._lock = lock.WorkdirLock(self.path, jax.process_index(), self.wait)
+    self._lock.acquire(say=checkpoints.say)
     checkpoints.claim(self.path, fp, fresh, write=jax.process_index() == 0)
     distributed.barrier('sweep-claim')
     self.digest = fp.digest
@@ -105,3 +119,13 @@ class Workdir:
     """Waits for a write in flight and forgets its error (another error is on its way)."""
     if self._store is not None:
       self._store.abandon()
+
+  def __enter__(self) -> Workdir:
+    return self
+
+  def __exit__(self, *exc) -> None:
+    """Lets go of the lock (after any write in flight): the results are written, or the
+    run is over."""
+    self.abandon()
+    if self._lock is not None:
+      self._lock.release()
