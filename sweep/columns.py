@@ -8,7 +8,7 @@ with `noise_scale=True`, `noise_scale`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 # Every table has these (the validation ones where there is a validation set).
 NUMERIC = (
@@ -61,6 +61,17 @@ CURVES = (
 )
 
 DEFAULT_OBJECTIVES = {'final_val_loss': 'min', 'updates': 'min'}
+# The defaults follow the data: without a validation set, the training probe's loss (the
+# loss on `train_eval_size` training examples, `final_train_loss`).
+NO_VALIDATION_OBJECTIVES = {'final_train_loss': 'min', 'updates': 'min'}
+
+
+def objectives(given: Mapping[str, str], validation: bool) -> dict[str, str]:
+  """The objectives the runs are ranked by: `given`, except the defaults without a
+  validation set, which rank by the training probe's loss."""
+  if dict(given) == DEFAULT_OBJECTIVES and not validation:
+    return dict(NO_VALIDATION_OBJECTIVES)
+  return dict(given)
 
 
 def numeric(axes: Iterable[str], accuracy: bool, noise_scale: bool, validation: bool) -> list[str]:

@@ -35,6 +35,7 @@ from kernels import losses, optimizers, schedules
 from sweep import adapters, columns, schedulers
 from sweep import space as spaces
 from sweep.data import Dataset
+from sweep.data import check as check_dataset
 from sweep.errors import ConfigError, config_error
 
 # The axes of a sweep, in the order runs are enumerated (the last varies fastest).
@@ -576,6 +577,7 @@ def check_fields(cfg: SweepConfig) -> Any:
     raise config_error(
       'data', type(cfg.data).__name__, 'expected a sweep.data.Dataset, e.g. sweep.data.arrays(x, y)'
     )
+  check_dataset(cfg.data)  # however it was built: Dataset(...), arrays, a loader
   loss = cfg.loss
   if loss is None:
     loss = 'softmax_cross_entropy' if cfg.data.is_classification else 'mse'

@@ -23,6 +23,7 @@ __all__ = [
   'aligned',
   'Dataset',
   'arrays',
+  'check',
   'diabetes',
   'digits',
   'lstsq_max_stable_lr',
@@ -60,8 +61,9 @@ def aligned(a: np.ndarray) -> np.ndarray:
 class Dataset:
   """Training and optional validation arrays for a sweep.
 
-  Build one with `arrays` (or a loader), which converts and validates the arrays; the
-  constructor itself checks nothing.
+  Build one with `arrays` (or a loader), which converts and validates the arrays. The
+  constructor converts nothing; a dataset built with it directly gets the same checks
+  (`check`) when a sweep starts, before anything compiles.
 
   Attributes:
     x_train: inputs, shape (n, ...features): float32, or int32 for integer inputs (token
@@ -149,7 +151,6 @@ def _to_x(field: str, x: Any) -> np.ndarray:
   if a.ndim == 1:
     # One scalar feature per example; models expect a feature axis.
     a = a.reshape(-1, 1)
-  _check_finite(field, a)
   return a
 
 
@@ -172,13 +173,8 @@ def _to_y(field: str, y: Any, ignore_label: int | None = None) -> np.ndarray:
         'integer labels are class ids of shape (n,), or (n, T) for sequences; for '
         'regression targets pass floats',
       )
-    real = a if ignore_label is None else a[a != ignore_label]
-    if real.size and real.min() < 0:
-      raise config_error(
-        field,
-        _Summary(a),
-        f'class ids must be >= 0 (found {int(real.min())}); mark padding with ignore_label',
-      )
+    if a.size and (a.min() < -(2**31) or a.max() >= 2**31):
+      raise config_error(field, _Summary(a), 'class ids must be >= 0 and fit an int32')
     return a.astype(np.int32)
   if a.dtype.kind == 'f':
     a = a.astype(np.float32)
@@ -189,7 +185,6 @@ def _to_y(field: str, y: Any, ignore_label: int | None = None) -> np.ndarray:
       raise config_error(
         field, _Summary(a), 'float targets must have shape (n,) or (n, d); reshape them first'
       )
-    _check_finite(field, a)
     return a
   raise config_error(
     field,
@@ -257,18 +252,12 @@ def arrays(
       validation pair, non-finite inputs or targets, a validation feature shape that differs
       from training's, negative class ids, or an invalid num_classes.
   """
-  if not isinstance(name, str) or not name:
-    raise config_error('data.name', name, 'a non-empty string')
   if ignore_label is not None and (
     isinstance(ignore_label, bool) or not isinstance(ignore_label, int | np.integer)
   ):
     raise config_error('data.ignore_label', ignore_label, 'an integer label, or None')
   xt = _to_x('data.x_train', x_train)
   yt = _to_y('data.y_train', y_train, ignore_label)
-  _check_lengths('data.x_train', xt, 'data.y_train', yt)
-  if xt.shape[0] == 0:
-    raise config_error('data.x_train', _Summary(xt), 'the training set needs at least one example')
-
   if (x_val is None) != (y_val is None):
     given, missing = ('data.x_val', 'data.y_val') if y_val is None else ('data.y_val', 'data.x_val')
     raise config_error(missing, None, f'{given} was given without it; give both or neither')
@@ -276,12 +265,68 @@ def arrays(
   if x_val is not None:
     xv = _to_x('data.x_val', x_val)
     yv = _to_y('data.y_val', y_val, ignore_label)
+  if num_classes is None and np.issubdtype(yt.dtype, np.integer):
+    num_classes = max(_largest_label(y, ignore_label) for y in (yt, yv) if y is not None) + 1
+  if isinstance(num_classes, np.integer):
+    num_classes = int(num_classes)
+  ignore = int(ignore_label) if isinstance(ignore_label, np.integer) else ignore_label
+  # The checks every Dataset gets (`check`), whichever way it was built.
+  check(Dataset(xt, yt, xv, yv, name=name, num_classes=num_classes, ignore_label=ignore))
+  if xv is not None and xv.shape[0] == 0:
+    xv = yv = None  # an empty validation set is no validation set
+  xv, yv = (None, None) if xv is None else (aligned(xv), aligned(yv))
+  return Dataset(
+    aligned(xt), aligned(yt), xv, yv, name=name, num_classes=num_classes, ignore_label=ignore
+  )
+
+
+def _largest_label(y: np.ndarray, ignore_label: int | None) -> int:
+  real = y if ignore_label is None else y[y != ignore_label]
+  return int(real.max(initial=-1))
+
+
+def check(data: Dataset) -> None:
+  """Checks a `Dataset` however it was built (`arrays`, a loader of this module, the
+  constructor, the researcher's own loader): arrays of the dtypes and shapes the engine
+  takes, one label per input row, finite inputs and float targets, class ids in
+  [0, num_classes) (but `ignore_label`), a validation pair shaped like the training pair.
+  `sweep.run` calls it before anything compiles.
+
+  Raises:
+    ConfigError: naming the field (`data.x_train`, ...), what it holds, and what would be
+      accepted.
+  """
+  if not isinstance(data.name, str) or not data.name:
+    raise config_error('data.name', data.name, 'a non-empty string')
+  ignore = data.ignore_label
+  if ignore is not None and (isinstance(ignore, bool) or not isinstance(ignore, int | np.integer)):
+    raise config_error('data.ignore_label', ignore, 'an integer label, or None')
+  _check_x('data.x_train', data.x_train)
+  _check_y('data.y_train', data.y_train, ignore)
+  _check_lengths('data.x_train', data.x_train, 'data.y_train', data.y_train)
+  if data.x_train.shape[0] == 0:
+    raise config_error(
+      'data.x_train', _Summary(data.x_train), 'the training set needs at least one example'
+    )
+  if (data.x_val is None) != (data.y_val is None):
+    given, missing = (
+      ('data.x_val', 'data.y_val') if data.y_val is None else ('data.y_val', 'data.x_val')
+    )
+    raise config_error(missing, None, f'{given} was given without it; give both or neither')
+  if data.x_val is not None:
+    xt, yt, xv, yv = data.x_train, data.y_train, data.x_val, data.y_val
+    _check_x('data.x_val', xv)
+    _check_y('data.y_val', yv, ignore)
     _check_lengths('data.x_val', xv, 'data.y_val', yv)
     if xv.shape[1:] != xt.shape[1:]:
       raise config_error(
         'data.x_val',
         _Summary(xv),
         f'its feature shape {xv.shape[1:]} differs from data.x_train feature shape {xt.shape[1:]}',
+      )
+    if xv.dtype != xt.dtype:
+      raise config_error(
+        'data.x_val', _Summary(xv), f'validation inputs must be {xt.dtype}, as data.x_train'
       )
     if yv.dtype != yt.dtype:
       raise config_error(
@@ -295,35 +340,74 @@ def arrays(
         _Summary(yv),
         f'its target shape {yv.shape[1:]} differs from data.y_train target shape {yt.shape[1:]}',
       )
-    if xv.shape[0] == 0:
-      # An empty validation set is no validation set.
-      xv = yv = None
-
-  if np.issubdtype(yt.dtype, np.integer):
-    real = lambda y: y if ignore_label is None else y[y != ignore_label]  # noqa: E731
-    seen = int(real(yt).max(initial=-1)) + 1
-    if yv is not None:
-      seen = max(seen, int(real(yv).max(initial=-1)) + 1)
-    if num_classes is None:
-      num_classes = seen
-    elif (
-      isinstance(num_classes, bool)
-      or not isinstance(num_classes, int | np.integer)
-      or num_classes < seen
-    ):
+  labels = [
+    (f, y) for f, y in (('data.y_train', data.y_train), ('data.y_val', data.y_val)) if y is not None
+  ]
+  if data.is_classification:
+    seen = max(_largest_label(y, ignore) for _, y in labels) + 1
+    k = data.num_classes
+    if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < max(seen, 1):
       raise config_error(
-        'data.num_classes', num_classes, f'an integer >= the largest label + 1 ({seen})'
+        'data.num_classes', k, f'an integer >= the largest label + 1 ({max(seen, 1)})'
       )
-    num_classes = int(num_classes)
-  elif num_classes is not None:
-    raise config_error('data.num_classes', num_classes, 'None for float (regression) targets')
-  elif ignore_label is not None:
-    raise config_error('data.ignore_label', ignore_label, 'None for float (regression) targets')
-  xv, yv = (None, None) if xv is None else (aligned(xv), aligned(yv))
-  ignore = None if ignore_label is None else int(ignore_label)
-  return Dataset(
-    aligned(xt), aligned(yt), xv, yv, name=name, num_classes=num_classes, ignore_label=ignore
-  )
+  elif data.num_classes is not None:
+    raise config_error('data.num_classes', data.num_classes, 'None for float (regression) targets')
+  elif ignore is not None:
+    raise config_error('data.ignore_label', ignore, 'None for float (regression) targets')
+
+
+def _check_x(field: str, x: Any) -> None:
+  if not isinstance(x, np.ndarray) or x.dtype not in (np.float32, np.int32):
+    shown = _Summary(x) if isinstance(x, np.ndarray) else type(x).__name__
+    raise config_error(
+      field,
+      shown,
+      'inputs are a float32 (or int32, token ids) numpy array; sweep.data.arrays(...) '
+      'converts other arrays and lists',
+    )
+  if x.ndim < 2:
+    raise config_error(
+      field,
+      _Summary(x),
+      'inputs need an example axis and a feature axis, (n, ...features); '
+      'sweep.data.arrays(...) makes a 1-D x one feature per example',
+    )
+  if x.dtype == np.float32:
+    _check_finite(field, x)
+
+
+def _check_y(field: str, y: Any, ignore_label: int | None) -> None:
+  if not isinstance(y, np.ndarray) or y.dtype not in (np.int32, np.float32):
+    shown = _Summary(y) if isinstance(y, np.ndarray) else type(y).__name__
+    raise config_error(
+      field,
+      shown,
+      'labels are an int32 numpy array of class ids, or float32 regression targets; '
+      'sweep.data.arrays(...) converts other arrays and lists',
+    )
+  if y.dtype == np.int32:
+    if y.ndim not in (1, 2):
+      raise config_error(
+        field,
+        _Summary(y),
+        'integer labels are class ids of shape (n,), or (n, T) for sequences; for '
+        'regression targets pass floats',
+      )
+    real = y if ignore_label is None else y[y != ignore_label]
+    if real.size and real.min() < 0:
+      raise config_error(
+        field,
+        _Summary(y),
+        f'class ids must be >= 0 (found {int(real.min())}); mark padding with ignore_label',
+      )
+    return
+  if y.ndim != 2:
+    raise config_error(
+      field,
+      _Summary(y),
+      'float targets have shape (n, d); sweep.data.arrays(...) makes (n,) (n, 1)',
+    )
+  _check_finite(field, y)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,11 +19,7 @@ import numpy as np
 
 from kernels import losses, schedules
 from sweep import adapters, columns
-from sweep.config import (
-  DEFAULT_OBJECTIVES,
-  Plan,
-  check_callables,
-)
+from sweep.config import Plan, check_callables
 from sweep.errors import config_error
 
 
@@ -82,10 +78,8 @@ def check_objectives(plan: Plan) -> None:
   """The objectives name columns this sweep's table will have (without a validation set
   the default objectives fall back to the training loss)."""
   cfg = plan.config
-  if dict(cfg.objectives) == DEFAULT_OBJECTIVES and not cfg.data.n_val:
-    return
   numeric = table_columns(plan)
-  for column in cfg.objectives:
+  for column in columns.objectives(cfg.objectives, validation=bool(cfg.data.n_val)):
     if column in numeric:
       continue
     if column in columns.VALIDATION and not cfg.data.n_val:

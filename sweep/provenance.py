@@ -19,7 +19,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from sweep import fingerprint
+from sweep import columns, fingerprint
 from sweep.config import Plan
 
 PACKAGES = ('lrbs-sweep', 'jax', 'jaxlib', 'optax', 'flax', 'orbax-checkpoint', 'numpy', 'pandas')
@@ -102,7 +102,8 @@ def resolved_config(
   A field is written as `fingerprint.describe` gives it (an array or dataset by shape
   and content hash, code by name and bytecode hash), except where a derived entry of the
   same name says more for a reader: `model` (its repr), `loss` (the loss in use), `data`
-  (name, sizes, shapes), `num_evals` (the count in use) and `name`. `fields`: the
+  (name, sizes, shapes), `num_evals` (the count in use), `objectives` (those in use: the
+  defaults follow the data, said in `objectives_note`) and `name`. `fields`: the
   config's `fingerprint.config_fields`, if described already.
   """
   cfg = plan.config
@@ -128,6 +129,13 @@ def resolved_config(
       'num_classes': data.num_classes,
     },
   }
+  out['objectives'] = columns.objectives(cfg.objectives, validation=bool(data.n_val))
+  if out['objectives'] != dict(cfg.objectives):
+    out['objectives_note'] = (
+      'no validation set: the default objective final_val_loss follows the data, to the '
+      f"training probe's loss final_train_loss (on {min(cfg.train_eval_size, data.n_train)} "
+      'training examples)'
+    )
   if plan.search:  # runs that are no grid: how they were chosen (explicit, or sampled)
     out['search'] = _jsonable(plan.search)
   for name, value in (fingerprint.config_fields(cfg) if fields is None else fields).items():

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from sweep import analysis, checkpoints, columns, files, lock, pareto
-from sweep.config import DEFAULT_OBJECTIVES, Plan, axis_columns
+from sweep.config import Plan, axis_columns
 from sweep.files import atomic_write, write_if_changed  # noqa: F401 - re-exported
 from sweep.provenance import environment, resolved_config  # noqa: F401 - re-exported
 
@@ -21,11 +21,10 @@ CURVE_METRICS = columns.CURVES
 
 
 def objectives(plan: Plan, table: pd.DataFrame) -> dict[str, str]:
-  """The config's objectives; the default falls back to train loss without a val set."""
-  obj = dict(plan.config.objectives)
-  if obj == DEFAULT_OBJECTIVES and 'final_val_loss' not in table:
-    obj = {'final_train_loss': 'min', 'updates': 'min'}
-  return obj
+  """The config's objectives; the defaults follow the data (without a validation set, the
+  training probe's loss), as config.json records them."""
+  del table
+  return columns.objectives(plan.config.objectives, validation=bool(plan.config.data.n_val))
 
 
 def tables(
