@@ -115,6 +115,8 @@ def snapshot(directory: Path) -> dict[str, tuple]:
     for name in dirs:
       out[os.path.relpath(os.path.join(root, name), directory) + '/'] = ()
     for name in files:
+      if name.startswith('.lock'):
+        continue  # the writer's lock (sweep.lock), not the workdir's content
       path = os.path.join(root, name)
       st = os.stat(path)
       with open(path, 'rb') as f:

@@ -187,6 +187,8 @@ def snapshot(directory: Path) -> dict[str, tuple]:
   out = {}
   for root, _, files in os.walk(directory):
     for name in files:
+      if name.startswith('.lock'):
+        continue  # the writer's lock (sweep.lock), not the workdir's content
       path = Path(root) / name
       out[str(path.relative_to(directory))] = (
         path.stat().st_mtime_ns,

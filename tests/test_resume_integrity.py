@@ -99,6 +99,8 @@ def snapshot(directory: Path) -> dict[str, tuple]:
     for name in dirs:
       out[os.path.relpath(os.path.join(root, name), directory) + '/'] = ()
     for name in files:
+      if name.startswith('.lock'):
+        continue  # the writer's lock (sweep.lock), not the workdir's content
       path = os.path.join(root, name)
       st = os.stat(path)
       out[os.path.relpath(path, directory)] = (
