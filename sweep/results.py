@@ -406,6 +406,10 @@ def read_files(workdir: str) -> dict[str, bytes]:
     ) from None
   if problem is None:
     return contents
+  if all(files.same_content(os.path.join(workdir, n), data) for n, data in contents.items()):
+    # Each file holds what the copy holds: what is wrong is their checksums.
+    if not problem.startswith(files.CHECKSUMS):
+      problem = f'{files.CHECKSUMS} does not match its files'
   damaged = f'{os.path.join(workdir, problem)}: read from the whole copy in {copy_path(workdir)}'
   try:
     with lock.WorkdirLock(workdir):
