@@ -432,6 +432,136 @@ def test_x_and_y_of_different_lengths(split, n_x, n_y, field):
 
 
 # ---------------------------------------------------------------------------------------------
+# The same data checks at every door: `Dataset(...)` built directly, `arrays`, a loader of
+# the researcher's own (a built-in dataset with its arrays replaced), the built-ins.
+
+
+def _good_arrays():
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(40, 5)).astype(np.float32)
+  y = (np.arange(40) % 4).astype(np.int32)
+  return {'x_train': x[:32], 'y_train': y[:32], 'x_val': x[32:], 'y_val': y[32:]}
+
+
+def _with(field: str, change) -> dict:
+  arrays = _good_arrays()
+  arrays[field] = change(arrays[field].copy())
+  return arrays
+
+
+def _nan(a):
+  a[1, 2] = np.nan
+  return a
+
+
+# id -> (the arrays, num_classes given, the field named, a fragment of what is accepted)
+BAD_DATA = {
+  'nan-in-x-val': (_with('x_val', _nan), 4, 'data.x_val', 'non-finite'),
+  'nan-in-x-train': (_with('x_train', _nan), 4, 'data.x_train', 'non-finite'),
+  'inf-in-targets': (
+    dict(_good_arrays(), y_train=np.full((32, 1), np.inf, np.float32), y_val=None, x_val=None),
+    None,
+    'data.y_train',
+    'non-finite',
+  ),
+  'label-beyond-num-classes': (_good_arrays(), 3, 'data.num_classes', 'largest label + 1 (4)'),
+  'negative-label': (_with('y_train', lambda y: y - 1), 4, 'data.y_train', '>= 0'),
+  'val-features-differ': (
+    _with('x_val', lambda x: np.zeros((8, 6), np.float32)),
+    4,
+    'data.x_val',
+    'feature shape',
+  ),
+  'labels-of-another-length': (_with('y_train', lambda y: y[:-1]), 4, 'data.y_train', 'one row'),
+}
+
+
+@pytest.mark.parametrize('case', BAD_DATA, ids=list(BAD_DATA))
+def test_bad_data_is_refused_alike_through_dataset_and_arrays(base, tmp_path, case):
+  arrays, num_classes, field, accepted = BAD_DATA[case]
+  direct = data.Dataset(**arrays, num_classes=num_classes)
+  err = run_failing(base.replace(data=direct), tmp_path / 'w')
+  assert str(err).startswith(f'{field}='), str(err)
+  assert accepted in str(err), str(err)
+  built = expect_config_error(data.arrays, **arrays, num_classes=num_classes)
+  assert str(built).startswith(f'{field}=') and accepted in str(built), str(built)
+
+
+def test_a_loader_of_ones_own_is_checked_as_arrays_is(base, tmp_path):
+  import dataclasses
+
+  def load():  # a researcher's loader: a built-in dataset, one array swapped for a broken one
+    digits = data.digits()
+    x_val = digits.x_val.copy()
+    x_val[0, 0] = np.nan
+    return dataclasses.replace(digits, x_val=x_val)
+
+  err = run_failing(base.replace(data=load(), model=models.mlp(hidden=(8,))), tmp_path / 'w')
+  assert_message(err, 'data.x_val', 'dtype=float32', '1 non-finite values')
+
+
+@pytest.mark.parametrize(
+  'dataset, field',
+  [
+    (
+      lambda a: data.Dataset(
+        a['x_train'].astype(np.float64), a['y_train'], None, None, num_classes=4
+      ),
+      'data.x_train',
+    ),
+    (
+      lambda a: data.Dataset(a['x_train'][:, 0], a['y_train'], None, None, num_classes=4),
+      'data.x_train',
+    ),
+    (lambda a: data.Dataset(a['x_train'], a['y_train'], None, None), 'data.num_classes'),
+    (
+      lambda a: data.Dataset(a['x_train'], a['y_train'].tolist(), None, None, num_classes=4),
+      'data.y_train',
+    ),
+    (
+      lambda a: data.Dataset(a['x_train'], a['y_train'], a['x_val'], None, num_classes=4),
+      'data.y_val',
+    ),
+  ],
+  ids=['float64-inputs', 'no-feature-axis', 'no-num-classes', 'labels-as-a-list', 'half-a-pair'],
+)
+def test_a_dataset_built_directly_gets_the_shapes_the_engine_takes(base, tmp_path, dataset, field):
+  err = run_failing(base.replace(data=dataset(_good_arrays())), tmp_path / 'w')
+  assert str(err).startswith(f'{field}='), str(err)
+  assert 'sweep.data.arrays' in str(err) or field in ('data.num_classes', 'data.y_val'), str(err)
+
+
+def test_the_built_in_datasets_pass_the_checks():
+  for dataset in (
+    data.digits(),
+    data.digits(val_fraction=0),
+    data.diabetes(),
+    data.synthetic_regression(n_val=0),
+    data.mnist1d(num_samples=100),
+  ):
+    data.check(dataset)
+
+
+@pytest.mark.parametrize('x_val', [None, 'empty'])
+def test_without_validation_the_default_objective_is_the_training_probe_loss(base, x_val):
+  from sweep import provenance
+
+  arrays = _good_arrays()
+  if x_val is None:
+    direct = data.Dataset(arrays['x_train'], arrays['y_train'], None, None, num_classes=4)
+  else:  # an empty validation set, built directly: no validation set
+    direct = data.Dataset(
+      arrays['x_train'], arrays['y_train'], arrays['x_val'][:0], arrays['y_val'][:0], num_classes=4
+    )
+  resolved = provenance.resolved_config(validate(base.replace(data=direct)))
+  assert resolved['objectives'] == {'final_train_loss': 'min', 'updates': 'min'}
+  assert 'final_train_loss' in resolved['objectives_note'], resolved['objectives_note']
+  resolved = provenance.resolved_config(validate(base))
+  assert resolved['objectives'] == {'final_val_loss': 'min', 'updates': 'min'}
+  assert 'objectives_note' not in resolved
+
+
+# ---------------------------------------------------------------------------------------------
 # sweep.check
 
 
