@@ -195,7 +195,12 @@ def _to_y(field: str, y: Any, ignore_label: int | None = None) -> np.ndarray:
 
 
 def _check_finite(field: str, a: np.ndarray) -> None:
-  bad = a.size - int(np.count_nonzero(np.isfinite(a)))
+  # By blocks of rows: a mask of the whole set would be one more byte per value.
+  rows = max(1, (1 << 22) // max(1, math.prod(a.shape[1:])))
+  bad = sum(
+    a[i : i + rows].size - int(np.count_nonzero(np.isfinite(a[i : i + rows])))
+    for i in range(0, len(a), rows)
+  )
   if bad:
     raise config_error(
       field, _Summary(a), f'it contains {bad} non-finite values (NaN or inf); remove or impute them'
