@@ -132,9 +132,9 @@ def resolved_config(
   out['objectives'] = columns.objectives(cfg.objectives, validation=bool(data.n_val))
   if out['objectives'] != dict(cfg.objectives):
     out['objectives_note'] = (
-      'no validation set: the default objective final_val_loss follows the data, to the '
-      f"training probe's loss final_train_loss (on {min(cfg.train_eval_size, data.n_train)} "
-      'training examples)'
+      "no validation set: the default objectives rank the runs by the training probe's loss "
+      f'final_train_loss (on {min(cfg.train_eval_size, data.n_train)} training examples) in '
+      'place of final_val_loss'
     )
   if plan.search:  # runs that are no grid: how they were chosen (explicit, or sampled)
     out['search'] = _jsonable(plan.search)
