@@ -185,7 +185,9 @@ def _export(args) -> int:
   import sweep
   from sweep import loggers
 
-  if not os.path.isfile(os.path.join(args.workdir, 'results.csv')):
+  try:
+    result = sweep.Result.load(args.workdir)  # checked; a damaged file rebuilt from its copy
+  except FileNotFoundError:  # no results at all (a damaged file is a DamagedFile: exit 1)
     print(f'sweep: {args.workdir!r} holds no finished sweep (no results.csv)', file=sys.stderr)
     return 2
   made = {
@@ -199,7 +201,6 @@ def _export(args) -> int:
   except sweep.ConfigError as e:
     print(f'sweep: {e}', file=sys.stderr)
     return 2
-  result = sweep.Result.load(args.workdir)
   return _print_logged(loggers.send(result, chosen, args.workdir))
 
 
