@@ -21,6 +21,7 @@ import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import optax
 
@@ -247,3 +248,34 @@ def with_learning_rate(opt_state: optax.OptState, learning_rate: jnp.ndarray) ->
   hyperparams = dict(opt_state.hyperparams)
   hyperparams['learning_rate'] = jnp.asarray(learning_rate, hyperparams['learning_rate'].dtype)
   return opt_state._replace(hyperparams=hyperparams)
+
+
+# ------------------------------------------------------------ states inside a chain ----
+
+
+def find_states(opt_state: Any, kind: type) -> list[Any]:
+  """Every state of type `kind` inside `opt_state` (anywhere in a chain or wrapper), in
+  the order of its leaves. The structure alone decides: this works on traced states."""
+  nodes = jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, kind))
+  return [n for n in nodes if isinstance(n, kind)]
+
+
+def has_eval_params(opt_state: Any) -> bool:
+  """Whether the optimizer means its run to be evaluated at other parameters than the
+  ones it trains (a schedule-free optimizer, see `eval_params`)."""
+  return bool(find_states(opt_state, optax.contrib.ScheduleFreeState))
+
+
+def eval_params(opt_state: Any, params: Any) -> Any:
+  """The parameters at which one run is evaluated: `params` themselves, except under a
+  schedule-free optimizer (`optax.contrib.schedule_free*`, anywhere in a chain), whose
+  training parameters are the interpolation `y` and whose evaluation parameters are
+  `optax.contrib.schedule_free_eval_params(state, params)` (the average `x`).
+
+  Returns `params` unchanged (the same object) for every other optimizer, so the
+  programs of ordinary optimizers do not change.
+  """
+  found = find_states(opt_state, optax.contrib.ScheduleFreeState)
+  if not found:
+    return params
+  return optax.contrib.schedule_free_eval_params(found[0], params)

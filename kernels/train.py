@@ -448,11 +448,20 @@ def _evaluate_runs(
   return jax.tree.map(lambda t: t / count, total)
 
 
+def _eval_params(runs: RunState) -> Any:
+  """The parameters every run (S, R) is evaluated at: its own, or those its optimizer
+  means (see `optimizers.eval_params`; the same arrays for ordinary optimizers)."""
+  if not optimizers.has_eval_params(runs.opt_state):
+    return runs.params
+  return jax.vmap(jax.vmap(optimizers.eval_params))(runs.opt_state, runs.params)
+
+
 def evaluate(structure: Structure, groups: tuple[GroupState, ...], data: Data) -> tuple[dict, ...]:
-  """Validation and training-probe metrics of every run of every batch group."""
+  """Validation and training-probe metrics of every run of every batch group, at the
+  parameters its optimizer means to be evaluated (`optimizers.eval_params`)."""
   out = []
   for state in groups:
-    params, model_state = state.runs.params, state.runs.model_state
+    params, model_state = _eval_params(state.runs), state.runs.model_state
     metrics = {}
     if data.x_val.shape[0]:
       for k, v in _evaluate_runs(
@@ -520,7 +529,8 @@ def segment(
 
 
 def note_best(structure: Structure, groups: tuple[GroupState, ...], metrics: tuple[dict, ...]):
-  """Keeps each run's parameters at its lowest evaluation loss so far (with keep_best)."""
+  """Keeps each run's parameters at its lowest evaluation loss so far (with keep_best):
+  the parameters it was evaluated at (`optimizers.eval_params`)."""
   if not structure.keep_best:
     return groups
   out = []
@@ -532,7 +542,7 @@ def note_best(structure: Structure, groups: tuple[GroupState, ...], metrics: tup
       return jnp.where(better.reshape(better.shape + (1,) * (new.ndim - 2)), new, old)
 
     runs = g.runs._replace(
-      best_params=jax.tree.map(pick, g.runs.params, g.runs.best_params),
+      best_params=jax.tree.map(pick, _eval_params(g.runs), g.runs.best_params),
       best_loss=jnp.where(better, loss, g.runs.best_loss),
       best_model_state=jax.tree.map(pick, g.runs.model_state, g.runs.best_model_state),
     )

@@ -584,10 +584,12 @@ def save_run(
   model_state: Any = None,
   best_model_state: Any = None,
   state_layout: str = 'collections',
+  eval_params: Any = None,
 ) -> None:
   """Saves run i's parameters, model state (batch statistics) and optimizer state (and
-  its best-evaluation parameters and model state, when kept) with orbax, their checksums,
-  and its metadata beside them."""
+  its best-evaluation parameters and model state, when kept; and the parameters it was
+  evaluated at, when its optimizer evaluates elsewhere than it trains) with orbax, their
+  checksums, and its metadata beside them."""
   path = run_path(workdir, i)
   if os.path.exists(path):
     shutil.rmtree(path)
@@ -595,6 +597,8 @@ def save_run(
     tree = {'params': host_copy(params), 'opt_state': host_copy(opt_state)}
     if best_params is not None:
       tree['best_params'] = host_copy(best_params)
+    if eval_params is not None:
+      tree['eval_params'] = host_copy(eval_params)
     # Flax linen keeps its collections beside 'params' ({'params', 'batch_stats'}); other
     # models' state is nested under 'state' (see `restore_variables`).
     kind = 'collections' if state_layout == 'collections' else 'state'
@@ -617,7 +621,8 @@ def saved_runs(workdir: str) -> list[int]:
 
 def restore_run(workdir: str, i: int) -> dict[str, Any]:
   """Everything saved of run i: `params`, `opt_state` (the optimizer state after its last
-  update, as nested dicts and lists of arrays) and, with keep_best, `best_params`; the
+  update, as nested dicts and lists of arrays) and, with keep_best, `best_params`; under a
+  schedule-free optimizer `eval_params`, the parameters its metrics were measured at; the
   model state under `model_collections` (flax linen) or `model_state`, when the model has
   one.
 
@@ -657,20 +662,25 @@ def restore_variables(workdir: str, i: int, best: bool = False) -> dict[str, Any
     raise KeyError(
       f'run {i} in {workdir!r} has no best parameters: the sweep ran without keep_best=True'
     )
-  variables = {'params': tree[prefix + 'params']}
+  # The evaluated parameters (a schedule-free optimizer's average), as `restore_params`.
+  params = tree['eval_params'] if not best and 'eval_params' in tree else tree[prefix + 'params']
+  variables = {'params': params}
   variables.update(tree.get(prefix + 'model_collections') or {})
   if tree.get(prefix + 'model_state'):
     variables['state'] = tree[prefix + 'model_state']
   return variables
 
 
-def restore_params(workdir: str, i: int, best: bool = False) -> Any:
-  """Run i's final parameters, read back from its orbax checkpoint in `workdir`.
+def restore_params(workdir: str, i: int, best: bool = False, raw: bool = False) -> Any:
+  """Run i's final parameters, read back from its orbax checkpoint in `workdir`: those it
+  was evaluated at (see `sweep.Result.params`).
 
   Args:
     workdir: the sweep's workdir.
     i: the run.
     best: its parameters at its best evaluation instead (saved with keep_best=True).
+    raw: the parameters its optimizer trained, when they differ from the evaluated ones
+      (a schedule-free optimizer).
 
   Raises:
     KeyError: run i was not saved (the message names the runs that were), or its best
@@ -679,6 +689,8 @@ def restore_params(workdir: str, i: int, best: bool = False) -> Any:
   """
   tree = restore_run(workdir, i)
   key = 'best_params' if best else 'params'
+  if not best and not raw and 'eval_params' in tree:
+    key = 'eval_params'
   if key not in tree:
     raise KeyError(
       f'run {i} in {workdir!r} has no best parameters: the sweep ran without keep_best=True'

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm.auto as tqdm
 
-from kernels import train
+from kernels import optimizers, train
 from sweep import adapters, checkpoints, devices, distributed, preflight, units
 from sweep.config import Plan, SweepConfig, validate
 from sweep.data import aligned
@@ -234,9 +234,10 @@ class _Keeper:
     self.kept = 0
 
   def __call__(self, c: int, state: Any, meta: dict | None = None) -> checkpoints.Final:
-    if not self.keep_opt_state:
+    if not self.keep_opt_state and not optimizers.has_eval_params(state[0].runs.opt_state):
       # Without a workdir only the parameters are ever read again: the optimizer state
-      # (two thirds of Adam's bytes) is not even copied.
+      # (two thirds of Adam's bytes) is not even copied (unless the parameters the run is
+      # evaluated at are computed from it: a schedule-free optimizer's).
       state = tuple(g._replace(runs=g.runs._replace(opt_state=None)) for g in state)
     host = checkpoints.host_copy(state)
     if self.workdir is not None:

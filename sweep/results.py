@@ -12,6 +12,7 @@ import jax
 import numpy as np
 import pandas as pd
 
+from kernels import optimizers
 from sweep import analysis, checkpoints, columns, files, lock, pareto
 from sweep.config import Plan, axis_columns
 from sweep.files import atomic_write, write_if_changed  # noqa: F401 - re-exported
@@ -101,11 +102,15 @@ def tables(
 
 
 def _params_fn(run_state):
-  def params(i: int, best: bool = False):
+  def params(i: int, best: bool = False, raw: bool = False):
     runs = run_state(i)
     if best and runs.best_params is None:
       raise ValueError('best parameters were not kept: run the sweep with keep_best=True')
-    return runs.best_params if best else runs.params
+    if best:
+      return runs.best_params
+    if raw:
+      return runs.params
+    return jax.tree.map(np.asarray, optimizers.eval_params(runs.opt_state, runs.params))
 
   return params
 
@@ -188,19 +193,33 @@ class Result:
 
     return cls(table, curves, resolved, wall_time, model=model, run_state=run_state)
 
-  def params(self, i: int, best: bool = False) -> Any:
-    """The final parameters of run `i` (a pytree of numpy arrays).
+  def params(self, i: int, best: bool = False, raw: bool = False) -> Any:
+    """The final parameters of run `i` (a pytree of numpy arrays), as they were evaluated.
+
+    These are the parameters the optimizer means to be evaluated: for a schedule-free
+    optimizer (`optax.contrib.schedule_free*`, anywhere in a chain)
+    `optax.contrib.schedule_free_eval_params(opt_state, params)`; for any other optimizer
+    the parameters it trained. The table's and the curves' metrics are theirs.
 
     Args:
       i: the run (row of the table).
       best: the parameters at the run's best evaluation instead (lowest validation
-        loss; needs `keep_best=True`).
+        loss; needs `keep_best=True`); they too are the evaluated ones.
+      raw: the parameters the optimizer trained (a schedule-free optimizer's
+        interpolation point), which training would continue from.
     """
     if not 0 <= i < len(self.table):
       raise IndexError(f'run {i} does not exist: the sweep has runs 0..{len(self.table) - 1}')
+    if best and raw:
+      raise ValueError(
+        'best=True gives the parameters evaluated at the best evaluation; the raw ones there '
+        'are not kept: ask for one of best or raw'
+      )
     if self._params_fn is None:
       raise ValueError('this result holds no parameters')
-    return self._params_fn(i, best) if best else self._params_fn(i)
+    if best:
+      return self._params_fn(i, best)
+    return self._params_fn(i, raw=True) if raw else self._params_fn(i)
 
   def variables(self, i: int, best: bool = False) -> dict[str, Any]:
     """Run `i`'s whole variables: `{'params': ..., **model_state}`.
@@ -308,6 +327,11 @@ class Result:
         model_state=runs.model_state,
         best_model_state=runs.best_model_state,
         state_layout=getattr(self._model, 'state_layout', 'collections'),
+        eval_params=(
+          optimizers.eval_params(runs.opt_state, runs.params)
+          if optimizers.has_eval_params(runs.opt_state)
+          else None
+        ),
       )
     self.workdir = workdir
 
@@ -356,7 +380,7 @@ class Result:
       curves,
       config,
       float('nan'),
-      lambda i, best=False: checkpoints.restore_params(workdir, i, best=best),
+      lambda i, best=False, raw=False: checkpoints.restore_params(workdir, i, best=best, raw=raw),
       workdir,
     )
 

@@ -1,0 +1,176 @@
+"""optax's wrappers and contrib optimizers as a researcher writes them: each run equals a plain
+sequential optax loop written here, evaluated as optax says it should be evaluated, or the
+setup is refused before anything compiles with a message that names the real cause.
+
+The reference builds the optimizer with the factory the sweep was given (a concrete learning
+rate), steps it over the documented data order (seed s reads permutation
+`permutation(fold_in(fold_in(key(s), 1), epoch))`) and measures the validation loss in float64
+numpy. It shares no code with the engine.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import sweep
+
+N_TRAIN, N_VAL, D_IN, HIDDEN, D_OUT = 200, 60, 8, 16, 3
+BATCH = 20
+RTOL, ATOL = 1e-4, 1e-5
+
+
+def mlp_init(key):
+  k1, k2 = jax.random.split(key)
+  return {
+    'w1': jax.random.uniform(k1, (D_IN, HIDDEN), minval=-1.0, maxval=1.0) / math.sqrt(D_IN),
+    'b1': jnp.zeros(HIDDEN),
+    'w2': jax.random.uniform(k2, (HIDDEN, D_OUT), minval=-1.0, maxval=1.0) / math.sqrt(HIDDEN),
+    'b2': jnp.zeros(D_OUT),
+  }
+
+
+def mlp_apply(params, x):
+  return jnp.tanh(x @ params['w1'] + params['b1']) @ params['w2'] + params['b2']
+
+
+def _arrays():
+  rng = np.random.default_rng(3)
+  x = rng.normal(size=(N_TRAIN + N_VAL, D_IN)).astype(np.float32)
+  y = (
+    np.tanh(x @ rng.normal(size=(D_IN, D_OUT))) + 0.1 * rng.normal(size=(N_TRAIN + N_VAL, D_OUT))
+  ).astype(np.float32)
+  return x[:N_TRAIN], y[:N_TRAIN], x[N_TRAIN:], y[N_TRAIN:]
+
+
+X, Y, X_VAL, Y_VAL = _arrays()
+DATA = sweep.data.arrays(X, Y, X_VAL, Y_VAL)
+BASE = dict(
+  model=(mlp_init, mlp_apply),
+  data=DATA,
+  loss='mse',
+  batch_size=BATCH,
+  schedule='constant',
+  shuffle=True,
+)
+
+
+# ------------------------------------------------------------------------- the reference ----
+
+
+def val_loss(params) -> float:
+  """The validation mse in float64 numpy."""
+  p = {k: np.asarray(v, np.float64) for k, v in params.items()}
+  pred = np.tanh(X_VAL @ p['w1'] + p['b1']) @ p['w2'] + p['b2']
+  return float(np.mean(np.square(pred - Y_VAL)))
+
+
+def data_order(seed: int, epoch: int) -> np.ndarray:
+  key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), 1), epoch)
+  return np.asarray(jax.random.permutation(key, N_TRAIN))
+
+
+def reference(opt, seed, total, x=X, y=Y, threshold=None):
+  """A plain optax loop: the params and optimizer state after each update, and the number
+  of updates applied before the divergence rule (when `threshold` is given) stopped it."""
+
+  @jax.jit
+  def step(params, opt_state, xb, yb):
+    def batch_loss(p):
+      return jnp.mean(jnp.mean(jnp.square(mlp_apply(p, xb) - yb), axis=-1))
+
+    value, grads = jax.value_and_grad(batch_loss)(params)
+    updates, opt_state = opt.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, value
+
+  params = mlp_init(jax.random.fold_in(jax.random.key(seed), 0))
+  opt_state = opt.init(params)
+  trail, loss0 = [(params, opt_state)], None
+  per_epoch = N_TRAIN // BATCH
+  for t in range(total):
+    epoch, j = divmod(t, per_epoch)
+    idx = data_order(seed, epoch)[j * BATCH : (j + 1) * BATCH]
+    new_params, new_state, value = step(params, opt_state, x[idx], y[idx])
+    if threshold is not None:
+      value = float(value)
+      loss0 = value if t == 0 else loss0
+      if not (math.isfinite(value) and value <= threshold * abs(loss0) + 1e-6):
+        break
+    params, opt_state = new_params, new_state
+    trail.append((params, opt_state))
+  return trail
+
+
+def excess(got, want, rtol=RTOL):
+  worst = -np.inf
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    g, w = np.asarray(g, np.float64), np.asarray(w, np.float64)
+    worst = max(worst, float(np.max(np.abs(g - w) - (ATOL + rtol * np.abs(w)))))
+  return worst
+
+
+# ------------------------------------------------------------ schedule-free evaluation ----
+
+
+def sf_adamw(learning_rate):
+  return optax.contrib.schedule_free_adamw(learning_rate, warmup_steps=5)
+
+
+def clipped_sf_sgd(learning_rate):
+  """Schedule-free inside a chain: it is found there too."""
+  return optax.chain(optax.clip_by_global_norm(1.0), optax.contrib.schedule_free_sgd(learning_rate))
+
+
+# Each factory with where its schedule-free state sits in its optimizer state.
+@pytest.mark.parametrize(
+  'factory, sf_state', [(sf_adamw, lambda s: s), (clipped_sf_sgd, lambda s: s[1])]
+)
+def test_schedule_free_runs_are_evaluated_at_schedule_free_eval_params(factory, sf_state, tmp_path):
+  """Curves, table, keep_best, result.params and the saved runs all read the parameters
+  `schedule_free_eval_params` gives; `raw=True` gives the trained interpolation point."""
+  lrs = [0.01, 0.1]
+  cfg = sweep.SweepConfig(
+    **BASE, optimizer=factory, learning_rate=lrs, epochs=3, num_evals=6, keep_best=True
+  )
+  result = sweep.run(cfg, workdir=str(tmp_path), progress=False)
+  table, curves = result.table, result.curves
+  assert (table.status == 'ok').all()
+  apart = 0.0
+  for i, row in table.iterrows():
+    trail = reference(factory(float(row.learning_rate)), 0, int(row.updates))
+    evaluated = [optax.contrib.schedule_free_eval_params(sf_state(s), p) for p, s in trail]
+    raw_final, eval_final = trail[-1][0], evaluated[-1]
+    assert excess(result.params(i), eval_final) <= 0
+    assert excess(result.params(i, raw=True), raw_final) <= 0
+    # Every evaluation point of the curve, at the reference's evaluated parameters.
+    mine = curves[curves.run == i]
+    want = np.array([val_loss(evaluated[int(u)]) for u in mine.updates])
+    np.testing.assert_allclose(mine.val_loss.to_numpy(), want, rtol=1e-4)
+    assert row.final_val_loss == pytest.approx(want[-1], rel=1e-4)
+    # keep_best keeps the evaluated parameters of the lowest point.
+    best = int(mine.updates.to_numpy()[np.argmin(want)])
+    assert excess(result.params(i, best=True), evaluated[best]) <= 0
+    apart = max(apart, abs(val_loss(raw_final) - want[-1]) / want[-1])
+  # The test tells the two apart: at the raw parameters the losses differ.
+  assert apart > 1e-3
+  # Saved (Pareto) runs give the evaluated parameters back, the raw ones one call away.
+  loaded = sweep.load(str(tmp_path))
+  for i in table.index[table.pareto]:
+    assert excess(loaded.params(int(i)), result.params(int(i))) <= 0
+    assert (
+      excess(sweep.restore_params(str(tmp_path), int(i), raw=True), result.params(int(i), raw=True))
+      <= 0
+    )
+
+
+def test_an_ordinary_optimizer_is_evaluated_at_its_parameters():
+  cfg = sweep.SweepConfig(**BASE, optimizer='adam', learning_rate=0.01, epochs=1)
+  result = sweep.run(cfg, progress=False)
+  trail = reference(optax.adam(0.01), 0, N_TRAIN // BATCH)
+  assert excess(result.params(0), trail[-1][0]) <= 0
+  assert result.table.final_val_loss[0] == pytest.approx(val_loss(trail[-1][0]), rel=1e-4)
