@@ -253,9 +253,10 @@ def with_learning_rate(opt_state: optax.OptState, learning_rate: jnp.ndarray) ->
 # ------------------------------------------------------------ states inside a chain ----
 
 
-def find_states(opt_state: Any, kind: type) -> list[Any]:
-  """Every state of type `kind` inside `opt_state` (anywhere in a chain or wrapper), in
-  the order of its leaves. The structure alone decides: this works on traced states."""
+def find_states(opt_state: Any, kind: type | tuple[type, ...]) -> list[Any]:
+  """Every state of type `kind` (or of one of the types) inside `opt_state` (anywhere in a
+  chain or wrapper), in the order of its leaves. The structure alone decides: this works
+  on traced states."""
   nodes = jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, kind))
   return [n for n in nodes if isinstance(n, kind)]
 
@@ -279,3 +280,26 @@ def eval_params(opt_state: Any, params: Any) -> Any:
   if not found:
     return params
   return optax.contrib.schedule_free_eval_params(found[0], params)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def probe(family: str | Factory, hypers: Mapping[str, Any], params: Any, learning_rates: Any):
+  """The updates of `family` summed over three steps from `params` with one fixed
+  gradient, at each of `learning_rates` (k,): a check that the learning rate reaches the
+  updates. Three steps, since some optimizers make no move on their first (mechanize); the
+  updates rather than the parameters, since a learning-rate-free optimizer's first moves
+  (d0 = 1e-6) vanish in float32 parameters. One small program per factory and shapes."""
+
+  def moved(learning_rate):
+    opt = make(family, hypers)
+    state = opt.init(params)
+    grads = jax.tree.map(lambda p: jnp.full_like(p, 0.1), params)
+    total = jax.tree.map(jnp.zeros_like, params)
+    p = params
+    for _ in range(3):
+      updates, state = opt.update(grads, with_learning_rate(state, learning_rate), p)
+      p = optax.apply_updates(p, updates)
+      total = jax.tree.map(jnp.add, total, updates)
+    return total
+
+  return jax.vmap(moved)(learning_rates)

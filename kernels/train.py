@@ -291,8 +291,17 @@ def _run_step(
     gsq_full = gsq_full + sum(jnp.sum(jnp.square(a)) for a in jax.tree.leaves(grads))
   else:
     (loss, new_state), grads = jax.value_and_grad(batch_loss, has_aux=True)(state.params, xb, yb)
-  loss0 = jnp.where(state.updates == 0, loss, state.loss0)
-  ok = state.alive & jnp.isfinite(loss) & (loss <= threshold * jnp.abs(loss0) + 1e-6)
+  # An optimizer that skips non-finite updates itself (optax.apply_if_finite) is left to
+  # do so: a non-finite batch freezes its run only when the optimizer applied it anyway.
+  skips = bool(optimizers.find_states(state.opt_state, optax.ApplyIfFiniteState))
+  finite = jnp.isfinite(loss)
+  if skips:
+    first = (state.updates == 0) | ~jnp.isfinite(state.loss0)
+    loss0 = jnp.where(first, loss, state.loss0)
+    ok = state.alive & (~finite | (loss <= threshold * jnp.abs(loss0) + 1e-6))
+  else:
+    loss0 = jnp.where(state.updates == 0, loss, state.loss0)
+    ok = state.alive & finite & (loss <= threshold * jnp.abs(loss0) + 1e-6)
   # Freeze a diverged run with a zero gradient and a zero learning rate: its update is
   # then exactly 0 (every optax optimizer ends in a scale by the learning rate), and
   # one select over the gradient is far cheaper than one over parameters and state.
@@ -301,19 +310,25 @@ def _run_step(
   opt = optimizers.make(structure.family, hp.opt)
   opt_state = optimizers.with_learning_rate(state.opt_state, lr)
   updates, opt_state = opt.update(grads, opt_state, state.params)
+  applied = ok  # the steps whose batch loss counts and whose model state is kept
+  if skips:
+    # It skipped the batch (a zero update) or applied it: a non-finite update freezes the
+    # run, with the parameters of the step before (the factory's updates are masked).
+    ok = ok & jnp.all(jnp.stack([jnp.all(jnp.isfinite(u)) for u in jax.tree.leaves(updates)]))
+    applied = ok & finite
   if isinstance(structure.family, optimizers.Factory):
     # A researcher's chain may move parameters without gradient or learning rate
     # (add_decayed_weights after the scale, noise): a frozen run's update is masked.
     updates = jax.tree.map(lambda u: jnp.where(ok, u, jnp.zeros_like(u)), updates)
   return RunState(
     params=optax.apply_updates(state.params, updates),
-    model_state=jax.tree.map(lambda n, o: jnp.where(ok, n, o), new_state, state.model_state),
+    model_state=jax.tree.map(lambda n, o: jnp.where(applied, n, o), new_state, state.model_state),
     opt_state=opt_state,
     alive=ok,
     updates=state.updates + ok.astype(jnp.int32),
     loss0=loss0,
-    loss_sum=state.loss_sum + jnp.where(ok, loss, 0.0),
-    loss_count=state.loss_count + ok.astype(jnp.int32),
+    loss_sum=state.loss_sum + jnp.where(applied, loss, 0.0),
+    loss_count=state.loss_count + applied.astype(jnp.int32),
     gsq_half=gsq_half,
     gsq_full=gsq_full,
     best_params=state.best_params,

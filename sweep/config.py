@@ -1113,6 +1113,66 @@ def axis_columns(table_columns_: Sequence[str], config: Mapping | None = None) -
   return [a for a in order if a in table_columns_]
 
 
+_MULTISTEPS = (
+  'optax.MultiSteps (gradient accumulation) is not supported: the sweep counts, schedules and '
+  'checks divergence per call of the optimizer, so MultiSteps(opt, k) would count k '
+  'micro-steps as k updates and run the schedule per micro-step; sweep batch_size=k*B with '
+  'opt itself instead (the same mean gradient per update for a model without batch statistics)'
+)
+_LOOKAHEAD = (
+  'optax.lookahead is not supported: it takes its parameters as optax.LookaheadParams (fast '
+  "and slow), and the sweep trains and evaluates the model's own parameters"
+)
+
+
+def _takes_lookahead_params(made: optax.GradientTransformation, params: Any) -> bool:
+  """Whether `made` initialises from `optax.LookaheadParams` (an `optax.lookahead`)."""
+  import jax
+
+  try:
+    jax.eval_shape(made.init, optax.LookaheadParams(params, params))
+  except Exception:
+    return False
+  return True
+
+
+def _check_learns(family: optimizers.Factory, run: Run, shapes: Any) -> None:
+  """Refuses a factory whose updates never move the parameters at any learning rate (an
+  `optax.inject_hyperparams(...)` inside it keeps the learning rate it was built with), or
+  whose state holds gradient accumulation (`MultiSteps(...).gradient_transformation()`)."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+  opt_state = jax.eval_shape(optimizers.make(family, run.hypers).init, params)
+  if optimizers.find_states(opt_state, optax.MultiStepsState):
+    raise config_error('optimizer', _Shown(family.label), _MULTISTEPS)
+  lr = float(run.values['learning_rate'])
+  hypers = {k: jnp.float32(v) for k, v in run.hypers.items()}
+  moved = optimizers.probe(family, hypers, params, jnp.array([lr, 2 * lr], jnp.float32))
+  leaves = [np.asarray(a) for a in jax.tree.leaves(moved)]
+  if any(np.any(a != 0) for a in leaves):
+    return  # it moves (a scale-free optimizer such as cocob may move alike at both rates)
+  # Its own state (inside the sweep's injection) holds a second injection.
+  nested = optimizers.find_states(
+    opt_state.inner_state, (optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState)
+  )
+  cause = (
+    'it holds an optax.inject_hyperparams(...) of its own, which keeps the learning rate it '
+    'was built with (0 at init) whatever the sweep sets: pass the optax factory itself (e.g. '
+    'optimizer=optax.adam), the sweep injects the hyperparameters'
+    if nested
+    else 'check that the factory builds its optimizer from its learning_rate argument'
+  )
+  raise config_error(
+    'optimizer',
+    _Shown(family.label),
+    f'it trains nothing: three updates at learning rates {lr:g} and {2 * lr:g} leave the '
+    f'parameters where they were; {cause}',
+  )
+
+
 def check_callables(plan: Plan, model: Any) -> None:
   """Traces every optimizer factory and schedule callable of `plan` (with `jax.eval_shape`,
   compiling nothing) and raises `ConfigError` for one that fails or returns the wrong thing."""
@@ -1132,6 +1192,8 @@ def check_callables(plan: Plan, model: Any) -> None:
       raise config_error(
         'optimizer', _Shown(family.label), f'factory({shown}) failed: {type(e).__name__}: {e}'
       ) from e
+    if isinstance(made, optax.MultiSteps):
+      raise config_error('optimizer', _Shown(family.label), _MULTISTEPS)
     if not isinstance(made, optax.GradientTransformation):
       raise config_error(
         'optimizer',
@@ -1149,6 +1211,8 @@ def check_callables(plan: Plan, model: Any) -> None:
     try:
       out = jax.eval_shape(step, params, {k: f32 for k in names}, f32)
     except Exception as e:
+      if _takes_lookahead_params(made, params):
+        raise config_error('optimizer', _Shown(family.label), _LOOKAHEAD) from e
       raise config_error(
         'optimizer',
         _Shown(family.label),
@@ -1161,6 +1225,7 @@ def check_callables(plan: Plan, model: Any) -> None:
       raise config_error(
         'optimizer', _Shown(family.label), 'its updates must have the structure of the parameters'
       )
+    _check_learns(family, run, params)
 
   for fn in plan.custom_schedules:
     users = [r for r in plan.runs if r.schedule is fn]

@@ -75,14 +75,14 @@ def data_order(seed: int, epoch: int) -> np.ndarray:
   return np.asarray(jax.random.permutation(key, N_TRAIN))
 
 
-def reference(opt, seed, total, x=X, y=Y, threshold=None):
+def reference(opt, seed, total, x=X, y=Y, threshold=None, apply=mlp_apply):
   """A plain optax loop: the params and optimizer state after each update, and the number
   of updates applied before the divergence rule (when `threshold` is given) stopped it."""
 
   @jax.jit
   def step(params, opt_state, xb, yb):
     def batch_loss(p):
-      return jnp.mean(jnp.mean(jnp.square(mlp_apply(p, xb) - yb), axis=-1))
+      return jnp.mean(jnp.mean(jnp.square(apply(p, xb) - yb), axis=-1))
 
     value, grads = jax.value_and_grad(batch_loss)(params)
     updates, opt_state = opt.update(grads, opt_state, params)
@@ -174,3 +174,153 @@ def test_an_ordinary_optimizer_is_evaluated_at_its_parameters():
   trail = reference(optax.adam(0.01), 0, N_TRAIN // BATCH)
   assert excess(result.params(0), trail[-1][0]) <= 0
   assert result.table.final_val_loss[0] == pytest.approx(val_loss(trail[-1][0]), rel=1e-4)
+
+
+# ------------------------------------------------------- factories that train nothing ----
+
+
+def inside_injected_sgd(learning_rate):
+  """An inject_hyperparams of its own inside the factory: it keeps its learning rate at init."""
+  return optax.inject_hyperparams(optax.sgd)(learning_rate=learning_rate)
+
+
+@pytest.mark.parametrize(
+  'factory', [optax.inject_hyperparams(optax.adam), inside_injected_sgd], ids=['uncalled', 'inside']
+)
+def test_a_factory_whose_updates_ignore_the_learning_rate_is_refused_naming_inject_hyperparams(
+  factory,
+):
+  cfg = sweep.SweepConfig(**BASE, optimizer=factory, learning_rate=[0.01, 0.1], epochs=1)
+  with pytest.raises(sweep.ConfigError) as raised:
+    sweep.check(cfg)
+  message = str(raised.value)
+  assert message.startswith('optimizer=')
+  assert 'trains nothing' in message and 'inject_hyperparams' in message
+  assert 'optimizer=optax.adam' in message
+
+
+def test_a_factory_that_drops_its_learning_rate_is_refused():
+  cfg = sweep.SweepConfig(
+    **BASE, optimizer=lambda learning_rate: optax.sgd(0.0), learning_rate=0.01, epochs=1
+  )
+  with pytest.raises(sweep.ConfigError, match='trains nothing.*from its learning_rate argument'):
+    sweep.check(cfg)
+
+
+# ------------------------------------------------------------ wrappers refused, and why ----
+
+
+@pytest.mark.parametrize(
+  'factory',
+  [
+    lambda learning_rate: optax.MultiSteps(optax.adam(learning_rate), 4),
+    lambda learning_rate: optax.MultiSteps(optax.adam(learning_rate), 4).gradient_transformation(),
+  ],
+  ids=['MultiSteps', 'gradient_transformation'],
+)
+def test_gradient_accumulation_is_refused_with_the_batch_size_to_sweep_instead(factory):
+  cfg = sweep.SweepConfig(**BASE, optimizer=factory, learning_rate=0.01, epochs=1)
+  with pytest.raises(sweep.ConfigError, match=r'optax.MultiSteps .* batch_size=k\*B'):
+    sweep.check(cfg)
+
+
+def test_lookahead_is_refused_naming_lookahead_params():
+  cfg = sweep.SweepConfig(
+    **BASE,
+    optimizer=lambda learning_rate: optax.lookahead(optax.adam(learning_rate), 5, 0.5),
+    learning_rate=0.01,
+    epochs=1,
+  )
+  with pytest.raises(sweep.ConfigError, match='optax.LookaheadParams'):
+    sweep.check(cfg)
+
+
+# ------------------------------------------------- learning-rate-free contrib optimizers ----
+
+
+def prodigy(learning_rate):
+  return optax.contrib.prodigy(learning_rate)
+
+
+def dadapt_adamw(learning_rate):
+  return optax.contrib.dadapt_adamw(learning_rate)
+
+
+def mechanic_adam(learning_rate):
+  return optax.contrib.mechanize(optax.adam(learning_rate))
+
+
+def cocob(learning_rate):
+  return optax.contrib.cocob(learning_rate)
+
+
+LR_FREE = {f.__name__: f for f in (prodigy, dadapt_adamw, mechanic_adam, cocob)}
+
+
+def test_learning_rate_free_contrib_optimizers_equal_an_optax_loop():
+  cfg = sweep.SweepConfig(
+    **BASE, optimizer=list(LR_FREE.values()), learning_rate=[1.0, 0.5], epochs=2
+  )
+  result = sweep.run(cfg, progress=False)
+  table = result.table
+  assert (table.status == 'ok').all() and set(table.optimizer) == set(LR_FREE)
+  for i, row in table.iterrows():
+    trail = reference(LR_FREE[row.optimizer](float(row.learning_rate)), 0, int(row.updates))
+    assert excess(result.params(i), trail[-1][0], rtol=1e-3) <= 0, row.optimizer
+
+
+# ------------------------------------------------------------------- apply_if_finite ----
+
+POISON = 37  # the training example whose prediction is infinite
+
+
+def poisoned_apply(params, x):
+  """The MLP, divided by the last input column: 1 everywhere but at the poisoned example."""
+  return mlp_apply(params, x[:, :D_IN]) / x[:, D_IN:]
+
+
+def _poisoned():
+  ones = np.ones((N_TRAIN, 1), np.float32)
+  ones[POISON] = 0.0
+  x = np.concatenate([X, ones], axis=1)
+  x_val = np.concatenate([X_VAL, np.ones((N_VAL, 1), np.float32)], axis=1)
+  return x, sweep.data.arrays(x, Y, x_val, Y_VAL)
+
+
+def skip_nonfinite_adam(learning_rate, max_errors):
+  return optax.apply_if_finite(optax.adam(learning_rate), max_consecutive_errors=max_errors)
+
+
+def reference_poisoned(opt, x, total, threshold=None):
+  return reference(opt, 0, total, x=x, threshold=threshold, apply=poisoned_apply)
+
+
+def test_a_batch_apply_if_finite_skips_does_not_freeze_its_run():
+  """Each epoch has one batch with an infinite loss. apply_if_finite skips it, as in the
+  plain optax loop; adam alone is frozen there; apply_if_finite that gives up after 0
+  errors applies it, and the run is frozen with the parameters of the step before."""
+  x, data = _poisoned()
+  total = 2 * N_TRAIN // BATCH
+  factories = {
+    'skips': lambda learning_rate: skip_nonfinite_adam(learning_rate, 3),
+    'gives_up': lambda learning_rate: skip_nonfinite_adam(learning_rate, 0),
+  }
+  cfg = sweep.SweepConfig(
+    **{**BASE, 'data': data, 'model': (mlp_init, poisoned_apply)},
+    optimizer=[factories['skips'], factories['gives_up'], 'adam'],
+    learning_rate=0.01,
+    epochs=2,
+  )
+  result = sweep.run(cfg, progress=False)
+  table = result.table
+  skips, gives_up, adam = (table.iloc[k] for k in range(3))
+  assert skips.status == 'ok' and skips.updates == total
+  trail = reference_poisoned(factories['skips'](0.01), x, total)
+  assert excess(result.params(0), trail[-1][0]) <= 0
+  assert np.isfinite(skips.final_batch_loss)  # the skipped batches are left out of it
+  # The plain rule: a non-finite batch loss freezes adam, and apply_if_finite that applies it.
+  stop = reference_poisoned(optax.adam(0.01), x, total, threshold=100.0)
+  assert adam.status == 'diverged' and adam.updates == len(stop) - 1 < total
+  assert gives_up.status == 'diverged' and gives_up.updates == adam.updates
+  trail = reference_poisoned(factories['gives_up'](0.01), x, total, threshold=100.0)
+  assert excess(result.params(1), trail[-1][0]) <= 0
