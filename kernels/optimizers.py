@@ -282,6 +282,22 @@ def eval_params(opt_state: Any, params: Any) -> Any:
   return optax.contrib.schedule_free_eval_params(found[0], params)
 
 
+def evaluates_elsewhere(opt_state: Any, fn: Callable | None = None) -> bool:
+  """Whether a run is evaluated at other parameters than it trains: `fn` (a config's
+  `eval_params`) is given, or its optimizer is schedule-free. A state of None (not kept)
+  has none."""
+  return opt_state is not None and (fn is not None or has_eval_params(opt_state))
+
+
+def evaluated(opt_state: Any, params: Any, fn: Callable | None = None) -> Any:
+  """The parameters one run is evaluated at, from its state as `make` built it:
+  `fn(state of the optimizer the factory built, params)` when `fn` is given, else
+  `eval_params(opt_state, params)`."""
+  if fn is not None:
+    return fn(opt_state.inner_state, params)
+  return eval_params(opt_state, params)
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def probe(family: str | Factory, hypers: Mapping[str, Any], params: Any, learning_rates: Any):
   """The updates of `family` summed over three steps from `params` with one fixed

@@ -65,6 +65,8 @@ class Structure:
       for the callables).
     layout: a `sweep.layers.Layout` (dense kernels held in the layout their products
       want while a segment runs, and for evaluation), or None.
+    eval_params: `(optimizer state, params) -> params` of one run, the parameters it is
+      evaluated at (see `optimizers.evaluated`), or None.
   """
 
   model: Any
@@ -85,6 +87,7 @@ class Structure:
   schedules: tuple[Callable, ...] = ()
   total_updates: tuple[int, ...] = ()
   layout: Any = None
+  eval_params: Callable[[Any, Any], Any] | None = None
 
   def learning_rate_fn(self, index: int) -> Callable[[Any, jax.Array], jax.Array]:
     """`(schedule params, count) -> learning rate` of one run of batch group `index`."""
@@ -463,20 +466,21 @@ def _evaluate_runs(
   return jax.tree.map(lambda t: t / count, total)
 
 
-def _eval_params(runs: RunState) -> Any:
+def _eval_params(structure: Structure, runs: RunState) -> Any:
   """The parameters every run (S, R) is evaluated at: its own, or those its optimizer
-  means (see `optimizers.eval_params`; the same arrays for ordinary optimizers)."""
-  if not optimizers.has_eval_params(runs.opt_state):
+  means (see `optimizers.evaluated`; the same arrays for ordinary optimizers)."""
+  if not optimizers.evaluates_elsewhere(runs.opt_state, structure.eval_params):
     return runs.params
-  return jax.vmap(jax.vmap(optimizers.eval_params))(runs.opt_state, runs.params)
+  fn = functools.partial(optimizers.evaluated, fn=structure.eval_params)
+  return jax.vmap(jax.vmap(fn))(runs.opt_state, runs.params)
 
 
 def evaluate(structure: Structure, groups: tuple[GroupState, ...], data: Data) -> tuple[dict, ...]:
   """Validation and training-probe metrics of every run of every batch group, at the
-  parameters its optimizer means to be evaluated (`optimizers.eval_params`)."""
+  parameters its optimizer means to be evaluated (`optimizers.evaluated`)."""
   out = []
   for state in groups:
-    params, model_state = _eval_params(state.runs), state.runs.model_state
+    params, model_state = _eval_params(structure, state.runs), state.runs.model_state
     metrics = {}
     if data.x_val.shape[0]:
       for k, v in _evaluate_runs(
@@ -545,7 +549,7 @@ def segment(
 
 def note_best(structure: Structure, groups: tuple[GroupState, ...], metrics: tuple[dict, ...]):
   """Keeps each run's parameters at its lowest evaluation loss so far (with keep_best):
-  the parameters it was evaluated at (`optimizers.eval_params`)."""
+  the parameters it was evaluated at (`optimizers.evaluated`)."""
   if not structure.keep_best:
     return groups
   out = []
@@ -557,7 +561,7 @@ def note_best(structure: Structure, groups: tuple[GroupState, ...], metrics: tup
       return jnp.where(better.reshape(better.shape + (1,) * (new.ndim - 2)), new, old)
 
     runs = g.runs._replace(
-      best_params=jax.tree.map(pick, _eval_params(g.runs), g.runs.best_params),
+      best_params=jax.tree.map(pick, _eval_params(structure, g.runs), g.runs.best_params),
       best_loss=jnp.where(better, loss, g.runs.best_loss),
       best_model_state=jax.tree.map(pick, g.runs.model_state, g.runs.best_model_state),
     )

@@ -155,6 +155,13 @@ class SweepConfig:
       `jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), 3), t)`, so the runs
       of a seed see the same augmented batches. The model's own randomness (dropout)
       uses stream 2 the same way: `fold_in(fold_in(key(seed), 2), t)`.
+    eval_params: `eval_params(opt_state, params) -> params`, pure and jittable: the
+      parameters at which a run is evaluated (curves, table, best and Pareto runs,
+      keep_best, `result.params(i)`, saved runs), from the state of the optimizer the
+      factory built and the parameters it trains, e.g. an average of the parameters kept
+      in a transformation's state. Its argument order is optax's
+      `schedule_free_eval_params(state, params)`; schedule-free optimizers are
+      recognised without it. None: the trained parameters (or schedule-free's).
     scheduler: adaptive search (`sweep.schedulers`): `SuccessiveHalving(...)`,
       `MedianStopping(...)`, `Patience(...)` (or a list of these), or `PBT(...)`. Runs are
       then judged at evaluation points and stopped, refilled or copied between segments
@@ -200,6 +207,7 @@ class SweepConfig:
   sample_seed: int = 0
   train_argument: str | None = None
   augment: Callable | None = None
+  eval_params: Callable | None = None
   scheduler: Any = None
   name: str = 'sweep'
 
@@ -638,6 +646,12 @@ def check_fields(cfg: SweepConfig) -> Any:
   if cfg.augment is not None and not callable(cfg.augment):
     raise config_error(
       'augment', cfg.augment, 'a function augment(key, x_batch) -> x_batch, or None'
+    )
+  if cfg.eval_params is not None and not callable(cfg.eval_params):
+    raise config_error(
+      'eval_params',
+      cfg.eval_params,
+      'a function eval_params(opt_state, params) -> params, or None',
     )
   if not isinstance(cfg.keep_best, bool):
     raise config_error('keep_best', cfg.keep_best, 'expected True or False')

@@ -237,7 +237,8 @@ class _Keeper:
     if not self.keep_opt_state and not optimizers.has_eval_params(state[0].runs.opt_state):
       # Without a workdir only the parameters are ever read again: the optimizer state
       # (two thirds of Adam's bytes) is not even copied (unless the parameters the run is
-      # evaluated at are computed from it: a schedule-free optimizer's).
+      # evaluated at are computed from it: a schedule-free optimizer's, or a config's
+      # eval_params, which sets keep_opt_state).
       state = tuple(g._replace(runs=g.runs._replace(opt_state=None)) for g in state)
     host = checkpoints.host_copy(state)
     if self.workdir is not None:
@@ -489,7 +490,11 @@ def _run(cfg, wd, progress, fresh, checkpoint_every, experiment_file, keep_check
     data=_device_data(cfg, eval_chunk, shardings),
     shardings=shardings,
     threshold=jnp.float32(cfg.divergence_threshold),
-    keep=_Keeper(units.keep_budget(cfg), workdir, keep_opt_state=workdir is not None),
+    keep=_Keeper(
+      units.keep_budget(cfg),
+      workdir,
+      keep_opt_state=workdir is not None or cfg.eval_params is not None,
+    ),
     bar=bar,
   )
   trained = []

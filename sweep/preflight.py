@@ -17,7 +17,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from kernels import losses, schedules
+from kernels import losses, optimizers, schedules
 from sweep import adapters, columns
 from sweep.config import Plan, check_callables
 from sweep.errors import config_error
@@ -29,6 +29,7 @@ def check(plan: Plan, model: adapters.Model) -> None:
   not have."""
   check_model(plan, model)
   check_callables(plan, model)
+  check_eval_params(plan, model)
   check_schedules(plan)
   check_objectives(plan)
 
@@ -247,6 +248,40 @@ def check_model(plan: Plan, model: adapters.Model) -> None:
         plan.loss,
         'a callable loss must return one value per example, shape (batch,); got '
         f'{getattr(out, "shape", out)}',
+      )
+
+
+def check_eval_params(plan: Plan, model: adapters.Model) -> None:
+  """Traces the config's `eval_params(opt_state, params)` (compiling nothing) on the state
+  of every optimizer of the sweep: it must return arrays of the parameters' structure,
+  shapes and dtypes."""
+  fn = plan.config.eval_params
+  if fn is None:
+    return
+  name = getattr(fn, '__qualname__', type(fn).__name__)
+  params = model.initial_shapes()[0]
+  want = jax.tree.map(lambda a: (a.shape, str(a.dtype)), params)
+  for family, names in plan.groups:
+    run = next(r for r in plan.runs if r.group == (family, names))
+    opt = optimizers.make(family, run.hypers)
+    try:
+      out = jax.eval_shape(lambda p, opt=opt: fn(opt.init(p).inner_state, p), params)
+    except Exception as e:  # the researcher's function: report it as theirs
+      raise config_error(
+        'eval_params',
+        name,
+        f'eval_params(opt_state, params) failed on the state of optimizer '
+        f'{run.values["optimizer"]!r} ({type(e).__name__}: {e}); it is given the state of the '
+        'optimizer the factory builds',
+      ) from e
+    got = jax.tree.map(lambda a: (getattr(a, 'shape', None), str(getattr(a, 'dtype', a))), out)
+    if got != want:
+      raise config_error(
+        'eval_params',
+        name,
+        f'eval_params(opt_state, params) must return parameters of the structure, shapes and '
+        f"dtypes of the model's; under optimizer {run.values['optimizer']!r} it returned "
+        f'{jax.tree.structure(out)} (shapes {jax.tree.leaves(got)[:4]}...)',
       )
 
 

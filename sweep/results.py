@@ -101,7 +101,7 @@ def tables(
   return table, curves
 
 
-def _params_fn(run_state):
+def _params_fn(run_state, eval_fn=None):
   def params(i: int, best: bool = False, raw: bool = False):
     runs = run_state(i)
     if best and runs.best_params is None:
@@ -110,7 +110,9 @@ def _params_fn(run_state):
       return runs.best_params
     if raw:
       return runs.params
-    return jax.tree.map(np.asarray, optimizers.eval_params(runs.opt_state, runs.params))
+    if not optimizers.evaluates_elsewhere(runs.opt_state, eval_fn):
+      return runs.params
+    return jax.tree.map(np.asarray, optimizers.evaluated(runs.opt_state, runs.params, eval_fn))
 
   return params
 
@@ -146,6 +148,7 @@ class Result:
     state_fn=None,
     model=None,
     run_state=None,
+    eval_fn=None,
   ):
     self.table = table
     self.curves = curves
@@ -154,8 +157,9 @@ class Result:
     self._params_fn = params_fn
     self._state_fn = state_fn  # (i, best) -> run i's model state
     self._run_state = run_state  # i -> run i's final `train.RunState` (host arrays)
+    self._eval_fn = eval_fn  # the config's eval_params, or None
     if run_state is not None:
-      self._params_fn = _params_fn(run_state)
+      self._params_fn = _params_fn(run_state, eval_fn)
       self._state_fn = _state_fn(run_state)
     self._model = model  # the sweep.adapters.Model, for variables() and model()
     self.workdir = workdir
@@ -191,13 +195,22 @@ class Result:
         loaded[c] = trained[c].final.get()
       return jax.tree.map(lambda a: np.asarray(a[s, r]), loaded[c][g].runs)
 
-    return cls(table, curves, resolved, wall_time, model=model, run_state=run_state)
+    return cls(
+      table,
+      curves,
+      resolved,
+      wall_time,
+      model=model,
+      run_state=run_state,
+      eval_fn=plan.config.eval_params,
+    )
 
   def params(self, i: int, best: bool = False, raw: bool = False) -> Any:
     """The final parameters of run `i` (a pytree of numpy arrays), as they were evaluated.
 
-    These are the parameters the optimizer means to be evaluated: for a schedule-free
-    optimizer (`optax.contrib.schedule_free*`, anywhere in a chain)
+    These are the parameters the optimizer means to be evaluated: the config's
+    `eval_params(opt_state, params)` when given; for a schedule-free optimizer
+    (`optax.contrib.schedule_free*`, anywhere in a chain)
     `optax.contrib.schedule_free_eval_params(opt_state, params)`; for any other optimizer
     the parameters it trained. The table's and the curves' metrics are theirs.
 
@@ -328,8 +341,8 @@ class Result:
         best_model_state=runs.best_model_state,
         state_layout=getattr(self._model, 'state_layout', 'collections'),
         eval_params=(
-          optimizers.eval_params(runs.opt_state, runs.params)
-          if optimizers.has_eval_params(runs.opt_state)
+          optimizers.evaluated(runs.opt_state, runs.params, self._eval_fn)
+          if optimizers.evaluates_elsewhere(runs.opt_state, self._eval_fn)
           else None
         ),
       )

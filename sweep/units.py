@@ -513,6 +513,7 @@ def plan_units(plan: Plan, model: adapters.Model, eval_chunk: int, warn: bool = 
       noise_scale=cfg.noise_scale,
       keep_best=cfg.keep_best,
       augment=cfg.augment,
+      eval_params=cfg.eval_params,
       ignore_label=cfg.data.ignore_label,
       accuracy=_callable_accuracy(plan),
       schedules=plan.custom_schedules,

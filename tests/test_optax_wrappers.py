@@ -11,6 +11,7 @@ numpy. It shares no code with the engine.
 from __future__ import annotations
 
 import math
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -174,6 +175,74 @@ def test_an_ordinary_optimizer_is_evaluated_at_its_parameters():
   trail = reference(optax.adam(0.01), 0, N_TRAIN // BATCH)
   assert excess(result.params(0), trail[-1][0]) <= 0
   assert result.table.final_val_loss[0] == pytest.approx(val_loss(trail[-1][0]), rel=1e-4)
+
+
+# ------------------------------------------- a parameter average kept in the state ----
+
+
+class ParamAverageState(NamedTuple):
+  average: Any
+
+
+def param_average(decay):
+  """An exponential moving average of the parameters after each update (optax keeps none
+  of its own: `optax.ema` averages the updates)."""
+
+  def init(params):
+    return ParamAverageState(jax.tree.map(jnp.asarray, params))
+
+  def update(updates, state, params):
+    new = optax.apply_updates(params, updates)
+    average = jax.tree.map(lambda a, p: decay * a + (1 - decay) * p, state.average, new)
+    return updates, ParamAverageState(average)
+
+  return optax.GradientTransformation(init, update)
+
+
+def averaged_adam(learning_rate):
+  return optax.chain(optax.adam(learning_rate), param_average(0.9))
+
+
+def the_average(opt_state, params):
+  del params
+  return opt_state[1].average
+
+
+def test_eval_params_evaluates_a_parameter_average_kept_in_the_optimizer_state():
+  cfg = sweep.SweepConfig(
+    **BASE,
+    optimizer=averaged_adam,
+    learning_rate=[0.01, 0.05],
+    epochs=2,
+    num_evals=4,
+    keep_best=True,
+    eval_params=the_average,
+  )
+  result = sweep.run(cfg, progress=False)
+  curves = result.curves
+  for i, row in result.table.iterrows():
+    trail = reference(averaged_adam(float(row.learning_rate)), 0, int(row.updates))
+    averages = [s[1].average for _, s in trail]
+    assert excess(result.params(i), averages[-1]) <= 0
+    assert excess(result.params(i, raw=True), trail[-1][0]) <= 0
+    mine = curves[curves.run == i]
+    want = np.array([val_loss(averages[int(u)]) for u in mine.updates])
+    np.testing.assert_allclose(mine.val_loss.to_numpy(), want, rtol=1e-4)
+    best = int(mine.updates.to_numpy()[np.argmin(want)])
+    assert excess(result.params(i, best=True), averages[best]) <= 0
+    assert abs(val_loss(trail[-1][0]) - want[-1]) > 1e-4 * want[-1]
+
+
+def test_eval_params_that_returns_the_wrong_shapes_is_refused_before_training():
+  cfg = sweep.SweepConfig(
+    **BASE,
+    optimizer='adam',
+    learning_rate=0.01,
+    epochs=1,
+    eval_params=lambda opt_state, params: params['w1'],
+  )
+  with pytest.raises(sweep.ConfigError, match=r'^eval_params=.*structure, shapes and dtypes'):
+    sweep.check(cfg)
 
 
 # ------------------------------------------------------- factories that train nothing ----
