@@ -710,7 +710,8 @@ def _eval_chunk(cfg: SweepConfig) -> int:
 
 
 def check(cfg: SweepConfig) -> Plan:
-  """Validates `cfg` completely (shapes included) without compiling; returns the plan."""
+  """Validates `cfg` completely (shapes included) without compiling a training program (a
+  factory is probed with one small program of three optimizer updates); returns the plan."""
   plan = validate(cfg)
   preflight.check(plan, adapters.model_of(cfg, plan.output_dim))
   return plan
