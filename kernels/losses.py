@@ -147,6 +147,15 @@ LOSSES: dict[str, Callable[[jax.Array, jax.Array], jax.Array]] = {
 CLASSIFICATION = frozenset({'softmax_cross_entropy', 'sigmoid_binary_cross_entropy', 'hinge'})
 
 
+def _one_output(name: str, predictions: jax.Array, targets: jax.Array) -> jax.Array:
+  """The targets as a regression loss compares them: a model with one output may return
+  (batch,) for targets held as (batch, 1) (how `sweep.data.arrays` holds a float y of
+  shape (n,)), compared per example as (batch,) with (batch,)."""
+  if name in CLASSIFICATION or predictions.ndim != targets.ndim - 1 or targets.shape[-1] != 1:
+    return targets
+  return targets[..., 0]
+
+
 def _unknown(name: str) -> str:
   return f'unknown loss {name!r}; known losses are {", ".join(sorted(LOSSES))}'
 
@@ -173,7 +182,7 @@ def per_example(
   """
   mask = _token_mask(targets, ignore_label)
   if mask is None or name != 'softmax_cross_entropy':
-    return LOSSES[name](predictions, targets)
+    return LOSSES[name](predictions, _one_output(name, predictions, targets))
   safe = jnp.where(mask > 0, targets, 0)
   per_position = optax.softmax_cross_entropy_with_integer_labels(predictions, safe)
   return _masked_mean(per_position, mask)
@@ -253,6 +262,15 @@ def check_shapes(
     return (
       'softmax_cross_entropy with one-hot or probability targets needs predictions '
       f'and targets of the same shape (batch, ..., num_classes); {got}'
+    )
+  one_output = len(target_shape) == 2 and target_shape[1] == 1 and pred_shape == target_shape[:1]
+  if one_output and name not in CLASSIFICATION:
+    return None  # one output per example, (batch,) against (batch, 1): see `_one_output`
+  if one_output:
+    return (
+      f'{name} needs predictions and targets of the same shape (batch, ...); the targets are '
+      f'held as {_shape(target_shape)}, one column per output (a y of shape (n,) is held as '
+      '(n, 1)): return predictions of shape (batch, 1), e.g. logits[:, None]'
     )
   if len(pred_shape) < 1 or pred_shape != target_shape:
     return (

@@ -234,8 +234,9 @@ def arrays(
   feature per example. Integer (or bool) labels mean classification and become int32
   class ids of shape (n,) (an (n, 1) column is accepted), or (n, T) for sequences
   (one id per position, e.g. the next token). Float labels
-  mean regression and become float32 (n, d); a float y of shape (n,) becomes (n, 1), so a
-  model with one output matches it without broadcasting.
+  mean regression and become float32 (n, d); a float y of shape (n,) becomes (n, 1),
+  one column per output: a model with one output returns (batch, 1) or, for the
+  regression losses (mse, huber, l1), (batch,); neither is ever broadcast.
 
   Args:
     x_train: training inputs, shape (n, ...features).

@@ -181,7 +181,7 @@ def check_model(plan: Plan, model: adapters.Model) -> None:
   x, y = data.x_train[:2], data.y_train[:2]
   pred = _output_shape(model, x.shape, str(x.dtype))
   if isinstance(pred, _Failure):
-    raise config_error('model', model.name, pred.message) from pred.error
+    raise config_error('model', model.name, pred.message + _channel_hint(x)) from pred.error
   if cfg.noise_scale and model.stateful:
     raise config_error(
       'noise_scale',
@@ -217,6 +217,7 @@ def check_model(plan: Plan, model: adapters.Model) -> None:
         'sweep.data.arrays(x, y.astype(np.int32))'
       )
     if problem:
+      problem += _channel_hint(x)
       raise config_error('model', f'outputs of shape {tuple(pred.shape)}', problem)
     for field, labels in (('data.y_train', data.y_train), ('data.y_val', data.y_val)):
       if labels is not None and data.ignore_label is not None:
@@ -249,6 +250,19 @@ def check_model(plan: Plan, model: adapters.Model) -> None:
         'a callable loss must return one value per example, shape (batch,); got '
         f'{getattr(out, "shape", out)}',
       )
+
+
+def _channel_hint(x: np.ndarray) -> str:
+  """A likely cause to add to a model's shape error: float inputs (n, H, W) are images
+  without a channel axis, which a convolution reads as one unbatched image (its batch
+  axis taken for a spatial one)."""
+  if x.ndim != 3 or not np.issubdtype(x.dtype, np.floating):
+    return ''
+  shape = '(n, ' + ', '.join(str(d) for d in x.shape[1:]) + ')'
+  return (
+    f'; if the inputs {shape} are images, they have no channel axis, and a convolution '
+    'takes (batch, H, W, channels): give x[..., None] (one channel)'
+  )
 
 
 def check_eval_params(plan: Plan, model: adapters.Model) -> None:

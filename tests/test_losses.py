@@ -209,6 +209,10 @@ def test_check_shapes_message_for_integer_labels():
     ('sigmoid_binary_cross_entropy', (32, 1), (32, 1), True, None),
     ('hinge', (32,), (32,), True, None),
     ('l1', (32, 2, 2), (32, 2, 2), False, None),
+    # One output per example against a y of shape (n,), held as (n, 1).
+    ('mse', (32,), (32, 1), False, None),
+    ('huber', (32,), (32, 1), False, None),
+    ('sigmoid_binary_cross_entropy', (32,), (32, 1), False, ['held as (32, 1)', '(batch, 1)']),
     # Mismatches.
     ('softmax_cross_entropy', (32, 10), (32, 1), True, ['integer labels', '(32, 10)', '(32, 1)']),
     ('softmax_cross_entropy', (32, 10), (16,), True, ['(batch,)', '(16,)']),
@@ -261,3 +265,65 @@ def test_check_labels(name, y, num_outputs, fragments):
     assert isinstance(message, str)
     for fragment in fragments:
       assert fragment in message
+
+
+@pytest.mark.parametrize('name', ['mse', 'huber', 'l1'])
+def test_one_output_per_example_is_compared_with_targets_held_as_a_column(name):
+  """(batch,) predictions against (batch, 1) targets: per example, never broadcast to
+  (batch, batch)."""
+  rng = np.random.default_rng(1)
+  pred = rng.normal(size=(6,)).astype(np.float32)
+  y = rng.normal(size=(6, 1)).astype(np.float32)
+  diff = pred.astype(np.float64) - y[:, 0].astype(np.float64)
+  want = {
+    'mse': diff**2,
+    'huber': np.where(np.abs(diff) <= 1, 0.5 * diff**2, np.abs(diff) - 0.5),
+    'l1': np.abs(diff),
+  }[name]
+  got = np.asarray(losses.per_example(name, jnp.asarray(pred), jnp.asarray(y)))
+  assert got.shape == (6,)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_model_with_one_output_trains_on_a_float_y_of_shape_n_as_an_optax_loop():
+  import optax
+
+  import sweep
+
+  rng = np.random.default_rng(2)
+  x = rng.normal(size=(40, 4)).astype(np.float32)
+  y = (x @ rng.normal(size=4) + 0.1 * rng.normal(size=40)).astype(np.float32)  # (n,)
+
+  def init(key):
+    return {'w': jax.random.normal(key, (4,)) * 0.1, 'b': jnp.zeros(())}
+
+  def apply(params, x):
+    return x @ params['w'] + params['b']  # (batch,)
+
+  cfg = sweep.SweepConfig(
+    model=(init, apply),
+    data=sweep.data.arrays(x, y),
+    loss='mse',
+    optimizer='sgd',
+    learning_rate=0.05,
+    batch_size=10,
+    epochs=2,
+    schedule='constant',
+  )
+  result = sweep.run(cfg, progress=False)
+  params = init(jax.random.fold_in(jax.random.key(0), 0))
+  opt = optax.sgd(0.05)
+  state = opt.init(params)
+  for t in range(8):
+    epoch, j = divmod(t, 4)
+    order = jax.random.permutation(
+      jax.random.fold_in(jax.random.fold_in(jax.random.key(0), 1), epoch), 40
+    )
+    idx = np.asarray(order)[j * 10 : (j + 1) * 10]
+    grads = jax.grad(lambda p, xb, yb: jnp.mean(jnp.square(apply(p, xb) - yb)))(
+      params, x[idx], y[idx]
+    )
+    updates, state = opt.update(grads, state)
+    params = optax.apply_updates(params, updates)
+  for k in params:
+    np.testing.assert_allclose(result.params(0)[k], params[k], rtol=1e-5, atol=1e-6)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from compiles import COMPILE_EVENT
@@ -135,6 +136,24 @@ def test_class_ids_beyond_the_models_outputs_are_refused():
   data = sweep.data.arrays(X, labels)
   with pytest.raises(sweep.ConfigError, match=r'class ids in 0\.\.2.*1 labels are outside'):
     sweep.check(sweep.SweepConfig(model=(linear3, apply3), data=data, loss='softmax_cross_entropy'))
+
+
+def test_images_without_a_channel_axis_are_refused_naming_the_missing_axis():
+  """A convolution reads (n, 8, 8) as one unbatched image, its batch axis a spatial one."""
+  import flax.linen as nn
+
+  class CNN(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(3)(jnp.mean(nn.Conv(4, (3, 3))(x), axis=(1, 2)))
+
+  images = np.random.default_rng(0).normal(size=(60, 8, 8)).astype(np.float32)
+  config = sweep.SweepConfig(model=CNN(), data=sweep.data.arrays(images, CLASSES), epochs=1)
+  with no_compiles(), pytest.raises(sweep.ConfigError) as raised:
+    sweep.check(config)
+  assert 'inputs (n, 8, 8) are images, they have no channel axis' in str(raised.value)
+  assert 'x[..., None]' in str(raised.value)
+  sweep.check(config.replace(data=sweep.data.arrays(images[..., None], CLASSES)))
 
 
 def test_a_softmax_over_one_output_is_refused():
