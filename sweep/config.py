@@ -83,7 +83,9 @@ class SweepConfig:
       learning rate (the run's scheduled value at each update) and those arguments
       are injected with `optax.inject_hyperparams`, so they are traced: new values
       compile nothing, and the factory must compute with them in jnp (no Python `if`
-      on them). Arguments with defaults that no field fills keep their defaults. The
+      on them). Arguments with defaults that no field fills keep their defaults. With
+      several optimizers, a field is crossed only with those that take it (the others'
+      runs leave it empty); a field none takes is an error. The
       table names a factory by its `__name__` (a lambda by its body, a partial as
       `name(arguments)`). A ready-made `optax.GradientTransformation` is refused: its
       learning rate is fixed inside it, so the sweep could not set it.
@@ -845,6 +847,8 @@ def expand(cfg: SweepConfig, loss: Any) -> Plan:
       dict(zip(fields, combo, strict=True))
       for combo in itertools.product(*(norm[f] for f in fields))
     ]
+  if entries is None:
+    raw_runs = _conditional(raw_runs, fields, hyper_names)
 
   batch_sizes = tuple(sorted({int(r['batch_size']) for r in raw_runs}))
   steps_per_epoch = {b: n // b for b in batch_sizes}
@@ -910,6 +914,41 @@ def expand(cfg: SweepConfig, loss: Any) -> Plan:
     custom_schedules=custom,
     search=search,
   )
+
+
+def _conditional(raw_runs: list[dict], fields, hyper_names: list[str]) -> list[dict]:
+  """A grid's or a space's hyperparameter applies to the optimizers that take it: the
+  runs of the others take None for it (the table leaves it empty) and are not repeated
+  for its values. A field that no optimizer of the sweep takes is left as it is (an error
+  in `_resolve`); so are explicit runs, which name their fields on purpose."""
+  takers: dict[Any, Callable[[str], bool]] = {}
+  for opt in _distinct(r['optimizer'] for r in raw_runs):
+    if isinstance(opt, str):
+      family = optimizers.FAMILIES.get(opt)
+      takers[_identity(opt)] = lambda f, family=family: family is None or f in family.hypers
+    else:
+      try:
+        takers[_identity(opt)] = optimizers.signature(opt).accepts
+      except ValueError:
+        takers[_identity(opt)] = lambda f: True  # refused with its reason in `_resolve`
+  conditional = [
+    f
+    for f in fields
+    if _fills(f, hyper_names)
+    and any(r[f] is not None for r in raw_runs)
+    and 0 < sum(t(f) for t in takers.values()) < len(takers)
+  ]
+  if not conditional:
+    return raw_runs
+  out, seen = [], set()
+  for raw in raw_runs:
+    takes = takers[_identity(raw['optimizer'])]
+    raw = {f: (None if f in conditional and not takes(f) else v) for f, v in raw.items()}
+    key = tuple((f, _identity(v)) for f, v in raw.items())
+    if key not in seen:
+      seen.add(key)
+      out.append(raw)
+  return out
 
 
 def _distinct(items) -> list:

@@ -393,3 +393,49 @@ def test_a_batch_apply_if_finite_skips_does_not_freeze_its_run():
   assert gives_up.status == 'diverged' and gives_up.updates == adam.updates
   trail = reference_poisoned(factories['gives_up'](0.01), x, total, threshold=100.0)
   assert excess(result.params(1), trail[-1][0]) <= 0
+
+
+# ------------------------------------------------------------------- conditional axes ----
+
+
+def my_adamw(learning_rate, weight_decay, clip_norm):
+  return optax.chain(
+    optax.clip_by_global_norm(clip_norm), optax.adamw(learning_rate, weight_decay=weight_decay)
+  )
+
+
+def test_an_axis_applies_only_to_the_optimizers_that_take_it():
+  """weight_decay and clip_norm are crossed with my_adamw only; adam and lion (which takes
+  weight_decay but no clip_norm) run once per value of what they take."""
+  cfg = sweep.SweepConfig(
+    **BASE,
+    optimizer=[my_adamw, 'adam', 'lion'],
+    weight_decay=[1e-4, 0.1],
+    hyperparameters={'clip_norm': [0.05, 10.0]},
+    learning_rate=[0.003, 0.01],
+    epochs=1,
+  )
+  result = sweep.run(cfg, progress=False)
+  table = result.table
+  counts = table.optimizer.value_counts().to_dict()
+  assert counts == {'my_adamw': 8, 'lion': 4, 'adam': 2}
+  assert table.weight_decay[table.optimizer == 'adam'].isna().all()
+  assert table.clip_norm[table.optimizer != 'my_adamw'].isna().all()
+  for i, row in table.iterrows():
+    lr = float(row.learning_rate)
+    if row.optimizer == 'my_adamw':
+      opt = my_adamw(lr, np.float32(row.weight_decay), np.float32(row.clip_norm))
+    elif row.optimizer == 'lion':
+      opt = optax.lion(lr, weight_decay=np.float32(row.weight_decay))
+    else:
+      opt = optax.adam(lr)
+    trail = reference(opt, 0, int(row.updates))
+    assert excess(result.params(i), trail[-1][0]) <= 0, (i, row.optimizer)
+
+
+def test_explicit_runs_still_refuse_a_field_their_optimizer_does_not_take():
+  cfg = sweep.SweepConfig(
+    **BASE, runs=[{'optimizer': 'adam', 'weight_decay': 0.1, 'learning_rate': 0.01}]
+  )
+  with pytest.raises(sweep.ConfigError, match="optimizer 'adam' takes no weight_decay"):
+    sweep.check(cfg)
