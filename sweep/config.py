@@ -122,7 +122,9 @@ class SweepConfig:
     num_evals: evaluation points after the start (segments); None: once per epoch
       for an epoch budget (at most 100), 10 for an updates budget.
     divergence_threshold: a run is frozen and marked diverged when a batch loss is
-      NaN/inf or exceeds this multiple of its first batch loss.
+      NaN/inf or exceeds this multiple of its first batch loss. Under
+      `optax.apply_if_finite` a non-finite batch is the optimizer's to skip: the run is
+      frozen only when its update is not finite (the batch left out of `batch_loss`).
     eval_batch_size: examples per evaluation chunk.
     train_eval_size: size of the fixed random subset of the training set on which
       train metrics are measured at each evaluation point.

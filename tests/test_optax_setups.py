@@ -439,3 +439,21 @@ def test_explicit_runs_still_refuse_a_field_their_optimizer_does_not_take():
   )
   with pytest.raises(sweep.ConfigError, match="optimizer 'adam' takes no weight_decay"):
     sweep.check(cfg)
+
+
+def test_a_sampled_axis_applies_only_to_the_optimizers_that_take_it():
+  cfg = sweep.SweepConfig(
+    **BASE,
+    optimizer=['adamw', 'adam'],
+    weight_decay=sweep.space.loguniform(1e-4, 1e-1),
+    learning_rate=sweep.space.loguniform(1e-3, 1e-1),
+    samples=3,
+    epochs=1,
+  )
+  runs = sweep.check(cfg).runs
+  adamw = [r.values for r in runs if r.values['optimizer'] == 'adamw']
+  adam = [r.values for r in runs if r.values['optimizer'] == 'adam']
+  assert len(adamw) == len(adam) == 3
+  assert all(v['weight_decay'] is not None for v in adamw)
+  assert all(v['weight_decay'] is None for v in adam)
+  assert [v['learning_rate'] for v in adam] == [v['learning_rate'] for v in adamw]
