@@ -1181,14 +1181,20 @@ _LOOKAHEAD = (
 
 
 def _takes_lookahead_params(made: optax.GradientTransformation, params: Any) -> bool:
-  """Whether `made` initialises from `optax.LookaheadParams` (an `optax.lookahead`)."""
+  """Whether `made` steps on `optax.LookaheadParams` and not on the parameters themselves
+  (an `optax.lookahead`)."""
   import jax
 
   try:
-    jax.eval_shape(made.init, optax.LookaheadParams(params, params))
+    both = optax.LookaheadParams(params, params)
+    jax.eval_shape(lambda p: made.update(p.fast, made.init(p), p), both)
   except Exception:
     return False
-  return True
+  try:
+    jax.eval_shape(lambda p: made.update(p, made.init(p), p), params)
+  except Exception:
+    return True
+  return False
 
 
 def _check_learns(family: optimizers.Factory, run: Run, shapes: Any) -> None:
