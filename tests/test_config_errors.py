@@ -209,7 +209,6 @@ FIELD_CASES = [
     '0.5',
     ("'adam'", 'nesterov'),
   ),
-  ('b1-with-one-of-two', dict(optimizer=['adam', 'sgd'], b1=0.8), 'b1', '0.8', "'sgd'"),
   ('momentum-out-of-range', dict(optimizer='momentum', momentum=1.5), 'momentum', '1.5', '1.0'),
   (
     'epochs-and-updates',
