@@ -1,6 +1,7 @@
 """Adaptive search against the grid and against Optuna, on the same work.
 
     python scripts/search_bench.py --quick [--figure docs/search_bench.png]  # digits, an MLP
+    python scripts/search_bench.py [--model digits-mlp|mnist1d-mlp|digits-cnn ...] [--figure F]
 
 For each method: the best validation loss reached, the compute spent (run-updates: the
 updates of every run summed) and the wall seconds, warm (programs compiled by a first
@@ -17,9 +18,11 @@ call) and first call. Methods:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import time
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -45,9 +48,74 @@ def apply(params, x):
 MODEL = (init, apply)
 
 
-def base(data, epochs, **changes):
+class CNN(nn.Module):
+  """The flax examples' MNIST CNN (examples/mnist/train.py), unchanged."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Conv(features=32, kernel_size=(3, 3))(x)
+    x = nn.relu(x)
+    x = nn.avg_pool(x, window_shape=(2, 2), strides=(2, 2))
+    x = nn.Conv(features=64, kernel_size=(3, 3))(x)
+    x = nn.relu(x)
+    x = nn.avg_pool(x, window_shape=(2, 2), strides=(2, 2))
+    x = x.reshape((x.shape[0], -1))
+    x = nn.Dense(features=256)(x)
+    x = nn.relu(x)
+    x = nn.Dense(features=10)(x)
+    return x
+
+
+def workload(name):
+  """(data, engine model, (init, apply) of the plain loop, learning rates, batch sizes, epochs)."""
+  if name == 'digits-mlp':
+    lrs = [float(v) for v in np.geomspace(1e-4, 1.0, 27)]
+    return sweep.data.digits(), MODEL, MODEL, lrs, (32, 128), 9
+  if name == 'mnist1d-mlp':
+    data = sweep.data.mnist1d()
+    lrs = [float(v) for v in np.geomspace(1e-4, 1.0, 27)]
+    pair = (_mlp_init(data.x_train.shape[1], 100), apply)
+    return data, pair, pair, lrs, (32, 128), 9
+  assert name == 'digits-cnn'
+  data = sweep.data.digits(flatten=False)
+  data = dataclasses.replace(data, x_train=data.x_train[..., None], x_val=data.x_val[..., None])
+  module = CNN()
+  x0 = data.x_train[:1]
+  pair = (
+    lambda key: module.init(key, x0)['params'],
+    lambda params, x: module.apply({'params': params}, x),
+  )
+  lrs = [float(v) for v in np.geomspace(1e-4, 1e-1, 9)]
+  return data, module, pair, lrs, (32, 128), 9
+
+
+def _mlp_init(d_in, hidden):
+  def init_fn(key):
+    k1, k2 = jax.random.split(key)
+    return {
+      'w1': jax.random.normal(k1, (d_in, hidden)) / np.sqrt(d_in),
+      'b1': jnp.zeros(hidden),
+      'w2': jax.random.normal(k2, (hidden, 10)) / np.sqrt(hidden),
+      'b2': jnp.zeros(10),
+    }
+
+  return init_fn
+
+
+MODELS = ('digits-mlp', 'mnist1d-mlp', 'digits-cnn')
+
+
+def base(data, epochs, model=MODEL, **changes):
+  # The rules judge by validation loss: the training probe is kept small (256 examples), so
+  # that evaluation costs about what the plain loop's does (it measures validation only).
   return sweep.SweepConfig(
-    model=MODEL, data=data, optimizer='adam', epochs=epochs, num_evals=9, **changes
+    model=model,
+    data=data,
+    optimizer='adam',
+    epochs=epochs,
+    num_evals=9,
+    train_eval_size=256,
+    **changes,
   )
 
 
@@ -95,9 +163,9 @@ def timed(fn):
   return out, time.perf_counter() - t1, t1 - t0, first
 
 
-def engine_methods(data, lrs, batches, epochs, slots):
+def engine_methods(data, model, lrs, batches, epochs, slots):
   rows = []
-  grid = base(data, epochs, learning_rate=lrs, batch_size=batches)
+  grid = base(data, epochs, model, learning_rate=lrs, batch_size=batches)
   res, warm, first, _ = timed(lambda: sweep.run(grid, progress=False))
   rows.append(_summary('grid', res, warm, first))
   halving = sweep.schedulers.SuccessiveHalving(eta=3, min_fraction=1 / 9)
@@ -109,6 +177,7 @@ def engine_methods(data, lrs, batches, epochs, slots):
   cfg = base(
     data,
     epochs,
+    model,
     learning_rate=sweep.space.loguniform(min(lrs), max(lrs)),
     batch_size=sweep.space.choice(list(batches)),
     samples=3 * n,
@@ -117,11 +186,11 @@ def engine_methods(data, lrs, batches, epochs, slots):
   res, warm, first, _ = timed(lambda: sweep.run(cfg, progress=False))
   rows.append(_summary(f'asha, {slots} slots refilled, 3x configurations', res, warm, first))
   pbt = sweep.schedulers.PBT(interval_updates=max(1, _updates(data, min(batches), epochs) // 9))
-  cfg = base(data, epochs, learning_rate=lrs, batch_size=min(batches), scheduler=pbt)
+  cfg = base(data, epochs, model, learning_rate=lrs, batch_size=min(batches), scheduler=pbt)
   cfg = cfg.replace(num_evals=None)
   res, warm, first, _ = timed(lambda: sweep.run(cfg, progress=False))
   rows.append(_summary('pbt (constant-lr members)', res, warm, first))
-  const = base(data, epochs, learning_rate=lrs, batch_size=min(batches))
+  const = base(data, epochs, model, learning_rate=lrs, batch_size=min(batches))
   res, warm, first, _ = timed(lambda: sweep.run(const, progress=False))
   rows.append(_summary('same population, constant lr', res, warm, first))
   return rows
@@ -134,11 +203,12 @@ def _updates(data, batch, epochs):
 # ------------------------------------------------------------------ Optuna, one trial at a time
 
 
-def optuna_method(data, lrs, batches, epochs, n_trials):
+def optuna_method(data, pair, lrs, batches, epochs, n_trials):
   import optuna
 
   optuna.logging.set_verbosity(optuna.logging.WARNING)
   x, y, xv, yv = data.x_train, data.y_train, data.x_val, data.y_val
+  init, apply = pair
 
   @jax.jit
   def step(params, state, xb, yb, lr):
@@ -215,21 +285,33 @@ def optuna_method(data, lrs, batches, epochs, n_trials):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--quick', action='store_true', help='digits MLP (the only mode so far)')
-  parser.add_argument('--trials', type=int, default=54, help='Optuna trials')
+  parser.add_argument('--quick', action='store_true', help='the digits MLP alone')
+  parser.add_argument('--model', choices=MODELS, action='append', help='workloads (default all)')
+  parser.add_argument('--trials', type=int, help='Optuna trials (default: the grid size)')
   parser.add_argument('--figure', help='write best-so-far against wall time to this PNG')
-  parser.add_argument('--slots', type=int, default=54, help='ASHA slots (runs at once)')
+  parser.add_argument('--slots', type=int, help='ASHA slots (default: the grid size)')
   args = parser.parse_args()
   sweep.set_cpu_devices()
-  data = sweep.data.digits()
-  lrs = [float(v) for v in np.geomspace(1e-4, 1.0, 27)]
-  batches = (32, 128)
-  epochs = 9
-  rows = engine_methods(data, lrs, batches, epochs, args.slots)
-  try:
-    rows.append(optuna_method(data, lrs, batches, epochs, args.trials))
-  except ImportError:
-    print('optuna is not installed: pip install optuna')
+  names = ['digits-mlp'] if args.quick else (args.model or list(MODELS))
+  for name in names:
+    data, model, pair, lrs, batches, epochs = workload(name)
+    print(f'\n{name}: {len(lrs)} learning rates x batch sizes {batches}, {epochs} epochs')
+    rows = engine_methods(data, model, lrs, batches, epochs, args.slots or len(lrs) * 2)
+    try:
+      rows.append(optuna_method(data, pair, lrs, batches, epochs, args.trials or len(lrs) * 2))
+    except ImportError:
+      print('optuna is not installed: pip install optuna')
+    _table(rows, args.figure if len(names) == 1 else _named(args.figure, name))
+
+
+def _named(path, name):
+  if not path:
+    return None
+  stem, dot, ext = path.rpartition('.')
+  return f'{stem}_{name}.{ext}' if dot else f'{path}_{name}'
+
+
+def _table(rows, figure):
   grid = rows[0]
   target = 1.02 * grid['best_val_loss']
   print(
@@ -245,8 +327,8 @@ def main():
       f'{r["warm_s"]:.2f} ({r["warm_s"] / grid["warm_s"]:.2f}) | '
       f'{"never" if t is None else f"{t:.2f}"} | {r["first_s"]:.2f} |'
     )
-  if args.figure:
-    _figure(rows, target, args.figure)
+  if figure:
+    _figure(rows, target, figure)
 
 
 def _figure(rows, target, path):
