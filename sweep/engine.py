@@ -635,6 +635,7 @@ def _run_population(
     time.perf_counter() - start,
     model=model,
     run_state=pop.run_state,
+    eval_fn=cfg.eval_params,
   )
   if workdir is not None and jax.process_index() == 0:
     result.save(workdir)
