@@ -537,3 +537,24 @@ def test_a_stopping_rule_that_could_never_act_is_refused():
   # Without num_evals, enough points are chosen.
   plan = sweep.check(config(scheduler=sweep.schedulers.Patience(patience=5)))
   assert plan.num_evals >= 7
+
+
+def test_a_schedule_free_run_is_reported_at_its_evaluation_parameters():
+  halving = sweep.schedulers.SuccessiveHalving(eta=3, min_fraction=1 / 3)
+  cfg = config(
+    optimizer=optax.contrib.schedule_free_adamw,
+    learning_rate=[1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1],
+    batch_size=[32],
+    epochs=3,
+    scheduler=halving,
+  )
+  result = sweep.run(cfg, progress=False)
+  for i, row in result.table.iterrows():
+    params, raw = result.params(i), result.params(i, raw=True)
+    logits = np.asarray(apply(params, DATA.x_val), np.float64)
+    logits -= logits.max(axis=1, keepdims=True)
+    log_p = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+    want = -log_p[np.arange(len(DATA.y_val)), DATA.y_val].mean()
+    assert row.final_val_loss == pytest.approx(want, rel=1e-4), f'run {i} ({row.status})'
+    leaves = zip(jax.tree.leaves(params), jax.tree.leaves(raw), strict=True)
+    assert any(not np.array_equal(a, b) for a, b in leaves)
