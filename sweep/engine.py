@@ -521,12 +521,7 @@ def _run(cfg, wd, progress, fresh, checkpoint_every, experiment_file, keep_check
   except _Preempted:
     bar.close()
     wd.close()
-    print(
-      f'sweep: {sigterm.name} received; state saved at segment {wd.step} in {workdir}. '
-      'Run the same command again to resume.',
-      file=sys.stderr,
-    )
-    raise SystemExit(sigterm.exit_code) from None
+    _exit_preempted(sigterm, wd.step, workdir)
   except BaseException:
     wd.abandon()  # a write in flight ends (or fails) before the error is handled
     raise
@@ -538,11 +533,7 @@ def _run(cfg, wd, progress, fresh, checkpoint_every, experiment_file, keep_check
   trained = _gather(trained, all_units)
   result = results.Result.from_training(plan, trained, time.perf_counter() - start, resolved, model)
   if workdir is not None and me == 0:
-    result.save(workdir)
-    result.save_front(workdir)
-    if experiment_file is not None:
-      with open(experiment_file, 'rb') as f:
-        results.write_if_changed(os.path.join(workdir, 'experiment.py'), f.read())
+    _write_results(result, workdir, experiment_file)
   return result
 
 
@@ -598,12 +589,7 @@ def _run_population(
   except _Preempted:
     bar.close()
     store.close()
-    print(
-      f'sweep: {sigterm.name} received; state saved at segment {wd.step} in {workdir}. '
-      'Run the same command again to resume.',
-      file=sys.stderr,
-    )
-    raise SystemExit(sigterm.exit_code) from None
+    _exit_preempted(sigterm, wd.step, workdir)
   except BaseException:
     if store is not None:
       store.abandon()
@@ -638,12 +624,29 @@ def _run_population(
     eval_fn=cfg.eval_params,
   )
   if workdir is not None and jax.process_index() == 0:
-    result.save(workdir)
-    result.save_front(workdir)
-    if experiment_file is not None:
-      with open(experiment_file, 'rb') as f:
-        results.write_if_changed(os.path.join(workdir, 'experiment.py'), f.read())
+    _write_results(result, workdir, experiment_file)
   return result
+
+
+def _exit_preempted(sigterm: _SigtermFlag, step: int, workdir: str) -> None:
+  """After a SIGTERM or SIGINT, the state saved: one line, and the signal's exit status."""
+  print(
+    f'sweep: {sigterm.name} received; state saved at segment {step} in {workdir}. '
+    'Run the same command again to resume.',
+    file=sys.stderr,
+  )
+  raise SystemExit(sigterm.exit_code) from None
+
+
+def _write_results(result, workdir: str, experiment_file: str | None) -> None:
+  """The result files, the Pareto runs and the experiment file, into `workdir`."""
+  from sweep import results
+
+  result.save(workdir)
+  result.save_front(workdir)
+  if experiment_file is not None:
+    with open(experiment_file, 'rb') as f:
+      results.write_if_changed(os.path.join(workdir, 'experiment.py'), f.read())
 
 
 def _agree(flag: bool) -> bool:
