@@ -265,7 +265,7 @@ def _run_step(
   """One update of one run on one batch: the plain optax step, plus the freeze.
 
   `lr` is the run's scheduled learning rate for this update (computed for a whole
-  segment at once, outside the scan: a live run's update count is its group's tick).
+  segment at once, outside the scan, from the run's update count at the segment's start).
   `key` is the model's randomness for this update (see `update_key`). The model runs
   in training mode; its new state (batch statistics) is kept unless the run froze.
   """
@@ -387,12 +387,13 @@ def _group_segment(
   )
   per_seed_keys = lambda seeds, step, stream: jax.vmap(lambda s: update_key(s, step, stream))(seeds)  # noqa: E731
   # Every learning rate of the segment in one vectorised pass, rather than a switch
-  # over the schedule families inside every tick: (length, S, R).
-  ticks = state.step + jnp.arange(length, dtype=jnp.int32)
-  per_run = jax.vmap(
-    jax.vmap(structure.learning_rate_fn(index), in_axes=(0, None)), in_axes=(0, None)
+  # over the schedule families inside every tick: (length, S, R). A schedule runs on its
+  # run's own update clock: a live run's count is its group's tick, except for a run that
+  # changed batch size (`sweep.batch_ramp`), whose updates began in another group.
+  per_run = jax.vmap(jax.vmap(structure.learning_rate_fn(index)))
+  lrs = jax.vmap(lambda i: per_run(ghp.runs.schedule, state.runs.updates + i))(
+    jnp.arange(length, dtype=jnp.int32)
   )
-  lrs = jax.vmap(per_run, in_axes=(None, 0))(ghp.runs.schedule, ticks)
 
   def tick(state: GroupState, lr: jax.Array) -> GroupState:
     epoch, j = state.step // per_epoch, state.step % per_epoch

@@ -18,6 +18,7 @@ from sweep import (
   schedulers,
   space,
 )
+from sweep.batch_schedules import BatchSchedule, batch_ramp, batch_schedule
 from sweep.checkpoints import restore_params, restore_variables
 from sweep.config import SweepConfig
 from sweep.engine import check, enable_compilation_cache, run, set_cpu_devices
@@ -28,12 +29,15 @@ from sweep.results import Result
 load = Result.load
 
 __all__ = [
+  'BatchSchedule',
   'ConfigError',
   'LRFinderResult',
   'Result',
   'SweepConfig',
   'adapters',
   'analysis',
+  'batch_ramp',
+  'batch_schedule',
   'check',
   'data',
   'distributed',

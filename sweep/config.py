@@ -32,7 +32,7 @@ import numpy as np
 import optax
 
 from kernels import losses, optimizers, schedules
-from sweep import adapters, columns, schedulers
+from sweep import adapters, batch_schedules, columns, schedulers
 from sweep import space as spaces
 from sweep.data import Dataset
 from sweep.data import check as check_dataset
@@ -258,6 +258,9 @@ class Run:
     schedule: a name of `schedules.SCHEDULES` or the schedule callable.
     hypers: the optimizer hyperparameters injected (traced), name -> value.
     spec: every field as given (callables themselves, not their labels).
+    stages: with a batch-size schedule (`sweep.batch_ramp`), `(first epoch, batch size)`
+      of each stage; empty for a constant batch size (`values['batch_size']`, which is
+      the first stage's otherwise).
   """
 
   index: int
@@ -267,6 +270,7 @@ class Run:
   schedule: str | Callable = 'constant'
   hypers: dict[str, float] = dataclasses.field(default_factory=dict)
   spec: dict[str, Any] = dataclasses.field(default_factory=dict)
+  stages: tuple[tuple[int, int], ...] = ()  # a batch-size schedule: (first epoch, batch size)
 
   @property
   def group(self) -> tuple[str | optimizers.Factory, tuple[str, ...]]:
@@ -292,6 +296,31 @@ class Plan:
   groups: tuple = ()  # compile groups: (optimizer, hyperparameter names), in order
   custom_schedules: tuple[Callable, ...] = ()  # schedule callables; kind len(SCHEDULES) + j
   search: dict[str, Any] = dataclasses.field(default_factory=dict)  # how the runs were chosen
+
+  @property
+  def ramps(self) -> bool:
+    """Whether some run changes batch size (`sweep.batch_ramp`)."""
+    return any(r.stages for r in self.runs)
+
+  def stage_updates(self, run: Run) -> list[tuple[int, int, int]]:
+    """`(updates, examples, batch size)` at the start of each of `run`'s stages (one
+    stage for a constant batch size)."""
+    stages = run.stages or ((0, run.values['batch_size']),)
+    out, updates, examples = [], 0, 0
+    for k, (epoch, b) in enumerate(stages):
+      out.append((updates, examples, b))
+      if k + 1 < len(stages):
+        epochs = stages[k + 1][0] - epoch
+        updates += epochs * self.steps_per_epoch[b]
+        examples += epochs * self.steps_per_epoch[b] * b
+    return out
+
+  def examples(self, run: Run, updates: int) -> tuple[int, int]:
+    """(examples read, batch size of the last update) after `updates` updates of `run`."""
+    for start, examples, b in reversed(self.stage_updates(run)):
+      if updates > start or start == 0:
+        return examples + (updates - start) * b, b
+    raise AssertionError('unreachable')
 
 
 def _as_list(field: str, value) -> list:
@@ -449,8 +478,16 @@ def _check_value(cfg: SweepConfig, field: str, v, where: str | None = None) -> N
       )
     _positive_finite(where, [v])
   elif field == 'batch_size':
+    if isinstance(v, batch_schedules.BatchSchedule):
+      _check_batch_schedule(cfg, v, where)
+      return
     if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v <= 0:
-      raise config_error(where, v, 'expected a positive integer')
+      raise config_error(
+        where,
+        v,
+        'expected a positive integer, or a batch-size schedule (sweep.batch_ramp(32, factor=2, '
+        'at=(0.5, 0.75)), sweep.batch_schedule([(0.0, 32), (0.5, 128)]))',
+      )
     if v > n:
       raise config_error(where, v, f'a batch cannot be larger than the training set ({n} examples)')
     if cfg.noise_scale is True and v % 2:
@@ -504,6 +541,43 @@ def _space_repr(sp: spaces.Space) -> str:
       'choice([' + ', '.join(repr(_label(o)) if callable(o) else repr(o) for o in sp.options) + '])'
     )
   return repr(sp)
+
+
+def _check_batch_schedule(cfg: SweepConfig, v: batch_schedules.BatchSchedule, where: str) -> None:
+  """A batch-size schedule's stages, against the data and the budget."""
+  n = cfg.data.n_train
+  for b in v.sizes:
+    if b > n:
+      raise config_error(
+        where, v, f'its batch size {b} is larger than the training set ({n} examples)'
+      )
+    if cfg.noise_scale is True and b % 2:
+      raise config_error(where, v, 'noise_scale=True needs even batch sizes (two half batches)')
+  if cfg.updates is not None:
+    raise config_error(
+      where,
+      v,
+      'a batch-size schedule changes batch size at epoch boundaries: give the budget in '
+      f'epochs=, not updates={cfg.updates}',
+    )
+  epochs = 1 if cfg.epochs is None else cfg.epochs
+  if not float(epochs).is_integer():
+    raise config_error(
+      where, v, f'its stages start at epoch boundaries: epochs={epochs} must be a whole number'
+    )
+  v.epochs(int(epochs), where)
+  for f in ('samples',):
+    if getattr(cfg, f) is not None:
+      raise config_error(
+        where, v, 'a batch-size schedule is a listed value: it is not drawn with samples='
+      )
+  if any(isinstance(r, schedulers.PBT) for r in schedulers.rules(cfg.scheduler)):
+    raise config_error(
+      where,
+      v,
+      'PBT copies runs within a batch size: a batch-size schedule runs with the stopping '
+      'rules (SuccessiveHalving, MedianStopping, Patience) or with no scheduler',
+    )
 
 
 def _normalise(cfg: SweepConfig, field: str, value) -> list | spaces.Space:
@@ -852,7 +926,17 @@ def expand(cfg: SweepConfig, loss: Any) -> Plan:
   if entries is None:
     raw_runs = _conditional(raw_runs, fields, hyper_names)
 
-  batch_sizes = tuple(sorted({int(r['batch_size']) for r in raw_runs}))
+  ramps = {
+    id(r['batch_size']): r['batch_size'].epochs(int(epochs))
+    for r in raw_runs
+    if isinstance(r['batch_size'], batch_schedules.BatchSchedule)
+  }
+  batch_sizes = tuple(
+    sorted(
+      {int(r['batch_size']) for r in raw_runs if id(r['batch_size']) not in ramps}
+      | {b for stages in ramps.values() for _, b in stages}
+    )
+  )
   steps_per_epoch = {b: n // b for b in batch_sizes}
   if cfg.updates is not None:
     total = {b: int(cfg.updates) for b in batch_sizes}
@@ -860,18 +944,24 @@ def expand(cfg: SweepConfig, loss: Any) -> Plan:
     total = {b: max(1, round(epochs * steps_per_epoch[b])) for b in batch_sizes}
   if cfg.num_evals is None:
     num_evals = min(100, max(1, math.ceil(epochs))) if cfg.updates is None else min(10, cfg.updates)
+    if ramps:
+      num_evals = int(epochs)  # every stage starts at an evaluation point
   else:
     num_evals = cfg.num_evals
   num_evals = min(num_evals, min(total.values()))
   if cfg.scheduler is not None:
     num_evals = _scheduler_evals(cfg, num_evals, total)
+  if ramps:
+    _check_stage_points(cfg, ramps, num_evals, total, steps_per_epoch)
 
   if data.is_classification:
     output_dim = int(data.num_classes)
   else:
     output_dim = int(np.prod(data.y_train.shape[1:]))
 
-  runs = _resolve(cfg, fields, hyper_names, raw_runs, total, explicit=entries is not None)
+  runs = _resolve(
+    cfg, fields, hyper_names, raw_runs, total, explicit=entries is not None, ramps=ramps
+  )
   custom = tuple(_distinct(r.schedule for r in runs if not isinstance(r.schedule, str)))
 
   # ---- what the table and config.json show
@@ -885,6 +975,11 @@ def expand(cfg: SweepConfig, loss: Any) -> Plan:
     or len(axes[f]) > 1
     or (f in OPTIMIZER_HYPERPARAMETERS and axes[f] != [None])
   )
+  if ramps:
+    # The schedule beside the batch size it starts at: 'constant' or its stages.
+    axes['batch_schedule'] = _distinct(r.values['batch_schedule'] for r in runs)
+    at = swept.index('batch_size') + 1
+    swept = swept[:at] + ('batch_schedule',) + swept[at:]
   if entries is not None:
     search['runs'] = [
       {k: (r.values[k] if k in ('optimizer', 'schedule') else v) for k, v in entry.items()}
@@ -975,7 +1070,29 @@ def _identity(x):
 
 
 def _display(spec_value, values: dict, field: str):
-  return values[field] if field in ('optimizer', 'schedule') else spec_value
+  return values[field] if field in ('optimizer', 'schedule', 'batch_size') else spec_value
+
+
+def _check_stage_points(
+  cfg: SweepConfig, ramps: dict, num_evals: int, total: dict[int, int], per_epoch: dict[int, int]
+) -> None:
+  """Every stage of every batch-size schedule starts at an evaluation point, the same for
+  each of its batch sizes (its state moves between batch groups there)."""
+  for stages in ramps.values():
+    for epoch, _ in stages[1:]:
+      points = set()
+      for _, b in stages:
+        length = math.ceil(total[b] / num_evals)
+        step = epoch * per_epoch[b]
+        points.add(step / length if length * num_evals == total[b] else None)
+      if len(points) != 1 or None in points or not next(iter(points)).is_integer():
+        raise config_error(
+          'num_evals',
+          num_evals if cfg.num_evals is not None else _Shown(f'{num_evals} (the default)'),
+          f'a batch-size schedule changes batch size at epoch {epoch}, which must be an '
+          f'evaluation point of each of its batch sizes: num_evals={cfg.epochs or 1} (one per '
+          'epoch) always is',
+        )
 
 
 def _labels(callables: list, taken: set[str]) -> dict[int, str]:
@@ -991,7 +1108,9 @@ def _labels(callables: list, taken: set[str]) -> dict[int, str]:
   return out
 
 
-def _resolve(cfg, fields, hyper_names, raw_runs, total, *, explicit: bool) -> list[Run]:
+def _resolve(
+  cfg, fields, hyper_names, raw_runs, total, *, explicit: bool, ramps: dict | None = None
+) -> list[Run]:
   """Each raw run as a `Run`: the optimizer and its injected hyperparameters, the schedule,
   the values the table shows."""
   factories = _distinct(r['optimizer'] for r in raw_runs if not isinstance(r['optimizer'], str))
@@ -1102,13 +1221,33 @@ def _resolve(cfg, fields, hyper_names, raw_runs, total, *, explicit: bool) -> li
       family = optimizers.Factory(opt, tuple(hypers), label)
       values['optimizer'] = label
     sched = raw['schedule']
-    b = int(raw['batch_size'])
+    stages = (ramps or {}).get(id(raw['batch_size']), ())
+    if stages:
+      values['batch_size'] = b = stages[0][1]
+      values['batch_schedule'] = raw['batch_size'].label
+      if not isinstance(sched, str):
+        raise config_error(
+          field('schedule'),
+          _Shown(sched_labels[id(sched)]),
+          "a schedule callable is built for one batch size's number of updates; with a "
+          'batch-size schedule, name one: ' + ', '.join(schedules.SCHEDULES),
+        )
+      ends = [e for e, _ in stages[1:]] + [int(cfg.epochs or 1)]
+      run_total = sum(
+        (end - epoch) * (cfg.data.n_train // size)
+        for (epoch, size), end in zip(stages, ends, strict=True)
+      )
+    else:
+      b = int(raw['batch_size'])
+      if ramps:
+        values['batch_schedule'] = 'constant'
+      run_total = total[b]
     if isinstance(sched, str):
       try:
         schedules.make_params(
           sched,
           float(raw['learning_rate']),
-          total[b],
+          run_total,
           decay_rate=raw['decay_rate'],
           decay_every=cfg.decay_every,
           warmup=raw['warmup'],
@@ -1122,7 +1261,7 @@ def _resolve(cfg, fields, hyper_names, raw_runs, total, *, explicit: bool) -> li
         raise config_error(
           where,
           value,
-          f'{e} (schedule {sched!r} at batch size {b}, whose runs make {total[b]} updates)',
+          f'{e} (schedule {sched!r} at batch size {b}, whose runs make {run_total} updates)',
         ) from None
     else:
       values['schedule'] = sched_labels[id(sched)]
@@ -1132,11 +1271,12 @@ def _resolve(cfg, fields, hyper_names, raw_runs, total, *, explicit: bool) -> li
       Run(
         index=i,
         values=values,
-        total_updates=total[b],
+        total_updates=run_total,
         family=family,
         schedule=sched,
         hypers=hypers,
         spec=dict(raw),
+        stages=stages,
       )
     )
   return runs

@@ -457,7 +457,7 @@ def _run(cfg, wd, progress, fresh, checkpoint_every, experiment_file, keep_check
     )
     resolved['fingerprint'] = fp.digest
     wd.claim(fp, fresh, mine, lambda c: _abstract_state(all_units[c], model))
-    if cfg.scheduler is None:
+    if cfg.scheduler is None and not plan.ramps:
       _say_resumed(workdir, wd.resume, len(mine), plan.num_evals)
   finished = wd.resume.finished
   # The unit in progress first, then the others in order (a damaged finished unit among them).
@@ -472,7 +472,9 @@ def _run(cfg, wd, progress, fresh, checkpoint_every, experiment_file, keep_check
   ):
     units.warn_slow_layers(init_fn, apply_fn, family, layout, cfg.data.x_train[:2])
   shardings = devices.run_sharding()
-  if cfg.scheduler is not None:
+  if cfg.scheduler is not None or plan.ramps:
+    # Runs that change batch size move between batch groups: the sweep state of an
+    # adaptive search, advanced segment by segment (with no rules, none is stopped).
     return _run_population(
       plan, model, all_units, wd, resolved, shardings, eval_chunk, progress, experiment_file
     )
@@ -604,16 +606,20 @@ def _run_population(
   for t in pop.trials:
     ended[t.status] = ended.get(t.status, 0) + 1
   table, curves = results.tables(
-    plan, [t.points for t in pop.trials], [t.seconds for t in pop.trials], pop.extra_columns()
+    plan,
+    [t.points for t in pop.trials],
+    [t.seconds for t in pop.trials],
+    pop.extra_columns() if pop.rules else None,
   )
-  resolved['scheduler'] = {
-    'rules': [repr(r) for r in pop.rules],
-    'slots': pop.slots,
-    'statuses': ended,
-    'run_updates': int(sum(int(t.points[-1]['updates']) for t in pop.trials)),
-    # This process's rounds (after a resume, those since it), for best-so-far against time.
-    'timeline': {'metric': pop.rules[0].metric, 'seconds_best': timeline},
-  }
+  if pop.rules:
+    resolved['scheduler'] = {
+      'rules': [repr(r) for r in pop.rules],
+      'slots': pop.slots,
+      'statuses': ended,
+      'run_updates': int(sum(int(t.points[-1]['updates']) for t in pop.trials)),
+      # This process's rounds (after a resume, those since it), for best-so-far against time.
+      'timeline': {'metric': pop.rules[0].metric, 'seconds_best': timeline},
+    }
   result = results.Result(
     table,
     curves,

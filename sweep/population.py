@@ -173,7 +173,8 @@ class Population:
     self.data = data
     self.shardings = shardings
     self.threshold = threshold
-    self.rules = schedulers.rules(plan.config.scheduler)
+    scheduler = plan.config.scheduler
+    self.rules = () if scheduler is None else schedulers.rules(scheduler)
     self.stopping = [r for r in self.rules if isinstance(r, schedulers.STOPPING)]
     self.pbt = next((r for r in self.rules if isinstance(r, schedulers.PBT)), None)
     self.halving = next(
@@ -185,6 +186,7 @@ class Population:
     self.shared: dict = {'chunks': 0}  # the seeds' initial parameters, for every cohort
     self._orders: dict = {}  # every cohort's data orders, by (seed, epoch)
     self._kinds(all_units)
+    self._stage_kinds()
     self._check_hyperparameters()
 
   def reset(self) -> None:
@@ -233,6 +235,43 @@ class Population:
           )
         )
         self.widths.append(int(unit.groups[0].slots.shape[1]))
+
+  def _stage_kinds(self) -> None:
+    """A kind for each batch size a batch-size schedule moves its runs to, and where each
+    such run moves: `moves[trial][point]` is its next kind, from evaluation `point` on."""
+    plan = self.plan
+    self.moves: dict[int, dict[int, int]] = {}
+    for run in plan.runs:
+      if not run.stages:
+        continue
+      moves = {}
+      for epoch, b in run.stages[1:]:
+        key = (run.group, b)
+        if key not in self.kinds:
+          base = self.kinds.index(next(k for k in self.kinds if k[0] == run.group))
+          st = self.structures[base]
+          self.kinds.append(key)
+          self.families.append(self.families[base])
+          self.structures.append(
+            dataclasses.replace(
+              st,
+              batch_sizes=(b,),
+              steps_per_segment=(math.ceil(plan.total_updates[b] / plan.num_evals),),
+              steps_per_epoch=(plan.steps_per_epoch[b],),
+              ragged=(
+                math.ceil(plan.total_updates[b] / plan.num_evals) * plan.num_evals
+                != plan.total_updates[b],
+              ),
+              total_updates=(plan.total_updates[b],) if st.total_updates else (),
+            )
+          )
+          self.widths.append(self.widths[base])
+        kind = self.kinds.index(key)
+        # The stage's first step in its batch group's clock is an evaluation point
+        # (`config._check_stage_points`).
+        point = epoch * plan.steps_per_epoch[b] // self.structures[kind].steps_per_segment[0]
+        moves[point] = kind
+      self.moves[run.index] = moves
 
   def _kind(self, trial: int) -> int:
     run = self.plan.runs[trial]
@@ -415,31 +454,69 @@ class Population:
       ending.update({t: 'stopped' for t in stop})
       if self.pbt is not None:
         counts['exploited'] += self._exploit(point, now)
+    # Runs that go on at another batch size from here (a diverged one stays where it is).
+    moving = {
+      t: self.moves[t][c.point]
+      for c in self.cohorts
+      for _, _, t in c.live()
+      if t not in ending and c.point in self.moves.get(t, {}) and self.trials[t].points[-1]['alive']
+    }
     for status in ending.values():
       counts['finished' if status == 'ok' else status] += 1
-    if ending:
-      self._end(ending)
+    counts['moved'] = len(moving)
+    if ending or moving:
+      self._end(ending, moving)
     return counts
 
-  def _end(self, ending: dict[int, str]) -> None:
-    """Keeps the final state of each ending trial, frees its slot, compacts cohorts."""
-    kept = []
+  def _end(self, ending: dict[int, str], moving: dict[int, int] | None = None) -> None:
+    """Keeps the final state of each ending trial, frees its slot, compacts cohorts; the
+    trials `moving` to another kind (trial -> kind) go on in new cohorts of that kind."""
+    moving = moving or {}
+    kept, carried = [], {}  # carried: (kind, point, owner) -> {trial: its RunState (host)}
     for cohort in self.cohorts:
-      leaving = [(s, r, t) for s, r, t in cohort.live() if t in ending]
+      leaving = [(s, r, t) for s, r, t in cohort.live() if t in ending or t in moving]
       if leaving:
         host = None if cohort.state is None else jax.device_get(cohort.state)[0].runs
         for s, r, t in leaving:
-          if host is not None:  # the owner keeps it; `gather_finals` shares it at the end
-            self.finals[t] = jax.tree.map(lambda a, s=s, r=r: np.array(a[s, r]), host)
-          trial = self.trials[t]
-          trial.status = ending[t]
-          if ending[t] != 'ok':
-            trial.stopped_at = cohort.point
+          one = None
+          if host is not None:  # the owner holds it
+            one = jax.tree.map(lambda a, s=s, r=r: np.array(a[s, r]), host)
+          if t in moving:
+            carried.setdefault((moving[t], cohort.point, cohort.owner), {})[t] = one
+          else:
+            if one is not None:  # `gather_finals` shares it at the end
+              self.finals[t] = one
+            trial = self.trials[t]
+            trial.status = ending[t]
+            if ending[t] != 'ok':
+              trial.stopped_at = cohort.point
           cohort.slots[s, r] = -1
       if not cohort.live():
         continue
       kept.append(self._compact(cohort) if leaving else cohort)
+    for (kind, point, owner), states in carried.items():
+      kept.extend(self._arrive(kind, point, owner, states))
     self.cohorts = kept
+
+  def _arrive(self, kind: int, point: int, owner: int, states: dict[int, Any]) -> list[Cohort]:
+    """New cohorts of `kind` at evaluation `point` holding the runs `states` (trial -> its
+    RunState on the host, None on a process that does not train them)."""
+    out = []
+    step = point * self.structures[kind].steps_per_segment[0]
+    for slots, seeds in self._layout(kind, sorted(states)):
+      cohort = Cohort(kind, slots, seeds, point=point, owner=owner)
+      self._unit(cohort)  # its hyperparameters, on every process
+      if owner == jax.process_index():
+        first = int(slots[slots >= 0][0])
+        rows = [[states[int(t) if t >= 0 else first] for t in row] for row in slots]
+        runs = jax.tree.map(
+          lambda *a, shape=slots.shape: np.stack(a).reshape(shape + np.shape(a[0])),
+          *[one for row in rows for one in row],
+        )
+        group = train.GroupState(runs=runs, step=np.int32(step))
+        cohort.state = devices.shard((group,), self.shardings)
+      out.append(cohort)
+    return out
 
   def _compact(self, cohort: Cohort) -> Cohort:
     """The cohort in the narrowest layout its live runs fit, if narrower than its own."""
@@ -540,6 +617,8 @@ class Population:
 
   def best_so_far(self) -> float:
     """The best value of the first rule's metric any run has reached (NaN before any)."""
+    if not self.rules:
+      return math.nan
     rule = self.rules[0]
     values = [v for row in self.boards[rule.metric, rule.mode].values for v in row[1:]]
     best = min(values, default=math.inf)

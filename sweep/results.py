@@ -42,7 +42,6 @@ def tables(
   """
   rows, curve_rows = [], []
   for i, run in enumerate(plan.runs):
-    batch = run.values['batch_size']
     per_point = []
     for k, point in enumerate(points[i]):
       rec = {'run': i, 'eval': k}
@@ -50,8 +49,10 @@ def tables(
         if name in point:
           rec[name] = np.asarray(point[name]).item()
       rec['updates'] = int(point['updates'])
-      rec['examples'] = rec['updates'] * batch
+      rec['examples'], batch = plan.examples(run, rec['updates'])
       rec['epoch'] = rec['examples'] / plan.config.data.n_train
+      if plan.ramps:
+        rec['batch_size'] = batch  # the batch size of its last update
       if 'grad_sq_full' in rec:
         rec['noise_scale'] = float(
           analysis.noise_scale(rec['grad_sq_half'], rec['grad_sq_full'], batch // 2, batch)[0]

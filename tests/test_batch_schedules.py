@@ -1,0 +1,283 @@
+"""Runs that grow their batch size: each equals a plain loop that changes its batch size
+at the same epochs, new values compile nothing, and a resume mid-ramp is exact.
+
+The reference shares no code with the engine: optax's optimizer and schedule built
+directly, the documented init key and data order of each seed (epoch e of seed s,
+batches of B consecutive examples of it, the remainder of an epoch dropped), and a
+Python loop of jitted optax steps whose batch size follows the documented stages.
+"""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pandas as pd
+import pytest
+from compiles import COMPILE_EVENT
+
+import sweep
+from sweep import population
+
+N_TRAIN, N_VAL, D_IN, HIDDEN, CLASSES = 200, 64, 8, 16, 3
+ATOL, RTOL = 2e-5, 1e-4
+EPOCHS = 4
+
+
+def init(key):
+  k1, k2 = jax.random.split(key)
+  return {
+    'w1': jax.random.normal(k1, (HIDDEN, D_IN)) / math.sqrt(D_IN),
+    'b1': jnp.zeros(HIDDEN),
+    'w2': jax.random.normal(k2, (CLASSES, HIDDEN)) / math.sqrt(HIDDEN),
+  }
+
+
+def apply(params, x):
+  # Weights stored (outputs, inputs), the layout the engine's run axis wants.
+  return jnp.tanh(x @ params['w1'].T + params['b1']) @ params['w2'].T
+
+
+MODEL = (init, apply)
+
+
+def _data():
+  rng = np.random.default_rng(11)
+  x = rng.normal(size=(N_TRAIN + N_VAL, D_IN)).astype(np.float32)
+  y = np.argmax(x @ rng.normal(size=(D_IN, CLASSES)) + 0.7 * rng.normal(size=(len(x), CLASSES)), 1)
+  return sweep.data.arrays(
+    x[:N_TRAIN], y[:N_TRAIN].astype(np.int32), x[N_TRAIN:], y[N_TRAIN:].astype(np.int32)
+  )
+
+
+DATA = _data()
+RAMP = sweep.batch_ramp(16, factor=2, at=(0.5, 0.75))  # 16 for epochs 0-1, 32 for 2, 64 for 3
+
+
+def config(**changes):
+  base = dict(
+    model=MODEL,
+    data=DATA,
+    optimizer='adam',
+    schedule='cosine',
+    learning_rate=[3e-3, 1e-2],
+    batch_size=[16, RAMP, sweep.batch_schedule([(0.0, 16), (0.25, 64)])],
+    seed=[0, 1],
+    epochs=EPOCHS,
+  )
+  return sweep.SweepConfig(**{**base, **changes})
+
+
+# ------------------------------------------------------------------ the reference ----
+
+
+@functools.cache
+def order(seed, epoch):
+  key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), 1), epoch)
+  return np.asarray(jax.random.permutation(key, N_TRAIN))
+
+
+def loss_fn(params, x, y):
+  logits = apply(params, x)
+  return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
+
+
+def reference(*, optimizer, schedule, learning_rate, seed, sizes):
+  """One run trained plainly: `sizes[e]` is its batch size in epoch e. Returns its final
+  parameters, its updates and its examples."""
+  total = sum(N_TRAIN // b for b in sizes)
+  lr = {
+    'constant': optax.constant_schedule(learning_rate),
+    'cosine': optax.cosine_decay_schedule(learning_rate, decay_steps=total),
+  }[schedule]
+  opt = {'adam': optax.adam(lr), 'momentum': optax.sgd(lr, momentum=0.9)}[optimizer]
+  params = jax.jit(init)(jax.random.fold_in(jax.random.key(seed), 0))
+  state = opt.init(params)
+
+  @jax.jit
+  def step(params, state, x, y):
+    grads = jax.grad(loss_fn)(params, x, y)
+    updates, state = opt.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  updates = examples = 0
+  for epoch, b in enumerate(sizes):
+    perm = order(seed, epoch)
+    for j in range(N_TRAIN // b):
+      idx = perm[j * b : (j + 1) * b]
+      params, state = step(params, state, DATA.x_train[idx], DATA.y_train[idx])
+      updates, examples = updates + 1, examples + b
+  return params, updates, examples
+
+
+SPECS = {
+  s.label: s
+  for s in [
+    RAMP,
+    sweep.batch_schedule([(0.0, 16), (0.25, 64)]),
+    sweep.batch_ramp(16, factor=2, at=(0.25, 0.5)),
+    sweep.batch_schedule([(0.0, 16), (0.75, 64)]),
+  ]
+}
+
+
+def epoch_sizes(row):
+  """Each epoch's batch size, from the table's columns as documented."""
+  if row.batch_schedule == 'constant':
+    return [int(row.batch_size)] * EPOCHS
+  spec = SPECS[row.batch_schedule]
+  sizes = []
+  for e in range(EPOCHS):
+    sizes.append([b for f, b in spec.stages if math.floor(f * EPOCHS + 0.5) <= e][-1])
+  return sizes
+
+
+def assert_equal_to_reference(result, rows=None):
+  table = result.table
+  failures = []
+  for i in table.index if rows is None else rows:
+    row = table.loc[i]
+    want, updates, examples = reference(
+      optimizer=row.optimizer,
+      schedule=row.schedule,
+      learning_rate=float(row.learning_rate),
+      seed=int(row.seed),
+      sizes=epoch_sizes(row),
+    )
+    assert row.updates == updates and row.examples == examples, (i, row.updates, updates)
+    for g, w in zip(jax.tree.leaves(result.params(i)), jax.tree.leaves(want), strict=True):
+      if not np.allclose(g, w, rtol=RTOL, atol=ATOL):
+        failures.append(f'run {i} ({row.batch_schedule}): off by {np.max(np.abs(g - w)):.3g}')
+  assert not failures, failures
+
+
+# ------------------------------------------------------------------ tests ----
+
+
+@pytest.fixture(scope='module')
+def ramped():
+  return sweep.run(config(), progress=False)
+
+
+def test_every_ramp_run_equals_a_plain_loop_that_changes_batch_size_at_the_same_epochs(ramped):
+  table = ramped.table
+  assert list(table.batch_schedule.unique()) == ['constant', '16>32>64 @0.5,0.75', '16>64 @0.25']
+  assert (table.batch_size == 16).all()  # the batch size each run starts at
+  # 200 examples: 12 updates an epoch at 16, 6 at 32, 3 at 64.
+  ramp = table[table.batch_schedule == RAMP.label]
+  assert (ramp.updates == 12 + 12 + 6 + 3).all()
+  assert (table.status == 'ok').all()
+  assert_equal_to_reference(ramped)
+
+
+def test_the_curves_count_examples_epochs_and_the_batch_size_of_each_point(ramped):
+  c = ramped.curves
+  run = int(ramped.table.index[ramped.table.batch_schedule == RAMP.label][0])
+  points = c[c.run == run].sort_values('eval')
+  assert list(points.updates) == [0, 12, 24, 30, 33]
+  assert list(points.batch_size) == [16, 16, 16, 32, 64]
+  assert list(points.examples) == [0, 192, 384, 576, 768]
+  assert np.allclose(points.epoch, [0, 0.96, 1.92, 2.88, 3.84])
+  # The learning rate is the cosine schedule at the run's own update count (33 updates).
+  lr = float(ramped.table.loc[run, 'learning_rate'])
+  want = optax.cosine_decay_schedule(lr, 33)
+  assert np.allclose(points.learning_rate.iloc[1:], [want(u - 1) for u in [12, 24, 30, 33]])
+
+
+def test_new_learning_rates_and_new_ramps_over_the_same_batch_sizes_compile_nothing(ramped):
+  # `ramped` compiled the programs of batch sizes 16, 32 and 64 in this process.
+  other = config(
+    learning_rate=[5e-3, 2e-2],
+    batch_size=[
+      16,
+      sweep.batch_ramp(16, factor=2, at=(0.25, 0.5)),
+      sweep.batch_schedule([(0.0, 16), (0.75, 64)]),
+    ],
+  )
+  compiled = []
+
+  def listener(event, duration_secs, **kwargs):
+    del duration_secs
+    if event == COMPILE_EVENT:
+      compiled.append(kwargs.get('fun_name', '?'))
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    result = sweep.run(other, progress=False)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert compiled == [], compiled
+  assert_equal_to_reference(result)
+
+
+def test_a_resume_in_the_middle_of_a_ramp_gives_the_uninterrupted_result(
+  tmp_path, monkeypatch, ramped
+):
+  calls = {'n': 0}
+  advance = population.Population.advance
+
+  def interrupted(self):
+    calls['n'] += 1
+    if calls['n'] == 3:  # after the first moves, before the second stage of the ramp ends
+      raise KeyboardInterrupt
+    return advance(self)
+
+  monkeypatch.setattr(population.Population, 'advance', interrupted)
+  with pytest.raises(KeyboardInterrupt):
+    sweep.run(config(), str(tmp_path), progress=False, checkpoint_every=1)
+  monkeypatch.setattr(population.Population, 'advance', advance)
+  got = sweep.run(config(), str(tmp_path), progress=False)
+  cols = [c for c in ramped.table.columns if c != 'seconds']
+  pd.testing.assert_frame_equal(got.table[cols], ramped.table[cols])
+  pd.testing.assert_frame_equal(got.curves, ramped.curves)
+  for i in ramped.table.index:
+    for g, w in zip(jax.tree.leaves(got.params(i)), jax.tree.leaves(ramped.params(i)), strict=True):
+      assert np.array_equal(g, w)
+  loaded = sweep.load(str(tmp_path))
+  assert list(loaded.table.batch_schedule) == list(ramped.table.batch_schedule)
+
+
+# ------------------------------------------------------------------ errors ----
+
+
+@pytest.mark.parametrize(
+  'make, field, says',
+  [
+    (lambda: sweep.batch_ramp(0), r'batch_ramp\(start\)', 'positive integer'),
+    (lambda: sweep.batch_ramp(16, factor=1), r'batch_ramp\(factor\)', 'other than 1'),
+    (lambda: sweep.batch_ramp(15, factor=1.5), r'batch_ramp\(factor\)', '22.5'),
+    (lambda: sweep.batch_ramp(16, at=(1.2,)), r'batch_ramp\(at\)', r'\(0, 1\)'),
+    (lambda: sweep.batch_schedule([(0.5, 16), (0.7, 32)]), r'batch_schedule\[0\]', 'fraction 0'),
+    (lambda: sweep.batch_schedule([(0.0, 16), (0.5, 16)]), r'batch_schedule\[1\]', 'change'),
+    (lambda: sweep.batch_schedule([(0.0, 16), (0.6, 32), (0.5, 64)]), 'batch_schedule', 'increase'),
+    (lambda: sweep.batch_schedule([(0.0, 16)]), 'batch_schedule', 'constant batch size'),
+  ],
+)
+def test_a_bad_batch_schedule_is_refused_naming_the_argument(make, field, says):
+  with pytest.raises(sweep.ConfigError, match=field) as e:
+    make()
+  assert e.match(says)
+
+
+@pytest.mark.parametrize(
+  'changes, field, says',
+  [
+    (dict(epochs=2.5), 'batch_size', 'whole number'),
+    (dict(epochs=None, updates=40), 'batch_size', 'epochs='),
+    (dict(epochs=1), 'batch_size', r'at epochs \[0, 1, 1\] of 1'),
+    (dict(batch_size=[sweep.batch_ramp(128, at=(0.5,))]), 'batch_size', 'larger than the training'),
+    (dict(num_evals=3), 'num_evals', 'evaluation point'),
+    (
+      dict(schedule=lambda lr, total: optax.cosine_decay_schedule(lr, total)),
+      'schedule',
+      'name one',
+    ),
+    (dict(scheduler=sweep.schedulers.PBT(interval_updates=4)), 'batch_size', 'PBT'),
+  ],
+)
+def test_a_batch_schedule_the_sweep_cannot_honour_is_refused_before_training(changes, field, says):
+  with pytest.raises(sweep.ConfigError, match=field) as e:
+    sweep.check(config(**changes))
+  assert e.match(says)
