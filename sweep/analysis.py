@@ -64,6 +64,14 @@ def _curve_column(metric: str, curves: pd.DataFrame, given: str | None) -> str:
   return 'val_loss'
 
 
+def constant_batch(table: pd.DataFrame) -> pd.DataFrame:
+  """The rows of runs that keep one batch size (a run with a batch-size schedule,
+  `sweep.batch_ramp`, has no single batch size to be compared by)."""
+  if 'batch_schedule' not in table.columns:
+    return table
+  return table[table['batch_schedule'].isna() | (table['batch_schedule'] == 'constant')]
+
+
 def _config_columns(table: pd.DataFrame, config: dict | None = None) -> list[str]:
   """The axes that tell configurations apart: every axis in the table but the seed (with
   the sweep's config, the hyperparameters of its optimizer factories too)."""
@@ -167,7 +175,7 @@ def batch_size_table(
   Raises:
     ConfigError: an unknown metric or mode, or a table without batch_size/learning_rate.
   """
-  table = result.table
+  table = constant_batch(result.table)
   config = getattr(result, 'config', None)
   _check_metric(table, metric, mode)
   per_config = _per_config(table, metric, require_all_seeds, config)
@@ -567,6 +575,13 @@ def choose_batch_size(
   table = result.table
   if 'batch_size' not in table.columns:
     raise config_error('result.table', f'columns {list(table.columns)}', "a 'batch_size' column")
+  if 'batch_schedule' in table.columns:
+    result = SimpleNamespace(
+      table=constant_batch(table),
+      curves=getattr(result, 'curves', None),
+      config=getattr(result, 'config', None),
+    )
+    table = result.table
   if metric is None:
     metric = _default_metric(table)
   _check_metric(table, metric, mode)

@@ -1225,13 +1225,6 @@ def _resolve(
     if stages:
       values['batch_size'] = b = stages[0][1]
       values['batch_schedule'] = raw['batch_size'].label
-      if not isinstance(sched, str):
-        raise config_error(
-          field('schedule'),
-          _Shown(sched_labels[id(sched)]),
-          "a schedule callable is built for one batch size's number of updates; with a "
-          'batch-size schedule, name one: ' + ', '.join(schedules.SCHEDULES),
-        )
       ends = [e for e, _ in stages[1:]] + [int(cfg.epochs or 1)]
       run_total = sum(
         (end - epoch) * (cfg.data.n_train // size)
@@ -1302,9 +1295,11 @@ def axis_columns(table_columns_: Sequence[str], config: Mapping | None = None) -
   """The columns of a results table that hold hyperparameters: the axes, and the factories'
   hyperparameters recorded in `config['axes']` (config.json), in the sweep's order."""
   recorded = list((config or {}).get('axes') or {})
-  extra = [a for a in recorded if a not in AXES]
+  extra = [a for a in recorded if a not in AXES and a != 'batch_schedule']
   position = AXES.index('weight_decay') + 1
   order = list(AXES[:position]) + extra + list(AXES[position:])
+  # A sweep with batch-size schedules (`sweep.batch_ramp`): beside the size each run starts at.
+  order.insert(order.index('batch_size') + 1, 'batch_schedule')
   return [a for a in order if a in table_columns_]
 
 

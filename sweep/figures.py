@@ -290,7 +290,7 @@ def _cells(values: pd.Series, config: dict, field: str, fmt) -> _Cells:
 
 
 def _heatmap(result: Result) -> _Section:
-  table = result.table
+  table = analysis.constant_batch(result.table)  # a ramp run has no one batch size
   for column in ('learning_rate', 'batch_size'):
     if column not in table.columns:
       raise _Skip(f'the results table has no {column} column.')

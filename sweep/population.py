@@ -245,8 +245,8 @@ class Population:
       if not run.stages:
         continue
       moves = {}
-      for epoch, b in run.stages[1:]:
-        key = (run.group, b)
+      for stage, (epoch, b) in enumerate(run.stages):
+        key = self._key(run, b)
         if key not in self.kinds:
           base = self.kinds.index(next(k for k in self.kinds if k[0] == run.group))
           st = self.structures[base]
@@ -262,10 +262,15 @@ class Population:
                 math.ceil(plan.total_updates[b] / plan.num_evals) * plan.num_evals
                 != plan.total_updates[b],
               ),
-              total_updates=(plan.total_updates[b],) if st.total_updates else (),
+              # A schedule callable is built for the run's own number of updates.
+              total_updates=(key[2] if len(key) > 2 else plan.total_updates[b],)
+              if st.total_updates
+              else (),
             )
           )
           self.widths.append(self.widths[base])
+        if stage == 0:
+          continue
         kind = self.kinds.index(key)
         # The stage's first step in its batch group's clock is an evaluation point
         # (`config._check_stage_points`).
@@ -273,9 +278,19 @@ class Population:
         moves[point] = kind
       self.moves[run.index] = moves
 
+  @staticmethod
+  def _key(run, batch_size: int) -> tuple:
+    """The kind of `run` at `batch_size`: its compile group and the batch size, and for a
+    run with a batch-size schedule and a schedule callable, its own number of updates (the
+    callable is built with it, inside the program)."""
+    if run.stages and not isinstance(run.schedule, str):
+      return (run.group, batch_size, run.total_updates)
+    return (run.group, batch_size)
+
   def _kind(self, trial: int) -> int:
+    """The kind a trial starts in."""
     run = self.plan.runs[trial]
-    return self.kinds.index((run.group, run.values['batch_size']))
+    return self.kinds.index(self._key(run, run.values['batch_size']))
 
   def _check_hyperparameters(self) -> None:
     if self.pbt is None:

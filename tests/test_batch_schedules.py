@@ -9,6 +9,7 @@ Python loop of jitted optax steps whose batch size follows the documented stages
 
 import functools
 import math
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -84,6 +85,11 @@ def loss_fn(params, x, y):
   return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
 
 
+def warmup_cosine(lr, total):
+  """A schedule callable, as researchers write them."""
+  return optax.warmup_cosine_decay_schedule(0.0, lr, total // 8, total)
+
+
 def reference(*, optimizer, schedule, learning_rate, seed, sizes):
   """One run trained plainly: `sizes[e]` is its batch size in epoch e. Returns its final
   parameters, its updates and its examples."""
@@ -91,6 +97,7 @@ def reference(*, optimizer, schedule, learning_rate, seed, sizes):
   lr = {
     'constant': optax.constant_schedule(learning_rate),
     'cosine': optax.cosine_decay_schedule(learning_rate, decay_steps=total),
+    'warmup_cosine_callable': warmup_cosine(learning_rate, total),
   }[schedule]
   opt = {'adam': optax.adam(lr), 'momentum': optax.sgd(lr, momentum=0.9)}[optimizer]
   params = jax.jit(init)(jax.random.fold_in(jax.random.key(seed), 0))
@@ -269,11 +276,6 @@ def test_a_bad_batch_schedule_is_refused_naming_the_argument(make, field, says):
     (dict(epochs=1), 'batch_size', r'at epochs \[0, 1, 1\] of 1'),
     (dict(batch_size=[sweep.batch_ramp(128, at=(0.5,))]), 'batch_size', 'larger than the training'),
     (dict(num_evals=3), 'num_evals', 'evaluation point'),
-    (
-      dict(schedule=lambda lr, total: optax.cosine_decay_schedule(lr, total)),
-      'schedule',
-      'name one',
-    ),
     (dict(scheduler=sweep.schedulers.PBT(interval_updates=4)), 'batch_size', 'PBT'),
   ],
 )
@@ -281,3 +283,18 @@ def test_a_batch_schedule_the_sweep_cannot_honour_is_refused_before_training(cha
   with pytest.raises(sweep.ConfigError, match=field) as e:
     sweep.check(config(**changes))
   assert e.match(says)
+
+
+def test_a_schedule_callable_is_built_with_the_ramp_runs_own_number_of_updates():
+  cfg = config(
+    schedule=warmup_cosine,
+    optimizer='momentum',
+    learning_rate=[0.05],
+    batch_size=[16, RAMP],
+    seed=[3],
+  )
+  result = sweep.run(cfg, progress=False)
+  table = result.table.copy()
+  table['schedule'] = 'warmup_cosine_callable'
+  assert list(result.table.updates) == [48, 33]
+  assert_equal_to_reference(SimpleNamespace(table=table, params=result.params))
