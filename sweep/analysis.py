@@ -28,6 +28,7 @@ from sweep.errors import config_error
 __all__ = [
   'BatchSizeChoice',
   'annotate_overfitting',
+  'batch_schedule_table',
   'batch_size_table',
   'choose_batch_size',
   'lr_batch_slope',
@@ -461,6 +462,53 @@ class BatchSizeChoice:
     if self.lr_scaling:
       lines.append(f'Learning-rate scaling: {self.lr_scaling}')
     return '\n'.join(lines)
+
+
+def batch_schedule_table(
+  result: Any, metric: str | None = None, mode: str = 'min', *, require_all_seeds: bool = True
+) -> pd.DataFrame:
+  """Each training strategy at its best learning rate: a batch size or batch-size schedule
+  (`sweep.batch_ramp`) with the other axes that vary (the learning-rate schedule, the
+  optimizer), as Smith et al. 2018 compare a learning-rate decay with a batch-size ramp.
+
+  The best learning rate of a strategy is the one with the best seed-mean `metric`
+  (configurations that diverged for some seed left out, as in `batch_size_table`).
+
+  Returns:
+    One row per strategy, best first, indexed by its label (the batch schedule, or the
+    batch size, then the other varying values): the varying axes, `learning_rate`,
+    `metric`, `updates` (parameter updates), `examples`, `seconds`, `seeds`, `runs` (run
+    ids averaged) and `lr_at_edge`.
+  """
+  table = result.table
+  if metric is None:
+    metric = _default_metric(table)
+  _check_metric(table, metric, mode)
+  config = getattr(result, 'config', None)
+  per_config = _per_config(table, metric, require_all_seeds, config)
+  keys = [k for k in _config_columns(table, config) if k != 'learning_rate']
+  varying = [k for k in keys if table[k].nunique(dropna=False) > 1]
+  for k in ('batch_schedule', 'batch_size')[::-1]:
+    if k in keys and k not in varying:
+      varying.insert(0, k)
+  rows, labels = [], []
+  for _, g in per_config.groupby(varying, dropna=False, sort=False):
+    best = g.loc[g[metric].idxmin() if mode == 'min' else g[metric].idxmax()]
+    row = {k: best[k] for k in varying}
+    row['learning_rate'] = best['learning_rate']
+    row[metric] = best[metric]
+    for column in ('updates', 'examples', 'seconds', 'seeds', 'runs'):
+      row[column] = best[column]
+    row['lr_at_edge'] = bool(
+      len(g) > 1 and best['learning_rate'] in (g['learning_rate'].min(), g['learning_rate'].max())
+    )
+    rows.append(row)
+    sched = row.get('batch_schedule')
+    parts = [str(sched) if sched not in (None, 'constant') else f'batch {_fmt(row["batch_size"])}']
+    parts += [str(row[k]) for k in varying if k not in ('batch_size', 'batch_schedule')]
+    labels.append(', '.join(parts))
+  out = pd.DataFrame(rows, index=pd.Index(labels, name='strategy'))
+  return out.sort_values(metric, ascending=mode == 'min', kind='stable')
 
 
 def _default_metric(table: pd.DataFrame) -> str:

@@ -154,7 +154,7 @@ def describe(cfg: SweepConfig, top: int = 12) -> str:
   columns = varying or ['batch_size']
   for run in plan.runs[:top]:
     values = ', '.join(f'{a}={_show(run.values.get(a))}' for a in columns)
-    updates = plan.total_updates[run.values['batch_size']]
+    updates = run.total_updates
     lines.append(f'  {run.index:>4}  {values}  ({updates} updates)')
   if len(plan.runs) > top:
     lines.append(f'  ... {len(plan.runs) - top} more')
@@ -170,6 +170,13 @@ def describe(cfg: SweepConfig, top: int = 12) -> str:
     lines.append(
       f'  {family}: {len(mine)} unit(s), run axis {u.groups[0].slots.shape[1]} wide '
       f'(chosen by {u.width_reason}), {u.flops_per_run / 1e6:.3g} MFLOP per run-step; {groups}'
+    )
+  if plan.ramps:
+    ramps = _distinct_ramps(plan)
+    lines.append(
+      f'Batch-size schedules: {", ".join(ramps)}; their runs move, state whole, to the batch '
+      'group of each stage between segments (the estimates below count them at their first '
+      'batch size throughout: the same examples in more, smaller updates)'
     )
   lines.append(
     f'Memory: about {_size(est.memory_bytes)} per device for the widest unit and the data '
@@ -194,3 +201,12 @@ def _show(v: Any) -> str:
   if isinstance(v, float | np.floating):
     return f'{float(v):g}'
   return str(v)
+
+
+def _distinct_ramps(plan) -> list[str]:
+  out = {}
+  for run in plan.runs:
+    if run.stages:
+      sizes = ' -> '.join(f'batch {b} from epoch {e}' for e, b in run.stages)
+      out[run.values['batch_schedule']] = f'{run.values["batch_schedule"]} ({sizes})'
+  return list(out.values())

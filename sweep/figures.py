@@ -30,7 +30,16 @@ if TYPE_CHECKING:
   from sweep.lr_find import LRFinderResult
 
 REPORT_DIR = 'report'
-FIGURES = ('heatmap', 'curves', 'pareto', 'lr_find', 'noise_scale', 'batch_size', 'search')
+FIGURES = (
+  'heatmap',
+  'curves',
+  'pareto',
+  'lr_find',
+  'noise_scale',
+  'batch_size',
+  'search',
+  'batch_schedules',
+)
 
 TOP_RUNS = 5  # runs drawn in curves.png
 MAX_CELL_LABELS = 120  # heatmap cells beyond which values are not written in the cells
@@ -903,6 +912,48 @@ def _search(result: Result) -> _Section:
       shrink=0.8,
     )
   return _Section('search', caption, _png(fig))
+
+
+def _batch_schedules(result: Result) -> _Section:
+  """Each strategy (a batch size or batch-size schedule, with the other axes that vary) at
+  its best learning rate: its seed-mean curve against epochs and against updates."""
+  table, curves = result.table, result.curves
+  if 'batch_schedule' not in table.columns:
+    raise _Skip('no run changed batch size.')
+  metric = _metric(table)
+  curve = 'val_loss' if 'val_loss' in curves.columns else 'train_loss'
+  strategies = analysis.batch_schedule_table(result, metric).head(8)
+  if strategies.empty:
+    raise _Skip('every strategy diverged.')
+  fig = _new_figure(10.0, 4.2)
+  axes = fig.subplots(1, 2, sharey=True)
+  colors = matplotlib.colormaps['tab10']
+  values = []
+  for k, (label, row) in enumerate(strategies.iterrows()):
+    runs = curves[curves['run'].isin(row['runs'])]
+    mean = runs.groupby('eval')[[curve, 'epoch', 'updates']].mean().sort_index()
+    ramp = row.get('batch_schedule') not in (None, 'constant')
+    style = dict(color=colors(k % 10), lw=1.6, ls='-' if ramp else '--')
+    name = f'{label} (lr {_g(row["learning_rate"], 3)})'
+    axes[0].plot(mean['epoch'], mean[curve], label=name, **style)
+    axes[1].plot(mean['updates'], mean[curve], **style)
+    values.append(mean[curve].to_numpy(np.float64))
+  if _spans_decades(np.concatenate(values)):
+    axes[0].set_yscale('log')
+  axes[0].set_xlabel(LABELS['epoch'])
+  axes[1].set_xlabel(LABELS['updates'])
+  axes[0].set_ylabel(LABELS.get(curve, curve))
+  for ax in axes:
+    ax.grid(True, alpha=0.3)
+  axes[1].legend(*axes[0].get_legend_handles_labels(), fontsize=7, loc='upper right')
+  best = strategies.iloc[0]
+  caption = (
+    f'Each strategy at its best learning rate (the seed mean of {metric}, best first): '
+    f'against epochs (left) and parameter updates (right); dashed: one batch size, solid: a '
+    f'batch-size schedule. Best: {strategies.index[0]}, {metric} {_g(best[metric])} in '
+    f'{_g(best["updates"])} updates.'
+  )
+  return _Section('batch_schedules', caption, _png(fig))
 
 
 def _draw(name: str, fn, *args) -> _Section:

@@ -43,6 +43,7 @@ from sweep.figures import (
   LABELS,
   REPORT_DIR,
   _axes,
+  _batch_schedules,
   _batch_size,
   _choice,
   _curves,
@@ -409,6 +410,30 @@ def _environment_html(config: dict) -> str:
   return f'<table>{body}</table>'
 
 
+def _strategies_html(result: Result) -> str:
+  """The batch-size schedules against one batch size, each at its best learning rate."""
+  try:
+    table = analysis.batch_schedule_table(result)
+  except (ValueError, KeyError) as e:
+    return f'<p class="note">{_e(e)}</p>'
+  metric = table.columns[table.columns.get_loc('learning_rate') + 1]
+  head = ''.join(
+    f'<th>{_e(c)}</th>' for c in ('strategy', 'learning rate', metric, 'updates', 'examples')
+  )
+  body = ''.join(
+    f'<tr><td class="text">{_e(label)}</td><td>{_g(r["learning_rate"])}</td>'
+    f'<td>{_g(r[metric])}</td><td>{_g(r["updates"])}</td><td>{_g(r["examples"])}</td></tr>'
+    for label, r in table.iterrows()
+  )
+  return (
+    "<p>A run with a batch-size schedule trains at each stage's batch size from the epoch "
+    'the stage starts; its updates are parameter updates, and its learning-rate schedule '
+    'runs on them. Runs that change batch size are left out of the per-batch-size analyses '
+    'below.</p>'
+    f'<table><tr>{head}</tr>{body}</table>'
+  )
+
+
 def _page(
   result: Result,
   sections: dict[str, _Section],
@@ -424,6 +449,7 @@ def _page(
     'noise_scale': 'Gradient noise scale',
     'batch_size': 'Best learning rate per batch size',
     'search': 'Adaptive search',
+    'batch_schedules': 'Batch-size schedules',
   }
   written = datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')
   body = [
@@ -440,6 +466,16 @@ def _page(
     *(
       [f'<h2>{titles["search"]}</h2>', _figure_html(sections['search'], titles['search'])]
       if sections['search'].png is not None
+      else []
+    ),
+    # Only for a sweep whose runs change batch size (sweep.batch_ramp).
+    *(
+      [
+        f'<h2>{titles["batch_schedules"]}</h2>',
+        _strategies_html(result),
+        _figure_html(sections['batch_schedules'], titles['batch_schedules']),
+      ]
+      if sections['batch_schedules'].png is not None
       else []
     ),
     '<h2>Batch size and learning-rate scaling</h2>',
@@ -514,6 +550,7 @@ def write_report(
     'noise_scale': _draw('noise_scale', _noise_scale, result),
     'batch_size': _draw('batch_size', _batch_size, result, scaling, choice),
     'search': _draw('search', _search, result),
+    'batch_schedules': _draw('batch_schedules', _batch_schedules, result),
   }
   for name in FIGURES:
     path = os.path.join(out_dir, name + '.png')

@@ -9,6 +9,7 @@ Python loop of jitted optax steps whose batch size follows the documented stages
 
 import functools
 import math
+from html import escape as html_escape
 from types import SimpleNamespace
 
 import jax
@@ -298,3 +299,60 @@ def test_a_schedule_callable_is_built_with_the_ramp_runs_own_number_of_updates()
   table['schedule'] = 'warmup_cosine_callable'
   assert list(result.table.updates) == [48, 33]
   assert_equal_to_reference(SimpleNamespace(table=table, params=result.params))
+
+
+# ------------------------------------------------------------------ analyses and report ----
+
+
+def test_strategies_compare_at_their_best_learning_rates_and_ramps_leave_batch_analyses():
+  # A table built by hand: two learning rates per strategy, two seeds each.
+  rows = []
+  for sched, b, lr, loss, updates in [
+    ('constant', 16, 0.1, 0.50, 48),
+    ('constant', 16, 0.2, 0.40, 48),
+    ('constant', 64, 0.1, 0.90, 12),
+    ('constant', 64, 0.2, 0.70, 12),
+    ('16>64 @0.5', 16, 0.1, 0.45, 30),
+    ('16>64 @0.5', 16, 0.2, 0.60, 30),
+  ]:
+    for seed, noise in ((0, -0.01), (1, 0.01)):
+      rows.append(
+        dict(
+          run=len(rows),
+          learning_rate=lr,
+          batch_size=b,
+          batch_schedule=sched,
+          seed=seed,
+          status='ok',
+          final_val_loss=loss + noise,
+          updates=updates,
+          examples=updates * 16,
+          seconds=1.0,
+        )
+      )
+  table = pd.DataFrame(rows)
+  result = SimpleNamespace(table=table, curves=pd.DataFrame(), config={})
+  got = sweep.analysis.batch_schedule_table(result)
+  assert list(got.index) == ['batch 16', '16>64 @0.5', 'batch 64']
+  assert list(got.learning_rate) == [0.2, 0.1, 0.2]
+  assert np.allclose(got.final_val_loss, [0.40, 0.45, 0.70])
+  assert list(got.updates) == [48, 30, 12]
+  assert [tuple(r) for r in got.runs] == [(2, 3), (8, 9), (6, 7)]
+  # The ramp's rows (which start at 16) do not enter batch size 16's best.
+  per_batch = sweep.analysis.batch_size_table(result, 'final_val_loss')
+  assert list(per_batch.index) == [16, 64]
+  assert np.allclose(per_batch.final_val_loss, [0.40, 0.70])
+  assert per_batch.loc[16, 'runs'] == (2, 3)
+
+
+def test_the_report_compares_the_strategies_from_the_workdir_alone(tmp_path):
+  from sweep import report
+
+  cfg = config(learning_rate=[1e-2], seed=[0], batch_size=[16, 64, RAMP], epochs=EPOCHS)
+  sweep.run(cfg, str(tmp_path), progress=False)
+  html = open(report.write_report(str(tmp_path))).read()
+  assert 'Batch-size schedules' in html and html_escape(RAMP.label) in html
+  assert (tmp_path / 'report' / 'batch_schedules.png').exists()
+  loaded = sweep.load(str(tmp_path))
+  assert list(loaded.table.batch_schedule) == ['constant', 'constant', RAMP.label]
+  assert list(loaded.curves[loaded.curves.run == 2].batch_size) == [16, 16, 16, 32, 64]
