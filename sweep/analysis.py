@@ -30,6 +30,7 @@ __all__ = [
   'annotate_overfitting',
   'batch_schedule_table',
   'batch_size_table',
+  'best_configurations',
   'choose_batch_size',
   'lr_batch_slope',
   'noise_scale',
@@ -116,6 +117,34 @@ def _per_config(
   kept_runs = pd.Series(runs[ok]).groupby(group[ok]).agg(lambda r: tuple(int(i) for i in r))
   out['runs'] = kept_runs.reindex(stats.index[keep]).to_list()
   return out
+
+
+def best_configurations(result: Any, metric: str | None = None) -> pd.DataFrame:
+  """The configurations ranked best first: the one definition of "best" the report uses.
+
+  A configuration is a point of the sweep without its seed (every axis but `seed`). Its
+  score is the mean over its seeds of `metric`; a configuration any of whose seeds diverged,
+  was stopped by a scheduler or has a NaN metric is left out (as `batch_size_table` leaves
+  it out). With one seed this is the runs that finished, by their own metric.
+
+  Args:
+    result: a `sweep.Result` (anything with `.table`, and `.config` for factory axes).
+    metric: the loss to rank by (lowest first); None: the final validation loss, or the
+      final training loss for a sweep without a validation set.
+
+  Returns:
+    A DataFrame, best first: the configuration columns, `metric`, `updates`, `examples`,
+    `seconds` (seed means), `seeds` and `runs` (the run ids averaged, a tuple). Empty when no
+    configuration finished every seed.
+  """
+  table = result.table
+  if metric is None:
+    metric = _default_metric(table)
+  if metric not in table.columns:
+    numeric = [c for c in table.columns if pd.api.types.is_numeric_dtype(table[c])]
+    raise config_error('metric', metric, f'a numeric column of the results table: {numeric}')
+  frame = _per_config(table, metric, True, getattr(result, 'config', None))
+  return frame.sort_values(metric, kind='stable').reset_index(drop=True)
 
 
 def _first_reached(

@@ -168,14 +168,17 @@ def _varying(table: pd.DataFrame, config: dict | None = None) -> list[str]:
   return [a for a in _axes(table, config) if table[a].nunique(dropna=False) > 1]
 
 
-def _run_label(row: pd.Series, table: pd.DataFrame, config: dict | None = None) -> str:
+def _run_label(
+  row: pd.Series, table: pd.DataFrame, config: dict | None = None, seed: bool = True
+) -> str:
+  """lr=…, B=…, then the other axes that vary (the seed left out with seed=False)."""
   parts = []
   if 'learning_rate' in row:
     parts.append(f'lr={_g(row["learning_rate"], 3)}')
   if 'batch_size' in row:
     parts.append(f'B={_g(row["batch_size"])}')
   for a in _varying(table, config):
-    if a in ('learning_rate', 'batch_size'):
+    if a in ('learning_rate', 'batch_size') or (a == 'seed' and not seed):
       continue
     parts.append(
       f'{a} {row[a]}' if a in ('optimizer', 'schedule', 'seed') else f'{a}={_g(row[a], 3)}'
@@ -298,6 +301,60 @@ def _cells(values: pd.Series, config: dict, field: str, fmt) -> _Cells:
   return _Cells(labels, True, edges=edges)
 
 
+def _best(result: Result) -> pd.Series | None:
+  """The best configuration (`analysis.best_configurations`' first row), or None."""
+  ranked = analysis.best_configurations(result, _metric(result.table))
+  return None if ranked.empty else ranked.iloc[0]
+
+
+def _cell_meaning(table: pd.DataFrame, config: dict | None) -> tuple[str, str]:
+  """(the title's words for a cell's value, the caption's), from the axes a cell holds."""
+  others = [a for a in _averaged_axes(table, config) if a != 'seed']
+  seeds = 'seed' in table.columns and table['seed'].nunique() > 1
+  value = 'mean over seeds of the runs that did not diverge' if seeds else 'the run'
+  if others:
+    return (
+      f': per cell, the best {" and ".join(others)} ({value})',
+      f'; a cell shows its best {" and ".join(others)} by the {value}',
+    )
+  if seeds:
+    return f': {value}', ', the mean over seeds (runs that diverged left out of the mean)'
+  return ' of each run (one per cell)', ''
+
+
+def _cell_values(
+  sub: pd.DataFrame, metric: str, rows: _Cells, columns: _Cells, config: dict | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(value, runs tried, runs diverged) per heatmap cell (batch size rows, learning rate
+  columns). A cell's value is its best configuration's seed mean: among the configurations
+  whose every seed finished when it has any, else among the seeds that did."""
+  shape = (len(rows.labels), len(columns.labels))
+  values, tried, diverged = np.full(shape, np.nan), np.zeros(shape, int), np.zeros(shape, int)
+  ok = (sub['status'] == 'ok').to_numpy() if 'status' in sub.columns else np.ones(len(sub), bool)
+  metric_values = pd.to_numeric(sub[metric], errors='coerce').to_numpy(np.float64)
+  good = ok & np.isfinite(metric_values)
+  keys = analysis._config_columns(sub, config)
+  config_id = sub.groupby(keys, dropna=False, sort=False).ngroup().to_numpy()
+  cell = [
+    (rows.index(float(b)), columns.index(float(lr)))
+    for b, lr in zip(sub['batch_size'], sub['learning_rate'], strict=True)
+  ]
+  complete: dict[tuple[int, int], list[float]] = {}
+  partial: dict[tuple[int, int], list[float]] = {}
+  for c in np.unique(config_id):
+    idx = np.flatnonzero(config_id == c)
+    where = cell[idx[0]]
+    if good[idx].any():
+      target = complete if good[idx].all() else partial
+      target.setdefault(where, []).append(float(metric_values[idx][good[idx]].mean()))
+  for k, where in enumerate(cell):
+    tried[where] += 1
+    diverged[where] += int(not ok[k])
+  for where in set(complete) | set(partial):
+    values[where] = min(complete.get(where) or partial[where])
+  return values, tried, diverged
+
+
 def _heatmap(result: Result) -> _Section:
   table = analysis.constant_batch(result.table)  # a ramp run has no one batch size
   for column in ('learning_rate', 'batch_size'):
@@ -312,26 +369,14 @@ def _heatmap(result: Result) -> _Section:
   )
   lrs, bss = columns.labels, rows.labels
 
+  best = _best(result)
   grids = []
   for title, sub in _panels(table):
-    values = np.full((len(bss), len(lrs)), np.nan)
-    tried = np.zeros(values.shape, int)
-    diverged = np.zeros(values.shape, int)
-    ok = (sub['status'] == 'ok').to_numpy() if 'status' in sub.columns else np.ones(len(sub), bool)
-    metric_values = pd.to_numeric(sub[metric], errors='coerce').to_numpy(np.float64)
-    cell = np.array(
-      [
-        (rows.index(float(b)), columns.index(float(lr)))
-        for b, lr in zip(sub['batch_size'], sub['learning_rate'], strict=True)
-      ]
-    ).reshape(-1, 2)
-    for (i, j), idx in pd.DataFrame(cell, columns=['i', 'j']).groupby(['i', 'j']).indices.items():
-      tried[i, j] = len(idx)
-      diverged[i, j] = int(np.sum(~ok[idx]))
-      good = metric_values[idx][ok[idx] & np.isfinite(metric_values[idx])]
-      if len(good):
-        values[i, j] = float(np.mean(good))
-    grids.append((title, values, tried, diverged))
+    values, tried, diverged = _cell_values(sub, metric, rows, columns, result.config)
+    where = None
+    if best is not None and all(best[k] == sub[k].iloc[0] for k in _panel_keys(table)):
+      where = (rows.index(float(best['batch_size'])), columns.index(float(best['learning_rate'])))
+    grids.append((title, values, tried, diverged, where))
 
   finite = np.concatenate([g[1][np.isfinite(g[1])] for g in grids])
   if len(finite) and _spans_decades(finite):
@@ -353,7 +398,7 @@ def _heatmap(result: Result) -> _Section:
   mesh = None
   label_cells = len(lrs) * len(bss) * n <= MAX_CELL_LABELS
   any_all_diverged = any_partial = False
-  for k, (title, values, tried, diverged) in enumerate(grids):
+  for k, (title, values, tried, diverged, where) in enumerate(grids):
     ax = axes[k // ncols][k % ncols]
     # One column per learning rate tried and one row per batch size: the grids are usually
     # log-spaced, and equal cells keep an irregular grid readable.
@@ -392,8 +437,8 @@ def _heatmap(result: Result) -> _Section:
           ax.plot(
             [j + 0.85], [i + 0.85], marker='x', color='red', markersize=5, markeredgewidth=1.5
           )
-    if np.isfinite(values).any():
-      i, j = np.unravel_index(np.nanargmin(values), values.shape)
+    if where is not None:
+      i, j = where
       ax.add_patch(patches.Rectangle((j, i), 1, 1, fill=False, edgecolor='red', linewidth=2.5))
     ax.set_xlim(0, len(lrs))
     ax.set_ylim(0, len(bss))
@@ -415,14 +460,8 @@ def _heatmap(result: Result) -> _Section:
       ax.set_title(title)
   for k in range(n, nrows * ncols):
     axes[k // ncols][k % ncols].set_visible(False)
-  averaged = ['seeds' if a == 'seed' else a for a in _averaged_axes(table, result.config)]
-  over = ' and '.join(averaged) if averaged else ''
-  what = (
-    f': mean over {over} of the runs that did not diverge'
-    if over
-    else ' of each run (one per cell)'
-  )
-  frame = '\n(red frame: the lowest cell)' if len(finite) else ''
+  what, over = _cell_meaning(table, result.config)
+  frame = '\n(red frame: the best configuration)' if best is not None else ''
   fig.suptitle(f'{LABELS.get(metric, metric)}{what}{frame}', fontsize=10)
   if len(finite):
     log = isinstance(norm, mcolors.LogNorm)
@@ -451,9 +490,9 @@ def _heatmap(result: Result) -> _Section:
       handles=handles, loc='outside lower center', ncols=len(handles), fontsize=8, frameon=False
     )
   caption = (
-    f'{LABELS.get(metric, metric).capitalize()} of every learning rate and batch size'
-    + (f', averaged over {over} (runs that diverged left out of the mean)' if over else '')
-    + '. Hatched grey cells with an x: every run diverged.'
+    f'{LABELS.get(metric, metric).capitalize()} of every learning rate and batch size{over}. '
+    'Hatched grey cells with an x: every run diverged. The red frame marks the best '
+    'configuration (the lowest seed-mean among those whose every seed finished).'
   )
   if columns.binned or rows.binned:
     cut = ' and '.join(
@@ -463,7 +502,7 @@ def _heatmap(result: Result) -> _Section:
       f' The {cut} come from a continuous range (or are too many to show one by one): each is cut '
       'into bins, and a cell averages the runs that fall in it (empty cells: no run).'
     )
-    what = ': mean of the runs in each cell that did not diverge'
+    what = ': the best configuration of each cell (seed mean)'
     fig.suptitle(f'{LABELS.get(metric, metric)}{what}{frame}', fontsize=10)
   if metric != 'final_val_loss':
     caption += ' The sweep has no validation set: the training loss is shown instead.'
@@ -486,28 +525,29 @@ def _curves(result: Result) -> _Section:
   if curves is None or curves.empty or 'train_loss' not in curves.columns:
     raise _Skip('the sweep left no learning curves (curves.csv).')
   metric = _metric(table)
-  ok = _ok(table)
-  if metric in ok.columns:
-    ok = ok[np.isfinite(pd.to_numeric(ok[metric], errors='coerce'))]
-  if ok.empty:
-    raise _Skip('every run diverged: there is no best run to draw.')
-  top = ok.sort_values(metric).head(TOP_RUNS)
+  top = analysis.best_configurations(result, metric).head(TOP_RUNS)
+  if top.empty:
+    raise _Skip('no configuration finished every seed: there is no best run to draw.')
   has_val = 'val_loss' in curves.columns and curves['val_loss'].notna().any()
   xcol = _x_column(curves)
   fig = _new_figure(9.0, 4.6)
   ax = fig.add_subplot()
   palette = matplotlib.colormaps['tab10']
   plotted, handles = [], []
+  columns = [c for c in (xcol, 'train_loss', 'val_loss') if c in curves.columns]
   for k, (_, row) in enumerate(top.iterrows()):
-    c = curves[curves['run'] == row['run']].sort_values('eval')
+    # A configuration's curve: the mean over its seeds at each evaluation point.
+    c = curves[curves['run'].isin(row['runs'])].groupby('eval')[columns].mean().sort_index()
     if c.empty:
       continue
     color = palette(k % 10)
     x = c[xcol].to_numpy(np.float64)
     train = c['train_loss'].to_numpy(np.float64)
-    (line,) = ax.plot(
-      x, train, '-', color=color, marker='.', label=_run_label(row, table, result.config)
-    )
+    first = table.loc[table['run'] == row['runs'][0]].iloc[0]
+    label = _run_label(first, table, result.config, seed=False)
+    if len(row['runs']) > 1:
+      label += f' ({len(row["runs"])} seeds)'
+    (line,) = ax.plot(x, train, '-', color=color, marker='.', label=label)
     plotted.append(train)
     if has_val:
       val = c['val_loss'].to_numpy(np.float64)
@@ -525,7 +565,8 @@ def _curves(result: Result) -> _Section:
   ax.set_ylabel(f'loss, {_loss_name(result.config)}{scale}')
   what = 'train (solid) and validation (dashed) loss' if has_val else 'training loss'
   ax.set_title(
-    f'{what} of the best {len(handles)} runs by {LABELS.get(metric, metric)}', fontsize=10
+    f'{what} of the best {len(handles)} configurations by seed-mean {LABELS.get(metric, metric)}',
+    fontsize=10,
   )
   # Outside the axes, on the right: the curves cross wherever a legend would go inside.
   fig.legend(handles=handles, loc='outside right upper', fontsize=8, title='run', title_fontsize=8)
@@ -537,9 +578,9 @@ def _curves(result: Result) -> _Section:
     fig.legend(handles=styles, loc='outside right lower', fontsize=8)
   ax.grid(True, which='both', alpha=0.3)
   caption = (
-    f'The {len(handles)} runs with the lowest {LABELS.get(metric, metric)} that did not diverge; '
-    'the '
-    'training loss is measured on a fixed subset of the training set at each evaluation.'
+    f'The {len(handles)} configurations with the lowest seed-mean {LABELS.get(metric, metric)} '
+    '(every seed finished; each curve the mean over its seeds); the training loss is measured '
+    'on a fixed subset of the training set at each evaluation.'
   )
   if not has_val:
     caption += ' There is no validation set.'
