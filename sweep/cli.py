@@ -162,6 +162,7 @@ def _run(args) -> int:
       else:
         try:
           print(f'Report: {report.write_report(args.workdir, result)}')
+          _interactive_hint()
         except OSError as e:
           if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
             raise
@@ -223,7 +224,21 @@ def _report(args) -> int:
   except FileNotFoundError:  # no results at all (a damaged file is a DamagedFile: exit 1)
     print(f'sweep: {args.workdir!r} holds no finished sweep (no results.csv)', file=sys.stderr)
     return 2
+  _interactive_hint()
   return 0
+
+
+def _interactive_hint() -> None:
+  """Without plotly the report has its PNGs only: say so, and how to get the rest (stderr,
+  so that stdout stays the report's path)."""
+  from sweep import interactive
+
+  if not interactive.AVAILABLE:
+    print(
+      'The report has its PNG figures only; for the interactive ones (hover, parallel '
+      f"coordinates, every run's curves): {interactive.INSTALL_HINT}",
+      file=sys.stderr,
+    )
 
 
 def _lr_find(args) -> int:

@@ -11,11 +11,17 @@ Everything goes to the `report/` folder of the workdir (the sweep's own files st
 - `lr_find.png`: the learning-rate range test and its suggestions.
 - `noise_scale.png`: the gradient noise scale over training, per batch size.
 - `batch_size.png`: the best learning rate per batch size, its fitted slope, slopes 1 and 0.5.
-- `report.html`: the summary, tables and every figure embedded as a base64 data URI; it
-  loads nothing from elsewhere (no scripts, stylesheets or images by address).
+- `report.html`: the summary, tables and every figure embedded as a base64 data URI, and
+  with plotly installed (`pip install 'lrbs-sweep[report]'`) the interactive figures of
+  `sweep.interactive` (parallel coordinates, a heatmap with hover values, every run's
+  curves) beside them, plotly.js inlined once; it loads nothing from elsewhere.
+
+"Best" means one thing throughout (the page says it): the configuration with the lowest
+seed-mean loss among those none of whose seeds diverged (`analysis.best_configurations`).
 
 A figure whose data is absent (no validation set, one batch size, no range test, ...) is
-not drawn: the page says why, and a PNG of that name left by an earlier report is removed.
+not drawn and its section left out; a list at the end of the page, folded, says why; a PNG
+of that name left by an earlier report is removed.
 Every file is written to a temporary name and renamed, so none is ever half-written.
 
 A learning-rate range test is read from `lr_find.csv` (columns `lr`, `loss`; a loss of
@@ -37,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from sweep import analysis
+from sweep import analysis, interactive
 from sweep.figures import (
   FIGURES,
   LABELS,
@@ -45,6 +51,7 @@ from sweep.figures import (
   _axes,
   _batch_schedules,
   _batch_size,
+  _best,
   _choice,
   _curves,
   _draw,
@@ -105,6 +112,9 @@ figcaption { font-size: 0.85em; color: #555; }
 p.note { color: #8a5a00; background: #fff8e6; border-left: 3px solid #e0a800;
          padding: 0.4em 0.8em; }
 p.meta { color: #666; font-size: 0.85em; }
+div.interactive { width: 100%; margin-bottom: 2.5em; }
+details { margin: 0.6em 0; }
+details > summary { cursor: pointer; color: #444; font-size: 0.9em; }
 code { background: #f5f5f5; padding: 0 0.2em; }
 """
 
@@ -126,16 +136,22 @@ def _html_table(frame: pd.DataFrame, index: bool = False) -> str:
   return f'<table><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
 
 
-def _figure_html(section: _Section, title: str) -> str:
-  if section.png is None:
-    return (
-      f'<p class="note">Figure <code>{_e(section.name)}.png</code> skipped: {_e(section.note)}</p>'
-    )
+def _figure_html(section: _Section, title: str, folded: bool = False) -> str:
+  """The PNG as an image (folded: under a line to open, beside an interactive figure)."""
   data = base64.b64encode(section.png).decode('ascii')
-  return (
+  figure = (
     f'<figure><img src="data:image/png;base64,{data}" alt="{_e(title)}">'
     f'<figcaption>{_e(section.caption)} (<code>{_e(section.name)}.png</code>)</figcaption></figure>'
   )
+  if folded:
+    return (
+      f'<details><summary>The static figure ({_e(section.name)}.png)</summary>{figure}</details>'
+    )
+  return figure
+
+
+def _interactive_html(fig: interactive.Interactive) -> str:
+  return f'<figure>{interactive.html(fig)}<figcaption>{_e(fig.caption)}</figcaption></figure>'
 
 
 def _wall_time(result: Result) -> str:
@@ -171,26 +187,36 @@ def _summary(result: Result) -> str:
   elif seeds > 1:
     parts[0] += f' ({n // seeds} configurations × {seeds} seeds)'
   parts[0] += f'; <b>{diverged} diverged</b> ({100.0 * diverged / max(n, 1):.0f} %).'
-  ok = _ok(table)
-  if metric in ok.columns:
-    ok = ok[np.isfinite(pd.to_numeric(ok[metric], errors='coerce'))]
-  if ok.empty:
-    parts.append('No run finished without diverging.')
+  top = _best(result)
+  if top is None:
+    parts.append(
+      'No run finished without diverging.'
+      if not len(_ok(table))
+      else 'No configuration finished every seed without diverging.'
+    )
   else:
-    best = ok.loc[ok[metric].idxmin()]
+    best = table.loc[table['run'] == top['runs'][0]].iloc[0]
     hypers = [
       f'learning rate {_g(best["learning_rate"])}' if 'learning_rate' in best else '',
       f'batch size {_g(best["batch_size"])}' if 'batch_size' in best else '',
     ]
     for a in _axes(table, config):
-      if a in best.index and a not in ('learning_rate', 'batch_size') and pd.notna(best[a]):
+      if a in best.index and a not in ('learning_rate', 'batch_size', 'seed') and pd.notna(best[a]):
         hypers.append(f'{a} {_g(best[a])}')
+    runs = [int(r) for r in top['runs']]
+    who = f'run {runs[0]}' if len(runs) == 1 else 'runs ' + ', '.join(str(r) for r in runs)
+    mean = ' (mean over its seeds)' if len(runs) > 1 else ''
     text = (
-      f'Best run: <b>run {int(best["run"])}</b> ({_e(", ".join(h for h in hypers if h))}) with '
-      f'{LABELS.get(metric, metric)} <b>{_g(best[metric])}</b>'
+      f'Best configuration: <b>{who}</b> ({_e(", ".join(h for h in hypers if h))}) with '
+      f'{LABELS.get(metric, metric)} <b>{_g(top[metric])}</b>{mean}'
     )
-    if 'final_val_accuracy' in best.index and pd.notna(best['final_val_accuracy']):
-      text += f' and validation accuracy {100 * float(best["final_val_accuracy"]):.1f} %'
+    accuracy = (
+      table.loc[table['run'].isin(runs), 'final_val_accuracy']
+      if ('final_val_accuracy' in table.columns)
+      else pd.Series(dtype=float)
+    )
+    if accuracy.notna().any():
+      text += f' and validation accuracy {100 * float(accuracy.mean()):.1f} %'
     if 'updates' in best.index:
       text += f' after {_g(best["updates"])} updates'
     parts.append(text + '.')
@@ -320,7 +346,7 @@ def _scaling_html(scaling: list[dict[str, Any]]) -> str:
   return '\n'.join(out)
 
 
-def _overfitting_html(result: Result) -> str:
+def _overfitting_html(result: Result) -> str | None:
   curves = result.curves
   if (
     curves is None
@@ -328,7 +354,7 @@ def _overfitting_html(result: Result) -> str:
     or 'val_loss' not in curves.columns
     or not curves['val_loss'].notna().any()
   ):
-    return '<p class="note">No validation curves: overfitting cannot be judged.</p>'
+    return None
   frame = analysis.overfitting(result)
   table = result.table
   ok_runs = _ok(table)['run'].to_numpy()
@@ -358,13 +384,14 @@ def _overfitting_html(result: Result) -> str:
   return text
 
 
-def _pareto_html(result: Result) -> str:
+def _pareto_html(result: Result) -> str | tuple[str, str]:
+  """The front's table, or (what, why) it is not shown."""
   table = result.table
   if 'pareto' not in table.columns:
-    return '<p class="note">The results table has no Pareto front (no pareto column).</p>'
+    return ('Pareto front', 'the results table has no pareto column.')
   front = table[table['pareto'].astype(bool)]
   if front.empty:
-    return '<p class="note">The Pareto front is empty: every run diverged.</p>'
+    return ('Pareto front', 'the front is empty: every run diverged.')
   (ycol, _), (xcol, _) = _objective_columns(result)
   objectives = _objectives(result)
   columns = ['run'] + _varying(table, result.config) + [c for c in objectives if c in table.columns]
@@ -389,10 +416,11 @@ def _environment_html(config: dict) -> str:
     rows.append(('devices', ', '.join(str(d) for d in env['devices'])))
   for name, version in (env.get('packages') or {}).items():
     rows.append((name, version if version is not None else 'not installed'))
-  try:
-    rows.append(('matplotlib (report)', metadata.version('matplotlib')))
-  except metadata.PackageNotFoundError:
-    pass
+  for package in ('matplotlib', 'plotly'):
+    try:
+      rows.append((f'{package} (report)', metadata.version(package)))
+    except metadata.PackageNotFoundError:
+      pass
   if 'experiment' in config:
     exp = config['experiment'] or {}
     rows.append(
@@ -434,73 +462,120 @@ def _strategies_html(result: Result) -> str:
   )
 
 
+def _best_definition(result: Result) -> str:
+  metric = LABELS.get(_metric(result.table), _metric(result.table))
+  return (
+    '<p class="meta" id="best-definition">"Best", in the summary, the heatmap, the curves and '
+    'the tables of this page: the configuration (every hyperparameter but the seed) with the '
+    f'lowest mean over its seeds of the {_e(metric)}, among the configurations none of whose '
+    'seeds diverged or was stopped; with one seed, the run with the lowest '
+    f'{_e(metric)}.</p>'
+  )
+
+
 def _page(
   result: Result,
   sections: dict[str, _Section],
   scaling: list[dict[str, Any]],
   choice: analysis.BatchSizeChoice | str,
+  figures: dict[str, interactive.Interactive | str] | None,
 ) -> str:
+  """The page: a section per thing with something to show; what was not shown, and why,
+  listed at the end under a line to open."""
   name = result.config.get('name') or 'sweep'
-  titles = {
-    'heatmap': 'Learning rate × batch size',
-    'curves': 'Learning curves of the best runs',
-    'pareto': 'Pareto front',
-    'lr_find': 'Learning-rate range test',
-    'noise_scale': 'Gradient noise scale',
-    'batch_size': 'Best learning rate per batch size',
-    'search': 'Adaptive search',
-    'batch_schedules': 'Batch-size schedules',
-  }
-  written = datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')
+  figures = figures or {}
+  missing: list[tuple[str, str]] = []  # (what, why)
+
+  def figure(key: str, title: str) -> list[str]:
+    """The interactive figure and the PNG (folded), either alone, or nothing."""
+    fig = figures.get(key)
+    out = [_interactive_html(fig)] if isinstance(fig, interactive.Interactive) else []
+    if isinstance(fig, str):
+      missing.append((f'interactive {title.lower()}', fig))
+    if key in sections:
+      if sections[key].png is not None:
+        out.append(_figure_html(sections[key], title, folded=bool(out)))
+      else:
+        missing.append((f'{key}.png', sections[key].note))
+    return out
+
+  def section(title: str, parts: list[str], anchor: str) -> list[str]:
+    parts = [p for p in parts if p]
+    return [f'<h2 id="{anchor}">{_e(title)}</h2>', *parts] if parts else []
+
   body = [
     f'<h1>Sweep report: {_e(name)}</h1>',
-    f'<p class="meta">Written {_e(written)} by sweep.report.</p>',
+    f'<p class="meta">Written {_e(_now())} by sweep.report.</p>',
     f'<p id="summary">{_summary(result)}</p>',
-    '<h2>Configuration</h2>',
-    _config_html(result),
-    f'<h2>{titles["heatmap"]}</h2>',
-    _figure_html(sections['heatmap'], titles['heatmap']),
-    f'<h2>{titles["curves"]}</h2>',
-    _figure_html(sections['curves'], titles['curves']),
-    # Only for a sweep with a scheduler: a plain grid has nothing to show here.
-    *(
-      [f'<h2>{titles["search"]}</h2>', _figure_html(sections['search'], titles['search'])]
-      if sections['search'].png is not None
-      else []
-    ),
-    # Only for a sweep whose runs change batch size (sweep.batch_ramp).
-    *(
-      [
-        f'<h2>{titles["batch_schedules"]}</h2>',
-        _strategies_html(result),
-        _figure_html(sections['batch_schedules'], titles['batch_schedules']),
-      ]
-      if sections['batch_schedules'].png is not None
-      else []
-    ),
-    '<h2>Batch size and learning-rate scaling</h2>',
-    _choice_html(choice),
-    _scaling_html(scaling),
-    _figure_html(sections['batch_size'], titles['batch_size']),
-    '<h2>Overfitting</h2>',
-    _overfitting_html(result),
-    f'<h2>{titles["pareto"]}</h2>',
-    _pareto_html(result),
-    _figure_html(sections['pareto'], titles['pareto']),
-    f'<h2>{titles["lr_find"]}</h2>',
-    _figure_html(sections['lr_find'], titles['lr_find']),
-    f'<h2>{titles["noise_scale"]}</h2>',
-    _figure_html(sections['noise_scale'], titles['noise_scale']),
-    '<h2>Environment</h2>',
-    _environment_html(result.config),
+    _best_definition(result),
   ]
+  if not interactive.AVAILABLE:
+    body.append(
+      '<p class="meta" id="no-interactive">The interactive figures (hover values, parallel '
+      f"coordinates, every run's curves) need plotly: <code>{_e(interactive.INSTALL_HINT)}"
+      '</code>, then <code>sweep report WORKDIR</code>.</p>'
+    )
+  body += ['<h2 id="configuration">Configuration</h2>', _config_html(result)]
+  body += section('Learning rate × batch size', figure('heatmap', 'Heatmap'), 'heatmap')
+  body += section(
+    'Hyperparameters against objectives',
+    figure('parallel', 'Parallel coordinates'),
+    'parallel',
+  )
+  body += section('Learning curves', figure('curves', 'Curves'), 'curves')
+  if result.config.get('scheduler'):  # a plain grid has no search to show, nor to explain
+    body += section('Adaptive search', figure('search', 'Search'), 'search')
+  if sections['batch_schedules'].png is not None:  # only where a run changed batch size
+    body += section(
+      'Batch-size schedules',
+      [_strategies_html(result), *figure('batch_schedules', 'Batch-size schedules')],
+      'batch-schedules',
+    )
+  sizes = result.table['batch_size'].nunique() if 'batch_size' in result.table.columns else 0
+  if sizes >= 2:
+    body += section(
+      'Batch size and learning-rate scaling',
+      [_choice_html(choice), _scaling_html(scaling), *figure('batch_size', 'Batch size')],
+      'batch-size',
+    )
+  else:
+    reason = choice if isinstance(choice, str) else choice.reason
+    missing.append(('batch-size comparison', reason))
+    figure('batch_size', 'Batch size')
+  overfitting = _overfitting_html(result)
+  if overfitting is None:
+    missing.append(('overfitting', 'no validation curves: overfitting cannot be judged.'))
+  body += section('Overfitting', [overfitting], 'overfitting')
+  pareto = _pareto_html(result)
+  if isinstance(pareto, tuple):
+    missing.append(pareto)
+    figure('pareto', 'Pareto front')
+  else:
+    body += section('Pareto front', [pareto, *figure('pareto', 'Pareto front')], 'pareto')
+  body += section('Learning-rate range test', figure('lr_find', 'Range test'), 'lr-find')
+  body += section('Gradient noise scale', figure('noise_scale', 'Noise scale'), 'noise-scale')
+  body += ['<h2 id="environment">Environment</h2>', _environment_html(result.config)]
+  if missing:
+    items = ''.join(f'<li><b>{_e(what)}</b>: {_e(why)}</li>' for what, why in missing)
+    body.append(
+      f'<details id="not-shown"><summary>Not shown ({len(missing)}): figures and tables '
+      f'without data in this sweep</summary><ul>{items}</ul></details>'
+    )
+  head = f'<style>{STYLE}</style>\n'
+  if any(isinstance(f, interactive.Interactive) for f in figures.values()):
+    # plotly.js once, inline: the page loads nothing from elsewhere.
+    head += f'<script>{interactive.plotly_js()}</script>\n'
   return (
     '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
     '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
-    f'<title>{_e(name)}: sweep report</title>\n<style>{STYLE}</style>\n</head>\n<body>\n'
+    f'<title>{_e(name)}: sweep report</title>\n{head}</head>\n<body>\n'
     + '\n'.join(body)
     + '\n</body>\n</html>\n'
   )
+
+
+def _now() -> str:
+  return datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')
 
 
 # ---------------------------------------------------------------------- report ----
@@ -516,8 +591,9 @@ def write_report(
   runs, the best run, wall time), the recommended batch size with its evidence
   (`analysis.choose_batch_size`), the batch-size table and learning-rate slope, the
   overfitting summary, the Pareto front and the environment, and needs nothing else to
-  display. A figure without data is skipped with a note on the page (and a stale PNG of
-  its name removed). Each file is written to a temporary name and renamed.
+  display. With plotly, the interactive figures of `sweep.interactive` too. A section
+  without data is left out (the folded list at the end says why; a stale PNG of its name is
+  removed). Each file is written to a temporary name and renamed.
 
   Args:
     workdir: the sweep's workdir.
@@ -558,6 +634,7 @@ def write_report(
       atomic_write(path, sections[name].png)
     elif os.path.exists(path):
       os.remove(path)  # left by an earlier report; its data is gone
+  figures = dict(interactive.figures(result)) if interactive.AVAILABLE else None
   html_path = os.path.join(out_dir, 'report.html')
-  atomic_write(html_path, _page(result, sections, scaling, choice))
+  atomic_write(html_path, _page(result, sections, scaling, choice, figures))
   return html_path

@@ -3,9 +3,10 @@
 One tiny real sweep (an MLP on the digits set, Adam, 4 learning rates of which 30 diverges,
 2 batch sizes, 2 seeds, 3 epochs) is trained once; its report is written from the Result in
 memory and again from the workdir's files alone. A regression sweep with neither a validation
-set nor a second batch size checks that figures without data are skipped with a note. The
-other cases (a noise-scale curve, two optimizers, every run diverged) edit the first sweep's
-tables by hand, so they train nothing.
+set nor a second batch size checks that sections without data are left out (and listed,
+folded, at the end). The other cases (a noise-scale curve, two optimizers, every run
+diverged) edit the first sweep's tables by hand, so they train nothing. The interactive page
+is opened in a real headless Chromium (skipped where none is installed).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import pytest
 from matplotlib import image as mimage
 
 import sweep
-from sweep import analysis, report
+from sweep import analysis, interactive, report
 from sweep.lr_find import RULES, LRFinderResult
 from sweep.results import Result
 
@@ -83,13 +84,46 @@ def check_png(path: str) -> None:
   assert pixels.std() > 0.05, f'{path} looks blank'
 
 
+PLOTLY_BANNER = '* plotly.js v'  # the first line of plotly.js
+
+
 def check_self_contained(page: str) -> None:
+  """Nothing loaded by address; scripts inline (plotly.js once, where figures are drawn)."""
   assert page.startswith('<!DOCTYPE html>')
-  assert not re.search(r'(src|href)\s*=\s*["\']?\s*(https?:)?//', page, re.I)
-  assert 'http://' not in page and 'https://' not in page
-  assert '<script' not in page.lower() and '<link' not in page.lower()
-  for src in re.findall(r'src="([^"]*)"', page):
+  assert page.count(PLOTLY_BANNER) == (1 if 'Plotly.newPlot' in page else 0)
+  assert not re.search(r'<script[^>]*\ssrc=', page, re.I)
+  # Outside the scripts (plotly.js holds addresses it never fetches here): no address at all.
+  markup = without_scripts(page)
+  assert not re.search(r'(src|href)\s*=\s*["\']?\s*(https?:)?//', markup, re.I)
+  assert 'http://' not in markup and 'https://' not in markup
+  assert '<link' not in markup.lower()
+  for src in re.findall(r'src="([^"]*)"', markup):
     assert src.startswith('data:image/png;base64,'), src[:40]
+
+
+def without_scripts(page: str) -> str:
+  return re.sub(r'<script>.*?</script>', '', page, flags=re.S)
+
+
+def pngs(page: str) -> int:
+  """How many PNG figures the page shows (plotly.js holds the same prefix once)."""
+  return without_scripts(page).count('data:image/png;base64,')
+
+
+def not_shown(page: str) -> str:
+  """The folded list of what the page leaves out, and why ('' when nothing is)."""
+  match = re.search(r'<details id="not-shown">(.*?)</details>', page, re.S)
+  return match.group(1) if match else ''
+
+
+def best_by_hand(table: pd.DataFrame) -> tuple[float, int, float]:
+  """(learning rate, batch size, seed-mean final val loss) of the best configuration, from
+  the table with plain pandas: configurations none of whose seeds diverged, lowest mean."""
+  groups = table.groupby(['learning_rate', 'batch_size'])
+  whole = groups['status'].agg(lambda s: bool((s == 'ok').all()))
+  mean = groups['final_val_loss'].mean()[whole]
+  (lr, b), value = mean.idxmin(), mean.min()
+  return lr, int(b), value
 
 
 def summary_of(page: str) -> str:
@@ -124,20 +158,27 @@ def test_report_from_a_result(digits_sweep):
 
   page = read(path)
   check_self_contained(page)
-  assert page.count('data:image/png;base64,') == len(drawn)
+  assert pngs(page) == len(drawn)
   assert '<title>report_digits' in page
+  assert '"Best", in the summary, the heatmap' in page  # the page says what best means
 
-  best = result.best()
+  lr, b, value = best_by_hand(result.table)
+  best = analysis.best_configurations(result).iloc[0]
+  assert (best['learning_rate'], best['batch_size']) == (lr, b)
+  assert best['final_val_loss'] == pytest.approx(value)
   summary = summary_of(page)
   assert f'{NUM_RUNS} runs' in summary
   assert '4 diverged' in summary
-  assert f'run {int(best["run"])}' in summary
-  assert f'learning rate {best["learning_rate"]:.4g}' in summary
-  assert f'batch size {int(best["batch_size"])}' in summary
+  assert 'runs ' + ', '.join(str(r) for r in best['runs']) in summary
+  assert f'learning rate {lr:.4g}' in summary
+  assert f'batch size {b}' in summary
+  assert f'{value:.4g}' in summary and 'mean over its seeds' in summary
+  # The batch-size table's best learning rate at that batch size is the same one.
+  assert analysis.batch_size_table(result).loc[b, 'learning_rate'] == lr
 
   # The recommended batch size opens the batch-size section, before the slope.
   choice = analysis.choose_batch_size(result)
-  section = page.index('<h2>Batch size and learning-rate scaling</h2>')
+  section = page.index('<h2 id="batch-size">Batch size and learning-rate scaling</h2>')
   said = page.index(f'<b>Recommended batch size: {choice.batch_size}.</b>')
   assert section < said < page.index('Slope of log(best learning rate)')
   assert html.escape(choice.reason) in page
@@ -148,7 +189,10 @@ def test_report_from_a_result(digits_sweep):
   assert f'<b>{slope["slope"]:.2f}</b>' in page
   assert slope['interpretation'] in page  # plain text: nothing in it needs escaping
   assert 'Goyal et al. 2017' in page
-  assert 'noise_scale.png</code> skipped' in page
+  assert 'noise_scale.png' in not_shown(page) and 'Gradient noise scale' not in page
+  assert 'skipped' not in without_scripts(page) and 'class="note"' not in page
+  for name in ('heatmap', 'parallel', 'curves'):  # interactive, beside the PNGs
+    assert f'<div id="{name}" class="interactive"' in page
   for version in result.config['environment']['packages'].values():
     assert str(version) in page
   for device in result.config['environment']['devices']:
@@ -176,8 +220,8 @@ def test_report_from_the_workdir_alone(digits_sweep):
   check_self_contained(page)
   summary = summary_of(page)
   assert f'{NUM_RUNS} runs' in summary and '4 diverged' in summary
-  assert f'learning rate {result.best()["learning_rate"]:.4g}' in summary
   assert 'Wall time: about' in summary  # summed from results.csv: the wall time is not saved
+  assert f'learning rate {best_by_hand(result.table)[0]:.4g}' in summary
 
   loaded = report.load_lr_find(workdir)
   found = fake_lr_finder()
@@ -213,10 +257,13 @@ def test_regression_without_validation_and_one_batch_size(tmp_path):
     check_png(os.path.join(out, 'heatmap.png'))  # the training loss instead
     check_png(os.path.join(out, 'curves.png'))
     assert not os.path.exists(os.path.join(out, 'batch_size.png'))
-    assert 'batch_size.png</code> skipped' in page and '1 batch size' in page
-    assert 'Only batch size 32 was swept, so there is nothing to compare it with' in page
-    assert 'lr_find.png</code> skipped' in page
-    assert 'No validation curves' in page
+    left_out = not_shown(page)
+    assert 'batch_size.png' in left_out and '1 batch size' in left_out
+    assert 'Only batch size 32 was swept, so there is nothing to compare it with' in left_out
+    assert 'lr_find.png' in left_out and 'no validation curves' in left_out
+    for title in ('Batch size and learning-rate scaling', 'Overfitting', 'Learning-rate range'):
+      assert title not in page  # sections with nothing to show are left out
+    assert 'skipped' not in without_scripts(page) and 'class="note"' not in page
     assert 'final training loss' in page
     assert '2 runs' in summary_of(page) and '0 diverged' in summary_of(page)
 
@@ -232,8 +279,8 @@ def test_noise_scale_figure(digits_sweep, tmp_path):
   edited = Result(result.table, curves, result.config, result.wall_time)
   page = read(report.write_report(str(tmp_path), edited))
   check_png(os.path.join(tmp_path, report.REPORT_DIR, 'noise_scale.png'))
-  assert 'noise_scale.png</code> skipped' not in page
-  assert page.count('data:image/png;base64,') == len(ALWAYS) + 1
+  assert 'noise_scale.png' not in not_shown(page) and 'Gradient noise scale' in page
+  assert pngs(page) == len(ALWAYS) + 1
 
 
 def test_two_optimizers_get_a_panel_each(digits_sweep, tmp_path):
@@ -268,9 +315,104 @@ def test_every_run_diverged(digits_sweep, tmp_path):
   assert 'No run finished without diverging' in page
   assert '<b>No batch size recommended.</b> Every run diverged' in page
   assert f'{NUM_RUNS} diverged' in summary_of(page)
-  assert 'curves.png</code> skipped' in page and 'pareto.png</code> skipped' in page
+  left_out = not_shown(page)
+  assert 'curves.png' in left_out and 'Pareto front' in left_out
+  assert 'parallel coordinates' in left_out  # no run finished: nothing to draw
+  assert '<h2 id="pareto">' not in page
+
+
+def test_without_plotly_the_page_keeps_its_pngs_and_says_how(digits_sweep, tmp_path, monkeypatch):
+  result, _ = digits_sweep
+  monkeypatch.setattr(interactive, 'AVAILABLE', False)
+  page = read(report.write_report(str(tmp_path), result))
+  check_self_contained(page)
+  assert '<script' not in page and 'Plotly' not in page
+  assert interactive.INSTALL_HINT in html.unescape(page)
+  assert pngs(page) == len(ALWAYS)
+  assert '<details><summary>The static figure' not in page  # the PNGs shown, not folded
 
 
 def test_a_workdir_without_a_sweep(tmp_path):
   with pytest.raises(FileNotFoundError):
     report.write_report(str(tmp_path))
+
+
+# ---------------------------------------------------------------- in a browser ----
+
+
+def test_the_page_in_a_headless_browser(digits_sweep, tmp_path):
+  """Loads without console errors or requests elsewhere; the three interactive figures
+  draw; hovering a heatmap cell shows its value; a click on "every run" draws every run;
+  a screenshot is taken (left in the test's tmp_path)."""
+  import _browser
+
+  executable = _browser.find()
+  if executable is None:
+    pytest.skip(
+      'no Chromium on the PATH (Debian: apt-get install chromium); the report is not '
+      'checked in a browser'
+    )
+  result, _ = digits_sweep
+  path = report.write_report(str(tmp_path), result)
+  with _browser.Browser(executable) as browser:
+    browser.open('file://' + os.path.abspath(path))
+    drawn = browser.evaluate(
+      "Array.from(document.querySelectorAll('.js-plotly-plot'))"
+      ".filter(d => d.querySelector('.main-svg')).map(d => d.id)"
+    )
+    assert sorted(drawn) == ['curves', 'heatmap', 'parallel']
+    assert browser.evaluate("document.querySelectorAll('#parallel canvas').length") > 0  # WebGL
+    assert browser.evaluate("document.querySelectorAll('#heatmap .hm image').length") == 1
+
+    # Hover the cell of learning rate 0.001, batch size 32 (bottom left of 4 x 2 cells).
+    left, top, width, height = browser.evaluate(
+      "(() => { const e = document.querySelector('#heatmap .hm image');"
+      " e.scrollIntoView({block: 'center'}); const r = e.getBoundingClientRect();"
+      ' return [r.left, r.top, r.width, r.height]; })()'
+    )
+    browser.send(
+      'Input.dispatchMouseEvent',
+      session=True,
+      type='mouseMoved',
+      x=left + width / 8,
+      y=top + 3 * height / 4,
+    )
+    browser.evaluate('new Promise(r => setTimeout(r, 300))')
+    hover = browser.evaluate(
+      "Array.from(document.querySelectorAll('#heatmap .hovertext')).map(e => e.textContent)"
+    )
+    t = result.table
+    cell = t[(t.learning_rate == 1e-3) & (t.batch_size == 32)]
+    assert len(hover) == 1 and 'learning rate 0.001' in hover[0] and 'batch size 32' in hover[0]
+    assert f'{cell.final_val_loss.mean():.4g}' in hover[0] and 'diverged 0' in hover[0]
+
+    # The curves: the best configuration's runs drawn; "every run" draws them all.
+    visible = "document.getElementById('curves').data.filter(t => t.visible === true).length"
+    traces = browser.evaluate("document.getElementById('curves').data.length")
+    assert browser.evaluate(visible) == 2 * len(SEEDS)  # train and val, per seed
+    x, y = browser.evaluate(
+      "(() => { const e = Array.from(document.querySelectorAll('#curves .updatemenu-button'))"
+      ".find(e => e.textContent === 'every run'); e.scrollIntoView({block: 'center'});"
+      ' const r = e.getBoundingClientRect(); return [r.left + r.width / 2, r.top + r.height / 2];'
+      ' })()'
+    )
+    for kind in ('mousePressed', 'mouseReleased'):
+      browser.send(
+        'Input.dispatchMouseEvent',
+        session=True,
+        type=kind,
+        x=x,
+        y=y,
+        button='left',
+        clickCount=1,
+      )
+    browser.evaluate('new Promise(r => setTimeout(r, 300))')
+    assert browser.evaluate(visible) == traces == 2 * NUM_RUNS
+
+    shot = os.path.join(tmp_path, 'report.png')
+    browser.screenshot(shot)
+    assert browser.errors() == []
+    elsewhere = [u for u in browser.requests() if not u.startswith(('file:', 'data:'))]
+    assert elsewhere == []
+  check_png(shot)
+  assert mimage.imread(shot).shape[0] > 2000  # the whole page, not the window
