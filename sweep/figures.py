@@ -307,6 +307,14 @@ def _best(result: Result) -> pd.Series | None:
   return None if ranked.empty else ranked.iloc[0]
 
 
+def _in_panel(best: pd.Series | None, sub: pd.DataFrame, table: pd.DataFrame) -> bool:
+  """Whether the best configuration's runs are in this heatmap panel (a ramp run's are in
+  none: it has no one batch size)."""
+  if best is None or not set(best['runs']) <= set(table['run'].astype(int)):
+    return False
+  return all(best[k] == sub[k].iloc[0] for k in _panel_keys(table))
+
+
 def _cell_meaning(table: pd.DataFrame, config: dict | None) -> tuple[str, str]:
   """(the title's words for a cell's value, the caption's), from the axes a cell holds."""
   others = [a for a in _averaged_axes(table, config) if a != 'seed']
@@ -374,7 +382,7 @@ def _heatmap(result: Result) -> _Section:
   for title, sub in _panels(table):
     values, tried, diverged = _cell_values(sub, metric, rows, columns, result.config)
     where = None
-    if best is not None and all(best[k] == sub[k].iloc[0] for k in _panel_keys(table)):
+    if _in_panel(best, sub, table):
       where = (rows.index(float(best['batch_size'])), columns.index(float(best['learning_rate'])))
     grids.append((title, values, tried, diverged, where))
 

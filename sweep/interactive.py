@@ -39,9 +39,9 @@ from sweep.figures import (
   _cells,
   _e,
   _g,
+  _in_panel,
   _loss_name,
   _metric,
-  _panel_keys,
   _panels,
   _run_label,
   _Skip,
@@ -228,7 +228,7 @@ def _status_counts(sub: pd.DataFrame, rows: Any, columns: Any, status: str) -> n
 
 
 def heatmap(result: Result) -> Interactive:
-  table = result.table
+  table = analysis.constant_batch(result.table)  # a ramp run has no one batch size
   for column in ('learning_rate', 'batch_size'):
     if column not in table.columns:
       raise _Skip(f'the results table has no {column} column.')
@@ -310,8 +310,7 @@ def heatmap(result: Result) -> Interactive:
         row=1,
         col=col,
       )
-    in_panel = best is not None and all(best[p] == sub[p].iloc[0] for p in _panel_keys(table))
-    if in_panel:
+    if _in_panel(best, sub, table):
       i, j = rows.index(float(best['batch_size'])), columns.index(float(best['learning_rate']))
       # A red frame, as in heatmap.png, and an invisible point under it to hover.
       axis = '' if col == 1 else str(col)
