@@ -52,7 +52,7 @@ class BatchSchedule:
   def label(self) -> str:
     """How the table shows it: `32>64>128 @0.5,0.75`."""
     sizes = '>'.join(str(b) for b in self.sizes)
-    at = ','.join(f'{f:g}' for f, _ in self.stages[1:])
+    at = ','.join(f'{f:.3g}' for f, _ in self.stages[1:])
     return f'{sizes} @{at}'
 
   def __str__(self) -> str:
