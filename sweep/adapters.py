@@ -18,11 +18,14 @@ functions (`init_fn(key) -> params`, `apply_fn(params, x) -> predictions`).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
+import hashlib
 import inspect
 import sys
-from collections.abc import Callable
+import types
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import jax
@@ -56,7 +59,11 @@ _ACCEPTED = (
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Model:
-  """A model as the engine trains it (compared and hashed by identity).
+  """A model as the engine trains it.
+
+  Compared and hashed by `key` (what it computes, see `structural_key`) where it has one,
+  else by identity: the compiled programs of a sweep are cached on it, so two models that
+  compute the same thing share them.
 
   Attributes:
     init: `key -> (params, state)`.
@@ -69,6 +76,11 @@ class Model:
       the variables dict `module.apply` takes; else `{'params': ..., 'state': ...}`).
     rebuild: `(params, state) -> ` the user's kind of model holding those values (an nnx
       or equinox module, a Keras model), or None.
+    initial: `(params, state)` every seed starts from, for a model that holds its initial
+      values (an equinox module, an nnx instance, a Keras model); `init` returns them
+      whatever its key. None where `init` draws them from the key.
+    key: what the model computes, hashable (`structural_key` with the input's shape), or
+      None: then the model equals itself only.
   """
 
   init: Callable[[jax.Array], tuple[Any, Any]]
@@ -78,12 +90,34 @@ class Model:
   variables: Callable[[Any, Any], Any] | None = None
   rebuild: Callable[[Any, Any], Any] | None = None
   state_layout: str = 'state'  # 'collections': the state's keys sit beside 'params' (linen)
+  initial: Any = None
+  key: Any = None
+  # Shared by the copies `with_values` makes: what is memoised on the model's code.
+  memo: dict = dataclasses.field(default_factory=dict, repr=False)
+
+  def __eq__(self, other: object) -> bool:
+    if self is other:
+      return True
+    if not isinstance(other, Model) or self.key is None or other.key is None:
+      return False
+    return self.key == other.key
+
+  def __hash__(self) -> int:
+    return id(self) if self.key is None else hash(self.key)
+
+  def with_values(self, initial: tuple[Any, Any]) -> Model:
+    """This model (the same code, equal to it) starting from other initial values."""
+
+    def init(key):
+      del key  # every seed starts from the model's values
+      return initial
+
+    return dataclasses.replace(self, init=init, initial=initial)
 
   def initial_shapes(self) -> tuple[Any, Any]:
     """`init`'s output as shapes, traced without compiling."""
     return jax.eval_shape(lambda: self.init(jax.random.key(0)))
 
-  @functools.cached_property
   def _pure(self) -> tuple[Callable, Callable]:
     init = self.init
     apply = self.apply
@@ -104,8 +138,11 @@ class Model:
   def pure_functions(self) -> tuple[Callable, Callable]:
     """`(init_fn(key) -> params, apply_fn(params, x) -> predictions)`, the model in
     evaluation mode: for the traces that read the model's products (the same objects
-    every call, so that what is memoised on them stays)."""
-    return self._pure
+    every call, and for every model equal to this one, so that what is memoised on them
+    stays)."""
+    if 'pure' not in self.memo:
+      self.memo['pure'] = self._pure()
+    return self.memo['pure']
 
   @property
   def stateful(self) -> bool:
@@ -121,24 +158,154 @@ def describe(model: Any) -> str:
   return type(model).__name__
 
 
-@functools.lru_cache(maxsize=64)
-def _cached_model(model, x_shape, x_dtype, output_dim, train_argument):
-  return adapt(model, np.zeros(x_shape, x_dtype), output_dim, train_argument)
+# Adapted models by what they compute, the most recent first out.
+_MODELS: collections.OrderedDict = collections.OrderedDict()
+_MODELS_KEPT = 64
 
 
 def model_of(cfg: SweepConfig, output_dim: int) -> Model:
-  """The `Model` of `cfg.model`; the same object for an equal model, so that a
-  second sweep of the same model finds its programs already compiled."""
+  """The `Model` of `cfg.model`, equal (and its programs shared) for a model that computes
+  the same thing: an equal model, or one rebuilt the same way (`structural_key`), so that
+  a second sweep of it with other values compiles nothing. A model that holds its
+  initial values (equinox, an nnx instance, Keras) is given this instance's values."""
   model, example_x = cfg.model, cfg.data.x_train[:1]
-  # An nnx instance or a Keras model hashes by identity yet its values can change in
-  # place: never cache them.
-  if isinstance(model, nnx.Module) or type(model).__module__.startswith('keras'):
-    return adapt(model, example_x, output_dim, cfg.train_argument)
   try:
-    hash(model)
-  except TypeError:
+    code = structural_key(model)
+    key = _Key((code, example_x.shape[1:], str(example_x.dtype), output_dim, cfg.train_argument))
+  except Exception:  # noqa: BLE001 - a model whose key cannot be read is adapted anew
+    code = None
+  if code is None:
     return adapt(model, example_x, output_dim, cfg.train_argument)
-  return _cached_model(model, example_x.shape, str(example_x.dtype), output_dim, cfg.train_argument)
+  cached = _MODELS.get(key)
+  if cached is None:
+    cached = dataclasses.replace(adapt(model, example_x, output_dim, cfg.train_argument), key=key)
+    _MODELS[key] = cached
+    while len(_MODELS) > _MODELS_KEPT:
+      _MODELS.popitem(last=False)
+    return cached
+  _MODELS.move_to_end(key)
+  if cached.initial is None:
+    return cached
+  return cached.with_values(_initial_values(model, output_dim))
+
+
+def _initial_values(model: Any, output_dim: int) -> tuple[Any, Any]:
+  """`(params, state)` of a model that holds its initial values, as its adapter takes them."""
+  from sweep.models import SizedToData
+
+  if isinstance(model, SizedToData):
+    return _initial_values(model.make(int(output_dim)), output_dim)
+  if isinstance(model, nnx.Module):
+    return _nnx_values(model)
+  keras = sys.modules.get('keras')
+  if keras is not None and isinstance(model, keras.Model):
+    return _keras_values(model)
+  return _equinox_values(model)
+
+
+# ------------------------------------------------------------------- structural keys ----
+
+
+class _Key:
+  """A structural key, its hash computed once (jit hashes its static arguments per call)."""
+
+  __slots__ = ('hash', 'value')
+
+  def __init__(self, value: Any):
+    self.value = value
+    self.hash = hash(value)
+
+  def __eq__(self, other: object) -> bool:
+    return self is other or (
+      isinstance(other, _Key) and self.hash == other.hash and self.value == other.value
+    )
+
+  def __hash__(self) -> int:
+    return self.hash
+
+  def __repr__(self) -> str:
+    return f'_Key({self.hash:#x})'
+
+
+class _Unkeyable(Exception):
+  pass
+
+
+def structural_key(model: Any) -> Any:
+  """What a model computes, as a hashable value, or None where it cannot be read.
+
+  Two models with equal keys compute the same function of (parameters, state, input) and
+  draw the same initial values from a key: the classes (by identity), every field that
+  is not a trained value (sizes, activations, lists and dicts of them), the code of every
+  function (its `__code__`, defaults and closure), the shapes and dtypes of the trained
+  arrays (not their values, which the engine takes as data) and the contents of any other
+  array (a constant the programs hold). A redefined class or function is another key.
+  """
+  if isinstance(model, nnx.Module):
+    graph, state = nnx.split(model)
+    return ('nnx', _key(graph), _shapes(state))
+  eqx = sys.modules.get('equinox')
+  if eqx is not None and isinstance(model, eqx.Module):
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    return ('equinox', _shapes(params), _key(static))
+  keras = sys.modules.get('keras')
+  if keras is not None and isinstance(model, keras.Model):
+    return None  # a Keras model's code is not read here: it is adapted anew
+  return ('model', _key(model))
+
+
+def _shapes(tree: Any) -> Any:
+  leaves, treedef = jax.tree.flatten(tree)
+  return _key(treedef), tuple((tuple(np.shape(a)), str(a.dtype)) for a in leaves)
+
+
+_SCALARS = (type(None), bool, int, float, complex, str, bytes, type(Ellipsis))
+
+
+def _key(obj: Any, depth: int = 0) -> Any:
+  if depth > 64:
+    raise _Unkeyable('too deep')
+  d = depth + 1
+  if isinstance(obj, _SCALARS):
+    return (type(obj), obj)
+  if isinstance(obj, np.ndarray | np.generic | jax.Array):
+    a = np.asarray(obj)
+    if a.dtype == object:
+      raise _Unkeyable('object array')
+    return ('array', a.shape, str(a.dtype), hashlib.sha256(a.tobytes()).hexdigest())
+  if isinstance(obj, type):
+    return obj
+  if isinstance(obj, list | tuple):
+    return (type(obj), tuple(_key(v, d) for v in obj))
+  if isinstance(obj, Mapping):
+    return (type(obj), tuple((_key(k, d), _key(v, d)) for k, v in obj.items()))
+  if isinstance(obj, set | frozenset):
+    return (type(obj), frozenset(_key(v, d) for v in obj))
+  if isinstance(obj, functools.partial):
+    return ('partial', _key(obj.func, d), _key(obj.args, d), _key(obj.keywords, d))
+  if isinstance(obj, types.FunctionType):
+    cells = tuple(_key(c.cell_contents, d) for c in obj.__closure__ or ())
+    defaults = (_key(obj.__defaults__, d), _key(obj.__kwdefaults__, d))
+    return ('function', obj.__module__, obj.__qualname__, obj.__code__, defaults, cells)
+  if isinstance(obj, types.MethodType):
+    return ('method', _key(obj.__self__, d), _key(obj.__func__, d))
+  if isinstance(obj, jax.tree_util.PyTreeDef):
+    try:
+      hash(obj)
+      return ('treedef', obj)
+    except TypeError:
+      return ('treedef', str(obj))  # node data unhashable: read by its text
+  if isinstance(obj, nn.Module):  # its fields, not the scope it may be bound to
+    names = [f.name for f in dataclasses.fields(obj) if f.name != 'parent']
+    return (type(obj), tuple((n, _key(getattr(obj, n), d)) for n in names))
+  if dataclasses.is_dataclass(obj):
+    fields = dataclasses.fields(obj)
+    return (type(obj), tuple((f.name, _key(getattr(obj, f.name), d)) for f in fields))
+  try:
+    hash(obj)
+  except TypeError as e:
+    raise _Unkeyable(type(obj).__name__) from e
+  return ('object', obj)  # its own equality (identity unless its class says otherwise)
 
 
 def adapt(
@@ -435,7 +602,21 @@ def _nnx(factory: Any, instance: nnx.Module | None, train_argument: str | None =
   def variables(params, state):
     return {'params': params, **({'state': state} if jax.tree.leaves(state) else {})}
 
-  return Model(init, apply, name=name, random=random, variables=variables, rebuild=rebuild)
+  return Model(
+    init,
+    apply,
+    name=name,
+    random=random,
+    variables=variables,
+    rebuild=rebuild,
+    initial=None if instance is None else initial,
+  )
+
+
+def _nnx_values(instance: nnx.Module) -> tuple[Any, Any]:
+  """An nnx instance's `(params, state)` as `_nnx` snapshots them (the instance untouched)."""
+  _, params, _, state = nnx.split(nnx.clone(instance), nnx.Param, nnx.RngState, ...)
+  return nnx.to_pure_dict(params), nnx.to_pure_dict(state)
 
 
 def _put(tree: dict, path: tuple, value: Any) -> None:
@@ -493,7 +674,13 @@ def _equinox(model: Any, example_x: np.ndarray) -> Model:
     return eqx.combine(jax.tree.map(jnp.asarray, p), static_eval)
 
   del static, example_x
-  return Model(init, apply, name=name, random=takes_key, rebuild=rebuild)
+  return Model(init, apply, name=name, random=takes_key, rebuild=rebuild, initial=(params, {}))
+
+
+def _equinox_values(model: Any) -> tuple[Any, Any]:
+  import equinox as eqx
+
+  return eqx.partition(model, eqx.is_inexact_array)[0], {}
 
 
 # --------------------------------------------------------------------------- keras ----
@@ -524,10 +711,9 @@ def _keras(model: Any, example_x: np.ndarray) -> Model:
     )
   if not model.built:
     model(np.asarray(example_x)[:1])
-  trainable = [np.asarray(v.value) for v in model.trainable_variables]
+  trainable, initial_state = _keras_values(model)
   others = list(model.non_trainable_variables)
   seeds = [i for i, v in enumerate(others) if 'seed_generator' in v.path]
-  initial_state = [np.asarray(v.value) for v in others]
   if not trainable:
     raise config_error('model', name, 'a model with trainable weights')
 
@@ -556,7 +742,16 @@ def _keras(model: Any, example_x: np.ndarray) -> Model:
       v.assign(np.asarray(a))
     return clone
 
-  return Model(init, apply, name=name, random=bool(seeds), rebuild=rebuild)
+  return Model(
+    init, apply, name=name, random=bool(seeds), rebuild=rebuild, initial=(trainable, initial_state)
+  )
+
+
+def _keras_values(model: Any) -> tuple[list, list]:
+  return (
+    [np.asarray(v.value) for v in model.trainable_variables],
+    [np.asarray(v.value) for v in model.non_trainable_variables],
+  )
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

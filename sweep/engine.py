@@ -79,26 +79,30 @@ def _device_data(cfg: SweepConfig, chunk: int, shardings) -> train.Data:
 
 
 @functools.lru_cache(maxsize=64)
-def _jitted_init(init_fn):
+def _jitted_init(model: adapters.Model):
   # With a leading seed axis: one seed (the common case) needs no stacking op, which
-  # would compile a program of its own for every parameter shape.
-  return train.jit(lambda key: jax.tree.map(lambda a: a[None], init_fn(key)))
+  # would compile a program of its own for every parameter shape. Keyed by the model,
+  # which equals any model computing the same thing.
+  return train.jit(lambda key: jax.tree.map(lambda a: a[None], model.init(key)))
 
 
 def _per_seed_params(model: adapters.Model, unit: Unit) -> tuple[Any, ...]:
   """Each batch group's initial (parameters, model state), one per seed slot (S, ...).
 
   Initialised seed by seed with a plain jitted init_fn: XLA compiles a vmapped
-  random-number generator several times slower, and seeds are few.
+  random-number generator several times slower, and seeds are few. A model that holds
+  its initial values (`Model.initial`) gives them to every seed, compiling nothing.
   """
-  init = _jitted_init(model.init)
   cache = unit.shared.setdefault('params', {})  # every chunk of a family starts from the same seeds
   out = []
   for hp in unit.hparams:
     per_seed = []
     for seed in np.asarray(hp.seeds).tolist():
       if seed not in cache:
-        cache[seed] = init(train.init_key_jit(np.int32(seed)))
+        if model.initial is not None:
+          cache[seed] = jax.tree.map(lambda a: np.asarray(a)[None], model.initial)
+        else:
+          cache[seed] = _jitted_init(model)(train.init_key_jit(np.int32(seed)))
       per_seed.append(cache[seed])
     if len(per_seed) == 1:
       out.append(per_seed[0])

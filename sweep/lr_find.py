@@ -473,7 +473,10 @@ def _ramp(cfg, start_lr, end_lr, num_it, suggest, beta, stop_factor) -> LRFinder
   seed, batch = int(first['seed']), int(first['batch_size'])
   lrs = start_lr * (end_lr / start_lr) ** (np.arange(num_it) / (num_it - 1))
   batches = _ramp_batches(seed, data.n_train, batch, num_it, cfg.shuffle)
-  params, model_state = train.jit(model.init)(train.init_key_jit(np.int32(seed)))
+  if model.initial is not None:
+    params, model_state = model.initial
+  else:
+    params, model_state = train.jit(model.init)(train.init_key_jit(np.int32(seed)))
   raw, smooth, taken = jax.device_get(
     program(
       params,

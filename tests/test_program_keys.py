@@ -1,0 +1,192 @@
+"""Compiled programs are keyed by what the model computes, not by its Python identity.
+
+A model that cannot be hashed (an equinox module, a flax module with a list or dict
+attribute) or one rebuilt identically reuses the programs of the last sweep: a second
+sweep with other values compiles nothing, and trains from the new model's own values
+(checked against a plain optax loop). A model that really changed (shapes, a static
+field, its code) compiles again.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from compiles import counting_compiles
+from flax import linen as nn
+
+import sweep
+from sweep.adapters import structural_key
+
+eqx = pytest.importorskip('equinox')
+
+N_TRAIN, N_VAL, D_IN = 96, 32, 12
+RTOL, ATOL = 2e-4, 2e-5
+
+
+def _data():
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(N_TRAIN + N_VAL, D_IN)).astype(np.float32)
+  y = (x[:, :3].argmax(axis=1)).astype(np.int32)
+  return sweep.data.arrays(x[:N_TRAIN], y[:N_TRAIN], x[N_TRAIN:], y[N_TRAIN:], num_classes=3)
+
+
+DATA = _data()
+
+
+def config(model, lr, **kw):
+  return sweep.SweepConfig(
+    model=model, data=DATA, optimizer='adam', learning_rate=lr, batch_size=32, epochs=2, **kw
+  )
+
+
+def batches(seed, batch, epochs, n=N_TRAIN):
+  """The documented data order: per seed and epoch a permutation, drop-last."""
+  for e in range(epochs):
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), 1), e)
+    order = np.asarray(jax.random.permutation(key, n))
+    for j in range(n // batch):
+      yield order[j * batch : (j + 1) * batch]
+
+
+def ce(logits, labels):
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def equinox_reference(model, lr, batch=32, epochs=2):
+  """Adam on an equinox module, one batch at a time, from the module's own values."""
+  params, static = eqx.partition(model, eqx.is_inexact_array)
+  opt = optax.adam(lr)
+  state = opt.init(params)
+
+  @jax.jit
+  def step(params, state, xb, yb):
+    grads = jax.grad(lambda p: ce(jax.vmap(eqx.combine(p, static))(xb), yb))(params)
+    updates, state = opt.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  for idx in batches(0, batch, epochs):
+    params, state = step(params, state, DATA.x_train[idx], DATA.y_train[idx])
+  final = eqx.combine(params, static)
+  return float(ce(jax.vmap(final)(DATA.x_val), DATA.y_val))
+
+
+class ListNet(nn.Module):
+  """A flax module with list and dict attributes (unhashable, as the flax examples'
+  `partial(ResNet, stage_sizes=[2, 2, 2, 2])` is)."""
+
+  sizes: list
+  options: dict
+
+  @nn.compact
+  def __call__(self, x):
+    for s in self.sizes:
+      x = nn.Dense(s)(x)
+      x = nn.tanh(x) if self.options.get('act') == 'tanh' else nn.relu(x)
+    return nn.Dense(3)(x)
+
+
+def mlp(key, width=8, activation=jax.nn.relu):
+  return eqx.nn.MLP(D_IN, 3, width, 1, activation=activation, key=jax.random.key(key))
+
+
+def test_an_equinox_module_rebuilt_with_other_values_compiles_nothing_and_trains_its_own():
+  with counting_compiles() as names:
+    sweep.run(config(mlp(0), [1e-2, 5e-2]), progress=False)
+    first = len(names)
+    second = mlp(1)  # the same structure, other initial values
+    result = sweep.run(config(second, [3e-3, 2e-2]), progress=False)
+  assert first > 0 and names[first:] == [], f'compiled again: {names[first:]}'
+  for _, row in result.table.iterrows():
+    expected = equinox_reference(second, row.learning_rate)
+    np.testing.assert_allclose(row.final_val_loss, expected, rtol=RTOL, atol=ATOL)
+
+
+def test_a_flax_module_with_list_and_dict_attributes_rebuilt_compiles_nothing():
+  with counting_compiles() as names:
+    a = sweep.run(config(ListNet([8, 8], {'act': 'tanh'}), [1e-2, 5e-2]), progress=False)
+    first = len(names)
+    b = sweep.run(config(ListNet([8, 8], {'act': 'tanh'}), [1e-2, 3e-2]), progress=False)
+  assert first > 0 and names[first:] == [], f'compiled again: {names[first:]}'
+  # The same model, the same seed: the run both sweeps hold is the same run.
+  np.testing.assert_allclose(b.table.final_val_loss[0], a.table.final_val_loss[0], rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+  'before, after',
+  [
+    (lambda: ListNet([8, 8], {'act': 'tanh'}), lambda: ListNet([8, 6], {'act': 'tanh'})),
+    (lambda: ListNet([8, 8], {'act': 'tanh'}), lambda: ListNet([8, 8], {'act': 'relu'})),
+    (lambda: mlp(0), lambda: mlp(0, width=6)),
+    (lambda: mlp(0), lambda: mlp(0, activation=jax.nn.tanh)),
+  ],
+  ids=['linen-list-value', 'linen-dict-value', 'equinox-shape', 'equinox-static-field'],
+)
+def test_a_model_that_really_changed_compiles_again_and_trains_as_itself(before, after):
+  with counting_compiles() as names:
+    sweep.run(config(before(), [1e-2]), progress=False)
+    first = len(names)
+    changed = after()
+    result = sweep.run(config(changed, [1e-2]), progress=False)
+  assert any('segment' in n for n in names[first:]), f'no new program: {names[first:]}'
+  if isinstance(changed, eqx.Module):
+    expected = equinox_reference(changed, 1e-2)
+    np.testing.assert_allclose(result.table.final_val_loss[0], expected, rtol=RTOL, atol=ATOL)
+
+
+# ------------------------------------------------------------------ the key itself ----
+
+
+def _pair(scale):
+  def init(key):
+    return {'w': jax.random.normal(key, (D_IN, 3)) * scale}
+
+  def apply(params, x):
+    return x @ params['w']
+
+  return init, apply
+
+
+class Redefined(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(3)(x)
+
+
+def _redefined():
+  class Redefined(nn.Module):  # the same source, another class (a notebook cell run again)
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(3)(x)
+
+  return Redefined()
+
+
+def _tanh_pair():
+  init, _ = _pair(1.0)
+  return init, lambda params, x: jnp.tanh(x @ params['w'])
+
+
+@pytest.mark.parametrize(
+  'a, b, equal',
+  [
+    (lambda: mlp(0), lambda: mlp(1), True),  # values are data
+    (lambda: mlp(0), lambda: mlp(0, width=6), False),
+    (lambda: mlp(0), lambda: mlp(0, activation=jax.nn.tanh), False),
+    (lambda: ListNet([8], {'act': 'tanh'}), lambda: ListNet([8], {'act': 'tanh'}), True),
+    (lambda: ListNet([8], {}), lambda: ListNet([9], {}), False),
+    (lambda: _pair(1.0), lambda: _pair(1.0), True),  # new closures, the same code and values
+    (lambda: _pair(1.0), lambda: _pair(2.0), False),  # a constant in a closure
+    (lambda: _pair(1.0), _tanh_pair, False),  # other code
+    (lambda: Redefined(), _redefined, False),  # a class defined again
+    (
+      lambda: functools.partial(ListNet, sizes=[8])(options={}),
+      lambda: functools.partial(ListNet, sizes=[8])(options={}),
+      True,
+    ),
+  ],
+)
+def test_the_structural_key_separates_what_computes_differently(a, b, equal):
+  assert (structural_key(a()) == structural_key(b())) == equal
