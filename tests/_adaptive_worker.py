@@ -3,7 +3,8 @@ processes, joined through `jax.distributed` before anything computes):
 
     python _adaptive_worker.py OUT SCHEDULER [--process-id I --num-processes N --port P]
 
-SCHEDULER is `asha` or `pbt`. It writes OUT/results.csv, OUT/curves.csv and OUT/params.npz
+SCHEDULER is `asha`, `pbt` or `ramp` (no scheduler; runs that change batch size). It writes
+OUT/results.csv, OUT/curves.csv and OUT/params.npz
 (every run's final parameters, key `<run>/<leaf path>`).
 """
 
@@ -19,7 +20,7 @@ import numpy as np
 def main(argv: list[str]) -> None:
   parser = argparse.ArgumentParser()
   parser.add_argument('out')
-  parser.add_argument('scheduler', choices=('asha', 'pbt'))
+  parser.add_argument('scheduler', choices=('asha', 'pbt', 'ramp'))
   parser.add_argument('--process-id', type=int, default=0)
   parser.add_argument('--num-processes', type=int, default=1)
   parser.add_argument('--port', type=int)
@@ -39,9 +40,12 @@ def main(argv: list[str]) -> None:
   if args.scheduler == 'asha':
     scheduler = sweep.schedulers.SuccessiveHalving(eta=3, min_fraction=1 / 9, slots=10)
     batch_size = [32, 64]
-  else:
+  elif args.scheduler == 'pbt':
     scheduler = sweep.schedulers.PBT(interval_updates=10, seed=2)
     batch_size = [32]
+  else:
+    scheduler = None
+    batch_size = [32, sweep.batch_ramp(32, factor=4, at=(0.5,))]
   cfg = sweep.SweepConfig(
     model=sweep.models.mlp(hidden=(8,)),
     data=sweep.data.digits(),

@@ -481,7 +481,7 @@ def _worker(root, name, scheduler, *flags):
   return proc, root / f'{name}.log'
 
 
-@pytest.mark.parametrize('scheduler', ['asha', 'pbt'])
+@pytest.mark.parametrize('scheduler', ['asha', 'pbt', 'ramp'])
 def test_two_processes_take_every_decision_alike_and_equal_one_process(tmp_path, scheduler):
   port = _free_port()
   workers = [_worker(tmp_path, 'one', scheduler)] + [
@@ -508,7 +508,10 @@ def test_two_processes_take_every_decision_alike_and_equal_one_process(tmp_path,
   want = pd.read_csv(tmp_path / 'one' / 'results.csv').drop(columns='seconds')
   with np.load(tmp_path / 'one' / 'params.npz') as f:
     want_params = {k: f[k] for k in f.files}
-  assert (want.status == 'stopped').any() or scheduler == 'pbt'
+  assert (want.status == 'stopped').any() or scheduler != 'asha'
+  if scheduler == 'ramp':  # runs moved between batch groups, each process its own
+    assert set(want.batch_schedule) == {'constant', '32>128 @0.5'}
+    assert set(want.updates) == {88, 44 + 11}
   for i in range(2):  # every process holds the whole result
     got = pd.read_csv(tmp_path / f'two{i}' / 'results.csv').drop(columns='seconds')
     pd.testing.assert_frame_equal(got, want)

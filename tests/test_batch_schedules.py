@@ -356,3 +356,16 @@ def test_the_report_compares_the_strategies_from_the_workdir_alone(tmp_path):
   loaded = sweep.load(str(tmp_path))
   assert list(loaded.table.batch_schedule) == ['constant', 'constant', RAMP.label]
   assert list(loaded.curves[loaded.curves.run == 2].batch_size) == [16, 16, 16, 32, 64]
+
+
+def test_the_experiment_after_smith_et_al_is_a_valid_sweep():
+  import importlib.util
+  from pathlib import Path
+
+  path = Path(__file__).parent.parent / 'experiments' / 'increase_batch_size.py'
+  spec = importlib.util.spec_from_file_location('increase_batch_size', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  plan = sweep.check(module.get_config())
+  by_schedule = {r.values['batch_schedule']: r.total_updates for r in plan.runs}
+  assert by_schedule == {'constant': 3750, '32>160>800 @0.333,0.667': 1550, '32>160 @0.333': 1750}
