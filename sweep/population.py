@@ -510,6 +510,15 @@ class Population:
         continue
       kept.append(self._compact(cohort) if leaving else cohort)
     for (kind, point, owner), states in carried.items():
+      # Runs already at this batch size and clock (of a constant batch size, or ramps that
+      # arrived earlier) train with the arrivals: one program call a segment, not two.
+      for cohort in [c for c in kept if (c.kind, c.point, c.owner) == (kind, point, owner)]:
+        host = None if cohort.state is None else jax.device_get(cohort.state)[0].runs
+        for s, r, t in cohort.live():
+          states[t] = (
+            None if host is None else jax.tree.map(lambda a, s=s, r=r: np.array(a[s, r]), host)
+          )
+        kept.remove(cohort)
       kept.extend(self._arrive(kind, point, owner, states))
     self.cohorts = kept
 
