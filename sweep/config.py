@@ -296,6 +296,10 @@ class Plan:
   groups: tuple = ()  # compile groups: (optimizer, hyperparameter names), in order
   custom_schedules: tuple[Callable, ...] = ()  # schedule callables; kind len(SCHEDULES) + j
   search: dict[str, Any] = dataclasses.field(default_factory=dict)  # how the runs were chosen
+  # For runs drawn from a space, what the layout may depend on (not the draw): `samples`,
+  # `grid` (runs per configuration and seed from the listed axes, at most), `p_optimizer`
+  # and `batch_sizes` (each option's chance, and every batch size the space can draw).
+  space: dict[str, Any] | None = None
 
   @property
   def ramps(self) -> bool:
@@ -843,6 +847,7 @@ def expand(cfg: SweepConfig, loss: Any) -> Plan:
 
   # ---- the runs, as given (callables themselves)
   search: dict[str, Any] = {}
+  space = None
   if entries is not None:
     if sampled:
       raise config_error(
@@ -905,6 +910,16 @@ def expand(cfg: SweepConfig, loss: Any) -> Plan:
       raw.update({f: draws[f][j] for f in sampled})
       raw.update(zip(listed[k:], combo[k + 1 :], strict=True))
       raw_runs.append({f: raw[f] for f in fields})
+    grid = math.prod(len(norm[f]) for f in listed if f not in ('seed', 'batch_size', 'optimizer'))
+    batch_space, opt_space = norm['batch_size'], norm['optimizer']
+    space = {
+      'samples': count,
+      'grid': grid,
+      'p_optimizer': 1 / len(opt_space.options) if isinstance(opt_space, spaces.Choice) else 1.0,
+      'batch_sizes': tuple(sorted(int(b) for b in batch_space.options))
+      if isinstance(batch_space, spaces.Choice) and batch_space.integer
+      else None,
+    }
     search = {
       'mode': 'sampled',
       'samples': count,
@@ -937,11 +952,14 @@ def expand(cfg: SweepConfig, loss: Any) -> Plan:
       | {b for stages in ramps.values() for _, b in stages}
     )
   )
-  steps_per_epoch = {b: n // b for b in batch_sizes}
+  # A space's batch sizes all have a budget, drawn or not: the layout holds them all, and
+  # the number of evaluations does not depend on the draw.
+  budgeted = sorted(set(batch_sizes) | set((space or {}).get('batch_sizes') or ()))
+  steps_per_epoch = {b: n // b for b in budgeted}
   if cfg.updates is not None:
-    total = {b: int(cfg.updates) for b in batch_sizes}
+    total = {b: int(cfg.updates) for b in budgeted}
   else:
-    total = {b: max(1, round(epochs * steps_per_epoch[b])) for b in batch_sizes}
+    total = {b: max(1, round(epochs * steps_per_epoch[b])) for b in budgeted}
   if cfg.num_evals is None:
     num_evals = min(100, max(1, math.ceil(epochs))) if cfg.updates is None else min(10, cfg.updates)
     if ramps:
@@ -1010,6 +1028,7 @@ def expand(cfg: SweepConfig, loss: Any) -> Plan:
     groups=tuple(_distinct(r.group for r in runs)),
     custom_schedules=custom,
     search=search,
+    space=space,
   )
 
 

@@ -101,7 +101,7 @@ def estimate(cfg: SweepConfig) -> tuple[Estimate, Any, list]:
     if key not in seen:
       seen.add(key)
       compile_s += COMPILE_S + COMPILE_PER_BATCH_S * len(unit.groups)
-    per_example = unit.flops_per_run / max(plan.batch_sizes)
+    per_example = unit.flops_per_run / max(plan.total_updates)
     slots_total = 0
     for g in unit.groups:
       slots = g.slots.size

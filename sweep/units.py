@@ -75,13 +75,18 @@ def _layout(plan: Plan, key) -> list[BatchGroup]:
   """Every batch group of compile group `key`, its runs laid out (S, R) with R unpadded.
 
   The seeds of a batch group are those its runs use; a seed with fewer runs than another
-  (runs that are no product of the axes) leaves padding slots (-1) in its row.
+  (runs that are no product of the axes) leaves padding slots (-1) in its row. Runs drawn
+  from a space are laid out by the space: a group for every batch size it can draw (none of
+  whose runs may have been drawn), each with every seed of the compile group.
   """
   mine = [r for r in plan.runs if r.group == key]
+  space = plan.space or {}
+  sizes = space.get('batch_sizes') or sorted({r.values['batch_size'] for r in mine})
+  every_seed = list(dict.fromkeys(r.values['seed'] for r in mine))
   out = []
-  for b in sorted({r.values['batch_size'] for r in mine}):
+  for b in sizes:
     runs = [r for r in mine if r.values['batch_size'] == b]
-    seeds = list(dict.fromkeys(r.values['seed'] for r in runs))
+    seeds = every_seed if space else list(dict.fromkeys(r.values['seed'] for r in runs))
     per_seed = [[r for r in runs if r.values['seed'] == s] for s in seeds]
     slots = np.full((_bucket(len(seeds)), max(len(rs) for rs in per_seed)), -1, np.int64)
     for si, rs in enumerate(per_seed):
@@ -90,16 +95,40 @@ def _layout(plan: Plan, key) -> list[BatchGroup]:
   return out
 
 
-def _chunk(groups: list[BatchGroup], start: int, widths: list[int]) -> list[BatchGroup]:
-  """Slots [start, start + width) of the run axis of every batch group, padded with -1.
+def _binomial_quantile(n: int, p: float, q: float) -> int:
+  """The smallest k with P(Binomial(n, p) <= k) >= q."""
+  cdf = 0.0
+  for k in range(n + 1):
+    cdf += math.comb(n, k) * p**k * (1 - p) ** (n - k)
+    if cdf >= q:
+      return k
+  return n
 
-  A batch group narrower than the chunk (`widths` holds each group's width) lies whole in
-  the first chunk and is padding in the others.
+
+# A space's batch group is laid out wide enough for this share of the draws; a draw that
+# puts more runs in it trains them in a further chunk of the same program.
+SPACE_QUANTILE = 0.95
+
+
+def _space_runs(plan: Plan) -> int:
+  """Runs per seed a space's batch group is laid out for: a bound that depends on the space
+  and the sample count, not on which values were drawn."""
+  space = plan.space
+  p = space['p_optimizer'] / (len(space['batch_sizes']) if space['batch_sizes'] else 1)
+  return max(1, _binomial_quantile(space['samples'], p, SPACE_QUANTILE)) * space['grid']
+
+
+def _chunk(groups: list[BatchGroup], index: int, widths: list[int]) -> list[BatchGroup]:
+  """Chunk `index` of the run axis of every batch group: slots [index * width, (index + 1) *
+  width) of each, padded with -1 (`widths` holds each group's width).
+
+  A batch group with fewer runs than its width lies whole in the first chunk and is padding
+  in the others.
   """
   out = []
   for g, width in zip(groups, widths, strict=True):
     slots = np.full((g.slots.shape[0], width), -1, np.int64)
-    part = g.slots[:, start : start + width]
+    part = g.slots[:, index * width : (index + 1) * width]
     slots[:, : part.shape[1]] = part
     idx = set(int(i) for i in part.ravel() if i >= 0)
     out.append(BatchGroup(g.batch_size, g.seeds, slots, [r for r in g.runs if r.index in idx]))
@@ -135,7 +164,7 @@ def run_bytes(plan: Plan, model: adapters.Model, family: str, eval_chunk: int) -
     plan.loss,
     family,
     eval_chunk,
-    max(plan.batch_sizes),
+    max(plan.total_updates),
     plan.config.keep_best,
     plan.config.data.x_train.shape[1:],
     str(plan.config.data.x_train.dtype),
@@ -199,7 +228,7 @@ def _run_bytes(plan: Plan, model: adapters.Model, family: str, eval_chunk: int) 
   state = 4 * size(params) + size(opt_state) + 2 * size(model_state)
   if plan.config.keep_best:
     state += size(params) + size(model_state)
-  return state + max(intermediates(max(plan.batch_sizes), True), intermediates(eval_chunk, False))
+  return state + max(intermediates(max(plan.total_updates), True), intermediates(eval_chunk, False))
 
 
 def _hparams(plan: Plan, group: BatchGroup, filler: Run) -> train.GroupHparams:
@@ -239,10 +268,13 @@ def _hparams(plan: Plan, group: BatchGroup, filler: Run) -> train.GroupHparams:
   seeds = np.array(
     group.seeds + [group.seeds[0]] * (group.slots.shape[0] - len(group.seeds)), np.int32
   )
+  # A group of padding alone is given no budget: where its segment skips ticks past the
+  # budget (`ragged`), it trains nothing.
+  budget = plan.total_updates[group.batch_size] if group.runs else 0
   return train.GroupHparams(
     runs=train.RunHparams(schedule=stack(sched), opt=stack(opt)),
     seeds=seeds,
-    total_updates=np.int32(plan.total_updates[group.batch_size]),
+    total_updates=np.int32(budget),
   )
 
 
@@ -277,7 +309,7 @@ def step_flops(plan: Plan, model: adapters.Model) -> float:
   key = (
     model,
     plan.loss,
-    max(plan.batch_sizes),
+    max(plan.total_updates),
     data.x_train.shape[1:],
     str(data.x_train.dtype),
     data.y_train.shape[1:],
@@ -307,7 +339,7 @@ def _step_flops(plan: Plan, model: adapters.Model) -> float:
     eval_batch_size=1,
     ignore_label=data.ignore_label,
   )
-  batch = max(plan.batch_sizes)
+  batch = max(plan.total_updates)
   x = jax.ShapeDtypeStruct((batch,) + data.x_train.shape[1:], data.x_train.dtype)
   y = jax.ShapeDtypeStruct((batch,) + data.y_train.shape[1:], data.y_train.dtype)
 
@@ -475,7 +507,9 @@ def plan_units(plan: Plan, model: adapters.Model, eval_chunk: int, warn: bool = 
     family = key[0]
     groups = _layout(plan, key)
     batch_sizes = tuple(g.batch_size for g in groups)
-    total = max(g.slots.shape[1] for g in groups)
+    # Runs drawn from a space: each group as wide as the space needs, whatever the draw.
+    needed = [_space_runs(plan) if plan.space else g.slots.shape[1] for g in groups]
+    total = max(needed)
     slots_per_column = sum(g.slots.shape[0] for g in groups)
     fits = max(1, budget // max(1, run_bytes(plan, model, family, eval_chunk) * slots_per_column))
     width = min(_bucket(total), 1 << int(math.floor(math.log2(fits))))
@@ -484,7 +518,7 @@ def plan_units(plan: Plan, model: adapters.Model, eval_chunk: int, warn: bool = 
     flops = step_flops(plan, model)
     width, reason = run_axis_width(flops, width, devices, jax.default_backend())
     # A batch group with fewer runs than the widest is laid out no wider than it needs.
-    widths = [min(width, devices * math.ceil(_bucket(g.slots.shape[1]) / devices)) for g in groups]
+    widths = [min(width, devices * math.ceil(_bucket(r) / devices)) for r in needed]
     layout = fast_layout(init_fn, apply_fn, family, cfg.data.x_train[:2])
     if warn:
       warn_slow_layers(init_fn, apply_fn, family, layout, cfg.data.x_train[:2])
@@ -506,7 +540,9 @@ def plan_units(plan: Plan, model: adapters.Model, eval_chunk: int, warn: bool = 
       steps_per_epoch=tuple(plan.steps_per_epoch[b] for b in batch_sizes),
       eval_batch_size=eval_width,
       ragged=tuple(
-        math.ceil(plan.total_updates[b] / plan.num_evals) * plan.num_evals != plan.total_updates[b]
+        plan.space is not None  # a group of padding alone skips its ticks
+        or math.ceil(plan.total_updates[b] / plan.num_evals) * plan.num_evals
+        != plan.total_updates[b]
         for b in batch_sizes
       ),
       compute_dtype=cfg.compute_dtype,
@@ -522,10 +558,11 @@ def plan_units(plan: Plan, model: adapters.Model, eval_chunk: int, warn: bool = 
       else (),
       layout=layout,
     )
-    filler = groups[0].runs[0]
-    shared = {'chunks': math.ceil(total / width)}
-    for start in range(0, total, width):
-      chunk = _chunk(groups, start, widths)
+    filler = next(r for g in groups for r in g.runs)
+    chunks = max(math.ceil(g.slots.shape[1] / w) for g, w in zip(groups, widths, strict=True))
+    shared = {'chunks': chunks}
+    for index in range(chunks):
+      chunk = _chunk(groups, index, widths)
       out.append(
         Unit(
           family,

@@ -251,6 +251,61 @@ def test_draws_follow_their_spaces():
   assert {r.values['batch_size'] for r in choices} == {16, 32, 48}
 
 
+def _space_config(sample_seed: int) -> sweep.SweepConfig:
+  return sweep.SweepConfig(
+    **BASE,
+    optimizer=sweep.space.choice(['sgd', 'adam']),
+    learning_rate=sweep.space.loguniform(1e-3, 1e-1),
+    batch_size=sweep.space.choice([16, 32, 48]),
+    samples=8,
+    sample_seed=sample_seed,
+    seed=[0, 1],
+    num_evals=2,
+  )
+
+
+def test_a_new_sample_seed_compiles_nothing_and_every_run_equals_its_loop(monkeypatch):
+  from compiles import counting_compiles
+
+  # Groups laid out for the median draw: most draws overflow one into further chunks of
+  # the same program, and leave some (optimizer, batch size) groups empty.
+  monkeypatch.setattr(units, 'SPACE_QUANTILE', 0.5)
+  with counting_compiles() as names:
+    sweep.run(_space_config(0), progress=False)
+    first = len(names)
+    # Another draw: other values, other numbers of runs in each (optimizer, batch size).
+    result = sweep.run(_space_config(1), progress=False)
+  assert first > 0 and names[first:] == [], f'compiled again: {names[first:]}'
+  table = result.table
+  groups = {(r.optimizer, r.batch_size) for r in table.itertuples()}
+  assert len(table) == 16 and len(groups) >= 3
+  makers = {'sgd': optax.sgd, 'adam': optax.adam}
+  constant = lambda lr, total: lr  # noqa: E731
+  for i in range(len(table)):
+    row = table.loc[i]
+    total = validate(_space_config(1)).total_updates[int(row.batch_size)]
+    want, done = reference(
+      makers[row.optimizer], {}, constant, row.learning_rate, row.batch_size, row.seed, total
+    )
+    assert done == row.updates == total
+    assert excess(result.params(i), want) <= 0, f'run {i}: {dict(row)}'
+
+
+def test_a_space_lays_out_its_groups_whatever_the_draw():
+  """The layout (the compiled structures and widths) is the space's; a draw with more runs in
+  a group than it was laid out for trains them in one more chunk of the same program."""
+  layouts, chunks = set(), set()
+  for sample_seed in range(6):
+    cfg = _space_config(sample_seed)
+    plan = validate(cfg)
+    laid = units.plan_units(plan, engine.model_of(cfg, plan.output_dim), 64, warn=False)
+    layouts.add(frozenset((u.structure, tuple(g.slots.shape for g in u.groups)) for u in laid))
+    chunks.add(len(laid))
+    placed = sorted(int(i) for u in laid for g in u.groups for i in g.slots.ravel() if i >= 0)
+    assert placed == list(range(len(plan.runs)))  # every run once
+  assert len(layouts) == 1, layouts
+
+
 def _sigterm_at(monkeypatch, segment: int) -> None:
   if threading.current_thread() is not threading.main_thread():
     pytest.skip('signal handlers are only installed in the main thread')
