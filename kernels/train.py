@@ -109,6 +109,8 @@ class Structure:
     out = self.loss(predictions, targets)
     if isinstance(out, tuple | list):
       return out[0], out[1]
+    if not isinstance(predictions, jax.Array):
+      return out, None  # several outputs (a VAE's): accuracy only where the loss gives one
     if self.accuracy == 'ids':
       return out, losses.correct('softmax_cross_entropy', predictions, targets, self.ignore_label)
     if self.accuracy == 'onehot':
@@ -117,8 +119,10 @@ class Structure:
 
   def forward(
     self, params: Any, state: Any, x: jax.Array, train: bool, key: jax.Array | None
-  ) -> tuple[jax.Array, Any]:
-    """The model on a batch: (predictions in float32, the model state after it)."""
+  ) -> tuple[Any, Any]:
+    """The model on a batch: (predictions in float32, the model state after it). The
+    predictions are one array or, for a model with several outputs, the tuple or dict of
+    arrays the model returns (a callable loss takes them whole)."""
     if not self.model.random:
       key = None
     if self.compute_dtype == 'float32':
@@ -127,7 +131,7 @@ class Structure:
     cast = lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a  # noqa: E731
     out, new = self.model.apply(jax.tree.map(cast, params), state, cast(x), train, key)
     new = jax.tree.map(lambda n, o: n.astype(o.dtype), new, state)
-    return out.astype(jnp.float32), new
+    return jax.tree.map(lambda a: a.astype(jnp.float32), out), new
 
 
 class Data(NamedTuple):

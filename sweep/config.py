@@ -72,7 +72,9 @@ class SweepConfig:
     data: a `sweep.data.Dataset`, e.g. `sweep.data.arrays(x, y, x_val, y_val)`.
     loss: a name in `kernels.losses.LOSSES` or `callable(predictions, targets)`
       returning the per-example loss. None picks softmax_cross_entropy for integer
-      labels and mse otherwise.
+      labels and mse otherwise. A model with several outputs (a tuple or dict of arrays,
+      such as a VAE's `(recon, mean, logvar)`) needs a callable loss: it is given them
+      whole, and the validation loss is its mean; a named loss is refused.
     optimizer: a name: sgd, momentum, nesterov, adam, adamw, rmsprop, adagrad, lion;
       or a factory `callable(learning_rate, **hyperparameters) ->
       optax.GradientTransformation`, e.g. `lambda learning_rate, weight_decay:

@@ -135,11 +135,21 @@ def _output_shape(model: adapters.Model, x_shape: tuple[int, ...], x_dtype: str)
     )
   evaluated = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), traced.out_info)
   _PROBABILITIES[(model, x_shape, x_dtype)] = _ends_in_softmax(traced.jaxpr.jaxpr)
-  if not isinstance(pred, jax.ShapeDtypeStruct) or not isinstance(evaluated, jax.ShapeDtypeStruct):
-    return _Failure('the model must return one array', None)
-  if pred.shape != evaluated.shape:
+  # One array, or several (a tuple, list or dict of arrays: a VAE's (recon, mean, logvar)),
+  # which a callable loss takes whole.
+  for out in (pred, evaluated):
+    leaves = jax.tree.leaves(out)
+    if not leaves or not all(isinstance(a, jax.ShapeDtypeStruct) for a in leaves):
+      return _Failure(
+        'the model must return an array, or a tuple, list or dict of arrays; it returned '
+        f'{jax.tree.structure(out)}',
+        None,
+      )
+  shapes = lambda t: jax.tree.map(lambda a: a.shape, t)  # noqa: E731
+  if jax.tree.structure(pred) != jax.tree.structure(evaluated) or shapes(pred) != shapes(evaluated):
     return _Failure(
-      f'the model returns {pred.shape} in training mode but {evaluated.shape} in evaluation mode',
+      f'the model returns {shapes(pred)} in training mode but {shapes(evaluated)} in '
+      'evaluation mode',
       None,
     )
   return pred
@@ -204,6 +214,14 @@ def check_model(plan: Plan, model: adapters.Model) -> None:
       'loss=keras.losses.CategoricalCrossentropy())',
     )
   is_int = np.issubdtype(y.dtype, np.integer)
+  if isinstance(plan.loss, str) and not isinstance(pred, jax.ShapeDtypeStruct):
+    raise config_error(
+      'loss',
+      plan.loss,
+      f'the model returns several outputs ({_outputs(pred)}) and a named loss takes one array '
+      'of predictions; pass a callable loss(outputs, targets) -> (batch,) that takes them whole '
+      "(it is given the model's output as the model returns it), or return one array",
+    )
   if isinstance(plan.loss, str):
     problem = losses.check_shapes(plan.loss, tuple(pred.shape), tuple(y.shape), is_int)
     if (
@@ -250,6 +268,13 @@ def check_model(plan: Plan, model: adapters.Model) -> None:
         'a callable loss must return one value per example, shape (batch,); got '
         f'{getattr(out, "shape", out)}',
       )
+
+
+def _outputs(pred: Any) -> str:
+  """The model's several outputs in a message: 'a tuple of 3: (32, 64), (32, 4), (32, 4)'."""
+  leaves = jax.tree.leaves(pred)
+  kind = type(pred).__name__ if isinstance(pred, tuple | list | dict) else 'pytree'
+  return f'a {kind} of {len(leaves)}: ' + ', '.join(str(tuple(a.shape)) for a in leaves)
 
 
 def _channel_hint(x: np.ndarray) -> str:
