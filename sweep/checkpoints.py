@@ -37,6 +37,7 @@ from typing import Any
 
 import jax
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 
 from sweep import files
@@ -619,16 +620,30 @@ def saved_runs(workdir: str) -> list[int]:
   return sorted(int(n) for n in os.listdir(directory) if n.isdigit())
 
 
-def restore_run(workdir: str, i: int) -> dict[str, Any]:
+def restore_run(workdir: str, i: int, optimizer: Any = None) -> dict[str, Any]:
   """Everything saved of run i: `params`, `opt_state` (the optimizer state after its last
-  update, as nested dicts and lists of arrays) and, with keep_best, `best_params`; under a
-  schedule-free optimizer `eval_params`, the parameters its metrics were measured at; the
-  model state under `model_collections` (flax linen) or `model_state`, when the model has
-  one.
+  update) and, with keep_best, `best_params`; under a schedule-free optimizer
+  `eval_params`, the parameters its metrics were measured at; the model state under
+  `model_collections` (flax linen) or `model_state`, when the model has one.
+
+  The optimizer state comes back in optax's own types, so that optax's helpers
+  (`optax.tree_utils.tree_get`, `optax.contrib.schedule_free_eval_params`, ...) and
+  `update` work on it:
+
+  - `optimizer=None`: for the sweep's named optimizers ('adam', 'sgd', ...), the state
+    the sweep trained with: optax's injected-hyperparameters state (`hyperparams`,
+    `inner_state`) whose `inner_state` is the optimizer's own. For an optimizer factory,
+    nested dicts and lists of arrays (pass the factory to get its types).
+  - `optimizer=` the factory the sweep was given (a callable returning an optax
+    transformation): the sweep's state, as above, in that factory's types.
+  - `optimizer=` an optax transformation to go on training with (`optax.adam(1e-3)`):
+    the state that transformation keeps, its `init(params)`'s types, filled from the
+    sweep's (the inner state of the injected one); refused if they do not match.
 
   Raises:
     KeyError: run i was not saved (the message names the runs that were).
-    ValueError: its files are damaged (a rerun of the sweep saves them again).
+    ValueError: its files are damaged (a rerun of the sweep saves them again), or
+      `optimizer` keeps a state of another structure.
   """
   path = run_path(workdir, i)
   if not os.path.isdir(path):
@@ -643,7 +658,76 @@ def restore_run(workdir: str, i: int) -> dict[str, Any]:
     )
   with _checkpointer() as ckpt:
     tree = ckpt.restore(path)
-  return jax.tree.map(np.asarray, tree)
+  tree = jax.tree.map(np.asarray, tree)
+  target = _optimizer_target(path, tree, optimizer)
+  if target is not None:
+    saved = tree['opt_state']
+    injected = hasattr(target, 'hyperparams') and hasattr(target, 'inner_state')
+    if not injected and isinstance(saved, dict) and 'inner_state' in saved:
+      saved = saved['inner_state']  # the state of a transformation of the user's own
+    try:
+      tree['opt_state'] = _typed(target, saved)
+    except (KeyError, IndexError, TypeError, ValueError) as e:
+      raise ValueError(
+        f'run {i} in {workdir!r}: the optimizer given keeps a state of another structure '
+        f'than the one the sweep saved ({e}); pass the optimizer the run was trained with'
+      ) from None
+  return tree
+
+
+def _optimizer_target(path: str, tree: dict, optimizer: Any) -> Any:
+  """The abstract optimizer state whose types run `path`'s state comes back in, or None."""
+  from kernels import optimizers
+
+  params = tree['params']
+  if optimizer is None:
+    with open(path + '.json') as f:
+      name = json.load(f).get('optimizer')
+    if name not in optimizers.FAMILIES:
+      return None  # a factory's label: its types need the factory
+    hyper = tree['opt_state'].get('hyperparams', {}) if isinstance(tree['opt_state'], dict) else {}
+    # The hyperparameters the sweep injected are those a plain `make` does not hold.
+    plain = jax.eval_shape(optimizers.make(name, {}).init, params).hyperparams
+    made = optimizers.make(name, {k: np.float32(0) for k in hyper if k not in plain})
+  elif isinstance(optimizer, optax.GradientTransformation):
+    made = optimizer
+  elif callable(optimizer):
+    hyper = tree['opt_state'].get('hyperparams', {})
+    names = tuple(k for k in hyper if k != 'learning_rate')
+    made = optimizers.make(
+      optimizers.Factory(optimizer, names, optimizers.label(optimizer)),
+      {k: np.float32(0) for k in names},
+    )
+  else:
+    raise TypeError(
+      f'optimizer={optimizer!r}: expected an optax transformation or the optimizer factory '
+      'the sweep was given'
+    )
+  return jax.eval_shape(made.init, params)
+
+
+def _typed(target: Any, saved: Any) -> Any:
+  """`saved` (orbax's nested dicts and lists) in the types of `target` (an optax state)."""
+  if target is None or (isinstance(target, tuple) and not target and not saved):
+    return target
+  if hasattr(target, '_fields'):  # a NamedTuple: saved by field name
+    if not target._fields:
+      return type(target)()
+    return type(target)(**{f: _typed(getattr(target, f), saved[f]) for f in target._fields})
+  if isinstance(target, tuple | list):
+    if len(saved) != len(target):
+      raise ValueError(f'{len(target)} parts where the sweep saved {len(saved)}')
+    return type(target)(_typed(t, s) for t, s in zip(target, saved, strict=True))
+  if isinstance(target, dict):
+    if set(target) != set(saved):
+      raise KeyError(f'keys {sorted(target)} where the sweep saved {sorted(saved)}')
+    return {k: _typed(target[k], saved[k]) for k in target}
+  if isinstance(target, jax.ShapeDtypeStruct):
+    value = np.asarray(saved)
+    if value.shape != target.shape:
+      raise ValueError(f'shape {target.shape} where the sweep saved {value.shape}')
+    return value.astype(target.dtype)
+  return saved
 
 
 def restore_variables(workdir: str, i: int, best: bool = False) -> dict[str, Any]:
