@@ -369,3 +369,61 @@ def test_the_experiment_after_smith_et_al_is_a_valid_sweep():
   plan = sweep.check(module.get_config())
   by_schedule = {r.values['batch_schedule']: r.total_updates for r in plan.runs}
   assert by_schedule == {'constant': 3750, '32>160>800 @0.333,0.667': 1550, '32>160 @0.333': 1750}
+
+
+# ------------------------------------------------------------------ dropout, batch statistics ----
+
+
+def test_a_flax_model_with_dropout_and_batchnorm_ramps_as_its_loop_with_the_documented_keys():
+  import flax.linen as nn
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool):
+      x = nn.Dense(16, use_bias=False)(x)
+      x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
+      x = nn.Dropout(0.3, deterministic=not train)(nn.relu(x))
+      return nn.Dense(CLASSES)(x)
+
+  module = Net()
+  ramp = sweep.batch_schedule([(0.0, 16), (0.5, 32)])
+  cfg = config(
+    model=module, learning_rate=[1e-2], batch_size=[ramp], seed=[4], epochs=2, schedule='constant'
+  )
+  result = sweep.run(cfg, progress=False)
+
+  # The loop: epoch 0 at batch 16, epoch 1 at batch 32; the dropout key of a step is the
+  # key of its batch group's step at that place of the data order (e * (n // B) + j).
+  variables = module.init(jax.random.fold_in(jax.random.key(4), 0), DATA.x_train[:1], train=False)
+  params, stats = variables['params'], variables['batch_stats']
+  opt = optax.adam(1e-2)
+  state = opt.init(params)
+
+  @jax.jit
+  def step(params, stats, state, x, y, key):
+    def loss(p):
+      logits, new = module.apply(
+        {'params': p, 'batch_stats': stats},
+        x,
+        train=True,
+        rngs={'dropout': key},
+        mutable=['batch_stats'],
+      )
+      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), new['batch_stats']
+
+    (_, stats), grads = jax.value_and_grad(loss, has_aux=True)(params)
+    updates, state = opt.update(grads, state, params)
+    return optax.apply_updates(params, updates), stats, state
+
+  for epoch, b in enumerate([16, 32]):
+    perm = order(4, epoch)
+    for j in range(N_TRAIN // b):
+      idx = perm[j * b : (j + 1) * b]
+      key = jax.random.fold_in(jax.random.fold_in(jax.random.key(4), 2), epoch * (N_TRAIN // b) + j)
+      params, stats, state = step(params, stats, state, DATA.x_train[idx], DATA.y_train[idx], key)
+  got = result.variables(0)
+  for g, w in zip(
+    jax.tree.leaves(got), jax.tree.leaves({'params': params, 'batch_stats': stats}), strict=True
+  ):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=RTOL, atol=ATOL)
+  assert int(result.table.updates[0]) == 12 + 6
