@@ -2,6 +2,7 @@
 processes, joined through `jax.distributed` before anything computes):
 
     python _adaptive_worker.py OUT SCHEDULER [--process-id I --num-processes N --port P]
+                               [--workdir W [--preempt-at K]]
 
 SCHEDULER is `asha`, `pbt` or `ramp` (no scheduler; runs that change batch size). It writes
 OUT/results.csv, OUT/curves.csv and OUT/params.npz
@@ -24,6 +25,10 @@ def main(argv: list[str]) -> None:
   parser.add_argument('--process-id', type=int, default=0)
   parser.add_argument('--num-processes', type=int, default=1)
   parser.add_argument('--port', type=int)
+  parser.add_argument('--workdir')
+  parser.add_argument(
+    '--preempt-at', type=int, help='process 0 sends itself SIGTERM at this round (1-based)'
+  )
   args = parser.parse_args(argv)
 
   import jax
@@ -55,7 +60,21 @@ def main(argv: list[str]) -> None:
     epochs=2,
     scheduler=scheduler,
   )
-  result = sweep.run(cfg, progress=False)
+  if args.preempt_at:
+    import signal
+
+    from sweep import population
+
+    decide, rounds = population.Population.decide, []
+
+    def preempting(self):
+      rounds.append(1)
+      if len(rounds) == args.preempt_at and jax.process_index() == 0:
+        os.kill(os.getpid(), signal.SIGTERM)  # as a cloud machine announces preemption
+      return decide(self)
+
+    population.Population.decide = preempting
+  result = sweep.run(cfg, args.workdir, progress=False)
   os.makedirs(args.out, exist_ok=True)
   result.table.to_csv(os.path.join(args.out, 'results.csv'), index=False)
   result.curves.to_csv(os.path.join(args.out, 'curves.csv'), index=False)

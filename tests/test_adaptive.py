@@ -523,6 +523,57 @@ def test_two_processes_take_every_decision_alike_and_equal_one_process(tmp_path,
         np.testing.assert_array_equal(f[k], want_params[k], err_msg=k)
 
 
+def test_two_processes_preempted_mid_search_resume_to_the_uninterrupted_result(tmp_path):
+  """SIGTERM reaches process 0 only: both save at the same round and exit 143; the same
+  command again resumes both from their checkpoints and ends as one uninterrupted process."""
+  workdir = tmp_path / 'w'
+
+  def two(name, *extra):
+    port = _free_port()
+    return [
+      _worker(
+        tmp_path,
+        f'{name}{i}',
+        'asha',
+        '--process-id',
+        str(i),
+        '--num-processes',
+        '2',
+        '--port',
+        str(port),
+        '--workdir',
+        str(workdir),
+        *extra,
+      )
+      for i in range(2)
+    ]
+
+  def wait(workers, code):
+    for proc, log in workers:
+      try:
+        proc.wait(timeout=300)
+      finally:
+        if proc.poll() is None:
+          proc.kill()
+      assert proc.returncode == code, log.read_text()[-4000:]
+
+  one, cut = [_worker(tmp_path, 'one', 'asha')], two('cut', '--preempt-at', '3')
+  wait(one, 0)
+  wait(cut, 143)
+  assert 'SIGTERM received' in (tmp_path / 'cut0.log').read_text()
+  wait(two('again'), 0)
+  assert 'Resuming' in (tmp_path / 'again0.log').read_text()
+  want = pd.read_csv(tmp_path / 'one' / 'results.csv').drop(columns='seconds')
+  with np.load(tmp_path / 'one' / 'params.npz') as f:
+    want_params = {k: f[k] for k in f.files}
+  for i in range(2):
+    got = pd.read_csv(tmp_path / f'again{i}' / 'results.csv').drop(columns='seconds')
+    pd.testing.assert_frame_equal(got, want)
+    with np.load(tmp_path / f'again{i}' / 'params.npz') as f:
+      for k in f.files:
+        np.testing.assert_array_equal(f[k], want_params[k], err_msg=k)
+
+
 def test_a_diverged_pbt_member_copies_a_good_one_and_trains_on():
   cfg = _pbt_config(learning_rate=[1e-3, 3e-3, 1e-2, 1e4])
   result = sweep.run(cfg, progress=False)
