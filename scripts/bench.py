@@ -383,8 +383,12 @@ def timed(f, *args) -> float:
 MATCH = None  # --match: only the user-module rows whose title holds this
 
 
-def user_module(title, module, x, y, lrs, batch, optimizer, repeats, peak, **apply_kwargs):
-  """The same unmodified module through the engine, (b) and (f); see the docstring."""
+def user_module(
+  title, module, x, y, lrs, batch, optimizer, repeats, peak, probe=None, **apply_kwargs
+):
+  """The same unmodified module through the engine, (b) and (f); see the docstring. The
+  engine evaluates as configured by default (`train_eval_size=probe`: None sizes the
+  training probe to the training) on a 1024-example validation set."""
   if MATCH and MATCH not in title:
     return
   n = len(x)
@@ -405,7 +409,7 @@ def user_module(title, module, x, y, lrs, batch, optimizer, repeats, peak, **app
     shuffle=False,
     epochs=1,
     num_evals=1,
-    train_eval_size=1024,
+    train_eval_size=probe,
   )
   t0 = time.perf_counter()
   result = sweep.run(cfg, progress=False)

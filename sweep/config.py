@@ -129,7 +129,9 @@ class SweepConfig:
       frozen only when its update is not finite (the batch left out of `batch_loss`).
     eval_batch_size: examples per evaluation chunk.
     train_eval_size: size of the fixed random subset of the training set on which
-      train metrics are measured at each evaluation point.
+      train metrics are measured at each evaluation point (the same for every run); None
+      sizes it to the training (`probe_size`: its forward passes cost about a twentieth of
+      a segment's training); `data.n_train` measures them on the whole training set.
     objectives: Pareto objectives, column -> "min" or "max".
     compute_dtype: "float32", or "bfloat16" for the forward and backward pass with
       float32 parameters and optimizer state.
@@ -200,7 +202,7 @@ class SweepConfig:
   num_evals: int | None = None
   divergence_threshold: float = 100.0
   eval_batch_size: int = 1024
-  train_eval_size: int = 4096
+  train_eval_size: int | None = None
   objectives: Mapping[str, str] = dataclasses.field(
     default_factory=lambda: dict(DEFAULT_OBJECTIVES)
   )
@@ -327,6 +329,29 @@ class Plan:
       if updates > start or start == 0:
         return examples + (updates - start) * b, b
     raise AssertionError('unreachable')
+
+
+# The training probe sized to the training (train_eval_size=None): its forward passes cost
+# at most PROBE_SHARE of a segment's training, a training step counted as three forward
+# passes of its batch (forward and backward), so half of the tenth the probe and the
+# validation pass may take together; a power of two (the evaluation chunks divide it), at
+# least PROBE_MIN examples (a smaller probe's loss is mostly noise).
+PROBE_SHARE = 0.05
+PROBE_MIN = 256
+
+
+def probe_size(plan: Plan) -> int:
+  """Training examples the train metrics are measured on at each evaluation point."""
+  cfg = plan.config
+  n = cfg.data.n_train
+  if cfg.train_eval_size is not None:
+    return min(n, int(cfg.train_eval_size))
+  per_segment = min(
+    math.ceil(plan.total_updates[b] / plan.num_evals) * b for b in plan.total_updates
+  )
+  fits = 3 * PROBE_SHARE * per_segment
+  size = 1 << int(math.floor(math.log2(max(fits, PROBE_MIN))))
+  return min(n, max(size, PROBE_MIN))
 
 
 def _as_list(field: str, value) -> list:
@@ -719,8 +744,13 @@ def check_fields(cfg: SweepConfig) -> Any:
     raise config_error('divergence_threshold', cfg.divergence_threshold, 'expected a factor > 1')
   for name in ('eval_batch_size', 'train_eval_size'):
     v = getattr(cfg, name)
+    if name == 'train_eval_size' and v is None:
+      continue
     if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v <= 0:
-      raise config_error(name, v, 'expected a positive integer')
+      accepted = 'expected a positive integer' + (
+        ', or None to size it to the training' if name == 'train_eval_size' else ''
+      )
+      raise config_error(name, v, accepted)
   if cfg.train_argument is not None and (
     not isinstance(cfg.train_argument, str) or not cfg.train_argument.isidentifier()
   ):

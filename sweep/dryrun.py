@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sweep.config import SweepConfig
+from sweep.config import SweepConfig, probe_size
 
 # Fitted to four experiments on a shared 2-core CPU (docs/performance.md, "The dry run's
 # time estimate"): the compiles, each scan step's fixed cost, and the share of the matrix
@@ -80,7 +80,7 @@ def _plan(cfg: SweepConfig):
   plan = validate(cfg)
   model = adapters.model_of(cfg, plan.output_dim)
   preflight.check(plan, model)
-  eval_chunk = _eval_chunk(cfg)
+  eval_chunk = _eval_chunk(plan)
   return plan, model, eval_chunk, units.plan_units(plan, model, eval_chunk, warn=False)
 
 
@@ -92,7 +92,7 @@ def estimate(cfg: SweepConfig) -> tuple[Estimate, Any, list]:
   devices = jax.local_device_count()
   rate = matmul_rate() * devices * EFFICIENCY
   data = cfg.data
-  evaluated = min(cfg.train_eval_size, data.n_train) + (data.n_val or 0)
+  evaluated = probe_size(plan) + (data.n_val or 0)
   compile_s = train_s = eval_s = flops_total = 0.0
   memory = 0
   seen = set()

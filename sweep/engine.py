@@ -33,7 +33,7 @@ import tqdm.auto as tqdm
 
 from kernels import optimizers, train
 from sweep import adapters, checkpoints, devices, distributed, preflight, units
-from sweep.config import Plan, SweepConfig, validate
+from sweep.config import Plan, SweepConfig, probe_size, validate
 from sweep.data import aligned
 from sweep.errors import ConfigError, config_error
 from sweep.units import Unit, UnitResult
@@ -45,8 +45,9 @@ set_cpu_devices = devices.set_cpu_devices
 model_of = adapters.model_of
 
 
-def _device_data(cfg: SweepConfig, chunk: int, shardings) -> train.Data:
+def _device_data(plan: Plan, chunk: int, shardings) -> train.Data:
   """The datasets on the device(s): on every device the run axis is split over."""
+  cfg = plan.config
   data = cfg.data
 
   def padded(x, y):
@@ -63,7 +64,7 @@ def _device_data(cfg: SweepConfig, chunk: int, shardings) -> train.Data:
     return x, y, w
 
   n = data.n_train
-  probe = np.sort(np.random.default_rng(0).permutation(n)[: min(n, cfg.train_eval_size)])
+  probe = np.sort(np.random.default_rng(0).permutation(n)[: probe_size(plan)])
   xp, yp, wp = padded(data.x_train[probe], data.y_train[probe])
   if data.x_val is not None and len(data.x_val):
     xv, yv, wv = padded(data.x_val, data.y_val)
@@ -444,7 +445,7 @@ def _run(cfg, wd, progress, fresh, checkpoint_every, experiment_file, keep_check
   _positive(
     'keep_checkpoints', keep_checkpoints, 'expected a positive integer (2 or more to fall back)'
   )
-  eval_chunk = _eval_chunk(cfg)
+  eval_chunk = _eval_chunk(plan)
   # Slow-layer warnings come after the workdir check: a refused rerun says one thing.
   all_units = units.plan_units(plan, model, eval_chunk, warn=False)
   # Every field; with a workdir the data's content is hashed too (once), for the fingerprint.
@@ -493,7 +494,7 @@ def _run(cfg, wd, progress, fresh, checkpoint_every, experiment_file, keep_check
   sweep = _Sweep(
     plan=plan,
     model=model,
-    data=_device_data(cfg, eval_chunk, shardings),
+    data=_device_data(plan, eval_chunk, shardings),
     shardings=shardings,
     threshold=jnp.float32(cfg.divergence_threshold),
     keep=_Keeper(
@@ -556,7 +557,7 @@ def _run_population(
     plan,
     model,
     all_units,
-    _device_data(cfg, eval_chunk, shardings),
+    _device_data(plan, eval_chunk, shardings),
     shardings,
     jnp.float32(cfg.divergence_threshold),
   )
@@ -715,12 +716,16 @@ def _resume_population(store, pop, wd) -> float:
   return seconds
 
 
-def _eval_chunk(cfg: SweepConfig) -> int:
-  """Examples per evaluation step: the config's, no more than the largest evaluated set."""
-  sizes = [min(cfg.train_eval_size, cfg.data.n_train)] + (
-    [cfg.data.n_val] if cfg.data.n_val else []
-  )
-  return min(cfg.eval_batch_size, max(sizes))
+def _eval_chunk(plan: Plan) -> int:
+  """Examples per evaluation step: the config's, no more than the largest evaluated set; a
+  probe sized to the training (a power of two) is not padded to a larger chunk."""
+  cfg = plan.config
+  probe = probe_size(plan)
+  sizes = [probe] + ([cfg.data.n_val] if cfg.data.n_val else [])
+  chunk = min(cfg.eval_batch_size, max(sizes))
+  if cfg.train_eval_size is None and probe < chunk and probe < cfg.data.n_train:
+    return probe
+  return chunk
 
 
 def check(cfg: SweepConfig) -> Plan:

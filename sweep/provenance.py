@@ -20,7 +20,7 @@ import jax
 import numpy as np
 
 from sweep import columns, fingerprint
-from sweep.config import Plan
+from sweep.config import Plan, probe_size
 
 PACKAGES = ('lrbs-sweep', 'jax', 'jaxlib', 'optax', 'flax', 'orbax-checkpoint', 'numpy', 'pandas')
 
@@ -129,11 +129,19 @@ def resolved_config(
       'num_classes': data.num_classes,
     },
   }
+  out['train_probe'] = {
+    'examples': probe_size(plan),
+    'of': data.n_train,
+    'subset': 'the first of numpy.random.default_rng(0).permutation(n_train), sorted',
+    'chosen_by': 'train_eval_size'
+    if cfg.train_eval_size is not None
+    else 'sized to the training: a twentieth of a segment (train_eval_size=None)',
+  }
   out['objectives'] = columns.objectives(cfg.objectives, validation=bool(data.n_val))
   if out['objectives'] != dict(cfg.objectives):
     out['objectives_note'] = (
       "no validation set: the default objectives rank the runs by the training probe's loss "
-      f'final_train_loss (on {min(cfg.train_eval_size, data.n_train)} training examples) in '
+      f'final_train_loss (on {probe_size(plan)} training examples) in '
       'place of final_val_loss'
     )
   if plan.search:  # runs that are no grid: how they were chosen (explicit, or sampled)

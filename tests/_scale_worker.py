@@ -64,10 +64,8 @@ def functions(cfg) -> tuple:
   from sweep.config import validate
 
   plan = validate(cfg)
-  data = cfg.data
   model = engine.model_of(cfg, plan.output_dim)
-  sizes = [min(cfg.train_eval_size, data.n_train)] + ([data.n_val] if data.n_val else [])
-  return plan, model, min(cfg.eval_batch_size, max(sizes))
+  return plan, model, engine._eval_chunk(plan)
 
 
 def units(cfg) -> list:

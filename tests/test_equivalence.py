@@ -455,7 +455,7 @@ def test_classification_metrics(shuffled_classification):
   for i, row in result.table.iterrows():
     params = result.params(i)
     val_loss, val_acc = _cross_entropy_and_accuracy(params, data.x_val, data.y_val)
-    # train_eval_size (4096) exceeds the 200 examples: the probe is the whole training set.
+    # The default probe (at least 256 examples) exceeds the 200: it is the whole training set.
     train_loss, train_acc = _cross_entropy_and_accuracy(params, data.x_train, data.y_train)
     where = f'run {i} ({describe(row)})'
     assert row.final_val_loss == pytest.approx(val_loss, rel=1e-4, abs=1e-6), where

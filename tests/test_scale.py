@@ -169,7 +169,9 @@ def wait_all(workers: list[Worker], linked: list[Worker], timeout: float = TIMEO
 
 def one_example(cfg: sweep.SweepConfig) -> float:
   """An accuracy step: one example of the smaller evaluation set."""
-  return 1 / min(cfg.data.n_val, cfg.train_eval_size, cfg.data.n_train)
+  from sweep.config import probe_size, validate
+
+  return 1 / min(cfg.data.n_val, probe_size(validate(cfg)))
 
 
 # -------------------------------------------------------------------- fixtures ----
