@@ -58,6 +58,30 @@ def test_values_are_python_literals_and_other_text_is_a_string(items, expected):
 
 
 @pytest.mark.parametrize(
+  'text, expected',
+  [
+    (
+      '[32, batch_ramp(32, factor=5, at=(1/3, 2/3))]',
+      [32, sweep.batch_ramp(32, factor=5, at=(1 / 3, 2 / 3))],
+    ),
+    ('sweep.batch_schedule([(0, 16), (0.5, 64)])', sweep.batch_schedule([(0, 16), (0.5, 64)])),
+    ('loguniform(1e-4, 1e-1)', sweep.space.loguniform(1e-4, 1e-1)),
+    ('space.choice([32, 64])', sweep.space.choice([32, 64])),
+    ('sweep.space.randint(1, 2**4)', sweep.space.randint(1, 16)),
+    # Anything else stays text, never evaluated.
+    ('__import__("os").getcwd()', '__import__("os").getcwd()'),
+    ('open("x")', 'open("x")'),
+    ('os.batch_ramp(32)', 'os.batch_ramp(32)'),
+    ('batch_ramp(32).__class__', 'batch_ramp(32).__class__'),
+    ('batch_ramp(x)', 'batch_ramp(x)'),
+  ],
+)
+def test_values_may_call_the_librarys_value_constructors_and_nothing_else(text, expected):
+  got = overrides.literal(text)
+  assert got == expected and type(got) is type(expected)
+
+
+@pytest.mark.parametrize(
   'items, fragments',
   [
     (['lerning_rate=0.1'], ["no field 'lerning_rate'", "did you mean 'learning_rate'"]),
