@@ -151,6 +151,8 @@ def _run(args) -> int:
   print(result.summary(verbose=args.verbose))
   if 'batch_size' in result.table.columns and result.table['batch_size'].nunique() > 1:
     print(_batch_size_line(result))
+  if 'batch_schedule' in result.table.columns:
+    print(_strategies_line(result))
   if args.workdir:
     print(f'Wrote {os.path.join(args.workdir, "results.csv")}, curves.csv and config.json.')
     if not args.no_report:
@@ -203,6 +205,27 @@ def _export(args) -> int:
     print(f'sweep: {e}', file=sys.stderr)
     return 2
   return _print_logged(loggers.send(result, chosen, args.workdir))
+
+
+def _strategies_line(result) -> str:
+  """`analysis.batch_schedule_table` in a few lines of at most 100 columns: each strategy at
+  its best learning rate, its metric and its updates, best first."""
+  from sweep import analysis
+
+  try:
+    table = analysis.batch_schedule_table(result)
+  except (ValueError, KeyError) as e:
+    return f'Batch-size schedules: no comparison ({e}).'
+  metric = table.columns[table.columns.get_loc('learning_rate') + 1]
+  lines = [f'Batch-size strategies, each at its best learning rate ({metric}):']
+  for label, row in table.head(5).iterrows():
+    text = (
+      f'  {label}, lr {row["learning_rate"]:.3g}: {row[metric]:.4g} in {row["updates"]:.0f} updates'
+    )
+    lines.append(text if len(text) <= 100 else text[:97] + '...')
+  if len(table) > 5:
+    lines.append(f'  ... {len(table) - 5} more in the report')
+  return '\n'.join(lines)
 
 
 def _batch_size_line(result) -> str:

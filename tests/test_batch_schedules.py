@@ -427,3 +427,29 @@ def test_a_flax_model_with_dropout_and_batchnorm_ramps_as_its_loop_with_the_docu
   ):
     np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=RTOL, atol=ATOL)
   assert int(result.table.updates[0]) == 12 + 6
+
+
+def test_sweep_run_from_the_command_line_with_a_ramp_set_there(tmp_path, monkeypatch, capsys):
+  from sweep import cli
+
+  experiment = tmp_path / 'exp.py'
+  experiment.write_text(
+    'import sweep\n\n\n'
+    'def get_config():\n'
+    '  return sweep.SweepConfig(model=sweep.models.mlp(hidden=(8,)), data=sweep.data.digits(),\n'
+    "    optimizer='momentum', learning_rate=[0.05], epochs=2)\n"
+  )
+  monkeypatch.setenv('SWEEP_NO_CACHE', '1')
+  argv = ['run', str(experiment), '--workdir', str(tmp_path / 'w'), '--set']
+  argv.append('batch_size=[32, batch_ramp(32, factor=4, at=(1/2,))]')
+  assert cli.main(argv) == 0
+  out = capsys.readouterr().out
+  assert 'Batch-size strategies, each at its best learning rate (final_val_loss):' in out
+  lines = [line for line in out.splitlines() if line.startswith('  ') and 'updates' in line]
+  assert any(
+    line.startswith('  32>128 @0.5, lr 0.05: ') and 'in 55 updates' in line for line in lines
+  )
+  assert any(line.startswith('  batch 32, lr 0.05: ') and 'in 88 updates' in line for line in lines)
+  assert all(len(line) <= 100 for line in lines)
+  loaded = sweep.load(str(tmp_path / 'w'))
+  assert list(loaded.table.batch_schedule) == ['constant', '32>128 @0.5']
