@@ -250,8 +250,38 @@ def structural_key(model: Any) -> Any:
     return ('equinox', _shapes(params), _key(static))
   keras = sys.modules.get('keras')
   if keras is not None and isinstance(model, keras.Model):
-    return None  # a Keras model's code is not read here: it is adapted anew
+    return _keras_key(model)
   return ('model', _key(model))
+
+
+def _keras_key(model: Any) -> Any:
+  """A Sequential or functional Keras model of Keras' own layers: its config with the layer
+  names replaced by their places (a rebuilt model's layers are named anew), the layer
+  classes, the variables' shapes. None for a subclassed model or a layer of the user's own
+  (their code holds what the config does not say)."""
+  layers = list(model._flatten_layers())
+  if type(model).__module__ not in ('keras.src.models.sequential', 'keras.src.models.functional'):
+    return None
+  if not all(type(layer).__module__.startswith('keras.') for layer in layers):
+    return None
+  names = {layer.name: f'#{i}' for i, layer in enumerate(layers)}
+
+  def canonical(v):
+    if isinstance(v, str):
+      return names.get(v, v)
+    if isinstance(v, dict):
+      return {k: canonical(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+      return type(v)(canonical(x) for x in v)
+    return v
+
+  variables = [(tuple(v.shape), str(v.dtype)) for v in model.variables]
+  return (
+    'keras',
+    tuple(type(layer) for layer in layers),
+    _key(canonical(model.get_config())),
+    tuple(variables),
+  )
 
 
 def _shapes(tree: Any) -> Any:
@@ -757,9 +787,26 @@ def _keras_values(model: Any) -> tuple[list, list]:
 @dataclasses.dataclass(frozen=True, eq=False)
 class KerasLoss:
   """A Keras loss object as the engine's per-example loss `loss(predictions, targets)`
-  (Keras takes `(y_true, y_pred)` and averages over the batch)."""
+  (Keras takes `(y_true, y_pred)` and averages over the batch). Equal for losses of one
+  Keras class and config (a loss object made anew compiles nothing), else by identity."""
 
   loss: Any
+
+  @functools.cached_property
+  def _key(self) -> Any:
+    config = getattr(self.loss, 'get_config', None)
+    if type(self.loss).__module__.startswith('keras.') and config is not None:
+      try:
+        return type(self.loss), _key(config())
+      except Exception:  # noqa: BLE001 - an unreadable config: compared by identity
+        pass
+    return self.loss
+
+  def __eq__(self, other: object) -> bool:
+    return isinstance(other, KerasLoss) and self._key == other._key
+
+  def __hash__(self) -> int:
+    return hash(self._key)
 
   def __call__(self, predictions: jax.Array, targets: jax.Array) -> jax.Array:
     fn = self.loss.call if hasattr(self.loss, 'call') else self.loss  # an object, or a function

@@ -190,3 +190,53 @@ def _tanh_pair():
 )
 def test_the_structural_key_separates_what_computes_differently(a, b, equal):
   assert (structural_key(a()) == structural_key(b())) == equal
+
+
+# ------------------------------------------------------------------------- keras ----
+
+
+def test_a_keras_model_and_loss_rebuilt_compile_nothing_and_train_the_new_weights():
+  import os
+
+  os.environ.setdefault('KERAS_BACKEND', 'jax')
+  keras = pytest.importorskip('keras')
+  if keras.backend.backend() != 'jax':
+    pytest.skip('keras runs on another backend here')
+
+  def build(seed):
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential(
+      [keras.Input((D_IN,)), keras.layers.Dense(8, activation='relu'), keras.layers.Dense(3)]
+    )
+
+  def cfg(model, lr):
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    return config(model, lr, loss=loss)
+
+  with counting_compiles() as names:
+    sweep.run(cfg(build(0), [1e-2, 5e-2]), progress=False)
+    first = len(names)
+    model = build(1)  # the same layers, named anew, other initial weights
+    result = sweep.run(cfg(model, [3e-3, 2e-2]), progress=False)
+  assert first > 0 and names[first:] == [], f'compiled again: {names[first:]}'
+  # Reference: Adam on the model's stateless_call, one batch at a time.
+  others = [v.value for v in model.non_trainable_variables]
+  for _, row in result.table.iterrows():
+    params = [jnp.asarray(v.value) for v in model.trainable_variables]
+    opt = optax.adam(row.learning_rate)
+    state = opt.init(params)
+
+    def loss(p, xb, yb):
+      return ce(model.stateless_call(p, others, xb)[0], yb)
+
+    step = jax.jit(jax.value_and_grad(loss))
+    for idx in batches(0, 32, 2):
+      _, grads = step(params, DATA.x_train[idx], DATA.y_train[idx])
+      updates, state = opt.update(grads, state, params)
+      params = optax.apply_updates(params, updates)
+    val = float(loss(params, DATA.x_val, DATA.y_val))
+    np.testing.assert_allclose(row.final_val_loss, val, rtol=RTOL, atol=ATOL)
+  other = keras.Sequential(
+    [keras.Input((D_IN,)), keras.layers.Dense(8, activation='tanh'), keras.layers.Dense(3)]
+  )
+  assert structural_key(other) != structural_key(build(2))
