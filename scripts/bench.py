@@ -374,6 +374,38 @@ def one_run(module, x, y, batch, steps, optimizer, init_inside=False, **apply_kw
   return train
 
 
+def eqx_one_run(model, x, y, batch, steps, optimizer, init_inside=False):
+  """`one_run` for an equinox module: its own values are every run's start, the module
+  called on one example at a time and vmapped over the batch (equinox's convention)."""
+  import equinox as eqx
+
+  del init_inside  # the module holds its values
+  params0, static = eqx.partition(model, eqx.is_inexact_array)
+
+  def train(lr):
+    opt = optax.inject_hyperparams(OPTIMIZERS[optimizer])(learning_rate=lr)
+    state = opt.init(params0)
+
+    def step(carry, j):
+      params, state = carry
+      xb = jax.lax.dynamic_slice_in_dim(x, j * batch, batch)
+      yb = jax.lax.dynamic_slice_in_dim(y, j * batch, batch)
+      loss, g = jax.value_and_grad(
+        lambda p: optax.softmax_cross_entropy_with_integer_labels(
+          jax.vmap(eqx.combine(p, static))(xb), yb
+        ).mean()
+      )(params)
+      u, state = opt.update(g, state, params)
+      return (optax.apply_updates(params, u), state), loss
+
+    (params, _), losses = jax.lax.scan(
+      step, (params0, state), jnp.arange(steps) % (x.shape[0] // batch)
+    )
+    return params, losses
+
+  return train
+
+
 def timed(f, *args) -> float:
   t0 = time.perf_counter()
   jax.block_until_ready(f(*args))
@@ -384,11 +416,25 @@ MATCH = None  # --match: only the user-module rows whose title holds this
 
 
 def user_module(
-  title, module, x, y, lrs, batch, optimizer, repeats, peak, probe=None, **apply_kwargs
+  title,
+  module,
+  x,
+  y,
+  lrs,
+  batch,
+  optimizer,
+  repeats,
+  peak,
+  probe=None,
+  make_run=one_run,
+  rebuild=None,
+  **apply_kwargs,
 ):
   """The same unmodified module through the engine, (b) and (f); see the docstring. The
   engine evaluates as configured by default (`train_eval_size=probe`: None sizes the
-  training probe to the training) on a 1024-example validation set."""
+  training probe to the training) on a 1024-example validation set. `make_run` builds (b)
+  and (f)'s `train(lr)`; with `rebuild`, each warm engine call is given `rebuild()`, a model
+  built anew the same way (what a notebook or a script run again does)."""
   if MATCH and MATCH not in title:
     return
   n = len(x)
@@ -415,10 +461,10 @@ def user_module(
   result = sweep.run(cfg, progress=False)
   engine_first = time.perf_counter() - t0
   xs, ys = jnp.asarray(x), jnp.asarray(y)
-  seq = jax.jit(one_run(module, xs, ys, batch, steps, optimizer, **apply_kwargs))
+  seq = jax.jit(make_run(module, xs, ys, batch, steps, optimizer, **apply_kwargs))
   seq_compile = timed(seq, np.float32(lrs[0]))
   hand = jax.jit(
-    jax.vmap(one_run(module, xs, ys, batch, steps, optimizer, init_inside=True, **apply_kwargs))
+    jax.vmap(make_run(module, xs, ys, batch, steps, optimizer, init_inside=True, **apply_kwargs))
   )
   hand_first = timed(hand, jnp.asarray(lrs, jnp.float32))
   times = {'engine': [], 'seq': [], 'hand': []}
@@ -426,7 +472,8 @@ def user_module(
     # Other values each time, same shapes: nothing compiles again.
     scaled = [lr * (1.01 + 0.01 * r) for lr in lrs]
     t0 = time.perf_counter()
-    sweep.run(cfg.replace(learning_rate=scaled), progress=False)
+    model = module if rebuild is None else rebuild()
+    sweep.run(cfg.replace(learning_rate=scaled, model=model), progress=False)
     times['engine'].append(time.perf_counter() - t0)
     t0 = time.perf_counter()
     for lr in scaled:
@@ -525,6 +572,41 @@ def user_rows(quick: bool, peak: float, mnist_dir: str | None) -> None:
   user_module(
     'seed MLP 784-10-10 with nn.Dense', FlaxMLP((10,), 10), x, y, lrs64, 32, 'adam', repeats, peak
   )
+  # Unhashable models, built anew for every call: an equinox module, a list attribute.
+  user_module(
+    'seed MLP 784-10-10 with nn.Dense, hidden=[10] (a list), rebuilt each call',
+    FlaxMLP([10], 10),
+    x,
+    y,
+    lrs64,
+    32,
+    'adam',
+    repeats,
+    peak,
+    rebuild=lambda: FlaxMLP([10], 10),
+  )
+  try:
+    import equinox as eqx
+  except ImportError:
+    eqx = None
+  if eqx is not None:
+
+    def eqx_mlp():
+      return eqx.nn.MLP(784, 10, 10, 1, key=jax.random.key(0))
+
+    user_module(
+      'seed MLP 784-10-10 as eqx.nn.MLP, rebuilt each call',
+      eqx_mlp(),
+      x,
+      y,
+      lrs64,
+      32,
+      'adam',
+      repeats,
+      peak,
+      make_run=eqx_one_run,
+      rebuild=eqx_mlp,
+    )
   if not quick:
     lrs16 = [float(v) for v in np.logspace(-5, -2, 16)]
     user_module(
