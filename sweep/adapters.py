@@ -19,6 +19,7 @@ functions (`init_fn(key) -> params`, `apply_fn(params, x) -> predictions`).
 from __future__ import annotations
 
 import collections
+import copy
 import dataclasses
 import functools
 import hashlib
@@ -178,7 +179,8 @@ def model_of(cfg: SweepConfig, output_dim: int) -> Model:
     return adapt(model, example_x, output_dim, cfg.train_argument)
   cached = _MODELS.get(key)
   if cached is None:
-    cached = dataclasses.replace(adapt(model, example_x, output_dim, cfg.train_argument), key=key)
+    adapted = adapt(_detached(model), example_x, output_dim, cfg.train_argument)
+    cached = dataclasses.replace(adapted, key=key)
     _MODELS[key] = cached
     while len(_MODELS) > _MODELS_KEPT:
       _MODELS.popitem(last=False)
@@ -187,6 +189,17 @@ def model_of(cfg: SweepConfig, output_dim: int) -> Model:
   if cached.initial is None:
     return cached
   return cached.with_values(_initial_values(model, output_dim))
+
+
+def _detached(model: Any) -> Any:
+  """A copy of a flax module or a factory's partial, so that the cached model keeps computing
+  what its key says when the user later changes a list or dict the original holds."""
+  if isinstance(model, nn.Module | functools.partial):
+    try:
+      return copy.deepcopy(model)
+    except Exception:  # noqa: BLE001 - an uncopyable field: the model itself
+      return model
+  return model
 
 
 def _initial_values(model: Any, output_dim: int) -> tuple[Any, Any]:

@@ -240,3 +240,13 @@ def test_a_keras_model_and_loss_rebuilt_compile_nothing_and_train_the_new_weight
     [keras.Input((D_IN,)), keras.layers.Dense(8, activation='tanh'), keras.layers.Dense(3)]
   )
   assert structural_key(other) != structural_key(build(2))
+
+
+def test_a_list_changed_in_place_after_a_sweep_does_not_change_the_kept_model():
+  sizes = [8]
+  first = sweep.run(config(ListNet(sizes, {}), [1e-2, 5e-2]), progress=False)
+  sizes.append(8)  # the first module now says [8, 8]; its cached program must not
+  jax.clear_caches()  # traced again, the kept model must still be the one keyed
+  again = sweep.run(config(ListNet([8], {}), [1e-2, 5e-2]), progress=False)
+  np.testing.assert_allclose(again.table.final_val_loss, first.table.final_val_loss, rtol=1e-6)
+  assert [a.shape for a in jax.tree.leaves(again.params(0))] == [(8,), (12, 8), (3,), (8, 3)]
