@@ -602,8 +602,9 @@ def choose_batch_size(
   the first evaluation point at which the seed-averaged curve reached the target. This
   assumes every update of a run costs the same time (evaluation time spread in proportion)
   and is only as fine as the evaluation points. `seconds` is what the results table charges
-  each run: when a unit trains several batch sizes together it is the unit's time shared
-  equally between its runs, the same for every batch size, and tells them apart by nothing.
+  each run: the time a run of its batch size takes alone, as `sweep.timing` measured it;
+  in a sweep run with `time_runs=False` it is the unit's time shared equally between its
+  runs, the same for every batch size, and tells them apart by nothing.
   When the seconds are equal for every batch size (or absent), the race is run on
   `updates_to_target` instead, the time on hardware where a larger batch's update costs no
   more than a smaller one's (McCandlish et al. 2018's steps to target), and the reason says

@@ -6,6 +6,8 @@ nothing is trained and nothing is written.
 
 The cost model (its constants fitted on a 2-core CPU; its error in docs/performance.md):
   compile  = COMPILE_S + COMPILE_PER_BATCH_S x batch sizes, per compile group
+             + TIMING_S x (batch sizes + 1) for timing each batch size alone (sweep.timing;
+             not with SWEEP_NO_RUN_TIMING=1, nor for adaptive search or batch-size ramps)
   training = every step of every batch group of every unit: STEP_S + its FLOPs / rate
   evaluation = every evaluation point, every run: forward FLOPs (a third of a step's per
                example) over the evaluated examples / rate
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 from typing import Any
 
@@ -30,6 +33,9 @@ from sweep.config import SweepConfig, probe_size
 # product's speed that a sweep's small products reach.
 COMPILE_S = 3.0
 COMPILE_PER_BATCH_S = 0.6
+# One small program per batch size and one for the evaluation, compiled and run a few times
+# (measured: 5.1 s for 3 batch sizes of an MLP on the digits set, load average 6, 2 cores).
+TIMING_S = 1.0
 STEP_S = 4e-4
 EFFICIENCY = 0.1
 
@@ -94,6 +100,7 @@ def estimate(cfg: SweepConfig) -> tuple[Estimate, Any, list]:
   data = cfg.data
   evaluated = probe_size(plan) + (data.n_val or 0)
   compile_s = train_s = eval_s = flops_total = 0.0
+  timed = os.environ.get('SWEEP_NO_RUN_TIMING') != '1' and cfg.scheduler is None and not plan.ramps
   memory = 0
   seen = set()
   for unit in all_units:
@@ -101,6 +108,8 @@ def estimate(cfg: SweepConfig) -> tuple[Estimate, Any, list]:
     if key not in seen:
       seen.add(key)
       compile_s += COMPILE_S + COMPILE_PER_BATCH_S * len(unit.groups)
+      if timed:
+        compile_s += TIMING_S * (len(unit.groups) + 1)
     per_example = unit.flops_per_run / max(plan.total_updates)
     slots_total = 0
     for g in unit.groups:

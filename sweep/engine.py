@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 import os
 import signal
@@ -32,7 +33,7 @@ import numpy as np
 import tqdm.auto as tqdm
 
 from kernels import optimizers, train
-from sweep import adapters, checkpoints, devices, distributed, preflight, units
+from sweep import adapters, checkpoints, devices, distributed, preflight, timing, units
 from sweep.config import Plan, SweepConfig, probe_size, validate
 from sweep.data import aligned
 from sweep.errors import ConfigError, config_error
@@ -291,6 +292,7 @@ def run(
   keep_checkpoints: int = 2,
   loggers: Sequence[Any] | str = (),
   wait: bool | float = False,
+  time_runs: bool | None = None,
 ) -> Any:
   """Trains every run of `cfg` and returns a `sweep.Result`.
 
@@ -315,6 +317,11 @@ def run(
     wait: when another live process is writing `workdir` (it holds the lock
       `sweep.lock` takes on claiming it): False refuses at once, True waits for it to
       finish, a number of seconds waits that long at most.
+    time_runs: measure the wall time a run of each batch size would take alone
+      (`sweep.timing`: a small compile per batch size, before its first unit trains),
+      the results' `seconds`; False shares each unit's time out over its runs. None: on,
+      unless the environment sets SWEEP_NO_RUN_TIMING=1 (the test suite does). Adaptive
+      search and batch-size ramps are not timed.
 
   Raises:
     ConfigError: a mistake in `cfg`, or a workdir holding another sweep (the message
@@ -335,7 +342,11 @@ def run(
   )
   with wd:  # the workdir's lock is let go on leaving
     with checkpoints.disk_full_guard(workdir):
-      result = _run(cfg, wd, progress, fresh, checkpoint_every, experiment_file, keep_checkpoints)
+      if time_runs is None:
+        time_runs = os.environ.get('SWEEP_NO_RUN_TIMING') != '1'
+      result = _run(
+        cfg, wd, progress, fresh, checkpoint_every, experiment_file, keep_checkpoints, time_runs
+      )
     if chosen and jax.process_index() == 0:
       result.logged = trackers.send(result, chosen, workdir)
   return result
@@ -361,6 +372,40 @@ def _positive(field: str, value: Any, accepted: str) -> None:
     raise config_error(field, value, accepted)
 
 
+def updates_in_segment(unit: Unit, plan: Plan, k: int) -> int:
+  """Updates segment `k` of `unit` applies, summed over its runs (padding slots left out)."""
+  total = 0
+  for g, b in enumerate(unit.structure.batch_sizes):
+    length, budget = unit.structure.steps_per_segment[g], plan.total_updates[b]
+    steps = min((k + 1) * length, budget) - min(k * length, budget)
+    total += steps * int(np.sum(unit.groups[g].slots >= 0))
+  return total
+
+
+class _Progress:
+  """The progress bar, in updates of every run. Its ETA is the updates left at the rate
+  of training alone (tqdm's average rate, smoothing 0): the time a program's first
+  segment takes beyond its second (the compile), the units' starts and the run timing
+  are taken off its clock."""
+
+  def __init__(self, bar: Any):
+    self.bar = bar
+    self._first: dict[Any, float | None] = {}  # structure -> its first segment's seconds
+
+  def leave_out(self, seconds: float) -> None:
+    if not self.bar.disable:  # a disabled bar has no clock
+      self.bar.start_t += seconds
+
+  def segment(self, structure: Any, seconds: float, updates: int) -> None:
+    if structure not in self._first:
+      self._first[structure] = seconds
+    elif self._first[structure] is not None:
+      # The first segment's excess over the second: the compile, as well as it can be told.
+      self.leave_out(max(0.0, self._first[structure] - seconds))
+      self._first[structure] = None
+    self.bar.update(updates)
+
+
 @dataclasses.dataclass
 class _Sweep:
   """What every unit of one sweep trains with."""
@@ -372,6 +417,8 @@ class _Sweep:
   threshold: jax.Array
   keep: _Keeper
   bar: Any
+  progress: _Progress
+  timer: timing.Timer
 
 
 def train_unit(c: int, unit: Unit, sweep: _Sweep, wd: Workdir, sigterm: _SigtermFlag) -> UnitResult:
@@ -379,7 +426,7 @@ def train_unit(c: int, unit: Unit, sweep: _Sweep, wd: Workdir, sigterm: _Sigterm
   checkpointing into `wd` when due; raises `_Preempted` after saving on SIGTERM."""
   plan = sweep.plan
   program = train.make_program(unit.structure)
-  t0 = time.perf_counter()
+  t0 = started = time.perf_counter()
   orders = _OrderBook(plan, unit)
   hparams = devices.shard(unit.hparams, sweep.shardings)
   point = wd.resume.point
@@ -395,11 +442,19 @@ def train_unit(c: int, unit: Unit, sweep: _Sweep, wd: Workdir, sigterm: _Sigterm
     if unit.structure.keep_best:
       state = program.note_best(state, first)
     history = [jax.device_get(first)]
+  # A run's seconds alone, per batch size (sweep.timing): off the unit's clock and the ETA's.
+  spent = sweep.timer.spent
+  sweep.timer.measure(unit, state, hparams, orders.segment(k0), sweep.data, sweep.threshold)
+  t0 += sweep.timer.spent - spent
+  sweep.progress.leave_out(time.perf_counter() - started)
   for k in range(k0, plan.num_evals):
+    tick = time.perf_counter()
     state, metrics = program.segment(state, hparams, orders.segment(k), sweep.data, sweep.threshold)
     history.append(jax.device_get(metrics))
     wd.step += 1
-    sweep.bar.update(sum(unit.structure.steps_per_segment))
+    sweep.progress.segment(
+      unit.structure, time.perf_counter() - tick, updates_in_segment(unit, plan, k)
+    )
     sweep.bar.set_postfix(diverged=units.diverged(unit, history[-1]), refresh=False)
     finished = k == plan.num_evals - 1
     if finished:
@@ -431,7 +486,9 @@ def _gather(trained: list[UnitResult], all_units: list[Unit]) -> list[UnitResult
   return sorted(trained, key=lambda t: t.index)
 
 
-def _run(cfg, wd, progress, fresh, checkpoint_every, experiment_file, keep_checkpoints):
+def _run(
+  cfg, wd, progress, fresh, checkpoint_every, experiment_file, keep_checkpoints, time_runs=True
+):
   from sweep import fingerprint, provenance, results  # results formats what this module produces
 
   # ------------------------------------------------ check and plan, compiling nothing
@@ -483,14 +540,19 @@ def _run(cfg, wd, progress, fresh, checkpoint_every, experiment_file, keep_check
     return _run_population(
       plan, model, all_units, wd, resolved, shardings, eval_chunk, progress, experiment_file
     )
-  ticks = lambda unit: sum(unit.structure.steps_per_segment) * plan.num_evals  # noqa: E731
+  ticks = lambda unit: sum(updates_in_segment(unit, plan, k) for k in range(plan.num_evals))  # noqa: E731
   bar = tqdm.tqdm(
     total=sum(ticks(u) for u in all_units),
     desc=f'{len(plan.runs)} runs',
-    unit='tick',
+    unit=' updates',
+    unit_scale=True,
+    smoothing=0,  # the average rate since the start, compiles taken off (_Progress)
     disable=not progress,
     leave=False,
   )
+  timer = timing.Timer(plan, enabled=time_runs)
+  if not todo:  # nothing to train: the timings the sweep was trained with
+    timer.load(_saved_run_seconds(workdir))
   sweep = _Sweep(
     plan=plan,
     model=model,
@@ -503,6 +565,8 @@ def _run(cfg, wd, progress, fresh, checkpoint_every, experiment_file, keep_check
       keep_opt_state=workdir is not None or cfg.eval_params is not None,
     ),
     bar=bar,
+    progress=_Progress(bar),
+    timer=timer,
   )
   trained = []
   for c, done in sorted(finished.items()):
@@ -514,9 +578,8 @@ def _run(cfg, wd, progress, fresh, checkpoint_every, experiment_file, keep_check
     )
     bar.update(ticks(all_units[c]))
   if wd.resume.point.unit is not None:
-    bar.update(
-      sum(all_units[wd.resume.point.unit].structure.steps_per_segment) * wd.resume.point.segment
-    )
+    resumed = all_units[wd.resume.point.unit]
+    bar.update(sum(updates_in_segment(resumed, plan, k) for k in range(wd.resume.point.segment)))
   start = (
     time.perf_counter() - wd.resume.point.seconds - sum(done.seconds for done in finished.values())
   )
@@ -535,10 +598,21 @@ def _run(cfg, wd, progress, fresh, checkpoint_every, experiment_file, keep_check
   finally:
     bar.close()
   wd.close()
+  for c in sorted(finished):  # finished by an earlier process, and not timed yet
+    if not timer.covers(all_units[c]):
+      unit = all_units[c]
+      hparams = devices.shard(unit.hparams, shardings)
+      state = devices.shard(_start(model, unit, hparams, sweep.data)[0], shardings)
+      orders = _OrderBook(plan, unit).segment(0)
+      timer.measure(unit, state, hparams, orders, sweep.data, sweep.threshold)
 
   # ------------------------------------------------ gather; process 0 writes the results
   trained = _gather(trained, all_units)
-  result = results.Result.from_training(plan, trained, time.perf_counter() - start, resolved, model)
+  if timer.timings:
+    resolved['run_seconds'] = timer.to_json()
+  result = results.Result.from_training(
+    plan, trained, time.perf_counter() - start, resolved, model, timer
+  )
   if workdir is not None and me == 0:
     _write_results(result, workdir, experiment_file)
   return result
@@ -647,6 +721,16 @@ def _exit_preempted(sigterm: _SigtermFlag, step: int, workdir: str) -> None:
     file=sys.stderr,
   )
   raise SystemExit(sigterm.exit_code) from None
+
+
+def _saved_run_seconds(workdir: str | None) -> dict | None:
+  """config.json's `run_seconds` of a finished sweep in `workdir` (None if absent)."""
+  path = os.path.join(workdir, 'config.json') if workdir else None
+  try:
+    with open(path) as f:
+      return json.load(f).get('run_seconds')
+  except (TypeError, OSError, ValueError, AttributeError):
+    return None
 
 
 def _write_results(result, workdir: str, experiment_file: str | None) -> None:

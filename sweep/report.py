@@ -159,6 +159,8 @@ def _wall_time(result: Result) -> str:
     return f'{result.wall_time:.1f} s'
   if 'seconds' in result.table.columns:
     total = float(pd.to_numeric(result.table['seconds'], errors='coerce').sum())
+    if math.isfinite(total) and total > 0 and result.config.get('run_seconds'):
+      return f"about {total:.1f} s for its runs trained one by one (results.csv's seconds, summed)"
     if math.isfinite(total) and total > 0:
       return f'about {total:.1f} s (the per-run seconds of results.csv, summed)'
   return 'not recorded'

@@ -168,9 +168,19 @@ class Result:
 
   @classmethod
   def from_training(
-    cls, plan: Plan, trained: list, wall_time: float, resolved: dict, model: Any = None
+    cls,
+    plan: Plan,
+    trained: list,
+    wall_time: float,
+    resolved: dict,
+    model: Any = None,
+    timer: Any = None,
   ) -> Result:
-    """The result of a sweep from its trained units (`sweep.units.UnitResult`, in unit order)."""
+    """The result of a sweep from its trained units (`sweep.units.UnitResult`, in unit order).
+
+    A run's `seconds` is the time it would take alone as `timer` (a `sweep.timing.Timer`)
+    measured its batch group; where it measured none, the unit's seconds shared out
+    equally over the unit's runs."""
     where: dict[int, tuple[int, int, int, int]] = {}  # run -> (unit, batch group, s, r)
     for c, t in enumerate(trained):
       for g, bg in enumerate(t.unit.groups):
@@ -182,9 +192,15 @@ class Result:
       c, g, s, r = where[i]
       unit, history = trained[c].unit, trained[c].history
       points.append([{k: v[s, r] for k, v in point[g].items()} for point in history])
-      # Wall time of the unit, shared out over its runs.
-      slots = sum(int(np.sum(bg.slots >= 0)) for bg in unit.groups)
-      seconds.append(trained[c].seconds / max(1, slots))
+      run = plan.runs[i]
+      alone = None
+      if timer is not None:
+        g = plan.groups.index(run.group)
+        alone = timer.seconds(g, run.values['batch_size'], run.total_updates)
+      if alone is None:  # the wall time of the unit, shared out over its runs
+        slots = sum(int(np.sum(bg.slots >= 0)) for bg in unit.groups)
+        alone = trained[c].seconds / max(1, slots)
+      seconds.append(alone)
     table, curves = tables(plan, points, seconds)
 
     loaded: dict[int, Any] = {}  # the last unit read (a unit kept on disk is read once)

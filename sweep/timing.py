@@ -1,0 +1,160 @@
+"""The wall time a run would take alone, per batch size: measured, not shared out.
+
+A unit trains all its batch groups, and many runs of each, in one program, so its seconds
+say nothing about one batch size (a run of batch 16 with 1,780 updates and one of batch
+128 with 220 would be charged the same). Before a unit trains, each of its batch groups
+not timed yet is compiled for one run (its first slot) and a segment's updates (at most
+`STEPS`), run up to `REPEATS` times from the same state, and the fastest call counts; one
+run's evaluation (validation set and training probe) is timed the same way, once per
+compile group. A run's `seconds` in results.csv is then
+
+    update_seconds[its batch size] * its updates + eval_seconds * (num_evals + 1)
+
+on the device kind that measured it (config.json's `run_seconds` records the figures).
+The timing is per compile group (optimizer family) and batch size, once per sweep; its
+compiles and calls are left out of the unit's own seconds and of the progress bar's ETA.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import jax
+
+from kernels import train
+
+# Updates per timed call: a segment's own length up to this many, so that the cost of a
+# call (dispatch, the segment's learning rates) is spread as in training.
+STEPS = 64
+REPEATS = 3  # timed calls after the compile at most; the fastest counts
+ENOUGH = 0.5  # seconds of timed calls after which no more are made
+
+
+def _one_run(tree: Any) -> Any:
+  """The first slot (seed 0, run 0) of every (S, R, ...) leaf."""
+  return jax.tree.map(lambda a: a[:1, :1], tree)
+
+
+def _segment(structure, state, ghp, order, data, threshold):
+  return train._group_segment(structure, 0, state, ghp, order, data, threshold)
+
+
+def _evaluate(structure, state, data):
+  return train.evaluate(structure, (state,), data)
+
+
+_segment_jit = train.jit(_segment, static_argnums=(0,))
+_evaluate_jit = train.jit(_evaluate, static_argnums=(0,))
+
+
+def _fastest(fn, *args) -> float:
+  jax.block_until_ready(fn(*args))  # the compile, and a first run
+  best, spent = float('inf'), 0.0
+  for _ in range(REPEATS):
+    t = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    took = time.perf_counter() - t
+    best, spent = min(best, took), spent + took
+    if spent > ENOUGH:
+      break
+  return best
+
+
+@dataclasses.dataclass
+class Timing:
+  """One batch group's measured costs for a run alone."""
+
+  group: int  # the compile group's index in plan.groups
+  optimizer: str
+  batch_size: int
+  update_seconds: float
+  eval_seconds: float
+  steps: int  # updates per timed call
+
+  def run_seconds(self, updates: int, evaluations: int) -> float:
+    return self.update_seconds * updates + self.eval_seconds * evaluations
+
+
+class Timer:
+  """The timings of one sweep, measured unit by unit as they start (each batch group of
+  each compile group once); `spent` is the wall time the measuring took."""
+
+  def __init__(self, plan: Any, enabled: bool = True):
+    self.plan = plan
+    self.enabled = enabled
+    self.timings: dict[tuple[int, int], Timing] = {}
+    self._evaluation: dict[int, float] = {}  # compile group -> one run's evaluation seconds
+    self.spent = 0.0
+
+  def group_of(self, unit: Any) -> int:
+    return self.plan.groups.index(unit.groups[0].runs[0].group)
+
+  def measure(self, unit: Any, state: tuple, hparams: tuple, orders: tuple, data, threshold):
+    """Times every batch group of `unit` not timed yet, from its state `state` (the
+    segment `orders` belongs to)."""
+    if not self.enabled:
+      return
+    start = time.perf_counter()
+    g = self.group_of(unit)
+    structure = unit.structure
+    for i, b in enumerate(structure.batch_sizes):
+      if (g, b) in self.timings or not unit.groups[i].runs:
+        continue
+      steps = max(1, min(STEPS, structure.steps_per_segment[i]))
+      one = dataclasses.replace(
+        structure,
+        batch_sizes=(b,),
+        steps_per_segment=(steps,),
+        steps_per_epoch=(structure.steps_per_epoch[i],),
+        ragged=(False,),
+        total_updates=(structure.total_updates[i],) if structure.total_updates else (),
+      )
+      group_state = train.GroupState(runs=_one_run(state[i].runs), step=state[i].step)
+      ghp = hparams[i]
+      ghp = train.GroupHparams(_one_run(ghp.runs), ghp.seeds[:1], ghp.total_updates)
+      order = train.Orders(orders[i].orders[:1], orders[i].first_epoch)
+      per_call = _fastest(_segment_jit, one, group_state, ghp, order, data, threshold)
+      if g not in self._evaluation:  # the same for every batch size: timed once per group
+        self._evaluation[g] = _fastest(_evaluate_jit, one, group_state, data)
+      self.timings[(g, b)] = Timing(
+        g, str(structure.family), int(b), per_call / steps, self._evaluation[g], steps
+      )
+    self.spent += time.perf_counter() - start
+
+  def to_json(self) -> dict[str, Any]:
+    return {
+      'device_kind': jax.devices()[0].device_kind,
+      'timings': [dataclasses.asdict(t) for t in self.timings.values()],
+    }
+
+  def load(self, saved: dict[str, Any] | None) -> bool:
+    """Takes the timings of an earlier process (config.json's `run_seconds`); whether they
+    cover every batch group of every compile group."""
+    if not self.enabled or not saved or saved.get('device_kind') != jax.devices()[0].device_kind:
+      return False
+    try:
+      timings = [Timing(**t) for t in saved['timings']]
+    except (KeyError, TypeError):
+      return False
+    self.timings = {(t.group, t.batch_size): t for t in timings}
+    return self.covers()
+
+  def covers(self, unit: Any = None) -> bool:
+    """Whether every batch group (of `unit`, or of the whole sweep) is timed (or timing
+    is off)."""
+    if not self.enabled:
+      return True
+    if unit is not None:
+      g = self.group_of(unit)
+      return all((g, b) in self.timings for b in unit.structure.batch_sizes)
+    wanted = {(self.plan.groups.index(r.group), r.values['batch_size']) for r in self.plan.runs}
+    return wanted <= set(self.timings)
+
+  def seconds(self, group: int, batch_size: int, updates: int) -> float | None:
+    """A run's seconds alone, or None when its batch group was not timed."""
+    t = self.timings.get((group, batch_size))
+    if t is None:
+      return None
+    return t.run_seconds(updates, self.plan.num_evals + 1)
