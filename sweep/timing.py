@@ -148,7 +148,8 @@ class Timer:
       return True
     if unit is not None:
       g = self.group_of(unit)
-      return all((g, b) in self.timings for b in unit.structure.batch_sizes)
+      sizes = [b for b, bg in zip(unit.structure.batch_sizes, unit.groups, strict=True) if bg.runs]
+      return all((g, b) in self.timings for b in sizes)
     wanted = {(self.plan.groups.index(r.group), r.values['batch_size']) for r in self.plan.runs}
     return wanted <= set(self.timings)
 
