@@ -11,7 +11,8 @@ compile group. A run's `seconds` in results.csv is then
     update_seconds[its batch size] * its updates + eval_seconds * (num_evals + 1)
 
 on the device kind that measured it (config.json's `run_seconds` records the figures).
-The timing is per compile group (optimizer family) and batch size, once per sweep; its
+The timing is per compile group (optimizer family) and batch size, once per sweep (and
+once per process for the same programs and shapes: a later sweep reuses the figures); its
 compiles and calls are left out of the unit's own seconds and of the progress bar's ETA.
 """
 
@@ -46,6 +47,15 @@ def _evaluate(structure, state, data):
 
 
 _segment_jit = train.jit(_segment, static_argnums=(0,))
+# (one run's structure, the shapes it ran on) -> the fastest call's seconds: a later sweep
+# in this process with the same programs measures (and compiles) nothing again.
+_MEASURED: dict[tuple, float] = {}
+
+
+def _shapes(*trees: Any) -> tuple:
+  return tuple((a.shape, str(a.dtype)) for a in jax.tree.leaves(trees))
+
+
 _evaluate_jit = train.jit(_evaluate, static_argnums=(0,))
 
 
@@ -85,11 +95,14 @@ class Timer:
     self.plan = plan
     self.enabled = enabled
     self.timings: dict[tuple[int, int], Timing] = {}
-    self._evaluation: dict[int, float] = {}  # compile group -> one run's evaluation seconds
     self.spent = 0.0
 
-  def group_of(self, unit: Any) -> int:
-    return self.plan.groups.index(unit.groups[0].runs[0].group)
+  def group_of(self, unit: Any) -> int | None:
+    """The index of `unit`'s compile group in plan.groups (None for a unit of no runs)."""
+    for bg in unit.groups:
+      if bg.runs:
+        return self.plan.groups.index(bg.runs[0].group)
+    return None
 
   def measure(self, unit: Any, state: tuple, hparams: tuple, orders: tuple, data, threshold):
     """Times every batch group of `unit` not timed yet, from its state `state` (the
@@ -98,9 +111,13 @@ class Timer:
       return
     start = time.perf_counter()
     g = self.group_of(unit)
+    if g is None:
+      return
     structure = unit.structure
     for i, b in enumerate(structure.batch_sizes):
-      if (g, b) in self.timings or not unit.groups[i].runs:
+      # Every batch group the program holds, those without runs in this draw too (a random
+      # search's next draw may fill them): their padding slots cost what a run costs.
+      if (g, b) in self.timings or unit.groups[i].slots.size == 0:
         continue
       steps = max(1, min(STEPS, structure.steps_per_segment[i]))
       one = dataclasses.replace(
@@ -115,11 +132,23 @@ class Timer:
       ghp = hparams[i]
       ghp = train.GroupHparams(_one_run(ghp.runs), ghp.seeds[:1], ghp.total_updates)
       order = train.Orders(orders[i].orders[:1], orders[i].first_epoch)
-      per_call = _fastest(_segment_jit, one, group_state, ghp, order, data, threshold)
-      if g not in self._evaluation:  # the same for every batch size: timed once per group
-        self._evaluation[g] = _fastest(_evaluate_jit, one, group_state, data)
+      shapes = _shapes(data, order)
+      key = (one, shapes)
+      if key not in _MEASURED:
+        _MEASURED[key] = _fastest(_segment_jit, one, group_state, ghp, order, data, threshold)
+      # Evaluation does not depend on the batch size: timed once per compile group.
+      plain = dataclasses.replace(
+        one, batch_sizes=(), steps_per_segment=(), steps_per_epoch=(), ragged=(), total_updates=()
+      )
+      if (plain, shapes) not in _MEASURED:
+        _MEASURED[plain, shapes] = _fastest(_evaluate_jit, plain, group_state, data)
       self.timings[(g, b)] = Timing(
-        g, str(structure.family), int(b), per_call / steps, self._evaluation[g], steps
+        g,
+        str(structure.family),
+        int(b),
+        _MEASURED[key] / steps,
+        _MEASURED[plain, shapes],
+        steps,
       )
     self.spent += time.perf_counter() - start
 
@@ -148,7 +177,11 @@ class Timer:
       return True
     if unit is not None:
       g = self.group_of(unit)
-      sizes = [b for b, bg in zip(unit.structure.batch_sizes, unit.groups, strict=True) if bg.runs]
+      if g is None:
+        return True
+      sizes = [
+        b for b, bg in zip(unit.structure.batch_sizes, unit.groups, strict=True) if bg.slots.size
+      ]
       return all((g, b) in self.timings for b in sizes)
     wanted = {(self.plan.groups.index(r.group), r.values['batch_size']) for r in self.plan.runs}
     return wanted <= set(self.timings)
