@@ -120,7 +120,7 @@ def test_the_progress_bar_counts_every_runs_updates(epochs, num_evals):
   cfg = config(epochs=epochs, num_evals=num_evals, seed=[0, 1])
   plan = validate(cfg)
   model = adapters.model_of(cfg, plan.output_dim)
-  planned = units.plan_units(plan, model, engine._eval_chunk(cfg), warn=False)
+  planned = units.plan_units(plan, model, engine._eval_chunk(plan), warn=False)
   counted = sum(
     engine.updates_in_segment(u, plan, k) for u in planned for k in range(plan.num_evals)
   )
