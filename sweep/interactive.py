@@ -92,10 +92,11 @@ def version() -> str | None:
 def html(fig: Interactive) -> str:
   """The figure's div and the script that draws it (plotly.js must come before it)."""
   spec = fig.spec.replace('</', '<\\/')  # no "</script>" inside a string can end the script
+  element = f'{fig.name}-plot'  # the page's section is `fig.name`
   return (
-    f'<div id="{_e(fig.name)}" class="interactive" style="height: {fig.height}px"></div>\n'
+    f'<div id="{_e(element)}" class="interactive" style="height: {fig.height}px"></div>\n'
     '<script>(function () { var spec = ' + spec + ';\n'
-    f'Plotly.newPlot("{_e(fig.name)}", spec.data, spec.layout, {json.dumps(CONFIG)}); }})();'
+    f'Plotly.newPlot("{_e(element)}", spec.data, spec.layout, {json.dumps(CONFIG)}); }})();'
     '</script>'
   )
 
@@ -196,17 +197,19 @@ def parallel(result: Result) -> Interactive:
   log = _spans_decades(color)
   line = {
     'color': np.log10(color) if log else color,
-    'colorscale': 'Viridis',
-    'reversescale': True,
+    'colorscale': 'Viridis',  # low = dark, as in the heatmap
     'showscale': True,
-    'colorbar': {'title': {'text': metric.replace('_', ' ') + (' (log10)' if log else '')}},
+    'colorbar': {'title': {'text': metric.replace('_', ' ') + (' (log scale)' if log else '')}},
   }
+  if log:  # the values themselves at round ticks, not their logarithms
+    ticks = _round_ticks(color[np.isfinite(color) & (color > 0)])
+    line['colorbar'].update(tickvals=np.log10(ticks).tolist(), ticktext=[_g(t, 3) for t in ticks])
   fig = go.Figure(go.Parcoords(dimensions=dims, line=line, labelangle=-20, labelside='bottom'))
   fig.update_layout(**_layout(height=460, margin={'l': 70, 'r': 70, 't': 40, 'b': 80}))
   left = len(table) - len(shown)
   caption = (
     f'One line per run that finished ({len(shown)} of {len(table)}), coloured by its '
-    f'{LABELS.get(metric, metric)} (bright: lower). Drag along any axis to keep only the runs in '
+    f'{LABELS.get(metric, metric)} (dark: lower). Drag along any axis to keep only the runs in '
     'that range; drag an axis by its title to reorder.'
   )
   if left:
@@ -366,6 +369,12 @@ def _shown_labels(fig: Any) -> set[str]:
   return {t.name for t in fig.data if t.showlegend}
 
 
+def _log_ticks(values: np.ndarray) -> dict[str, Any]:
+  """Ticks at 1, 2 and 5 times powers of ten on a log axis (plotly's own label every digit)."""
+  ticks = _round_ticks(values[np.isfinite(values) & (values > 0)])
+  return {'tickvals': ticks.tolist(), 'ticktext': [_g(t, 3) for t in ticks]}
+
+
 def _round_ticks(values: np.ndarray) -> np.ndarray:
   low, high = float(values.min()), float(values.max())
   decades = range(math.floor(math.log10(low)), math.ceil(math.log10(high)) + 1)
@@ -456,6 +465,7 @@ def curves(result: Result) -> Interactive:
         'title': {'text': f'loss, {_loss_name(result.config)}' + (' (log scale)' if log else '')},
         'type': 'log' if log else 'linear',
         'gridcolor': '#eee',
+        **(_log_ticks(flat) if log else {}),
       },
       legend={'font': {'size': 10}, 'groupclick': 'togglegroup'},
       updatemenus=[

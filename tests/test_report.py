@@ -192,7 +192,7 @@ def test_report_from_a_result(digits_sweep):
   assert 'noise_scale.png' in not_shown(page) and 'Gradient noise scale' not in page
   assert 'skipped' not in without_scripts(page) and 'class="note"' not in page
   for name in ('heatmap', 'parallel', 'curves'):  # interactive, beside the PNGs
-    assert f'<div id="{name}" class="interactive"' in page
+    assert f'<div id="{name}-plot" class="interactive"' in page
   for version in result.config['environment']['packages'].values():
     assert str(version) in page
   for device in result.config['environment']['devices']:
@@ -360,13 +360,17 @@ def test_the_page_in_a_headless_browser(digits_sweep, tmp_path):
       "Array.from(document.querySelectorAll('.js-plotly-plot'))"
       ".filter(d => d.querySelector('.main-svg')).map(d => d.id)"
     )
-    assert sorted(drawn) == ['curves', 'heatmap', 'parallel']
-    assert browser.evaluate("document.querySelectorAll('#parallel canvas').length") > 0  # WebGL
-    assert browser.evaluate("document.querySelectorAll('#heatmap .hm image').length") == 1
+    assert sorted(drawn) == ['curves-plot', 'heatmap-plot', 'parallel-plot']
+    ids = browser.evaluate("Array.from(document.querySelectorAll('[id]')).map(e => e.id)")
+    assert len(ids) == len(set(ids))  # every id once: plotly draws into the element named
+    assert (
+      browser.evaluate("document.querySelectorAll('#parallel-plot canvas').length") > 0
+    )  # WebGL
+    assert browser.evaluate("document.querySelectorAll('#heatmap-plot .hm image').length") == 1
 
     # Hover the cell of learning rate 0.001, batch size 32 (bottom left of 4 x 2 cells).
     left, top, width, height = browser.evaluate(
-      "(() => { const e = document.querySelector('#heatmap .hm image');"
+      "(() => { const e = document.querySelector('#heatmap-plot .hm image');"
       " e.scrollIntoView({block: 'center'}); const r = e.getBoundingClientRect();"
       ' return [r.left, r.top, r.width, r.height]; })()'
     )
@@ -379,7 +383,7 @@ def test_the_page_in_a_headless_browser(digits_sweep, tmp_path):
     )
     browser.evaluate('new Promise(r => setTimeout(r, 300))')
     hover = browser.evaluate(
-      "Array.from(document.querySelectorAll('#heatmap .hovertext')).map(e => e.textContent)"
+      "Array.from(document.querySelectorAll('#heatmap-plot .hovertext')).map(e => e.textContent)"
     )
     t = result.table
     cell = t[(t.learning_rate == 1e-3) & (t.batch_size == 32)]
@@ -387,11 +391,11 @@ def test_the_page_in_a_headless_browser(digits_sweep, tmp_path):
     assert f'{cell.final_val_loss.mean():.4g}' in hover[0] and 'diverged 0' in hover[0]
 
     # The curves: the best configuration's runs drawn; "every run" draws them all.
-    visible = "document.getElementById('curves').data.filter(t => t.visible === true).length"
-    traces = browser.evaluate("document.getElementById('curves').data.length")
+    visible = "document.getElementById('curves-plot').data.filter(t => t.visible === true).length"
+    traces = browser.evaluate("document.getElementById('curves-plot').data.length")
     assert browser.evaluate(visible) == 2 * len(SEEDS)  # train and val, per seed
     x, y = browser.evaluate(
-      "(() => { const e = Array.from(document.querySelectorAll('#curves .updatemenu-button'))"
+      "(() => { const e = Array.from(document.querySelectorAll('#curves-plot .updatemenu-button'))"
       ".find(e => e.textContent === 'every run'); e.scrollIntoView({block: 'center'});"
       ' const r = e.getBoundingClientRect(); return [r.left + r.width / 2, r.top + r.height / 2];'
       ' })()'
