@@ -7,7 +7,7 @@ batch they read is gathered once per seed and broadcast over `R` by `jax.vmap`
 (`in_axes=None`); the first matmul of the model then sees one input and `R` weight
 matrices (one dot_general with the run axis as a free dimension, no copies of the
 batch; on XLA's CPU backend it runs at about a third of the rate of the same FLOPs laid
-out as one folded matmul, see the README's speed section).
+out as one folded matmul, see docs/speed.md).
 
 Batch sizes without padding. Each batch group steps through the same per-seed data
 order at its own batch size, in its own `lax.scan` inside the one program of a segment:
