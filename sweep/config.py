@@ -952,6 +952,8 @@ def expand(cfg: SweepConfig, loss: Any) -> Plan:
       if isinstance(batch_space, spaces.Choice) and batch_space.integer
       else None,
     }
+    if 'seed' in sampled:  # the seed rows follow the draw: laid out by it, as a grid is
+      space = None
     search = {
       'mode': 'sampled',
       'samples': count,

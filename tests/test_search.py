@@ -304,6 +304,11 @@ def test_a_space_lays_out_its_groups_whatever_the_draw():
     placed = sorted(int(i) for u in laid for g in u.groups for i in g.slots.ravel() if i >= 0)
     assert placed == list(range(len(plan.runs)))  # every run once
   assert len(layouts) == 1, layouts
+  # Sampled seeds: each group keeps the rows of the seeds its runs use (no space layout).
+  cfg = _space_config(0).replace(seed=sweep.space.randint(0, 1000))
+  plan = validate(cfg)
+  laid = units.plan_units(plan, engine.model_of(cfg, plan.output_dim), 64, warn=False)
+  assert sum(g.slots.size for u in laid for g in u.groups) < 4 * len(plan.runs)
 
 
 def _sigterm_at(monkeypatch, segment: int) -> None:
