@@ -292,7 +292,9 @@ class Result:
 
   def summary(self, top: int = 5, width: int = 100, verbose: bool = False) -> str:
     """The sweep in a few lines: how many runs, diverged and stopped; what every run shares;
-    the best `top` runs that ended well, by final validation loss (else training loss).
+    with several seeds, the best configuration as the report defines it (the lowest seed
+    mean, every seed finished); the best `top` runs that ended well, by final validation
+    loss (else training loss).
 
     Args:
       top: how many of the best runs to show.
@@ -315,6 +317,9 @@ class Result:
     lines = [head + (f'; {stopped} stopped early by the scheduler.' if stopped else '.')]
     if same:  # whole, however long: a factory's label is what tells the optimizer apart
       lines.append('Every run: ' + '; '.join(f'{c} {t[c].iloc[0]}' for c in same) + '.')
+    best = self._best_configuration(col, width)
+    if best:
+      lines.append(best)
     lines.append(f'Best {min(top, len(ok))} by {col}:')
     fmt = lambda v: f'{v:.4g}'  # noqa: E731
     if verbose:
@@ -333,6 +338,28 @@ class Result:
       shown.remove(optional.pop())
     lines.append(text)
     return '\n'.join(lines)
+
+  def _best_configuration(self, col: str, width: int) -> str | None:
+    """With several seeds, the best configuration as the report defines it
+    (`analysis.best_configurations`: the lowest seed mean, every seed finished), in a line."""
+    from sweep import analysis
+
+    t = self.table
+    if 'seed' not in t.columns or t['seed'].nunique() < 2:
+      return None  # one seed: the first row of the table below is the best configuration
+    ranked = analysis.best_configurations(self, col)
+    if ranked.empty:
+      return None
+    top = ranked.iloc[0]
+    axes = [c for c in axis_columns(list(t.columns), self.config) if c != 'seed']
+    values = ', '.join(
+      f'{a} {top[a]:.4g}' if isinstance(top[a], float) else f'{a} {top[a]}'
+      for a in axes
+      if a in top.index and t[a].nunique() > 1
+    )
+    line = f'Best configuration (mean of {int(top["seeds"])} seeds): {values}: {col} {top[col]:.4g}'
+    runs = ' (runs ' + ', '.join(str(r) for r in top['runs']) + ').'
+    return line + (runs if len(line + runs) <= width else '.')
 
   def save_front(self, workdir: str) -> None:
     """Saves every Pareto run's parameters and optimizer state with orbax (a run already

@@ -420,3 +420,11 @@ def test_the_page_in_a_headless_browser(digits_sweep, tmp_path):
     assert elsewhere == []
   check_png(shot)
   assert mimage.imread(shot).shape[0] > 2000  # the whole page, not the window
+
+
+def test_the_terminal_summary_names_the_same_best_configuration(digits_sweep):
+  result, _ = digits_sweep
+  lr, b, value = best_by_hand(result.table)
+  line = next(x for x in result.summary().splitlines() if x.startswith('Best configuration'))
+  assert f'batch_size {b}, learning_rate {lr:.4g}' in line and f'{value:.4g}' in line
+  assert len(line) <= 100
