@@ -21,6 +21,8 @@ EXPERIMENTS=(
   overfitting
   char_lm
   augment_digits
+  halving_digits
+  increase_batch_size
 )
 
 declare -A SECONDS_TAKEN
