@@ -123,7 +123,7 @@ class Structure:
     """The model on a batch: (predictions in float32, the model state after it). The
     predictions are one array or, for a model with several outputs, the tuple or dict of
     arrays the model returns (a callable loss takes them whole)."""
-    if not self.model.random:
+    if not (self.model.random if train else self.model.eval_key):
       key = None
     if self.compute_dtype == 'float32':
       return self.model.apply(params, state, x, train, key)
@@ -214,7 +214,15 @@ def init_key(seed: jax.Array) -> jax.Array:
 
 # Streams of a seed's key: 0 initialises the parameters, 1 orders the data, 2 is the
 # model's randomness while training (dropout), 3 the augmentation of the batches.
-MODEL_STREAM, AUGMENT_STREAM = 2, 3
+# Stream 4 of key 0 keys the evaluation of a model that draws at evaluation too.
+MODEL_STREAM, AUGMENT_STREAM, EVAL_STREAM = 2, 3, 4
+
+
+def eval_key(chunk: jax.Array) -> jax.Array:
+  """The key of evaluation chunk `chunk` (counted from 0) of a model given a key at call
+  time (`rng_argument`): `fold_in(fold_in(key(0), 4), chunk)`, the same for every run,
+  seed and evaluation point, so that evaluations differ only by the parameters."""
+  return jax.random.fold_in(jax.random.fold_in(jax.random.key(0), EVAL_STREAM), chunk)
 
 
 def update_key(seed: jax.Array, update: jax.Array, stream: int) -> jax.Array:
@@ -449,24 +457,30 @@ def _evaluate_runs(
   ys = y.reshape((-1, chunk) + y.shape[1:])
   ws = weight.reshape(-1, chunk)
 
-  def one_run(p, st, xc, yc, wc):
-    pred, _ = structure.forward(p, st, xc, False, None)
+  def one_run(p, st, xc, yc, wc, key):
+    pred, _ = structure.forward(p, st, xc, False, key)
     loss, correct = structure.metrics(pred, yc)
     out = {'loss': jnp.sum(loss * wc)}
     if correct is not None:
       out['accuracy'] = jnp.sum(correct * wc)
     return out
 
-  # Every run of every seed reads the same evaluation chunk.
-  shared = (0, 0, None, None, None)
+  # Every run of every seed reads the same evaluation chunk (and draws with the same key).
+  shared = (0, 0, None, None, None, None)
   lifted = jax.vmap(jax.vmap(one_run, in_axes=shared), in_axes=shared)
+  # Only a model that draws at evaluation is given keys: the others' programs are unchanged.
+  keys = jnp.arange(xs.shape[0], dtype=jnp.int32) if structure.model.eval_key else None
 
   def body(total, batch):
-    return jax.tree.map(jnp.add, total, lifted(params, model_state, *batch)), None
+    xc, yc, wc, c = batch
+    key = None if c is None else eval_key(c)
+    return jax.tree.map(jnp.add, total, lifted(params, model_state, xc, yc, wc, key)), None
 
-  shapes = jax.eval_shape(lifted, params, model_state, xs[0], ys[0], ws[0])
+  shapes = jax.eval_shape(
+    lifted, params, model_state, xs[0], ys[0], ws[0], None if keys is None else eval_key(0)
+  )
   total = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
-  total, _ = jax.lax.scan(body, total, (xs, ys, ws))
+  total, _ = jax.lax.scan(body, total, (xs, ys, ws, keys))
   count = jnp.sum(weight)
   return jax.tree.map(lambda t: t / count, total)
 

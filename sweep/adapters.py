@@ -8,7 +8,9 @@ jittable functions over explicit values (`Model`):
 - `apply(params, state, x, train, key) -> (predictions, new_state)`: with
   `train=True` the model runs in training mode (dropout on, batch statistics
   computed from the batch and updated), drawing its randomness from `key`; with
-  `train=False` it runs in evaluation mode, with no key, and `new_state is state`.
+  `train=False` it runs in evaluation mode, and `new_state is state`; its key is
+  None, except for a model that takes a key at call time (`rng_argument`), which is
+  given one at evaluation too (`Model.eval_key`).
 
 Accepted models: a flax.linen Module instance; a flax.nnx Module class (or a
 functools.partial of one) or instance; an equinox Module instance; a Keras 3 model on
@@ -77,6 +79,8 @@ class Model:
       the variables dict `module.apply` takes; else `{'params': ..., 'state': ...}`).
     rebuild: `(params, state) -> ` the user's kind of model holding those values (an nnx
       or equinox module, a Keras model), or None.
+    eval_key: whether `apply` draws from its key in evaluation mode too (a model given a
+      key at call time, `rng_argument`); the engine then passes a key at evaluation.
     initial: `(params, state)` every seed starts from, for a model that holds its initial
       values (an equinox module, an nnx instance, a Keras model); `init` returns them
       whatever its key. None where `init` draws them from the key.
@@ -91,6 +95,7 @@ class Model:
   variables: Callable[[Any, Any], Any] | None = None
   rebuild: Callable[[Any, Any], Any] | None = None
   state_layout: str = 'state'  # 'collections': the state's keys sit beside 'params' (linen)
+  eval_key: bool = False
   initial: Any = None
   key: Any = None
   # Shared by the copies `with_values` makes: what is memoised on the model's code.
@@ -172,14 +177,23 @@ def model_of(cfg: SweepConfig, output_dim: int) -> Model:
   model, example_x = cfg.model, cfg.data.x_train[:1]
   try:
     code = structural_key(model)
-    key = _Key((code, example_x.shape[1:], str(example_x.dtype), output_dim, cfg.train_argument))
+    key = _Key(
+      (
+        code,
+        example_x.shape[1:],
+        str(example_x.dtype),
+        output_dim,
+        cfg.train_argument,
+        cfg.rng_argument,
+      )
+    )
   except Exception:  # noqa: BLE001 - a model whose key cannot be read is adapted anew
     code = None
   if code is None:
-    return adapt(model, example_x, output_dim, cfg.train_argument)
+    return adapt(model, example_x, output_dim, cfg.train_argument, cfg.rng_argument)
   cached = _MODELS.get(key)
   if cached is None:
-    adapted = adapt(_detached(model), example_x, output_dim, cfg.train_argument)
+    adapted = adapt(_detached(model), example_x, output_dim, cfg.train_argument, cfg.rng_argument)
     cached = dataclasses.replace(adapted, key=key)
     _MODELS[key] = cached
     while len(_MODELS) > _MODELS_KEPT:
@@ -352,7 +366,11 @@ def _key(obj: Any, depth: int = 0) -> Any:
 
 
 def adapt(
-  model: Any, example_x: np.ndarray, output_dim: int | None, train_argument: str | None = None
+  model: Any,
+  example_x: np.ndarray,
+  output_dim: int | None,
+  train_argument: str | None = None,
+  rng_argument: str | None = None,
 ) -> Model:
   """Turns any accepted model into a `Model`.
 
@@ -364,6 +382,9 @@ def adapt(
     train_argument: the name of the argument of a linen module's `__call__` that
       switches training on; None finds `train` by itself (the flax examples'
       convention) and refuses other switch-like names.
+    rng_argument: the name of an argument of the model's call that takes a key (the flax
+      VAE example's `z_rng`), for a linen or nnx module or an `(init_fn, apply_fn)` pair;
+      see `rng_keys`.
 
   Raises:
     ConfigError: the model is of no accepted form, or cannot be adapted.
@@ -375,7 +396,17 @@ def adapt(
       raise config_error(
         'model', f'tuple of {len(model)}', 'a tuple of two callables, (init_fn, apply_fn)'
       )
-    return _pure_functions(*model)
+    return _pure_functions(*model, rng_argument=rng_argument)
+  if rng_argument is not None and not (
+    isinstance(model, nn.Module | nnx.Module) or _is_nnx_factory(model)
+  ):
+    raise config_error(
+      'rng_argument',
+      rng_argument,
+      f'a key argument is passed to flax linen and nnx modules and (init_fn, apply_fn) pairs; '
+      f'this model is a {describe(model)}'
+      + (' (an equinox module is given its key as key=)' if _is_equinox(model) else ''),
+    )
   if isinstance(model, SizedToData):
     if output_dim is None:
       raise config_error(
@@ -389,11 +420,11 @@ def adapt(
       raise config_error('model', model, 'SizedToData.make must return a model, not a SizedToData')
     return adapt(built, example_x, output_dim, train_argument)
   if isinstance(model, nn.Module):
-    return _linen(model, example_x, train_argument)
+    return _linen(model, example_x, train_argument, rng_argument)
   if _is_nnx_factory(model):
-    return _nnx(model, None, train_argument)
+    return _nnx(model, None, train_argument, rng_argument)
   if isinstance(model, nnx.Module):
-    return _nnx(None, model, train_argument)
+    return _nnx(None, model, train_argument, rng_argument)
   eqx = sys.modules.get('equinox')
   if eqx is not None and isinstance(model, eqx.Module):
     return _equinox(model, example_x)
@@ -419,18 +450,86 @@ def train_argument_error(model: Any, train_argument: str | None) -> str | None:
   return None
 
 
+def _is_equinox(model: Any) -> bool:
+  eqx = sys.modules.get('equinox')
+  return eqx is not None and isinstance(model, eqx.Module)
+
+
+# ---------------------------------------------------------------- keys at call time ----
+
+
+def rng_keys(key: jax.Array | None, train: bool) -> jax.Array:
+  """The key given to a model's `rng_argument`: `fold_in(key, 1)` of the update's model
+  key while training (dropout draws from `key` itself), the evaluation chunk's key at
+  evaluation (the engine passes it as `key`), `jax.random.key(0)` where none is given
+  (a trace of shapes)."""
+  if key is None:
+    return jax.random.key(0)
+  return jax.random.fold_in(key, 1) if train else key
+
+
+def _check_rng_argument(fn: Callable, rng_argument: str, owner: str) -> None:
+  """`fn`'s signature takes `rng_argument` (or any keyword)."""
+  try:
+    parameters = inspect.signature(fn).parameters
+  except (TypeError, ValueError):
+    return  # a signature that cannot be read: the trace reports a wrong name
+  if rng_argument in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+    return
+  raise config_error(
+    'rng_argument', rng_argument, f'an argument of {owner}, which takes {list(parameters)}'
+  )
+
+
+def _key_arguments(fn: Callable) -> list[str]:
+  """The arguments of `fn` without a default, past the input, named like a key (rng, key)."""
+  try:
+    parameters = list(inspect.signature(fn).parameters.values())
+  except (TypeError, ValueError):
+    return []
+  return [
+    p.name
+    for p in parameters[1:]
+    if p.default is p.empty
+    and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    and ('rng' in p.name.lower() or 'key' in p.name.lower())
+  ]
+
+
+def _rng_hint(fn: Callable) -> str:
+  names = _key_arguments(fn)
+  if not names:
+    return ''
+  return (
+    f'; the call takes {names[0]!r} without a default: if it is a key, name it with '
+    f'SweepConfig(rng_argument={names[0]!r}) and the engine passes one per seed and update'
+  )
+
+
 # ------------------------------------------------------------------------ functions ----
 
 
-def _pure_functions(init_fn: Callable, apply_fn: Callable) -> Model:
+def _pure_functions(
+  init_fn: Callable, apply_fn: Callable, rng_argument: str | None = None
+) -> Model:
+  name = getattr(apply_fn, '__qualname__', 'apply_fn')
+
   def init(key):
     return init_fn(key), {}
 
-  def apply(params, state, x, train, key):
-    del train, key
-    return apply_fn(params, x), state
+  if rng_argument is None:
 
-  return Model(init, apply, name=getattr(apply_fn, '__qualname__', 'apply_fn'))
+    def apply(params, state, x, train, key):
+      del train, key
+      return apply_fn(params, x), state
+
+    return Model(init, apply, name=name)
+  _check_rng_argument(apply_fn, rng_argument, f'apply_fn {name}')
+
+  def apply_keyed(params, state, x, train, key):
+    return apply_fn(params, x, **{rng_argument: rng_keys(key, train)}), state
+
+  return Model(init, apply_keyed, name=name, random=True, eval_key=True)
 
 
 # ---------------------------------------------------------------------------- linen ----
@@ -482,39 +581,58 @@ def _switch_kwargs(name: str | None, train: bool) -> dict[str, bool]:
 _TRANSIENT = ('intermediates', 'perturbations')
 
 
-def _linen(module: nn.Module, example_x: np.ndarray, train_argument: str | None) -> Model:
+def _linen(
+  module: nn.Module,
+  example_x: np.ndarray,
+  train_argument: str | None,
+  rng_argument: str | None = None,
+) -> Model:
   switch = _switch(module, train_argument)
+  if rng_argument is not None:
+    _check_rng_argument(module.__call__, rng_argument, f'{type(module).__name__}.__call__')
   x1 = np.asarray(example_x)[:1]
   evaluation = _switch_kwargs(switch, False)
   training = _switch_kwargs(switch, True)
+
+  def keyed(key, train):
+    return {} if rng_argument is None else {rng_argument: rng_keys(key, train)}
+
+  def initialise(key, x):
+    # A key argument at init: the initial parameters' key folded with 1 (as in training).
+    return module.init(key, x, **evaluation, **keyed(key, True))
+
   try:
-    shapes = jax.eval_shape(lambda x: module.init(jax.random.key(0), x, **evaluation), x1)
+    shapes = jax.eval_shape(lambda x: initialise(jax.random.key(0), x), x1)
   except Exception as e:  # the module is the user's: report any failure as a config problem
+    hint = '' if rng_argument is not None else _rng_hint(module.__call__)
     raise config_error(
-      'model', describe(module), f'init on an input of shape {x1.shape} failed: {e}'
+      'model', describe(module), f'init on an input of shape {x1.shape} failed: {e}{hint}'
     ) from e
   if not jax.tree.leaves(shapes.get('params', {})):
     raise config_error('model', describe(module), 'a model with parameters to train')
   collections = sorted(set(shapes) - {'params', *_TRANSIENT})
 
   def init(key):
-    variables = module.init(key, x1, **evaluation)
+    variables = initialise(key, x1)
     return variables['params'], {c: variables[c] for c in collections}
 
   def apply(params, state, x, train, key):
     with layers.fast_layers():  # flax's own layers at full speed under the run axis
       variables = {'params': params, **state}
       if not train:
-        return module.apply(variables, x, **evaluation), state
+        return module.apply(variables, x, **evaluation, **keyed(key, False)), state
       rngs = None if key is None else {'dropout': key}
+      call = {**training, **keyed(key, True)}
       if not collections:
-        return module.apply(variables, x, rngs=rngs, **training), state
-      out, new = module.apply(variables, x, rngs=rngs, mutable=collections, **training)
+        return module.apply(variables, x, rngs=rngs, **call), state
+      out, new = module.apply(variables, x, rngs=rngs, mutable=collections, **call)
       return out, {c: new[c] for c in collections}
 
   # Does training draw randomness? Traced once with a key: a module that never calls
   # make_rng('dropout') gives a jaxpr with no use of it.
-  random = _uses_key(lambda p, s, x, k: apply(p, s, x, True, k)[0], init, x1)
+  random = rng_argument is not None or _uses_key(
+    lambda p, s, x, k: apply(p, s, x, True, k)[0], init, x1
+  )
 
   def variables(params, state):
     return {'params': params, **state}
@@ -526,6 +644,7 @@ def _linen(module: nn.Module, example_x: np.ndarray, train_argument: str | None)
     random=random,
     variables=variables,
     state_layout='collections',
+    eval_key=rng_argument is not None,
   )
 
 
@@ -564,7 +683,12 @@ def _rngs(key: jax.Array) -> nnx.Rngs:
   )
 
 
-def _nnx(factory: Any, instance: nnx.Module | None, train_argument: str | None = None) -> Model:
+def _nnx(
+  factory: Any,
+  instance: nnx.Module | None,
+  train_argument: str | None = None,
+  rng_argument: str | None = None,
+) -> Model:
   name = describe(factory if instance is None else instance)
   if instance is None:
 
@@ -597,12 +721,18 @@ def _nnx(factory: Any, instance: nnx.Module | None, train_argument: str | None =
   # A `train` argument of `__call__` (or the one named by train_argument) is passed as in
   # linen, beside the modes train()/eval() set; other switch-like names are refused.
   switch = _switch(template, train_argument)
+  if rng_argument is not None:
+    _check_rng_argument(type(template).__call__, rng_argument, f'{name}.__call__')
+
+  def keyed(key, train):
+    return {} if rng_argument is None else {rng_argument: rng_keys(key, train)}
+
   try:
     # The tutorials' other way: Dropout without stored Rngs, `__call__(self, x, rngs=None)`.
     takes_rngs = 'rngs' in inspect.signature(type(template).__call__).parameters
   except (TypeError, ValueError):
     takes_rngs = False
-  random = bool(rng_paths) or takes_rngs
+  random = bool(rng_paths) or takes_rngs or rng_argument is not None
 
   if instance is None:
 
@@ -630,10 +760,11 @@ def _nnx(factory: Any, instance: nnx.Module | None, train_argument: str | None =
     if not train:
       module = nnx.merge(graph_eval, params, rng_values(jax.random.key(0)), state)
       with layers.fast_layers():
-        return module(x, **_switch_kwargs(switch, False)), state
+        return module(x, **_switch_kwargs(switch, False), **keyed(key, False)), state
     key = key if key is not None else jax.random.key(0)
     module = nnx.merge(graph_train, params, rng_values(key), state)
     extra = {'rngs': nnx.Rngs(dropout=key)} if takes_rngs else {}
+    extra.update(keyed(key, True))
     with layers.fast_layers():  # flax's own layers at full speed under the run axis
       out = module(x, **extra, **_switch_kwargs(switch, True))
     new_state = nnx.to_pure_dict(nnx.split(module, nnx.Param, nnx.RngState, ...)[3])
@@ -653,6 +784,7 @@ def _nnx(factory: Any, instance: nnx.Module | None, train_argument: str | None =
     variables=variables,
     rebuild=rebuild,
     initial=None if instance is None else initial,
+    eval_key=rng_argument is not None,
   )
 
 

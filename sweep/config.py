@@ -157,6 +157,17 @@ class SweepConfig:
       True while training (dropout on, batch statistics updated) and False at every
       evaluation. A module whose call takes a switch-like argument other than `train`
       is refused until it is named here.
+    rng_argument: the name of an argument of the model's call that takes a JAX key (the
+      flax VAE example's `__call__(self, x, z_rng)`), for a linen or nnx module or an
+      `(init_fn, apply_fn)` pair (`apply_fn(params, x, z_rng=key)`). While training, a
+      seed's update t passes `jax.random.fold_in(k, 1)` with
+      `k = fold_in(fold_in(key(seed), 2), t)` the update's model key (dropout draws
+      from k itself), so the runs of a seed draw alike; linen's init is passed
+      `fold_in(init_key, 1)`. Evaluation is done in whole chunks of
+      `min(eval_batch_size, the larger of the probe and validation sets)` examples (a
+      set padded by repeating its first example), chunk c passing
+      `fold_in(fold_in(key(0), 4), c)` for every run and evaluation point. None: the
+      model takes no key (a linen module may still call `self.make_rng('dropout')`).
     augment: `augment(key, x_batch) -> x_batch`, pure and jittable, applied to every
       training batch (never at evaluation), e.g. random crops and flips. Its key for
       a seed's update t (counted from 0) is
@@ -214,6 +225,7 @@ class SweepConfig:
   samples: int | None = None
   sample_seed: int = 0
   train_argument: str | None = None
+  rng_argument: str | None = None
   augment: Callable | None = None
   eval_params: Callable | None = None
   scheduler: Any = None
@@ -756,6 +768,12 @@ def check_fields(cfg: SweepConfig) -> Any:
   ):
     raise config_error(
       'train_argument', cfg.train_argument, 'the name of an argument of the model, or None'
+    )
+  if cfg.rng_argument is not None and (
+    not isinstance(cfg.rng_argument, str) or not cfg.rng_argument.isidentifier()
+  ):
+    raise config_error(
+      'rng_argument', cfg.rng_argument, "the name of the model's key argument, or None"
     )
   if cfg.augment is not None and not callable(cfg.augment):
     raise config_error(

@@ -526,11 +526,16 @@ def plan_units(plan: Plan, model: adapters.Model, eval_chunk: int, warn: bool = 
     if warn:
       warn_slow_layers(init_fn, apply_fn, family, layout, cfg.data.x_train[:2])
     per_device = max(1, width // devices) * max(g.slots.shape[0] for g in groups)
-    eval_width = eval_chunk_width(
-      eval_chunk,
-      eval_bytes_per_example(plan, init_fn, apply_fn, eval_chunk),
-      per_device,
-      jax.default_backend(),
+    # A model that draws at evaluation is evaluated in whole chunks (its documented keys).
+    eval_width = (
+      eval_chunk
+      if model.eval_key
+      else eval_chunk_width(
+        eval_chunk,
+        eval_bytes_per_example(plan, init_fn, apply_fn, eval_chunk),
+        per_device,
+        jax.default_backend(),
+      )
     )
     structure = train.Structure(
       model=model,
