@@ -428,3 +428,16 @@ def test_the_terminal_summary_names_the_same_best_configuration(digits_sweep):
   line = next(x for x in result.summary().splitlines() if x.startswith('Best configuration'))
   assert f'batch_size {b}, learning_rate {lr:.4g}' in line and f'{value:.4g}' in line
   assert len(line) <= 100
+
+
+def test_sweep_report_without_plotly_says_how_to_get_the_interactive_figures(
+  digits_sweep, monkeypatch, capsys
+):
+  from sweep import cli
+
+  _, workdir = digits_sweep
+  monkeypatch.setattr(interactive, 'AVAILABLE', False)
+  assert cli.main(['report', workdir]) == 0
+  out, err = capsys.readouterr()
+  assert out.strip() == os.path.join(workdir, report.REPORT_DIR, 'report.html')  # the path alone
+  assert interactive.INSTALL_HINT in err and 'PNG figures only' in err
