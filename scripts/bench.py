@@ -636,6 +636,68 @@ def user_rows(quick: bool, peak: float, mnist_dir: str | None) -> None:
   )
 
 
+def sampled_row(n: int, peak: float) -> None:
+  """Random search: 16 configurations drawn (log-uniform learning rate, batch size from
+  [32, 64, 128]), Adam, one epoch: the engine's first draw, then another `sample_seed` (its
+  compiles counted), against (b) the same 16 runs sequentially, compiled once per batch size."""
+  from sweep.config import validate
+
+  compiles = []
+
+  def listener(event, duration, **kwargs):
+    del duration
+    if event == '/jax/core/compile/backend_compile_duration':
+      compiles.append(kwargs.get('fun_name'))
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  x, y = mnist_shaped(n)
+  model = sweep.models.MLP(hidden=(10,), outputs=10)
+  init_fn, apply_fn = sweep.models.to_functions(model, x[:1], 10)
+
+  def cfg(sample_seed):
+    return sweep.SweepConfig(
+      model=model,
+      data=sweep.data.arrays(x, y, x[:1024], y[:1024]),
+      loss='softmax_cross_entropy',
+      optimizer='adam',
+      learning_rate=sweep.space.loguniform(1e-4, 1e-1),
+      batch_size=sweep.space.choice([32, 64, 128]),
+      samples=16,
+      sample_seed=sample_seed,
+      seed=0,
+      shuffle=False,
+      epochs=1,
+      num_evals=1,
+    )
+
+  print(f'\nRandom search, seed MLP: 16 samples (lr log-uniform, batch in [32, 64, 128]), {n} ex.')
+  t0 = time.perf_counter()
+  sweep.run(cfg(0), progress=False)
+  first, before = time.perf_counter() - t0, len(compiles)
+  t0 = time.perf_counter()
+  sweep.run(cfg(1), progress=False)
+  second = time.perf_counter() - t0
+  print(
+    f'  engine: first draw {first:.2f} s ({before} compiles), another sample_seed {second:.2f} s '
+    f'({len(compiles) - before} compiles)'
+  )
+  runs = validate(cfg(1)).runs
+  seq_total = seq_compile = 0.0
+  for b in (32, 64, 128):
+    lrs = [r.values['learning_rate'] for r in runs if r.values['batch_size'] == b]
+    if lrs:
+      s, c = sequential_optax(init_fn, apply_fn, jnp.asarray(x), jnp.asarray(y), lrs, b, n // b)
+      seq_total, seq_compile = seq_total + s, seq_compile + c
+  steps = sum(n // r.values['batch_size'] for r in runs)
+  print(row('(a) engine, another sample_seed', steps, second))
+  print(
+    row(f'(b) sequential optax (compile {seq_compile:.1f} s)', steps, seq_total)
+    + f'  engine {seq_total / second:.2f}x; with its compiles '
+    f'{(seq_total + seq_compile) / second:.2f}x'
+  )
+  del peak
+
+
 def main():
   parser = argparse.ArgumentParser(
     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -671,6 +733,7 @@ def main():
   workload('Seed MLP 784-10-10, Adam, batch 32', (10,), lrs64, [32], 1, n, args.quick, peak)
   lrs16 = [float(v) for v in np.logspace(-4, -1, 16)]
   workload('Seed MLP mixed grid', (10,), lrs16, [32, 64, 128, 256], 1, n, args.quick, peak)
+  sampled_row(n, peak)
   lrs8 = [float(v) for v in np.logspace(-4, -1, 8 if args.quick else 32)]
   d = sweep.data.mnist1d()
   workload(
