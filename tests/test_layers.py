@@ -640,6 +640,50 @@ def test_layers_that_stay_slow_are_named_once():
   assert slow_warnings(FlaxCNN(), data) == []  # flax's own layers are fast
 
 
+# flax's layers under the run axis, each either fast (computed by `sweep.layers`: its kernel
+# in the fast layout, or its convolution as windows times one product) or named in a
+# SlowLayerWarning. What each is today; the speed of the fast path itself is measured in
+# docs/performance.md, not here.
+FLAX_LAYERS = [
+  ('Dense', lambda: nn.Dense(4), (2, 6), 'fast'),
+  ('DenseGeneral', lambda: nn.DenseGeneral((2, 3)), (2, 6), 'fast'),
+  ('Conv 1-D', lambda: nn.Conv(4, (3,)), (2, 10, 2), 'fast'),
+  ('Conv 1-D strided', lambda: nn.Conv(4, (5,), strides=2), (2, 16, 2), 'fast'),
+  ('Conv 2-D', lambda: nn.Conv(4, (3, 3)), (2, 6, 6, 2), 'fast'),
+  ('Conv 3-D', lambda: nn.Conv(4, (3, 3, 3)), (2, 5, 5, 5, 2), 'fast'),
+  ('Conv grouped', lambda: nn.Conv(4, (3, 3), feature_group_count=2), (2, 6, 6, 2), 'fast'),
+  (
+    'Conv input dilation',
+    lambda: nn.Conv(4, (3, 3), input_dilation=2, padding=((1, 1), (1, 1))),
+    (2, 6, 6, 2),
+    'convolution',
+  ),
+  ('ConvTranspose', lambda: nn.ConvTranspose(4, (3, 3)), (2, 6, 6, 2), 'convolution'),
+  ('ConvLocal', lambda: nn.ConvLocal(4, (3, 3)), (2, 6, 6, 2), 'matrix product'),
+  ('Embed', lambda: nn.Embed(10, 4), (2, 5), 'fast'),
+  ('LayerNorm', lambda: nn.LayerNorm(), (2, 6), 'fast'),
+  ('Einsum', lambda: nn.Einsum((6, 4), '...i,ij->...j'), (2, 6), 'matrix product'),
+]
+
+
+@pytest.mark.skipif(jax.default_backend() != 'cpu', reason='the estimates are for a CPU')
+@pytest.mark.parametrize('name, make, shape, verdict', FLAX_LAYERS, ids=[c[0] for c in FLAX_LAYERS])
+def test_every_flax_layer_is_fast_or_warned(name, make, shape, verdict):
+  import warnings
+
+  x = np.ones(shape, np.int32 if name == 'Embed' else np.float32)
+  init_fn, apply_fn = sweep.adapters.adapt(make(), x, None).pure_functions()
+  layout = units.fast_layout(init_fn, apply_fn, 'adam', x)
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter('always')
+    units.warn_slow_layers(init_fn, apply_fn, 'adam', layout, x)
+  said = [str(w.message) for w in caught if issubclass(w.category, layers.SlowLayerWarning)]
+  if verdict == 'fast':
+    assert said == [], said
+  else:
+    assert said and any(verdict in m for m in said), said
+
+
 @pytest.mark.parametrize(
   'chunk, per_example, runs, backend, expected',
   [
