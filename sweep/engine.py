@@ -538,7 +538,16 @@ def _run(
     # Runs that change batch size move between batch groups: the sweep state of an
     # adaptive search, advanced segment by segment (with no rules, none is stopped).
     return _run_population(
-      plan, model, all_units, wd, resolved, shardings, eval_chunk, progress, experiment_file
+      plan,
+      model,
+      all_units,
+      wd,
+      resolved,
+      shardings,
+      eval_chunk,
+      progress,
+      experiment_file,
+      time_runs,
     )
   ticks = lambda unit: sum(updates_in_segment(unit, plan, k) for k in range(plan.num_evals))  # noqa: E731
   bar = tqdm.tqdm(
@@ -619,7 +628,7 @@ def _run(
 
 
 def _run_population(
-  plan, model, all_units, wd, resolved, shardings, eval_chunk, progress, experiment_file
+  plan, model, all_units, wd, resolved, shardings, eval_chunk, progress, experiment_file, time_runs
 ):
   """Adaptive search (`cfg.scheduler`): the population advanced segment by segment, the
   scheduler deciding between segments (`sweep.population`)."""
@@ -634,6 +643,7 @@ def _run_population(
     _device_data(plan, eval_chunk, shardings),
     shardings,
     jnp.float32(cfg.divergence_threshold),
+    timer=timing.Timer(plan, enabled=time_runs),
   )
   start = time.perf_counter()
   store = None
@@ -684,10 +694,13 @@ def _run_population(
   ended = {}
   for t in pop.trials:
     ended[t.status] = ended.get(t.status, 0) + 1
+  alone = pop.seconds_alone()  # None where a batch size went untimed: the shared seconds
+  if pop.timer.timings:
+    resolved['run_seconds'] = pop.timer.to_json()
   table, curves = results.tables(
     plan,
     [t.points for t in pop.trials],
-    [t.seconds for t in pop.trials],
+    [t.seconds if a is None else a for t, a in zip(pop.trials, alone, strict=True)],
     pop.extra_columns() if pop.rules else None,
   )
   if pop.rules:

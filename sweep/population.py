@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kernels import train
-from sweep import devices, distributed, schedulers, units
+from sweep import devices, distributed, schedulers, timing, units
 from sweep.config import Plan
 from sweep.errors import config_error
 from sweep.units import BatchGroup, Unit
@@ -167,12 +167,17 @@ class Population:
     threshold: the divergence threshold, on the device.
   """
 
-  def __init__(self, plan: Plan, model, all_units: list[Unit], data, shardings, threshold):
+  def __init__(
+    self, plan: Plan, model, all_units: list[Unit], data, shardings, threshold, timer=None
+  ):
     self.plan = plan
     self.model = model
     self.data = data
     self.shardings = shardings
     self.threshold = threshold
+    # The wall time a run of each batch size takes alone (`sweep.timing`), measured as each
+    # kind first trains; off the cohorts' clocks.
+    self.timer = timer if timer is not None else timing.Timer(plan, enabled=False)
     scheduler = plan.config.scheduler
     self.rules = () if scheduler is None else schedulers.rules(scheduler)
     self.stopping = [r for r in self.rules if isinstance(r, schedulers.STOPPING)]
@@ -403,11 +408,14 @@ class Population:
       if cohort.placed is None:
         cohort.placed = devices.shard(cohort.hparams, self.shardings)
       program = train.make_program(unit.structure)
+      orders = cohort.book.segment(cohort.point - 1)
+      if not self.timer.covers(unit):
+        self.timer.measure(unit, cohort.state, cohort.placed, orders, self.data, self.threshold)
       c0 = time.perf_counter()
       cohort.state, metrics = program.segment(
         cohort.state,
         cohort.placed,
-        cohort.book.segment(cohort.point - 1),
+        orders,
         self.data,
         self.threshold,
       )
@@ -744,6 +752,56 @@ class Population:
           row[f'final_{h}'] = v
       out.append(row)
     return out
+
+  def seconds_alone(self) -> list[float | None]:
+    """Each trial's wall time had it trained alone: the measured seconds of an update at
+    each batch size it trained at, times its updates there, and of an evaluation, times its
+    evaluations (None where one of its batch sizes was not timed)."""
+    if not self.timer.enabled:
+      return [None] * len(self.trials)
+    if jax.process_count() > 1:  # each process timed the kinds it trained
+      for part in distributed.allgather_objects(self.timer.timings):
+        for key, t in part.items():
+          self.timer.timings.setdefault(key, t)
+    self._time_untimed()
+    out = []
+    for trial, run in zip(self.trials, self.plan.runs, strict=True):
+      g = self.plan.groups.index(run.group)
+      updates = int(trial.points[-1]['updates'])
+      stages = self.plan.stage_updates(run)
+      total, known = 0.0, True
+      for k, (start, _, b) in enumerate(stages):
+        end = stages[k + 1][0] if k + 1 < len(stages) else updates
+        t = self.timer.timings.get((g, b))
+        if t is None:
+          known = False
+          break
+        total += t.update_seconds * max(0, min(updates, end) - start)
+      if not known:
+        out.append(None)
+        continue
+      out.append(total + t.eval_seconds * len(trial.points))
+    return out
+
+  def _time_untimed(self) -> None:
+    """Times the kinds a trial trained in that this process has no timing of (a sweep
+    resumed after they ended), from a fresh cohort of one of their trials."""
+    from sweep import engine
+
+    for kind, (group, b, *_) in enumerate(self.kinds):
+      g = self.plan.groups.index(group)
+      if (g, b) in self.timer.timings:
+        continue
+      trials = [t for t in range(len(self.trials)) if self._kind(t) == kind]
+      if not trials:
+        continue  # a kind only ramps move into: timed when they trained there
+      slots, seeds = self._layout(kind, trials[:1])[0]
+      cohort = Cohort(kind, slots, seeds)
+      unit = self._unit(cohort)
+      placed = devices.shard(cohort.hparams, self.shardings)
+      state = devices.shard(engine._start(self.model, unit, placed, self.data)[0], self.shardings)
+      orders = engine._OrderBook(self.plan, unit, cache=self._orders).segment(0)
+      self.timer.measure(unit, state, placed, orders, self.data, self.threshold)
 
   def gather_finals(self) -> None:
     """Every ended run's final state on every process (each kept those it trained)."""

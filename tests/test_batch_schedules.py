@@ -453,3 +453,24 @@ def test_sweep_run_from_the_command_line_with_a_ramp_set_there(tmp_path, monkeyp
   assert all(len(line) <= 100 for line in lines)
   loaded = sweep.load(str(tmp_path / 'w'))
   assert list(loaded.table.batch_schedule) == ['constant', '32>128 @0.5']
+
+
+def test_a_ramp_runs_seconds_alone_add_its_stages_measured_costs(tmp_path):
+  cfg = config(learning_rate=[1e-2], seed=[0], batch_size=[16, 64, RAMP])
+  result = sweep.run(cfg, str(tmp_path), progress=False, time_runs=True)
+  timings = {t['batch_size']: t for t in result.config['run_seconds']['timings']}
+  assert set(timings) == {16, 32, 64}  # 32 only the ramp trains at: timed there
+  table = result.table.set_index('batch_schedule', drop=False)
+  evals = EPOCHS + 1
+
+  def alone(parts):
+    return sum(timings[b]['update_seconds'] * n for b, n in parts) + (
+      timings[16]['eval_seconds'] * evals
+    )
+
+  assert np.isclose(table.loc[RAMP.label, 'seconds'], alone([(16, 24), (32, 6), (64, 3)]))
+  constant = table[table.batch_schedule == 'constant'].set_index('batch_size')
+  assert np.isclose(constant.loc[16, 'seconds'], alone([(16, 48)]))
+  assert np.isclose(constant.loc[64, 'seconds'], alone([(64, 12)]))
+  # Written to config.json, so that a report from the workdir reads the same seconds.
+  assert sweep.load(str(tmp_path)).table.seconds.tolist() == result.table.seconds.tolist()
