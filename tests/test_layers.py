@@ -663,6 +663,25 @@ FLAX_LAYERS = [
   ('Embed', lambda: nn.Embed(10, 4), (2, 5), 'fast'),
   ('LayerNorm', lambda: nn.LayerNorm(), (2, 6), 'fast'),
   ('Einsum', lambda: nn.Einsum((6, 4), '...i,ij->...j'), (2, 6), 'matrix product'),
+  ('nnx.Linear', lambda: functools.partial(nnx.Linear, 6, 4), (2, 6), 'fast'),
+  ('nnx.LinearGeneral', lambda: functools.partial(nnx.LinearGeneral, 6, (2, 3)), (2, 6), 'fast'),
+  ('nnx.Conv 1-D', lambda: functools.partial(nnx.Conv, 2, 4, (3,)), (2, 10, 2), 'fast'),
+  ('nnx.Conv 2-D', lambda: functools.partial(nnx.Conv, 2, 4, (3, 3)), (2, 6, 6, 2), 'fast'),
+  ('nnx.Conv 3-D', lambda: functools.partial(nnx.Conv, 2, 4, (3, 3, 3)), (2, 5, 5, 5, 2), 'fast'),
+  (
+    'nnx.ConvTranspose',
+    lambda: functools.partial(nnx.ConvTranspose, 2, 4, (3, 3)),
+    (2, 6, 6, 2),
+    'convolution',
+  ),
+  ('nnx.Embed', lambda: functools.partial(nnx.Embed, 10, 4), (2, 5), 'fast'),
+  ('nnx.LayerNorm', lambda: functools.partial(nnx.LayerNorm, 6), (2, 6), 'fast'),
+  (
+    'nnx.Einsum',
+    lambda: functools.partial(nnx.Einsum, '...i,ij->...j', (6, 4)),
+    (2, 6),
+    'matrix product',
+  ),
 ]
 
 
@@ -671,7 +690,7 @@ FLAX_LAYERS = [
 def test_every_flax_layer_is_fast_or_warned(name, make, shape, verdict):
   import warnings
 
-  x = np.ones(shape, np.int32 if name == 'Embed' else np.float32)
+  x = np.ones(shape, np.int32 if 'Embed' in name else np.float32)
   init_fn, apply_fn = sweep.adapters.adapt(make(), x, None).pure_functions()
   layout = units.fast_layout(init_fn, apply_fn, 'adam', x)
   with warnings.catch_warnings(record=True) as caught:
