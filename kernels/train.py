@@ -129,7 +129,9 @@ class Structure:
       return self.model.apply(params, state, x, train, key)
     dtype = jnp.dtype(self.compute_dtype)
     cast = lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a  # noqa: E731
-    out, new = self.model.apply(jax.tree.map(cast, params), state, cast(x), train, key)
+    out, new = self.model.apply(
+      jax.tree.map(cast, params), state, jax.tree.map(cast, x), train, key
+    )
     new = jax.tree.map(lambda n, o: n.astype(o.dtype), new, state)
     return jax.tree.map(lambda a: a.astype(jnp.float32), out), new
 
@@ -137,7 +139,7 @@ class Structure:
 class Data(NamedTuple):
   """The datasets, on the device once per sweep."""
 
-  x_train: jax.Array
+  x_train: Any  # one array, or a tuple or dict of arrays (n, ...)
   y_train: jax.Array
   x_val: jax.Array  # padded to a multiple of the eval batch
   y_val: jax.Array
@@ -291,7 +293,7 @@ def _run_step(
   if structure.noise_scale:
     # Two half batches give gradient norms at two batch sizes (McCandlish et al. 2018).
     # (Models with state are refused with noise_scale: their statistics would be per half.)
-    halves = lambda a: a.reshape((2, a.shape[0] // 2) + a.shape[1:])  # noqa: E731
+    halves = lambda t: jax.tree.map(lambda a: a.reshape((2, a.shape[0] // 2) + a.shape[1:]), t)  # noqa: E731
     half_loss = lambda p, x, y: batch_loss(p, x, y)[0]  # noqa: E731
     losses_h, grads_h = jax.vmap(jax.value_and_grad(half_loss), in_axes=(None, 0, 0))(
       state.params, halves(xb), halves(yb)
@@ -413,7 +415,7 @@ def _group_segment(
       order.orders, epoch - order.first_epoch, axis=1, keepdims=False
     )
     idx = jax.lax.dynamic_slice_in_dim(perm, j * batch, batch, axis=1)  # (S, B)
-    xb = data.x_train[idx]
+    xb = jax.tree.map(lambda a: a[idx], data.x_train)  # one array, or a tuple or dict
     if structure.augment is not None:
       # One augmentation per seed and update, shared by the seed's runs.
       xb = jax.vmap(structure.augment)(per_seed_keys(ghp.seeds, state.step, AUGMENT_STREAM), xb)
@@ -453,7 +455,7 @@ def _evaluate_runs(
   chunk = structure.eval_batch_size
   if structure.layout is not None:
     params = structure.layout.to_fast(params)
-  xs = x.reshape((-1, chunk) + x.shape[1:])
+  xs = jax.tree.map(lambda a: a.reshape((-1, chunk) + a.shape[1:]), x)
   ys = y.reshape((-1, chunk) + y.shape[1:])
   ws = weight.reshape(-1, chunk)
 
@@ -469,15 +471,16 @@ def _evaluate_runs(
   shared = (0, 0, None, None, None, None)
   lifted = jax.vmap(jax.vmap(one_run, in_axes=shared), in_axes=shared)
   # Only a model that draws at evaluation is given keys: the others' programs are unchanged.
-  keys = jnp.arange(xs.shape[0], dtype=jnp.int32) if structure.model.eval_key else None
+  keys = jnp.arange(ws.shape[0], dtype=jnp.int32) if structure.model.eval_key else None
 
   def body(total, batch):
     xc, yc, wc, c = batch
     key = None if c is None else eval_key(c)
     return jax.tree.map(jnp.add, total, lifted(params, model_state, xc, yc, wc, key)), None
 
+  first = jax.tree.map(lambda a: a[0], xs)
   shapes = jax.eval_shape(
-    lifted, params, model_state, xs[0], ys[0], ws[0], None if keys is None else eval_key(0)
+    lifted, params, model_state, first, ys[0], ws[0], None if keys is None else eval_key(0)
   )
   total = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
   total, _ = jax.lax.scan(body, total, (xs, ys, ws, keys))
@@ -501,7 +504,7 @@ def evaluate(structure: Structure, groups: tuple[GroupState, ...], data: Data) -
   for state in groups:
     params, model_state = _eval_params(structure, state.runs), state.runs.model_state
     metrics = {}
-    if data.x_val.shape[0]:
+    if data.y_val.shape[0]:
       for k, v in _evaluate_runs(
         structure, params, model_state, data.x_val, data.y_val, data.val_weight
       ).items():

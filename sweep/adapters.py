@@ -38,6 +38,7 @@ from flax import linen as nn
 from flax import nnx
 
 from sweep import layers
+from sweep.data import describe_inputs, rows, signature
 from sweep.errors import config_error
 
 if TYPE_CHECKING:
@@ -174,14 +175,13 @@ def model_of(cfg: SweepConfig, output_dim: int) -> Model:
   the same thing: an equal model, or one rebuilt the same way (`structural_key`), so that
   a second sweep of it with other values compiles nothing. A model that holds its
   initial values (equinox, an nnx instance, Keras) is given this instance's values."""
-  model, example_x = cfg.model, cfg.data.x_train[:1]
+  model, example_x = cfg.model, rows(cfg.data.x_train, slice(0, 1))
   try:
     code = structural_key(model)
     key = _Key(
       (
         code,
-        example_x.shape[1:],
-        str(example_x.dtype),
+        signature(example_x),
         output_dim,
         cfg.train_argument,
         cfg.rng_argument,
@@ -450,6 +450,44 @@ def train_argument_error(model: Any, train_argument: str | None) -> str | None:
   return None
 
 
+def inputs(x: Any) -> tuple:
+  """The positional arguments a model is called with on inputs `x`: a tuple's arrays one
+  by one (`model(token_ids, lengths)`), else `x` itself (one array, or a dict, whole)."""
+  return x if isinstance(x, tuple) else (x,)
+
+
+def inputs_hint(model: Any, x: Any) -> str:
+  """A likely cause to add to a model's failure: its call takes more (or fewer) inputs
+  without defaults than the data gives (a second input missing)."""
+  target = model[1] if isinstance(model, tuple) and len(model) == 2 else model
+  fn = target if isinstance(model, tuple) else type(target).__call__
+  try:
+    parameters = list(inspect.signature(fn).parameters.values())
+  except (TypeError, ValueError):
+    return ''
+  parameters = parameters[1:]  # params of an apply_fn, self of a module
+  if any(p.kind is p.VAR_POSITIONAL for p in parameters):
+    return ''
+  positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+  required = [
+    p.name
+    for p in positional
+    if p.default is p.empty
+    and p.name not in _SWITCH_NAMES
+    and p.name != 'train'
+    and not ('rng' in p.name.lower() or 'key' in p.name.lower())
+  ]
+  given = len(inputs(x))
+  if len(required) <= given:
+    return ''
+  names = ', '.join(required)
+  return (
+    f'; the call takes {len(required)} inputs ({names}) and the data gives {given} '
+    f'{describe_inputs(x)}: give the inputs as a tuple, one array each, '
+    f'sweep.data.arrays(({names}), y), which the engine passes as positional arguments'
+  )
+
+
 def _is_equinox(model: Any) -> bool:
   eqx = sys.modules.get('equinox')
   return eqx is not None and isinstance(model, eqx.Module)
@@ -521,13 +559,13 @@ def _pure_functions(
 
     def apply(params, state, x, train, key):
       del train, key
-      return apply_fn(params, x), state
+      return apply_fn(params, *inputs(x)), state
 
     return Model(init, apply, name=name)
   _check_rng_argument(apply_fn, rng_argument, f'apply_fn {name}')
 
   def apply_keyed(params, state, x, train, key):
-    return apply_fn(params, x, **{rng_argument: rng_keys(key, train)}), state
+    return apply_fn(params, *inputs(x), **{rng_argument: rng_keys(key, train)}), state
 
   return Model(init, apply_keyed, name=name, random=True, eval_key=True)
 
@@ -590,7 +628,7 @@ def _linen(
   switch = _switch(module, train_argument)
   if rng_argument is not None:
     _check_rng_argument(module.__call__, rng_argument, f'{type(module).__name__}.__call__')
-  x1 = np.asarray(example_x)[:1]
+  x1 = rows(jax.tree.map(np.asarray, example_x), slice(0, 1))
   evaluation = _switch_kwargs(switch, False)
   training = _switch_kwargs(switch, True)
 
@@ -599,14 +637,16 @@ def _linen(
 
   def initialise(key, x):
     # A key argument at init: the initial parameters' key folded with 1 (as in training).
-    return module.init(key, x, **evaluation, **keyed(key, True))
+    return module.init(key, *inputs(x), **evaluation, **keyed(key, True))
 
   try:
     shapes = jax.eval_shape(lambda x: initialise(jax.random.key(0), x), x1)
   except Exception as e:  # the module is the user's: report any failure as a config problem
-    hint = '' if rng_argument is not None else _rng_hint(module.__call__)
+    hint = inputs_hint(module, x1) or ('' if rng_argument else _rng_hint(module.__call__))
     raise config_error(
-      'model', describe(module), f'init on an input of shape {x1.shape} failed: {e}{hint}'
+      'model',
+      describe(module),
+      f'init on an input of shape {describe_inputs(x1)} failed: {e}{hint}',
     ) from e
   if not jax.tree.leaves(shapes.get('params', {})):
     raise config_error('model', describe(module), 'a model with parameters to train')
@@ -620,12 +660,12 @@ def _linen(
     with layers.fast_layers():  # flax's own layers at full speed under the run axis
       variables = {'params': params, **state}
       if not train:
-        return module.apply(variables, x, **evaluation, **keyed(key, False)), state
+        return module.apply(variables, *inputs(x), **evaluation, **keyed(key, False)), state
       rngs = None if key is None else {'dropout': key}
       call = {**training, **keyed(key, True)}
       if not collections:
-        return module.apply(variables, x, rngs=rngs, **call), state
-      out, new = module.apply(variables, x, rngs=rngs, mutable=collections, **call)
+        return module.apply(variables, *inputs(x), rngs=rngs, **call), state
+      out, new = module.apply(variables, *inputs(x), rngs=rngs, mutable=collections, **call)
       return out, {c: new[c] for c in collections}
 
   # Does training draw randomness? Traced once with a key: a module that never calls
@@ -653,7 +693,8 @@ def _uses_key(fn: Callable, init: Callable, x1: np.ndarray) -> bool:
   params, state = jax.eval_shape(lambda: init(jax.random.key(0)))
   key = jax.eval_shape(lambda: jax.random.key(0))  # made eagerly, a key would compile
   try:
-    jaxpr = jax.jit(fn).trace(params, state, jax.ShapeDtypeStruct(x1.shape, x1.dtype), key).jaxpr
+    x = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), x1)
+    jaxpr = jax.jit(fn).trace(params, state, x, key).jaxpr
   except Exception:  # noqa: BLE001 - the shape check reports a failing model properly
     return True
   key_var = jaxpr.jaxpr.invars[-1]
@@ -760,13 +801,13 @@ def _nnx(
     if not train:
       module = nnx.merge(graph_eval, params, rng_values(jax.random.key(0)), state)
       with layers.fast_layers():
-        return module(x, **_switch_kwargs(switch, False), **keyed(key, False)), state
+        return module(*inputs(x), **_switch_kwargs(switch, False), **keyed(key, False)), state
     key = key if key is not None else jax.random.key(0)
     module = nnx.merge(graph_train, params, rng_values(key), state)
     extra = {'rngs': nnx.Rngs(dropout=key)} if takes_rngs else {}
     extra.update(keyed(key, True))
     with layers.fast_layers():  # flax's own layers at full speed under the run axis
-      out = module(x, **extra, **_switch_kwargs(switch, True))
+      out = module(*inputs(x), **extra, **_switch_kwargs(switch, True))
     new_state = nnx.to_pure_dict(nnx.split(module, nnx.Param, nnx.RngState, ...)[3])
     return out, new_state
 
@@ -837,12 +878,13 @@ def _equinox(model: Any, example_x: np.ndarray) -> Model:
 
   def apply(p, state, x, train, key):
     if not train:
-      return jax.vmap(eqx.combine(p, static_eval))(x), state
+      module = eqx.combine(p, static_eval)
+      return jax.vmap(lambda xi: module(*inputs(xi)))(x), state
     module = eqx.combine(p, static_train)
     if takes_key and key is not None:
-      keys = jax.random.split(key, x.shape[0])
-      return jax.vmap(lambda xi, k: module(xi, key=k))(x, keys), state
-    return jax.vmap(module)(x), state
+      keys = jax.random.split(key, jax.tree.leaves(x)[0].shape[0])
+      return jax.vmap(lambda xi, k: module(*inputs(xi), key=k))(x, keys), state
+    return jax.vmap(lambda xi: module(*inputs(xi)))(x), state
 
   def rebuild(p, state):
     del state

@@ -13,14 +13,19 @@ import math
 import os
 import random
 import struct
+from collections.abc import Mapping
 from typing import Any
 
+import jax
 import numpy as np
 
 from sweep.errors import config_error
 
 __all__ = [
   'aligned',
+  'batch_spec',
+  'rows',
+  'signature',
   'Dataset',
   'arrays',
   'check',
@@ -55,6 +60,73 @@ def aligned(a: np.ndarray) -> np.ndarray:
   return out
 
 
+# ------------------------------------------------------- inputs of several arrays ----
+# Inputs are one array, or a tuple or dict of arrays with a shared leading example axis
+# (token ids and lengths; user and item ids; an image and its mask).
+
+
+def is_tree(x: Any) -> bool:
+  """Whether inputs are several arrays (a tuple or dict of them) rather than one."""
+  return isinstance(x, tuple | Mapping)
+
+
+def rows(x: Any, index: Any) -> Any:
+  """`x[index]` of every array of the inputs `x` (one array, or a tuple or dict of them)."""
+  return jax.tree.map(lambda a: a[index], x)
+
+
+def n_rows(x: Any) -> int:
+  """The number of examples of the inputs `x`."""
+  return int(jax.tree.leaves(x)[0].shape[0])
+
+
+def nbytes(x: Any) -> int:
+  return sum(int(a.nbytes) for a in jax.tree.leaves(x))
+
+
+def signature(x: Any) -> Any:
+  """What the programs depend on in inputs `x`, hashable: the structure, and each
+  array's shape beyond the example axis and dtype."""
+  leaves, treedef = jax.tree.flatten(x)
+  return treedef, tuple((tuple(a.shape[1:]), str(a.dtype)) for a in leaves)
+
+
+def batch_spec(x: Any, n: int) -> Any:
+  """`jax.ShapeDtypeStruct`s of a batch of `n` examples of inputs like `x`."""
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct((n,) + tuple(a.shape[1:]), a.dtype), x)
+
+
+def spec_of(sig: Any, n: int) -> Any:
+  """`batch_spec` of a batch of `n` from a `signature`."""
+  treedef, leaves = sig
+  return jax.tree.unflatten(
+    treedef, [jax.ShapeDtypeStruct((n,) + shape, np.dtype(dtype)) for shape, dtype in leaves]
+  )
+
+
+def describe_inputs(x: Any) -> str:
+  """The inputs' shapes in a message: '(64,)' or '(tokens (64, 20) int32, lengths (64,)
+  int32)'."""
+  if not is_tree(x):
+    return str(tuple(x.shape))
+  items = x.items() if isinstance(x, Mapping) else enumerate(x)
+  return '(' + ', '.join(f'{k!r}: {tuple(a.shape)} {a.dtype}' for k, a in items) + ')'
+
+
+def _field(field: str, key: Any) -> str:
+  return f'{field}[{key!r}]'
+
+
+def _items(x: Any) -> list[tuple[Any, Any]]:
+  return list(x.items()) if isinstance(x, Mapping) else list(enumerate(x))
+
+
+def _rebuild(x: Any, values: list) -> Any:
+  if isinstance(x, Mapping):
+    return dict(zip(x.keys(), values, strict=True))
+  return tuple(values)
+
+
 # eq=False: the generated __eq__/__hash__ would compare numpy arrays elementwise and fail,
 # so datasets compare and hash by identity.
 @dataclasses.dataclass(frozen=True, eq=False, repr=False)
@@ -67,7 +139,9 @@ class Dataset:
 
   Attributes:
     x_train: inputs, shape (n, ...features): float32, or int32 for integer inputs (token
-      ids, which stay integer so that an embedding can look them up).
+      ids, which stay integer so that an embedding can look them up); or a tuple or dict
+      of such arrays with the same n (token ids and lengths, an image and its mask),
+      each of its own dtype and shape (n, ...).
     y_train: int32 class ids of shape (n,) (or (n, T) for sequences, such as next-token
       targets) for classification, or float32 targets of shape (n, d) for regression.
     x_val: validation inputs shaped like x_train beyond the first axis, or None.
@@ -90,12 +164,12 @@ class Dataset:
   @property
   def n_train(self) -> int:
     """Number of training examples."""
-    return int(self.x_train.shape[0])
+    return n_rows(self.x_train)
 
   @property
   def n_val(self) -> int:
     """Number of validation examples (0 without a validation set)."""
-    return 0 if self.x_val is None else int(self.x_val.shape[0])
+    return 0 if self.x_val is None else n_rows(self.x_val)
 
   @property
   def is_classification(self) -> bool:
@@ -112,13 +186,14 @@ class Dataset:
 
   def __repr__(self) -> str:
     # The default repr would print the arrays themselves.
-    val = 'None' if self.x_val is None else f'{tuple(self.x_val.shape)}'
+    val = 'None' if self.x_val is None else describe_inputs(self.x_val)
     task = (
       f'num_classes={self.num_classes}'
       if self.is_classification
       else f'targets={self.y_train.shape[1]}'
     )
-    return f'Dataset(name={self.name!r}, x_train={tuple(self.x_train.shape)}, x_val={val}, {task})'
+    x = describe_inputs(self.x_train)
+    return f'Dataset(name={self.name!r}, x_train={x}, x_val={val}, {task})'
 
 
 class _Summary:
@@ -131,9 +206,22 @@ class _Summary:
     return self._text
 
 
-def _to_x(field: str, x: Any) -> np.ndarray:
+def _to_x(field: str, x: Any) -> Any:
   """Converts inputs to a float32 (or, for integer inputs, int32) array with a leading
-  example axis."""
+  example axis; a tuple or dict of inputs array by array, each keeping its shape."""
+  if is_tree(x):
+    if not len(x):
+      raise config_error(field, type(x).__name__, 'inputs: an array, or a tuple or dict of arrays')
+    values = [_to_one_x(_field(field, k), v, several=True) for k, v in _items(x)]
+    return _rebuild(x, values)
+  return _to_one_x(field, x, several=False)
+
+
+def _to_one_x(field: str, x: Any, several: bool) -> np.ndarray:
+  if is_tree(x):
+    raise config_error(
+      field, type(x).__name__, 'an array: inputs are a tuple or dict of arrays, not nested'
+    )
   try:
     a = np.asarray(x)
     if a.dtype.kind in 'iu':
@@ -148,7 +236,7 @@ def _to_x(field: str, x: Any) -> np.ndarray:
     ) from e
   if a.ndim == 0:
     raise config_error(field, _Summary(a), 'inputs need a leading example axis')
-  if a.ndim == 1:
+  if a.ndim == 1 and not several:
     # One scalar feature per example; models expect a feature axis.
     a = a.reshape(-1, 1)
   return a
@@ -207,12 +295,12 @@ def _check_finite(field: str, a: np.ndarray) -> None:
     )
 
 
-def _check_lengths(x_field: str, x: np.ndarray, y_field: str, y: np.ndarray) -> None:
-  if x.shape[0] != y.shape[0]:
+def _check_lengths(x_field: str, x: Any, y_field: str, y: np.ndarray) -> None:
+  if n_rows(x) != y.shape[0]:
     raise config_error(
       y_field,
       _Summary(y),
-      f'it has {y.shape[0]} examples but {x_field} has {x.shape[0]}; '
+      f'it has {y.shape[0]} examples but {x_field} has {n_rows(x)}; '
       'inputs and labels need one row per example',
     )
 
@@ -238,8 +326,15 @@ def arrays(
   one column per output: a model with one output returns (batch, 1) or, for the
   regression losses (mse, huber, l1), (batch,); neither is ever broadcast.
 
+  A model with several inputs (token ids and lengths, user and item ids, an image and a
+  mask) takes x as a tuple or dict of arrays with one row per example each, every array
+  converted alone (its own dtype; a (n,) array keeps its shape). The engine gathers
+  batches, pads evaluation chunks and checks each array alike, and calls the model with
+  a tuple's arrays as positional arguments (`model(token_ids, lengths)`) and a dict whole
+  (`model(batch)`).
+
   Args:
-    x_train: training inputs, shape (n, ...features).
+    x_train: training inputs, shape (n, ...features), or a tuple or dict of such arrays.
     y_train: training labels (n,) or targets (n,) / (n, d).
     x_val: optional validation inputs with the same feature shape as x_train.
     y_val: validation labels or targets; required exactly when x_val is given.
@@ -278,12 +373,11 @@ def arrays(
   ignore = int(ignore_label) if isinstance(ignore_label, np.integer) else ignore_label
   # The checks every Dataset gets (`check`), whichever way it was built.
   check(Dataset(xt, yt, xv, yv, name=name, num_classes=num_classes, ignore_label=ignore))
-  if xv is not None and xv.shape[0] == 0:
+  if xv is not None and n_rows(xv) == 0:
     xv = yv = None  # an empty validation set is no validation set
-  xv, yv = (None, None) if xv is None else (aligned(xv), aligned(yv))
-  return Dataset(
-    aligned(xt), aligned(yt), xv, yv, name=name, num_classes=num_classes, ignore_label=ignore
-  )
+  xv, yv = (None, None) if xv is None else (jax.tree.map(aligned, xv), aligned(yv))
+  xt = jax.tree.map(aligned, xt)
+  return Dataset(xt, aligned(yt), xv, yv, name=name, num_classes=num_classes, ignore_label=ignore)
 
 
 def _largest_label(y: np.ndarray, ignore_label: int | None) -> int:
@@ -310,9 +404,11 @@ def check(data: Dataset) -> None:
   _check_x('data.x_train', data.x_train)
   _check_y('data.y_train', data.y_train, ignore)
   _check_lengths('data.x_train', data.x_train, 'data.y_train', data.y_train)
-  if data.x_train.shape[0] == 0:
+  if data.n_train == 0:
     raise config_error(
-      'data.x_train', _Summary(data.x_train), 'the training set needs at least one example'
+      'data.x_train',
+      describe_inputs(data.x_train),
+      'the training set needs at least one example',
     )
   if (data.x_val is None) != (data.y_val is None):
     given, missing = (
@@ -324,16 +420,27 @@ def check(data: Dataset) -> None:
     _check_x('data.x_val', xv)
     _check_y('data.y_val', yv, ignore)
     _check_lengths('data.x_val', xv, 'data.y_val', yv)
-    if xv.shape[1:] != xt.shape[1:]:
-      raise config_error(
-        'data.x_val',
-        _Summary(xv),
-        f'its feature shape {xv.shape[1:]} differs from data.x_train feature shape {xt.shape[1:]}',
-      )
-    if xv.dtype != xt.dtype:
-      raise config_error(
-        'data.x_val', _Summary(xv), f'validation inputs must be {xt.dtype}, as data.x_train'
-      )
+    if is_tree(xt) or is_tree(xv):
+      if jax.tree.structure(xv) != jax.tree.structure(xt):
+        raise config_error(
+          'data.x_val',
+          describe_inputs(xv),
+          f'validation inputs must have the structure of data.x_train, {describe_inputs(xt)}',
+        )
+      pairs = [(_field('data.x_val', k), v, xt[k]) for k, v in _items(xv)]
+    else:
+      pairs = [('data.x_val', xv, xt)]
+    for field, v, t in pairs:
+      if v.shape[1:] != t.shape[1:]:
+        raise config_error(
+          field,
+          _Summary(v),
+          f'its feature shape {v.shape[1:]} differs from data.x_train feature shape {t.shape[1:]}',
+        )
+      if v.dtype != t.dtype:
+        raise config_error(
+          field, _Summary(v), f'validation inputs must be {t.dtype}, as data.x_train'
+        )
     if yv.dtype != yt.dtype:
       raise config_error(
         'data.y_val',
@@ -363,6 +470,24 @@ def check(data: Dataset) -> None:
 
 
 def _check_x(field: str, x: Any) -> None:
+  if is_tree(x):
+    items = _items(x)
+    if not items:
+      raise config_error(field, type(x).__name__, 'inputs: an array, or a tuple or dict of arrays')
+    for k, a in items:
+      _check_one_x(_field(field, k), a, several=True)
+    lengths = {k: np.shape(a)[0] for k, a in items}
+    if len(set(lengths.values())) > 1:
+      raise config_error(
+        field,
+        describe_inputs(x),
+        f'its arrays need one row per example each; they have {lengths} rows',
+      )
+    return
+  _check_one_x(field, x, several=False)
+
+
+def _check_one_x(field: str, x: Any, several: bool) -> None:
   if not isinstance(x, np.ndarray) or x.dtype not in (np.float32, np.int32):
     shown = _Summary(x) if isinstance(x, np.ndarray) else type(x).__name__
     raise config_error(
@@ -371,7 +496,7 @@ def _check_x(field: str, x: Any) -> None:
       'inputs are a float32 (or int32, token ids) numpy array; sweep.data.arrays(...) '
       'converts other arrays and lists',
     )
-  if x.ndim < 2:
+  if x.ndim < (1 if several else 2):
     raise config_error(
       field,
       _Summary(x),

@@ -124,9 +124,9 @@ def estimate(cfg: SweepConfig) -> tuple[Estimate, Any, list]:
     flops_total += flops
     run_bytes = units_.run_bytes(plan, model, unit.family, eval_chunk)
     memory = max(memory, run_bytes * slots_total // devices)
-  memory += sum(a.nbytes for a in (data.x_train, data.y_train))
+  memory += sum(a.nbytes for a in jax.tree.leaves((data.x_train, data.y_train)))
   if data.x_val is not None:
-    memory += data.x_val.nbytes + data.y_val.nbytes
+    memory += sum(a.nbytes for a in jax.tree.leaves((data.x_val, data.y_val)))
   result = Estimate(
     runs=len(plan.runs),
     compile_groups=len(seen),

@@ -35,7 +35,7 @@ import tqdm.auto as tqdm
 from kernels import optimizers, train
 from sweep import adapters, checkpoints, devices, distributed, preflight, timing, units
 from sweep.config import Plan, SweepConfig, probe_size, validate
-from sweep.data import aligned
+from sweep.data import aligned, rows
 from sweep.errors import ConfigError, config_error
 from sweep.units import Unit, UnitResult
 from sweep.workdir import Workdir
@@ -52,25 +52,26 @@ def _device_data(plan: Plan, chunk: int, shardings) -> train.Data:
   data = cfg.data
 
   def padded(x, y):
-    pad = (-len(x)) % chunk
+    pad = (-len(y)) % chunk
     if data.ignore_label is not None:
       # Labels to ignore: each example weighs its real labels (tokens), so that evaluation
       # losses and accuracies are per label, and an example with none does not count.
       real = (y != data.ignore_label).reshape(len(y), -1).sum(axis=1).astype(np.float32)
     else:
-      real = np.ones(len(x), np.float32)
+      real = np.ones(len(y), np.float32)
     w = np.concatenate([real, np.zeros(pad, np.float32)])
-    x = np.concatenate([x, np.repeat(x[:1], pad, axis=0)]) if pad else x
+    if pad:  # each array of the inputs (one, or a tuple or dict of them)
+      x = jax.tree.map(lambda a: np.concatenate([a, np.repeat(a[:1], pad, axis=0)]), x)
     y = np.concatenate([y, np.repeat(y[:1], pad, axis=0)]) if pad else y
     return x, y, w
 
   n = data.n_train
   probe = np.sort(np.random.default_rng(0).permutation(n)[: probe_size(plan)])
-  xp, yp, wp = padded(data.x_train[probe], data.y_train[probe])
-  if data.x_val is not None and len(data.x_val):
+  xp, yp, wp = padded(rows(data.x_train, probe), data.y_train[probe])
+  if data.x_val is not None and data.n_val:
     xv, yv, wv = padded(data.x_val, data.y_val)
   else:
-    xv, yv, wv = data.x_train[:0], data.y_train[:0], np.zeros(0, np.float32)
+    xv, yv, wv = rows(data.x_train, slice(0, 0)), data.y_train[:0], np.zeros(0, np.float32)
   # Placed where the programs read it (a copy of the training set per device), rather
   # than on one device and copied again by the first call.
   # Aligned host arrays go in without a copy on CPU (see `sweep.data.aligned`); the
@@ -532,7 +533,7 @@ def _run(
   for family, layout in dict.fromkeys(
     (all_units[c].family, all_units[c].structure.layout) for c in todo
   ):
-    units.warn_slow_layers(init_fn, apply_fn, family, layout, cfg.data.x_train[:2])
+    units.warn_slow_layers(init_fn, apply_fn, family, layout, rows(cfg.data.x_train, slice(0, 2)))
   shardings = devices.run_sharding()
   if cfg.scheduler is not None or plan.ramps:
     # Runs that change batch size move between batch groups: the sweep state of an

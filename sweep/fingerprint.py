@@ -227,7 +227,10 @@ def describe(value: Any, depth: int = 0, hasher: _Hasher | None = None) -> Any:
     out = {'name': value.name, 'num_classes': value.num_classes, 'ignore_label': value.ignore_label}
     for f in ('x_train', 'y_train', 'x_val', 'y_val'):
       a = getattr(value, f)
-      out[f] = None if a is None else array_digest(a, hasher.content)
+      # Inputs may be a tuple or dict of arrays: a digest each.
+      out[f] = (
+        None if a is None else jax.tree.map(lambda leaf: array_digest(leaf, hasher.content), a)
+      )
     return out
   if isinstance(value, dict) or (
     hasattr(value, 'keys') and hasattr(value, '__getitem__') and not isinstance(value, type)

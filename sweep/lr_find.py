@@ -384,7 +384,7 @@ def _ramp_program(structure: train.Structure, beta: float, stop_factor: float):
 
     def live(carry, lr, idx):
       params, state, opt_state, avg, best, _, count = carry
-      xb = x[idx]
+      xb = jax.tree.map(lambda a: a[idx], x)
       if structure.augment is not None:
         xb = structure.augment(train.update_key(seed, count, train.AUGMENT_STREAM), xb)
       key = train.update_key(seed, count, train.MODEL_STREAM)

@@ -20,6 +20,7 @@ import numpy as np
 from kernels import losses, optimizers, schedules
 from sweep import adapters, columns
 from sweep.config import Plan, check_callables
+from sweep.data import batch_spec, describe_inputs, is_tree, rows, signature, spec_of
 from sweep.errors import config_error
 
 
@@ -101,7 +102,7 @@ class _Failure:
 
 
 @functools.lru_cache(maxsize=64)
-def _output_shape(model: adapters.Model, x_shape: tuple[int, ...], x_dtype: str) -> Any:
+def _output_shape(model: adapters.Model, sig: Any, n: int) -> Any:
   """The shape of the model's predictions in training and evaluation mode, traced without
   compiling (memoised: flax traces slowly), or the `_Failure` of the user's model."""
   try:
@@ -109,7 +110,8 @@ def _output_shape(model: adapters.Model, x_shape: tuple[int, ...], x_dtype: str)
     params, state = model.initial_shapes()
   except Exception as e:  # a user's init_fn may fail in any way: report it as theirs.
     return _Failure(f'init_fn(key) failed: {e}', e)
-  x = jax.ShapeDtypeStruct(x_shape, x_dtype)
+  x = spec_of(sig, n)
+  x_shape = describe_inputs(x)
   try:
     pred, new_state = jax.eval_shape(
       lambda p, s, x: model.apply(p, s, x, True, jax.random.key(0)), params, state, x
@@ -134,7 +136,7 @@ def _output_shape(model: adapters.Model, x_shape: tuple[int, ...], x_dtype: str)
       f'apply_fn(params, x) failed in evaluation mode on input of shape {x_shape}: {e}', e
     )
   evaluated = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), traced.out_info)
-  _PROBABILITIES[(model, x_shape, x_dtype)] = _ends_in_softmax(traced.jaxpr.jaxpr)
+  _PROBABILITIES[(model, sig)] = _ends_in_softmax(traced.jaxpr.jaxpr)
   # One array, or several (a tuple, list or dict of arrays: a VAE's (recon, mean, logvar)),
   # which a callable loss takes whole.
   for out in (pred, evaluated):
@@ -188,10 +190,11 @@ def check_model(plan: Plan, model: adapters.Model) -> None:
   """Traces (without compiling) one init and one forward pass to check shapes."""
   cfg = plan.config
   data = cfg.data
-  x, y = data.x_train[:2], data.y_train[:2]
-  pred = _output_shape(model, x.shape, str(x.dtype))
+  x, y = rows(data.x_train, slice(0, 2)), data.y_train[:2]
+  pred = _output_shape(model, signature(x), 2)
   if isinstance(pred, _Failure):
-    raise config_error('model', model.name, pred.message + _channel_hint(x)) from pred.error
+    hint = _channel_hint(x) + adapters.inputs_hint(cfg.model, x)
+    raise config_error('model', model.name, pred.message + hint) from pred.error
   if cfg.noise_scale and model.stateful:
     raise config_error(
       'noise_scale',
@@ -202,7 +205,7 @@ def check_model(plan: Plan, model: adapters.Model) -> None:
   if cfg.augment is not None:
     check_augment(cfg.augment, min(plan.batch_sizes), x)
   probabilities = adapters.keras_ends_in_softmax(cfg.model) or _PROBABILITIES.get(
-    (model, x.shape, str(x.dtype))
+    (model, signature(x))
   )
   if isinstance(plan.loss, str) and plan.loss == 'softmax_cross_entropy' and probabilities:
     raise config_error(
@@ -281,7 +284,7 @@ def _channel_hint(x: np.ndarray) -> str:
   """A likely cause to add to a model's shape error: float inputs (n, H, W) are images
   without a channel axis, which a convolution reads as one unbatched image (its batch
   axis taken for a spatial one)."""
-  if x.ndim != 3 or not np.issubdtype(x.dtype, np.floating):
+  if is_tree(x) or x.ndim != 3 or not np.issubdtype(x.dtype, np.floating):
     return ''
   shape = '(n, ' + ', '.join(str(d) for d in x.shape[1:]) + ')'
   return (
@@ -328,7 +331,7 @@ def check_augment(augment: Callable, batch: int, x: np.ndarray) -> None:
   """Traces `augment(key, x_batch)` (compiling nothing): it must return one array of the
   batch's shape and dtype."""
   key = jax.eval_shape(lambda: jax.random.key(0))
-  xb = jax.ShapeDtypeStruct((batch,) + x.shape[1:], x.dtype)
+  xb = batch_spec(x, batch)
   name = getattr(augment, '__qualname__', type(augment).__name__)
   try:
     out = jax.eval_shape(augment, key, xb)
@@ -336,9 +339,19 @@ def check_augment(augment: Callable, batch: int, x: np.ndarray) -> None:
     raise config_error(
       'augment',
       name,
-      f'augment(key, x_batch) failed on a key and a batch of shape {xb.shape} ({type(e).__name__}: '
-      f'{e})',
+      f'augment(key, x_batch) failed on a key and a batch of shape {describe_inputs(xb)} '
+      f'({type(e).__name__}: {e})',
     ) from e
+  if is_tree(x):  # several inputs: the same structure, shapes and dtypes
+    spec = lambda t: jax.tree.map(lambda a: (getattr(a, 'shape', a), getattr(a, 'dtype', a)), t)  # noqa: E731
+    if jax.tree.structure(out) != jax.tree.structure(xb) or spec(out) != spec(xb):
+      raise config_error(
+        'augment',
+        name,
+        "augment(key, x_batch) must return inputs of the batch's structure, shapes and dtypes "
+        f'{describe_inputs(xb)}; got {jax.tree.structure(out)} {jax.tree.leaves(spec(out))}',
+      )
+    return
   if not isinstance(out, jax.ShapeDtypeStruct) or (out.shape, out.dtype) != (xb.shape, xb.dtype):
     got = (
       (out.shape, str(out.dtype)) if isinstance(out, jax.ShapeDtypeStruct) else type(out).__name__

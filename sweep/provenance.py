@@ -124,7 +124,7 @@ def resolved_config(
       'name': data.name,
       'n_train': data.n_train,
       'n_val': data.n_val,
-      'x_shape': list(data.x_train.shape[1:]),
+      'x_shape': jax.tree.map(lambda a: list(a.shape[1:]), data.x_train),
       'y_shape': list(data.y_train.shape[1:]),
       'num_classes': data.num_classes,
     },

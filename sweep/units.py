@@ -23,6 +23,7 @@ import numpy as np
 from kernels import optimizers, schedules, train
 from sweep import adapters, layers
 from sweep.config import Plan, Run, SweepConfig
+from sweep.data import batch_spec, nbytes, rows, signature, spec_of
 from sweep.devices import host_ram
 
 
@@ -169,8 +170,7 @@ def run_bytes(plan: Plan, model: adapters.Model, family: str, eval_chunk: int) -
     eval_chunk,
     max(plan.total_updates),
     plan.config.keep_best,
-    plan.config.data.x_train.shape[1:],
-    str(plan.config.data.x_train.dtype),
+    signature(plan.config.data.x_train),
     plan.config.data.y_train.shape[1:],
     str(plan.config.data.y_train.dtype),
   )
@@ -210,7 +210,7 @@ def _run_bytes(plan: Plan, model: adapters.Model, family: str, eval_chunk: int) 
   )
 
   def intermediates(batch: int, grad: bool) -> int:
-    x = jax.ShapeDtypeStruct((batch,) + data.x_train.shape[1:], data.x_train.dtype)
+    x = batch_spec(data.x_train, batch)
     y = jax.ShapeDtypeStruct((batch,) + data.y_train.shape[1:], data.y_train.dtype)
 
     def f(p, s, x, y):
@@ -294,15 +294,15 @@ def fast_layout(init_fn, apply_fn, family: str, x: np.ndarray) -> layers.Layout 
   if family not in _ENTRYWISE:
     return None
   try:
-    return _fast_layout(init_fn, apply_fn, tuple(x.shape), str(x.dtype))
+    return _fast_layout(init_fn, apply_fn, signature(x), len(y := jax.tree.leaves(x)[0]))
   except TypeError:  # unhashable functions
-    return _fast_layout.__wrapped__(init_fn, apply_fn, tuple(x.shape), str(x.dtype))
+    return _fast_layout.__wrapped__(init_fn, apply_fn, signature(x), len(y))
 
 
 @functools.lru_cache(maxsize=64)
-def _fast_layout(init_fn, apply_fn, x_shape, x_dtype) -> layers.Layout | None:
+def _fast_layout(init_fn, apply_fn, sig, n) -> layers.Layout | None:
   params = jax.eval_shape(lambda: init_fn(jax.random.key(0)))
-  return layers.plan_layout(apply_fn, params, jax.ShapeDtypeStruct(x_shape, x_dtype))
+  return layers.plan_layout(apply_fn, params, spec_of(sig, n))
 
 
 def step_flops(plan: Plan, model: adapters.Model) -> float:
@@ -313,8 +313,7 @@ def step_flops(plan: Plan, model: adapters.Model) -> float:
     model,
     plan.loss,
     max(plan.total_updates),
-    data.x_train.shape[1:],
-    str(data.x_train.dtype),
+    signature(data.x_train),
     data.y_train.shape[1:],
     str(data.y_train.dtype),
   )
@@ -343,7 +342,7 @@ def _step_flops(plan: Plan, model: adapters.Model) -> float:
     ignore_label=data.ignore_label,
   )
   batch = max(plan.total_updates)
-  x = jax.ShapeDtypeStruct((batch,) + data.x_train.shape[1:], data.x_train.dtype)
+  x = batch_spec(data.x_train, batch)
   y = jax.ShapeDtypeStruct((batch,) + data.y_train.shape[1:], data.y_train.dtype)
 
   def f(p, s, x, y):
@@ -377,7 +376,7 @@ def eval_bytes_per_example(plan: Plan, init_fn, apply_fn, chunk: int) -> float:
   """Bytes of every intermediate of one run's forward pass, per example (an upper
   estimate, as in `run_bytes`); memoised."""
   data = plan.config.data
-  key = (init_fn, apply_fn, chunk, data.x_train.shape[1:], str(data.x_train.dtype))
+  key = (init_fn, apply_fn, chunk, signature(data.x_train))
   try:
     if key not in _EVAL_BYTES:
       _EVAL_BYTES[key] = _eval_bytes_per_example(plan, init_fn, apply_fn, chunk)
@@ -392,7 +391,7 @@ _EVAL_BYTES: dict = {}
 def _eval_bytes_per_example(plan: Plan, init_fn, apply_fn, chunk: int) -> float:
   data = plan.config.data
   params = jax.eval_shape(lambda: init_fn(jax.random.key(0)))
-  x = jax.ShapeDtypeStruct((chunk,) + data.x_train.shape[1:], data.x_train.dtype)
+  x = batch_spec(data.x_train, chunk)
   jaxpr = jax.make_jaxpr(lambda p, x: apply_fn(p, x))(params, x).jaxpr
   # Only what depends on the parameters is made once per run: the rest (the input, its
   # windows for a first convolution) is shared by the runs reading the same chunk.
@@ -472,7 +471,7 @@ def warn_slow_layers(
   """
   if jax.default_backend() != 'cpu':
     return []
-  key = (init_fn, apply_fn, family in _ENTRYWISE, layout, x.shape[1:], str(x.dtype))
+  key = (init_fn, apply_fn, family in _ENTRYWISE, layout, signature(x))
   try:
     if key in _WARNED:
       return []
@@ -485,7 +484,7 @@ def warn_slow_layers(
   # Matrix products only where the fast layout could serve them: with another optimizer
   # flax's own dense layers would be reported too.
   found = layers.slow_layers(
-    apply_fn, params, jax.ShapeDtypeStruct(x.shape, x.dtype), dense=family in _ENTRYWISE
+    apply_fn, params, batch_spec(x, len(jax.tree.leaves(x)[0])), dense=family in _ENTRYWISE
   )
   for slow in found:
     warnings.warn(
@@ -504,7 +503,7 @@ def plan_units(plan: Plan, model: adapters.Model, eval_chunk: int, warn: bool = 
   """
   cfg = plan.config
   devices = jax.local_device_count()
-  budget = memory_budget(cfg) - sum(a.nbytes for a in (cfg.data.x_train, cfg.data.y_train))
+  budget = memory_budget(cfg) - nbytes((cfg.data.x_train, cfg.data.y_train))
   out = []
   for key in plan.groups:
     family = key[0]
@@ -522,9 +521,10 @@ def plan_units(plan: Plan, model: adapters.Model, eval_chunk: int, warn: bool = 
     width, reason = run_axis_width(flops, width, devices, jax.default_backend())
     # A batch group with fewer runs than the widest is laid out no wider than it needs.
     widths = [min(width, devices * math.ceil(_bucket(r) / devices)) for r in needed]
-    layout = fast_layout(init_fn, apply_fn, family, cfg.data.x_train[:2])
+    two = rows(cfg.data.x_train, slice(0, 2))
+    layout = fast_layout(init_fn, apply_fn, family, two)
     if warn:
-      warn_slow_layers(init_fn, apply_fn, family, layout, cfg.data.x_train[:2])
+      warn_slow_layers(init_fn, apply_fn, family, layout, two)
     per_device = max(1, width // devices) * max(g.slots.shape[0] for g in groups)
     # A model that draws at evaluation is evaluated in whole chunks (its documented keys).
     eval_width = (

@@ -1,0 +1,188 @@
+"""Models with several inputs: token ids with their lengths, an image with its mask.
+
+Each reference is the plain optax loop a user writes, from the documented data order
+(`fold_in(fold_in(key(seed), 1), epoch)` permutations, drop-last batches) and init key
+(`fold_in(key(seed), 0)`); it shares no code with the engine.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import linen as nn
+
+import sweep
+from sweep import fingerprint
+from sweep.errors import ConfigError
+
+RTOL, ATOL = 2e-4, 2e-4
+N_TRAIN, N_VAL, T = 192, 64, 64
+
+
+def _data():
+  from sklearn.datasets import load_digits
+
+  bunch = load_digits()
+  pixels = bunch.data[: N_TRAIN + N_VAL].astype(np.int64)  # 0..16: a vocabulary of 17
+  rng = np.random.default_rng(0)
+  lengths = rng.integers(24, T + 1, len(pixels))
+  tokens = np.where(np.arange(T) < lengths[:, None], pixels, 0)  # padded with id 0
+  mask = (np.arange(T) < lengths[:, None]).astype(np.float32)
+  y = bunch.target[: N_TRAIN + N_VAL].astype(np.int32)
+  return tokens, lengths, mask, y
+
+
+TOKENS, LENGTHS, MASK, Y = _data()
+tr, va = slice(0, N_TRAIN), slice(N_TRAIN, None)
+
+
+def init_key(seed):
+  return jax.random.fold_in(jax.random.key(seed), 0)
+
+
+def batches(seed, batch, epochs, n=N_TRAIN):
+  for e in range(epochs):
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), 1), e)
+    order = np.asarray(jax.random.permutation(key, n))
+    for j in range(n // batch):
+      yield order[j * batch : (j + 1) * batch]
+
+
+def ce(logits, labels):
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+class BagOfTokens(nn.Module):
+  """The flax sst2 example's signature, `__call__(token_ids, lengths)`: the embeddings of
+  the first `lengths` tokens averaged."""
+
+  @nn.compact
+  def __call__(self, token_ids, lengths):
+    e = nn.Embed(17, 8)(token_ids)
+    keep = (jnp.arange(token_ids.shape[1]) < lengths[:, None]).astype(e.dtype)
+    pooled = (e * keep[..., None]).sum(1) / lengths[:, None].astype(e.dtype)
+    return nn.Dense(10)(nn.relu(nn.Dense(16)(pooled)))
+
+
+class MaskedImage(nn.Module):
+  """Takes a dict batch whole: `{'image': (B, 64) floats, 'mask': (B, 64)}`."""
+
+  @nn.compact
+  def __call__(self, batch):
+    x = batch['image'] * batch['mask']
+    return nn.Dense(10)(nn.relu(nn.Dense(16)(x)))
+
+
+def reference(module, x_train, x_val, call, seed, lr, batch, epochs):
+  params = module.init(init_key(seed), *call(jax.tree.map(lambda a: a[:1], x_train)))['params']
+  opt = optax.adam(lr)
+  opt_state = opt.init(params)
+
+  @jax.jit
+  def step(params, opt_state, xb, yb):
+    grads = jax.grad(lambda p: ce(module.apply({'params': p}, *call(xb)), yb))(params)
+    updates, opt_state = opt.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  for idx in batches(seed, batch, epochs):
+    xb = jax.tree.map(lambda a, idx=idx: a[idx], x_train)
+    params, opt_state = step(params, opt_state, xb, Y[tr][idx])
+  return params, float(ce(module.apply({'params': params}, *call(x_val)), Y[va]))
+
+
+def assert_close(a, b, what):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=RTOL, atol=ATOL, err_msg=what)
+
+
+def test_token_ids_and_lengths_as_a_tuple_equal_the_two_input_loop():
+  data = sweep.data.arrays(
+    (TOKENS[tr], LENGTHS[tr]), Y[tr], (TOKENS[va], LENGTHS[va]), Y[va], num_classes=10
+  )
+  assert data.x_train[0].dtype == np.int32 and data.x_train[1].shape == (N_TRAIN,)
+  cfg = sweep.SweepConfig(
+    model=BagOfTokens(),
+    data=data,
+    learning_rate=[3e-3, 1e-2],
+    batch_size=32,
+    epochs=2,
+    eval_batch_size=48,  # the validation set padded to 96: padding is left out
+  )
+  result = sweep.run(cfg, progress=False)
+  assert (result.table.status == 'ok').all()
+  for i, row in result.table.iterrows():
+    params, val = reference(
+      BagOfTokens(),
+      (TOKENS[tr], LENGTHS[tr]),
+      (TOKENS[va], LENGTHS[va]),
+      lambda x: x,
+      0,
+      row.learning_rate,
+      32,
+      2,
+    )
+    assert_close(result.params(i), params, f'run {i}')
+    np.testing.assert_allclose(row.final_val_loss, val, rtol=RTOL)
+
+
+def test_an_image_and_its_mask_as_a_dict_equal_the_loop_that_passes_the_dict():
+  images = TOKENS.astype(np.float32) / 16
+  xt = {'image': images[tr], 'mask': MASK[tr]}
+  xv = {'image': images[va], 'mask': MASK[va]}
+  cfg = sweep.SweepConfig(
+    model=MaskedImage(),
+    data=sweep.data.arrays(xt, Y[tr], xv, Y[va], num_classes=10),
+    learning_rate=1e-2,
+    batch_size=[32, 64],
+    epochs=2,
+  )
+  result = sweep.run(cfg, progress=False)
+  for i, row in result.table.iterrows():
+    params, val = reference(MaskedImage(), xt, xv, lambda x: (x,), 0, 1e-2, int(row.batch_size), 2)
+    assert_close(result.params(i), params, f'run {i}')
+    np.testing.assert_allclose(row.final_val_loss, val, rtol=RTOL)
+
+
+def test_a_missing_second_input_is_named():
+  data = sweep.data.arrays(TOKENS[tr], Y[tr], num_classes=10)
+  cfg = sweep.SweepConfig(model=BagOfTokens(), data=data, updates=2)
+  with pytest.raises(ConfigError, match=r'takes 2 inputs \(token_ids, lengths\).*as a tuple'):
+    sweep.check(cfg)
+
+  def apply_fn(params, token_ids, lengths):
+    return BagOfTokens().apply({'params': params}, token_ids, lengths)
+
+  pair = (lambda key: BagOfTokens().init(key, TOKENS[:1], LENGTHS[:1])['params'], apply_fn)
+  with pytest.raises(ConfigError, match=r'takes 2 inputs \(token_ids, lengths\)'):
+    sweep.check(cfg.replace(model=pair))
+
+
+def test_inputs_of_several_arrays_are_checked_array_by_array():
+  with pytest.raises(ConfigError, match=r'data.x_train\[1\].*non-finite'):
+    sweep.data.arrays((TOKENS[tr], np.full(N_TRAIN, np.nan)), Y[tr])
+  with pytest.raises(ConfigError, match=r'data.x_train.*one row per example each'):
+    sweep.data.check(
+      sweep.data.Dataset(
+        (TOKENS[tr].astype(np.int32), LENGTHS[:10].astype(np.int32)),
+        Y[tr],
+        None,
+        None,
+        num_classes=10,
+      )
+    )
+  with pytest.raises(ConfigError, match=r'data.x_val.*structure of data.x_train'):
+    sweep.data.arrays((TOKENS[tr], LENGTHS[tr]), Y[tr], TOKENS[va], Y[va])
+  with pytest.raises(ConfigError, match=r'data.x_val\[1\].*must be int32'):
+    sweep.data.arrays(
+      (TOKENS[tr], LENGTHS[tr]), Y[tr], (TOKENS[va], LENGTHS[va].astype(float)), Y[va]
+    )
+
+
+def test_the_fingerprint_sees_every_input():
+  a = sweep.data.arrays((TOKENS[tr], LENGTHS[tr]), Y[tr])
+  lengths = LENGTHS[tr].copy()
+  lengths[0] -= 1
+  b = sweep.data.arrays((TOKENS[tr], lengths), Y[tr])
+  fa, fb = (fingerprint.describe(d) for d in (a, b))
+  assert fa['x_train'][0] == fb['x_train'][0] and fa['x_train'][1] != fb['x_train'][1]
