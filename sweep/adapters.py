@@ -14,7 +14,8 @@ jittable functions over explicit values (`Model`):
 
 Accepted models: a flax.linen Module instance; a flax.nnx Module class (or a
 functools.partial of one) or instance; an equinox Module instance; a Keras 3 model on
-the JAX backend; a `sweep.models.SizedToData`; or an `(init_fn, apply_fn)` pair of plain
+the JAX backend; a haiku `hk.transform` or `hk.transform_with_state` (also under
+`hk.without_apply_rng`); a `sweep.models.SizedToData`; or an `(init_fn, apply_fn)` pair of plain
 functions (`init_fn(key) -> params`, `apply_fn(params, x) -> predictions`).
 """
 
@@ -56,7 +57,8 @@ _SWITCH_NAMES = ('training', 'is_training', 'train_mode', *NEGATED_SWITCHES)
 _ACCEPTED = (
   'an (init_fn, apply_fn) tuple of callables, a flax.linen Module instance, a flax.nnx '
   'Module class (or functools.partial of one) that accepts rngs=, a flax.nnx Module '
-  'instance, an equinox Module instance, a Keras 3 model (JAX backend), or a SizedToData '
+  'instance, an equinox Module instance, a Keras 3 model (JAX backend), a haiku '
+  'hk.transform or hk.transform_with_state (also under hk.without_apply_rng), or a SizedToData '
   'such as sweep.models.mlp()'
 )
 
@@ -391,6 +393,14 @@ def adapt(
   """
   from sweep.models import SizedToData, check_width  # models builds on this module
 
+  if _is_haiku(model):  # a NamedTuple of two functions, so before the plain pair
+    if rng_argument is not None:
+      raise config_error(
+        'rng_argument',
+        rng_argument,
+        'None for a haiku model: it draws from the rng its apply is given (hk.next_rng_key())',
+      )
+    return _haiku(model, example_x, train_argument)
   if isinstance(model, tuple):
     if len(model) != 2 or not all(callable(f) for f in model):
       raise config_error(
@@ -542,6 +552,80 @@ def _rng_hint(fn: Callable) -> str:
     f'; the call takes {names[0]!r} without a default: if it is a key, name it with '
     f'SweepConfig(rng_argument={names[0]!r}) and the engine passes one per seed and update'
   )
+
+
+# --------------------------------------------------------------------------- haiku ----
+
+
+def _is_haiku(model: Any) -> bool:
+  hk = sys.modules.get('haiku')
+  return hk is not None and isinstance(model, hk.Transformed | hk.TransformedWithState)
+
+
+def _haiku(model: Any, example_x: Any, train_argument: str | None) -> Model:
+  """`hk.transform`, `hk.transform_with_state`, and either under `hk.without_apply_rng`.
+
+  While training, apply's `rng` is the update's model key (dropout); at evaluation it is
+  None. The function's train/eval switch is `train_argument`, else `is_training` or
+  `train` where the function takes one (haiku's and flax's conventions); other
+  switch-like names are refused until named. Initialised in training mode, as haiku's
+  examples do (`forward.init(rng, batch, is_training=True)`)."""
+  import haiku as hk
+
+  with_state = isinstance(model, hk.TransformedWithState)
+  name = 'hk.transform_with_state' if with_state else 'hk.transform'
+  try:
+    parameters = inspect.signature(model.apply).parameters
+  except (TypeError, ValueError):
+    parameters = {}
+  names = list(parameters)
+  takes_rng = 'rng' in names or not names
+  own = names[(2 if with_state else 1) + int(takes_rng) :]  # the function's own arguments
+  takes_any = any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+  if train_argument is not None:
+    if train_argument not in own and not takes_any:
+      raise config_error(
+        'train_argument', train_argument, f'an argument of the {name} function, which takes {own}'
+      )
+    switch = train_argument
+  else:
+    switch = next((n for n in ('is_training', 'train') if n in own), None)
+    other = [n for n in own if n in _SWITCH_NAMES and n != switch]
+    if switch is None and other:
+      raise config_error(
+        'model',
+        name,
+        f'the function takes {other[0]!r}, which looks like a train/eval switch; name it with '
+        f'SweepConfig(train_argument={other[0]!r})',
+      )
+  x1 = rows(jax.tree.map(np.asarray, example_x), slice(0, 1))
+  training, evaluation = _switch_kwargs(switch, True), _switch_kwargs(switch, False)
+
+  def init(key):
+    out = model.init(key, *inputs(x1), **training)
+    return out if with_state else (out, {})
+
+  try:
+    params_shape = jax.eval_shape(init, jax.random.key(0))[0]
+  except Exception as e:  # the function is the user's: report any failure as a config problem
+    raise config_error(
+      'model',
+      name,
+      f'init(rng, x) on an input of shape {describe_inputs(x1)} failed: {e}',
+    ) from e
+  if not jax.tree.leaves(params_shape):
+    raise config_error('model', name, 'a model with parameters to train')
+
+  def apply(params, state, x, train, key):
+    rng = ((key if train else None),) if takes_rng else ()
+    kwargs = training if train else evaluation
+    if with_state:
+      out, new = model.apply(params, state, *rng, *inputs(x), **kwargs)
+      return out, (new if train else state)
+    return model.apply(params, *rng, *inputs(x), **kwargs), state
+
+  random = takes_rng and _uses_key(lambda p, s, x, k: apply(p, s, x, True, k)[0], init, x1)
+  return Model(init, apply, name=name, random=random)
 
 
 # ------------------------------------------------------------------------ functions ----

@@ -67,7 +67,10 @@ class SweepConfig:
       `train` argument: trained with train=True, batch statistics carried, dropout
       keyed; see `train_argument`); or a `flax.nnx.Module` class (each seed initialises
       it) or instance (its values are every seed's start); or an equinox Module or a
-      Keras 3 model (JAX backend); or a model of `sweep.models` sized to the data.
+      Keras 3 model (JAX backend); or a haiku `hk.transform` / `hk.transform_with_state`
+      (state carried; apply's rng is the update's model key while training, None at
+      evaluation; its `is_training` argument switched; also under
+      `hk.without_apply_rng`); or a model of `sweep.models` sized to the data.
       See `sweep.adapters`.
     data: a `sweep.data.Dataset`, e.g. `sweep.data.arrays(x, y, x_val, y_val)`.
     loss: a name in `kernels.losses.LOSSES` or `callable(predictions, targets)`
