@@ -20,7 +20,7 @@ import numpy as np
 from kernels import losses, optimizers, schedules
 from sweep import adapters, columns
 from sweep.config import Plan, check_callables
-from sweep.data import batch_spec, describe_inputs, is_tree, rows, signature, spec_of
+from sweep.data import batch_spec, describe_inputs, is_tree, n_rows, rows, signature, spec_of
 from sweep.errors import config_error
 
 
@@ -191,7 +191,7 @@ def check_model(plan: Plan, model: adapters.Model) -> None:
   cfg = plan.config
   data = cfg.data
   x, y = rows(data.x_train, slice(0, 2)), data.y_train[:2]
-  pred = _output_shape(model, signature(x), 2)
+  pred = _output_shape(model, signature(x), n_rows(x))
   if isinstance(pred, _Failure):
     hint = _channel_hint(x) + adapters.inputs_hint(cfg.model, x)
     raise config_error('model', model.name, pred.message + hint) from pred.error
