@@ -40,6 +40,7 @@ import site
 import sys
 import sysconfig
 import types
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -227,10 +228,17 @@ def describe(value: Any, depth: int = 0, hasher: _Hasher | None = None) -> Any:
     out = {'name': value.name, 'num_classes': value.num_classes, 'ignore_label': value.ignore_label}
     for f in ('x_train', 'y_train', 'x_val', 'y_val'):
       a = getattr(value, f)
-      # Inputs may be a tuple or dict of arrays: a digest each.
-      out[f] = (
-        None if a is None else jax.tree.map(lambda leaf: array_digest(leaf, hasher.content), a)
-      )
+      # Inputs may be a tuple or dict of arrays: a digest each, as JSON holds them (a list,
+      # a dict with string keys), so that the description read back compares equal.
+      digest = lambda leaf: array_digest(leaf, hasher.content)  # noqa: E731
+      if a is None:
+        out[f] = None
+      elif isinstance(a, tuple):
+        out[f] = [digest(leaf) for leaf in a]
+      elif isinstance(a, Mapping):
+        out[f] = {str(k): digest(leaf) for k, leaf in a.items()}
+      else:
+        out[f] = digest(a)
     return out
   if isinstance(value, dict) or (
     hasattr(value, 'keys') and hasattr(value, '__getitem__') and not isinstance(value, type)

@@ -186,3 +186,30 @@ def test_the_fingerprint_sees_every_input():
   b = sweep.data.arrays((TOKENS[tr], lengths), Y[tr])
   fa, fb = (fingerprint.describe(d) for d in (a, b))
   assert fa['x_train'][0] == fb['x_train'][0] and fa['x_train'][1] != fb['x_train'][1]
+
+
+def test_inputs_of_several_arrays_in_a_workdir_a_dry_run_and_with_noise_scale(tmp_path):
+  """The paths that read the inputs beyond training: the fingerprint of a workdir (a rerun
+  finds the sweep finished, a changed second input is another sweep), the dry run's
+  estimate, and the half batches of the noise scale."""
+  from sweep import dryrun
+
+  data = sweep.data.arrays(
+    (TOKENS[tr], LENGTHS[tr]), Y[tr], (TOKENS[va], LENGTHS[va]), Y[va], num_classes=10
+  )
+  cfg = sweep.SweepConfig(
+    model=BagOfTokens(), data=data, learning_rate=1e-2, batch_size=32, updates=6, noise_scale=True
+  )
+  workdir = str(tmp_path / 'w')
+  first = sweep.run(cfg, workdir=workdir, progress=False)
+  assert (first.table.status == 'ok').all() and np.isfinite(first.table.final_val_loss).all()
+  again = sweep.run(cfg, workdir=workdir, progress=False)
+  np.testing.assert_array_equal(again.table.final_val_loss, first.table.final_val_loss)
+  lengths = LENGTHS[tr].copy()
+  lengths[0] -= 1
+  changed = cfg.replace(
+    data=sweep.data.arrays((TOKENS[tr], lengths), Y[tr], (TOKENS[va], LENGTHS[va]), Y[va])
+  )
+  with pytest.raises(Exception, match='(?i)differ|fingerprint|another sweep'):
+    sweep.run(changed, workdir=workdir, progress=False)
+  assert 'BagOfTokens' in dryrun.describe(cfg) or dryrun.describe(cfg)
