@@ -213,3 +213,27 @@ def test_inputs_of_several_arrays_in_a_workdir_a_dry_run_and_with_noise_scale(tm
   with pytest.raises(Exception, match='(?i)differ|fingerprint|another sweep'):
     sweep.run(changed, workdir=workdir, progress=False)
   assert 'BagOfTokens' in dryrun.describe(cfg) or dryrun.describe(cfg)
+
+
+def test_a_pair_of_functions_is_called_with_the_tuples_arrays():
+  """`apply_fn(params, token_ids, lengths)`: the same runs as the module."""
+  module = BagOfTokens()
+
+  def init_fn(key):
+    return module.init(key, TOKENS[:1], LENGTHS[:1])['params']
+
+  def apply_fn(params, token_ids, lengths):
+    return module.apply({'params': params}, token_ids, lengths)
+
+  data = sweep.data.arrays(
+    (TOKENS[tr], LENGTHS[tr]), Y[tr], (TOKENS[va], LENGTHS[va]), Y[va], num_classes=10
+  )
+  cfg = sweep.SweepConfig(
+    model=(init_fn, apply_fn), data=data, learning_rate=1e-2, batch_size=32, epochs=1
+  )
+  result = sweep.run(cfg, progress=False)
+  params, val = reference(
+    module, (TOKENS[tr], LENGTHS[tr]), (TOKENS[va], LENGTHS[va]), lambda x: x, 0, 1e-2, 32, 1
+  )
+  assert_close(result.params(0), params, 'pair')
+  np.testing.assert_allclose(result.table.final_val_loss[0], val, rtol=RTOL)
