@@ -470,10 +470,10 @@ def inputs_hint(model: Any, x: Any) -> str:
   """A likely cause to add to a model's failure: its call takes more (or fewer) inputs
   without defaults than the data gives (a second input missing)."""
   target = model[1] if isinstance(model, tuple) and len(model) == 2 else model
-  fn = target if isinstance(model, tuple) else type(target).__call__
   try:
+    fn = target if isinstance(model, tuple) else type(target).__call__
     parameters = list(inspect.signature(fn).parameters.values())
-  except (TypeError, ValueError):
+  except (TypeError, ValueError, AttributeError):  # not callable, or no signature to read
     return ''
   parameters = parameters[1:]  # params of an apply_fn, self of a module
   if any(p.kind is p.VAR_POSITIONAL for p in parameters):

@@ -237,3 +237,46 @@ def test_a_pair_of_functions_is_called_with_the_tuples_arrays():
   )
   assert_close(result.params(0), params, 'pair')
   np.testing.assert_allclose(result.table.final_val_loss[0], val, rtol=RTOL)
+
+
+def test_an_equinox_module_takes_a_tuples_arrays_one_example_at_a_time():
+  eqx = pytest.importorskip('equinox')
+
+  class Bag(eqx.Module):
+    embed: eqx.nn.Embedding
+    out: eqx.nn.Linear
+
+    def __init__(self, key):
+      k1, k2 = jax.random.split(key)
+      self.embed = eqx.nn.Embedding(17, 8, key=k1)
+      self.out = eqx.nn.Linear(8, 10, key=k2)
+
+    def __call__(self, token_ids, length):  # one example: (T,) ids, a scalar length
+      e = jax.vmap(self.embed)(token_ids)
+      keep = (jnp.arange(token_ids.shape[0]) < length).astype(e.dtype)
+      return self.out((e * keep[:, None]).sum(0) / length.astype(e.dtype))
+
+  model = Bag(jax.random.key(3))
+  data = sweep.data.arrays(
+    (TOKENS[tr], LENGTHS[tr]), Y[tr], (TOKENS[va], LENGTHS[va]), Y[va], num_classes=10
+  )
+  cfg = sweep.SweepConfig(model=model, data=data, learning_rate=1e-2, batch_size=32, epochs=1)
+  result = sweep.run(cfg, progress=False)
+
+  params, static = eqx.partition(model, eqx.is_inexact_array)
+  opt = optax.adam(1e-2)
+  opt_state = opt.init(params)
+
+  def logits(p, ids, lengths):
+    return jax.vmap(eqx.combine(p, static))(ids, lengths)
+
+  @jax.jit
+  def step(p, opt_state, ids, lengths, y):
+    grads = jax.grad(lambda p: ce(logits(p, ids, lengths), y))(p)
+    updates, opt_state = opt.update(grads, opt_state, p)
+    return optax.apply_updates(p, updates), opt_state
+
+  for idx in batches(0, 32, 1):
+    params, opt_state = step(params, opt_state, TOKENS[tr][idx], LENGTHS[tr][idx], Y[tr][idx])
+  val = float(ce(logits(params, TOKENS[va], LENGTHS[va]), Y[va]))
+  np.testing.assert_allclose(result.table.final_val_loss[0], val, rtol=RTOL)
