@@ -481,7 +481,14 @@ def _worker(root, name, scheduler, *flags):
   return proc, root / f'{name}.log'
 
 
-@pytest.mark.parametrize('scheduler', ['asha', 'pbt', 'ramp'])
+@pytest.mark.parametrize(
+  'scheduler',
+  [
+    pytest.param('asha', marks=pytest.mark.slow),
+    'pbt',
+    pytest.param('ramp', marks=pytest.mark.slow),
+  ],
+)
 def test_two_processes_take_every_decision_alike_and_equal_one_process(tmp_path, scheduler):
   port = _free_port()
   workers = [_worker(tmp_path, 'one', scheduler)] + [
@@ -523,6 +530,7 @@ def test_two_processes_take_every_decision_alike_and_equal_one_process(tmp_path,
         np.testing.assert_array_equal(f[k], want_params[k], err_msg=k)
 
 
+@pytest.mark.slow
 def test_two_processes_preempted_mid_search_resume_to_the_uninterrupted_result(tmp_path):
   """SIGTERM reaches process 0 only: both save at the same round and exit 143; the same
   command again resumes both from their checkpoints and ends as one uninterrupted process."""
