@@ -284,7 +284,16 @@ def _channel_hint(x: np.ndarray) -> str:
   """A likely cause to add to a model's shape error: float inputs (n, H, W) are images
   without a channel axis, which a convolution reads as one unbatched image (its batch
   axis taken for a spatial one)."""
-  if is_tree(x) or x.ndim != 3 or not np.issubdtype(x.dtype, np.floating):
+  if is_tree(x):  # several inputs: the first array that looks like such images
+    items = x.items() if isinstance(x, dict) else enumerate(x)
+    for k, a in items:
+      hint = _channel_hint(a)
+      if hint:
+        return hint.replace('the inputs', f'the inputs[{k!r}]').replace(
+          'x[..., None]', 'a[..., None]'
+        )
+    return ''
+  if x.ndim != 3 or not np.issubdtype(x.dtype, np.floating):
     return ''
   shape = '(n, ' + ', '.join(str(d) for d in x.shape[1:]) + ')'
   return (

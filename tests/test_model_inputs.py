@@ -280,3 +280,20 @@ def test_an_equinox_module_takes_a_tuples_arrays_one_example_at_a_time():
     params, opt_state = step(params, opt_state, TOKENS[tr][idx], LENGTHS[tr][idx], Y[tr][idx])
   val = float(ce(logits(params, TOKENS[va], LENGTHS[va]), Y[va]))
   np.testing.assert_allclose(result.table.final_val_loss[0], val, rtol=RTOL)
+
+
+class MaskedConv(nn.Module):
+  @nn.compact
+  def __call__(self, batch):
+    x = nn.Conv(4, (3, 3))(batch['image'] * batch['mask'])
+    return nn.Dense(10)(x.mean(axis=(1, 2)))  # global average pooling
+
+
+def test_an_array_of_images_without_a_channel_axis_is_named():
+  images = (TOKENS.astype(np.float32) / 16).reshape(-1, 8, 8)
+  x = {'image': images[tr], 'mask': MASK[tr].reshape(-1, 8, 8)}
+  cfg = sweep.SweepConfig(
+    model=MaskedConv(), data=sweep.data.arrays(x, Y[tr], num_classes=10), updates=2
+  )
+  with pytest.raises(ConfigError, match=r"inputs\['image'\] \(n, 8, 8\).*a\[\.\.\., None\]"):
+    sweep.check(cfg)
