@@ -507,7 +507,7 @@ def batch_schedule_table(
     One row per strategy, best first, indexed by its label (the batch schedule, or the
     batch size, then the other varying values): the varying axes, `learning_rate`,
     `metric`, `updates` (parameter updates), `examples`, `seconds`, `seeds`, `runs` (run
-    ids averaged) and `lr_at_edge`.
+    ids averaged) and `lr_at_edge`; `attrs['metric']` names the metric.
   """
   table = result.table
   if metric is None:
@@ -537,7 +537,9 @@ def batch_schedule_table(
     parts += [str(row[k]) for k in varying if k not in ('batch_size', 'batch_schedule')]
     labels.append(', '.join(parts))
   out = pd.DataFrame(rows, index=pd.Index(labels, name='strategy'))
-  return out.sort_values(metric, ascending=mode == 'min', kind='stable')
+  out = out.sort_values(metric, ascending=mode == 'min', kind='stable')
+  out.attrs['metric'] = metric
+  return out
 
 
 def _default_metric(table: pd.DataFrame) -> str:

@@ -216,7 +216,7 @@ def _strategies_line(result) -> str:
     table = analysis.batch_schedule_table(result)
   except (ValueError, KeyError) as e:
     return f'Batch-size schedules: no comparison ({e}).'
-  metric = table.columns[table.columns.get_loc('learning_rate') + 1]
+  metric = table.attrs['metric']
   lines = [f'Batch-size strategies, each at its best learning rate ({metric}):']
   for label, row in table.head(5).iterrows():
     text = (

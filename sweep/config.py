@@ -612,11 +612,10 @@ def _check_batch_schedule(cfg: SweepConfig, v: batch_schedules.BatchSchedule, wh
       where, v, f'its stages start at epoch boundaries: epochs={epochs} must be a whole number'
     )
   v.epochs(int(epochs), where)
-  for f in ('samples',):
-    if getattr(cfg, f) is not None:
-      raise config_error(
-        where, v, 'a batch-size schedule is a listed value: it is not drawn with samples='
-      )
+  if cfg.samples is not None:
+    raise config_error(
+      where, v, 'a batch-size schedule is a listed value: it is not drawn with samples='
+    )
   if any(isinstance(r, schedulers.PBT) for r in schedulers.rules(cfg.scheduler)):
     raise config_error(
       where,

@@ -138,6 +138,15 @@ def _gather(tree: Any, rows: jax.Array, cols: jax.Array) -> Any:
   return jax.tree.map(lambda a: a[rows, cols] if a.ndim >= 2 else a, tree)
 
 
+def _runs_on_host(cohort: Cohort, where: list[tuple[int, int, int]]) -> dict[int, Any]:
+  """trial -> its RunState (host arrays) for each `(s, r, trial)` of `where`; None on a
+  process that does not train `cohort`."""
+  if cohort.state is None:
+    return {t: None for _, _, t in where}
+  host = jax.device_get(cohort.state)[0].runs
+  return {t: jax.tree.map(lambda a, s=s, r=r: np.array(a[s, r]), host) for s, r, t in where}
+
+
 @functools.partial(jax.jit, donate_argnums=(0,))
 def _exploit(groups: Any, rows: jax.Array, cols: jax.Array, hypers: dict) -> Any:
   """Slot (s, r) takes the state of slot (rows[s, r], cols[s, r]) (itself where it is not
@@ -499,11 +508,9 @@ class Population:
     for cohort in self.cohorts:
       leaving = [(s, r, t) for s, r, t in cohort.live() if t in ending or t in moving]
       if leaving:
-        host = None if cohort.state is None else jax.device_get(cohort.state)[0].runs
+        held = _runs_on_host(cohort, leaving)
         for s, r, t in leaving:
-          one = None
-          if host is not None:  # the owner holds it
-            one = jax.tree.map(lambda a, s=s, r=r: np.array(a[s, r]), host)
+          one = held[t]
           if t in moving:
             carried.setdefault((moving[t], cohort.point, cohort.owner), {})[t] = one
           else:
@@ -521,11 +528,7 @@ class Population:
       # Runs already at this batch size and clock (of a constant batch size, or ramps that
       # arrived earlier) train with the arrivals: one program call a segment, not two.
       for cohort in [c for c in kept if (c.kind, c.point, c.owner) == (kind, point, owner)]:
-        host = None if cohort.state is None else jax.device_get(cohort.state)[0].runs
-        for s, r, t in cohort.live():
-          states[t] = (
-            None if host is None else jax.tree.map(lambda a, s=s, r=r: np.array(a[s, r]), host)
-          )
+        states.update(_runs_on_host(cohort, cohort.live()))
         kept.remove(cohort)
       kept.extend(self._arrive(kind, point, owner, states))
     self.cohorts = kept

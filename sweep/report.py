@@ -446,7 +446,7 @@ def _strategies_html(result: Result) -> str:
     table = analysis.batch_schedule_table(result)
   except (ValueError, KeyError) as e:
     return f'<p class="note">{_e(e)}</p>'
-  metric = table.columns[table.columns.get_loc('learning_rate') + 1]
+  metric = table.attrs['metric']
   head = ''.join(
     f'<th>{_e(c)}</th>' for c in ('strategy', 'learning rate', metric, 'updates', 'examples')
   )

@@ -481,6 +481,17 @@ def _worker(root, name, scheduler, *flags):
   return proc, root / f'{name}.log'
 
 
+def _wait(workers, code):
+  """Waits for each worker process (killed after 5 minutes); each must exit with `code`."""
+  for proc, log in workers:
+    try:
+      proc.wait(timeout=300)
+    finally:
+      if proc.poll() is None:
+        proc.kill()
+    assert proc.returncode == code, log.read_text()[-4000:]
+
+
 @pytest.mark.parametrize(
   'scheduler',
   [
@@ -505,13 +516,7 @@ def test_two_processes_take_every_decision_alike_and_equal_one_process(tmp_path,
     )
     for i in range(2)
   ]
-  for proc, log in workers:
-    try:
-      proc.wait(timeout=300)
-    finally:
-      if proc.poll() is None:
-        proc.kill()
-    assert proc.returncode == 0, log.read_text()[-4000:]
+  _wait(workers, 0)
   want = pd.read_csv(tmp_path / 'one' / 'results.csv').drop(columns='seconds')
   with np.load(tmp_path / 'one' / 'params.npz') as f:
     want_params = {k: f[k] for k in f.files}
@@ -556,20 +561,11 @@ def test_two_processes_preempted_mid_search_resume_to_the_uninterrupted_result(t
       for i in range(2)
     ]
 
-  def wait(workers, code):
-    for proc, log in workers:
-      try:
-        proc.wait(timeout=300)
-      finally:
-        if proc.poll() is None:
-          proc.kill()
-      assert proc.returncode == code, log.read_text()[-4000:]
-
   one, cut = [_worker(tmp_path, 'one', 'asha')], two('cut', '--preempt-at', '3')
-  wait(one, 0)
-  wait(cut, 143)
+  _wait(one, 0)
+  _wait(cut, 143)
   assert 'SIGTERM received' in (tmp_path / 'cut0.log').read_text()
-  wait(two('again'), 0)
+  _wait(two('again'), 0)
   assert 'Resuming' in (tmp_path / 'again0.log').read_text()
   want = pd.read_csv(tmp_path / 'one' / 'results.csv').drop(columns='seconds')
   with np.load(tmp_path / 'one' / 'params.npz') as f:
