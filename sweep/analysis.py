@@ -22,8 +22,8 @@ import numpy as np
 import pandas as pd
 
 from sweep import columns
-from sweep.config import axis_columns
 from sweep.errors import config_error
+from sweep.expansion import axis_columns
 
 __all__ = [
   'BatchSizeChoice',

@@ -10,6 +10,21 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
+# The axes of a sweep, in the order runs are enumerated (the last varies fastest).
+AXES = (
+  'optimizer',
+  'schedule',
+  'batch_size',
+  'learning_rate',
+  'momentum',
+  'b1',
+  'b2',
+  'weight_decay',
+  'warmup',
+  'decay_rate',
+  'seed',
+)
+
 # Every table has these (the validation ones where there is a validation set).
 NUMERIC = (
   'updates',

@@ -26,7 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sweep.config import SweepConfig, probe_size
+from sweep.config import SweepConfig
+from sweep.expansion import probe_size
 
 # Fitted to four experiments on a shared 2-core CPU (docs/performance.md, "The dry run's
 # time estimate"): the compiles, each scan step's fixed cost, and the share of the matrix

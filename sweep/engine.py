@@ -34,9 +34,10 @@ import tqdm.auto as tqdm
 
 from kernels import optimizers, train
 from sweep import adapters, checkpoints, devices, distributed, preflight, timing, units
-from sweep.config import Plan, SweepConfig, probe_size, validate
+from sweep.config import SweepConfig, validate
 from sweep.data import aligned, rows
 from sweep.errors import ConfigError, config_error
+from sweep.expansion import Plan, probe_size
 from sweep.units import Unit, UnitResult
 from sweep.workdir import Workdir
 

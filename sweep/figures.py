@@ -23,7 +23,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from sweep import analysis
-from sweep.config import axis_columns
+from sweep.expansion import axis_columns
 from sweep.results import Result
 
 if TYPE_CHECKING:

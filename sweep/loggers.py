@@ -38,8 +38,8 @@ from typing import Any, Protocol
 import numpy as np
 import pandas as pd
 
-from sweep.config import axis_columns
 from sweep.errors import ConfigError, config_error
+from sweep.expansion import axis_columns
 
 NAMES = ('tensorboard', 'mlflow', 'wandb')
 

@@ -38,8 +38,9 @@ import optax
 
 from kernels import optimizers, train
 from sweep import engine
-from sweep.config import SweepConfig, run_fields, validate
+from sweep.config import SweepConfig, validate
 from sweep.errors import config_error
+from sweep.expansion import run_fields
 
 __all__ = ['METHODS', 'RULES', 'LRFinderResult', 'lr_find', 'minimum', 'steep', 'valley']
 

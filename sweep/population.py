@@ -41,8 +41,8 @@ import numpy as np
 
 from kernels import train
 from sweep import devices, distributed, schedulers, timing, units
-from sweep.config import Plan
 from sweep.errors import config_error
+from sweep.expansion import Plan
 from sweep.units import BatchGroup, Unit
 
 # ------------------------------------------------------------------ records ----
@@ -287,7 +287,7 @@ class Population:
           continue
         kind = self.kinds.index(key)
         # The stage's first step in its batch group's clock is an evaluation point
-        # (`config._check_stage_points`).
+        # (`checks.check_stage_points`).
         point = epoch * plan.steps_per_epoch[b] // self.structures[kind].steps_per_segment[0]
         moves[point] = kind
       self.moves[run.index] = moves

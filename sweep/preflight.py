@@ -1,10 +1,10 @@
-"""Checks of a planned sweep that need its runs and its model, made before anything compiles.
+"""Checks of a planned sweep that need its model, made by tracing before anything compiles.
 
-`sweep.config.validate` checks each field alone and expands the axes into runs; these
-check what only the plan and the model show: the model's output shapes against the loss
-and the targets (traced, not compiled), the augmentation, the optimizer factories and
-schedule callables, each run's schedule against its own number of updates, and the
-objectives against the columns this sweep's table will really have.
+`sweep.config.validate` checks the fields on the host (`sweep.checks`) and expands them
+into runs; these check what only the model and a trace show: the model's output shapes
+against the loss and the targets, the augmentation, the evaluated parameters, the
+optimizer factories (traced, and probed for whether they learn) and the schedule
+callables.
 """
 
 from __future__ import annotations
@@ -15,84 +15,24 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 
 from kernels import losses, optimizers, schedules
-from sweep import adapters, columns
-from sweep.config import Plan, check_callables
+from sweep import adapters
+from sweep.checks import Shown
 from sweep.data import batch_spec, describe_inputs, is_tree, n_rows, rows, signature, spec_of
 from sweep.errors import config_error
+from sweep.expansion import Plan, Run
 
 
 def check(plan: Plan, model: adapters.Model) -> None:
-  """Raises `ConfigError` for a model whose outputs do not fit the loss and targets, a
-  callable that fails, a schedule a run cannot follow or an objective its table will
-  not have."""
+  """Raises `ConfigError` for a model whose outputs do not fit the loss and targets, or an
+  optimizer factory, schedule callable or `eval_params` that fails or trains nothing."""
   check_model(plan, model)
   check_callables(plan, model)
   check_eval_params(plan, model)
-  check_schedules(plan)
-  check_objectives(plan)
-
-
-def check_schedules(plan: Plan) -> None:
-  """Every run's built-in schedule is buildable for the run's own updates (a warmup that
-  leaves no step to decay is refused here, not in the middle of `sweep.run`)."""
-  cfg = plan.config
-  seen = set()
-  for run in plan.runs:
-    v = run.values
-    name = v.get('schedule')
-    if not isinstance(name, str) or name not in schedules.SCHEDULES:
-      continue  # another kind of schedule: checked where it is built
-    key = (name, v.get('warmup'), v.get('decay_rate'), run.total_updates)
-    if key in seen:
-      continue
-    seen.add(key)
-    try:
-      schedules.make_params(
-        name,
-        v['learning_rate'],
-        run.total_updates,
-        decay_rate=v['decay_rate'],
-        decay_every=cfg.decay_every,
-        warmup=v['warmup'],
-      )
-    except ValueError as e:
-      field, value = ('warmup', v['warmup']) if name == 'warmup_cosine' else ('schedule', name)
-      raise config_error(
-        field,
-        value,
-        f'{e} (schedule {name!r} at batch size {v["batch_size"]}, whose runs make '
-        f'{run.total_updates} updates)',
-      ) from None
-
-
-def table_columns(plan: Plan) -> list[str]:
-  """The numeric columns the results table of `plan` will have."""
-  cfg = plan.config
-  axes = [a for a in plan.swept if a not in ('optimizer', 'schedule')]
-  accuracy = isinstance(plan.loss, str) and plan.loss in losses.CLASSIFICATION
-  return columns.numeric(axes, accuracy, bool(cfg.noise_scale), validation=bool(cfg.data.n_val))
-
-
-def check_objectives(plan: Plan) -> None:
-  """The objectives name columns this sweep's table will have (without a validation set
-  the default objectives fall back to the training loss)."""
-  cfg = plan.config
-  numeric = table_columns(plan)
-  for column in columns.objectives(cfg.objectives, validation=bool(cfg.data.n_val)):
-    if column in numeric:
-      continue
-    if column in columns.VALIDATION and not cfg.data.n_val:
-      reason = (
-        'this sweep has no validation set (data.x_val is None), so its table has no such column'
-      )
-    else:
-      reason = "this sweep's table will have no such column"
-    raise config_error(
-      'objectives', column, f'{reason}; its numeric columns are ' + ', '.join(numeric)
-    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -371,3 +311,145 @@ def check_augment(augment: Callable, batch: int, x: np.ndarray) -> None:
       f"augment(key, x_batch) must return one array of the batch's shape and dtype "
       f'{(xb.shape, str(xb.dtype))}; got {got}',
     )
+
+
+# ------------------------------------------------ optimizer factories and schedules ----
+
+
+_MULTISTEPS = (
+  'optax.MultiSteps (gradient accumulation) is not supported: the sweep counts, schedules and '
+  'checks divergence per call of the optimizer, so MultiSteps(opt, k) would count k '
+  'micro-steps as k updates and run the schedule per micro-step; sweep batch_size=k*B with '
+  'opt itself instead (the same mean gradient per update for a model without batch statistics)'
+)
+_LOOKAHEAD = (
+  'optax.lookahead is not supported: it takes its parameters as optax.LookaheadParams (fast '
+  "and slow), and the sweep trains and evaluates the model's own parameters"
+)
+
+
+def _takes_lookahead_params(made: optax.GradientTransformation, params: Any) -> bool:
+  """Whether `made` steps on `optax.LookaheadParams` and not on the parameters themselves
+  (an `optax.lookahead`)."""
+  try:
+    both = optax.LookaheadParams(params, params)
+    jax.eval_shape(lambda p: made.update(p.fast, made.init(p), p), both)
+  except Exception:
+    return False
+  try:
+    jax.eval_shape(lambda p: made.update(p, made.init(p), p), params)
+  except Exception:
+    return True
+  return False
+
+
+def _check_learns(family: optimizers.Factory, run: Run, shapes: Any) -> None:
+  """Refuses a factory whose updates never move the parameters at any learning rate (an
+  `optax.inject_hyperparams(...)` inside it keeps the learning rate it was built with), or
+  whose state holds gradient accumulation (`MultiSteps(...).gradient_transformation()`)."""
+  params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+  opt_state = jax.eval_shape(optimizers.make(family, run.hypers).init, params)
+  if optimizers.find_states(opt_state, optax.MultiStepsState):
+    raise config_error('optimizer', Shown(family.label), _MULTISTEPS)
+  lr = float(run.values['learning_rate'])
+  hypers = {k: jnp.float32(v) for k, v in run.hypers.items()}
+  moved = optimizers.probe(family, hypers, params, jnp.array([lr, 2 * lr], jnp.float32))
+  leaves = [np.asarray(a) for a in jax.tree.leaves(moved)]
+  if any(np.any(a != 0) for a in leaves):
+    return  # it moves (a scale-free optimizer such as cocob may move alike at both rates)
+  # Its own state (inside the sweep's injection) holds a second injection.
+  nested = optimizers.find_states(
+    opt_state.inner_state, (optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState)
+  )
+  cause = (
+    'it holds an optax.inject_hyperparams(...) of its own, which keeps the learning rate it '
+    'was built with (0 at init) whatever the sweep sets: pass the optax factory itself (e.g. '
+    'optimizer=optax.adam), the sweep injects the hyperparameters'
+    if nested
+    else 'check that the factory builds its optimizer from its learning_rate argument'
+  )
+  raise config_error(
+    'optimizer',
+    Shown(family.label),
+    f'it trains nothing: three updates at learning rates {lr:g} and {2 * lr:g} leave the '
+    f'parameters where they were; {cause}',
+  )
+
+
+def check_callables(plan: Plan, model: Any) -> None:
+  """Traces every optimizer factory and schedule callable of `plan` (with `jax.eval_shape`,
+  compiling nothing) and raises `ConfigError` for one that fails or returns the wrong thing."""
+  f32 = jax.ShapeDtypeStruct((), jnp.float32)
+  factories = [g for g in plan.groups if isinstance(g[0], optimizers.Factory)]
+  params = model.initial_shapes()[0] if factories else None
+  for family, names in factories:
+    run = next(r for r in plan.runs if r.group == (family, names))
+    lr = float(run.values['learning_rate'])
+    shown = ', '.join([repr(lr)] + [f'{k}={v!r}' for k, v in run.hypers.items()])
+    try:
+      made = family.fn(lr, **run.hypers)
+    except Exception as e:  # the researcher's code: report it as theirs
+      raise config_error(
+        'optimizer', Shown(family.label), f'factory({shown}) failed: {type(e).__name__}: {e}'
+      ) from e
+    if isinstance(made, optax.MultiSteps):
+      raise config_error('optimizer', Shown(family.label), _MULTISTEPS)
+    if not isinstance(made, optax.GradientTransformation):
+      raise config_error(
+        'optimizer',
+        Shown(family.label),
+        f'a factory must return an optax.GradientTransformation; factory({shown}) returned '
+        f'{type(made).__name__}',
+      )
+
+    def step(p, hp, lr, family=family):
+      opt = optimizers.make(family, hp)
+      state = optimizers.with_learning_rate(opt.init(p), lr)
+      updates, _ = opt.update(p, state, p)
+      return updates
+
+    try:
+      out = jax.eval_shape(step, params, {k: f32 for k in names}, f32)
+    except Exception as e:
+      if _takes_lookahead_params(made, params):
+        raise config_error('optimizer', Shown(family.label), _LOOKAHEAD) from e
+      raise config_error(
+        'optimizer',
+        Shown(family.label),
+        f'it fails with its learning rate and hyperparameters traced ({type(e).__name__}: '
+        f'{str(e).splitlines()[0] if str(e) else ""}); they are traced arrays so that one program '
+        'serves every '
+        'value: compute with them in jnp, not in a Python if or float()',
+      ) from e
+    if jax.tree.structure(out) != jax.tree.structure(params):
+      raise config_error(
+        'optimizer', Shown(family.label), 'its updates must have the structure of the parameters'
+      )
+    _check_learns(family, run, params)
+
+  for fn in plan.custom_schedules:
+    users = [r for r in plan.runs if r.schedule is fn]
+    label = users[0].values['schedule']
+    for total in sorted({r.total_updates for r in users}):
+      try:
+        out = jax.eval_shape(
+          lambda lr, c, fn=fn, total=total: schedules.custom_value(fn, lr, total, c),
+          f32,
+          jax.ShapeDtypeStruct((), jnp.int32),
+        )
+      except Exception as e:
+        raise config_error(
+          'schedule',
+          Shown(label),
+          f'schedule(learning_rate, total_updates={total}) failed with the learning rate traced '
+          f'({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}); expected an optax '
+          'schedule '
+          '(a function of the update count) or a number, computed with jnp',
+        ) from e
+      if out.shape != ():
+        raise config_error(
+          'schedule',
+          Shown(label),
+          f'schedule(learning_rate, total_updates={total})(count) must be a scalar; it has shape '
+          f'{out.shape}',
+        )

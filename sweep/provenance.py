@@ -20,7 +20,7 @@ import jax
 import numpy as np
 
 from sweep import columns, fingerprint
-from sweep.config import Plan, probe_size
+from sweep.expansion import Plan, probe_size
 
 PACKAGES = ('lrbs-sweep', 'jax', 'jaxlib', 'optax', 'flax', 'orbax-checkpoint', 'numpy', 'pandas')
 

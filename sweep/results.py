@@ -14,7 +14,7 @@ import pandas as pd
 
 from kernels import optimizers
 from sweep import analysis, checkpoints, columns, files, lock, pareto
-from sweep.config import Plan, axis_columns
+from sweep.expansion import Plan, axis_columns
 from sweep.files import atomic_write, write_if_changed  # noqa: F401 - re-exported
 from sweep.provenance import environment, resolved_config  # noqa: F401 - re-exported
 

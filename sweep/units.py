@@ -22,9 +22,10 @@ import numpy as np
 
 from kernels import optimizers, schedules, train
 from sweep import adapters, layers
-from sweep.config import Plan, Run, SweepConfig
+from sweep.config import SweepConfig
 from sweep.data import batch_spec, nbytes, rows, signature, spec_of
 from sweep.devices import host_ram
+from sweep.expansion import Plan, Run
 
 
 def _bucket(n: int) -> int:

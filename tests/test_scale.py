@@ -169,7 +169,8 @@ def wait_all(workers: list[Worker], linked: list[Worker], timeout: float = TIMEO
 
 def one_example(cfg: sweep.SweepConfig) -> float:
   """An accuracy step: one example of the smaller evaluation set."""
-  from sweep.config import probe_size, validate
+  from sweep.config import validate
+  from sweep.expansion import probe_size
 
   return 1 / min(cfg.data.n_val, probe_size(validate(cfg)))
 
