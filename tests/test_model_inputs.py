@@ -11,6 +11,7 @@ import numpy as np
 import optax
 import pytest
 from flax import linen as nn
+from flax import nnx
 
 import sweep
 from sweep import fingerprint
@@ -297,3 +298,117 @@ def test_an_array_of_images_without_a_channel_axis_is_named():
   )
   with pytest.raises(ConfigError, match=r"inputs\['image'\] \(n, 8, 8\).*a\[\.\.\., None\]"):
     sweep.check(cfg)
+
+
+# ------------------------------------- several inputs beyond the plain sweep ----
+
+
+class NnxBag(nnx.Module):
+  """`BagOfTokens` written in nnx: `__call__(token_ids, lengths)`."""
+
+  def __init__(self, *, rngs: nnx.Rngs):
+    self.embed = nnx.Embed(17, 8, rngs=rngs)
+    self.hidden = nnx.Linear(8, 16, rngs=rngs)
+    self.out = nnx.Linear(16, 10, rngs=rngs)
+
+  def __call__(self, token_ids, lengths):
+    e = self.embed(token_ids)
+    keep = (jnp.arange(token_ids.shape[1]) < lengths[:, None]).astype(e.dtype)
+    pooled = (e * keep[..., None]).sum(1) / lengths[:, None].astype(e.dtype)
+    return self.out(nnx.relu(self.hidden(pooled)))
+
+
+def drop_tokens(key, batch):
+  """An augmentation of both inputs: each token replaced by id 0 with probability 0.2."""
+  token_ids, lengths = batch
+  keep = jax.random.bernoulli(key, 0.8, token_ids.shape)
+  return jnp.where(keep, token_ids, 0), lengths
+
+
+def test_an_nnx_module_with_two_inputs_augmented_on_a_batch_ramp_equals_its_loop():
+  """Two inputs through the sweep state that moves runs between batch sizes (a ramp runs
+  on `Population`), with an augmentation that takes and returns the tuple, on an nnx
+  module: each run against the nnx loop that changes batch size at the same epoch and
+  augments with the documented keys (the batch group's step at that place of the data
+  order)."""
+  ramp = sweep.batch_ramp(16, factor=2, at=(0.5,))  # 16 in epoch 0, 32 in epoch 1
+  data = sweep.data.arrays(
+    (TOKENS[tr], LENGTHS[tr]), Y[tr], (TOKENS[va], LENGTHS[va]), Y[va], num_classes=10
+  )
+  cfg = sweep.SweepConfig(
+    model=NnxBag,
+    data=data,
+    learning_rate=[3e-3, 1e-2],
+    batch_size=[16, ramp],
+    epochs=2,
+    augment=drop_tokens,
+  )
+  result = sweep.run(cfg, progress=False)
+  assert (result.table.status == 'ok').all() and len(result.table) == 4
+
+  def nnx_loop(lr, sizes):
+    model = NnxBag(rngs=nnx.Rngs(params=init_key(0)))
+    optimizer = nnx.Optimizer(model, optax.adam(lr), wrt=nnx.Param)
+
+    @nnx.jit
+    def step(model, optimizer, ids, lengths, y, key):
+      ids, lengths = drop_tokens(key, (ids, lengths))
+      grads = nnx.grad(lambda m: ce(m(ids, lengths), y))(model)
+      optimizer.update(model, grads)
+
+    for epoch, b in enumerate(sizes):
+      key = jax.random.fold_in(jax.random.fold_in(jax.random.key(0), 1), epoch)
+      order = np.asarray(jax.random.permutation(key, N_TRAIN))
+      for j in range(N_TRAIN // b):
+        idx = order[j * b : (j + 1) * b]
+        t = epoch * (N_TRAIN // b) + j  # the batch group's step
+        aug = jax.random.fold_in(jax.random.fold_in(jax.random.key(0), 3), t)
+        step(model, optimizer, TOKENS[tr][idx], LENGTHS[tr][idx], Y[tr][idx], aug)
+    return model, float(ce(model(TOKENS[va], LENGTHS[va]), Y[va]))
+
+  for i, row in result.table.iterrows():
+    sizes = (16, 32) if row.batch_schedule != 'constant' else (16, 16)
+    model, val = nnx_loop(row.learning_rate, sizes)
+    assert row.updates == sum(N_TRAIN // b for b in sizes)
+    np.testing.assert_allclose(row.final_val_loss, val, rtol=RTOL, err_msg=f'run {i}')
+    mine = result.model(i)
+    np.testing.assert_allclose(
+      np.asarray(mine(TOKENS[va], LENGTHS[va])),
+      np.asarray(model(TOKENS[va], LENGTHS[va])),
+      rtol=1e-3,
+      atol=1e-4,
+    )
+
+
+def test_successive_halving_on_two_inputs_stops_runs_and_the_survivors_equal_their_loops():
+  """Adaptive search on a model of two inputs: the runs that reach the end equal the
+  plain two-input loop; the stopped ones stopped at a rung with fewer updates."""
+  data = sweep.data.arrays(
+    (TOKENS[tr], LENGTHS[tr]), Y[tr], (TOKENS[va], LENGTHS[va]), Y[va], num_classes=10
+  )
+  cfg = sweep.SweepConfig(
+    model=BagOfTokens(),
+    data=data,
+    learning_rate=[1e-4, 1e-3, 1e-2],
+    batch_size=32,
+    epochs=3,
+    scheduler=sweep.schedulers.SuccessiveHalving(eta=3, min_fraction=1 / 3),
+  )
+  result = sweep.run(cfg, progress=False)
+  table = result.table
+  finished = table[table.status == 'ok']
+  assert len(finished) == 1 and (table.status == 'stopped').sum() == 2
+  assert (table[table.status == 'stopped'].updates < finished.updates.iloc[0]).all()
+  for i, row in finished.iterrows():
+    params, val = reference(
+      BagOfTokens(),
+      (TOKENS[tr], LENGTHS[tr]),
+      (TOKENS[va], LENGTHS[va]),
+      lambda x: x,
+      0,
+      row.learning_rate,
+      32,
+      3,
+    )
+    assert_close(result.params(i), params, f'run {i}')
+    np.testing.assert_allclose(row.final_val_loss, val, rtol=RTOL)
