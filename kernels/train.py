@@ -147,6 +147,9 @@ class Data(NamedTuple):
   x_probe: jax.Array  # a fixed subset of the training set, for train metrics
   y_probe: jax.Array
   probe_weight: jax.Array
+  # Evaluation chunks of the validation set evaluated (the first ones: a fixed subset at
+  # intermediate points, all of them at the last); a scalar, so one program serves both.
+  val_chunks: jax.Array
 
 
 class RunHparams(NamedTuple):
@@ -448,10 +451,17 @@ def _group_segment(
 
 
 def _evaluate_runs(
-  structure: Structure, params: Any, model_state: Any, x: jax.Array, y: jax.Array, weight: jax.Array
+  structure: Structure,
+  params: Any,
+  model_state: Any,
+  x: jax.Array,
+  y: jax.Array,
+  weight: jax.Array,
+  chunks: jax.Array | None = None,
 ) -> dict[str, jax.Array]:
   """Weighted mean loss (and accuracy) of every run in `params` (S, R, ...) on (x, y),
-  the model in evaluation mode."""
+  the model in evaluation mode: on the first `chunks` evaluation chunks (a traced count),
+  or on all of them."""
   chunk = structure.eval_batch_size
   if structure.layout is not None:
     params = structure.layout.to_fast(params)
@@ -471,20 +481,24 @@ def _evaluate_runs(
   shared = (0, 0, None, None, None, None)
   lifted = jax.vmap(jax.vmap(one_run, in_axes=shared), in_axes=shared)
   # Only a model that draws at evaluation is given keys: the others' programs are unchanged.
-  keys = jnp.arange(ws.shape[0], dtype=jnp.int32) if structure.model.eval_key else None
+  keyed = structure.model.eval_key
 
-  def body(total, batch):
-    xc, yc, wc, c = batch
-    key = None if c is None else eval_key(c)
-    return jax.tree.map(jnp.add, total, lifted(params, model_state, xc, yc, wc, key)), None
+  def body(c, total):
+    xc, yc, wc = jax.tree.map(lambda a: a[c], (xs, ys, ws))
+    key = eval_key(c) if keyed else None
+    return jax.tree.map(jnp.add, total, lifted(params, model_state, xc, yc, wc, key))
 
   first = jax.tree.map(lambda a: a[0], xs)
   shapes = jax.eval_shape(
-    lifted, params, model_state, first, ys[0], ws[0], None if keys is None else eval_key(0)
+    lifted, params, model_state, first, ys[0], ws[0], eval_key(0) if keyed else None
   )
   total = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
-  total, _ = jax.lax.scan(body, total, (xs, ys, ws, keys))
-  count = jnp.sum(weight)
+  if chunks is None:
+    total = jax.lax.fori_loop(0, ws.shape[0], body, total)  # a scan: the count is static
+    count = jnp.sum(weight)
+  else:
+    total = jax.lax.fori_loop(0, jnp.minimum(chunks, ws.shape[0]), body, total)
+    count = jnp.sum(jnp.where(jnp.arange(ws.shape[0]) < chunks, ws.sum(axis=1), 0.0))
   return jax.tree.map(lambda t: t / count, total)
 
 
@@ -506,7 +520,7 @@ def evaluate(structure: Structure, groups: tuple[GroupState, ...], data: Data) -
     metrics = {}
     if data.y_val.shape[0]:
       for k, v in _evaluate_runs(
-        structure, params, model_state, data.x_val, data.y_val, data.val_weight
+        structure, params, model_state, data.x_val, data.y_val, data.val_weight, data.val_chunks
       ).items():
         metrics['val_' + k] = v
     probe = (data.x_probe, data.y_probe, data.probe_weight)

@@ -402,13 +402,13 @@ def check_fields(cfg: SweepConfig) -> Any:
   _positive_finite('divergence_threshold', [cfg.divergence_threshold])
   if cfg.divergence_threshold <= 1:
     raise config_error('divergence_threshold', cfg.divergence_threshold, 'expected a factor > 1')
-  for name in ('eval_batch_size', 'train_eval_size'):
+  for name in ('eval_batch_size', 'train_eval_size', 'val_eval_size'):
     v = getattr(cfg, name)
-    if name == 'train_eval_size' and v is None:
+    if name != 'eval_batch_size' and v is None:
       continue
     if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v <= 0:
       accepted = 'expected a positive integer' + (
-        ', or None to size it to the training' if name == 'train_eval_size' else ''
+        ', or None to size it to the training' if name != 'eval_batch_size' else ''
       )
       raise config_error(name, v, accepted)
   if cfg.train_argument is not None and (

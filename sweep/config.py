@@ -115,6 +115,11 @@ class SweepConfig:
       train metrics are measured at each evaluation point (the same for every run); None
       sizes it to the training (`probe_size`: its forward passes cost about a twentieth of
       a segment's training); `data.n_train` measures them on the whole training set.
+    val_eval_size: size of the fixed random subset of the validation set evaluated at the
+      start and at the intermediate evaluation points (the same for every run; the last
+      point evaluates the whole validation set); None sizes it to the training as
+      `train_eval_size` (rounded up to whole evaluation chunks); `data.n_val` evaluates
+      the whole validation set at every point.
     objectives: Pareto objectives, column -> "min" or "max".
     compute_dtype: "float32", or "bfloat16" for the forward and backward pass with
       float32 parameters and optimizer state.
@@ -197,6 +202,7 @@ class SweepConfig:
   divergence_threshold: float = 100.0
   eval_batch_size: int = 1024
   train_eval_size: int | None = None
+  val_eval_size: int | None = None
   objectives: Mapping[str, str] = dataclasses.field(
     default_factory=lambda: dict(DEFAULT_OBJECTIVES)
   )

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sweep.config import SweepConfig
-from sweep.expansion import probe_size
+from sweep.expansion import probe_size, val_probe_size
 
 # Fitted to four experiments on a shared 2-core CPU (docs/performance.md, "The dry run's
 # time estimate"): the compiles, each scan step's fixed cost, and the share of the matrix
@@ -99,7 +99,10 @@ def estimate(cfg: SweepConfig) -> tuple[Estimate, Any, list]:
   devices = jax.local_device_count()
   rate = matmul_rate() * devices * EFFICIENCY
   data = cfg.data
-  evaluated = probe_size(plan) + (data.n_val or 0)
+  # Examples evaluated over the sweep: the probe at every point, the validation subset at
+  # the start and the intermediate points, the whole validation set at the last.
+  val = val_probe_size(plan, eval_chunk)
+  evaluated = (plan.num_evals + 1) * probe_size(plan) + plan.num_evals * val + (data.n_val or 0)
   compile_s = train_s = eval_s = flops_total = 0.0
   timed = os.environ.get('SWEEP_NO_RUN_TIMING') != '1' and cfg.scheduler is None and not plan.ramps
   memory = 0
@@ -120,7 +123,7 @@ def estimate(cfg: SweepConfig) -> tuple[Estimate, Any, list]:
       steps = plan.total_updates[g.batch_size]
       train_s += steps * (STEP_S + flops / rate)
       flops_total += steps * flops
-    flops = (plan.num_evals + 1) * evaluated * slots_total * per_example / 3
+    flops = evaluated * slots_total * per_example / 3
     eval_s += flops / rate
     flops_total += flops
     run_bytes = units_.run_bytes(plan, model, unit.family, eval_chunk)

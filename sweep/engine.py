@@ -37,7 +37,7 @@ from sweep import adapters, checkpoints, devices, distributed, preflight, timing
 from sweep.config import SweepConfig, validate
 from sweep.data import aligned, rows
 from sweep.errors import ConfigError, config_error
-from sweep.expansion import Plan, probe_size
+from sweep.expansion import Plan, probe_size, val_probe_size
 from sweep.units import Unit, UnitResult
 from sweep.workdir import Workdir
 
@@ -47,8 +47,10 @@ set_cpu_devices = devices.set_cpu_devices
 model_of = adapters.model_of
 
 
-def _device_data(plan: Plan, chunk: int, shardings) -> train.Data:
-  """The datasets on the device(s): on every device the run axis is split over."""
+def _device_data(plan: Plan, chunk: int, shardings) -> tuple[train.Data, train.Data]:
+  """The datasets on the device(s), on every device the run axis is split over: as the
+  start and the intermediate evaluation points read them (the validation subset of
+  `val_probe_size`), and as the last point reads them (the whole validation set)."""
   cfg = plan.config
   data = cfg.data
 
@@ -69,8 +71,18 @@ def _device_data(plan: Plan, chunk: int, shardings) -> train.Data:
   n = data.n_train
   probe = np.sort(np.random.default_rng(0).permutation(n)[: probe_size(plan)])
   xp, yp, wp = padded(rows(data.x_train, probe), data.y_train[probe])
+  val_chunks = 0
   if data.x_val is not None and data.n_val:
-    xv, yv, wv = padded(data.x_val, data.y_val)
+    m = data.n_val
+    subset = val_probe_size(plan, chunk)
+    if subset < m:  # the subset first (its chunks are the ones evaluated), then the rest
+      order = np.random.default_rng(1).permutation(m)
+      first = np.sort(order[:subset])
+      order = np.concatenate([first, np.setdiff1d(np.arange(m), first)])
+      xv, yv, wv = padded(rows(data.x_val, order), data.y_val[order])
+    else:
+      xv, yv, wv = padded(data.x_val, data.y_val)
+    val_chunks = subset // chunk if subset < m else len(yv) // chunk
   else:
     xv, yv, wv = rows(data.x_train, slice(0, 0)), data.y_train[:0], np.zeros(0, np.float32)
   # Placed where the programs read it (a copy of the training set per device), rather
@@ -78,8 +90,10 @@ def _device_data(plan: Plan, chunk: int, shardings) -> train.Data:
   # Aligned host arrays go in without a copy on CPU (see `sweep.data.aligned`); the
   # datasets of `sweep.data` are aligned when built.
   placement = None if shardings is None else shardings[1]
-  arrays = train.Data(data.x_train, data.y_train, xv, yv, wv, xp, yp, wp)
-  return jax.device_put(jax.tree.map(aligned, arrays), placement)
+  arrays = train.Data(data.x_train, data.y_train, xv, yv, wv, xp, yp, wp, np.int32(val_chunks))
+  placed = jax.device_put(jax.tree.map(aligned, arrays), placement)
+  whole = np.int32(len(yv) // chunk if len(yv) else 0)
+  return placed, placed._replace(val_chunks=jax.device_put(whole, placement))
 
 
 @functools.lru_cache(maxsize=64)
@@ -414,7 +428,8 @@ class _Sweep:
 
   plan: Plan
   model: adapters.Model
-  data: train.Data  # on the devices
+  data: train.Data  # on the devices, as the start and the intermediate points read them
+  whole: train.Data  # as the last evaluation point reads them (the whole validation set)
   shardings: Any
   threshold: jax.Array
   keep: _Keeper
@@ -451,7 +466,8 @@ def train_unit(c: int, unit: Unit, sweep: _Sweep, wd: Workdir, sigterm: _Sigterm
   sweep.progress.leave_out(time.perf_counter() - started)
   for k in range(k0, plan.num_evals):
     tick = time.perf_counter()
-    state, metrics = program.segment(state, hparams, orders.segment(k), sweep.data, sweep.threshold)
+    data = sweep.whole if k == plan.num_evals - 1 else sweep.data
+    state, metrics = program.segment(state, hparams, orders.segment(k), data, sweep.threshold)
     history.append(jax.device_get(metrics))
     wd.step += 1
     sweep.progress.segment(
@@ -509,7 +525,7 @@ def _run(
   all_units = units.plan_units(plan, model, eval_chunk, warn=False)
   # Every field; with a workdir the data's content is hashed too (once), for the fingerprint.
   fields = fingerprint.config_fields(cfg, content=workdir is not None)
-  resolved = provenance.resolved_config(plan, experiment_file, fields)
+  resolved = provenance.resolved_config(plan, eval_chunk, experiment_file, fields)
   resolved['run_axis'] = units.run_axis_report(all_units)
 
   # ------------------------------------------------ claim the workdir, read back where it stood
@@ -564,10 +580,12 @@ def _run(
   timer = timing.Timer(plan, enabled=time_runs)
   if not todo:  # nothing to train: the timings the sweep was trained with
     timer.load(_saved_run_seconds(workdir))
+  data, whole = _device_data(plan, eval_chunk, shardings)
   sweep = _Sweep(
     plan=plan,
     model=model,
-    data=_device_data(plan, eval_chunk, shardings),
+    data=data,
+    whole=whole,
     shardings=shardings,
     threshold=jnp.float32(cfg.divergence_threshold),
     keep=_Keeper(
@@ -642,7 +660,7 @@ def _run_population(
     plan,
     model,
     all_units,
-    _device_data(plan, eval_chunk, shardings),
+    *_device_data(plan, eval_chunk, shardings),
     shardings,
     jnp.float32(cfg.divergence_threshold),
     timer=timing.Timer(plan, enabled=time_runs),

@@ -108,13 +108,23 @@ class Plan:
     raise AssertionError('unreachable')
 
 
-# The training probe sized to the training (train_eval_size=None): its forward passes cost
-# at most PROBE_SHARE of a segment's training, a training step counted as three forward
-# passes of its batch (forward and backward), so half of the tenth the probe and the
-# validation pass may take together; a power of two (the evaluation chunks divide it), at
-# least PROBE_MIN examples (a smaller probe's loss is mostly noise).
+# The evaluation sets sized to the training (train_eval_size=None, val_eval_size=None):
+# the training probe's forward passes, and the validation pass's at an intermediate
+# evaluation point, each cost at most PROBE_SHARE of a segment's training, a training step
+# counted as three forward passes of its batch (forward and backward), so that the two
+# together take at most a tenth; a power of two (the evaluation chunks divide it), at least
+# PROBE_MIN examples (a smaller subset's loss is mostly noise).
 PROBE_SHARE = 0.05
 PROBE_MIN = 256
+
+
+def _sized(plan: Plan) -> int:
+  """Examples whose forward passes cost PROBE_SHARE of the shortest segment's training."""
+  per_segment = min(
+    math.ceil(plan.total_updates[b] / plan.num_evals) * b for b in plan.total_updates
+  )
+  fits = 3 * PROBE_SHARE * per_segment
+  return max(1 << int(math.floor(math.log2(max(fits, PROBE_MIN)))), PROBE_MIN)
 
 
 def probe_size(plan: Plan) -> int:
@@ -123,12 +133,17 @@ def probe_size(plan: Plan) -> int:
   n = cfg.data.n_train
   if cfg.train_eval_size is not None:
     return min(n, int(cfg.train_eval_size))
-  per_segment = min(
-    math.ceil(plan.total_updates[b] / plan.num_evals) * b for b in plan.total_updates
-  )
-  fits = 3 * PROBE_SHARE * per_segment
-  size = 1 << int(math.floor(math.log2(max(fits, PROBE_MIN))))
-  return min(n, max(size, PROBE_MIN))
+  return min(n, _sized(plan))
+
+
+def val_probe_size(plan: Plan, chunk: int) -> int:
+  """Validation examples evaluated at the start and at the intermediate evaluation points
+  (the last evaluates the whole validation set): `val_eval_size`, or sized to the training,
+  in whole evaluation chunks of `chunk` examples, at most the validation set."""
+  cfg = plan.config
+  n = cfg.data.n_val or 0
+  size = _sized(plan) if cfg.val_eval_size is None else int(cfg.val_eval_size)
+  return min(n, math.ceil(size / chunk) * chunk)
 
 
 def expand(cfg: SweepConfig, loss: Any) -> Plan:

@@ -177,11 +177,13 @@ class Population:
   """
 
   def __init__(
-    self, plan: Plan, model, all_units: list[Unit], data, shardings, threshold, timer=None
+    self, plan: Plan, model, all_units: list[Unit], data, whole, shardings, threshold, timer=None
   ):
     self.plan = plan
     self.model = model
-    self.data = data
+    # The datasets as the start and the intermediate points read them, and as the last does
+    # (the whole validation set; `engine._device_data`).
+    self.data, self.whole = data, whole
     self.shardings = shardings
     self.threshold = threshold
     # The wall time a run of each batch size takes alone (`sweep.timing`), measured as each
@@ -421,11 +423,12 @@ class Population:
       if not self.timer.covers(unit):
         self.timer.measure(unit, cohort.state, cohort.placed, orders, self.data, self.threshold)
       c0 = time.perf_counter()
+      last = cohort.point == self.plan.num_evals
       cohort.state, metrics = program.segment(
         cohort.state,
         cohort.placed,
         orders,
-        self.data,
+        self.whole if last else self.data,
         self.threshold,
       )
       reports.update(self._points(cohort, jax.device_get(metrics), time.perf_counter() - c0))

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 
 from sweep import columns, fingerprint
-from sweep.expansion import Plan, probe_size
+from sweep.expansion import Plan, probe_size, val_probe_size
 
 PACKAGES = ('lrbs-sweep', 'jax', 'jaxlib', 'optax', 'flax', 'orbax-checkpoint', 'numpy', 'pandas')
 
@@ -94,7 +94,10 @@ def experiment_record(path: str) -> dict[str, Any]:
 
 
 def resolved_config(
-  plan: Plan, experiment_file: str | None = None, fields: dict[str, Any] | None = None
+  plan: Plan,
+  eval_chunk: int,
+  experiment_file: str | None = None,
+  fields: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
   """The config as run: every field of `SweepConfig` (taken from the dataclass, so none is
   missed), what the plan derived from them (axes, runs, step counts), the environment.
@@ -103,7 +106,8 @@ def resolved_config(
   and content hash, code by name and bytecode hash), except where a derived entry of the
   same name says more for a reader: `model` (its repr), `loss` (the loss in use), `data`
   (name, sizes, shapes), `num_evals` (the count in use), `objectives` (those in use: the
-  defaults follow the data, said in `objectives_note`) and `name`. `fields`: the
+  defaults follow the data, said in `objectives_note`) and `name`. `eval_chunk`: the
+  examples per evaluation step (the validation subset is in whole chunks). `fields`: the
   config's `fingerprint.config_fields`, if described already.
   """
   cfg = plan.config
@@ -137,6 +141,21 @@ def resolved_config(
     if cfg.train_eval_size is not None
     else 'sized to the training: a twentieth of a segment (train_eval_size=None)',
   }
+  if data.n_val:
+    val = val_probe_size(plan, eval_chunk)
+    out['val_probe'] = {
+      'examples': val,
+      'of': data.n_val,
+      'at': 'the start and the intermediate evaluation points; the last evaluates all '
+      f'{data.n_val}',
+      'subset': 'the first of numpy.random.default_rng(1).permutation(n_val), sorted'
+      if val < data.n_val
+      else 'the whole validation set',
+      'chosen_by': 'val_eval_size'
+      if cfg.val_eval_size is not None
+      else 'sized to the training: a twentieth of a segment, in whole evaluation chunks '
+      '(val_eval_size=None)',
+    }
   out['objectives'] = columns.objectives(cfg.objectives, validation=bool(data.n_val))
   if out['objectives'] != dict(cfg.objectives):
     out['objectives_note'] = (

@@ -552,10 +552,10 @@ def test_without_validation_the_default_objective_is_the_training_probe_loss(bas
     direct = data.Dataset(
       arrays['x_train'], arrays['y_train'], arrays['x_val'][:0], arrays['y_val'][:0], num_classes=4
     )
-  resolved = provenance.resolved_config(validate(base.replace(data=direct)))
+  resolved = provenance.resolved_config(validate(base.replace(data=direct)), eval_chunk=64)
   assert resolved['objectives'] == {'final_train_loss': 'min', 'updates': 'min'}
   assert 'final_train_loss' in resolved['objectives_note'], resolved['objectives_note']
-  resolved = provenance.resolved_config(validate(base))
+  resolved = provenance.resolved_config(validate(base), eval_chunk=64)
   assert resolved['objectives'] == {'final_val_loss': 'min', 'updates': 'min'}
   assert 'objectives_note' not in resolved
 
