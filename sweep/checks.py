@@ -346,6 +346,38 @@ def runs_entries(cfg: SweepConfig) -> list[dict]:
   return out
 
 
+def entries_hyperparameters(cfg: SweepConfig, entries: list[dict], names: list[str]) -> list[str]:
+  """The keyword arguments of a run's own optimizer factory that `runs=` entries name and
+  no other field fills (after `names`); any other key of an entry is refused."""
+  found: list[str] = []
+  for i, entry in enumerate(entries):
+    opt = entry.get('optimizer', cfg.optimizer)
+    if 'optimizer' in entry:
+      check_value(cfg, 'optimizer', opt, f'runs[{i}][{"optimizer"!r}]')
+    for key in entry:
+      if key in AXES or key in names or key in found:
+        continue
+      if (
+        isinstance(key, str) and callable(opt) and not isinstance(opt, optax.GradientTransformation)
+      ):
+        try:
+          accepted = optimizers.signature(opt).accepts(key)
+        except ValueError:
+          accepted = False
+        if accepted:
+          check_hyperparameter_name(f'runs[{i}]', key)
+          found.append(key)
+          continue
+      raise config_error(
+        f'runs[{i}]',
+        Shown(repr(key)),
+        'a run names fields of the sweep: '
+        + ', '.join(list(AXES) + names + found)
+        + ', or keyword arguments of its optimizer factory',
+      )
+  return found
+
+
 def check_fields(cfg: SweepConfig) -> Any:
   """Checks the fields that are one value each (data, loss, budgets, sizes, switches,
   objectives); returns the loss in use. The fields that make runs are checked as they

@@ -13,7 +13,6 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import optax
 
 from kernels import optimizers
 from sweep import batch_schedules, checks
@@ -149,43 +148,13 @@ def val_probe_size(plan: Plan, chunk: int) -> int:
 def expand(cfg: SweepConfig, loss: Any) -> Plan:
   """The runs of `cfg` (checked by `check_fields`), its axes and budgets, as a `Plan`."""
   data = cfg.data
-  n = data.n_train
   epochs = 1 if cfg.epochs is None and cfg.updates is None else cfg.epochs
 
   # ---- the fields, each a list of values or a space
   hyper_names = checks.hyperparameter_names(cfg)
   entries = checks.runs_entries(cfg) if cfg.runs is not None else None
   if entries is not None:
-    # A run may name keyword arguments of its own factory that no other field fills.
-    default_opt = cfg.optimizer
-    for i, entry in enumerate(entries):
-      opt = entry.get('optimizer', default_opt)
-      if 'optimizer' in entry:
-        checks.check_value(cfg, 'optimizer', opt, f'runs[{i}][{"optimizer"!r}]')
-      for key in entry:
-        if key in AXES or key in hyper_names:
-          continue
-        if (
-          isinstance(key, str)
-          and callable(opt)
-          and not isinstance(opt, optax.GradientTransformation)
-        ):
-          try:
-            accepted = optimizers.signature(opt).accepts(key)
-          except ValueError:
-            accepted = False
-          if accepted:
-            checks.check_hyperparameter_name(f'runs[{i}]', key)
-            hyper_names.append(key)
-            continue
-        known = list(AXES) + hyper_names
-        raise config_error(
-          f'runs[{i}]',
-          checks.Shown(repr(key)),
-          'a run names fields of the sweep: '
-          + ', '.join(known)
-          + ', or keyword arguments of its optimizer factory',
-        )
+    hyper_names += checks.entries_hyperparameters(cfg, entries, hyper_names)
   position = AXES.index('weight_decay') + 1
   fields = AXES[:position] + tuple(hyper_names) + AXES[position:]
   raw_field = {f: getattr(cfg, f) if f in AXES else cfg.hyperparameters.get(f) for f in fields}
@@ -193,108 +162,162 @@ def expand(cfg: SweepConfig, loss: Any) -> Plan:
   sampled = [f for f in fields if isinstance(norm[f], spaces.Space)]
 
   # ---- the runs, as given (callables themselves)
-  search: dict[str, Any] = {}
   space = None
   if entries is not None:
-    if sampled:
-      raise config_error(
-        sampled[0],
-        checks.Shown(checks.space_repr(norm[sampled[0]])),
-        'runs= lists every run: give each run its own value instead of a space',
-      )
-    if cfg.samples is not None:
-      raise config_error(
-        'samples', cfg.samples, 'runs= lists every run: samples= draws runs from spaces instead'
-      )
-    for f in fields:
-      if len(norm[f]) > 1:
-        raise config_error(
-          f,
-          raw_field[f],
-          'with runs=, a field a run does not name takes one value: name it in each run instead',
-        )
-    raw_runs = []
-    for i, entry in enumerate(entries):
-      raw = {f: norm[f][0] for f in fields}
-      for key, v in entry.items():
-        where = f'runs[{i}][{key!r}]'
-        if key == 'optimizer':
-          checks.refuse_transformation(where, v)
-        if isinstance(v, spaces.Space) or isinstance(v, (list, tuple, np.ndarray)):
-          raise config_error(
-            where, v, 'a run takes one value per field (a list of values is a list of runs)'
-          )
-        checks.check_value(cfg, key, v, where)
-        raw[key] = v
-      raw_runs.append(raw)
-    seen: dict[tuple, int] = {}
-    for i, raw in enumerate(raw_runs):
-      key = tuple((f, id(v) if callable(v) else v) for f, v in raw.items())
-      if key in seen:
-        raise config_error(
-          f'runs[{i}]', entries[i], f'it repeats runs[{seen[key]}]: the same configuration twice'
-        )
-      seen[key] = i
-    search = {'mode': 'runs'}
+    raw_runs, search = _listed(cfg, entries, fields, raw_field, norm, sampled)
   elif sampled:
-    if cfg.samples is None:
-      raise config_error(
-        sampled[0],
-        checks.Shown(checks.space_repr(norm[sampled[0]])),
-        'a sampled field needs samples=N: how many configurations to draw',
-      )
-    count = int(cfg.samples)
-    draws = {f: _draw(f, norm[f], int(cfg.sample_seed), count) for f in sampled}
-    # The sampled configurations form one axis, at the place of the first sampled field.
-    listed = [f for f in fields if f not in sampled]
-    k = sum(1 for f in fields[: fields.index(sampled[0])] if f not in sampled)
-    raw_runs = []
-    for combo in itertools.product(
-      *(norm[f] for f in listed[:k]), range(count), *(norm[f] for f in listed[k:])
-    ):
-      j = combo[k]
-      raw = dict(zip(listed[:k], combo[:k], strict=True))
-      raw.update({f: draws[f][j] for f in sampled})
-      raw.update(zip(listed[k:], combo[k + 1 :], strict=True))
-      raw_runs.append({f: raw[f] for f in fields})
-    grid = math.prod(len(norm[f]) for f in listed if f not in ('seed', 'batch_size', 'optimizer'))
-    batch_space, opt_space = norm['batch_size'], norm['optimizer']
-    space = {
-      'samples': count,
-      'grid': grid,
-      'p_optimizer': 1 / len(opt_space.options) if isinstance(opt_space, spaces.Choice) else 1.0,
-      'batch_sizes': tuple(sorted(int(b) for b in batch_space.options))
-      if isinstance(batch_space, spaces.Choice) and batch_space.integer
-      else None,
-    }
-    if 'seed' in sampled:  # the seed rows follow the draw: laid out by it, as a grid is
-      space = None
-    search = {
-      'mode': 'sampled',
-      'samples': count,
-      'sample_seed': int(cfg.sample_seed),
-      'spaces': {f: checks.space_repr(norm[f]) for f in sampled},
-    }
+    raw_runs, search, space = _sampled(cfg, fields, norm, sampled)
   else:
-    if cfg.samples is not None:
-      raise config_error(
-        'samples',
-        cfg.samples,
-        'samples=N draws from sampled fields, and none is given: '
-        'e.g. learning_rate=sweep.space.loguniform(1e-4, 1e-1)',
-      )
-    raw_runs = [
-      dict(zip(fields, combo, strict=True))
-      for combo in itertools.product(*(norm[f] for f in fields))
-    ]
-  if entries is None:
+    raw_runs, search = _grid(cfg, fields, norm), {}
+  if entries is None:  # explicit runs name their fields on purpose
     raw_runs = _conditional(raw_runs, fields, hyper_names)
 
+  # ---- budgets and evaluation points
   ramps = {
     id(r['batch_size']): r['batch_size'].epochs(int(epochs))
     for r in raw_runs
     if isinstance(r['batch_size'], batch_schedules.BatchSchedule)
   }
+  batch_sizes, steps_per_epoch, total, num_evals = _budgets(cfg, raw_runs, ramps, space, epochs)
+
+  runs = _resolve(
+    cfg, fields, hyper_names, raw_runs, total, explicit=entries is not None, ramps=ramps
+  )
+  axes, swept = _shown(fields, hyper_names, runs, ramps)
+  if entries is not None:
+    search['runs'] = [
+      {k: (r.values[k] if k in ('optimizer', 'schedule') else v) for k, v in entry.items()}
+      for r, entry in zip(runs, entries, strict=True)
+    ]
+  if data.is_classification:
+    output_dim = int(data.num_classes)
+  else:
+    output_dim = int(np.prod(data.y_train.shape[1:]))
+
+  return Plan(
+    config=cfg,
+    runs=tuple(runs),
+    loss=loss,
+    axes=axes,
+    swept=swept,
+    batch_sizes=batch_sizes,
+    steps_per_epoch=steps_per_epoch,
+    total_updates=total,
+    num_evals=num_evals,
+    output_dim=output_dim,
+    fields=fields,
+    groups=tuple(_distinct(r.group for r in runs)),
+    custom_schedules=tuple(_distinct(r.schedule for r in runs if not isinstance(r.schedule, str))),
+    search=search,
+    space=space,
+  )
+
+
+def _listed(cfg, entries, fields, raw_field, norm, sampled) -> tuple[list[dict], dict]:
+  """The runs of `runs=`: each entry over the fields' single values."""
+  if sampled:
+    raise config_error(
+      sampled[0],
+      checks.Shown(checks.space_repr(norm[sampled[0]])),
+      'runs= lists every run: give each run its own value instead of a space',
+    )
+  if cfg.samples is not None:
+    raise config_error(
+      'samples', cfg.samples, 'runs= lists every run: samples= draws runs from spaces instead'
+    )
+  for f in fields:
+    if len(norm[f]) > 1:
+      raise config_error(
+        f,
+        raw_field[f],
+        'with runs=, a field a run does not name takes one value: name it in each run instead',
+      )
+  raw_runs = []
+  for i, entry in enumerate(entries):
+    raw = {f: norm[f][0] for f in fields}
+    for key, v in entry.items():
+      where = f'runs[{i}][{key!r}]'
+      if key == 'optimizer':
+        checks.refuse_transformation(where, v)
+      if isinstance(v, spaces.Space) or isinstance(v, (list, tuple, np.ndarray)):
+        raise config_error(
+          where, v, 'a run takes one value per field (a list of values is a list of runs)'
+        )
+      checks.check_value(cfg, key, v, where)
+      raw[key] = v
+    raw_runs.append(raw)
+  seen: dict[tuple, int] = {}
+  for i, raw in enumerate(raw_runs):
+    key = tuple((f, id(v) if callable(v) else v) for f, v in raw.items())
+    if key in seen:
+      raise config_error(
+        f'runs[{i}]', entries[i], f'it repeats runs[{seen[key]}]: the same configuration twice'
+      )
+    seen[key] = i
+  return raw_runs, {'mode': 'runs'}
+
+
+def _sampled(cfg, fields, norm, sampled) -> tuple[list[dict], dict, dict | None]:
+  """`samples` configurations drawn from the sampled fields, each at every point of the
+  listed ones; with what the layout may depend on (not the draw: `Plan.space`)."""
+  if cfg.samples is None:
+    raise config_error(
+      sampled[0],
+      checks.Shown(checks.space_repr(norm[sampled[0]])),
+      'a sampled field needs samples=N: how many configurations to draw',
+    )
+  count = int(cfg.samples)
+  draws = {f: _draw(f, norm[f], int(cfg.sample_seed), count) for f in sampled}
+  # The sampled configurations form one axis, at the place of the first sampled field.
+  listed = [f for f in fields if f not in sampled]
+  k = sum(1 for f in fields[: fields.index(sampled[0])] if f not in sampled)
+  raw_runs = []
+  for combo in itertools.product(
+    *(norm[f] for f in listed[:k]), range(count), *(norm[f] for f in listed[k:])
+  ):
+    j = combo[k]
+    raw = dict(zip(listed[:k], combo[:k], strict=True))
+    raw.update({f: draws[f][j] for f in sampled})
+    raw.update(zip(listed[k:], combo[k + 1 :], strict=True))
+    raw_runs.append({f: raw[f] for f in fields})
+  grid = math.prod(len(norm[f]) for f in listed if f not in ('seed', 'batch_size', 'optimizer'))
+  batch_space, opt_space = norm['batch_size'], norm['optimizer']
+  space = {
+    'samples': count,
+    'grid': grid,
+    'p_optimizer': 1 / len(opt_space.options) if isinstance(opt_space, spaces.Choice) else 1.0,
+    'batch_sizes': tuple(sorted(int(b) for b in batch_space.options))
+    if isinstance(batch_space, spaces.Choice) and batch_space.integer
+    else None,
+  }
+  if 'seed' in sampled:  # the seed rows follow the draw: laid out by it, as a grid is
+    space = None
+  search = {
+    'mode': 'sampled',
+    'samples': count,
+    'sample_seed': int(cfg.sample_seed),
+    'spaces': {f: checks.space_repr(norm[f]) for f in sampled},
+  }
+  return raw_runs, search, space
+
+
+def _grid(cfg, fields, norm) -> list[dict]:
+  """The product of the fields' values."""
+  if cfg.samples is not None:
+    raise config_error(
+      'samples',
+      cfg.samples,
+      'samples=N draws from sampled fields, and none is given: '
+      'e.g. learning_rate=sweep.space.loguniform(1e-4, 1e-1)',
+    )
+  return [
+    dict(zip(fields, combo, strict=True)) for combo in itertools.product(*(norm[f] for f in fields))
+  ]
+
+
+def _budgets(cfg, raw_runs, ramps, space, epochs) -> tuple:
+  """The batch sizes, their steps per epoch and updates, and the evaluation points."""
+  n = cfg.data.n_train
   batch_sizes = tuple(
     sorted(
       {int(r['batch_size']) for r in raw_runs if id(r['batch_size']) not in ramps}
@@ -320,18 +343,11 @@ def expand(cfg: SweepConfig, loss: Any) -> Plan:
     num_evals = checks.scheduler_evals(cfg, num_evals, total)
   if ramps:
     checks.check_stage_points(cfg, ramps, num_evals, total, steps_per_epoch)
+  return batch_sizes, steps_per_epoch, total, num_evals
 
-  if data.is_classification:
-    output_dim = int(data.num_classes)
-  else:
-    output_dim = int(np.prod(data.y_train.shape[1:]))
 
-  runs = _resolve(
-    cfg, fields, hyper_names, raw_runs, total, explicit=entries is not None, ramps=ramps
-  )
-  custom = tuple(_distinct(r.schedule for r in runs if not isinstance(r.schedule, str)))
-
-  # ---- what the table and config.json show
+def _shown(fields, hyper_names, runs, ramps) -> tuple[dict[str, list], tuple[str, ...]]:
+  """What the table and config.json show: each field's distinct values, the swept ones."""
   axes = {f: _distinct(_display(r.spec[f], r.values, f) for r in runs) for f in fields}
   always = ('learning_rate', 'batch_size', 'seed', 'optimizer', 'schedule')
   swept = tuple(
@@ -347,29 +363,7 @@ def expand(cfg: SweepConfig, loss: Any) -> Plan:
     axes['batch_schedule'] = _distinct(r.values['batch_schedule'] for r in runs)
     at = swept.index('batch_size') + 1
     swept = swept[:at] + ('batch_schedule',) + swept[at:]
-  if entries is not None:
-    search['runs'] = [
-      {k: (r.values[k] if k in ('optimizer', 'schedule') else v) for k, v in entry.items()}
-      for r, entry in zip(runs, entries, strict=True)
-    ]
-
-  return Plan(
-    config=cfg,
-    runs=tuple(runs),
-    loss=loss,
-    axes=axes,
-    swept=swept,
-    batch_sizes=batch_sizes,
-    steps_per_epoch=steps_per_epoch,
-    total_updates=total,
-    num_evals=num_evals,
-    output_dim=output_dim,
-    fields=fields,
-    groups=tuple(_distinct(r.group for r in runs)),
-    custom_schedules=custom,
-    search=search,
-    space=space,
-  )
+  return axes, swept
 
 
 def _draw(field: str, sp: spaces.Space, seed: int, n: int) -> list:
