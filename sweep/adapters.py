@@ -566,7 +566,8 @@ def _haiku(model: Any, example_x: Any, train_argument: str | None) -> Model:
   """`hk.transform`, `hk.transform_with_state`, and either under `hk.without_apply_rng`.
 
   While training, apply's `rng` is the update's model key (dropout); at evaluation it is
-  None. The function's train/eval switch is `train_argument`, else `is_training` or
+  None, or the evaluation chunk's key for a function that draws in evaluation mode too.
+  The function's train/eval switch is `train_argument`, else `is_training` or
   `train` where the function takes one (haiku's and flax's conventions); other
   switch-like names are refused until named. Initialised in training mode, as haiku's
   examples do (`forward.init(rng, batch, is_training=True)`)."""
@@ -616,16 +617,25 @@ def _haiku(model: Any, example_x: Any, train_argument: str | None) -> Model:
   if not jax.tree.leaves(params_shape):
     raise config_error('model', name, 'a model with parameters to train')
 
-  def apply(params, state, x, train, key):
-    rng = ((key if train else None),) if takes_rng else ()
+  def call(params, state, x, train, key):
+    rng = (key,) if takes_rng else ()
     kwargs = training if train else evaluation
     if with_state:
       out, new = model.apply(params, state, *rng, *inputs(x), **kwargs)
       return out, (new if train else state)
     return model.apply(params, *rng, *inputs(x), **kwargs), state
 
-  random = takes_rng and _uses_key(lambda p, s, x, k: apply(p, s, x, True, k)[0], init, x1)
-  return Model(init, apply, name=name, random=random)
+  random = takes_rng and _uses_key(lambda p, s, x, k: call(p, s, x, True, k)[0], init, x1)
+  # A function that draws in evaluation mode too (a VAE sampling its code) is given the
+  # evaluation chunk's key there (`Model.eval_key`); the others None, as haiku's loops do.
+  drawing = takes_rng and _uses_key(lambda p, s, x, k: call(p, s, x, False, k)[0], init, x1)
+
+  def apply(params, state, x, train, key):
+    if train:
+      return call(params, state, x, True, key)
+    return call(params, state, x, False, rng_keys(key, False) if drawing else None)
+
+  return Model(init, apply, name=name, random=random, eval_key=drawing)
 
 
 # ------------------------------------------------------------------------ functions ----

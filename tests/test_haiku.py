@@ -76,8 +76,8 @@ def plain_mlp(x):
   return hk.Linear(10)(jax.nn.relu(hk.Linear(16)(x)))
 
 
-def reference(model, seed, lr, batch, epochs, with_state, takes_rng, switch=True):
-  """The loop a haiku user writes."""
+def reference(model, seed, lr, batch, epochs, with_state, takes_rng, switch=True, evaluate=True):
+  """The loop a haiku user writes (its validation loss with `evaluate`)."""
   kw = {'is_training': True} if switch else {}
   out = model.init(init_key(seed), XT[:1], **kw)
   params, state = out if with_state else (out, {})
@@ -103,6 +103,8 @@ def reference(model, seed, lr, batch, epochs, with_state, takes_rng, switch=True
 
   for t, idx in batches(seed, batch, epochs):
     params, state, opt_state = step(params, state, opt_state, XT[idx], YT[idx], model_key(seed, t))
+  if not evaluate:
+    return params, state, None
   logits, _ = call(params, state, XV, None, False)
   return params, state, float(ce(logits, YV))
 
@@ -180,3 +182,28 @@ def test_haiku_mistakes_are_refused_before_compiling():
   no_rng = hk.without_apply_rng(hk.transform(dropout_mlp))
   with pytest.raises(ConfigError, match='model'):
     sweep.check(cfg.replace(model=no_rng))
+
+
+def noisy_mlp(x, is_training):
+  """Draws in evaluation mode too (as a VAE samples its code): noise on the hidden layer."""
+  del is_training
+  h = jax.nn.relu(hk.Linear(16)(x))
+  return hk.Linear(10)(h + 0.3 * jax.random.normal(hk.next_rng_key(), h.shape))
+
+
+def test_a_haiku_function_that_draws_at_evaluation_gets_the_evaluation_chunks_key():
+  """apply's rng at evaluation is the chunk's documented key, `fold_in(fold_in(key(0), 4),
+  c)`, over the validation set padded to the chunk (192: the probe, the whole training set)
+  by repeating its first example; haiku would otherwise refuse a None rng."""
+  model = hk.transform(noisy_mlp)
+  cfg = sweep.SweepConfig(model=model, data=DIGITS, learning_rate=1e-2, batch_size=32, epochs=1)
+  got = sweep.run(cfg, progress=False).table.final_val_loss[0]
+  params, _, _ = reference(model, 0, 1e-2, 32, 1, False, True, evaluate=False)
+  padded = np.concatenate([XV, np.repeat(XV[:1], N_TRAIN - N_VAL, axis=0)])
+
+  def val(chunk):
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(0), 4), chunk)
+    return float(ce(model.apply(params, key, padded, is_training=False)[:N_VAL], YV))
+
+  np.testing.assert_allclose(got, val(0), rtol=RTOL)
+  assert abs(val(1) - got) > 1e-3  # the key counts

@@ -412,3 +412,38 @@ def test_successive_halving_on_two_inputs_stops_runs_and_the_survivors_equal_the
     )
     assert_close(result.params(i), params, f'run {i}')
     np.testing.assert_allclose(row.final_val_loss, val, rtol=RTOL)
+
+
+def test_a_keras_functional_model_of_two_inputs_equals_its_stateless_loop():
+  """A Keras functional model over an image and its mask (`keras.Model([image, mask],
+  out)`), against the loop a Keras-on-JAX user writes with `stateless_call`."""
+  import os
+
+  os.environ.setdefault('KERAS_BACKEND', 'jax')
+  keras = pytest.importorskip('keras')
+  if keras.backend.backend() != 'jax':
+    pytest.skip('keras runs on another backend here')
+  keras.utils.set_random_seed(0)
+  image, mask = keras.Input((64,)), keras.Input((64,))
+  hidden = keras.layers.Dense(16, activation='relu')(keras.layers.Multiply()([image, mask]))
+  model = keras.Model([image, mask], keras.layers.Dense(10)(hidden))
+  images = TOKENS.astype(np.float32) / 16
+  data = sweep.data.arrays(
+    (images[tr], MASK[tr]), Y[tr], (images[va], MASK[va]), Y[va], num_classes=10
+  )
+  cfg = sweep.SweepConfig(model=model, data=data, learning_rate=[3e-3, 1e-2], batch_size=32)
+  result = sweep.run(cfg, progress=False)
+  weights = [jnp.asarray(np.asarray(v.value)) for v in model.trainable_variables]
+  for i, row in result.table.iterrows():
+    params, opt = weights, optax.adam(row.learning_rate)
+    opt_state = opt.init(params)
+
+    def loss(p, a, m, y):
+      return ce(model.stateless_call(p, [], [a, m], training=True)[0], y)
+
+    for idx in batches(0, 32, 1):
+      grads = jax.grad(loss)(params, images[tr][idx], MASK[tr][idx], Y[tr][idx])
+      updates, opt_state = opt.update(grads, opt_state, params)
+      params = optax.apply_updates(params, updates)
+    val = float(loss(params, images[va], MASK[va], Y[va]))
+    np.testing.assert_allclose(row.final_val_loss, val, rtol=RTOL, err_msg=f'run {i}')
