@@ -15,9 +15,13 @@ the keyword arguments the sweep fills are traced arrays too.
 from __future__ import annotations
 
 import ast
+import contextlib
 import dataclasses
 import functools
 import inspect
+import logging
+import numbers
+import types
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -69,14 +73,17 @@ class Factory:
   and names) share their compiled programs.
 
   Attributes:
-    fn: the factory, returning an `optax.GradientTransformation`.
+    fn: the factory, returning an `optax.GradientTransformation` (or an `optax.MultiSteps`).
     names: the keyword arguments given to `fn`, in a stable order.
     label: how the results table names it.
+    every_k: the batches per parameter update of an `optax.MultiSteps(opt, k)` it returns
+      (see `accumulation`), 1 otherwise.
   """
 
   fn: Callable[..., optax.GradientTransformation]
   names: tuple[str, ...]
   label: str = dataclasses.field(default='', compare=False)  # not part of the program
+  every_k: int = 1
 
   def __str__(self) -> str:
     return self.label
@@ -139,7 +146,8 @@ def _injectable(
 
   def build(**kwargs):
     learning_rate = kwargs.pop('learning_rate')
-    return fn(learning_rate, **kwargs)
+    made = fn(learning_rate, **kwargs)
+    return made.gradient_transformation() if isinstance(made, optax.MultiSteps) else made
 
   kw = inspect.Parameter.KEYWORD_ONLY
   build.__signature__ = inspect.Signature(
@@ -263,19 +271,23 @@ def find_states(opt_state: Any, kind: type | tuple[type, ...]) -> list[Any]:
 
 def has_eval_params(opt_state: Any) -> bool:
   """Whether the optimizer means its run to be evaluated at other parameters than the
-  ones it trains (a schedule-free optimizer, see `eval_params`)."""
-  return bool(find_states(opt_state, optax.contrib.ScheduleFreeState))
+  ones it trains (a schedule-free optimizer or a lookahead, see `eval_params`)."""
+  return bool(find_states(opt_state, (optax.contrib.ScheduleFreeState, optax.LookaheadState)))
 
 
 def eval_params(opt_state: Any, params: Any) -> Any:
   """The parameters at which one run is evaluated: `params` themselves, except under a
   schedule-free optimizer (`optax.contrib.schedule_free*`, anywhere in a chain), whose
   training parameters are the interpolation `y` and whose evaluation parameters are
-  `optax.contrib.schedule_free_eval_params(state, params)` (the average `x`).
+  `optax.contrib.schedule_free_eval_params(state, params)` (the average `x`), and under
+  `optax.lookahead`, which trains `optax.LookaheadParams` and is evaluated at their `slow`
+  half.
 
   Returns `params` unchanged (the same object) for every other optimizer, so the
   programs of ordinary optimizers do not change.
   """
+  if isinstance(params, optax.LookaheadParams):
+    return params.slow
   found = find_states(opt_state, optax.contrib.ScheduleFreeState)
   if not found:
     return params
@@ -298,9 +310,102 @@ def evaluated(opt_state: Any, params: Any, fn: Callable | None = None) -> Any:
   return eval_params(opt_state, params)
 
 
+# ------------------------------------------------------------------ wrappers ----
+
+
+def every_k(family: str | Factory) -> int:
+  """The batches per parameter update of `family` (an `optax.MultiSteps` factory's k), 1
+  for every other optimizer."""
+  return family.every_k if isinstance(family, Factory) else 1
+
+
+_COUNT = jax.ShapeDtypeStruct((), jnp.int32)
+_DEFAULT_SKIP = optax.MultiSteps(optax.identity(), 1)._should_skip_update_fn.__code__
+
+
+def accumulation(made: Any) -> int:
+  """The k of `optax.MultiSteps(opt, every_k_schedule=k)` when a factory returned one (the
+  object or its `gradient_transformation()`), 1 for anything else.
+
+  Raises:
+    ValueError: for a MultiSteps whose parameter updates do not fall on every k-th batch
+      (an every_k_schedule that is a function of the update count, or a
+      should_skip_update_fn, which leaves batches out of the count), so that the sweep's
+      update count and schedule clock could not follow it.
+  """
+  if isinstance(made, optax.MultiSteps):
+    wrapper = made
+  elif isinstance(getattr(made, 'init', None), types.MethodType):
+    wrapper = made.init.__self__  # MultiSteps(...).gradient_transformation()
+  else:
+    return 1
+  if not isinstance(wrapper, optax.MultiSteps):
+    return 1
+  # Called on a traced count (compiling nothing): a constant comes back a Python int.
+  found = []
+  try:
+    jax.eval_shape(lambda step: found.append(wrapper._every_k_schedule(step)) or step, _COUNT)
+  except Exception:
+    found = [None]  # it computes with the count in Python
+  k = found[0]
+  if not isinstance(k, numbers.Integral) or isinstance(k, bool) or k < 1:
+    raise ValueError(
+      'its optax.MultiSteps takes every_k_schedule as a function of the update count (or not '
+      'a positive int); the sweep counts parameter updates and runs the learning-rate schedule '
+      'on one update per k batches, so give every_k_schedule a constant int'
+    )
+  if wrapper._should_skip_update_fn.__code__ is not _DEFAULT_SKIP:
+    raise ValueError(
+      'its optax.MultiSteps has a should_skip_update_fn: a skipped batch leaves the update '
+      'clock, which the sweep keeps as one update per k batches; leave it out (a run is '
+      'frozen at a non-finite batch loss, or put optax.apply_if_finite around the inner '
+      'optimizer)'
+    )
+  return int(k)
+
+
+class _NoLookaheadWarning(logging.Filter):
+  def filter(self, record: logging.LogRecord) -> bool:
+    return 'has no attribute `fast`' not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_lookahead():
+  """Silences optax's warning that lookahead's init was given plain parameters: that is how
+  `trains_lookahead` recognises it."""
+  logger, quiet = logging.getLogger('absl'), _NoLookaheadWarning()
+  logger.addFilter(quiet)
+  try:
+    yield
+  finally:
+    logger.removeFilter(quiet)
+
+
+def trains_lookahead(opt: optax.GradientTransformation, params: Any) -> bool:
+  """Whether `opt` (anywhere in its chain) is an `optax.lookahead`, which trains
+  `optax.LookaheadParams(fast, slow)` rather than the model's parameters. The structure of
+  its state decides (traced shapes only, nothing runs)."""
+  shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)
+  with _quiet_lookahead():
+    state = jax.eval_shape(opt.init, shapes)
+  return bool(find_states(state, optax.LookaheadState))
+
+
+def trained_params(opt: optax.GradientTransformation, params: Any) -> Any:
+  """What `opt` trains from the model's `params`: `optax.LookaheadParams.init_synced(params)`
+  under a lookahead (as a researcher's optax loop starts it), `params` itself otherwise."""
+  return optax.LookaheadParams.init_synced(params) if trains_lookahead(opt, params) else params
+
+
+def model_params(params: Any) -> Any:
+  """The parameters the model is applied to while training: the `fast` half of
+  `optax.LookaheadParams`, `params` itself otherwise."""
+  return params.fast if isinstance(params, optax.LookaheadParams) else params
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def probe(family: str | Factory, hypers: Mapping[str, Any], params: Any, learning_rates: Any):
-  """The updates of `family` summed over three steps from `params` with one fixed
+  """The updates of `family` summed over three (parameter) updates from `params` with one fixed
   gradient, at each of `learning_rates` (k,): a check that the learning rate reaches the
   updates. Three steps, since some optimizers make no move on their first (mechanize); the
   updates rather than the parameters, since a learning-rate-free optimizer's first moves
@@ -308,11 +413,11 @@ def probe(family: str | Factory, hypers: Mapping[str, Any], params: Any, learnin
 
   def moved(learning_rate):
     opt = make(family, hypers)
-    state = opt.init(params)
+    p = trained_params(opt, params)
+    state = opt.init(p)
     grads = jax.tree.map(lambda p: jnp.full_like(p, 0.1), params)
-    total = jax.tree.map(jnp.zeros_like, params)
-    p = params
-    for _ in range(3):
+    total = jax.tree.map(jnp.zeros_like, p)
+    for _ in range(3 * every_k(family)):  # a MultiSteps moves once per k steps
       updates, state = opt.update(grads, with_learning_rate(state, learning_rate), p)
       p = optax.apply_updates(p, updates)
       total = jax.tree.map(jnp.add, total, updates)

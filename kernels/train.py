@@ -89,6 +89,12 @@ class Structure:
   layout: Any = None
   eval_params: Callable[[Any, Any], Any] | None = None
 
+  def clock(self, batches: jax.Array) -> jax.Array:
+    """The parameter updates after `batches` batches (steps of the optimizer): the same
+    count, except under `optax.MultiSteps(opt, k)`, which updates once per k batches."""
+    k = optimizers.every_k(self.family)
+    return batches if k == 1 else batches // k
+
   def learning_rate_fn(self, index: int) -> Callable[[Any, jax.Array], jax.Array]:
     """`(schedule params, count) -> learning rate` of one run of batch group `index`."""
     if not self.schedules:
@@ -184,7 +190,7 @@ class RunState(NamedTuple):
   model_state: Any  # the model's variables other than parameters (batch statistics), or {}
   opt_state: optax.OptState
   alive: jax.Array  # False once the run diverged: it is frozen from then on
-  updates: jax.Array  # updates applied
+  updates: jax.Array  # optimizer steps applied (batches; `Structure.clock` gives parameter updates)
   loss0: jax.Array  # first batch loss: the reference of the blow-up test
   loss_sum: jax.Array  # batch losses summed over the current segment
   loss_count: jax.Array
@@ -251,11 +257,13 @@ def epoch_order(seed: jax.Array, epoch: jax.Array, n: int) -> jax.Array:
 
 def _run_init(structure: Structure, params: Any, model_state: Any, hp: RunHparams) -> RunState:
   opt = optimizers.make(structure.family, hp.opt)
+  # What the optimizer trains: the parameters, or a lookahead's pair of them.
+  trained = optimizers.trained_params(opt, params)
   zero = jnp.zeros((), jnp.float32)
   return RunState(
-    params=params,
+    params=trained,
     model_state=model_state,
-    opt_state=opt.init(params),
+    opt_state=opt.init(trained),
     alive=jnp.ones((), bool),
     updates=jnp.zeros((), jnp.int32),
     loss0=zero,
@@ -285,7 +293,9 @@ def _run_step(
   segment at once, outside the scan, from the run's update count at the segment's start).
   `key` is the model's randomness for this update (see `update_key`). The model runs
   in training mode; its new state (batch statistics) is kept unless the run froze.
+  Under `optax.lookahead` the model runs on the fast half of the parameters.
   """
+  params = optimizers.model_params(state.params)
 
   def batch_loss(params, x, y):
     pred, new_state = structure.forward(params, state.model_state, x, True, key)
@@ -299,7 +309,7 @@ def _run_step(
     halves = lambda t: jax.tree.map(lambda a: a.reshape((2, a.shape[0] // 2) + a.shape[1:]), t)  # noqa: E731
     half_loss = lambda p, x, y: batch_loss(p, x, y)[0]  # noqa: E731
     losses_h, grads_h = jax.vmap(jax.value_and_grad(half_loss), in_axes=(None, 0, 0))(
-      state.params, halves(xb), halves(yb)
+      params, halves(xb), halves(yb)
     )
     loss = jnp.mean(losses_h)
     grads = jax.tree.map(lambda g: jnp.mean(g, axis=0), grads_h)
@@ -310,7 +320,7 @@ def _run_step(
     gsq_half = gsq_half + jnp.mean(sq(grads_h))
     gsq_full = gsq_full + sum(jnp.sum(jnp.square(a)) for a in jax.tree.leaves(grads))
   else:
-    (loss, new_state), grads = jax.value_and_grad(batch_loss, has_aux=True)(state.params, xb, yb)
+    (loss, new_state), grads = jax.value_and_grad(batch_loss, has_aux=True)(params, xb, yb)
   # An optimizer that skips non-finite updates itself (optax.apply_if_finite) is left to
   # do so: a non-finite batch freezes its run only when the optimizer applied it anyway.
   skips = bool(optimizers.find_states(state.opt_state, optax.ApplyIfFiniteState))
@@ -338,7 +348,8 @@ def _run_step(
     applied = ok & finite
   if isinstance(structure.family, optimizers.Factory):
     # A researcher's chain may move parameters without gradient or learning rate
-    # (add_decayed_weights after the scale, noise): a frozen run's update is masked.
+    # (add_decayed_weights after the scale, noise, a lookahead's synchronisation): a frozen
+    # run's update is masked.
     updates = jax.tree.map(lambda u: jnp.where(ok, u, jnp.zeros_like(u)), updates)
   return RunState(
     params=optax.apply_updates(state.params, updates),
@@ -407,8 +418,10 @@ def _group_segment(
   # over the schedule families inside every tick: (length, S, R). A schedule runs on its
   # run's own update clock: a live run's count is its group's tick, except for a run that
   # changed batch size (`sweep.batch_ramp`), whose updates began in another group.
+  # Under optax.MultiSteps(opt, k) the clock is the parameter update: batch t of a run
+  # updates with the schedule's value at t // k, as opt's own count would give it.
   per_run = jax.vmap(jax.vmap(structure.learning_rate_fn(index)))
-  lrs = jax.vmap(lambda i: per_run(ghp.runs.schedule, state.runs.updates + i))(
+  lrs = jax.vmap(lambda i: per_run(ghp.runs.schedule, structure.clock(state.runs.updates + i)))(
     jnp.arange(length, dtype=jnp.int32)
   )
 
@@ -527,7 +540,9 @@ def evaluate(structure: Structure, groups: tuple[GroupState, ...], data: Data) -
     for k, v in _evaluate_runs(structure, params, model_state, *probe).items():
       metrics['train_' + k] = v
     metrics['alive'] = state.runs.alive
-    metrics['updates'] = state.runs.updates
+    metrics['updates'] = structure.clock(state.runs.updates)
+    if optimizers.every_k(structure.family) > 1:
+      metrics['batches'] = state.runs.updates  # for the examples read
     out.append(metrics)
   return tuple(out)
 
@@ -578,7 +593,7 @@ def segment(
       m['grad_sq_half'] = g.runs.gsq_half / count
       m['grad_sq_full'] = g.runs.gsq_full / count
     m['learning_rate'] = jax.vmap(jax.vmap(structure.learning_rate_fn(i)))(
-      h.runs.schedule, jnp.maximum(g.runs.updates - 1, 0)
+      h.runs.schedule, structure.clock(jnp.maximum(g.runs.updates - 1, 0))
     )
   return new, metrics
 

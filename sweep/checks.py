@@ -563,6 +563,51 @@ def check_schedule(cfg: SweepConfig, raw: dict, name: str, total: int, batch: in
     ) from None
 
 
+def accumulation(fn, learning_rate: float, hypers: dict, label: str, field) -> int:
+  """The batches per parameter update of optimizer factory `fn` (its `optax.MultiSteps`'s k,
+  see `optimizers.accumulation`), from one call with a run's values; 1 when the call fails
+  (`sweep.preflight` reports that)."""
+  try:
+    made = fn(learning_rate, **hypers)
+  except Exception:
+    return 1
+  try:
+    return optimizers.accumulation(made)
+  except ValueError as e:
+    raise config_error(field('optimizer'), Shown(label), str(e)) from None
+
+
+def parameter_updates(
+  cfg: SweepConfig, family: optimizers.Factory, stages, batches: int, field
+) -> int:
+  """The parameter updates of a run of `batches` batches under `optax.MultiSteps(opt, k)`
+  (a last partial accumulation updates nothing), or the reason its budget cannot be kept."""
+  k, shown = family.every_k, Shown(family.label)
+  if cfg.updates is not None:
+    raise config_error(
+      'updates',
+      cfg.updates,
+      f'optimizer {family.label} accumulates k={k} batches per parameter update '
+      '(optax.MultiSteps) and the updates budget counts batches for every run alike: give the '
+      'budget in epochs=',
+    )
+  if stages:
+    raise config_error(
+      field('optimizer'),
+      shown,
+      f'it accumulates k={k} batches per parameter update (optax.MultiSteps), which a batch-size '
+      'schedule (sweep.batch_ramp) would cut across: ramp the batch size or accumulate, not both',
+    )
+  if batches < k:
+    raise config_error(
+      field('optimizer'),
+      shown,
+      f'it accumulates k={k} batches per parameter update (optax.MultiSteps) and a run reads '
+      f'only {batches} batches: give more epochs',
+    )
+  return batches // k
+
+
 def table_columns(plan: Plan) -> list[str]:
   """The numeric columns the results table of `plan` will have (objectives pick from these)."""
   cfg = plan.config

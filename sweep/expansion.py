@@ -32,7 +32,8 @@ class Run:
     index: its row in the table.
     values: every field as the table shows it (optimizer defaults filled in; factories
       and schedule callables by their labels).
-    total_updates: the run's number of updates.
+    total_updates: the run's number of updates: its batches, or its parameter updates
+      (batches // k) under `optax.MultiSteps(opt, k)`; its schedule is built for these.
     family: what its optimizer is built from: a name of `optimizers.FAMILIES` or an
       `optimizers.Factory`.
     schedule: a name of `schedules.SCHEDULES` or the schedule callable.
@@ -69,7 +70,7 @@ class Plan:
   swept: tuple[str, ...]  # axes with more than one value or set by the user
   batch_sizes: tuple[int, ...]
   steps_per_epoch: dict[int, int]
-  total_updates: dict[int, int]
+  total_updates: dict[int, int]  # per batch size: the batches of a run (optimizer steps)
   num_evals: int
   output_dim: int
   fields: tuple[str, ...] = AXES  # the axes, the factories' hyperparameters after weight_decay
@@ -457,6 +458,7 @@ def _resolve(
     scheds, {r['schedule'] for r in raw_runs if isinstance(r['schedule'], str)}
   )
   signatures = {id(fn): optimizers.signature(fn) for fn in factories}
+  accumulations: dict[int, int] = {}  # per factory: batches per parameter update
   names_of = {id(fn): [] for fn in factories}  # per factory: every name any of its runs fills
   for r in raw_runs:
     if not isinstance(r['optimizer'], str):
@@ -553,7 +555,10 @@ def _resolve(
       for name in optimizers.HYPERPARAMETERS:
         if name not in hypers:
           values[name] = None
-      family = optimizers.Factory(opt, tuple(hypers), label)
+      if id(opt) not in accumulations:
+        lr = float(raw['learning_rate'])
+        accumulations[id(opt)] = checks.accumulation(opt, lr, hypers, label, field)
+      family = optimizers.Factory(opt, tuple(hypers), label, accumulations[id(opt)])
       values['optimizer'] = label
     sched = raw['schedule']
     stages = (ramps or {}).get(id(raw['batch_size']), ())
@@ -570,6 +575,8 @@ def _resolve(
       if ramps:
         values['batch_schedule'] = 'constant'
       run_total = total[b]
+    if optimizers.every_k(family) > 1:
+      run_total = checks.parameter_updates(cfg, family, stages, run_total, field)
     if isinstance(sched, str):
       checks.check_schedule(cfg, raw, sched, run_total, b, field)
     else:

@@ -316,41 +316,22 @@ def check_augment(augment: Callable, batch: int, x: np.ndarray) -> None:
 # ------------------------------------------------ optimizer factories and schedules ----
 
 
-_MULTISTEPS = (
-  'optax.MultiSteps (gradient accumulation) is not supported: the sweep counts, schedules and '
-  'checks divergence per call of the optimizer, so MultiSteps(opt, k) would count k '
-  'micro-steps as k updates and run the schedule per micro-step; sweep batch_size=k*B with '
-  'opt itself instead (the same mean gradient per update for a model without batch statistics)'
-)
-_LOOKAHEAD = (
-  'optax.lookahead is not supported: it takes its parameters as optax.LookaheadParams (fast '
-  "and slow), and the sweep trains and evaluates the model's own parameters"
-)
-
-
-def _takes_lookahead_params(made: optax.GradientTransformation, params: Any) -> bool:
-  """Whether `made` steps on `optax.LookaheadParams` and not on the parameters themselves
-  (an `optax.lookahead`)."""
-  try:
-    both = optax.LookaheadParams(params, params)
-    jax.eval_shape(lambda p: made.update(p.fast, made.init(p), p), both)
-  except Exception:
-    return False
-  try:
-    jax.eval_shape(lambda p: made.update(p, made.init(p), p), params)
-  except Exception:
-    return True
-  return False
-
-
 def _check_learns(family: optimizers.Factory, run: Run, shapes: Any) -> None:
   """Refuses a factory whose updates never move the parameters at any learning rate (an
   `optax.inject_hyperparams(...)` inside it keeps the learning rate it was built with), or
-  whose state holds gradient accumulation (`MultiSteps(...).gradient_transformation()`)."""
+  that accumulates gradients (`optax.MultiSteps`) anywhere but around its whole optimizer."""
+  opt = optimizers.make(family, run.hypers)
+  opt_state = jax.eval_shape(opt.init, optimizers.trained_params(opt, shapes))
+  found = optimizers.find_states(opt_state, optax.MultiStepsState)
+  if found and (family.every_k == 1 or len(found) > 1):
+    raise config_error(
+      'optimizer',
+      Shown(family.label),
+      'it holds an optax.MultiSteps inside its chain: the sweep counts parameter updates and '
+      'runs the schedule per update only for a factory that returns '
+      'optax.MultiSteps(opt, every_k_schedule=k) around its whole optimizer',
+    )
   params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-  opt_state = jax.eval_shape(optimizers.make(family, run.hypers).init, params)
-  if optimizers.find_states(opt_state, optax.MultiStepsState):
-    raise config_error('optimizer', Shown(family.label), _MULTISTEPS)
   lr = float(run.values['learning_rate'])
   hypers = {k: jnp.float32(v) for k, v in run.hypers.items()}
   moved = optimizers.probe(family, hypers, params, jnp.array([lr, 2 * lr], jnp.float32))
@@ -393,7 +374,7 @@ def check_callables(plan: Plan, model: Any) -> None:
         'optimizer', Shown(family.label), f'factory({shown}) failed: {type(e).__name__}: {e}'
       ) from e
     if isinstance(made, optax.MultiSteps):
-      raise config_error('optimizer', Shown(family.label), _MULTISTEPS)
+      made = made.gradient_transformation()  # its k is counted (`checks.accumulation`)
     if not isinstance(made, optax.GradientTransformation):
       raise config_error(
         'optimizer',
@@ -404,15 +385,14 @@ def check_callables(plan: Plan, model: Any) -> None:
 
     def step(p, hp, lr, family=family):
       opt = optimizers.make(family, hp)
-      state = optimizers.with_learning_rate(opt.init(p), lr)
-      updates, _ = opt.update(p, state, p)
-      return updates
+      trained = optimizers.trained_params(opt, p)  # a lookahead's LookaheadParams
+      state = optimizers.with_learning_rate(opt.init(trained), lr)
+      updates, _ = opt.update(p, state, trained)
+      return updates, trained
 
     try:
-      out = jax.eval_shape(step, params, {k: f32 for k in names}, f32)
+      out, trained = jax.eval_shape(step, params, {k: f32 for k in names}, f32)
     except Exception as e:
-      if _takes_lookahead_params(made, params):
-        raise config_error('optimizer', Shown(family.label), _LOOKAHEAD) from e
       raise config_error(
         'optimizer',
         Shown(family.label),
@@ -421,7 +401,7 @@ def check_callables(plan: Plan, model: Any) -> None:
         'serves every '
         'value: compute with them in jnp, not in a Python if or float()',
       ) from e
-    if jax.tree.structure(out) != jax.tree.structure(params):
+    if jax.tree.structure(out) != jax.tree.structure(trained):
       raise config_error(
         'optimizer', Shown(family.label), 'its updates must have the structure of the parameters'
       )

@@ -49,7 +49,8 @@ def tables(
         if name in point:
           rec[name] = np.asarray(point[name]).item()
       rec['updates'] = int(point['updates'])
-      rec['examples'], batch = plan.examples(run, rec['updates'])
+      # Under optax.MultiSteps a parameter update reads k batches: `batches` counts them.
+      rec['examples'], batch = plan.examples(run, int(point.get('batches', rec['updates'])))
       rec['epoch'] = rec['examples'] / plan.config.data.n_train
       if plan.ramps:
         rec['batch_size'] = batch  # the batch size of its last update

@@ -198,7 +198,9 @@ def _run_bytes(plan: Plan, model: adapters.Model, family: str, eval_chunk: int) 
   params, model_state = model.initial_shapes()
   size = lambda tree: sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(tree))  # noqa: E731
   hypers = optimizers.example_hypers(family)
-  opt_state = jax.eval_shape(lambda p: optimizers.make(family, hypers).init(p), params)
+  opt = optimizers.make(family, hypers)
+  trained = optimizers.trained_params(opt, params)  # a lookahead trains two copies
+  opt_state = jax.eval_shape(opt.init, trained)
   structure = train.Structure(
     model=model,
     loss=plan.loss,
@@ -229,7 +231,7 @@ def _run_bytes(plan: Plan, model: adapters.Model, family: str, eval_chunk: int) 
     )
 
   # params, gradient, update, new params; optimizer and model state
-  state = 4 * size(params) + size(opt_state) + 2 * size(model_state)
+  state = 4 * size(trained) + size(opt_state) + 2 * size(model_state)
   if plan.config.keep_best:
     state += size(params) + size(model_state)
   return state + max(intermediates(max(plan.total_updates), True), intermediates(eval_chunk, False))
@@ -562,7 +564,8 @@ def plan_units(plan: Plan, model: adapters.Model, eval_chunk: int, warn: bool = 
       ignore_label=cfg.data.ignore_label,
       accuracy=_callable_accuracy(plan),
       schedules=plan.custom_schedules,
-      total_updates=tuple(plan.total_updates[b] for b in batch_sizes)
+      # A schedule callable is built with the runs' parameter updates (see Run.total_updates).
+      total_updates=tuple(plan.total_updates[b] // optimizers.every_k(family) for b in batch_sizes)
       if plan.custom_schedules
       else (),
       layout=layout,

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from compiles import counting_compiles
 
 import sweep
 
@@ -276,32 +277,213 @@ def test_a_factory_that_drops_its_learning_rate_is_refused():
     sweep.check(cfg)
 
 
-# ------------------------------------------------------------ wrappers refused, and why ----
+# ------------------------------------------------------ gradient accumulation ----
+
+
+def accumulating_adam(k):
+  def factory(learning_rate):
+    return optax.MultiSteps(optax.adam(learning_rate), every_k_schedule=k)
+
+  return factory
+
+
+def accumulating_adam_transformation(learning_rate):
+  """The other form: MultiSteps(...).gradient_transformation()."""
+  return optax.MultiSteps(optax.adam(learning_rate), 4).gradient_transformation()
+
+
+def warmup_3_cosine(learning_rate, total_updates):
+  """A warmup given as a number of updates (3), which counts parameter updates."""
+  return optax.warmup_cosine_decay_schedule(0.0, learning_rate, 3, total_updates)
+
+
+# (factory, k, the sweep's schedule, the user's optax schedule from (lr, parameter updates),
+# and whether the user's loop wraps an inject_hyperparams'd adam).
+MULTISTEPS = {
+  'k2-cosine': (
+    accumulating_adam(2),
+    2,
+    'cosine',
+    lambda lr, total: optax.cosine_decay_schedule(lr, total),
+    False,
+  ),
+  'k4-warmup_cosine-injected': (
+    accumulating_adam_transformation,
+    4,
+    'warmup_cosine',
+    # warmup=0.2 of the run's parameter updates, rounded
+    lambda lr, total: optax.warmup_cosine_decay_schedule(0.0, lr, round(0.2 * total), total),
+    True,
+  ),
+  'k2-callable-warmup': (accumulating_adam(2), 2, warmup_3_cosine, warmup_3_cosine, False),
+}
+
+
+@pytest.mark.parametrize('name', list(MULTISTEPS))
+def test_multisteps_counts_parameter_updates_and_schedules_on_their_clock(name):
+  """Each run equals a plain loop with MultiSteps around adam and the schedule built for the
+  run's parameter updates, at every evaluation point (most of them in the middle of an
+  accumulation); `updates` counts parameter updates, `examples` the batches read, and the
+  learning rate is the schedule's at the last batch's update."""
+  factory, k, schedule, optax_schedule, injected = MULTISTEPS[name]
+  lrs = [0.01, 0.05]
+  batches = 3 * (N_TRAIN // BATCH)  # 30: for k=4 a last partial accumulation
+  cfg = sweep.SweepConfig(
+    **{**BASE, 'schedule': schedule},
+    optimizer=factory,
+    learning_rate=lrs,
+    warmup=0.2,
+    epochs=3,
+    num_evals=6,  # every 5 batches
+    keep_best=True,
+  )
+  result = sweep.run(cfg, progress=False)
+  table, curves = result.table, result.curves
+  assert (table.status == 'ok').all()
+  assert (table.updates == batches // k).all()
+  for i, row in table.iterrows():
+    sched = optax_schedule(float(row.learning_rate), batches // k)
+    inner = optax.inject_hyperparams(optax.adam)(learning_rate=sched) if injected else None
+    inner = inner or optax.adam(sched)
+    trail = reference(optax.MultiSteps(inner, every_k_schedule=k), 0, batches)
+    mine = curves[curves.run == i]
+    read = (mine.examples.to_numpy() // BATCH).astype(int)
+    np.testing.assert_array_equal(read, np.arange(0, batches + 1, 5))
+    np.testing.assert_array_equal(mine.updates.to_numpy(), read // k)
+    want = np.array([val_loss(trail[b][0]) for b in read])
+    np.testing.assert_allclose(mine.val_loss.to_numpy(), want, rtol=1e-4)
+    lr_want = [float(sched(max(b - 1, 0) // k)) for b in read[1:]]
+    np.testing.assert_allclose(mine.learning_rate.to_numpy()[1:], lr_want, rtol=1e-5, atol=1e-9)
+    assert row.final_val_loss == pytest.approx(want[-1], rel=1e-4)
+    assert excess(result.params(i), trail[-1][0]) <= 0
+    best = int(read[np.argmin(want)])
+    assert excess(result.params(i, best=True), trail[best][0]) <= 0
+
+
+def test_multisteps_with_other_learning_rates_compiles_nothing():
+  factory = accumulating_adam(2)
+  cfg = sweep.SweepConfig(
+    **{**BASE, 'schedule': 'cosine'}, optimizer=factory, learning_rate=[0.01, 0.02], epochs=2
+  )
+  with counting_compiles() as names:
+    sweep.run(cfg, progress=False)
+    first = len(names)
+    result = sweep.run(cfg.replace(learning_rate=[0.03, 0.05]), progress=False)
+  assert first > 0 and names[first:] == [], f'compiled again: {names[first:]}'
+  assert (result.table.updates == 2 * (N_TRAIN // BATCH) // 2).all()
+
+
+def growing_every_k(learning_rate):
+  return optax.MultiSteps(optax.adam(learning_rate), lambda step: jnp.where(step < 3, 2, 4))
+
+
+def skipping_multisteps(learning_rate):
+  return optax.MultiSteps(optax.adam(learning_rate), 2, should_skip_update_fn=optax.skip_not_finite)
+
+
+def multisteps_inside_a_chain(learning_rate):
+  return optax.chain(
+    optax.clip_by_global_norm(1.0),
+    optax.MultiSteps(optax.adam(learning_rate), 2).gradient_transformation(),
+  )
 
 
 @pytest.mark.parametrize(
-  'factory',
+  'fields, message',
   [
-    lambda learning_rate: optax.MultiSteps(optax.adam(learning_rate), 4),
-    lambda learning_rate: optax.MultiSteps(optax.adam(learning_rate), 4).gradient_transformation(),
+    (
+      dict(optimizer=growing_every_k, epochs=1),
+      r'optimizer=growing_every_k is invalid: .*every_k_schedule as a function of the '
+      r'update count.*a constant int',
+    ),
+    (
+      dict(optimizer=skipping_multisteps, epochs=1),
+      r'optimizer=skipping_multisteps is invalid: .*should_skip_update_fn.*leave it out',
+    ),
+    (
+      dict(optimizer=multisteps_inside_a_chain, epochs=1),
+      r'optimizer=multisteps_inside_a_chain is invalid: .*MultiSteps inside its chain'
+      r'.*around its whole',
+    ),
+    (
+      dict(optimizer=accumulating_adam(4), updates=20),
+      r'updates=20 is invalid: .*accumulates k=4 batches per parameter update'
+      r'.*give the budget in epochs=',
+    ),
+    (
+      dict(optimizer=accumulating_adam(4), epochs=0.2),
+      r'optimizer=factory is invalid: .*k=4 .*reads only 2 batches: give more epochs',
+    ),
   ],
-  ids=['MultiSteps', 'gradient_transformation'],
+  ids=['every_k-function', 'should_skip', 'inside-chain', 'updates-budget', 'too-short'],
 )
-def test_gradient_accumulation_is_refused_with_the_batch_size_to_sweep_instead(factory):
-  cfg = sweep.SweepConfig(**BASE, optimizer=factory, learning_rate=0.01, epochs=1)
-  with pytest.raises(sweep.ConfigError, match=r'optax.MultiSteps .* batch_size=k\*B'):
+def test_multisteps_the_sweep_cannot_follow_is_refused_with_its_reason(fields, message):
+  cfg = sweep.SweepConfig(**BASE, learning_rate=0.01, **fields)
+  with counting_compiles() as names, pytest.raises(sweep.ConfigError, match=message):
     sweep.check(cfg)
+  assert names == []
 
 
-def test_lookahead_is_refused_naming_lookahead_params():
+# ------------------------------------------------------------------ lookahead ----
+
+
+def lookahead_adam(learning_rate):
+  return optax.lookahead(optax.adam(learning_rate), sync_period=4, slow_step_size=0.5)
+
+
+def lookahead_reference(opt, seed, total):
+  """A plain optax loop over LookaheadParams: gradients at the fast parameters, as optax's
+  documentation writes it."""
+
+  @jax.jit
+  def step(params, opt_state, xb, yb):
+    def batch_loss(p):
+      return jnp.mean(jnp.mean(jnp.square(mlp_apply(p, xb) - yb), axis=-1))
+
+    grads = jax.grad(batch_loss)(params.fast)
+    updates, opt_state = opt.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  params = optax.LookaheadParams.init_synced(mlp_init(jax.random.fold_in(jax.random.key(seed), 0)))
+  opt_state = opt.init(params)
+  trail = [params]
+  per_epoch = N_TRAIN // BATCH
+  for t in range(total):
+    epoch, j = divmod(t, per_epoch)
+    idx = data_order(seed, epoch)[j * BATCH : (j + 1) * BATCH]
+    params, opt_state = step(params, opt_state, X[idx], Y[idx])
+    trail.append(params)
+  return trail
+
+
+def test_lookahead_trains_fast_parameters_and_is_evaluated_at_the_slow_ones(tmp_path):
+  lrs = [0.01, 0.05]
   cfg = sweep.SweepConfig(
-    **BASE,
-    optimizer=lambda learning_rate: optax.lookahead(optax.adam(learning_rate), 5, 0.5),
-    learning_rate=0.01,
-    epochs=1,
+    **BASE, optimizer=lookahead_adam, learning_rate=lrs, epochs=3, num_evals=6, keep_best=True
   )
-  with pytest.raises(sweep.ConfigError, match='optax.LookaheadParams'):
-    sweep.check(cfg)
+  result = sweep.run(cfg, workdir=str(tmp_path), progress=False)
+  table, curves = result.table, result.curves
+  assert (table.status == 'ok').all()
+  assert (table.updates == 3 * (N_TRAIN // BATCH)).all()
+  apart = 0.0
+  for i, row in table.iterrows():
+    trail = lookahead_reference(lookahead_adam(float(row.learning_rate)), 0, int(row.updates))
+    mine = curves[curves.run == i]
+    want = np.array([val_loss(trail[int(u)].slow) for u in mine.updates])
+    np.testing.assert_allclose(mine.val_loss.to_numpy(), want, rtol=1e-4)
+    assert row.final_val_loss == pytest.approx(want[-1], rel=1e-4)
+    assert excess(result.params(i), trail[-1].slow) <= 0
+    raw = result.params(i, raw=True)
+    assert isinstance(raw, optax.LookaheadParams)
+    assert excess(raw, trail[-1]) <= 0
+    best = int(mine.updates.to_numpy()[np.argmin(want)])
+    assert excess(result.params(i, best=True), trail[best].slow) <= 0
+    # The last point falls between synchronisations (30 updates, sync_period 4).
+    apart = max(apart, abs(val_loss(trail[-1].fast) - want[-1]) / want[-1])
+  assert apart > 1e-3  # the fast parameters would give other numbers
+  loaded = sweep.load(str(tmp_path))
+  for i in table.index[table.pareto]:
+    assert excess(loaded.params(int(i)), result.params(int(i))) <= 0
 
 
 # ------------------------------------------------- learning-rate-free contrib optimizers ----
