@@ -390,7 +390,7 @@ def _ramp_program(structure: train.Structure, beta: float, stop_factor: float):
         xb = structure.augment(train.update_key(seed, count, train.AUGMENT_STREAM), xb)
       key = train.update_key(seed, count, train.MODEL_STREAM)
       (loss, state), grads = jax.value_and_grad(batch_loss, has_aux=True)(
-        params, state, xb, y[idx], key
+        optimizers.model_params(params), state, xb, y[idx], key
       )
       opt_state = optimizers.with_learning_rate(opt_state, lr)
       updates, opt_state = opt.update(grads, opt_state, params)
@@ -415,6 +415,7 @@ def _ramp_program(structure: train.Structure, beta: float, stop_factor: float):
       return jax.lax.cond(carry[5], skipped, live, carry, lr, idx)
 
     zero = jnp.zeros((), jnp.float32)
+    params = optimizers.trained_params(opt, params)  # a lookahead's LookaheadParams
     carry = (
       params,
       model_state,
@@ -453,6 +454,14 @@ def _ramp(cfg, start_lr, end_lr, num_it, suggest, beta, stop_factor) -> LRFinder
   plan = engine.check(cfg)
   first = _first_values(plan)
   run = plan.runs[0]  # every axis at its first value, optimizer defaults filled in
+  if optimizers.every_k(run.family) > 1:
+    raise config_error(
+      'method',
+      'ramp',
+      f'optimizer {run.family.label} accumulates k={run.family.every_k} batches per update '
+      "(optax.MultiSteps) and the ramp raises the learning rate every batch: use method='grid', "
+      'whose runs update on the parameter-update clock',
+    )
   hypers = {k: np.float32(v) for k, v in run.hypers.items()}
   data = cfg.data
   model = engine.model_of(cfg, plan.output_dim)

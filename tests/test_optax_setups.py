@@ -486,6 +486,39 @@ def test_lookahead_trains_fast_parameters_and_is_evaluated_at_the_slow_ones(tmp_
     assert excess(loaded.params(int(i)), result.params(int(i))) <= 0
 
 
+def test_lr_find_ramp_with_lookahead_takes_batch_losses_at_the_fast_parameters():
+  """The ramp's batch losses equal an optax loop over LookaheadParams whose adam reads the
+  ramp's learning rates by its own count (stop_factor high, so the ramp runs to its end)."""
+  num_it, start, end = 20, 1e-4, 1e-1
+  cfg = sweep.SweepConfig(**BASE, optimizer=lookahead_adam, learning_rate=0.01, epochs=1)
+  found = sweep.lr_find(
+    cfg, method='ramp', start_lr=start, end_lr=end, num_it=num_it, stop_factor=1e9
+  )
+  lrs = start * (end / start) ** (np.arange(num_it) / (num_it - 1))
+  opt = optax.lookahead(optax.adam(lambda count: jnp.asarray(lrs)[count]), 4, 0.5)
+  params = optax.LookaheadParams.init_synced(mlp_init(jax.random.fold_in(jax.random.key(0), 0)))
+  state, want = opt.init(params), []
+  per_epoch = N_TRAIN // BATCH
+  for t in range(num_it):
+    epoch, j = divmod(t, per_epoch)
+    idx = data_order(0, epoch)[j * BATCH : (j + 1) * BATCH]
+
+    def batch_loss(p, idx=idx):
+      return jnp.mean(jnp.mean(jnp.square(mlp_apply(p, X[idx]) - Y[idx]), axis=-1))
+
+    loss, grads = jax.value_and_grad(batch_loss)(params.fast)
+    updates, state = opt.update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+    want.append(float(loss))
+  np.testing.assert_allclose(found.raw_losses, want, rtol=1e-4)
+
+
+def test_lr_find_ramp_with_multisteps_is_refused_for_the_grid():
+  cfg = sweep.SweepConfig(**BASE, optimizer=accumulating_adam(2), learning_rate=0.01, epochs=1)
+  with pytest.raises(sweep.ConfigError, match=r"method='ramp' is invalid: .*k=2.*method='grid'"):
+    sweep.lr_find(cfg, method='ramp', num_it=20)
+
+
 # ------------------------------------------------- learning-rate-free contrib optimizers ----
 
 
