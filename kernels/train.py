@@ -64,7 +64,8 @@ class Structure:
     total_updates: with `schedules`, each batch group's number of updates (a Python int
       for the callables).
     layout: a `sweep.layers.Layout` (dense kernels held in the layout their products
-      want while a segment runs, and for evaluation), or None.
+      want while a segment runs, and for evaluation; the model is computed through its
+      `rewrite`), or None.
     eval_params: `(optimizer state, params) -> params` of one run, the parameters it is
       evaluated at (see `optimizers.evaluated`), or None.
   """
@@ -131,13 +132,12 @@ class Structure:
     arrays the model returns (a callable loss takes them whole)."""
     if not (self.model.random if train else self.model.eval_key):
       key = None
+    apply = self.model.apply if self.layout is None else self.layout.rewrite(self.model.apply)
     if self.compute_dtype == 'float32':
-      return self.model.apply(params, state, x, train, key)
+      return apply(params, state, x, train, key)
     dtype = jnp.dtype(self.compute_dtype)
     cast = lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a  # noqa: E731
-    out, new = self.model.apply(
-      jax.tree.map(cast, params), state, jax.tree.map(cast, x), train, key
-    )
+    out, new = apply(jax.tree.map(cast, params), state, jax.tree.map(cast, x), train, key)
     new = jax.tree.map(lambda n, o: n.astype(o.dtype), new, state)
     return jax.tree.map(lambda a: a.astype(jnp.float32), out), new
 

@@ -406,6 +406,50 @@ def eqx_one_run(model, x, y, batch, steps, optimizer, init_inside=False):
   return train
 
 
+def pair_one_run(model, x, y, batch, steps, optimizer, init_inside=False):
+  """`one_run` for an `(init_fn, apply_fn)` pair: `init_fn(key)` is every run's start."""
+  init_fn, apply_fn = model
+  outside = None if init_inside else init_fn(jax.random.key(0))
+
+  def train(lr):
+    params0 = init_fn(jax.random.key(0)) if init_inside else outside
+    opt = optax.inject_hyperparams(OPTIMIZERS[optimizer])(learning_rate=lr)
+    state = opt.init(params0)
+
+    def step(carry, j):
+      params, state = carry
+      xb = jax.lax.dynamic_slice_in_dim(x, j * batch, batch)
+      yb = jax.lax.dynamic_slice_in_dim(y, j * batch, batch)
+      loss, g = jax.value_and_grad(
+        lambda p: optax.softmax_cross_entropy_with_integer_labels(apply_fn(p, xb), yb).mean()
+      )(params)
+      u, state = opt.update(g, state, params)
+      return (optax.apply_updates(params, u), state), loss
+
+    (params, _), losses = jax.lax.scan(
+      step, (params0, state), jnp.arange(steps) % (x.shape[0] // batch)
+    )
+    return params, losses
+
+  return train
+
+
+def pair_mlp_init(key):
+  """The seed MLP 784-10-10 as plain JAX: weights stored (inputs, outputs), used as `x @ W`."""
+  k1, k2 = jax.random.split(key)
+  return {
+    'w1': jax.random.normal(k1, (784, 10)) / np.sqrt(784),
+    'b1': jnp.zeros(10),
+    'w2': jax.random.normal(k2, (10, 10)) / np.sqrt(10),
+    'b2': jnp.zeros(10),
+  }
+
+
+def pair_mlp_apply(params, x):
+  h = jax.nn.relu(x @ params['w1'] + params['b1'])
+  return h @ params['w2'] + params['b2']
+
+
 def timed(f, *args) -> float:
   t0 = time.perf_counter()
   jax.block_until_ready(f(*args))
@@ -571,6 +615,18 @@ def user_rows(quick: bool, peak: float, mnist_dir: str | None) -> None:
   lrs64 = [float(v) for v in np.logspace(-4, -1, 64)]
   user_module(
     'seed MLP 784-10-10 with nn.Dense', FlaxMLP((10,), 10), x, y, lrs64, 32, 'adam', repeats, peak
+  )
+  user_module(
+    'seed MLP 784-10-10 as an (init_fn, apply_fn) pair computing x @ W',
+    (pair_mlp_init, pair_mlp_apply),
+    x,
+    y,
+    lrs64,
+    32,
+    'adam',
+    repeats,
+    peak,
+    make_run=pair_one_run,
   )
   # Unhashable models, built anew for every call: an equinox module, a list attribute.
   user_module(

@@ -533,6 +533,12 @@ class Layout:
       specs,
     )
 
+  def rewrite(self, fn: Callable) -> Callable:
+    """`fn(params, *args)` (a model function of one run) computed from parameters in this
+    layout: flax's layers read it themselves inside `fast_layers()`, so `fn` itself
+    (`sweep.products.ProductLayout` rewrites the model's own products)."""
+    return fn
+
   def enter(self, runs: Any, opt: optax.GradientTransformation) -> Any:
     """`runs` (a NamedTuple with `params` and `opt_state`) in the fast layout; `opt` is
     the optimizer whose state `opt_state` is (its hyperparameter values do not matter)."""

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kernels import optimizers, schedules, train
-from sweep import adapters, layers
+from sweep import adapters, layers, products
 from sweep.config import SweepConfig
 from sweep.data import batch_spec, nbytes, rows, signature, spec_of
 from sweep.devices import host_ram
@@ -305,7 +305,8 @@ def fast_layout(init_fn, apply_fn, family: str, x: np.ndarray) -> layers.Layout 
 @functools.lru_cache(maxsize=64)
 def _fast_layout(init_fn, apply_fn, sig, n) -> layers.Layout | None:
   params = jax.eval_shape(lambda: init_fn(jax.random.key(0)))
-  return layers.plan_layout(apply_fn, params, spec_of(sig, n))
+  x = spec_of(sig, n)
+  return products.plan(apply_fn, params, x, layers.plan_layout(apply_fn, params, x))
 
 
 def step_flops(plan: Plan, model: adapters.Model) -> float:
@@ -484,6 +485,7 @@ def warn_slow_layers(
   params = jax.eval_shape(lambda: init_fn(jax.random.key(0)))
   if layout is not None:
     params = jax.eval_shape(layout.to_fast, params)
+    apply_fn = layout.rewrite(apply_fn)
   # Matrix products only where the fast layout could serve them: with another optimizer
   # flax's own dense layers would be reported too.
   found = layers.slow_layers(
