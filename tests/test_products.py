@@ -12,6 +12,7 @@ import numpy as np
 import optax
 import pytest
 from compiles import counting_compiles
+from flax import linen as nn
 
 import sweep
 from sweep import layers, products, units
@@ -160,6 +161,26 @@ def test_a_second_sweep_with_other_values_compiles_nothing():
   assert first > 0 and names[first:] == [], f'compiled again: {names[first:]}'
   ref = sequential(mlp_apply, mlp_init(init_key(1)), optax.adam(2e-3), 16, 2, 1)
   close(result.params(int(np.flatnonzero(result.table.seed == 1)[0])), ref)
+
+
+class LinenMixed(nn.Module):
+  """flax's own Dense beside a weight of the module's own multiplied in jnp."""
+
+  @nn.compact
+  def __call__(self, x):
+    w = self.param('w', nn.initializers.lecun_normal(), (x.shape[-1], 16))
+    return nn.Dense(CLASSES)(jnp.tanh(x @ w))
+
+
+def test_a_linen_modules_own_product_and_its_dense_layer_are_both_held_fast():
+  result, said = run(LinenMixed(), lrs=(1e-3, 3e-2), seeds=(0,))
+  assert said == []
+  assert result.config['run_axis']['adam']['fast_layout_kernels'] == 2
+  module = LinenMixed()
+  apply = lambda p, xb: module.apply({'params': p}, xb)  # noqa: E731
+  params = module.init(init_key(0), DATA.x_train[:1])['params']
+  for i, lr in enumerate((1e-3, 3e-2)):
+    close(result.params(i), sequential(apply, params, optax.adam(lr), 16, 2, 0))
 
 
 # ------------------------------------------------------------------ equinox ----
