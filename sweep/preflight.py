@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -316,10 +317,17 @@ def check_augment(augment: Callable, batch: int, x: np.ndarray) -> None:
 # ------------------------------------------------ optimizer factories and schedules ----
 
 
-def _check_learns(family: optimizers.Factory, run: Run, shapes: Any) -> None:
+class LearningRateUnusedWarning(UserWarning):
+  """An optimizer factory whose updates do not depend on its learning rate."""
+
+
+def _check_learns(family: optimizers.Factory, run: Run, shapes: Any, swept: bool) -> None:
   """Refuses a factory whose updates never move the parameters at any learning rate (an
   `optax.inject_hyperparams(...)` inside it keeps the learning rate it was built with), or
-  that accumulates gradients (`optax.MultiSteps`) anywhere but around its whole optimizer."""
+  that accumulates gradients (`optax.MultiSteps`) anywhere but around its whole optimizer;
+  warns, where its runs sweep the learning rate, of one that moves alike at every rate (a
+  learning-rate-free optimizer such as optax.contrib.cocob, or a factory that fixes its
+  own)."""
   opt = optimizers.make(family, run.hypers)
   opt_state = jax.eval_shape(opt.init, optimizers.trained_params(opt, shapes))
   found = optimizers.find_states(opt_state, optax.MultiStepsState)
@@ -337,7 +345,16 @@ def _check_learns(family: optimizers.Factory, run: Run, shapes: Any) -> None:
   moved = optimizers.probe(family, hypers, params, jnp.array([lr, 2 * lr], jnp.float32))
   leaves = [np.asarray(a) for a in jax.tree.leaves(moved)]
   if any(np.any(a != 0) for a in leaves):
-    return  # it moves (a scale-free optimizer such as cocob may move alike at both rates)
+    if swept and all(np.array_equal(a[0], a[1]) for a in leaves):
+      warnings.warn(
+        LearningRateUnusedWarning(
+          f'sweep: optimizer {family.label!r} makes the same updates at learning rates {lr:g} '
+          f'and {2 * lr:g}: its learning_rate axis changes nothing for its runs (a '
+          'learning-rate-free optimizer, or a factory that does not pass learning_rate on)'
+        ),
+        stacklevel=2,
+      )
+    return
   # Its own state (inside the sweep's injection) holds a second injection.
   nested = optimizers.find_states(
     opt_state.inner_state, (optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState)
@@ -405,7 +422,8 @@ def check_callables(plan: Plan, model: Any) -> None:
       raise config_error(
         'optimizer', Shown(family.label), 'its updates must have the structure of the parameters'
       )
-    _check_learns(family, run, params)
+    rates = {r.values['learning_rate'] for r in plan.runs if r.group == (family, names)}
+    _check_learns(family, run, params, len(rates) > 1)
 
   for fn in plan.custom_schedules:
     users = [r for r in plan.runs if r.schedule is fn]

@@ -553,6 +553,27 @@ def test_learning_rate_free_contrib_optimizers_equal_an_optax_loop():
     assert excess(result.params(i), trail[-1][0], rtol=1e-3) <= 0, row.optimizer
 
 
+def test_a_factory_whose_updates_ignore_the_learning_rate_is_warned_where_it_is_swept():
+  """cocob (optax 0.2's scales its gradient first: no learning rate reaches its updates) and a
+  factory that fixes its own rate are warned before training; adam is not, nor a sweep of
+  one learning rate, where there is nothing to say."""
+  import warnings
+
+  from sweep.preflight import LearningRateUnusedWarning
+
+  def fixed(learning_rate):
+    del learning_rate
+    return optax.adam(1e-3)
+
+  for factory in (cocob, fixed):
+    with pytest.warns(LearningRateUnusedWarning, match=factory.__name__ + '.*changes nothing'):
+      sweep.check(sweep.SweepConfig(**BASE, optimizer=factory, learning_rate=[1.0, 0.5]))
+  with warnings.catch_warnings():
+    warnings.simplefilter('error', LearningRateUnusedWarning)
+    sweep.check(sweep.SweepConfig(**BASE, optimizer=optax.adam, learning_rate=[1e-3, 1e-2]))
+    sweep.check(sweep.SweepConfig(**BASE, optimizer=fixed, learning_rate=1e-2))
+
+
 # ------------------------------------------------------------------- apply_if_finite ----
 
 POISON = 37  # the training example whose prediction is infinite
