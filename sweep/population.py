@@ -773,7 +773,9 @@ class Population:
     out = []
     for trial, run in zip(self.trials, self.plan.runs, strict=True):
       g = self.plan.groups.index(run.group)
-      updates = int(trial.points[-1]['updates'])
+      # The timed step is one batch: under optax.MultiSteps, k of them make an update.
+      last = trial.points[-1]
+      updates = int(last['batches'] if 'batches' in last else last['updates'])
       stages = self.plan.stage_updates(run)
       total, known = 0.0, True
       for k, (start, _, b) in enumerate(stages):

@@ -197,7 +197,9 @@ class Result:
       alone = None
       if timer is not None:
         g = plan.groups.index(run.group)
-        alone = timer.seconds(g, run.values['batch_size'], run.total_updates)
+        # The timed step is one batch: under optax.MultiSteps, k of them make an update.
+        b = run.values['batch_size']
+        alone = timer.seconds(g, b, run.total_updates if run.stages else plan.total_updates[b])
       if alone is None:  # the wall time of the unit, shared out over its runs
         slots = sum(int(np.sum(bg.slots >= 0)) for bg in unit.groups)
         alone = trained[c].seconds / max(1, slots)

@@ -63,6 +63,30 @@ def test_each_batch_size_is_charged_its_own_measured_seconds(timed):
   assert table.groupby('batch_size')['seconds'].nunique().eq(1).all()  # learning rate: no cost
 
 
+@pytest.mark.parametrize('scheduler', [None, 'halving'])
+def test_under_gradient_accumulation_a_run_is_charged_its_batches(scheduler):
+  """The timed step reads one batch: a run of optax.MultiSteps(adam, 2) makes half as many
+  parameter updates as batches, and is charged for its batches."""
+  import optax
+
+  def accumulated(learning_rate):
+    return optax.MultiSteps(optax.adam(learning_rate), every_k_schedule=2)
+
+  halving = sweep.schedulers.SuccessiveHalving(eta=2, min_fraction=1 / 2) if scheduler else None
+  result = sweep.run(
+    config(optimizer=accumulated, batch_size=64, scheduler=halving),
+    progress=False,
+    time_runs=True,
+  )
+  (t,) = result.config['run_seconds']['timings']
+  for _, row in result.table.iterrows():
+    batches = row['examples'] // 64
+    assert batches == 2 * row['updates'] or batches == 2 * row['updates'] + 1
+    evaluations = 4 + 1 if row['status'] == 'ok' else 2 + 1
+    expected = t['update_seconds'] * batches + t['eval_seconds'] * evaluations
+    assert row['seconds'] == pytest.approx(expected, rel=1e-9), row['status']
+
+
 @pytest.mark.parametrize('batch_size', BATCH_SIZES)
 def test_the_seconds_agree_with_a_run_of_that_batch_size_trained_alone(timed, batch_size):
   result, _ = timed
