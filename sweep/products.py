@@ -10,7 +10,8 @@ interception cannot reach it. Here the model is read as a jaxpr instead:
 - `plan` traces the model's apply and finds the parameter leaves whose every use is a
   `dot_general` contracting the leaf's leading axes (through jit calls too), with no
   batch axes, on an input the runs share or a matrix of each run's own (the cases where
-  the fast layout serves flax's layers; see `sweep.layers.plan_layout`).
+  the fast layout serves flax's layers; see `sweep.layers.plan_layout`), also through a
+  cast (`x @ W.astype(jnp.bfloat16)`).
 - `ProductLayout` holds those leaves in the same fast layout as flax's kernels, and
   `ProductLayout.rewrite` evaluates the model's jaxpr with those products computed from
   the held weight (the weight the left operand, contracted on its trailing axes, as
@@ -37,6 +38,9 @@ from sweep import layers
 __all__ = ['ProductLayout', 'plan']
 
 _CALLS = ('jit', 'pjit')  # call primitives whose jaxpr the rewrite evaluates inline
+# Elementwise operations of one operand that a held weight goes through, still held (they
+# commute with the transpose): a cast for mixed precision, a copy.
+_ENTRYWISE = ('convert_element_type', 'copy', 'copy_p')
 
 
 # --------------------------------------------------------------------- plan ----
@@ -68,14 +72,13 @@ def _uses(jaxpr, tracked: dict, per_run: set, found: dict) -> None:
   leaf index) reads it: its number of input axes, or None where the rewrite cannot
   serve it. `per_run`: the variables that depend on the parameters (grown here)."""
   literal = lambda v: isinstance(v, Literal)  # noqa: E731
-  for v in jaxpr.outvars:
-    if not literal(v) and v in tracked:
-      found.setdefault(tracked[v], []).append(None)
   for eqn in jaxpr.eqns:
     reads = [(pos, v) for pos, v in enumerate(eqn.invars) if not literal(v) and v in tracked]
     if reads and eqn.primitive.name == 'dot_general':
       for pos, v in reads:
         found.setdefault(tracked[v], []).append(_leaf_side(eqn, pos, per_run, set(tracked)))
+    elif reads and eqn.primitive.name in _ENTRYWISE and len(eqn.invars) == 1:
+      tracked[eqn.outvars[0]] = tracked[reads[0][1]]
     elif reads and eqn.primitive.name in _CALLS and 'jaxpr' in eqn.params:
       inner = eqn.params['jaxpr'].jaxpr
       pairs = list(zip(eqn.invars, inner.invars, strict=True))
@@ -90,6 +93,9 @@ def _uses(jaxpr, tracked: dict, per_run: set, found: dict) -> None:
         found.setdefault(tracked[v], []).append(None)
     if any(not literal(v) and v in per_run for v in eqn.invars):
       per_run.update(eqn.outvars)
+  for v in jaxpr.outvars:
+    if not literal(v) and v in tracked:
+      found.setdefault(tracked[v], []).append(None)
 
 
 def plan(
@@ -187,6 +193,9 @@ def _evaluate(jaxpr, consts: list, args: list) -> list:
       if any(held) and eqn.primitive.name == 'dot_general' and not all(held):
         side = held.index(True)
         ans = invals[side].product(eqn, side, invals[1 - side])
+      elif any(held) and eqn.primitive.name in _ENTRYWISE and len(invals) == 1:
+        weight = eqn.primitive.bind(invals[0].weight, **eqn.primitive.get_bind_params(eqn.params))
+        ans = _Held(weight, invals[0].n_in)
       elif any(held) and eqn.primitive.name in _CALLS and 'jaxpr' in eqn.params:
         inner = eqn.params['jaxpr']
         ans = _evaluate(inner.jaxpr, list(inner.consts), invals)
