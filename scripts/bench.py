@@ -332,6 +332,38 @@ class MnistCNN(nn.Module):
     return x
 
 
+class SpeechCNN(nn.Module):
+  """A 1-D CNN on raw signals: three `nn.Conv` of kernel 5, stride 2 (16, 32, 32 channels)."""
+
+  @nn.compact
+  def __call__(self, x):
+    for features in (16, 32, 32):
+      x = nn.relu(nn.Conv(features, (5,), strides=2)(x))
+    return nn.Dense(10)(x.reshape((x.shape[0], -1)))
+
+
+class VolumeCNN(nn.Module):
+  """A small 3-D CNN: `nn.Conv` 3x3x3 with 8 channels, then strided with 16."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Conv(8, (3, 3, 3))(x))
+    x = nn.relu(nn.Conv(16, (3, 3, 3), strides=2)(x))
+    return nn.Dense(10)(x.reshape((x.shape[0], -1)))
+
+
+def tones(n: int, length: int = 512, seed: int = 0):
+  """Speech-like signals (n, length, 1): two harmonics of a pitch that gives the class
+  (10 classes), in noise."""
+  rng = np.random.default_rng(seed)
+  y = rng.integers(0, 10, n).astype(np.int32)
+  t = np.arange(length) / 8000.0
+  f0 = 200 + 60 * y[:, None] + rng.normal(0, 5, (n, 1))
+  x = np.sin(2 * np.pi * f0 * t) + 0.5 * np.sin(5 * np.pi * f0 * t)
+  x = x + rng.normal(0, 0.5, (n, length))
+  return x[..., None].astype(np.float32), y
+
+
 OPTIMIZERS = {
   'adam': optax.adam,
   'momentum': lambda learning_rate: optax.sgd(learning_rate, momentum=0.9),  # the example's
@@ -370,6 +402,42 @@ def one_run(module, x, y, batch, steps, optimizer, init_inside=False, **apply_kw
       step, (params0, state), jnp.arange(steps) % (x.shape[0] // batch)
     )
     return params, losses
+
+  return train
+
+
+def per_batch_run(module, x, y, batch, steps, optimizer):
+  """`train(lr)` as the other plain loop: one jitted optax step, called from Python per
+  batch (compiled once for every run). XLA's CPU backend runs a convolution's gradient
+  inside a `lax.scan` (the loop of `one_run`) far slower than in a step compiled alone
+  (docs/performance.md), so for convolutions this loop is the faster of the two."""
+  init = module.init(jax.random.key(0), x[:1])['params']
+
+  # The learning rate is in the optimizer's state (`inject_hyperparams`): one program.
+  opt = optax.inject_hyperparams(OPTIMIZERS[optimizer])(learning_rate=0.0)
+
+  @jax.jit
+  def step(params, state, xb, yb):
+    g = jax.grad(
+      lambda p: optax.softmax_cross_entropy_with_integer_labels(
+        module.apply({'params': p}, xb), yb
+      ).mean()
+    )(params)
+    u, state = opt.update(g, state, params)
+    return optax.apply_updates(params, u), state
+
+  per_epoch = x.shape[0] // batch
+  batches = [
+    (x[j * batch : (j + 1) * batch], y[j * batch : (j + 1) * batch]) for j in range(per_epoch)
+  ]
+
+  def train(lr):
+    params = init
+    state = opt.init(params)
+    state.hyperparams['learning_rate'] = jnp.asarray(lr, jnp.float32)
+    for j in range(steps):
+      params, state = step(params, state, *batches[j % per_epoch])
+    return params
 
   return train
 
@@ -472,13 +540,16 @@ def user_module(
   probe=None,
   make_run=one_run,
   rebuild=None,
+  per_batch=False,
   **apply_kwargs,
 ):
   """The same unmodified module through the engine, (b) and (f); see the docstring. The
   engine evaluates as configured by default (`train_eval_size=probe`: None sizes the
   training probe to the training) on a 1024-example validation set. `make_run` builds (b)
   and (f)'s `train(lr)`; with `rebuild`, each warm engine call is given `rebuild()`, a model
-  built anew the same way (what a notebook or a script run again does)."""
+  built anew the same way (what a notebook or a script run again does). With `per_batch`,
+  also (c'): the jitted step called per batch (`per_batch_run`), the faster plain loop for
+  convolutions."""
   if MATCH and MATCH not in title:
     return
   n = len(x)
@@ -512,6 +583,10 @@ def user_module(
   )
   hand_first = timed(hand, jnp.asarray(lrs, jnp.float32))
   times = {'engine': [], 'seq': [], 'hand': []}
+  if per_batch:
+    loop = per_batch_run(module, xs, ys, batch, steps, optimizer)
+    loop_compile = timed(loop, np.float32(lrs[0]))
+    times['loop'] = []
   for r in range(repeats):
     # Other values each time, same shapes: nothing compiles again.
     scaled = [lr * (1.01 + 0.01 * r) for lr in lrs]
@@ -524,8 +599,13 @@ def user_module(
       jax.block_until_ready(seq(np.float32(lr)))
     times['seq'].append(time.perf_counter() - t0)
     times['hand'].append(timed(hand, jnp.asarray(scaled, jnp.float32)))
+    if per_batch:
+      t0 = time.perf_counter()
+      for lr in scaled:
+        jax.block_until_ready(loop(np.float32(lr)))
+      times['loop'].append(time.perf_counter() - t0)
   med = {k: float(np.median(v)) for k, v in times.items()}
-  vs = {k: np.array(times[k]) / np.array(times['engine']) for k in ('seq', 'hand')}
+  vs = {k: np.array(times[k]) / np.array(times['engine']) for k in times if k != 'engine'}
   run_steps = len(lrs) * steps
   init_fn, apply_fn = sweep.engine.model_of(cfg, sweep.check(cfg).output_dim).pure_functions()
   flops = (
@@ -543,6 +623,12 @@ def user_module(
     row(f'(b) sequential optax (compile {seq_compile:.1f} s)', run_steps, med['seq'])
     + f'  engine {np.median(vs["seq"]):.2f}x (range {vs["seq"].min():.2f}-{vs["seq"].max():.2f})'
   )
+  if per_batch:
+    print(
+      row(f"(c') jitted step per batch (compile {loop_compile:.1f} s)", run_steps, med['loop'])
+      + f'  engine {np.median(vs["loop"]):.2f}x'
+      + f' (range {vs["loop"].min():.2f}-{vs["loop"].max():.2f})'
+    )
   print(
     row('(f) hand-written jit(vmap(train))', run_steps, med['hand'])
     + f'  engine {np.median(vs["hand"]):.2f}x (range {vs["hand"].min():.2f}-{vs["hand"].max():.2f})'
@@ -597,6 +683,7 @@ def user_rows(quick: bool, peak: float, mnist_dir: str | None) -> None:
     'momentum',
     repeats,
     peak,
+    per_batch=True,
   )
   x, y = mnist_images(512 if quick else 1024, mnist_dir)
   lrs8 = [float(v) for v in np.logspace(-3, -1, 8)]
@@ -610,6 +697,35 @@ def user_rows(quick: bool, peak: float, mnist_dir: str | None) -> None:
     'momentum',
     repeats,
     peak,
+    per_batch=True,
+  )
+  x, y = tones(512 if quick else 1024)
+  user_module(
+    '1-D CNN (nn.Conv 16, 32, 32, kernel 5, stride 2) on 512-sample signals',
+    SpeechCNN(),
+    x,
+    y,
+    lrs16[::2] if quick else lrs16,
+    32,
+    'adam',
+    repeats,
+    peak,
+    per_batch=True,
+  )
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(256 if quick else 512, 8, 8, 8, 1)).astype(np.float32)
+  y = (x.mean(axis=(1, 2, 3, 4)) > 0).astype(np.int32) + 2 * (x[:, :4].mean(axis=(1, 2, 3, 4)) > 0)
+  user_module(
+    '3-D CNN (nn.Conv 8, 16 of 3x3x3) on 8x8x8 volumes',
+    VolumeCNN(),
+    x,
+    y.astype(np.int32),
+    lrs16[::4] if quick else lrs16[::2],
+    32,
+    'adam',
+    repeats,
+    peak,
+    per_batch=True,
   )
   x, y = mnist_shaped(4096 if quick else 8192)
   lrs64 = [float(v) for v in np.logspace(-4, -1, 64)]

@@ -32,7 +32,6 @@ import contextlib
 import contextvars
 import dataclasses
 import functools
-import math
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -57,6 +56,9 @@ _RECORDING = contextvars.ContextVar('sweep_layers_recording', default=False)
 _ACTIVE = contextvars.ContextVar('sweep_layers_active', default=False)
 
 _TAG = '_sweep_dense_product_'
+# Set while `slow_layers` traces a model: the fast convolutions' products are then tagged.
+_NAMING = contextvars.ContextVar('sweep_layers_naming', default=False)
+_CONV_TAG = '_sweep_conv_windows_'
 
 
 # ---------------------------------------------------------------- products ----
@@ -162,6 +164,43 @@ def _windows(x, window, strides, padding, dilation):
   return jnp.stack(slices, axis=-2)
 
 
+def _conv_product(patches, kernel, groups, precision, kwargs=()):
+  """The windows (batch, *positions, window, channels) times the kernel: (batch, *positions,
+  features)."""
+  window, channels = patches.shape[-2:]
+  features = kernel.shape[-1]
+  kwargs = dict(kwargs)
+  if groups == 1:
+    weight = kernel.reshape(window * channels, features)
+    p = patches.reshape(patches.shape[:-2] + (window * channels,))
+    # The windows as the left operand: the output comes channels last, as flax's, with no
+    # transpose, and under vmap XLA reads the windows as they lie (docs/performance.md).
+    y = lax.dot_general(p, weight, (((p.ndim - 1,), (0,)), ((), ())), precision=precision, **kwargs)
+  else:
+    c, f = channels // groups, features // groups
+    p = patches.reshape(patches.shape[:-1] + (groups, c))  # (batch, *positions, window, groups, c)
+    weight = kernel.reshape(window, c, groups, f)
+    k = p.ndim - 3  # the window axis of p
+    y = lax.dot_general(
+      weight, p, (((0, 1), (k, k + 2)), ((2,), (k + 1,))), precision=precision, **kwargs
+    )
+    # (groups, f, batch, *positions) -> (batch, *positions, groups * f)
+    y = jnp.moveaxis(y, (0, 1), (-2, -1))
+    y = y.reshape(y.shape[:-2] + (features,))
+  return y
+
+
+@functools.cache
+def _named_conv(nd: int) -> Callable:
+  """`_conv_product` as a jitted call whose name carries `nd` in the jaxpr."""
+
+  def product(patches, kernel, groups, precision, kwargs):
+    return _conv_product(patches, kernel, groups, precision, kwargs)
+
+  product.__name__ = f'{_CONV_TAG}{nd}'
+  return jax.jit(product, static_argnums=(2, 3, 4))
+
+
 def _conv(
   inputs,
   kernel,
@@ -223,25 +262,10 @@ def _conv(
   patches = _windows(inputs, kernel_size, strides, padding, kernel_dilation)
   if patches is None:
     return _FALLBACK
-  window, features = math.prod(kernel_size), kernel.shape[-1]
-  kwargs = dict(kwargs)
-  if groups == 1:
-    weight = kernel.reshape(window * channels, features)
-    p = patches.reshape(patches.shape[:-2] + (window * channels,))
-    # (features, batch, *positions): the weight as the left operand, as in `_dense`.
-    y = lax.dot_general(weight, p, (((0,), (p.ndim - 1,)), ((), ())), precision=precision, **kwargs)
-    y = jnp.moveaxis(y, 0, -1)
+  if _NAMING.get():  # the product, tagged for `slow_layers` with the spatial dims
+    y = _named_conv(nd)(patches, kernel, groups, precision, tuple(kwargs))
   else:
-    c, f = channels // groups, features // groups
-    p = patches.reshape(patches.shape[:-1] + (groups, c))  # (batch, *positions, window, groups, c)
-    weight = kernel.reshape(window, c, groups, f)
-    k = p.ndim - 3  # the window axis of p
-    y = lax.dot_general(
-      weight, p, (((0, 1), (k, k + 2)), ((2,), (k + 1,))), precision=precision, **kwargs
-    )
-    # (groups, f, batch, *positions) -> (batch, *positions, groups * f)
-    y = jnp.moveaxis(y, (0, 1), (-2, -1))
-    y = y.reshape(y.shape[:-2] + (features,))
+    y = _conv_product(patches, kernel, groups, precision, kwargs)
   if bias is not None:
     y = y + bias.reshape((1,) * (y.ndim - bias.ndim) + bias.shape)
   if batch_axes != 1:
@@ -631,19 +655,21 @@ class SlowLayer:
     where: the operation's flax scope and source line.
     what: what the operation becomes under the run axis.
     slowdown: the estimated factor on that operation's time under the run axis,
-      against the engine's own layers.
+      against `against`.
     advice: what to do.
+    against: what the factor compares with.
   """
 
   where: str
   what: str
   slowdown: float
   advice: str
+  against: str = "the engine's own layers"
 
   def message(self) -> str:
     return (
-      f"{self.where}: {self.what}, about {self.slowdown:g}x slower than the engine's own "
-      f'layers. {self.advice}.'
+      f'{self.where}: {self.what}, about {self.slowdown:g}x slower than {self.against}. '
+      f'{self.advice}.'
     )
 
 
@@ -673,6 +699,29 @@ def subjaxprs(params: dict) -> Iterator[Any]:
 _GROUPED_CONV_SLOWDOWN = 15.0
 _CONV_SLOWDOWN = 8.0
 _DENSE_SLOWDOWN = 1.75
+# A convolution computed by `fast_layers` on an input of each run's own, per spatial dims:
+# the engine's step of the 1-D CNN and of the flax MNIST CNN on 8x8 digits, per run,
+# against one run's jitted step with XLA's convolution called per batch (CPU time, 8
+# runs). In 3-D XLA's convolution is many times slower than the windows: not reported.
+_PER_RUN_CONV_SLOWDOWN = {1: 1.7, 2: 1.4}
+
+
+def _per_run_convs(jaxpr, per_run: set) -> Iterator[tuple[Any, int]]:
+  """The convolutions `fast_layers` computed (tagged while `_NAMING` is set) whose
+  input depends on the parameters, with their spatial dims; through jit calls too."""
+  literal = lambda v: isinstance(v, jax.extend.core.Literal)  # noqa: E731
+  per_run = set(per_run)
+  for eqn in jaxpr.eqns:
+    name = eqn.params.get('name') if 'jaxpr' in eqn.params else None
+    if isinstance(name, str) and name.startswith(_CONV_TAG):
+      if eqn.invars[0] in per_run:
+        yield eqn, int(name[len(_CONV_TAG) :])
+    elif 'jaxpr' in eqn.params and eqn.primitive.name in ('jit', 'pjit'):
+      inner = eqn.params['jaxpr'].jaxpr
+      pairs = zip(eqn.invars, inner.invars, strict=False)
+      yield from _per_run_convs(inner, {b for a, b in pairs if not literal(a) and a in per_run})
+    if any(not literal(v) and v in per_run for v in eqn.invars):
+      per_run.update(eqn.outvars)
 
 
 def _raw_products(jaxpr, params: set, per_run: set | None = None) -> Iterator[Any]:
@@ -713,14 +762,19 @@ def _raw_products(jaxpr, params: set, per_run: set | None = None) -> Iterator[An
       per_run.update(eqn.outvars)
 
 
-def slow_layers(apply_fn: Callable, params: Any, x: Any, *, dense: bool = True) -> list[SlowLayer]:
+def slow_layers(
+  apply_fn: Callable, params: Any, x: Any, *, dense: bool = True, backend: str | None = None
+) -> list[SlowLayer]:
   """The products of `apply_fn` that remain slow when the engine runs it over runs.
 
-  Two kinds are found: a convolution left to XLA (a raw `lax.conv`, `nn.ConvTranspose`,
-  input dilation: whatever `fast_layers` does not compute), which vmap makes a grouped
-  convolution where its input differs per run, and which XLA's CPU backend runs slowly
-  in any case; and a matrix product reading a weight stored `(inputs, outputs)` in the
-  user's own code (`x @ W`), whose runs cannot share one product.
+  Found: a convolution left to XLA (a raw `lax.conv`, `nn.ConvTranspose`, input dilation:
+  whatever `fast_layers` does not compute), which vmap makes a grouped convolution where
+  its input differs per run (on every backend), and which XLA's CPU backend runs slowly
+  in any case (on a CPU); a convolution in 1 or 2 spatial dims that `fast_layers`
+  computes on an input of each run's own, whose runs cannot share one product (on a CPU,
+  where it measured slower than XLA's convolution run one run at a time); and a matrix
+  product reading a weight stored `(inputs, outputs)` in the user's own code (`x @ W`),
+  whose runs cannot share one product (on a CPU). The factors were measured on a CPU.
 
   Args:
     apply_fn: `(params, x) -> predictions` for one run, as the engine calls it.
@@ -729,15 +783,33 @@ def slow_layers(apply_fn: Callable, params: Any, x: Any, *, dense: bool = True) 
     x: a batch of inputs.
     dense: also report matrix products (False where no layout could be used, as with
       an optimizer that the fast layout does not commute with).
+    backend: the backend the engine runs on (`jax.default_backend()` by default).
   """
+  cpu = (backend or jax.default_backend()) == 'cpu'
+  token = _NAMING.set(True)
   try:
     one = jax.make_jaxpr(lambda p, x: apply_fn(p, x))(params, x).jaxpr
   except Exception:  # the engine reports a model that does not trace
     return []
+  finally:
+    _NAMING.reset(token)
   found = []
-  for eqn in _raw_products(
-    one, set(one.invars[: len(jax.tree.leaves(params))]) if dense else set()
-  ):
+  weights = set(one.invars[: len(jax.tree.leaves(params))])
+  for eqn, nd in _per_run_convs(one, weights) if cpu else ():
+    if nd in _PER_RUN_CONV_SLOWDOWN:
+      found.append(
+        SlowLayer(
+          # Its scope alone: the line is the engine's, inside `fast_layers`.
+          where=str(eqn.source_info.name_stack) or 'a convolution',
+          what=f"a {nd}-D convolution on an input of each run's own, whose runs cannot share "
+          'one product: computed run by run as input windows times its kernel',
+          slowdown=_PER_RUN_CONV_SLOWDOWN[nd],
+          against="XLA's convolution in a loop of jitted steps, one run at a time",
+          advice='Nothing in the model makes it faster: the sweep gains from its other layers '
+          '(dense layers, convolutions on the data, 3-D convolutions) and from compiling once',
+        )
+      )
+  for eqn in _raw_products(one, weights if dense and cpu else set()):
     found.append(
       SlowLayer(
         where=_where(eqn),
@@ -768,6 +840,8 @@ def slow_layers(apply_fn: Callable, params: Any, x: Any, *, dense: bool = True) 
   groups = lambda e: e.params['feature_group_count'] * e.params['batch_group_count']  # noqa: E731
   for a, b in zip(convs(one), convs(two), strict=False):
     grouped = groups(b) != groups(a)  # its kernel and its input differ per run
+    if not grouped and not cpu:
+      continue
     found.append(
       SlowLayer(
         where=_where(a),

@@ -469,13 +469,10 @@ _WARNED: set = set()
 def warn_slow_layers(
   init_fn, apply_fn, family: str, layout: layers.Layout | None, x: np.ndarray
 ) -> list[layers.SlowLayer]:
-  """Warns (once per model and layout) about the layers that stay slow under the run axis.
-
-  The estimates were measured on a CPU, so only a CPU backend warns.
-  """
-  if jax.default_backend() != 'cpu':
-    return []
-  key = (init_fn, apply_fn, family in _ENTRYWISE, layout, signature(x))
+  """Warns (once per model, layout and backend) about the layers that stay slow under the
+  run axis: on every backend those slow on any (`layers.slow_layers` says which)."""
+  backend = jax.default_backend()
+  key = (init_fn, apply_fn, family in _ENTRYWISE, layout, signature(x), backend)
   try:
     if key in _WARNED:
       return []
@@ -489,7 +486,11 @@ def warn_slow_layers(
   # Matrix products only where the fast layout could serve them: with another optimizer
   # flax's own dense layers would be reported too.
   found = layers.slow_layers(
-    apply_fn, params, batch_spec(x, len(jax.tree.leaves(x)[0])), dense=family in _ENTRYWISE
+    apply_fn,
+    params,
+    batch_spec(x, len(jax.tree.leaves(x)[0])),
+    dense=family in _ENTRYWISE,
+    backend=backend,
   )
   for slow in found:
     warnings.warn(

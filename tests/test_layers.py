@@ -90,6 +90,12 @@ CONVS = [
   ((2, 11, 3), 5, (3,), {'padding': 'CAUSAL', 'kernel_dilation': 2}),
   ((2, 11, 3), 5, (4,), {'strides': 3}),
   ((2, 5, 6, 5, 2), 3, (2, 3, 2), {'strides': (1, 2, 1)}),
+  ((2, 16, 3), 4, (5,), {'strides': 2}),  # the 1-D CNN of docs/performance.md
+  ((2, 13, 3), 4, (2,), {'strides': 3, 'padding': 'VALID'}),  # stride over the window
+  ((2, 12, 3), 4, (3,), {'padding': 'REFLECT', 'feature_group_count': 1, 'use_bias': False}),
+  ((2, 6, 5, 7, 2), 3, (3, 3, 3), {'strides': 2, 'padding': 'VALID'}),
+  ((2, 6, 6, 6, 2), 4, (3, 2, 3), {'kernel_dilation': (1, 2, 1), 'padding': 'CIRCULAR'}),
+  ((2, 6, 6, 6, 4), 4, (3, 3, 3), {'feature_group_count': 2, 'strides': (2, 1, 2)}),
 ]
 
 
@@ -150,7 +156,7 @@ def check_nnx(make, x, *, convs_left=0):
 
 # nnx's Conv shares the code above: the cases that differ in how the options are read.
 @pytest.mark.parametrize(
-  'shape, features, kernel, options', [CONVS[i] for i in (2, 6, 9, 11, 12, 15)]
+  'shape, features, kernel, options', [CONVS[i] for i in (2, 6, 9, 11, 12, 15, 18, 19, 21, 22, 23)]
 )
 def test_nnx_conv_equals_flax(shape, features, kernel, options):
   check_nnx(functools.partial(nnx_conv, shape, features, kernel, options), normal(*shape))
@@ -483,6 +489,92 @@ def test_engine_trains_a_flax_cnn_as_a_sequential_loop():
     close(got, ref)
 
 
+class Signal1D(nn.Module):
+  """The 1-D CNN of docs/performance.md, smaller: `nn.Conv` of kernel 5, stride 2."""
+
+  @nn.compact
+  def __call__(self, x):
+    for features in (4, 6, 6):
+      x = nn.relu(nn.Conv(features, (5,), strides=2)(x))
+    return nn.Dense(3)(x.reshape((x.shape[0], -1)))
+
+
+class Volume3D(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Conv(3, (3, 3, 3))(x))
+    x = nn.relu(nn.Conv(4, (3, 3, 3), strides=2, padding='VALID')(x))
+    return nn.Dense(3)(x.reshape((x.shape[0], -1)))
+
+
+@pytest.mark.parametrize('module, shape', [(Signal1D(), (24, 1)), (Volume3D(), (5, 6, 5, 2))])
+def test_engine_trains_1d_and_3d_cnns_as_a_sequential_loop(module, shape):
+  import optax
+
+  x, y = images(64, shape, 3, seed=5)
+  cfg = sweep.SweepConfig(
+    model=module,
+    data=sweep.data.arrays(x, y),
+    optimizer='adam',
+    learning_rate=[1e-3, 3e-2],
+    batch_size=16,
+    epochs=2,
+    num_evals=1,
+  )
+  result = sweep.run(cfg, progress=False)
+  params = module.init(init_key(0), x[:1])['params']
+  assert str(jax.make_jaxpr(lambda p: module.apply({'params': p}, x[:2]))(params)).count(
+    'conv_general_dilated'
+  )  # the reference is XLA's convolution
+  for i, lr in enumerate(cfg.learning_rate):
+    apply = lambda p, xb: module.apply({'params': p}, xb)  # noqa: E731
+    ref = sequential(apply, params, optax.adam(lr), x, y, 16, 2, 0, shuffle=True)
+    close(result.params(i), ref)
+
+
+class Signals(Signal1D):
+  """Signal1D by another name: a model not yet warned about in this process."""
+
+
+def test_per_run_convolutions_are_named_once_on_a_cpu_and_grouped_ones_everywhere():
+  x, y = images(64, (24, 1), 3, seed=6)
+  data = sweep.data.arrays(x, y)
+  said = slow_warnings(Signals(), data)
+  if jax.default_backend() == 'cpu':
+    # The first layer reads the data, which the runs share: one product for all of them.
+    assert len(said) == 2 and all('1-D convolution on an input of each run' in m for m in said)
+    scopes = [m.split(', ', 1)[1].split(':')[0] for m in said]
+    assert scopes == ['Signals/Conv_1', 'Signals/Conv_2'], scopes
+    assert "XLA's convolution in a loop of jitted steps" in said[0]
+    assert slow_warnings(Signals(), data) == []  # once
+  else:
+    assert said == []
+  init_fn, apply_fn = sweep.adapters.adapt(Signal1D(), x[:2], None).pure_functions()
+  params = jax.eval_shape(init_fn, jax.random.key(0))
+  for backend, n in (('cpu', 2), ('gpu', 0), ('tpu', 0)):  # measured on a CPU only
+    assert len(layers.slow_layers(apply_fn, params, x[:2], dense=False, backend=backend)) == n
+  # A convolution vmap makes grouped (a kernel and an input per run) is named everywhere;
+  # the same XLA convolution on the data and the (inputs, outputs) product on a CPU only.
+  init_fn, apply_fn = raw_init, raw_apply_twice
+  params = jax.eval_shape(init_fn, jax.random.key(0))
+  xs = np.ones((2, 6, 6, 1), np.float32)
+  for backend in ('cpu', 'gpu', 'tpu'):
+    found = [s.what for s in layers.slow_layers(apply_fn, params, xs, backend=backend)]
+    grouped = [w for w in found if 'grouped' in w]
+    assert len(grouped) == 1, found
+    assert len(found) == (3 if backend == 'cpu' else 1), found
+
+
+def raw_apply_twice(p, x):
+  """`raw_apply` with its convolution applied again to its own output."""
+  conv = lambda h, k: jax.lax.conv_general_dilated(  # noqa: E731
+    h, k, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC')
+  )
+  h = jnp.tanh(conv(x, p['k']))
+  h = conv(h, jnp.tile(p['k'], (1, 1, 4, 1)))
+  return jnp.tanh(h).reshape(x.shape[0], -1) @ p['w']
+
+
 class NnxNet(nnx.Module):
   def __init__(self, *, rngs):
     self.first = nnx.Linear(12, 8, rngs=rngs)
@@ -642,6 +734,26 @@ def test_layers_that_stay_slow_are_named_once():
   assert slow_warnings(FlaxCNN(), data) == []  # flax's own layers are fast
 
 
+class Stacked(nn.Module):
+  """Two convolutions of `dims` spatial dims: the second reads each run's own input."""
+
+  dims: int
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.relu(nn.Conv(4, (3,) * self.dims)(x))
+    return nn.Conv(3, (3,) * self.dims, strides=2)(h).reshape(x.shape[0], -1)
+
+
+class NnxStacked(nnx.Module):
+  def __init__(self, dims, *, rngs):
+    self.first = nnx.Conv(2, 4, (3,) * dims, rngs=rngs)
+    self.second = nnx.Conv(4, 3, (3,) * dims, strides=2, rngs=rngs)
+
+  def __call__(self, x):
+    return self.second(nnx.relu(self.first(x))).reshape(x.shape[0], -1)
+
+
 # flax's layers under the run axis, each either fast (computed by `sweep.layers`: its kernel
 # in the fast layout, or its convolution as windows times one product) or named in a
 # SlowLayerWarning. What each is today; the speed of the fast path itself is measured in
@@ -654,6 +766,16 @@ FLAX_LAYERS = [
   ('Conv 2-D', lambda: nn.Conv(4, (3, 3)), (2, 6, 6, 2), 'fast'),
   ('Conv 3-D', lambda: nn.Conv(4, (3, 3, 3)), (2, 5, 5, 5, 2), 'fast'),
   ('Conv grouped', lambda: nn.Conv(4, (3, 3), feature_group_count=2), (2, 6, 6, 2), 'fast'),
+  # After a first layer each run reads its own input: windows times one product per run,
+  # slower than XLA's own convolution run by run in 1-D and 2-D, many times faster in 3-D.
+  ('Conv 1-D after a layer', lambda: Stacked(1), (2, 16, 2), '1-D convolution on an input of each'),
+  (
+    'Conv 2-D after a layer',
+    lambda: Stacked(2),
+    (2, 6, 6, 2),
+    '2-D convolution on an input of each',
+  ),
+  ('Conv 3-D after a layer', lambda: Stacked(3), (2, 5, 5, 5, 2), 'fast'),
   (
     'Conv input dilation',
     lambda: nn.Conv(4, (3, 3), input_dilation=2, padding=((1, 1), (1, 1))),
@@ -670,6 +792,8 @@ FLAX_LAYERS = [
   ('nnx.Conv 1-D', lambda: functools.partial(nnx.Conv, 2, 4, (3,)), (2, 10, 2), 'fast'),
   ('nnx.Conv 2-D', lambda: functools.partial(nnx.Conv, 2, 4, (3, 3)), (2, 6, 6, 2), 'fast'),
   ('nnx.Conv 3-D', lambda: functools.partial(nnx.Conv, 2, 4, (3, 3, 3)), (2, 5, 5, 5, 2), 'fast'),
+  ('nnx.Conv 1-D after a layer', lambda: functools.partial(NnxStacked, 1), (2, 16, 2), '1-D'),
+  ('nnx.Conv 3-D after a layer', lambda: functools.partial(NnxStacked, 3), (2, 5, 5, 5, 2), 'fast'),
   (
     'nnx.ConvTranspose',
     lambda: functools.partial(nnx.ConvTranspose, 2, 4, (3, 3)),
