@@ -97,6 +97,23 @@ def assert_close(a, b, what):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=RTOL, atol=ATOL, err_msg=what)
 
 
+def assert_bags_equal_their_loops(result, rows, epochs):
+  """Each of `rows` (a `BagOfTokens` run at batch 32, seed 0) against the two-input loop."""
+  for i, row in rows.iterrows():
+    params, val = reference(
+      BagOfTokens(),
+      (TOKENS[tr], LENGTHS[tr]),
+      (TOKENS[va], LENGTHS[va]),
+      lambda x: x,
+      0,
+      row.learning_rate,
+      32,
+      epochs,
+    )
+    assert_close(result.params(i), params, f'run {i}')
+    np.testing.assert_allclose(row.final_val_loss, val, rtol=RTOL)
+
+
 def test_token_ids_and_lengths_as_a_tuple_equal_the_two_input_loop():
   data = sweep.data.arrays(
     (TOKENS[tr], LENGTHS[tr]), Y[tr], (TOKENS[va], LENGTHS[va]), Y[va], num_classes=10
@@ -112,19 +129,7 @@ def test_token_ids_and_lengths_as_a_tuple_equal_the_two_input_loop():
   )
   result = sweep.run(cfg, progress=False)
   assert (result.table.status == 'ok').all()
-  for i, row in result.table.iterrows():
-    params, val = reference(
-      BagOfTokens(),
-      (TOKENS[tr], LENGTHS[tr]),
-      (TOKENS[va], LENGTHS[va]),
-      lambda x: x,
-      0,
-      row.learning_rate,
-      32,
-      2,
-    )
-    assert_close(result.params(i), params, f'run {i}')
-    np.testing.assert_allclose(row.final_val_loss, val, rtol=RTOL)
+  assert_bags_equal_their_loops(result, result.table, epochs=2)
 
 
 def test_an_image_and_its_mask_as_a_dict_equal_the_loop_that_passes_the_dict():
@@ -399,19 +404,7 @@ def test_successive_halving_on_two_inputs_stops_runs_and_the_survivors_equal_the
   finished = table[table.status == 'ok']
   assert len(finished) == 1 and (table.status == 'stopped').sum() == 2
   assert (table[table.status == 'stopped'].updates < finished.updates.iloc[0]).all()
-  for i, row in finished.iterrows():
-    params, val = reference(
-      BagOfTokens(),
-      (TOKENS[tr], LENGTHS[tr]),
-      (TOKENS[va], LENGTHS[va]),
-      lambda x: x,
-      0,
-      row.learning_rate,
-      32,
-      3,
-    )
-    assert_close(result.params(i), params, f'run {i}')
-    np.testing.assert_allclose(row.final_val_loss, val, rtol=RTOL)
+  assert_bags_equal_their_loops(result, finished, epochs=3)
 
 
 def test_a_keras_functional_model_of_two_inputs_equals_its_stateless_loop():
