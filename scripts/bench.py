@@ -370,15 +370,11 @@ OPTIMIZERS = {
 }
 
 
-def one_run(module, x, y, batch, steps, optimizer, init_inside=False, **apply_kwargs):
-  """`train(lr)`: one run of the unmodified module, a `lax.scan` over its optax steps.
-
-  With `init_inside`, `train` initialises the module itself, as PureJaxRL's `train(rng)`
-  does (so that its first call compiles the init too, as the engine's does); otherwise the
-  parameters are made once, outside. `apply_kwargs` go to every `module.init` and
-  `module.apply` (`train=True` for a module with a train switch and no dropout).
-  """
-  init = lambda: module.init(jax.random.key(0), x[:1], **apply_kwargs)['params']  # noqa: E731
+def scan_run(forward, init, x, y, batch, steps, optimizer, init_inside=False):
+  """`train(lr)`: one run, a `lax.scan` over its optax steps, `forward(params, xb)` the
+  model's logits and `init()` its parameters. With `init_inside`, `train` initialises the
+  parameters itself, as PureJaxRL's `train(rng)` does (so that its first call compiles the
+  init too, as the engine's does); otherwise they are made once, outside."""
   outside = None if init_inside else init()
 
   def train(lr):
@@ -391,9 +387,7 @@ def one_run(module, x, y, batch, steps, optimizer, init_inside=False, **apply_kw
       xb = jax.lax.dynamic_slice_in_dim(x, j * batch, batch)
       yb = jax.lax.dynamic_slice_in_dim(y, j * batch, batch)
       loss, g = jax.value_and_grad(
-        lambda p: optax.softmax_cross_entropy_with_integer_labels(
-          module.apply({'params': p}, xb, **apply_kwargs), yb
-        ).mean()
+        lambda p: optax.softmax_cross_entropy_with_integer_labels(forward(p, xb), yb).mean()
       )(params)
       u, state = opt.update(g, state, params)
       return (optax.apply_updates(params, u), state), loss
@@ -404,6 +398,21 @@ def one_run(module, x, y, batch, steps, optimizer, init_inside=False, **apply_kw
     return params, losses
 
   return train
+
+
+def one_run(module, x, y, batch, steps, optimizer, init_inside=False, **apply_kwargs):
+  """`scan_run` of the unmodified flax module; `apply_kwargs` go to every `module.init` and
+  `module.apply` (`train=True` for a module with a train switch and no dropout)."""
+  return scan_run(
+    lambda p, xb: module.apply({'params': p}, xb, **apply_kwargs),
+    lambda: module.init(jax.random.key(0), x[:1], **apply_kwargs)['params'],
+    x,
+    y,
+    batch,
+    steps,
+    optimizer,
+    init_inside,
+  )
 
 
 def per_batch_run(module, x, y, batch, steps, optimizer):
@@ -443,63 +452,21 @@ def per_batch_run(module, x, y, batch, steps, optimizer):
 
 
 def eqx_one_run(model, x, y, batch, steps, optimizer, init_inside=False):
-  """`one_run` for an equinox module: its own values are every run's start, the module
+  """`scan_run` of an equinox module: its own values are every run's start, the module
   called on one example at a time and vmapped over the batch (equinox's convention)."""
   import equinox as eqx
 
   del init_inside  # the module holds its values
   params0, static = eqx.partition(model, eqx.is_inexact_array)
-
-  def train(lr):
-    opt = optax.inject_hyperparams(OPTIMIZERS[optimizer])(learning_rate=lr)
-    state = opt.init(params0)
-
-    def step(carry, j):
-      params, state = carry
-      xb = jax.lax.dynamic_slice_in_dim(x, j * batch, batch)
-      yb = jax.lax.dynamic_slice_in_dim(y, j * batch, batch)
-      loss, g = jax.value_and_grad(
-        lambda p: optax.softmax_cross_entropy_with_integer_labels(
-          jax.vmap(eqx.combine(p, static))(xb), yb
-        ).mean()
-      )(params)
-      u, state = opt.update(g, state, params)
-      return (optax.apply_updates(params, u), state), loss
-
-    (params, _), losses = jax.lax.scan(
-      step, (params0, state), jnp.arange(steps) % (x.shape[0] // batch)
-    )
-    return params, losses
-
-  return train
+  forward = lambda p, xb: jax.vmap(eqx.combine(p, static))(xb)  # noqa: E731
+  return scan_run(forward, lambda: params0, x, y, batch, steps, optimizer)
 
 
 def pair_one_run(model, x, y, batch, steps, optimizer, init_inside=False):
-  """`one_run` for an `(init_fn, apply_fn)` pair: `init_fn(key)` is every run's start."""
+  """`scan_run` of an `(init_fn, apply_fn)` pair: `init_fn(key)` is every run's start."""
   init_fn, apply_fn = model
-  outside = None if init_inside else init_fn(jax.random.key(0))
-
-  def train(lr):
-    params0 = init_fn(jax.random.key(0)) if init_inside else outside
-    opt = optax.inject_hyperparams(OPTIMIZERS[optimizer])(learning_rate=lr)
-    state = opt.init(params0)
-
-    def step(carry, j):
-      params, state = carry
-      xb = jax.lax.dynamic_slice_in_dim(x, j * batch, batch)
-      yb = jax.lax.dynamic_slice_in_dim(y, j * batch, batch)
-      loss, g = jax.value_and_grad(
-        lambda p: optax.softmax_cross_entropy_with_integer_labels(apply_fn(p, xb), yb).mean()
-      )(params)
-      u, state = opt.update(g, state, params)
-      return (optax.apply_updates(params, u), state), loss
-
-    (params, _), losses = jax.lax.scan(
-      step, (params0, state), jnp.arange(steps) % (x.shape[0] // batch)
-    )
-    return params, losses
-
-  return train
+  init = lambda: init_fn(jax.random.key(0))  # noqa: E731
+  return scan_run(apply_fn, init, x, y, batch, steps, optimizer, init_inside)
 
 
 def pair_mlp_init(key):
