@@ -633,11 +633,19 @@ class _Jit:
     self._fun, self._kwargs, self._jitted = fun, kwargs, None
     functools.update_wrapper(self, fun)
 
-  def __call__(self, *args, **kwargs):
+  def _get(self):
     if self._jitted is None:
       options = {'xla_backend_optimization_level': 1} if jax.default_backend() == 'cpu' else None
       self._jitted = jax.jit(self._fun, compiler_options=options, **self._kwargs)
-    return self._jitted(*args, **kwargs)
+    return self._jitted
+
+  def __call__(self, *args, **kwargs):
+    return self._get()(*args, **kwargs)
+
+  def lower(self, *args, **kwargs):
+    """`jax.jit(...).lower`: arguments may be `jax.ShapeDtypeStruct`s. Compiling what it
+    returns compiles the program a call with such arguments runs."""
+    return self._get().lower(*args, **kwargs)
 
 
 def jit(fun: Callable, **kwargs) -> Callable:
@@ -679,6 +687,18 @@ class Program:
   def note_best(self, groups, metrics):
     """The state with each run's best-so-far updated: see `note_best`."""
     return note_best_jit(self.structure, groups, metrics)
+
+  def lower_start(self, per_seed_params, hparams, data: Data):
+    return start_jit.lower(self.structure, per_seed_params, hparams, data)
+
+  def lower_init(self, per_seed_params, hparams):
+    return init_jit.lower(self.structure, per_seed_params, hparams)
+
+  def lower_segment(self, groups, hparams, orders, data: Data, threshold):
+    return segment_jit.lower(self.structure, groups, hparams, orders, data, threshold)
+
+  def lower_note_best(self, groups, metrics):
+    return note_best_jit.lower(self.structure, groups, metrics)
 
   def abstract_state(self, per_seed_shapes, hparams):
     """The state's shapes and dtypes, from each seed's (parameters, model state) shapes."""

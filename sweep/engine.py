@@ -33,7 +33,7 @@ import numpy as np
 import tqdm.auto as tqdm
 
 from kernels import optimizers, train
-from sweep import adapters, checkpoints, devices, distributed, preflight, timing, units
+from sweep import adapters, ahead, checkpoints, devices, distributed, preflight, timing, units
 from sweep.config import SweepConfig, validate
 from sweep.data import aligned, rows
 from sweep.errors import ConfigError, config_error
@@ -140,11 +140,52 @@ def _start(model: adapters.Model, unit: Unit, hparams, data: train.Data):
   program = train.make_program(unit.structure)
   params = _per_seed_params(model, unit)
   seeds = tuple(tuple(np.asarray(hp.seeds).tolist()) for hp in unit.hparams)
-  if unit.shared.get('chunks', 0) >= 3 and unit.shared.get('first', (None,))[0] == seeds:
+  if _starts_evaluated(unit, seeds):
     return program.init(params, hparams), unit.shared['first'][1]
   state, first = program.start(params, hparams, data)
   unit.shared['first'] = (seeds, first)
   return state, first
+
+
+def _starts_evaluated(unit: Unit, seeds: tuple) -> bool:
+  """Whether an earlier chunk evaluated these seeds' initial parameters (see `_start`)."""
+  return unit.shared.get('chunks', 0) >= 3 and unit.shared.get('first', (None,))[0] == seeds
+
+
+def _compile_ahead(model: adapters.Model, unit: Unit, sweep: _Sweep, hparams, orders) -> None:
+  """Compiles the programs a fresh unit calls before and at its first segment (its start,
+  `note_best`, the run timing's, the segment) while the next is traced (`sweep.ahead`):
+  the calls that follow find them compiled. With the runs split over several devices the
+  calls compile their own (their state's placement is XLA's choice)."""
+  if sweep.shardings is not None or not ahead.ENABLED:
+    return
+  program = train.make_program(unit.structure)
+  params = _per_seed_params(model, unit)
+  seeds = tuple(tuple(np.asarray(hp.seeds).tolist()) for hp in unit.hparams)
+  compiling = ahead.Ahead()
+  if _starts_evaluated(unit, seeds):
+    lowered = compiling.lower(lambda: program.lower_init(params, hparams))
+    state = None if lowered is None else lowered.out_info
+    first = unit.shared['first'][1]
+  else:
+    lowered = compiling.lower(lambda: program.lower_start(params, hparams, sweep.data))
+    state, first = (None, None) if lowered is None else lowered.out_info
+  if state is not None:
+    state = ahead.shapes(state)
+    if unit.structure.keep_best:
+      lowered = compiling.lower(lambda: program.lower_note_best(state, ahead.shapes(first)))
+      state = None if lowered is None else ahead.shapes(lowered.out_info)
+  if state is not None:
+    compiling.lower(
+      lambda: program.lower_segment(state, hparams, orders, sweep.data, sweep.threshold)
+    )
+    try:
+      timed = sweep.timer.lower(unit, state, hparams, orders, sweep.data, sweep.threshold)
+    except Exception:  # measure raises it again, with its own context
+      timed = []
+    for lowered in timed:
+      compiling.lower(lambda lowered=lowered: lowered)
+  compiling.wait()
 
 
 class _OrderBook:
@@ -454,6 +495,7 @@ def train_unit(c: int, unit: Unit, sweep: _Sweep, wd: Workdir, sigterm: _Sigterm
     t0 -= point.seconds
   else:
     k0 = 0
+    _compile_ahead(sweep.model, unit, sweep, hparams, orders.segment(0))
     state, first = _start(sweep.model, unit, hparams, sweep.data)
     state = devices.shard(state, sweep.shardings)
     if unit.structure.keep_best:

@@ -3,10 +3,11 @@
 A unit trains all its batch groups, and many runs of each, in one program, so its seconds
 say nothing about one batch size (a run of batch 16 with 1,780 updates and one of batch
 128 with 220 would be charged the same). Before a unit trains, each of its batch groups
-not timed yet is compiled for one run (its first slot) and a segment's updates (at most
-`STEPS`), run up to `REPEATS` times from the same state, and the fastest call counts; one
-run's evaluation (validation set and training probe) is timed the same way, once per
-compile group. A run's `seconds` in results.csv is then
+not timed yet is compiled for one run (its first slot): a program of a segment's updates
+(at most `STEPS`) and an evaluation (validation set and training probe), each part done
+where a traced flag says, so that one compile times both. Each part runs up to `REPEATS`
+times from the same state and the fastest call counts (the evaluation once per compile
+group). A run's `seconds` in results.csv is then
 
     update_seconds[its batch size] * its updates + eval_seconds * (num_evals + 1)
 
@@ -23,6 +24,7 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from kernels import train
 
@@ -34,27 +36,31 @@ ENOUGH = 0.5  # seconds of timed calls after which no more are made
 
 
 def _first_slot(tree: Any) -> Any:
+  """The first slot (seed 0, run 0) of every (S, R, ...) leaf."""
   return jax.tree.map(lambda a: a[:1, :1], tree)
 
 
-# One program for the whole tree: eager slices compiled one small program per leaf shape.
-_first_slot_jit = train.jit(_first_slot)
+def _timed(structure, state, ghp, order, data, threshold, updates, evaluates):
+  """A segment of one run's updates where `updates`, then its evaluation where
+  `evaluates`: both timings from one program (one trace, one compile), each call doing
+  the part it times. The run is the first slot of the batch group's `state`, sliced
+  inside (eager slices would compile a program per leaf shape)."""
+  state = train.GroupState(runs=_first_slot(state.runs), step=state.step)
+  ghp = train.GroupHparams(_first_slot(ghp.runs), ghp.seeds[:1], ghp.total_updates)
+  order = train.Orders(order.orders[:1], order.first_epoch)
+
+  def segment(state):
+    return train._group_segment(structure, 0, state, ghp, order, data, threshold)
+
+  def evaluate(state):
+    return train.evaluate(structure, (state,), data)[0]
+
+  state = jax.lax.cond(updates, segment, lambda s: s, state)
+  zeros = lambda s: jax.tree.map(jnp.zeros_like, jax.eval_shape(evaluate, s))  # noqa: E731
+  return state, jax.lax.cond(evaluates, evaluate, zeros, state)
 
 
-def _one_run(tree: Any) -> Any:
-  """The first slot (seed 0, run 0) of every (S, R, ...) leaf."""
-  return _first_slot_jit(tree)
-
-
-def _segment(structure, state, ghp, order, data, threshold):
-  return train._group_segment(structure, 0, state, ghp, order, data, threshold)
-
-
-def _evaluate(structure, state, data):
-  return train.evaluate(structure, (state,), data)
-
-
-_segment_jit = train.jit(_segment, static_argnums=(0,))
+_timed_jit = train.jit(_timed, static_argnums=(0,))
 # (one run's structure, the shapes it ran on) -> the fastest call's seconds: a later sweep
 # in this process with the same programs measures (and compiles) nothing again.
 _MEASURED: dict[tuple, float] = {}
@@ -62,9 +68,6 @@ _MEASURED: dict[tuple, float] = {}
 
 def _shapes(*trees: Any) -> tuple:
   return tuple((a.shape, str(a.dtype)) for a in jax.tree.leaves(trees))
-
-
-_evaluate_jit = train.jit(_evaluate, static_argnums=(0,))
 
 
 def _fastest(fn, *args) -> float:
@@ -112,12 +115,10 @@ class Timer:
         return self.plan.groups.index(bg.runs[0].group)
     return None
 
-  def measure(self, unit: Any, state: tuple, hparams: tuple, orders: tuple, data, threshold):
-    """Times every batch group of `unit` not timed yet, from its state `state` (the
-    segment `orders` belongs to)."""
-    if not self.enabled:
-      return
-    start = time.perf_counter()
+  def _pending(self, unit: Any, state: tuple, hparams: tuple, orders: tuple, data):
+    """(batch group, batch size, steps, the segment's key and arguments, the evaluation's
+    key and arguments) for every batch group of `unit` not timed yet. `state` may hold
+    `jax.ShapeDtypeStruct`s (what `lower` compiles from): the arguments are then abstract."""
     g = self.group_of(unit)
     if g is None:
       return
@@ -137,30 +138,47 @@ class Timer:
         total_updates=(structure.total_updates[i],) if structure.total_updates else (),
       )
       o = orders[i]
-      # The key from shapes alone: a measured program slices no state (each slice of a
-      # tree is an eager op a call, a fifth of a small sweep's second call).
+      # The key from shapes alone: a program measured once is not called again.
       sliced = jax.ShapeDtypeStruct((1,) + o.orders.shape[1:], o.orders.dtype)
       shapes = _shapes(data, train.Orders(sliced, o.first_epoch))
-      key = (one, shapes)
       # Evaluation does not depend on the batch size: timed once per compile group.
       plain = dataclasses.replace(
         one, batch_sizes=(), steps_per_segment=(), steps_per_epoch=(), ragged=(), total_updates=()
       )
-      if key not in _MEASURED or (plain, shapes) not in _MEASURED:
-        group_state = train.GroupState(runs=_one_run(state[i].runs), step=state[i].step)
-        ghp = hparams[i]
-        ghp = train.GroupHparams(_one_run(ghp.runs), ghp.seeds[:1], ghp.total_updates)
-        order = train.Orders(o.orders[:1], o.first_epoch)
-        if key not in _MEASURED:
-          _MEASURED[key] = _fastest(_segment_jit, one, group_state, ghp, order, data, threshold)
-        if (plain, shapes) not in _MEASURED:
-          _MEASURED[plain, shapes] = _fastest(_evaluate_jit, plain, group_state, data)
+      if (one, shapes) in _MEASURED and (plain, shapes) in _MEASURED:
+        yield g, b, steps, (one, shapes), (plain, shapes), None
+        continue
+      yield g, b, steps, (one, shapes), (plain, shapes), (one, state[i], hparams[i], o, data)
+
+  def lower(self, unit: Any, state: tuple, hparams: tuple, orders: tuple, data, threshold):
+    """The programs `measure` would compile for `unit`, lowered from the state's shapes
+    (`jax.ShapeDtypeStruct`s), for `sweep.ahead` to compile in the background."""
+    if not self.enabled:
+      return []
+    out, seen = [], set()
+    for *_, key, plain_key, args in self._pending(unit, state, hparams, orders, data):
+      if (key not in _MEASURED or plain_key not in _MEASURED) and key not in seen:
+        out.append(_timed_jit.lower(*args, threshold, True, True))
+        seen.add(key)
+    return out
+
+  def measure(self, unit: Any, state: tuple, hparams: tuple, orders: tuple, data, threshold):
+    """Times every batch group of `unit` not timed yet, from its state `state` (the
+    segment `orders` belongs to)."""
+    if not self.enabled:
+      return
+    start = time.perf_counter()
+    for g, b, steps, key, plain_key, args in self._pending(unit, state, hparams, orders, data):
+      if key not in _MEASURED:
+        _MEASURED[key] = _fastest(_timed_jit, *args, threshold, True, False)
+      if plain_key not in _MEASURED:
+        _MEASURED[plain_key] = _fastest(_timed_jit, *args, threshold, False, True)
       self.timings[(g, b)] = Timing(
         g,
-        str(structure.family),
+        str(unit.structure.family),
         int(b),
         _MEASURED[key] / steps,
-        _MEASURED[plain, shapes],
+        _MEASURED[plain_key],
         steps,
       )
     self.spent += time.perf_counter() - start
