@@ -24,6 +24,7 @@ import time
 from typing import Any
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 
 from kernels import train
@@ -56,8 +57,16 @@ def _timed(structure, state, ghp, order, data, threshold, updates, evaluates):
     return train.evaluate(structure, (state,), data)[0]
 
   state = jax.lax.cond(updates, segment, lambda s: s, state)
-  zeros = lambda s: jax.tree.map(jnp.zeros_like, jax.eval_shape(evaluate, s))  # noqa: E731
-  return state, jax.lax.cond(evaluates, evaluate, zeros, state)
+  # The evaluation traced once: its jaxpr is the taken branch, its shapes the other's zeros.
+  closed, shapes = jax.make_jaxpr(evaluate, return_shape=True)(state)
+  run = jax.extend.core.jaxpr_as_fun(closed)
+  metrics = jax.lax.cond(
+    evaluates,
+    lambda s: run(*jax.tree.leaves(s)),
+    lambda s: [jnp.zeros(a.shape, a.dtype) for a in jax.tree.leaves(shapes)],
+    state,
+  )
+  return state, jax.tree.unflatten(jax.tree.structure(shapes), metrics)
 
 
 _timed_jit = train.jit(_timed, static_argnums=(0,))
