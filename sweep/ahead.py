@@ -48,8 +48,12 @@ class Ahead:
       lowered = lowering()
     except Exception:  # the call raises it again, with its own context
       return None
-    self._futures.append(_pool().submit(lowered.compile))
+    self.compile(lowered)
     return lowered
+
+  def compile(self, lowered: Any) -> None:
+    """Compiles `lowered` (a `jax.stages.Lowered`) in the background."""
+    self._futures.append(_pool().submit(lowered.compile))
 
   def wait(self) -> None:
     """Until every compile handed over has finished (a call made before would compile its

@@ -184,7 +184,7 @@ def _compile_ahead(model: adapters.Model, unit: Unit, sweep: _Sweep, hparams, or
     except Exception:  # measure raises it again, with its own context
       timed = []
     for lowered in timed:
-      compiling.lower(lambda lowered=lowered: lowered)
+      compiling.compile(lowered)
   compiling.wait()
 
 

@@ -125,9 +125,9 @@ class Timer:
     return None
 
   def _pending(self, unit: Any, state: tuple, hparams: tuple, orders: tuple, data):
-    """(batch group, batch size, steps, the segment's key and arguments, the evaluation's
-    key and arguments) for every batch group of `unit` not timed yet. `state` may hold
-    `jax.ShapeDtypeStruct`s (what `lower` compiles from): the arguments are then abstract."""
+    """(batch group, batch size, steps, the updates' key, the evaluation's key, the timing
+    program's arguments) for every batch group of `unit` not timed yet. `state` may hold
+    `jax.ShapeDtypeStruct`s (what `lower` compiles from)."""
     g = self.group_of(unit)
     if g is None:
       return
@@ -154,9 +154,6 @@ class Timer:
       plain = dataclasses.replace(
         one, batch_sizes=(), steps_per_segment=(), steps_per_epoch=(), ragged=(), total_updates=()
       )
-      if (one, shapes) in _MEASURED and (plain, shapes) in _MEASURED:
-        yield g, b, steps, (one, shapes), (plain, shapes), None
-        continue
       yield g, b, steps, (one, shapes), (plain, shapes), (one, state[i], hparams[i], o, data)
 
   def lower(self, unit: Any, state: tuple, hparams: tuple, orders: tuple, data, threshold):
@@ -164,12 +161,11 @@ class Timer:
     (`jax.ShapeDtypeStruct`s), for `sweep.ahead` to compile in the background."""
     if not self.enabled:
       return []
-    out, seen = [], set()
+    out = {}
     for *_, key, plain_key, args in self._pending(unit, state, hparams, orders, data):
-      if (key not in _MEASURED or plain_key not in _MEASURED) and key not in seen:
-        out.append(_timed_jit.lower(*args, threshold, True, True))
-        seen.add(key)
-    return out
+      if (key not in _MEASURED or plain_key not in _MEASURED) and key not in out:
+        out[key] = _timed_jit.lower(*args, threshold, True, True)
+    return list(out.values())
 
   def measure(self, unit: Any, state: tuple, hparams: tuple, orders: tuple, data, threshold):
     """Times every batch group of `unit` not timed yet, from its state `state` (the
