@@ -223,6 +223,14 @@ def init_key(seed: jax.Array) -> jax.Array:
   return jax.random.fold_in(jax.random.key(seed), 0)
 
 
+def seeded_init(init: Callable, seed: jax.Array, lead: bool = False) -> Any:
+  """`init(init_key(seed))`: a seed's initial parameters and model state, with a leading
+  axis of one on every leaf where `lead` (a seed slot, with no stacking op of its own).
+  The key is made inside: a program of its own would be one more compile."""
+  out = init(init_key(seed))
+  return jax.tree.map(lambda a: a[None], out) if lead else out
+
+
 # Streams of a seed's key: 0 initialises the parameters, 1 orders the data, 2 is the
 # model's randomness while training (dropout), 3 the augmentation of the batches.
 # Stream 4 of key 0 keys the evaluation of a model that draws at evaluation too.
@@ -656,7 +664,7 @@ def jit(fun: Callable, **kwargs) -> Callable:
 # Jitted entry points; `structure` is static, the carried state is donated.
 start_jit = jit(start, static_argnums=(0,))
 init_jit = jit(init, static_argnums=(0,))
-init_key_jit = jit(init_key)
+seeded_init_jit = jit(seeded_init, static_argnums=(0, 2))
 epoch_order_jit = jit(epoch_order, static_argnums=(2,))
 note_best_jit = jit(note_best, static_argnums=(0,), donate_argnums=(1,))
 segment_jit = jit(segment, static_argnums=(0,), donate_argnums=(1,))

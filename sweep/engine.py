@@ -16,7 +16,6 @@ the devices and placement `sweep.devices`; the files `sweep.checkpoints`.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -96,14 +95,6 @@ def _device_data(plan: Plan, chunk: int, shardings) -> tuple[train.Data, train.D
   return placed, placed._replace(val_chunks=jax.device_put(whole, placement))
 
 
-@functools.lru_cache(maxsize=64)
-def _jitted_init(model: adapters.Model):
-  # With a leading seed axis: one seed (the common case) needs no stacking op, which
-  # would compile a program of its own for every parameter shape. Keyed by the model,
-  # which equals any model computing the same thing.
-  return train.jit(lambda key: jax.tree.map(lambda a: a[None], model.init(key)))
-
-
 def _per_seed_params(model: adapters.Model, unit: Unit) -> tuple[Any, ...]:
   """Each batch group's initial (parameters, model state), one per seed slot (S, ...).
 
@@ -120,7 +111,10 @@ def _per_seed_params(model: adapters.Model, unit: Unit) -> tuple[Any, ...]:
         if model.initial is not None:
           cache[seed] = jax.tree.map(lambda a: np.asarray(a)[None], model.initial)
         else:
-          cache[seed] = _jitted_init(model)(train.init_key_jit(np.int32(seed)))
+          # With a leading seed axis: one seed (the common case) needs no stacking op,
+          # which would compile a program of its own for every parameter shape. Keyed by
+          # the model, which equals any model computing the same thing.
+          cache[seed] = train.seeded_init_jit(model.init, np.int32(seed), True)
       per_seed.append(cache[seed])
     if len(per_seed) == 1:
       out.append(per_seed[0])
@@ -152,6 +146,31 @@ def _starts_evaluated(unit: Unit, seeds: tuple) -> bool:
   return unit.shared.get('chunks', 0) >= 3 and unit.shared.get('first', (None,))[0] == seeds
 
 
+def _per_seed_shapes(model: adapters.Model, unit: Unit, seeds, compiling: ahead.Ahead):
+  """The shapes `_per_seed_params` gives, with the init compiled ahead where a seed is new
+  (its lowering is every seed's: the seed is data); None where that lowering fails."""
+  cache = unit.shared.get('params', {})
+  one = None
+  if model.initial is not None:
+    one = ahead.shapes(jax.tree.map(lambda a: np.asarray(a)[None], model.initial))
+  elif any(s not in cache for group in seeds for s in group):
+    lowered = compiling.lower(lambda: train.seeded_init_jit.lower(model.init, np.int32(0), True))
+    if lowered is None:
+      return None
+    one = lowered.out_info
+  out = []
+  for group in seeds:
+    per_seed = [ahead.shapes(cache[s]) if s in cache else one for s in group]
+    if len(per_seed) == 1:
+      out.append(per_seed[0])
+    else:  # concatenated on the host (`_per_seed_params`): numpy arrays, never weakly typed
+      n = len(per_seed)
+      out.append(
+        jax.tree.map(lambda a, n=n: jax.ShapeDtypeStruct((n,) + a.shape[1:], a.dtype), per_seed[0])
+      )
+  return tuple(out)
+
+
 def _compile_ahead(model: adapters.Model, unit: Unit, sweep: _Sweep, hparams, orders) -> None:
   """Compiles the programs a fresh unit calls before and at its first segment (its start,
   `note_best`, the run timing's, the segment) while the next is traced (`sweep.ahead`):
@@ -160,9 +179,11 @@ def _compile_ahead(model: adapters.Model, unit: Unit, sweep: _Sweep, hparams, or
   if sweep.shardings is not None or not ahead.ENABLED:
     return
   program = train.make_program(unit.structure)
-  params = _per_seed_params(model, unit)
   seeds = tuple(tuple(np.asarray(hp.seeds).tolist()) for hp in unit.hparams)
   compiling = ahead.Ahead()
+  params = _per_seed_shapes(model, unit, seeds, compiling)
+  if params is None:
+    return
   if _starts_evaluated(unit, seeds):
     lowered = compiling.lower(lambda: program.lower_init(params, hparams))
     state = None if lowered is None else lowered.out_info

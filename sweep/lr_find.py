@@ -486,7 +486,7 @@ def _ramp(cfg, start_lr, end_lr, num_it, suggest, beta, stop_factor) -> LRFinder
   if model.initial is not None:
     params, model_state = model.initial
   else:
-    params, model_state = train.jit(model.init)(train.init_key_jit(np.int32(seed)))
+    params, model_state = train.seeded_init_jit(model.init, np.int32(seed))
   raw, smooth, taken = jax.device_get(
     program(
       params,

@@ -56,9 +56,13 @@ def _programs(compiled) -> list[str]:
   return sorted(name for name, _ in compiled)
 
 
-@pytest.mark.parametrize('memory_budget', [None, 40_000], ids=['one chunk', 'chunks'])
-def test_programs_compile_once_on_the_compile_thread_with_the_same_numbers(memory_budget):
-  cfg = _config(memory_budget=memory_budget)
+@pytest.mark.parametrize(
+  'memory_budget, seed',
+  [(None, 0), (40_000, 0), (None, [0, 1])],
+  ids=['one chunk', 'chunks', 'seeds'],
+)
+def test_programs_compile_once_on_the_compile_thread_with_the_same_numbers(memory_budget, seed):
+  cfg = _config(memory_budget=memory_budget, seed=seed)
   before, called = _sweep(cfg, enabled=False)
   after, ahead_of_time = _sweep(cfg, enabled=True)
   if memory_budget is not None:
@@ -68,7 +72,13 @@ def test_programs_compile_once_on_the_compile_thread_with_the_same_numbers(memor
   names = _programs(ahead_of_time)
   assert names.count('jit(_timed)') == 2  # one per batch size: their updates differ
   # ... and those compiled on the compile thread, not at their calls.
-  for program in ('jit(start)', 'jit(segment)', 'jit(note_best)', 'jit(_timed)'):
+  for program in (
+    'jit(seeded_init)',
+    'jit(start)',
+    'jit(segment)',
+    'jit(note_best)',
+    'jit(_timed)',
+  ):
     threads = [t for name, t in ahead_of_time if name == program]
     assert threads and all(t.startswith('sweep-compile') for t in threads), (program, threads)
   assert all(not t.startswith('sweep-compile') for _, t in called)
