@@ -250,3 +250,58 @@ def test_a_list_changed_in_place_after_a_sweep_does_not_change_the_kept_model():
   again = sweep.run(config(ListNet([8], {}), [1e-2, 5e-2]), progress=False)
   np.testing.assert_allclose(again.table.final_val_loss, first.table.final_val_loss, rtol=1e-6)
   assert [a.shape for a in jax.tree.leaves(again.params(0))] == [(8,), (12, 8), (3,), (8, 3)]
+
+
+# ------------------------------------------------------------- across processes ----
+
+_PROCESS = """
+import collections, json, sys
+
+import jax
+
+import sweep
+
+sweep.enable_compilation_cache(sys.argv[1])  # before JAX compiles anything
+from tests.test_program_keys import config, mlp
+
+# Every program goes to the cache: a miss is a compile, a hit a program read back.
+events = collections.Counter()
+jax.monitoring.register_event_listener(lambda event, **kw: events.update([event]))
+key, lrs = int(sys.argv[2]), [float(v) for v in sys.argv[3].split(',')]
+result = sweep.run(config(mlp(key), lrs, num_evals=2), progress=False, time_runs=True)
+print(json.dumps({'misses': events['/jax/compilation_cache/cache_misses'],
+                  'hits': events['/jax/compilation_cache/cache_hits'],
+                  'loss': [float(v) for v in result.table.final_val_loss]}))
+"""
+
+
+def test_a_second_process_with_a_rebuilt_equinox_module_compiles_nothing(tmp_path):
+  """What a script run again does: the module built anew, other values and learning rates,
+  the programs read from JAX's persistent cache (`sweep.enable_compilation_cache`, which the
+  CLI turns on), none compiled; and the run trains the new module's own values."""
+  import json
+  import os
+  import pathlib
+  import subprocess
+  import sys
+
+  root = pathlib.Path(__file__).resolve().parent.parent
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), str(root / 'tests')]))
+
+  def process(key, lrs):
+    out = subprocess.run(
+      [sys.executable, '-c', _PROCESS, str(tmp_path / 'cache'), str(key), lrs],
+      env=env,
+      cwd=root,
+      capture_output=True,
+      text=True,
+      check=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+  first = process(0, '0.01,0.05')
+  assert first['misses'] > 0 and first['hits'] == 0, first
+  second = process(1, '0.003,0.02')
+  assert second['misses'] == 0 and second['hits'] == first['misses'], second
+  for lr, loss in zip([3e-3, 2e-2], second['loss'], strict=True):
+    np.testing.assert_allclose(loss, equinox_reference(mlp(1), lr), rtol=RTOL, atol=ATOL)
