@@ -32,7 +32,17 @@ import numpy as np
 import tqdm.auto as tqdm
 
 from kernels import optimizers, train
-from sweep import adapters, ahead, checkpoints, devices, distributed, preflight, timing, units
+from sweep import (
+  adapters,
+  ahead,
+  checkpoints,
+  compile_log,
+  devices,
+  distributed,
+  preflight,
+  timing,
+  units,
+)
 from sweep.config import SweepConfig, validate
 from sweep.data import aligned, rows
 from sweep.errors import ConfigError, config_error
@@ -422,9 +432,11 @@ def run(
     with checkpoints.disk_full_guard(workdir):
       if time_runs is None:
         time_runs = os.environ.get('SWEEP_NO_RUN_TIMING') != '1'
-      result = _run(
-        cfg, wd, progress, fresh, checkpoint_every, experiment_file, keep_checkpoints, time_runs
-      )
+      with compile_log.CompileLog() as log:  # where the first call's time goes
+        result = _run(
+          cfg, wd, progress, fresh, checkpoint_every, experiment_file, keep_checkpoints, time_runs
+        )
+      result.compiles = compile_log.to_json(log.programs)
     if chosen and jax.process_index() == 0:
       result.logged = trackers.send(result, chosen, workdir)
   return result

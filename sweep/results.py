@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from kernels import optimizers
-from sweep import analysis, checkpoints, columns, files, lock, pareto
+from sweep import analysis, checkpoints, columns, compile_log, files, lock, pareto
 from sweep.expansion import Plan, axis_columns
 from sweep.files import atomic_write, write_if_changed  # noqa: F401 - re-exported
 from sweep.provenance import environment, resolved_config  # noqa: F401 - re-exported
@@ -137,6 +137,9 @@ class Result:
     config: the resolved config (a dict, as written to config.json).
     wall_time: seconds the sweep took, compiles included.
     logged: one line per logger of `sweep.run(..., loggers=...)`: where it wrote.
+    compiles: the programs `sweep.run` compiled or read from the persistent compilation
+      cache, each with its seconds, and their sums (`sweep.compile_log`); None for a
+      result read back from a workdir.
   """
 
   def __init__(
@@ -166,6 +169,7 @@ class Result:
     self._model = model  # the sweep.adapters.Model, for variables() and model()
     self.workdir = workdir
     self.logged: list[str] = []  # each logger's line, from sweep.run(..., loggers=...)
+    self.compiles: dict | None = None  # from sweep.run (sweep.compile_log)
 
   @classmethod
   def from_training(
@@ -318,6 +322,9 @@ class Result:
       f'{len(t)} runs in {self.wall_time:.1f} s; {int((t.status == "diverged").sum())} diverged'
     )
     lines = [head + (f'; {stopped} stopped early by the scheduler.' if stopped else '.')]
+    compiled = compile_log.summary(self.compiles)
+    if compiled:
+      lines.append(compiled)
     if same:  # whole, however long: a factory's label is what tells the optimizer apart
       lines.append('Every run: ' + '; '.join(f'{c} {t[c].iloc[0]}' for c in same) + '.')
     best = self._best_configuration(col, width)

@@ -268,9 +268,12 @@ from tests.test_program_keys import config, mlp
 events = collections.Counter()
 jax.monitoring.register_event_listener(lambda event, **kw: events.update([event]))
 key, lrs = int(sys.argv[2]), [float(v) for v in sys.argv[3].split(',')]
-result = sweep.run(config(mlp(key), lrs, num_evals=2), progress=False, time_runs=True)
+cfg = config(mlp(key), lrs, num_evals=2)
+events.clear()  # the sweep's own programs, not the module's construction
+result = sweep.run(cfg, progress=False, time_runs=True)
 print(json.dumps({'misses': events['/jax/compilation_cache/cache_misses'],
                   'hits': events['/jax/compilation_cache/cache_hits'],
+                  'log': result.compiles, 'summary': result.summary(),
                   'loss': [float(v) for v in result.table.final_val_loss]}))
 """
 
@@ -303,5 +306,9 @@ def test_a_second_process_with_a_rebuilt_equinox_module_compiles_nothing(tmp_pat
   assert first['misses'] > 0 and first['hits'] == 0, first
   second = process(1, '0.003,0.02')
   assert second['misses'] == 0 and second['hits'] == first['misses'], second
+  # ... and the result says so (sweep.compile_log).
+  assert (first['log']['compiled'], first['log']['from_cache']) == (first['misses'], 0)
+  assert (second['log']['compiled'], second['log']['from_cache']) == (0, second['hits'])
+  assert f'{second["hits"]} read from the compilation cache' in second['summary']
   for lr, loss in zip([3e-3, 2e-2], second['loss'], strict=True):
     np.testing.assert_allclose(loss, equinox_reference(mlp(1), lr), rtol=RTOL, atol=ATOL)
