@@ -4,10 +4,11 @@ A unit trains all its batch groups, and many runs of each, in one program, so it
 say nothing about one batch size (a run of batch 16 with 1,780 updates and one of batch
 128 with 220 would be charged the same). Before a unit trains, each of its batch groups
 not timed yet is compiled for one run (its first slot): a program of a segment's updates
-(at most `STEPS`) and an evaluation (validation set and training probe), each part done
-where a traced flag says, so that one compile times both. Each part runs up to `REPEATS`
-times from the same state and the fastest call counts (the evaluation once per compile
-group). A run's `seconds` in results.csv is then
+(at most `STEPS`) and, in one batch group's program per compile group (the evaluation
+does not depend on the batch size), an evaluation (validation set and training probe),
+each part done where a traced flag says, so that one compile times both. Each part runs
+up to `REPEATS` times from the same state and the fastest call counts (the evaluation
+once per compile group). A run's `seconds` in results.csv is then
 
     update_seconds[its batch size] * its updates + eval_seconds * (num_evals + 1)
 
@@ -41,11 +42,13 @@ def _first_slot(tree: Any) -> Any:
   return jax.tree.map(lambda a: a[:1, :1], tree)
 
 
-def _timed(structure, state, ghp, order, data, threshold, updates, evaluates):
-  """A segment of one run's updates where `updates`, then its evaluation where
-  `evaluates`: both timings from one program (one trace, one compile), each call doing
-  the part it times. The run is the first slot of the batch group's `state`, sliced
-  inside (eager slices would compile a program per leaf shape)."""
+def _timed(structure, with_eval, state, ghp, order, data, threshold, updates, evaluates):
+  """A segment of one run's updates where `updates`, then (`with_eval`, static) its
+  evaluation where `evaluates`: both timings from one program (one trace, one compile),
+  each call doing the part it times. The evaluation is one batch group's per compile
+  group (it does not depend on the batch size); the others' programs are the updates
+  alone. The run is the first slot of the batch group's `state`, sliced inside (eager
+  slices would compile a program per leaf shape)."""
   state = train.GroupState(runs=_first_slot(state.runs), step=state.step)
   ghp = train.GroupHparams(_first_slot(ghp.runs), ghp.seeds[:1], ghp.total_updates)
   order = train.Orders(order.orders[:1], order.first_epoch)
@@ -57,6 +60,8 @@ def _timed(structure, state, ghp, order, data, threshold, updates, evaluates):
     return train.evaluate(structure, (state,), data)[0]
 
   state = jax.lax.cond(updates, segment, lambda s: s, state)
+  if not with_eval:
+    return state, {}
   # The evaluation traced once: its jaxpr is the taken branch, its shapes the other's zeros.
   closed, shapes = jax.make_jaxpr(evaluate, return_shape=True)(state)
   run = jax.extend.core.jaxpr_as_fun(closed)
@@ -69,7 +74,7 @@ def _timed(structure, state, ghp, order, data, threshold, updates, evaluates):
   return state, jax.tree.unflatten(jax.tree.structure(shapes), metrics)
 
 
-_timed_jit = train.jit(_timed, static_argnums=(0,))
+_timed_jit = train.jit(_timed, static_argnums=(0, 1))
 # (one run's structure, the shapes it ran on) -> the fastest call's seconds: a later sweep
 # in this process with the same programs measures (and compiles) nothing again.
 _MEASURED: dict[tuple, float] = {}
@@ -125,13 +130,16 @@ class Timer:
     return None
 
   def _pending(self, unit: Any, state: tuple, hparams: tuple, orders: tuple, data):
-    """(batch group, batch size, steps, the updates' key, the evaluation's key, the timing
-    program's arguments) for every batch group of `unit` not timed yet. `state` may hold
-    `jax.ShapeDtypeStruct`s (what `lower` compiles from)."""
+    """(batch group, batch size, steps, the updates' key, the evaluation's key, whether
+    this batch group's program times the evaluation, the timing program's arguments) for
+    every batch group of `unit` not timed yet: the first of them times the evaluation
+    where the compile group's is not timed yet. `state` may hold `jax.ShapeDtypeStruct`s
+    (what `lower` compiles from)."""
     g = self.group_of(unit)
     if g is None:
       return
     structure = unit.structure
+    eval_taken = False
     for i, b in enumerate(structure.batch_sizes):
       # Every batch group the program holds, those without runs in this draw too (a random
       # search's next draw may fill them): their padding slots cost what a run costs.
@@ -154,7 +162,11 @@ class Timer:
       plain = dataclasses.replace(
         one, batch_sizes=(), steps_per_segment=(), steps_per_epoch=(), ragged=(), total_updates=()
       )
-      yield g, b, steps, (one, shapes), (plain, shapes), (one, state[i], hparams[i], o, data)
+      plain_key = (plain, _shapes(data))
+      with_eval = plain_key not in _MEASURED and not eval_taken
+      eval_taken |= with_eval
+      key = (one, shapes)  # the updates' time, whichever program measured it
+      yield g, b, steps, key, plain_key, with_eval, (one, with_eval, state[i], hparams[i], o, data)
 
   def lower(self, unit: Any, state: tuple, hparams: tuple, orders: tuple, data, threshold):
     """The programs `measure` would compile for `unit`, lowered from the state's shapes
@@ -162,8 +174,8 @@ class Timer:
     if not self.enabled:
       return []
     out = {}
-    for *_, key, plain_key, args in self._pending(unit, state, hparams, orders, data):
-      if (key not in _MEASURED or plain_key not in _MEASURED) and key not in out:
+    for *_, key, _, with_eval, args in self._pending(unit, state, hparams, orders, data):
+      if (key not in _MEASURED or with_eval) and key not in out:
         out[key] = _timed_jit.lower(*args, threshold, True, True)
     return list(out.values())
 
@@ -173,10 +185,11 @@ class Timer:
     if not self.enabled:
       return
     start = time.perf_counter()
-    for g, b, steps, key, plain_key, args in self._pending(unit, state, hparams, orders, data):
+    pending = self._pending(unit, state, hparams, orders, data)
+    for g, b, steps, key, plain_key, with_eval, args in pending:
       if key not in _MEASURED:
         _MEASURED[key] = _fastest(_timed_jit, *args, threshold, True, False)
-      if plain_key not in _MEASURED:
+      if with_eval:
         _MEASURED[plain_key] = _fastest(_timed_jit, *args, threshold, False, True)
       self.timings[(g, b)] = Timing(
         g,
