@@ -6,6 +6,7 @@ import io
 import json
 import os
 import shutil
+import textwrap
 from typing import Any
 
 import jax
@@ -324,7 +325,7 @@ class Result:
     lines = [head + (f'; {stopped} stopped early by the scheduler.' if stopped else '.')]
     compiled = compile_log.summary(self.compiles)
     if compiled:
-      lines.append(compiled)
+      lines.extend(textwrap.wrap(compiled, width, break_on_hyphens=False))
     if same:  # whole, however long: a factory's label is what tells the optimizer apart
       lines.append('Every run: ' + '; '.join(f'{c} {t[c].iloc[0]}' for c in same) + '.')
     best = self._best_configuration(col, width)
