@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import textwrap
 from typing import Any
@@ -325,7 +326,9 @@ class Result:
     lines = [head + (f'; {stopped} stopped early by the scheduler.' if stopped else '.')]
     compiled = compile_log.summary(self.compiles)
     if compiled:
-      lines.extend(textwrap.wrap(compiled, width, break_on_hyphens=False))
+      # A figure and its unit stay on one line (a no-break space while wrapping).
+      kept = re.sub(r'(\d) s\b', '\\1\xa0s', compiled)
+      lines.extend(line.replace('\xa0', ' ') for line in textwrap.wrap(kept, width))
     if same:  # whole, however long: a factory's label is what tells the optimizer apart
       lines.append('Every run: ' + '; '.join(f'{c} {t[c].iloc[0]}' for c in same) + '.')
     best = self._best_configuration(col, width)

@@ -4,6 +4,8 @@ and `Result.summary()` says so; a second sweep with other values lists none."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from compiles import counting_compiles
 
@@ -41,7 +43,9 @@ def test_the_first_call_lists_what_jax_compiled_and_the_second_nothing(time_runs
   segment = next(p for p in log['programs'] if p['name'] == 'jit(segment)')
   assert segment['trace_seconds'] > 0
   assert log['compile_seconds'] == pytest.approx(sum(p['seconds'] for p in log['programs']))
-  line = result.summary().splitlines()[1]
+  lines = result.summary().splitlines()
+  assert all(len(x) <= 100 and not re.match(r's\b', x) for x in lines)  # a figure keeps its unit
+  line = lines[1]
   assert line.startswith(f'Compiled {len(names)} programs in ') and 'segment' in line
 
   again = sweep.run(cfg.replace(learning_rate=[2e-3, 3e-2]), progress=False, time_runs=time_runs)
