@@ -108,13 +108,13 @@ def test_timings_from_the_one_program_are_each_parts_own():
   big = sweep.data.arrays(
     data.x_train,
     data.y_train,
-    np.concatenate([data.x_val] * 40),
-    np.concatenate([data.y_val] * 40),
+    np.concatenate([data.x_val] * 160),
+    np.concatenate([data.y_val] * 160),
   )
   a, _ = _sweep(small.replace(val_eval_size=data.n_val), enabled=True)
   b, _ = _sweep(small.replace(data=big, val_eval_size=big.n_val), enabled=True)
   ta = a.config['run_seconds']['timings'][0]
   tb = b.config['run_seconds']['timings'][0]
-  # 616 examples evaluated against 14,656: the evaluation's part grows, the updates' not.
+  # 616 examples evaluated against 57,856: the evaluation's part grows, the updates' not.
   assert tb['eval_seconds'] > 3 * ta['eval_seconds']
   assert 0.5 < tb['update_seconds'] / ta['update_seconds'] < 2
