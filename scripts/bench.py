@@ -352,6 +352,20 @@ class VolumeCNN(nn.Module):
     return nn.Dense(10)(x.reshape((x.shape[0], -1)))
 
 
+class UpDownCNN(nn.Module):
+  """Down by strided `nn.Conv` (16, 32), back up by `nn.ConvTranspose` (16, 8), as a
+  decoder or a U-Net's upward path does, then `nn.Dense`: every transposed convolution reads
+  each run's own input."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Conv(16, (3, 3), strides=2)(x))
+    x = nn.relu(nn.Conv(32, (3, 3), strides=2)(x))
+    x = nn.relu(nn.ConvTranspose(16, (3, 3), strides=2)(x))
+    x = nn.relu(nn.ConvTranspose(8, (3, 3), strides=2)(x))
+    return nn.Dense(10)(x.reshape((x.shape[0], -1)))
+
+
 def tones(n: int, length: int = 512, seed: int = 0):
   """Speech-like signals (n, length, 1): two harmonics of a pitch that gives the class
   (10 classes), in noise."""
@@ -688,6 +702,19 @@ def user_rows(quick: bool, peak: float, mnist_dir: str | None) -> None:
     x,
     y.astype(np.int32),
     lrs16[::4] if quick else lrs16[::2],
+    32,
+    'adam',
+    repeats,
+    peak,
+    per_batch=True,
+  )
+  x, y = mnist_images(512 if quick else 1024, mnist_dir)
+  user_module(
+    'conv down, nn.ConvTranspose up (16, 8, stride 2) on 28x28 images',
+    UpDownCNN(),
+    x,
+    y,
+    lrs8[::2] if quick else lrs8,
     32,
     'adam',
     repeats,

@@ -9,7 +9,10 @@ the products a vmapped step makes (measurements in docs/performance.md):
   (and XLA's CPU convolution is slow at these sizes even for one run). Inside
   `fast_layers()`, `nn.Conv` and `nnx.Conv` are computed as the input windows, cut
   with strided slices, times the kernel as a matrix: one matrix product, shared by
-  every run that reads the same input.
+  every run that reads the same input. `nn.ConvTranspose`, `nnx.ConvTranspose` and a
+  `Conv` with input dilation convolve an input dilated by zeros: they are computed
+  phase by phase of the strides, each output phase a convolution of the undilated input
+  by the kernel taps that land on it (no zero multiplied), the phases interleaved.
 - **Dense layers.** `nn.Dense`, `nn.DenseGeneral`, `nnx.Linear` and `nnx.LinearGeneral`
   store their kernel `(inputs, outputs)`. The runs that read the same input (every run
   of a seed reads the same batch) would make one matrix product if their kernels were
@@ -21,8 +24,9 @@ the products a vmapped step makes (measurements in docs/performance.md):
   layout) and `fast_layers()` computes the layers from it. Outside a segment every
   parameter is in the module's own layout.
 
-Every other layer, option or input (custom `dot_general`, input dilation, `batch_dims`,
-boxed parameters, subclasses of these layers, ...) runs flax's own code, unchanged.
+Every other layer, option or input (custom `dot_general`, input dilation with strides,
+`batch_dims`, boxed parameters, subclasses of these layers, ...) runs flax's own code,
+unchanged.
 `slow_layers` names what remains slow under the run axis, for the engine's warning.
 """
 
@@ -224,8 +228,10 @@ def _conv(
   nd = len(kernel_size)
   strides = _tuple(strides, nd)
   kernel_dilation = _tuple(kernel_dilation, nd)
-  if any(d != 1 for d in _tuple(input_dilation, nd)):
-    return _FALLBACK  # a transposed convolution: flax's own
+  input_dilation = _tuple(input_dilation, nd)
+  dilated_input = any(d != 1 for d in input_dilation)
+  if dilated_input and (any(s != 1 for s in strides) or groups != 1):
+    return _FALLBACK  # strides or groups on a dilated input: flax's own
   # Every step below as flax's Conv takes it.
   batch_axes = inputs.ndim - (nd + 1)
   if batch_axes < 0:
@@ -237,6 +243,8 @@ def _conv(
     padding = canonicalize_padding(padding, nd)
   except ValueError:
     return _FALLBACK
+  if dilated_input and isinstance(padding, str):
+    return _FALLBACK  # lax refuses a string padding with input dilation: flax's own error
   if padding in ('CIRCULAR', 'REFLECT'):
     dilated = [(k - 1) * d + 1 for k, d in zip(kernel_size, kernel_dilation, strict=True)]
     pads = [(0, 0)] + [((k - 1) // 2, k // 2) for k in dilated] + [(0, 0)]
@@ -259,13 +267,178 @@ def _conv(
       return _FALLBACK
     kernel = kernel * mask
   inputs, kernel, bias = promote(inputs, kernel, bias)
-  patches = _windows(inputs, kernel_size, strides, padding, kernel_dilation)
-  if patches is None:
-    return _FALLBACK
-  if _NAMING.get():  # the product, tagged for `slow_layers` with the spatial dims
-    y = _named_conv(nd)(patches, kernel, groups, precision, tuple(kwargs))
+  if dilated_input:  # the input dilated: phase by phase, as a transposed convolution
+    y = _transposed(inputs, kernel, input_dilation, padding, kernel_dilation, precision, kwargs)
+    if y is None:
+      return _FALLBACK
   else:
-    y = _conv_product(patches, kernel, groups, precision, kwargs)
+    patches = _windows(inputs, kernel_size, strides, padding, kernel_dilation)
+    if patches is None:
+      return _FALLBACK
+    if _NAMING.get():  # the product, tagged for `slow_layers` with the spatial dims
+      y = _named_conv(nd)(patches, kernel, groups, precision, tuple(kwargs))
+    else:
+      y = _conv_product(patches, kernel, groups, precision, kwargs)
+  if bias is not None:
+    y = y + bias.reshape((1,) * (y.ndim - bias.ndim) + bias.shape)
+  if batch_axes != 1:
+    y = jnp.reshape(y, batch_shape + y.shape[1:])
+  return y
+
+
+def _transpose_pads(window, strides, padding) -> list[tuple[int, int]] | None:
+  """The padding of the dilated input `lax.conv_transpose` convolves (its
+  `_conv_transpose_padding` for 'SAME' and 'VALID'; pairs as given), or None."""
+  if not isinstance(padding, str):
+    return [tuple(p) for p in padding]
+  if padding not in ('SAME', 'VALID'):
+    return None
+  pads = []
+  for k, s in zip(window, strides, strict=True):
+    if padding == 'SAME':
+      total, lo = k + s - 2, (k - 1 if s > k - 1 else -(-(k + s - 2) // 2))
+    else:
+      total, lo = k + s - 2 + max(k - s, 0), k - 1
+    pads.append((lo, total - lo))
+  return pads
+
+
+def _phase(k: int, s: int, d: int, lo: int, r: int) -> tuple[int, int, int, int, int] | None:
+  """Which taps of a kernel axis (size `k`, dilation `d`) output phase `r` of stride `s`
+  reads, for an input dilated by `s` and padded by `lo` in front: (first tap, taps, step
+  between taps, their dilation on the undilated input, the first tap's input offset), or
+  None where no tap lands on an input position."""
+  taps = [t for t in range(k) if (r + t * d - lo) % s == 0]
+  if not taps:
+    return None
+  g = np.gcd(s, d)
+  return taps[0], len(taps), s // g, d // g, (r + taps[0] * d - lo) // s
+
+
+def _transposed(x, kernel, strides, pads, dilation, precision, kwargs=()):
+  """`lax.conv_general_dilated(x, kernel, (1, ...), pads, lhs_dilation=strides,
+  rhs_dilation=dilation)` (channels last, kernel `(*window, inputs, features)`), as
+  `lax.conv_transpose` computes it, without the zeros of the dilated input: output
+  position `q * s + r` reads only the taps landing on input positions, the same taps for
+  every `q` of phase `r`, so each phase is a convolution of `x` itself by those taps
+  (windows times one product), and the phases are interleaved. None where the output is
+  empty or no phase reads the input."""
+  nd = len(strides)
+  window = kernel.shape[:nd]
+  sizes = x.shape[1:-1]
+  out = [
+    (n - 1) * s + 1 + lo + hi - (k - 1) * d
+    for n, s, (lo, hi), k, d in zip(sizes, strides, pads, window, dilation, strict=True)
+  ]
+  if any(o < 1 for o in out):
+    return None
+  q = [-(-o // s) for o, s in zip(out, strides, strict=True)]  # positions per phase, at most
+  phases: dict[tuple[int, ...], Any] = {}
+  for r in np.ndindex(*strides):
+    axes = [
+      _phase(k, s, d, lo, ri)
+      for k, s, d, (lo, _), ri in zip(window, strides, dilation, pads, r, strict=True)
+    ]
+    if any(a is None for a in axes) or any(ri >= o for ri, o in zip(r, out, strict=True)):
+      continue  # reads no input (zeros), or lies past the output
+    taps = tuple(slice(t, t + (m - 1) * step + 1, step) for t, m, step, _, _ in axes)
+    sub = kernel[taps]
+    # q windows from the first tap's offset; past the input they read the padding's zeros,
+    # past the phase's own outputs they are cut off below.
+    padding = [
+      (-c, qi - 1 + (m - 1) * dd + 1 - n + c)
+      for (_, m, _, dd, c), qi, n in zip(axes, q, sizes, strict=True)
+    ]
+    patches = _windows(x, sub.shape[:nd], (1,) * nd, padding, [a[3] for a in axes])
+    if patches is None:
+      return None
+    # Untagged for `slow_layers`: on an input of each run's own too, faster than XLA's
+    # transposed convolution one run at a time (docs/performance.md).
+    phases[r] = _conv_product(patches, sub, 1, precision, kwargs)
+  if not phases:
+    return None
+  some = next(iter(phases.values()))
+  ys = [phases.get(r, jnp.zeros_like(some)) for r in np.ndindex(*strides)]
+  if len(ys) == 1:
+    y = ys[0]
+  else:
+    # (*strides, batch, *q, features) -> (batch, q1, s1, q2, s2, ..., features): interleaved.
+    y = jnp.stack(ys).reshape(tuple(strides) + some.shape)
+    perm = (nd,) + tuple(a for i in range(nd) for a in (nd + 1 + i, i)) + (2 * nd + 1,)
+    y = jnp.transpose(y, perm).reshape(
+      (some.shape[0],) + tuple(qi * s for qi, s in zip(q, strides, strict=True)) + some.shape[-1:]
+    )
+  return y[(slice(None),) + tuple(slice(0, o) for o in out)]
+
+
+def _circular(y, sizes, strides, transpose_kernel):
+  """flax's ConvTranspose with CIRCULAR padding, after its VALID convolution: the output
+  padded to whole periods (the input's size times the stride) and wrapped around them."""
+  periods = [n * s for n, s in zip(sizes, strides, strict=True)]
+  diffs = [-(o - p) % (2 * p) for o, p in zip(y.shape[1:-1], periods, strict=True)]
+  if transpose_kernel:
+    pads = [(d // 2, (d + 1) // 2) for d in diffs]
+  else:
+    pads = [((d + 1) // 2, d // 2) for d in diffs]
+  y = jnp.pad(y, [(0, 0)] + pads + [(0, 0)])
+  for i in range(1, y.ndim - 1):
+    y = y.reshape(y.shape[:i] + (-1, periods[i - 1]) + y.shape[i + 1 :]).sum(axis=i)
+  return y
+
+
+def _conv_transpose(
+  inputs,
+  kernel,
+  bias,
+  *,
+  kernel_size,
+  strides,
+  padding,
+  kernel_dilation,
+  transpose_kernel,
+  mask,
+  promote,
+  precision,
+  kwargs=(),
+):
+  """What flax's ConvTranspose (linen and nnx) computes, phase by phase (`_transposed`)."""
+  if not isinstance(kernel, jax.Array | np.ndarray):
+    return _FALLBACK
+  kernel_size = (kernel_size,) if isinstance(kernel_size, int) else tuple(kernel_size)
+  nd = len(kernel_size)
+  strides = _tuple(strides, nd)
+  kernel_dilation = _tuple(kernel_dilation, nd)
+  batch_axes = inputs.ndim - (nd + 1)
+  if batch_axes < 0 or min(strides + kernel_dilation) < 1:
+    return _FALLBACK
+  batch_shape = inputs.shape[:batch_axes]
+  if batch_axes != 1:
+    inputs = jnp.reshape(inputs, (-1,) + inputs.shape[batch_axes:])
+  try:
+    padding_lax = canonicalize_padding(padding, nd)
+  except ValueError:
+    return _FALLBACK
+  circular = padding_lax == 'CIRCULAR'
+  dilated = [(k - 1) * d + 1 for k, d in zip(kernel_size, kernel_dilation, strict=True)]
+  pads = _transpose_pads(dilated, strides, 'VALID' if circular else padding_lax)
+  if pads is None or len(pads) != nd:
+    return _FALLBACK
+  # (*window, inputs, features), or (*window, features, inputs) with transpose_kernel.
+  reads = kernel.shape[-1] if transpose_kernel else kernel.shape[-2]
+  if kernel.ndim != nd + 2 or kernel.shape[:nd] != kernel_size or reads != inputs.shape[-1]:
+    return _FALLBACK
+  if mask is not None:
+    if mask.shape != kernel.shape:
+      return _FALLBACK
+    kernel = kernel * mask
+  inputs, kernel, bias = promote(inputs, kernel, bias)
+  if transpose_kernel:  # as lax.conv_transpose: spatial axes flipped, inputs and outputs swapped
+    kernel = jnp.swapaxes(jnp.flip(kernel, tuple(range(nd))), -1, -2)
+  y = _transposed(inputs, kernel, strides, pads, kernel_dilation, precision, kwargs)
+  if y is None:
+    return _FALLBACK
+  if circular:
+    y = _circular(y, inputs.shape[1:-1], strides, transpose_kernel)
   if bias is not None:
     y = y + bias.reshape((1,) * (y.ndim - bias.ndim) + bias.shape)
   if batch_axes != 1:
@@ -334,11 +507,47 @@ def _linen_conv(module: nn.Conv, inputs):
   return _conv(inputs, kernel, bias, promote=_linen_promote(module), **_conv_options(module))
 
 
+def _transpose_options(module) -> dict:
+  """The options of a linen or nnx ConvTranspose that `_conv_transpose` reproduces."""
+  return {
+    'kernel_size': module.kernel_size,
+    'strides': module.strides,
+    'padding': module.padding,
+    'kernel_dilation': module.kernel_dilation,
+    'transpose_kernel': module.transpose_kernel,
+    'mask': module.mask,
+    'precision': module.precision,
+  }
+
+
+def _element_type(module) -> tuple:
+  preferred = getattr(module, 'preferred_element_type', None)
+  return () if preferred is None else (('preferred_element_type', preferred),)
+
+
+def _linen_conv_transpose(module: nn.ConvTranspose, inputs):
+  got = _linen_params(module, 'kernel', 'bias')
+  if got is None:
+    return _FALLBACK
+  kernel, bias = got
+  if not module.use_bias:
+    bias = None
+  return _conv_transpose(
+    inputs,
+    kernel,
+    bias,
+    promote=_linen_promote(module),
+    kwargs=_element_type(module),
+    **_transpose_options(module),
+  )
+
+
 # Exactly these classes (not subclasses, which may change what a method does).
 _LINEN = {
   (nn.Dense, '__call__'): _linen_dense,
   (nn.DenseGeneral, '__call__'): _linen_dense_general,
   (nn.Conv, '__call__'): _linen_conv,
+  (nn.ConvTranspose, '__call__'): _linen_conv_transpose,
 }
 
 
@@ -426,7 +635,27 @@ def _nnx_conv(module: nnx.Conv, inputs, out_sharding=None):
   )
 
 
-_NNX = ((nnx.Linear, _nnx_linear), (nnx.LinearGeneral, _nnx_linear_general), (nnx.Conv, _nnx_conv))
+def _nnx_conv_transpose(module: nnx.ConvTranspose, inputs, out_sharding=None):
+  if out_sharding is not None:
+    return _FALLBACK
+  kernel = _nnx_value(module.kernel)
+  bias = _nnx_value(module.bias) if module.use_bias else None
+  return _conv_transpose(
+    inputs,
+    kernel,
+    bias,
+    promote=_nnx_promote(module),
+    kwargs=_element_type(module),
+    **_transpose_options(module),
+  )
+
+
+_NNX = (
+  (nnx.Linear, _nnx_linear),
+  (nnx.LinearGeneral, _nnx_linear_general),
+  (nnx.Conv, _nnx_conv),
+  (nnx.ConvTranspose, _nnx_conv_transpose),
+)
 
 _patch_lock = threading.Lock()
 _patch_depth = 0
@@ -767,14 +996,14 @@ def slow_layers(
 ) -> list[SlowLayer]:
   """The products of `apply_fn` that remain slow when the engine runs it over runs.
 
-  Found: a convolution left to XLA (a raw `lax.conv`, `nn.ConvTranspose`, input dilation:
-  whatever `fast_layers` does not compute), which vmap makes a grouped convolution where
-  its input differs per run (on every backend), and which XLA's CPU backend runs slowly
-  in any case (on a CPU); a convolution in 1 or 2 spatial dims that `fast_layers`
-  computes on an input of each run's own, whose runs cannot share one product (on a CPU,
-  where it measured slower than XLA's convolution run one run at a time); and a matrix
-  product reading a weight stored `(inputs, outputs)` in the user's own code (`x @ W`),
-  whose runs cannot share one product (on a CPU). The factors were measured on a CPU.
+  Found: a convolution left to XLA (a raw `lax.conv` or `lax.conv_transpose`, input dilation
+  with strides or groups: whatever `fast_layers` does not compute), which vmap makes a
+  grouped convolution where its input differs per run (on every backend), and which XLA's
+  CPU backend runs slowly in any case (on a CPU); a convolution in 1 or 2 spatial dims that
+  `fast_layers` computes on an input of each run's own, whose runs cannot share one product
+  (on a CPU, where it measured slower than XLA's convolution run one run at a time); and a
+  matrix product reading a weight stored `(inputs, outputs)` in the user's own code (`x @
+  W`), whose runs cannot share one product (on a CPU). The factors were measured on a CPU.
 
   Args:
     apply_fn: `(params, x) -> predictions` for one run, as the engine calls it.
@@ -853,7 +1082,7 @@ def slow_layers(
         ),
         slowdown=_GROUPED_CONV_SLOWDOWN if grouped else _CONV_SLOWDOWN,
         advice='Use flax.linen.Conv / flax.nnx.Conv (computed by windows and one product under the '
-        'run axis, except with input dilation) or sweep.models.Conv',
+        'run axis, and flax.linen.ConvTranspose phase by phase) or sweep.models.Conv',
       )
     )
   return found
