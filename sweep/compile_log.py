@@ -151,6 +151,13 @@ def summary(compiles: dict[str, Any] | None, shown: int = 4) -> str | None:
   line = '; '.join(parts) + '.'
   if compiled and compiles['compile_seconds'] >= 1.0 and not _persistent_cache():
     line += ' sweep.enable_compilation_cache() keeps them for the next process.'
+  timing = by_name.get('run timing', 0.0) if compiled else 0.0
+  if timing >= 1.0 and timing >= compiles['compile_seconds'] / 3:
+    # The largest part of a short sweep's first call on a CPU: say what it buys, and how to skip it.
+    line += (
+      ' The run timing measures the seconds of a run alone per batch size (results.csv);'
+      ' time_runs=False or SWEEP_NO_RUN_TIMING=1 skips it.'
+    )
   return line[0].upper() + line[1:]
 
 

@@ -65,4 +65,11 @@ def test_the_summary_names_the_slowest_programs_and_counts_repeats():
     'Compiled 3 programs in 2.2 s (segment 1.2 s, run timing x2 1.0 s); '
     '1 read from the compilation cache in 0.2 s; traced in 0.9 s.'
   )
+  # The run timing's cost is said with what skips it, from 1 s and a third of the compiles up.
+  assert line.endswith('time_runs=False or SWEEP_NO_RUN_TIMING=1 skips it.')
+  programs[1] = compile_log.Program('jit(_timed)', 0.25, 0.25, False)
+  assert 'time_runs' not in compile_log.summary(compile_log.to_json(programs))
+  programs[0] = compile_log.Program('jit(segment)', 9.0, 0.5, False)
+  programs[1] = compile_log.Program('jit(_timed)', 1.0, 0.25, False)
+  assert 'time_runs' not in compile_log.summary(compile_log.to_json(programs))
   assert compile_log.summary(None) is None
