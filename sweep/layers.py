@@ -205,6 +205,27 @@ def _named_conv(nd: int) -> Callable:
   return jax.jit(product, static_argnums=(2, 3, 4))
 
 
+def _conv_args(inputs, kernel, kernel_size, strides, padding, kernel_dilation):
+  """The options flax's Conv and ConvTranspose read, as they read them: (the inputs with
+  one batch axis, the batch axes they had, kernel size, strides, padding (canonical),
+  kernel dilation), or None where flax's own code must run."""
+  if not isinstance(kernel, jax.Array | np.ndarray):
+    return None
+  kernel_size = (kernel_size,) if isinstance(kernel_size, int) else tuple(kernel_size)
+  nd = len(kernel_size)
+  strides, kernel_dilation = _tuple(strides, nd), _tuple(kernel_dilation, nd)
+  batch_axes = inputs.ndim - (nd + 1)
+  if batch_axes < 0 or min(strides + kernel_dilation, default=1) < 1:
+    return None
+  batch_shape = inputs.shape[:batch_axes]
+  inputs = jnp.reshape(inputs, (-1,) + inputs.shape[batch_axes:])
+  try:
+    padding = canonicalize_padding(padding, nd)
+  except ValueError:
+    return None
+  return inputs, batch_shape, kernel_size, strides, padding, kernel_dilation
+
+
 def _conv(
   inputs,
   kernel,
@@ -222,27 +243,15 @@ def _conv(
   kwargs=(),
 ):
   """What flax's Conv (linen and nnx) computes, as input windows times a matrix."""
-  if not isinstance(kernel, jax.Array | np.ndarray):
+  args = _conv_args(inputs, kernel, kernel_size, strides, padding, kernel_dilation)
+  if args is None:
     return _FALLBACK
-  kernel_size = (kernel_size,) if isinstance(kernel_size, int) else tuple(kernel_size)
+  inputs, batch_shape, kernel_size, strides, padding, kernel_dilation = args
   nd = len(kernel_size)
-  strides = _tuple(strides, nd)
-  kernel_dilation = _tuple(kernel_dilation, nd)
   input_dilation = _tuple(input_dilation, nd)
   dilated_input = any(d != 1 for d in input_dilation)
   if dilated_input and (any(s != 1 for s in strides) or groups != 1):
     return _FALLBACK  # strides or groups on a dilated input: flax's own
-  # Every step below as flax's Conv takes it.
-  batch_axes = inputs.ndim - (nd + 1)
-  if batch_axes < 0:
-    return _FALLBACK
-  batch_shape = inputs.shape[:batch_axes]
-  if batch_axes != 1:
-    inputs = jnp.reshape(inputs, (-1,) + inputs.shape[batch_axes:])
-  try:
-    padding = canonicalize_padding(padding, nd)
-  except ValueError:
-    return _FALLBACK
   if dilated_input and isinstance(padding, str):
     return _FALLBACK  # lax refuses a string padding with input dilation: flax's own error
   if padding in ('CIRCULAR', 'REFLECT'):
@@ -281,9 +290,7 @@ def _conv(
       y = _conv_product(patches, kernel, groups, precision, kwargs)
   if bias is not None:
     y = y + bias.reshape((1,) * (y.ndim - bias.ndim) + bias.shape)
-  if batch_axes != 1:
-    y = jnp.reshape(y, batch_shape + y.shape[1:])
-  return y
+  return jnp.reshape(y, batch_shape + y.shape[1:])
 
 
 def _transpose_pads(window, strides, padding) -> list[tuple[int, int]] | None:
@@ -402,25 +409,14 @@ def _conv_transpose(
   kwargs=(),
 ):
   """What flax's ConvTranspose (linen and nnx) computes, phase by phase (`_transposed`)."""
-  if not isinstance(kernel, jax.Array | np.ndarray):
+  args = _conv_args(inputs, kernel, kernel_size, strides, padding, kernel_dilation)
+  if args is None:
     return _FALLBACK
-  kernel_size = (kernel_size,) if isinstance(kernel_size, int) else tuple(kernel_size)
+  inputs, batch_shape, kernel_size, strides, padding, kernel_dilation = args
   nd = len(kernel_size)
-  strides = _tuple(strides, nd)
-  kernel_dilation = _tuple(kernel_dilation, nd)
-  batch_axes = inputs.ndim - (nd + 1)
-  if batch_axes < 0 or min(strides + kernel_dilation) < 1:
-    return _FALLBACK
-  batch_shape = inputs.shape[:batch_axes]
-  if batch_axes != 1:
-    inputs = jnp.reshape(inputs, (-1,) + inputs.shape[batch_axes:])
-  try:
-    padding_lax = canonicalize_padding(padding, nd)
-  except ValueError:
-    return _FALLBACK
-  circular = padding_lax == 'CIRCULAR'
+  circular = padding == 'CIRCULAR'
   dilated = [(k - 1) * d + 1 for k, d in zip(kernel_size, kernel_dilation, strict=True)]
-  pads = _transpose_pads(dilated, strides, 'VALID' if circular else padding_lax)
+  pads = _transpose_pads(dilated, strides, 'VALID' if circular else padding)
   if pads is None or len(pads) != nd:
     return _FALLBACK
   # (*window, inputs, features), or (*window, features, inputs) with transpose_kernel.
@@ -441,9 +437,7 @@ def _conv_transpose(
     y = _circular(y, inputs.shape[1:-1], strides, transpose_kernel)
   if bias is not None:
     y = y + bias.reshape((1,) * (y.ndim - bias.ndim) + bias.shape)
-  if batch_axes != 1:
-    y = jnp.reshape(y, batch_shape + y.shape[1:])
-  return y
+  return jnp.reshape(y, batch_shape + y.shape[1:])
 
 
 # ------------------------------------------------------------------ linen ----
