@@ -366,6 +366,25 @@ class UpDownCNN(nn.Module):
     return nn.Dense(10)(x.reshape((x.shape[0], -1)))
 
 
+class LSTMClassifier(nn.Module):
+  """`nn.RNN` of an `nn.LSTMCell` (64 units) over the sequence, `nn.Dense` on its last
+  output."""
+
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(10)(nn.RNN(nn.LSTMCell(64))(x)[:, -1])
+
+
+def sequences(n: int, length: int = 32, seed: int = 0):
+  """(n, length, 8) noisy sinusoids whose frequency gives the class (10 classes)."""
+  rng = np.random.default_rng(seed)
+  y = rng.integers(0, 10, n).astype(np.int32)
+  t = np.arange(length)[None, :, None]
+  phase = rng.uniform(0, 2 * np.pi, (n, 1, 8))
+  x = np.sin(0.15 * (y[:, None, None] + 1) * t + phase) + rng.normal(0, 0.3, (n, length, 8))
+  return x.astype(np.float32), y
+
+
 def tones(n: int, length: int = 512, seed: int = 0):
   """Speech-like signals (n, length, 1): two harmonics of a pitch that gives the class
   (10 classes), in noise."""
@@ -786,6 +805,18 @@ def user_rows(quick: bool, peak: float, mnist_dir: str | None) -> None:
       repeats,
       peak,
     )
+  x, y = sequences(512 if quick else 1024)
+  user_module(
+    'LSTM(64) classifier (nn.RNN of nn.LSTMCell) on 32-step sequences',
+    LSTMClassifier(),
+    x,
+    y,
+    lrs16[::4] if quick else lrs16[::2],
+    32,
+    'adam',
+    repeats,
+    peak,
+  )
   model, x, y = char_windows(32 if quick else 16)
   lrs8 = [float(v) for v in np.logspace(-3.5, -1.5, 8)]
   user_module(
