@@ -418,7 +418,7 @@ def _group_segment(
   per_epoch = structure.steps_per_epoch[index]
   length = structure.steps_per_segment[index]
   step_runs = _over_runs(
-    lambda st, h, xb, yb, lr, key: _run_step(structure, st, h, xb, yb, lr, key, threshold),
+    lambda st, h, xb, yb, lr, key: _run_step_jit(structure, st, h, xb, yb, lr, key, threshold),
     (False, False, True, True, False, True),
   )
   per_seed_keys = lambda seeds, step, stream: jax.vmap(lambda s: update_key(s, step, stream))(seeds)  # noqa: E731
@@ -471,6 +471,24 @@ def _group_segment(
   return state
 
 
+def _eval_chunk(structure: Structure, p, st, xc, yc, wc, key) -> dict[str, jax.Array]:
+  """One run's summed loss (and accuracy) on an evaluation chunk, weighted."""
+  pred, _ = structure.forward(p, st, xc, False, key)
+  loss, correct = structure.metrics(pred, yc)
+  out = {'loss': jnp.sum(loss * wc)}
+  if correct is not None:
+    out['accuracy'] = jnp.sum(correct * wc)
+  return out
+
+
+# One run's step and evaluation, each traced once per structure and per-run shapes: the
+# programs that call them (start, segment, the run timing's, lr_find's) reuse the trace,
+# where tracing the model again would take as long as the first time (a call inside a
+# program, inlined by XLA: the compiled programs are the same).
+_run_step_jit = jax.jit(_run_step, static_argnums=(0,))
+_eval_chunk_jit = jax.jit(_eval_chunk, static_argnums=(0,))
+
+
 def _evaluate_runs(
   structure: Structure,
   params: Any,
@@ -490,14 +508,7 @@ def _evaluate_runs(
   ys = y.reshape((-1, chunk) + y.shape[1:])
   ws = weight.reshape(-1, chunk)
 
-  def one_run(p, st, xc, yc, wc, key):
-    pred, _ = structure.forward(p, st, xc, False, key)
-    loss, correct = structure.metrics(pred, yc)
-    out = {'loss': jnp.sum(loss * wc)}
-    if correct is not None:
-      out['accuracy'] = jnp.sum(correct * wc)
-    return out
-
+  one_run = functools.partial(_eval_chunk_jit, structure)
   # Every run of every seed reads the same evaluation chunk (and draws with the same key).
   shared = (0, 0, None, None, None, None)
   lifted = jax.vmap(jax.vmap(one_run, in_axes=shared), in_axes=shared)
