@@ -455,6 +455,13 @@ def _linen_params(module: nn.Module, *names: str) -> tuple[Any, ...] | None:
   )
 
 
+def _element_type(module) -> tuple:
+  """The product's keyword arguments from a layer's `preferred_element_type` (nnx's layers
+  and linen's ConvTranspose have one)."""
+  preferred = getattr(module, 'preferred_element_type', None)
+  return () if preferred is None else (('preferred_element_type', preferred),)
+
+
 def _linen_promote(module):
   return lambda *a: tuple(module.promote_dtype(*a, dtype=module.dtype))
 
@@ -514,11 +521,6 @@ def _transpose_options(module) -> dict:
   }
 
 
-def _element_type(module) -> tuple:
-  preferred = getattr(module, 'preferred_element_type', None)
-  return () if preferred is None else (('preferred_element_type', preferred),)
-
-
 def _linen_conv_transpose(module: nn.ConvTranspose, inputs):
   got = _linen_params(module, 'kernel', 'bias')
   if got is None:
@@ -564,12 +566,6 @@ def _nnx_value(variable) -> Any:
   return None if variable is None else variable[...]
 
 
-def _nnx_kwargs(module) -> tuple:
-  if module.preferred_element_type is None:
-    return ()
-  return (('preferred_element_type', module.preferred_element_type),)
-
-
 def _nnx_linear(module: nnx.Linear, inputs, out_sharding=None):
   if out_sharding is not None or module.dot_general is not lax.dot_general:
     return _FALLBACK
@@ -581,7 +577,7 @@ def _nnx_linear(module: nnx.Linear, inputs, out_sharding=None):
     n_features=1,
     promote=_nnx_promote(module),
     precision=module.precision,
-    kwargs=_nnx_kwargs(module),
+    kwargs=_element_type(module),
   )
 
 
@@ -601,7 +597,7 @@ def _nnx_linear_general(module: nnx.LinearGeneral, inputs, out_sharding=None):
     n_features=len(module.out_features),
     promote=_nnx_promote(module),
     precision=module.precision,
-    kwargs=_nnx_kwargs(module),
+    kwargs=_element_type(module),
   )
 
 
@@ -625,7 +621,7 @@ def _nnx_conv(module: nnx.Conv, inputs, out_sharding=None):
   kernel, bias = _nnx_value(module.kernel), _nnx_value(module.bias)
   options = _conv_options(module)
   return _conv(
-    inputs, kernel, bias, promote=_nnx_promote(module), kwargs=_nnx_kwargs(module), **options
+    inputs, kernel, bias, promote=_nnx_promote(module), kwargs=_element_type(module), **options
   )
 
 
